@@ -1,0 +1,1 @@
+"""sd15: Stable Diffusion 1.5 in plain PyTorch."""
