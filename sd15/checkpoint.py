@@ -1,0 +1,217 @@
+"""Reading SD 1.x checkpoint files: `.safetensors` directly, `.ckpt`/`.pt` through torch's safe unpickler.
+
+Nothing here knows the models' internals: the checkpoint's keys, minus one prefix per component, are
+the models' own parameter names. This file only
+  * opens a file lazily (names, shapes and dtypes first; tensor data on request),
+  * fixes the few known real-world quirks (one small named function each),
+  * drops the known non-weight extras, and refuses anything else it does not understand.
+
+A `.safetensors` file is read with plain positioned reads into freshly allocated tensors (no mmap), so
+the weights exist once in memory and never as a second full copy; a `.ckpt` is opened with
+`torch.load(mmap=True, weights_only=True)`, which never runs pickled code.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+PREFIXES = {
+    "unet": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "text_encoder": "cond_stage_model.transformer.text_model.",
+}
+
+# LDM's DDPM schedule buffers; `alphas_cumprod` is also read (see `alphas_cumprod_from`).
+SCHEDULE_KEYS = (
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+)
+# Keys that are in real files but are not weights of the three networks. Anything else left over is an error.
+KNOWN_EXTRA = re.compile(
+    r"(model_ema\..*"                          # EMA bookkeeping (decay, num_updates, full EMA copies)
+    r"|lvlb_weights|logvar"                    # training-only buffers some files carry
+    r"|first_stage_model\.loss\..*"            # the VAE's training loss (LPIPS, discriminator)
+    r"|loss\..*"                               # the same in standalone VAE files
+    r"|cond_stage_model\.transformer\.text_model\.embeddings\.position_ids)$"  # arange(77); computed instead
+)
+
+ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used, with a message that says why."""
+
+
+@dataclass
+class Entry:
+    """One tensor of a checkpoint: its shape and dtype now, its data when `read()` is called."""
+    shape: torch.Size
+    dtype: torch.dtype
+    read: Callable[[], torch.Tensor]
+
+
+def open_safetensors(path: str) -> dict[str, Entry]:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= n <= min(size - 8, 100 << 20):
+            raise CheckpointError(f"{path}: not a safetensors file (bad header length)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
+    header.pop("__metadata__", None)
+    base = 8 + n
+    entries = {}
+    for key, info in header.items():
+        try:
+            dtype = ST_DTYPES[info["dtype"]]
+            shape = torch.Size(info["shape"])
+            start, end = info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: malformed safetensors header entry for {key!r}") from None
+        nbytes = math.prod(shape) * dtype.itemsize
+        if end - start != nbytes or start < 0:
+            raise CheckpointError(f"{path}: tensor {key!r} has {end - start} bytes for shape {list(shape)}")
+        if base + end > size:
+            raise CheckpointError(f"{path}: file is truncated ({size:,} bytes; tensor {key!r} ends at "
+                                  f"{base + end:,}); download it again")
+        entries[key] = Entry(shape, dtype, _reader(path, base + start, nbytes, dtype, shape))
+    return entries
+
+
+def _reader(path, offset, nbytes, dtype, shape):
+    def read() -> torch.Tensor:
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            if nbytes and f.readinto(memoryview(buf.numpy())) != nbytes:
+                raise CheckpointError(f"{path}: file is truncated")
+        return buf.view(dtype).reshape(shape)
+    return read
+
+
+def open_pickle(path: str) -> dict[str, Entry]:
+    """A `.ckpt`/`.pt`/`.bin` through torch's weights-only unpickler (no arbitrary code runs)."""
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # legacy (pre-zip) files cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # the unpickler raises several types for hostile or broken files
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]  # the wrapper of old Lightning checkpoints
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: not a checkpoint (holds a {type(obj).__name__}, not a dict of tensors)")
+    return {k: Entry(v.shape, v.dtype, (lambda v=v: v)) for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def open_checkpoint(path) -> dict[str, Entry]:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        magic = f.read(8)
+    if magic[:4] == b"PK\x03\x04" or magic[:2] == b"\x80\x02":  # zip (torch.save) or legacy pickle
+        return open_pickle(path)
+    return open_safetensors(path)
+
+
+# --- known real-world quirks, one function each --------------------------------------------------
+
+def fix_old_clip_prefix(entries: dict) -> dict:
+    """transformers < 4.31 era files store `cond_stage_model.transformer.encoder...` without `text_model.`."""
+    old, new = "cond_stage_model.transformer.", PREFIXES["text_encoder"]
+    return {(new + k[len(old):] if k.startswith(old) and not k.startswith(new) else k): v for k, v in entries.items()}
+
+
+def split_components(entries: dict, path: str = "") -> tuple[dict, dict]:
+    """-> ({"unet": {...}, "vae": {...}, "text_encoder": {...}} with prefixes removed, {extra key: entry})."""
+    parts = {name: {} for name in PREFIXES}
+    extras, unknown = {}, []
+    for key, entry in entries.items():
+        for name, prefix in PREFIXES.items():
+            if key.startswith(prefix) and not KNOWN_EXTRA.match(key):
+                parts[name][key[len(prefix):]] = entry
+                break
+        else:
+            if KNOWN_EXTRA.match(key) or key in SCHEDULE_KEYS:
+                extras[key] = entry
+            else:
+                unknown.append(key)
+    if unknown:
+        raise CheckpointError(f"{path}: unexpected tensors {_first(unknown)}; is this an SD 1.x checkpoint?")
+    empty = [name for name, part in parts.items() if not part]
+    if empty:
+        raise CheckpointError(f"{path}: no {' / '.join(empty)} weights (expected keys starting with "
+                              f"{', '.join(PREFIXES[n] for n in empty)}); is this an SD 1.x checkpoint?")
+    return parts, extras
+
+
+def vae_entries(entries: dict, path: str = "") -> dict:
+    """A standalone VAE file (no prefix) or a full checkpoint's `first_stage_model.*`, minus EMA and loss keys."""
+    prefix = PREFIXES["vae"]
+    if any(k.startswith(prefix) for k in entries):
+        entries = {k[len(prefix):]: v for k, v in entries.items() if k.startswith(prefix)}
+    return {k: v for k, v in entries.items() if not KNOWN_EXTRA.match(k)}
+
+
+def load_module(module_cls, cfg_cls, entries: dict, *, device, dtype, path: str = "", what: str = ""):
+    """Build `module_cls(cfg)` on the meta device and assign the file's tensors: no random init, no copies."""
+    try:
+        cfg = cfg_cls.from_state_dict(entries)
+    except (KeyError, ValueError, IndexError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{path}: the {what} weights are incomplete (cannot read the architecture: "
+                              f"missing {e})") from None
+    with torch.device("meta"):
+        module = module_cls(cfg)
+    expected = {k: p.shape for k, p in module.state_dict().items()}
+    missing = [k for k in expected if k not in entries]
+    unexpected = [k for k in entries if k not in expected]
+    wrong = [f"{k} {list(entries[k].shape)} (expected {list(s)})"
+             for k, s in expected.items() if k in entries and entries[k].shape != s]
+    for problem, keys in (("missing", missing), ("unexpected", unexpected), ("wrongly shaped", wrong)):
+        if keys:
+            raise CheckpointError(f"{path}: {len(keys)} {problem} {what} weights: {_first(keys)}")
+    state = {}
+    for k, e in entries.items():
+        t = e.read()
+        state[k] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    module.load_state_dict(state, strict=True, assign=True)
+    return module.eval().requires_grad_(False)
+
+
+def default_alphas_cumprod() -> torch.Tensor:
+    """SD 1.x's DDPM schedule ("scaled linear"): betas = linspace(√0.00085, √0.012, 1000)², in float64."""
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def alphas_cumprod_from(extras: dict) -> torch.Tensor:
+    """The file's `alphas_cumprod` (float32, as A1111 uses it); computed when a file does not carry it."""
+    entry = extras.get("alphas_cumprod")
+    if entry is None:
+        return default_alphas_cumprod().float()
+    return entry.read().float()
+
+
+def _first(keys, n=5) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" (and {len(keys) - n} more)" if len(keys) > n else "")

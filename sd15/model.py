@@ -1,0 +1,80 @@
+"""`sd15.load(path)`: one SD 1.x checkpoint file -> the three networks, the tokenizer and the schedule."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from sd15 import checkpoint as ckpt
+from sd15.clip.text_encoder import CLIPTextConfig, CLIPTextModel
+from sd15.clip.tokenizer import Tokenizer
+from sd15.unet.unet import UNetConfig, UNetModel
+from sd15.vae.vae import AutoencoderKL, VAEConfig
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on CUDA (what A1111 runs by default); fp32 on the CPU, where half precision is slow."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+class StableDiffusion:
+    """The loaded model: `.unet`, `.vae`, `.text_encoder`, `.tokenizer`, `.alphas_cumprod`, `.device`, `.dtype`."""
+
+    def __init__(self, unet: UNetModel, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: Tokenizer,
+                 alphas_cumprod: torch.Tensor, *, device: torch.device, dtype: torch.dtype, path: str | None = None,
+                 vae_path: str | None = None):
+        self.unet = unet
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.alphas_cumprod = alphas_cumprod  # (1000,) float32, from the file when it carries one
+        self.device = device
+        self.dtype = dtype
+        self.path = path
+        self.vae_path = vae_path
+
+    def __repr__(self):
+        n = sum(p.numel() for m in (self.unet, self.vae, self.text_encoder) for p in m.parameters())
+        return (f"StableDiffusion({os.path.basename(self.path or '?')}, {n / 1e6:.0f}M parameters, "
+                f"device={self.device}, dtype={self.dtype})")
+
+    def load_vae(self, path) -> None:
+        """Replace the VAE by a standalone VAE file (e.g. vae-ft-mse-840000-ema-pruned.safetensors)."""
+        self.vae = load_vae(path, device=self.device, dtype=self.dtype)
+        self.vae_path = os.fspath(path)
+
+
+def load_vae(path, *, device=None, dtype=None) -> AutoencoderKL:
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    path = os.fspath(path)
+    entries = ckpt.vae_entries(ckpt.open_checkpoint(path), path)
+    return ckpt.load_module(AutoencoderKL, VAEConfig, entries, device=device, dtype=dtype, path=path, what="VAE")
+
+
+def load(path, *, vae=None, device=None, dtype=None) -> StableDiffusion:
+    """Load an SD 1.x checkpoint (`.safetensors`, or `.ckpt`/`.pt` through the weights-only unpickler).
+
+    The architecture is read off the tensor shapes, so the real 4 GB file and tiny test files take the
+    same path. `vae=` replaces the built-in VAE with a standalone VAE file. `device` defaults to CUDA when
+    present, `dtype` to fp16 on CUDA and fp32 on the CPU. Raises `sd15.CheckpointError` with a one-line
+    reason for anything it cannot use.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    path = os.fspath(path)
+    entries = ckpt.fix_old_clip_prefix(ckpt.open_checkpoint(path))
+    parts, extras = ckpt.split_components(entries, path)
+    kw = dict(device=device, dtype=dtype, path=path)
+    unet = ckpt.load_module(UNetModel, UNetConfig, parts["unet"], what="UNet", **kw)
+    text_encoder = ckpt.load_module(CLIPTextModel, CLIPTextConfig, parts["text_encoder"], what="text encoder", **kw)
+    if vae is None:
+        vae_model = ckpt.load_module(AutoencoderKL, VAEConfig, parts["vae"], what="VAE", **kw)
+    else:
+        vae_model = load_vae(vae, device=device, dtype=dtype)
+    return StableDiffusion(unet, vae_model, text_encoder, Tokenizer(), ckpt.alphas_cumprod_from(extras),
+                           device=device, dtype=dtype, path=path, vae_path=None if vae is None else os.fspath(vae))
