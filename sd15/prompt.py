@@ -1,0 +1,534 @@
+"""A1111 prompt syntax: extra-network tags, AND, prompt editing/alternation, emphasis, 75-token chunks.
+
+Behaviour follows AUTOMATIC1111 webui v1.10.1 as described in `spec/generation.md` §7 (written from that
+description, not from A1111's code). Order of operations for one positive prompt (§7.1):
+
+    clean, networks = extract_networks(prompt)        # remove <lora:NAME:...> tags
+    for text, weight in split_and(clean):             # "a AND b :0.5"
+        for end_at_step, sched_text in prompt_schedules(text, steps):    # [a:b:0.5], [a|b]
+            chunks, n_tokens = tokenize_prompt(sched_text, encode)      # (a:1.2), BREAK, 75-token chunks
+
+Pure Python, no torch: every function here works on strings and token-id lists.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+__all__ = [
+    "BOS", "EOS", "PAD", "COMMA", "CHUNK_LENGTH",
+    "parse_prompt_attention", "prompt_schedules", "schedule_index", "extract_networks",
+    "network_multipliers", "split_and", "Chunk", "chunk_tokens", "tokenize_prompt",
+    "make_embedding_finder",
+]
+
+BOS = 49406       # <|startoftext|>
+EOS = 49407       # <|endoftext|>
+PAD = EOS         # SD1 pads with <|endoftext|> (A1111: id_pad = id_end)
+COMMA = 267       # ",</w>"
+CHUNK_LENGTH = 75  # prompt tokens per 77-token CLIP window
+
+# ---------------------------------------------------------------------------------------------
+# Extra networks (§7.1 step 2)
+# ---------------------------------------------------------------------------------------------
+
+_NETWORK_TAG = re.compile(r"<(\w+):([^>]+)>")
+
+
+def extract_networks(prompt: str) -> tuple[str, list[tuple[str, str, list[str]]]]:
+    """Remove every `<kind:arg1:arg2...>` tag; return (text without tags, [(kind, name, args)]).
+
+    Every tag matching `<(\\w+):([^>]+)>` is removed whatever its kind (lora, lyco, hypernet, ...);
+    the surrounding whitespace is left as it is ("a <lora:x:1> b" -> "a  b"). The tag body is split on
+    ":" into name = first item and args = the remaining raw strings (see `network_multipliers`).
+    """
+    found: list[tuple[str, str, list[str]]] = []
+
+    def take(m: re.Match) -> str:
+        items = m.group(2).split(":")
+        found.append((m.group(1), items[0], items[1:]))
+        return ""
+
+    return _NETWORK_TAG.sub(take, prompt), found
+
+
+def network_multipliers(args: Sequence[str]) -> tuple[float, float, Optional[int]]:
+    """LoRA multipliers from a tag's args (`<lora:NAME:te[:unet[:dyn]]>`): (te, unet, dyn).
+
+    te defaults to 1.0, unet to te, dyn to None; `te=`, `unet=`, `dyn=` named forms override the
+    positional ones (formats.md (a)). An arg with one "=" is named, everything else positional.
+    """
+    positional: list[str] = []
+    named: dict[str, str] = {}
+    for a in args:
+        parts = a.split("=")
+        if len(parts) == 2:
+            named[parts[0]] = parts[1]
+        else:
+            positional.append(a)
+    te = float(named.get("te", positional[0] if len(positional) > 0 else 1.0))
+    unet = float(named.get("unet", positional[1] if len(positional) > 1 else te))
+    dyn_s = named.get("dyn", positional[2] if len(positional) > 2 else None)
+    return te, unet, (int(dyn_s) if dyn_s is not None else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# AND composition (§7.1 step 3)
+# ---------------------------------------------------------------------------------------------
+
+_AND = re.compile(r"\bAND\b")
+_AND_WEIGHT = re.compile(r"^(.*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$", re.S)
+
+
+def split_and(prompt: str) -> list[tuple[str, float]]:
+    """Split a positive prompt on `\\bAND\\b` into (subprompt, weight) pairs.
+
+    Each piece may end in `:weight` (default 1.0). The weight and trailing whitespace are removed;
+    leading whitespace is kept ("a AND b:0.5" -> [("a", 1.0), (" b", 0.5)]). Empty pieces are kept.
+    A prompt without AND is one piece, so "cat:0.5" alone gets weight 0.5 (as in A1111).
+    """
+    out = []
+    for piece in _AND.split(prompt):
+        m = _AND_WEIGHT.match(piece)  # always matches: group 1 may take everything
+        text, weight = m.group(1), m.group(2)
+        out.append((text, float(weight) if weight is not None else 1.0))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt editing and alternation (§7.5)
+# ---------------------------------------------------------------------------------------------
+#
+# The grammar A1111 parses with lark (restated):
+#   top       := ( item | stray )*          stray = one of  [ ] ( ) :   kept as literal text
+#   prompt    := item*
+#   item      := plain | "(" prompt ")" | "(" prompt ":" prompt ")" | "[" prompt "]"
+#              | scheduled | alternate
+#   scheduled := "[" [prompt ":"] prompt ":" ws? NUMBER ws? "]"
+#   alternate := "[" prompt ("|" prompt?)+ "]"
+#   plain     := ( any char except \ [ ] ( ) : |   |   "\" + any char except newline )+
+# Emphasis brackets are kept verbatim (they are parsed later by parse_prompt_attention); only
+# scheduled/alternate nodes are resolved. A "|" outside an alternation, a trailing "\" or "\"+newline
+# makes the prompt unparseable, and then the whole prompt is used literally.
+#
+# Inside brackets the grammar is unambiguous (brackets must balance, and the separators ":"/"|" at the
+# bracket's own level decide the form), so recursive descent is deterministic there. At the top level a
+# bracket may also be a stray literal; the structured reading is preferred, and falling back to the stray
+# reading only when the structure does not parse is enough: a structure that parses at position i never
+# makes the rest of the prompt fail where the stray reading would have succeeded (structures are parsed
+# independently of context, so the top level resumes at the same position either way).
+
+_NUMBER_TAIL = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?))\s*\]")
+
+
+class _ParseError(Exception):
+    pass
+
+
+@dataclass(eq=False)
+class _Sched:
+    before: Optional[list]   # None for the [to:N] form
+    after: list
+    number: str              # NUMBER as written
+    when: int = 0            # resolved by _collect_steps
+
+
+@dataclass(eq=False)
+class _Alt:
+    options: list            # list of node lists; an empty list is the "" alternative
+
+
+class _ScheduleParser:
+    def __init__(self, text: str):
+        self.s = text
+        self.n = len(text)
+        self.memo: dict[int, Optional[tuple[object, int]]] = {}
+
+    def top(self) -> list:
+        s, n, i = self.s, self.n, 0
+        nodes: list = []
+        while i < n:
+            c = s[i]
+            if c in "[(":
+                r = self.structure(i)
+                if r is not None:
+                    nodes.append(r[0])
+                    i = r[1]
+                else:
+                    nodes.append(c)  # stray
+                    i += 1
+            elif c in "]):":
+                nodes.append(c)      # stray
+                i += 1
+            elif c == "|":
+                raise _ParseError(f"'|' outside an alternation at {i}")
+            elif c == "\\":
+                if i + 1 < n and s[i + 1] != "\n":
+                    nodes.append(s[i:i + 2])
+                    i += 2
+                else:
+                    raise _ParseError(f"dangling backslash at {i}")
+            else:
+                nodes.append(c)
+                i += 1
+        return nodes
+
+    def prompt(self, i: int) -> tuple[list, int]:
+        """item* starting at i; stops at the first position where no item starts."""
+        s, n = self.s, self.n
+        nodes: list = []
+        start = i  # start of the current plain run
+        while i < n:
+            c = s[i]
+            if c in "[(":
+                r = self.structure(i)
+                if r is None:
+                    break
+                if start < i:
+                    nodes.append(s[start:i])
+                nodes.append(r[0])
+                i = start = r[1]
+            elif c in "]):|":
+                break
+            elif c == "\\":
+                if i + 1 < n and s[i + 1] != "\n":
+                    i += 2
+                else:
+                    break
+            else:
+                i += 1
+        if start < i:
+            nodes.append(s[start:i])
+        return nodes, i
+
+    def structure(self, i: int) -> Optional[tuple[object, int]]:
+        """A bracketed item at i ('(' or '['): (node, end) or None. Memoised (pure in i)."""
+        if i not in self.memo:
+            self.memo[i] = self._paren(i) if self.s[i] == "(" else self._bracket(i)
+        return self.memo[i]
+
+    def _at(self, i: int) -> str:
+        return self.s[i] if i < self.n else ""
+
+    def _paren(self, i: int):
+        inner, j = self.prompt(i + 1)
+        if self._at(j) == ")":
+            return ["(", *inner, ")"], j + 1
+        if self._at(j) == ":":
+            inner2, k = self.prompt(j + 1)
+            if self._at(k) == ")":
+                return ["(", *inner, ":", *inner2, ")"], k + 1
+        return None
+
+    def _bracket(self, i: int):
+        first, j = self.prompt(i + 1)
+        c = self._at(j)
+        if c == "]":
+            return ["[", *first, "]"], j + 1
+        if c == "|":
+            options = [first]
+            while self._at(j) == "|":
+                opt, j = self.prompt(j + 1)
+                options.append(opt)
+            if self._at(j) == "]":
+                return _Alt(options), j + 1
+            return None
+        if c == ":":
+            m = _NUMBER_TAIL.match(self.s, j + 1)
+            if m:                                       # [to:N]
+                return _Sched(None, first, m.group(1)), m.end()
+            second, k = self.prompt(j + 1)
+            if self._at(k) == ":":
+                m = _NUMBER_TAIL.match(self.s, k + 1)
+                if m:                                   # [from:to:N]
+                    return _Sched(first, second, m.group(1)), m.end()
+        return None
+
+
+def _walk(nodes: list):
+    for node in nodes:
+        if isinstance(node, _Sched):
+            yield node
+            if node.before is not None:
+                yield from _walk(node.before)
+            yield from _walk(node.after)
+        elif isinstance(node, _Alt):
+            yield node
+            for opt in node.options:
+                yield from _walk(opt)
+        elif isinstance(node, list):
+            yield from _walk(node)
+
+
+def _render(nodes: list, step: int) -> str:
+    out = []
+    for node in nodes:
+        if isinstance(node, str):
+            out.append(node)
+        elif isinstance(node, _Sched):
+            if step <= node.when:
+                if node.before is not None:
+                    out.append(_render(node.before, step))
+            else:
+                out.append(_render(node.after, step))
+        elif isinstance(node, _Alt):
+            out.append(_render(node.options[(step - 1) % len(node.options)], step))
+        else:  # emphasis brackets: a flat list kept verbatim
+            out.append(_render(node, step))
+    return "".join(out)
+
+
+def prompt_schedules(prompt: str, steps: int, hires_steps: Optional[int] = None,
+                     use_old_scheduling: bool = False) -> list[tuple[int, str]]:
+    """[(end_at_step, text)] for one prompt: A1111 `get_learned_conditioning_prompt_schedules`.
+
+    steps: the (first-pass) step count the schedule is built for (A1111 doubles it for second-order
+    samplers; that is the caller's job). hires_steps: set for the hires-fix pass; then, unless
+    use_old_scheduling, the schedule spans hires_steps and N is resolved as
+    `int((N - 1) * hires_steps)` when N has a ".", else `int(N - steps)` (0.5 -> whole hires pass uses
+    "to"; 1.5 -> switch half-way). First pass: `int(N * steps)` with a ".", else `int(N)`.
+    use_old_scheduling: N < 1 is a fraction of steps, else absolute; it always uses `steps` (also in
+    the hires pass, where hires_steps is then ignored).
+    The resolved value is clamped to <= the step count; values >= 1 become switch points; the text
+    at point P uses `from` if P <= N else `to`. Any alternation adds every point 1..steps and picks
+    option (P - 1) % count. An unparseable prompt gives [(steps, prompt)] unchanged.
+    """
+    if hires_steps is None or use_old_scheduling:
+        int_offset, flt_offset, total = 0, 0.0, steps
+    else:
+        int_offset, flt_offset, total = steps, 1.0, hires_steps
+
+    try:
+        tree = _ScheduleParser(prompt).top()
+    except (_ParseError, RecursionError):  # RecursionError: absurd bracket nesting; used literally
+        return [(total, prompt)]
+
+    points = {total}
+    for node in _walk(tree):
+        if isinstance(node, _Alt):
+            points.update(range(1, total + 1))
+            continue
+        v = float(node.number)
+        if use_old_scheduling:
+            if v < 1:
+                v *= total
+        elif "." in node.number:
+            v = (v - flt_offset) * total
+        else:
+            v = v - int_offset
+        node.when = min(total, int(v))
+        if node.when >= 1:
+            points.add(node.when)
+
+    return [(p, _render(tree, p)) for p in sorted(points)]
+
+
+def schedule_index(schedule: Sequence[tuple[int, str]], step: int) -> int:
+    """Index of the schedule entry used at 0-based model call `step`: the first with step <= end.
+
+    A1111 quirk: if no entry qualifies (step past the last end), entry 0 is used.
+    """
+    for k, (end_at_step, _) in enumerate(schedule):
+        if step <= end_at_step:
+            return k
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Emphasis (§7.2)
+# ---------------------------------------------------------------------------------------------
+
+_ATTENTION_TOKEN = re.compile(r"""
+      \\[()\[\]\\]                  # escape: \( \) \[ \] \\
+    | \\                            # lone backslash (gives "")
+    | [(\[]                         # openers
+    | :\s*([+-]?[.\d]+)\s*\)        # weight closer ":1.2)"
+    | [)\]]                         # closers
+    | [^\\()\[\]:]+                 # text run
+    | :                             # a colon that is not a weight
+""", re.X)
+_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+
+ROUND_MULTIPLIER = 1.1
+SQUARE_MULTIPLIER = 1 / 1.1
+
+
+def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
+    """Split a prompt into (fragment, weight) pairs: A1111 `parse_prompt_attention`.
+
+    `(x)` x1.1, `[x]` /1.1, `(x:N)` xN, escapes `\\( \\) \\[ \\] \\\\` are literal, unmatched closers
+    and non-weight ":" are text, unclosed openers apply at the end, BREAK -> ("BREAK", -1), adjacent
+    fragments of exactly equal weight merge, nothing -> [("", 1.0)]. Weights are plain float products
+    in closing order (((d)) -> 1.1 * 1.1 = 1.2100000000000002). Like A1111, a weight that is not a
+    float (e.g. "(a:1.2.3)") raises ValueError.
+    """
+    res: list[list] = []
+    round_open: list[int] = []
+    square_open: list[int] = []
+
+    def scale(start: int, factor: float) -> None:
+        for p in range(start, len(res)):
+            res[p][1] *= factor
+
+    for m in _ATTENTION_TOKEN.finditer(text):
+        tok, weight = m.group(0), m.group(1)
+        if tok.startswith("\\"):
+            res.append([tok[1:], 1.0])
+        elif tok == "(":
+            round_open.append(len(res))
+        elif tok == "[":
+            square_open.append(len(res))
+        elif weight is not None and round_open:
+            scale(round_open.pop(), float(weight))
+        elif tok == ")" and round_open:
+            scale(round_open.pop(), ROUND_MULTIPLIER)
+        elif tok == "]" and square_open:
+            scale(square_open.pop(), SQUARE_MULTIPLIER)
+        else:
+            for k, part in enumerate(_BREAK.split(tok)):
+                if k > 0:
+                    res.append(["BREAK", -1])
+                res.append([part, 1.0])
+
+    for start in round_open:
+        scale(start, ROUND_MULTIPLIER)
+    for start in square_open:
+        scale(start, SQUARE_MULTIPLIER)
+
+    if not res:
+        res = [["", 1.0]]
+
+    merged = [res[0]]
+    for frag in res[1:]:
+        if frag[1] == merged[-1][1]:
+            merged[-1][0] += frag[0]
+        else:
+            merged.append(frag)
+    return [(t, w) for t, w in merged]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokens -> 75-token chunks (§7.3)
+# ---------------------------------------------------------------------------------------------
+
+# (tokens, position) -> (embedding, n_vectors, name_length_in_tokens) or None
+EmbeddingFinder = Callable[[Sequence[int], int], Optional[tuple[Any, int, int]]]
+
+
+@dataclass
+class Chunk:
+    """One CLIP window: 77 ids and 77 multipliers (BOS + 75 + EOS; padding and BOS/EOS weigh 1.0).
+
+    fixes: textual-inversion placements (offset, embedding); offset counts prompt tokens, so the
+    vectors go to positions offset+1 .. offset+n_vectors of the 77 (BOS is position 0).
+    """
+    tokens: list[int] = field(default_factory=list)
+    multipliers: list[float] = field(default_factory=list)
+    fixes: list[tuple[int, Any]] = field(default_factory=list)
+
+
+def make_embedding_finder(entries: Iterable[tuple[Sequence[int], Any, int]]) -> EmbeddingFinder:
+    """Build an `embeddings` lookup for chunk_tokens from (name_token_ids, embedding, n_vectors).
+
+    Names are indexed by their first token id; the longest name that matches at a position wins
+    (equal lengths: first registered).
+    """
+    by_first: dict[int, list[tuple[tuple[int, ...], Any, int]]] = {}
+    for ids, emb, n_vectors in entries:
+        ids = tuple(ids)
+        if ids:
+            by_first.setdefault(ids[0], []).append((ids, emb, int(n_vectors)))
+    for lst in by_first.values():
+        lst.sort(key=lambda e: len(e[0]), reverse=True)
+
+    def find(tokens: Sequence[int], position: int):
+        for ids, emb, n_vectors in by_first.get(tokens[position], ()):
+            if tuple(tokens[position:position + len(ids)]) == ids:
+                return emb, n_vectors, len(ids)
+        return None
+
+    return find
+
+
+def chunk_tokens(parsed: Sequence[tuple[str, float]], encode: Callable[[str], Sequence[int]], *,
+                 comma_padding_backtrack: int = 20,
+                 embeddings: Optional[EmbeddingFinder] = None,
+                 chunk_length: int = CHUNK_LENGTH) -> tuple[list[Chunk], int]:
+    """A1111 `tokenize_line` after parsing: (fragment, weight) pairs -> (chunks, token_count).
+
+    encode(text) -> token ids without BOS/EOS (called once per fragment). ("BREAK", -1) closes the
+    current chunk. When a chunk is full and the next token is not a comma, the tokens after the last
+    comma move to a new chunk if that comma is within the last `comma_padding_backtrack` tokens
+    (0 disables). An empty prompt gives one chunk (BOS + 76 EOS). token_count is what A1111 reports:
+    `chunk_length` for every closed chunk except the final one, which counts its real tokens.
+    embeddings: optional textual-inversion hook (see make_embedding_finder); a match is replaced by
+    n_vectors placeholder ids 0 carrying the fragment weight, never split across chunks, and recorded
+    in Chunk.fixes.
+    """
+    chunks: list[Chunk] = []
+    cur = Chunk()
+    token_count = 0
+    last_comma = -1
+
+    def close(is_last: bool = False) -> None:
+        nonlocal cur, token_count, last_comma
+        token_count += len(cur.tokens) if is_last else chunk_length
+        pad = chunk_length - len(cur.tokens)
+        if pad > 0:
+            cur.tokens += [PAD] * pad
+            cur.multipliers += [1.0] * pad
+        cur.tokens = [BOS] + cur.tokens + [EOS]
+        cur.multipliers = [1.0] + cur.multipliers + [1.0]
+        chunks.append(cur)
+        cur = Chunk()
+        last_comma = -1
+
+    for text, weight in parsed:
+        if text == "BREAK" and weight == -1:
+            close()
+            continue
+        tokens = list(encode(text))
+        p = 0
+        while p < len(tokens):
+            tok = tokens[p]
+            if tok == COMMA:
+                last_comma = len(cur.tokens)
+            elif (comma_padding_backtrack != 0 and len(cur.tokens) == chunk_length and last_comma != -1
+                  and len(cur.tokens) - last_comma <= comma_padding_backtrack):
+                cut = last_comma + 1
+                moved_tokens, moved_mults = cur.tokens[cut:], cur.multipliers[cut:]
+                del cur.tokens[cut:], cur.multipliers[cut:]
+                close()
+                cur.tokens, cur.multipliers = moved_tokens, moved_mults
+            if len(cur.tokens) == chunk_length:
+                close()
+
+            hit = embeddings(tokens, p) if embeddings is not None else None
+            if hit is None:
+                cur.tokens.append(tok)
+                cur.multipliers.append(weight)
+                p += 1
+                continue
+            emb, n_vectors, name_len = hit
+            if len(cur.tokens) + n_vectors > chunk_length:
+                close()
+            cur.fixes.append((len(cur.tokens), emb))
+            cur.tokens += [0] * n_vectors
+            cur.multipliers += [weight] * n_vectors
+            p += name_len
+
+    if cur.tokens or not chunks:
+        close(is_last=True)
+    return chunks, token_count
+
+
+def tokenize_prompt(text: str, encode: Callable[[str], Sequence[int]], *, emphasis: str = "Original",
+                    **chunk_kwargs) -> tuple[list[Chunk], int]:
+    """One schedule text -> (chunks, token_count), as A1111 `tokenize_line`.
+
+    emphasis "None" skips parsing altogether (brackets and BREAK stay literal text, weight 1); every
+    other mode parses. "Ignore" differs only at encode time (multipliers are not applied there).
+    """
+    parsed = [(text, 1.0)] if emphasis == "None" else parse_prompt_attention(text)
+    return chunk_tokens(parsed, encode, **chunk_kwargs)
