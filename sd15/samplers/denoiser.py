@@ -1,0 +1,169 @@
+"""The ε → x₀ wrapper and classifier-free guidance, with A1111's semantics.
+
+References: k-diffusion `external.py` (DiscreteSchedule, DiscreteEpsDDPMDenoiser = CompVisDenoiser),
+A1111 `modules/sd_hijack_unet.py` (x and t cast to the UNet dtype), A1111
+`modules/sd_samplers_cfg_denoiser.py` (CFGDenoiser). Spec: generation.md §1.2-§1.4, §5.
+
+Two call conventions, one per sampler family:
+- k-diffusion samplers call `model(x, sigma) -> denoised x₀` (σ a [B] tensor): `EpsDenoiser.forward`;
+- timestep samplers (DDIM, PLMS, UniPC) call `model(x, t) -> ε` on the raw latent: `EpsDenoiser.eps`.
+`CFGDenoiser` guides either one; its `.forward` is the first convention and its `.eps` the second.
+The UNet is any callable `unet(x, t, context) -> eps`, t a float tensor [B], context [B, 77k, 768].
+"""
+
+import torch
+from torch import nn
+
+from .schedules import discrete_sigmas, sigma_to_t, t_to_sigma
+
+
+class EpsDenoiser(nn.Module):
+    """k-diffusion's CompVisDenoiser: D(x, σ) = x − σ·ε(x / sqrt(σ² + 1), t(σ)), t continuous.
+
+    `unet_dtype` is the dtype the UNet runs in (default: its parameters' dtype, else float32). A1111 casts
+    both the UNet input and the timestep to it, so in half precision t is rounded to fp16 (steps of 0.5
+    above 512, 0.25 above 256, ...). The result is combined with the float32 latent in float32.
+    """
+
+    def __init__(self, unet, alphas_cumprod: torch.Tensor, *, unet_dtype=None, quantize: bool = False):
+        super().__init__()
+        self.unet = unet
+        if unet_dtype is None:
+            param = next(unet.parameters(), None) if isinstance(unet, nn.Module) else None
+            unet_dtype = param.dtype if param is not None else torch.float32
+        self.unet_dtype = unet_dtype
+        self.quantize = quantize  # A1111's `enable_quantization` (default off): integer t
+        self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
+        self.register_buffer("sigmas", discrete_sigmas(alphas_cumprod), persistent=False)  # ascending, (1000,)
+        self.register_buffer("log_sigmas", self.sigmas.log(), persistent=False)
+
+    @property
+    def sigma_min(self) -> float:
+        return self.sigmas[0].item()
+
+    @property
+    def sigma_max(self) -> float:
+        return self.sigmas[-1].item()
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        return sigma_to_t(sigma, self.log_sigmas, self.quantize)
+
+    def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return t_to_sigma(t, self.log_sigmas)
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """ε(x, t) from the raw UNet, x and t cast to the UNet dtype (the fp16 rounding of t happens here)."""
+        t = t.to(self.unet_dtype).float()
+        return self.unet(x.to(self.unet_dtype), t, context)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        c_out = -sigma[:, None, None, None]                            # (B, 1, 1, 1)
+        c_in = 1 / (sigma[:, None, None, None] ** 2 + 1.0) ** 0.5      # (B, 1, 1, 1)
+        eps = self.eps(x * c_in, self.sigma_to_t(sigma), context)
+        return x + eps * c_out
+
+
+class CFGDenoiser(nn.Module):
+    """A1111's classifier-free guidance: cond rows and uncond rows in one UNet batch, then
+    out_i = u_i + Σ_j w_ij · cfg_scale · (c_ij − u_i).
+
+    `cond` is a tensor [B, 77k, 768] (one prompt per image, weight 1) or a callable
+    `cond(step) -> (tensor [N, 77k, 768], conds_list)`, where conds_list[i] lists (row, weight) pairs of
+    image i (AND-subprompts) and `step` counts model calls (prompt editing). `uncond` is a tensor
+    [B, 77k', 768] or a callable `uncond(step) -> tensor`.
+
+    When cond and uncond have different lengths (long prompts), A1111 by default runs them as two UNet
+    batches; `pad_cond_uncond` instead appends copies of `empty_cond` (the [1, 77, 768] encoding of "")
+    to the shorter one, `pad_cond_uncond_v0` repeats the uncond's last vector or truncates it.
+    `s_min_uncond` (NGMS) drops the uncond on odd calls (every call with `s_min_uncond_all`) once
+    σ (or t, for timestep samplers) is below it, and then returns the first cond's output unguided.
+    `set_mask` enables A1111's inpainting blend with the clean init latent.
+    """
+
+    def __init__(self, inner: EpsDenoiser, cond, uncond, cfg_scale: float, *, s_min_uncond: float = 0.0,
+                 s_min_uncond_all: bool = False, pad_cond_uncond: bool = False, pad_cond_uncond_v0: bool = False,
+                 empty_cond: torch.Tensor = None):
+        super().__init__()
+        if pad_cond_uncond and empty_cond is None:
+            raise ValueError("pad_cond_uncond needs empty_cond, the [1, 77, 768] encoding of the empty prompt")
+        self.inner = inner
+        self.cond, self.uncond, self.cfg_scale = cond, uncond, cfg_scale
+        self.s_min_uncond, self.s_min_uncond_all = s_min_uncond, s_min_uncond_all
+        self.pad_cond_uncond, self.pad_cond_uncond_v0, self.empty_cond = pad_cond_uncond, pad_cond_uncond_v0, empty_cond
+        self.step = 0  # model calls so far
+        self.mask = self.nmask = self.init_latent = None
+
+    def set_mask(self, mask: torch.Tensor, nmask: torch.Tensor, init_latent: torch.Tensor):
+        """Inpainting: blend as x·nmask + init_latent·mask, with mask = 1 − latmask (keep) and nmask = latmask."""
+        self.mask, self.nmask, self.init_latent = mask, nmask, init_latent
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Guided x₀ for k-diffusion samplers (the inpainting blend is applied to the result)."""
+        denoised = self._guided(self.inner, x, sigma)
+        if self.mask is not None:
+            denoised = denoised * self.nmask + self.init_latent * self.mask
+        return denoised
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Guided ε for timestep samplers (the inpainting blend is applied to the model input only)."""
+        if self.mask is not None:
+            x = x * self.nmask + self.init_latent * self.mask
+        return self._guided(self.inner.eps, x, t)
+
+    def _conds(self):
+        if callable(self.cond):
+            tensor, conds_list = self.cond(self.step)
+        else:
+            tensor, conds_list = self.cond, [[(i, 1.0)] for i in range(self.cond.shape[0])]
+        uncond = self.uncond(self.step) if callable(self.uncond) else self.uncond
+        return tensor, conds_list, uncond
+
+    def _pad(self, cond, uncond):
+        if self.pad_cond_uncond_v0:  # repeat the uncond's last token vector, or truncate it
+            if uncond.shape[1] < cond.shape[1]:
+                last = uncond[:, -1:].repeat(1, cond.shape[1] - uncond.shape[1], 1)
+                return cond, torch.cat([uncond, last], dim=1)
+            return cond, uncond[:, :cond.shape[1]]
+        if self.pad_cond_uncond:  # append whole 77-token encodings of ""
+            empty = self.empty_cond.to(cond)
+            repeats = (cond.shape[1] - uncond.shape[1]) // empty.shape[1]
+            if repeats < 0:
+                cond = torch.cat([cond, empty.repeat(cond.shape[0], -repeats, 1)], dim=1)
+            elif repeats > 0:
+                uncond = torch.cat([uncond, empty.repeat(uncond.shape[0], repeats, 1)], dim=1)
+        return cond, uncond
+
+    def _guided(self, fn, x, s):
+        cond, conds_list, uncond = self._conds()
+        batch = len(conds_list)
+        repeats = [len(c) for c in conds_list]
+        # rows: image i repeated once per subprompt, then the B uncond rows
+        x_in = torch.cat([x[i:i + 1].expand(n, *x.shape[1:]) for i, n in enumerate(repeats)] + [x])
+        s_in = torch.cat([s[i:i + 1].expand(n) for i, n in enumerate(repeats)] + [s])
+
+        below = 0 < self.s_min_uncond and s[0] < self.s_min_uncond
+        skip_uncond = bool((self.step % 2 or self.s_min_uncond_all) and below)
+        if skip_uncond:
+            x_in, s_in = x_in[:-batch], s_in[:-batch]
+        if cond.shape[1] != uncond.shape[1]:
+            cond, uncond = self._pad(cond, uncond)
+
+        if skip_uncond:
+            x_out = fn(x_in, s_in, cond)
+        elif cond.shape[1] == uncond.shape[1]:
+            x_out = fn(x_in, s_in, torch.cat([cond, uncond]))
+        else:  # different token lengths: cond rows and uncond rows as separate UNet batches
+            n_cond = cond.shape[0]
+            x_out = torch.cat([fn(x_in[:n_cond], s_in[:n_cond], cond), fn(x_in[n_cond:], s_in[n_cond:], uncond)])
+
+        if skip_uncond:  # the first cond output stands in for the uncond, and the scale becomes 1
+            x_out = torch.cat([x_out, x_out[[c[0][0] for c in conds_list]]])
+        scale = 1.0 if skip_uncond else self.cfg_scale
+
+        denoised_uncond = x_out[-batch:]
+        denoised = denoised_uncond.clone()
+        for i, conds in enumerate(conds_list):
+            for row, weight in conds:
+                denoised[i] += (x_out[row] - denoised_uncond[i]) * (weight * scale)
+        self.step += 1
+        return denoised

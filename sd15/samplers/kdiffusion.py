@@ -1,0 +1,550 @@
+"""k-diffusion samplers (crowsonkb/k-diffusion `sampling.py` @ab527a9, as A1111 v1.10 runs them) and
+A1111's Restart sampler, written from the published algorithms.
+
+Contract: `sample_x(model, x, sigmas, *, noise_sampler=None, callback=None, **options) -> x`
+- `model(x, sigma)` returns the denoised x₀, `sigma` a [B] tensor;
+- `sigmas` is the descending float32 schedule (usually ending in 0), `x` starts at noise · sigmas[0];
+- `noise_sampler(sigma, sigma_next)` returns fresh unit noise shaped like x. Samplers that need noise
+  (eta > 0, s_churn > 0, Restart) raise without one: nothing here draws from the global RNG;
+- `callback(dict)` receives k-diffusion's {'x', 'i', 'sigma', 'sigma_hat', 'denoised'} once per step.
+
+All scalar maths runs on 0-d float32 tensors taken from `sigmas`, as in k-diffusion, so the float32
+rounding matches. Where k-diffusion draws noise that is then multiplied by zero (eta = 0, s_churn = 0),
+the draw is skipped; nothing downstream depends on those draws.
+"""
+
+import math
+
+import numpy as np
+import torch
+
+from .schedules import sigmas_karras
+
+
+def to_d(x, sigma, denoised):
+    """Karras ODE derivative dx/dσ = (x − D(x, σ)) / σ."""
+    return (x - denoised) / sigma
+
+
+def get_ancestral_step(sigma_from, sigma_to, eta=1.0):
+    """Split an ancestral step into a deterministic step to σ_down and fresh noise of std σ_up."""
+    if not eta:
+        return sigma_to, 0.0
+    sigma_up = min(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
+    sigma_down = (sigma_to ** 2 - sigma_up ** 2) ** 0.5
+    return sigma_down, sigma_up
+
+
+def _t(sigma):
+    return sigma.log().neg()  # λ = −log σ, the DPM-Solver time
+
+
+def _sigma(t):
+    return t.neg().exp()
+
+
+def _noise(noise_sampler, who):
+    if noise_sampler is None:
+        raise ValueError(f"{who} adds noise: pass noise_sampler (sd15.rng.ImageRNG.noise_sampler() "
+                         "or sd15.rng.brownian_noise_sampler)")
+    return noise_sampler
+
+
+def _report(callback, x, i, sigma, sigma_hat, denoised):
+    if callback is not None:
+        callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": denoised})
+
+
+# ---------------------------------------------------------------------------------------------
+# Karras et al. (2022) family
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample_euler(model, x, sigmas, *, noise_sampler=None, callback=None,
+                 s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    """Euler steps, Algorithm 2 of Karras et al. (2022) (churn γ adds noise before each step)."""
+    s_in = x.new_ones([x.shape[0]])
+    n = len(sigmas) - 1
+    for i in range(n):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        gamma = min(s_churn / n, 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+        sigma_hat = sigma * (gamma + 1)
+        if s_churn > 0:  # A1111 draws every step once churn is on, even where γ = 0
+            eps = _noise(noise_sampler, "s_churn > 0")(sigma, sigma_next) * s_noise
+            if gamma > 0:
+                x = x + eps * (sigma_hat ** 2 - sigma ** 2) ** 0.5
+        denoised = model(x, sigma_hat * s_in)
+        d = to_d(x, sigma_hat, denoised)
+        _report(callback, x, i, sigma, sigma_hat, denoised)
+        x = x + d * (sigma_next - sigma_hat)
+    return x
+
+
+@torch.no_grad()
+def sample_euler_ancestral(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0):
+    """Ancestral sampling with Euler steps (Euler a)."""
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, sigma * s_in)
+        sigma_down, sigma_up = get_ancestral_step(sigma, sigma_next, eta)
+        _report(callback, x, i, sigma, sigma, denoised)
+        x = x + to_d(x, sigma, denoised) * (sigma_down - sigma)
+        if sigma_next > 0 and eta:
+            x = x + _noise(noise_sampler, "eta > 0")(sigma, sigma_next) * s_noise * sigma_up
+    return x
+
+
+@torch.no_grad()
+def sample_heun(model, x, sigmas, *, noise_sampler=None, callback=None,
+                s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    """Heun steps (2nd order), Algorithm 2 of Karras et al. (2022); an Euler step onto σ = 0."""
+    s_in = x.new_ones([x.shape[0]])
+    n = len(sigmas) - 1
+    for i in range(n):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        gamma = min(s_churn / n, 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+        sigma_hat = sigma * (gamma + 1)
+        if s_churn > 0:
+            eps = _noise(noise_sampler, "s_churn > 0")(sigma, sigma_next) * s_noise
+            if gamma > 0:
+                x = x + eps * (sigma_hat ** 2 - sigma ** 2) ** 0.5
+        denoised = model(x, sigma_hat * s_in)
+        d = to_d(x, sigma_hat, denoised)
+        _report(callback, x, i, sigma, sigma_hat, denoised)
+        dt = sigma_next - sigma_hat
+        if sigma_next == 0:
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            d_2 = to_d(x_2, sigma_next, model(x_2, sigma_next * s_in))
+            x = x + (d + d_2) / 2 * dt
+    return x
+
+
+@torch.no_grad()
+def sample_dpm_2(model, x, sigmas, *, noise_sampler=None, callback=None,
+                 s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    """DPM-Solver-2-style midpoint steps in log σ (Lu et al. 2022) inside Karras et al.'s Algorithm 2."""
+    s_in = x.new_ones([x.shape[0]])
+    n = len(sigmas) - 1
+    for i in range(n):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        gamma = min(s_churn / n, 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+        sigma_hat = sigma * (gamma + 1)
+        if s_churn > 0:
+            eps = _noise(noise_sampler, "s_churn > 0")(sigma, sigma_next) * s_noise
+            if gamma > 0:
+                x = x + eps * (sigma_hat ** 2 - sigma ** 2) ** 0.5
+        denoised = model(x, sigma_hat * s_in)
+        d = to_d(x, sigma_hat, denoised)
+        _report(callback, x, i, sigma, sigma_hat, denoised)
+        if sigma_next == 0:
+            x = x + d * (sigma_next - sigma_hat)
+        else:
+            sigma_mid = sigma_hat.log().lerp(sigma_next.log(), 0.5).exp()
+            x_2 = x + d * (sigma_mid - sigma_hat)
+            d_2 = to_d(x_2, sigma_mid, model(x_2, sigma_mid * s_in))
+            x = x + d_2 * (sigma_next - sigma_hat)
+    return x
+
+
+@torch.no_grad()
+def sample_dpm_2_ancestral(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0):
+    """Ancestral sampling with DPM-Solver-2 midpoint steps (DPM2 a)."""
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, sigma * s_in)
+        sigma_down, sigma_up = get_ancestral_step(sigma, sigma_next, eta)
+        _report(callback, x, i, sigma, sigma, denoised)
+        d = to_d(x, sigma, denoised)
+        if sigma_down == 0:
+            x = x + d * (sigma_down - sigma)
+        else:
+            sigma_mid = sigma.log().lerp(sigma_down.log(), 0.5).exp()
+            x_2 = x + d * (sigma_mid - sigma)
+            d_2 = to_d(x_2, sigma_mid, model(x_2, sigma_mid * s_in))
+            x = x + d_2 * (sigma_down - sigma)
+            if eta:  # noise only on midpoint steps, i.e. never on the final one
+                x = x + _noise(noise_sampler, "eta > 0")(sigma, sigma_next) * s_noise * sigma_up
+    return x
+
+
+def _lms_coeff(order, ts, i, j):
+    """∫_{t_i}^{t_i+1} of the Lagrange basis polynomial ℓ_j through t_i, t_i-1, …, t_i-order+1.
+
+    The integrand has degree order − 1, so `order`-point Gauss-Legendre quadrature is exact (k-diffusion
+    uses scipy's quad, which is exact on these polynomials up to rounding). The knot differences are
+    float32 subtractions, as in k-diffusion, whose σ array is numpy float32.
+    """
+    def basis(tau):
+        prod = 1.0
+        for k in range(order):
+            if k != j:
+                prod *= (tau - float(ts[i - k])) / float(ts[i - j] - ts[i - k])
+        return prod
+    nodes, weights = np.polynomial.legendre.leggauss(order)
+    a, b = float(ts[i]), float(ts[i + 1])
+    half, mid = (b - a) / 2, (a + b) / 2
+    return half * sum(w * basis(mid + half * node) for node, w in zip(nodes, weights))
+
+
+@torch.no_grad()
+def sample_lms(model, x, sigmas, *, noise_sampler=None, callback=None, order=4):
+    """Linear multistep (Adams-Bashforth in σ) on the Karras ODE, order 4 (LMS)."""
+    s_in = x.new_ones([x.shape[0]])
+    ts = sigmas.detach().cpu().numpy()  # float32 knots
+    ds = []
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in)
+        ds = (ds + [to_d(x, sigmas[i], denoised)])[-order:]
+        _report(callback, x, i, sigmas[i], sigmas[i], denoised)
+        cur_order = min(i + 1, order)
+        coeffs = [_lms_coeff(cur_order, ts, i, j) for j in range(cur_order)]
+        x = x + sum(c * d for c, d in zip(coeffs, reversed(ds)))
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# DPM-Solver++ family (Lu et al. 2022, arXiv:2211.01095), in λ = −log σ
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0):
+    """Ancestral sampling with DPM-Solver++(2S) single-step second-order steps."""
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, sigma * s_in)
+        sigma_down, sigma_up = get_ancestral_step(sigma, sigma_next, eta)
+        _report(callback, x, i, sigma, sigma, denoised)
+        if sigma_down == 0:
+            x = x + to_d(x, sigma, denoised) * (sigma_down - sigma)
+        else:
+            t, t_next = _t(sigma), _t(sigma_down)
+            h = t_next - t
+            s = t + 0.5 * h  # midpoint, r = 1/2
+            x_2 = (_sigma(s) / _sigma(t)) * x - (-h * 0.5).expm1() * denoised
+            denoised_2 = model(x_2, _sigma(s) * s_in)
+            x = (_sigma(t_next) / _sigma(t)) * x - (-h).expm1() * denoised_2
+        if sigma_next > 0 and eta:
+            x = x + _noise(noise_sampler, "eta > 0")(sigma, sigma_next) * s_noise * sigma_up
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_sde(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0, r=0.5):
+    """DPM-Solver++ (stochastic): two SDE sub-steps per step, the second from the data estimate at λ + r·h."""
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, sigma * s_in)
+        _report(callback, x, i, sigma, sigma, denoised)
+        if sigma_next == 0:
+            x = x + to_d(x, sigma, denoised) * (sigma_next - sigma)
+            continue
+        t, t_next = _t(sigma), _t(sigma_next)
+        h = t_next - t
+        s = t + h * r
+        fac = 1 / (2 * r)
+        # step 1: to λ = s, with ancestral noise
+        sd, su = get_ancestral_step(_sigma(t), _sigma(s), eta)
+        s_ = _t(sd)
+        x_2 = (_sigma(s_) / _sigma(t)) * x - (t - s_).expm1() * denoised
+        if eta:  # the tree is queried at the float32 σ = exp(−λ), which is what fixes the noise
+            x_2 = x_2 + _noise(noise_sampler, "eta > 0")(_sigma(t), _sigma(s)) * s_noise * su
+        denoised_2 = model(x_2, _sigma(s) * s_in)
+        # step 2: to λ = t_next, from a blend of both data estimates
+        sd, su = get_ancestral_step(_sigma(t), _sigma(t_next), eta)
+        t_next_ = _t(sd)
+        denoised_d = (1 - fac) * denoised + fac * denoised_2
+        x = (_sigma(t_next_) / _sigma(t)) * x - (t - t_next_).expm1() * denoised_d
+        if eta:
+            x = x + noise_sampler(_sigma(t), _sigma(t_next)) * s_noise * su
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model, x, sigmas, *, noise_sampler=None, callback=None):
+    """DPM-Solver++(2M): second-order multistep on the data prediction; first and last steps first order."""
+    s_in = x.new_ones([x.shape[0]])
+    old_denoised = None
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, sigma * s_in)
+        _report(callback, x, i, sigma, sigma, denoised)
+        t, t_next = _t(sigma), _t(sigma_next)
+        h = t_next - t
+        if old_denoised is None or sigma_next == 0:
+            x = (_sigma(t_next) / _sigma(t)) * x - (-h).expm1() * denoised
+        else:
+            r = (t - _t(sigmas[i - 1])) / h  # h_last / h
+            denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+            x = (_sigma(t_next) / _sigma(t)) * x - (-h).expm1() * denoised_d
+        old_denoised = denoised
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0,
+                        solver_type="midpoint"):
+    """DPM-Solver++(2M) SDE, with the midpoint or Heun second-order correction."""
+    if solver_type not in ("midpoint", "heun"):
+        raise ValueError("solver_type must be 'midpoint' or 'heun'")
+    s_in = x.new_ones([x.shape[0]])
+    old_denoised, h_last = None, None
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, sigma * s_in)
+        _report(callback, x, i, sigma, sigma, denoised)
+        if sigma_next == 0:
+            x = denoised
+        else:
+            h = _t(sigma_next) - _t(sigma)
+            eta_h = eta * h
+            x = sigma_next / sigma * (-eta_h).exp() * x + (-h - eta_h).expm1().neg() * denoised
+            if old_denoised is not None:
+                r = h_last / h
+                if solver_type == "heun":
+                    x = x + ((-h - eta_h).expm1().neg() / (-h - eta_h) + 1) * (1 / r) * (denoised - old_denoised)
+                else:
+                    x = x + 0.5 * (-h - eta_h).expm1().neg() * (1 / r) * (denoised - old_denoised)
+            if eta:
+                noise = _noise(noise_sampler, "eta > 0")(sigma, sigma_next)
+                x = x + noise * sigma_next * (-2 * eta_h).expm1().neg().sqrt() * s_noise
+            h_last = h
+        old_denoised = denoised
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde_heun(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0):
+    """DPM-Solver++(2M) SDE with the Heun correction (A1111's "DPM++ 2M SDE Heun")."""
+    return sample_dpmpp_2m_sde(model, x, sigmas, noise_sampler=noise_sampler, callback=callback, eta=eta,
+                               s_noise=s_noise, solver_type="heun")
+
+
+@torch.no_grad()
+def sample_dpmpp_3m_sde(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0):
+    """DPM-Solver++(3M) SDE: third-order multistep from the last three data estimates."""
+    s_in = x.new_ones([x.shape[0]])
+    denoised_1, denoised_2, h_1, h_2 = None, None, None, None
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, sigma * s_in)
+        _report(callback, x, i, sigma, sigma, denoised)
+        if sigma_next == 0:
+            x = denoised
+        else:
+            h = _t(sigma_next) - _t(sigma)
+            h_eta = h * (eta + 1)
+            x = torch.exp(-h_eta) * x + (-h_eta).expm1().neg() * denoised
+            if h_2 is not None:
+                r0, r1 = h_1 / h, h_2 / h
+                d1_0 = (denoised - denoised_1) / r0
+                d1_1 = (denoised_1 - denoised_2) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                phi_2 = h_eta.neg().expm1() / h_eta + 1
+                phi_3 = phi_2 / h_eta - 0.5
+                x = x + phi_2 * d1 - phi_3 * d2
+            elif h_1 is not None:
+                d = (denoised - denoised_1) / (h_1 / h)
+                phi_2 = h_eta.neg().expm1() / h_eta + 1
+                x = x + phi_2 * d
+            if eta:
+                noise = _noise(noise_sampler, "eta > 0")(sigma, sigma_next)
+                x = x + noise * sigma_next * (-2 * h * eta).expm1().neg().sqrt() * s_noise
+            denoised_1, denoised_2 = denoised, denoised_1
+            h_1, h_2 = h, h_1
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# DPM-Solver (Lu et al. 2022, arXiv:2206.00927), noise-prediction form, fixed and adaptive steps
+# ---------------------------------------------------------------------------------------------
+
+def _dpm_eps(model, x, t):
+    """ε = (x − D(x, σ)) / σ at λ = t."""
+    sigma = _sigma(t)
+    return (x - model(x, sigma * x.new_ones([x.shape[0]]))) / sigma
+
+
+def _dpm_u1(x, t, h, eps, r1):
+    """First-order predictor at s1 = t + r1·h (shared by the 2nd- and 3rd-order steps)."""
+    return x - _sigma(t + r1 * h) * (r1 * h).expm1() * eps
+
+
+def _dpm_solver_1(x, t, t_next, eps):
+    """DPM-Solver-1 (= DDIM) step."""
+    return x - _sigma(t_next) * (t_next - t).expm1() * eps
+
+
+def _dpm_solver_2(x, t, t_next, eps, eps_r1, r1):
+    """DPM-Solver-2 step (Algorithm 1), given ε at t and at t + r1·h."""
+    h = t_next - t
+    return x - _sigma(t_next) * h.expm1() * eps - _sigma(t_next) / (2 * r1) * h.expm1() * (eps_r1 - eps)
+
+
+def _dpm_solver_3(model, x, t, t_next, eps, eps_r1, r1=1 / 3, r2=2 / 3):
+    """DPM-Solver-3 step (Algorithm 2), given ε at t and t + r1·h; evaluates ε at t + r2·h."""
+    h = t_next - t
+    s2 = t + r2 * h
+    u2 = (x - _sigma(s2) * (r2 * h).expm1() * eps
+          - _sigma(s2) * (r2 / r1) * ((r2 * h).expm1() / (r2 * h) - 1) * (eps_r1 - eps))
+    eps_r2 = _dpm_eps(model, u2, s2)
+    return x - _sigma(t_next) * h.expm1() * eps - _sigma(t_next) / r2 * (h.expm1() / h - 1) * (eps_r2 - eps)
+
+
+def _dpm_ancestral(t, t_next, t_end, eta):
+    """Where an ancestral sub-step really lands (λ ≤ t_end) and the noise std to add after it."""
+    if not eta:
+        return t_next, 0.0
+    sd, _ = get_ancestral_step(_sigma(t), _sigma(t_next), eta)
+    t_next_ = torch.minimum(t_end, _t(sd))
+    return t_next_, (_sigma(t_next) ** 2 - _sigma(t_next_) ** 2) ** 0.5
+
+
+@torch.no_grad()
+def sample_dpm_fast(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0,
+                    sigma_min=None, sigma_max=None, n=None):
+    """DPM-Solver-fast (Lu et al. 2022, §3.4): ⌊n/3⌋+1 uniform λ steps of orders 3, …, 3, then 2/1.
+
+    Uses only σ_max = sigmas[0], σ_min = sigmas[-2] and n = len(sigmas) − 1 unless given (A1111's txt2img
+    passes the model's σ range and the step count). eta defaults to A1111's 1.0 (k-diffusion's is 0).
+    """
+    sigma_min = float(sigmas[-2]) if sigma_min is None else sigma_min
+    sigma_max = float(sigmas[0]) if sigma_max is None else sigma_max
+    n = len(sigmas) - 1 if n is None else n
+    if sigma_min <= 0 or sigma_max <= 0:
+        raise ValueError("sigma_min and sigma_max must not be 0")
+    t_start, t_end = _t(torch.tensor(sigma_max)), _t(torch.tensor(sigma_min))
+    m = math.floor(n / 3) + 1
+    ts = torch.linspace(t_start, t_end, m + 1, device=x.device)
+    orders = [3] * (m - 2) + [2, 1] if n % 3 == 0 else [3] * (m - 1) + [n % 3]
+    for i, order in enumerate(orders):
+        t, t_next = ts[i], ts[i + 1]
+        t_next_, su = _dpm_ancestral(t, t_next, t_end, eta)
+        eps = _dpm_eps(model, x, t)
+        _report(callback, x, i, _sigma(t), _sigma(t), x - _sigma(t) * eps)
+        if order == 1:
+            x = _dpm_solver_1(x, t, t_next_, eps)
+        else:
+            h = t_next_ - t
+            r1 = 1 / 2 if order == 2 else 1 / 3
+            eps_r1 = _dpm_eps(model, _dpm_u1(x, t, h, eps, r1), t + r1 * h)
+            x = _dpm_solver_2(x, t, t_next_, eps, eps_r1, r1) if order == 2 else \
+                _dpm_solver_3(model, x, t, t_next_, eps, eps_r1)
+        if eta:
+            x = x + su * s_noise * _noise(noise_sampler, "eta > 0")(_sigma(t), _sigma(t_next))
+    return x
+
+
+@torch.no_grad()
+def sample_dpm_adaptive(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0,
+                        sigma_min=None, sigma_max=None, order=3, rtol=0.05, atol=0.0078, h_init=0.05,
+                        pcoeff=0.0, icoeff=1.0, dcoeff=0.0, accept_safety=0.81):
+    """DPM-Solver-12/23 with adaptive step size (Lu et al. 2022, §3.4; PID control after Söderlind 2003).
+
+    An embedded lower-order solution estimates the error; a step is accepted when the PID factor is
+    ≥ accept_safety, and h is rescaled by that factor either way.
+    """
+    if order not in (2, 3):
+        raise ValueError("order should be 2 or 3")
+    sigma_min = float(sigmas[-2]) if sigma_min is None else sigma_min
+    sigma_max = float(sigmas[0]) if sigma_max is None else sigma_max
+    if sigma_min <= 0 or sigma_max <= 0:
+        raise ValueError("sigma_min and sigma_max must not be 0")
+    t_end = _t(torch.tensor(sigma_min))
+    s = _t(torch.tensor(sigma_max))
+    atol, rtol = torch.tensor(atol), torch.tensor(rtol)
+    # PID step-size controller on inverse errors: factor = 1 + atan(e0^b1 e1^b2 e2^b3 − 1)
+    ctrl_order = 1.5 if eta else order
+    b1, b2, b3 = (pcoeff + icoeff + dcoeff) / ctrl_order, -(pcoeff + 2 * dcoeff) / ctrl_order, dcoeff / ctrl_order
+    h, inv_errs = abs(h_init), []
+    x_prev, steps = x, 0
+    while s < t_end - 1e-5:
+        t = torch.minimum(t_end, s + h)
+        t_, su = _dpm_ancestral(s, t, t_end, eta)
+        eps = _dpm_eps(model, x, s)
+        denoised = x - _sigma(s) * eps
+        step = t_ - s
+        if order == 2:
+            x_low = _dpm_solver_1(x, s, t_, eps)
+            eps_r1 = _dpm_eps(model, _dpm_u1(x, s, step, eps, 1 / 2), s + 1 / 2 * step)
+            x_high = _dpm_solver_2(x, s, t_, eps, eps_r1, 1 / 2)
+        else:  # the 2nd-order estimate uses r1 = 1/3, so both share ε(t + h/3)
+            eps_r1 = _dpm_eps(model, _dpm_u1(x, s, step, eps, 1 / 3), s + 1 / 3 * step)
+            x_low = _dpm_solver_2(x, s, t_, eps, eps_r1, 1 / 3)
+            x_high = _dpm_solver_3(model, x, s, t_, eps, eps_r1)
+        delta = torch.maximum(atol, rtol * torch.maximum(x_low.abs(), x_prev.abs()))
+        error = torch.linalg.norm((x_low - x_high) / delta) / x.numel() ** 0.5
+        inv_err = 1 / (float(error) + 1e-8)
+        inv_errs = [inv_err, inv_err, inv_err] if not inv_errs else [inv_err] + inv_errs[1:]
+        factor = 1 + math.atan(inv_errs[0] ** b1 * inv_errs[1] ** b2 * inv_errs[2] ** b3 - 1)
+        if factor >= accept_safety:
+            inv_errs = [inv_errs[0], inv_errs[0], inv_errs[1]]
+            x_prev = x_low
+            x = x_high
+            if eta:
+                x = x + su * s_noise * _noise(noise_sampler, "eta > 0")(_sigma(s), _sigma(t))
+            s = t
+        h *= factor
+        _report(callback, x, steps, _sigma(s), _sigma(s), denoised)
+        steps += 1
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Restart (Xu et al. 2023), A1111's restart_sampler
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample_restart(model, x, sigmas, *, noise_sampler=None, callback=None, s_noise=1.0, restart_list=None):
+    """Restart sampling (Xu et al. 2023, "Restart Sampling for Improving Generative Processes"): Heun
+    steps on a Karras schedule, jumping back up to σ ≈ 2 with fresh noise after reaching σ ≈ 0.1.
+
+    restart_list = {min σ: [restart steps + 1, restart times, max σ]}; by default A1111's: none below 20
+    steps; else 9 restart steps once (steps // 4 twice from 36 steps), taken out of the main schedule,
+    which is rebuilt as Karras(steps − restart steps · times, sigmas[-2], sigmas[0]).
+    """
+    s_in = x.new_ones([x.shape[0]])
+    steps = len(sigmas) - 1
+    if restart_list is None:
+        restart_list = {}
+        if steps >= 20:
+            restart_steps, restart_times = (steps // 4, 2) if steps >= 36 else (9, 1)
+            main_steps = steps - restart_steps * restart_times
+            sigmas = sigmas_karras(main_steps, sigmas[-2].item(), sigmas[0].item()).to(sigmas.device)
+            restart_list = {0.1: [restart_steps + 1, restart_times, 2]}
+    restart_at = {int(torch.argmin((sigmas - key).abs())): value for key, value in restart_list.items()}
+
+    pairs = []  # (σ_from, σ_to) in execution order
+    for i in range(len(sigmas) - 1):
+        pairs.append((sigmas[i], sigmas[i + 1]))
+        if i + 1 in restart_at:
+            restart_steps, restart_times, restart_max = restart_at[i + 1]
+            min_idx, max_idx = i + 1, int(torch.argmin((sigmas - restart_max).abs()))
+            if max_idx < min_idx:
+                sigma_restart = sigmas_karras(restart_steps, sigmas[min_idx].item(), sigmas[max_idx].item())
+                sigma_restart = sigma_restart.to(sigmas.device)[:-1]  # without its trailing 0
+                pairs += list(zip(sigma_restart[:-1], sigma_restart[1:])) * restart_times
+
+    last_sigma = None
+    for step_id, (old_sigma, new_sigma) in enumerate(pairs):
+        if last_sigma is not None and last_sigma < old_sigma:  # restart: renoise from σ_last up to σ_old
+            noise = _noise(noise_sampler, "Restart")(old_sigma, last_sigma)
+            x = x + noise * s_noise * (old_sigma ** 2 - last_sigma ** 2) ** 0.5
+        denoised = model(x, old_sigma * s_in)
+        d = to_d(x, old_sigma, denoised)
+        _report(callback, x, step_id, new_sigma, old_sigma, denoised)
+        dt = new_sigma - old_sigma
+        if new_sigma == 0:
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            d_2 = to_d(x_2, new_sigma, model(x_2, new_sigma * s_in))
+            x = x + (d + d_2) / 2 * dt
+        last_sigma = new_sigma
+    return x

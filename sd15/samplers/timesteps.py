@@ -1,0 +1,183 @@
+"""A1111's timestep samplers: DDIM, PLMS and UniPC (A1111 `modules/sd_samplers_timesteps_impl.py`,
+`modules/models/diffusion/uni_pc/uni_pc.py`). Spec: generation.md §3.4, §4.1.
+
+Contract: `sample_x(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, callback=None, **options)`
+- `model(x, t)` returns the (guided) ε for the *raw* latent x at the float timestep tensor t [B]
+  (`CFGDenoiser.eps` / `EpsDenoiser.eps`), not a k-diffusion denoiser;
+- `timesteps` is the ascending integer grid `ddim_timesteps(steps)` (or its first t_enc entries in img2img);
+- `alphas_cumprod` is the float32 ā table [1000] (`EpsDenoiser.alphas_cumprod`), passed explicitly;
+- x starts at the unscaled noise (txt2img) and these samplers stop at ā[timesteps[0]], not at 0:
+  DDIM makes len(timesteps) − 1 model calls, PLMS len(timesteps), UniPC len(timesteps).
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def ddim_timesteps(steps: int) -> torch.Tensor:
+    """LDM's uniform DDIM grid (`make_ddim_timesteps`): 1, 1+s, 1+2s, … < 1000 with s = 1000 // steps.
+
+    It has more than `steps` entries when 1000 % steps is large (30 steps -> 31 timesteps).
+    """
+    return (torch.arange(0, 1000, 1000 // steps) + 1).clamp(0, 999)
+
+
+def _coeff(value, x):
+    """A per-step coefficient as A1111 builds it: a Python float times x.new_ones((B, 1, 1, 1))."""
+    return x.new_full((x.shape[0], 1, 1, 1), float(value))
+
+
+def _ddim_tables(alphas_cumprod, timesteps):
+    ac = alphas_cumprod.to(timesteps.device)
+    alphas = ac[timesteps]                                                    # float32
+    alphas_prev = ac[F.pad(timesteps[:-1], pad=(1, 0))].double()              # ā of the previous timestep, float64
+    return alphas, alphas_prev, torch.sqrt(1 - alphas)
+
+
+@torch.no_grad()
+def sample_ddim(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, callback=None, eta=0.0):
+    """DDIM (Song et al. 2021, eq. 12) on LDM's timestep grid, as A1111 ≥ 1.6 runs it: from the top
+    timestep down to timesteps[0] (len(timesteps) − 1 model calls; the t=1 -> 0 step is not taken)."""
+    alphas, alphas_prev, sqrt_one_minus_alphas = _ddim_tables(alphas_cumprod, timesteps)
+    sigmas = eta * torch.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))  # float64
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(timesteps) - 1):
+        index = len(timesteps) - 1 - i
+        e_t = model(x, timesteps[index].item() * s_in)
+        a_t, a_prev = _coeff(alphas[index], x), _coeff(alphas_prev[index], x)
+        sigma_t, sqrt_one_minus_at = _coeff(sigmas[index], x), _coeff(sqrt_one_minus_alphas[index], x)
+        pred_x0 = (x - sqrt_one_minus_at * e_t) / a_t.sqrt()
+        dir_xt = (1.0 - a_prev - sigma_t ** 2).sqrt() * e_t
+        x = a_prev.sqrt() * pred_x0 + dir_xt
+        if eta:  # A1111 draws every step; with eta = 0 the draw is multiplied by 0, so we skip it
+            if noise_sampler is None:
+                raise ValueError("DDIM with eta > 0 adds noise: pass noise_sampler (sd15.rng.ImageRNG.noise_sampler())")
+            x = x + sigma_t * noise_sampler(timesteps[index], timesteps[index - 1])
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": 0, "sigma_hat": 0, "denoised": pred_x0})
+    return x
+
+
+@torch.no_grad()
+def sample_plms(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, callback=None):
+    """PLMS, pseudo linear multistep (Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models"):
+    a pseudo improved-Euler first step (2 model calls), then Adams-Bashforth on ε of orders 2, 3, 4."""
+    alphas, alphas_prev, sqrt_one_minus_alphas = _ddim_tables(alphas_cumprod, timesteps)
+    s_in = x.new_ones([x.shape[0]])
+
+    def ddim_step(x, e_t, index):
+        a_t, a_prev = _coeff(alphas[index], x), _coeff(alphas_prev[index], x)
+        pred_x0 = (x - _coeff(sqrt_one_minus_alphas[index], x) * e_t) / a_t.sqrt()
+        return a_prev.sqrt() * pred_x0 + (1.0 - a_prev).sqrt() * e_t, pred_x0
+
+    old_eps = []
+    for i in range(len(timesteps) - 1):
+        index = len(timesteps) - 1 - i
+        e_t = model(x, timesteps[index].item() * s_in)
+        if not old_eps:  # pseudo improved Euler
+            x_next, _ = ddim_step(x, e_t, index)
+            e_t_next = model(x_next, timesteps[max(index - 1, 0)].item() * s_in)
+            e_t_prime = (e_t + e_t_next) / 2
+        elif len(old_eps) == 1:
+            e_t_prime = (3 * e_t - old_eps[-1]) / 2
+        elif len(old_eps) == 2:
+            e_t_prime = (23 * e_t - 16 * old_eps[-1] + 5 * old_eps[-2]) / 12
+        else:
+            e_t_prime = (55 * e_t - 59 * old_eps[-1] + 37 * old_eps[-2] - 9 * old_eps[-3]) / 24
+        x, pred_x0 = ddim_step(x, e_t_prime, index)
+        old_eps = (old_eps + [e_t])[-3:]
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": 0, "sigma_hat": 0, "denoised": pred_x0})
+    return x
+
+
+def _interp(x, xp, yp):
+    """Piecewise-linear y(x) through (xp, yp), xp ascending, extended linearly beyond both ends."""
+    k = (torch.searchsorted(xp, x.contiguous(), right=True) - 1).clamp(0, len(xp) - 2)
+    x0, x1, y0, y1 = xp[k], xp[k + 1], yp[k], yp[k + 1]
+    return y0 + (x - x0) * (y1 - y0) / (x1 - x0)
+
+
+@torch.no_grad()
+def sample_unipc(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, callback=None, order=3,
+                 variant="bh1", lower_order_final=True, img2img=False):
+    """UniPC multistep predictor-corrector (Zhao et al. 2023, arXiv:2302.04867), data prediction, B(h)
+    variant bh1/bh2, time-uniform steps, as A1111 runs it: len(timesteps) steps from t_T = 1 (img2img:
+    timesteps[-1]/1000 + 1/1000) to t_0 = 1/1000, corrector on every step but the last, whose model
+    evaluation is reused as the next step's history (len(timesteps) model calls, no denoise-to-zero)."""
+    steps = len(timesteps)
+    if steps < order:
+        raise ValueError(f"UniPC order {order} needs at least {order} steps")
+    # VP "discrete" noise schedule: log α(t) interpolated linearly at t_i = (i + 1) / 1000
+    t_array = torch.linspace(0.0, 1.0, 1001, device=x.device)[1:]
+    log_alpha_array = 0.5 * torch.log(alphas_cumprod.to(x.device).float())
+    log_alpha = lambda t: _interp(t, t_array, log_alpha_array)
+    sigma_of = lambda t: torch.sqrt(1.0 - torch.exp(2.0 * log_alpha(t)))
+    lambda_of = lambda t: log_alpha(t) - 0.5 * torch.log(1.0 - torch.exp(2.0 * log_alpha(t)))
+
+    def data_pred(x, t):  # x₀ = (x − σ_t ε) / α_t, ε at model time (t − 1/1000) · 1000
+        eps = model(x, (t - 1.0 / 1000) * 1000.0)
+        return (x - sigma_of(t)[:, None, None, None] * eps) / torch.exp(log_alpha(t))[:, None, None, None]
+
+    def bh_update(x, model_prev_list, t_prev_list, t, order, use_corrector):
+        """One UniPC step to t: predictor from the history, then corrector with the model at the prediction."""
+        t_prev_0, model_prev_0 = t_prev_list[-1], model_prev_list[-1]
+        lambda_prev_0, lambda_t = lambda_of(t_prev_0), lambda_of(t)
+        sigma_prev_0, sigma_t = sigma_of(t_prev_0), sigma_of(t)
+        alpha_t = torch.exp(log_alpha(t))
+        h = lambda_t - lambda_prev_0
+        rks, D1s = [], []
+        for i in range(1, order):
+            rk = ((lambda_of(t_prev_list[-(i + 1)]) - lambda_prev_0) / h)[0]
+            rks.append(rk)
+            D1s.append((model_prev_list[-(i + 1)] - model_prev_0) / rk)
+        rks = torch.stack(rks + [h.new_ones(())])
+        hh = -h[0]  # data prediction
+        h_phi_1 = torch.expm1(hh)  # h·φ1(h) = e^h − 1
+        B_h = hh if variant == "bh1" else torch.expm1(hh)
+        # R = Vandermonde rows rk^(k−1); b_k = φ_k(hh)·k!/B(h),
+        # with φ_1 = expm1(hh)/hh − 1 and φ_k+1 = φ_k/hh − 1/(k+1)!
+        R, b, h_phi_k, factorial = [], [], h_phi_1 / hh - 1, 1
+        for k in range(1, order + 1):
+            R.append(torch.pow(rks, k - 1))
+            b.append(h_phi_k * factorial / B_h)
+            factorial *= k + 1
+            h_phi_k = h_phi_k / hh - 1 / factorial
+        R, b = torch.stack(R), torch.stack(b)
+        if D1s:
+            D1s = torch.stack(D1s, dim=1)  # (B, order − 1, C, H, W)
+            rhos_p = b.new_full((1,), 0.5) if order == 2 else torch.linalg.solve(R[:-1, :-1], b[:-1])
+        rhos_c = b.new_full((1,), 0.5) if order == 1 else torch.linalg.solve(R, b)
+
+        x_t_ = ((sigma_t / sigma_prev_0)[:, None, None, None] * x
+                - (alpha_t * h_phi_1)[:, None, None, None] * model_prev_0)  # first-order (DDIM) part
+        pred_res = torch.einsum("k,bkchw->bchw", rhos_p, D1s) if len(D1s) else 0
+        x_t = x_t_ - (alpha_t * B_h)[:, None, None, None] * pred_res
+        model_t = None
+        if use_corrector:
+            model_t = data_pred(x_t, t)
+            corr_res = torch.einsum("k,bkchw->bchw", rhos_c[:-1], D1s) if len(D1s) else 0
+            x_t = x_t_ - (alpha_t * B_h)[:, None, None, None] * (corr_res + rhos_c[-1] * (model_t - model_prev_0))
+        return x_t, model_t
+
+    t_T = timesteps[-1] / 1000 + 1 / 1000 if img2img else 1.0
+    ts = torch.linspace(t_T, 1.0 / 1000, steps + 1).to(x.device)  # time_uniform
+    batch = x.shape[0]
+    vec_t = ts[0].expand(batch)
+    model_prev_list, t_prev_list = [data_pred(x, vec_t)], [vec_t]
+    for step in range(1, steps + 1):
+        vec_t = ts[step].expand(batch)
+        if step < order:  # warm-up with increasing order
+            step_order = step
+        else:
+            step_order = min(order, steps + 1 - step) if lower_order_final else order
+        x, model_x = bh_update(x, model_prev_list, t_prev_list, vec_t, step_order, use_corrector=step < steps)
+        if callback is not None:
+            callback({"x": x, "i": step - 1, "sigma": 0, "sigma_hat": 0, "denoised": model_x})
+        if step < order:
+            model_prev_list.append(model_x)
+            t_prev_list.append(vec_t)
+        else:  # keep the last `order` points; the corrector's model value is the new history entry
+            t_prev_list = t_prev_list[1:] + [vec_t]
+            model_prev_list = model_prev_list[1:] + [model_x]
+    return x

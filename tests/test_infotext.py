@@ -1,0 +1,978 @@
+"""A1111 infotext, info JSON, sampler/scheduler tables and hashes (sd15/infotext.py).
+
+Expected strings are written out from spec/a1111-api.md §4.5, §6-§9 (and generation.md §2.3, §3.2).
+"""
+import hashlib
+import json
+import os
+import random
+
+import pytest
+
+from sd15 import infotext as it
+from sd15.infotext import (GenerationParams, cached_hash, create_info, create_infotext, extra_generation_params,
+                           fixed_seed, format_hashes, info_json, job_seeds, legacy_model_hash, model_hash,
+                           parse_infotext, quote, resolve_sampler, short_hash, unquote)
+
+MODEL = dict(sd_model_name="v1-5-pruned-emaonly", sd_model_hash="6ce0161689")
+
+
+def job(prompt="a cat", negative_prompt="", **kw):
+    kw.setdefault("seed", 123)
+    kw.setdefault("subseed", 456)
+    for k, v in MODEL.items():
+        kw.setdefault(k, v)
+    return GenerationParams.for_job(prompt, negative_prompt, **kw)
+
+
+def params_line(params, index=0):
+    return create_infotext(params, index).split("\n")[-1]
+
+
+# =============================================================================================
+# The spec's examples, reproduced exactly
+# =============================================================================================
+
+SPEC_INFO_A_CAT = {
+    "prompt": "a cat", "all_prompts": ["a cat"], "negative_prompt": "", "all_negative_prompts": [""],
+    "seed": 3170487337, "all_seeds": [3170487337], "subseed": 2091751405, "all_subseeds": [2091751405],
+    "subseed_strength": 0, "width": 512, "height": 512, "sampler_name": "Euler", "cfg_scale": 7.0, "steps": 50,
+    "batch_size": 1, "restore_faces": False, "face_restoration_model": None, "sd_model_name": "v1-5-pruned-emaonly",
+    "sd_model_hash": "6ce0161689", "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1,
+    "seed_resize_from_h": -1, "denoising_strength": None, "extra_generation_params": {}, "index_of_first_image": 0,
+    "infotexts": ["a cat\nSteps: 50, Sampler: Euler, Schedule type: Automatic, CFG scale: 7.0, Seed: 3170487337, "
+                  "Size: 512x512, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Version: v1.10.1"],
+    "styles": [], "job_timestamp": "20240801120000", "clip_skip": 1, "is_using_inpainting_conditioning": False,
+    "version": "v1.10.1"}
+
+
+def test_spec_info_example_minimal_txt2img():
+    # {"prompt": "a cat"} with API defaults: Euler (sampler_index), 50 steps, cfg 7.0, no scheduler
+    p = GenerationParams.for_job("a cat", seed=3170487337, subseed=2091751405, **MODEL)
+    infotexts = [create_infotext(p, 0)]
+    info = create_info(p, infotexts, job_timestamp="20240801120000")
+    assert info == SPEC_INFO_A_CAT
+    assert list(info) == list(SPEC_INFO_A_CAT)
+    assert info_json(info) == json.dumps(SPEC_INFO_A_CAT)
+    assert info_json(info).startswith('{"prompt": "a cat", "all_prompts": ["a cat"], "negative_prompt": "", ')
+    assert type(info["subseed_strength"]) is int and type(info["cfg_scale"]) is float
+
+
+def test_spec_infotext_example_dpmpp_2m_karras():
+    p = job("a cat", "blurry", steps=20, sampler_name="DPM++ 2M", scheduler="Karras", cfg_scale=7.0)
+    assert create_infotext(p) == (
+        "a cat\nNegative prompt: blurry\n"
+        "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.0, Seed: 123, Size: 512x512, "
+        "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Version: v1.10.1")
+
+
+def test_spec_quoted_examples():
+    lora = format_hashes([("add_detail", "7c6bad76eb54"), ("foo", "0123456789ab")])
+    ti = format_hashes([("easynegative", "c74b4e810b03")])
+    p = job(steps=20, sampler_name="Euler", extra_generation_params={"Lora hashes": lora, "TI hashes": ti})
+    line = params_line(p)
+    assert 'Lora hashes: "add_detail: 7c6bad76eb54, foo: 0123456789ab"' in line
+    assert 'TI hashes: "easynegative: c74b4e810b03"' in line
+    assert line.endswith('Lora hashes: "add_detail: 7c6bad76eb54, foo: 0123456789ab", '
+                         'TI hashes: "easynegative: c74b4e810b03", Version: v1.10.1')
+
+
+def test_spec_schedule_type_examples():
+    # "Sampler: Euler, Schedule type: Automatic" / "Sampler: DPM++ 2M, Schedule type: Karras"
+    assert "Sampler: Euler, Schedule type: Automatic, " in params_line(job(sampler_name="Euler"))
+    assert "Sampler: DPM++ 2M, Schedule type: Karras, " in params_line(job(sampler_name="DPM++ 2M"))
+
+
+SPEC_SAMPLERS = [
+    ("DPM++ 2M", ["k_dpmpp_2m"], {"scheduler": "karras"}),
+    ("DPM++ SDE", ["k_dpmpp_sde"], {"scheduler": "karras", "second_order": "True", "brownian_noise": "True"}),
+    ("DPM++ 2M SDE", ["k_dpmpp_2m_sde"], {"scheduler": "exponential", "brownian_noise": "True"}),
+    ("DPM++ 2M SDE Heun", ["k_dpmpp_2m_sde_heun"],
+     {"scheduler": "exponential", "brownian_noise": "True", "solver_type": "heun"}),
+    ("DPM++ 2S a", ["k_dpmpp_2s_a"], {"scheduler": "karras", "uses_ensd": "True", "second_order": "True"}),
+    ("DPM++ 3M SDE", ["k_dpmpp_3m_sde"],
+     {"scheduler": "exponential", "discard_next_to_last_sigma": "True", "brownian_noise": "True"}),
+    ("Euler a", ["k_euler_a", "k_euler_ancestral"], {"uses_ensd": "True"}),
+    ("Euler", ["k_euler"], {}),
+    ("LMS", ["k_lms"], {}),
+    ("Heun", ["k_heun"], {"second_order": "True"}),
+    ("DPM2", ["k_dpm_2"], {"scheduler": "karras", "discard_next_to_last_sigma": "True", "second_order": "True"}),
+    ("DPM2 a", ["k_dpm_2_a"], {"scheduler": "karras", "discard_next_to_last_sigma": "True", "uses_ensd": "True",
+                               "second_order": "True"}),
+    ("DPM fast", ["k_dpm_fast"], {"uses_ensd": "True"}),
+    ("DPM adaptive", ["k_dpm_ad"], {"uses_ensd": "True"}),
+    ("Restart", ["restart"], {"scheduler": "karras", "second_order": "True"}),
+    ("DDIM", ["ddim"], {}),
+    ("DDIM CFG++", ["ddim_cfgpp"], {}),
+    ("PLMS", ["plms"], {}),
+    ("UniPC", ["unipc"], {}),
+    ("LCM", ["k_lcm"], {}),
+]
+
+SPEC_SCHEDULERS = [
+    ("automatic", "Automatic", None, -1, False),
+    ("uniform", "Uniform", None, -1, True),
+    ("karras", "Karras", None, 7, False),
+    ("exponential", "Exponential", None, -1, False),
+    ("polyexponential", "Polyexponential", None, 1, False),
+    ("sgm_uniform", "SGM Uniform", ["SGMUniform"], -1, True),
+    ("kl_optimal", "KL Optimal", None, -1, False),
+    ("align_your_steps", "Align Your Steps", None, -1, False),
+    ("simple", "Simple", None, -1, True),
+    ("normal", "Normal", None, -1, True),
+    ("ddim", "DDIM", None, -1, True),
+    ("beta", "Beta", None, -1, True),
+]
+
+
+def test_samplers_endpoint_table():
+    expected = [{"name": n, "aliases": a, "options": o} for n, a, o in SPEC_SAMPLERS]
+    assert it.samplers_api() == expected
+    assert json.dumps(it.samplers_api()) == json.dumps(expected)  # option order too
+    assert it.sampler_names() == [n for n, _, _ in SPEC_SAMPLERS]
+    assert [s.name for s in it.SAMPLER_NAMES] == it.sampler_names()
+
+
+def test_schedulers_endpoint_table():
+    expected = [{"name": n, "label": lab, "aliases": al, "default_rho": float(rho), "need_inner_model": inner}
+                for n, lab, al, rho, inner in SPEC_SCHEDULERS]
+    got = it.schedulers_api()
+    assert got == expected
+    assert json.dumps(got) == json.dumps(expected)
+    assert all(type(x["default_rho"]) is float for x in got)  # pydantic float: -1 -> -1.0
+
+
+def test_sampler_flags_match_generation_spec():
+    s = {x.name: x for x in it.SAMPLER_NAMES}
+    assert {n for n in s if s[n].is_timesteps} == {"DDIM", "DDIM CFG++", "PLMS", "UniPC"}
+    assert {n for n in s if s[n].uses_ensd} == {"Euler a", "DPM2 a", "DPM++ 2S a", "DPM fast", "DPM adaptive"}
+    assert {n for n in s if s[n].second_order} == {"DPM++ SDE", "DPM++ 2S a", "Heun", "DPM2", "DPM2 a", "Restart"}
+    defaults = {n: it.default_scheduler(n) for n in s}
+    assert defaults["DPM++ 2M"] == "Karras" and defaults["DPM++ 3M SDE"] == "Exponential"
+    assert defaults["Euler"] is None and defaults["DDIM"] is None and defaults["Restart"] == "Karras"
+
+
+# =============================================================================================
+# Key order and omission rules
+# =============================================================================================
+
+def test_every_positional_key_in_order():
+    p = job("p", "n", sampler_name="Euler a", scheduler="Karras", steps=20, cfg_scale=7.5, image_cfg_scale=1.5,
+            restore_faces=True, face_restoration_model="CodeFormer", width=640, height=448,
+            fp8_weight="Enable for SDXL", cache_fp16_weight=False,
+            sd_vae_name="vae-ft-mse-840000-ema-pruned.safetensors", sd_vae_hash="735e4c3a44",
+            subseed_strength=0.25, seed_resize_from_w=512, seed_resize_from_h=384,
+            is_img2img=True, denoising_strength=0.5, is_using_inpainting_conditioning=True,
+            inpainting_mask_weight=1.0, clip_skip=2, eta_noise_seed_delta=31337, token_merging_ratio=0.3,
+            init_img_hash="abc123", randn_source="CPU", tiling=True, eta=0.667, user="bob",
+            extra_generation_params={"Emphasis": "No norm"})
+    assert params_line(p) == (
+        "Steps: 20, Sampler: Euler a, Schedule type: Karras, CFG scale: 7.5, Image CFG scale: 1.5, Seed: 123, "
+        "Face restoration: CodeFormer, Size: 640x448, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, "
+        "FP8 weight: Enable for SDXL, Cache FP16 weight for LoRA: False, VAE hash: 735e4c3a44, "
+        "VAE: vae-ft-mse-840000-ema-pruned.safetensors, Variation seed: 456, Variation seed strength: 0.25, "
+        "Seed resize from: 512x384, Denoising strength: 0.5, Conditional mask weight: 1.0, Clip skip: 2, "
+        "ENSD: 31337, Token merging ratio: 0.3, Init image hash: abc123, RNG: CPU, Tiling: True, "
+        "Emphasis: No norm, Eta: 0.667, Version: v1.10.1, User: bob")
+
+
+def test_negative_prompt_line_only_when_non_empty():
+    assert create_infotext(job("a", "")).split("\n")[:1] == ["a"]
+    assert "Negative prompt" not in create_infotext(job("a", ""))
+    assert create_infotext(job("a", "b")).split("\n")[1] == "Negative prompt: b"
+
+
+def test_empty_prompt_makes_params_the_first_line():
+    text = create_infotext(job("", ""))
+    assert text.startswith("Steps: 50, Sampler: Euler")
+    assert create_infotext(job("", "bad")).startswith("Negative prompt: bad\nSteps: 50")
+
+
+def test_whole_text_is_stripped():
+    assert create_infotext(job("  a cat  ")).startswith("a cat  \nSteps")
+
+
+@pytest.mark.parametrize("clip_skip, shown", [(1, False), (0, False), (2, True), (12, True)])
+def test_clip_skip_only_above_one(clip_skip, shown):
+    assert (f"Clip skip: {clip_skip}" in params_line(job(clip_skip=clip_skip))) is shown
+
+
+@pytest.mark.parametrize("sampler, eta, shown", [
+    ("Euler a", None, True), ("DPM2 a", None, True), ("DPM++ 2S a", 1.0, True), ("DPM fast", None, True),
+    ("DPM adaptive", None, True), ("Euler a", 0.0, False), ("Euler", None, False), ("DPM++ 2M", None, False),
+    ("DDIM", None, False), ("DPM++ SDE", None, False)])
+def test_ensd_only_for_samplers_using_it(sampler, eta, shown):
+    line = params_line(job(sampler_name=sampler, eta=eta, eta_noise_seed_delta=31337))
+    assert ("ENSD: 31337" in line) is shown
+    assert "ENSD" not in params_line(job(sampler_name=sampler, eta=eta))
+
+
+@pytest.mark.parametrize("source, text", [("GPU", None), ("CPU", "RNG: CPU"), ("NV", "RNG: NV")])
+def test_rng_only_when_not_gpu(source, text):
+    line = params_line(job(randn_source=source))
+    assert ("RNG" in line) is (text is not None)
+    if text:
+        assert text in line
+
+
+def test_variation_seed_per_image_and_only_with_strength():
+    p = job(subseed_strength=0.5, batch_size=3, seed=10, subseed=20)
+    assert p.all_seeds == (10, 10, 10) and p.all_subseeds == (20, 21, 22)
+    for i in range(3):
+        line = params_line(p, i)
+        assert "Seed: 10, " in line and f"Variation seed: {20 + i}, Variation seed strength: 0.5" in line
+    p = job(seed=10, subseed=20, batch_size=2, n_iter=2)
+    assert [params_line(p, i).split("Seed: ")[1].split(",")[0] for i in range(4)] == ["10", "11", "12", "13"]
+    assert "Variation" not in params_line(p, 1)
+    assert "Variation" not in params_line(job(subseed_strength=0.0))
+
+
+@pytest.mark.parametrize("w, h, shown", [(-1, -1, None), (0, 0, None), (512, 0, None), (0, 512, None),
+                                         (512, 384, "Seed resize from: 512x384")])
+def test_seed_resize_only_when_both_positive(w, h, shown):
+    line = params_line(job(seed_resize_from_w=w, seed_resize_from_h=h))
+    assert ("Seed resize from" in line) is (shown is not None)
+    if shown:
+        assert shown in line
+
+
+def test_model_vae_and_version_switches():
+    p = job(sd_vae_name="vae.pt", sd_vae_hash="0123456789")
+    assert "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, VAE hash: 0123456789, VAE: vae.pt, " in params_line(p)
+    line = params_line(job(add_model_hash_to_info=False, add_vae_name_to_info=False, add_version_to_infotext=False,
+                           sd_vae_name="vae.pt", sd_vae_hash="0123456789"))
+    assert "Model hash" not in line and "VAE: " not in line and "VAE hash: 0123456789" in line
+    assert "Version" not in line
+    line = params_line(job(sd_model_hash=None, version=None))
+    assert "Model hash" not in line and "Version" not in line and "Model: v1-5-pruned-emaonly" in line
+    assert "VAE" not in params_line(job())
+
+
+def test_face_restoration_and_tiling():
+    assert "Face restoration: CodeFormer" in params_line(job(restore_faces=True))
+    assert "Face restoration: GFPGAN" in params_line(job(restore_faces=True, face_restoration_model="GFPGAN"))
+    assert "Face restoration" not in params_line(job())
+    assert "Tiling: True" in params_line(job(tiling=True)) and "Tiling" not in params_line(job())
+
+
+def test_denoising_strength_not_written_for_plain_txt2img():
+    # webuiapi sends denoising_strength 0.7 on every txt2img call: not echoed without hires
+    p = job(denoising_strength=0.7)
+    assert "Denoising" not in params_line(p)
+    info = create_info(p, [create_infotext(p)], job_timestamp="x")
+    assert info["denoising_strength"] == 0.7 and info["extra_generation_params"] == {}
+
+
+def test_cfg_scale_number_formatting():
+    assert "CFG scale: 7.0, " in params_line(job(cfg_scale=7.0))   # API (float field)
+    assert "CFG scale: 7, " in params_line(job(cfg_scale=7))       # UI-style int
+    assert "CFG scale: 4.5, " in params_line(job(cfg_scale=4.5))
+
+
+# =============================================================================================
+# Schedule type
+# =============================================================================================
+
+@pytest.mark.parametrize("sampler, scheduler, shown, recorded", [
+    ("Euler", None, "Automatic", None),
+    ("Euler", "Automatic", "Automatic", None),
+    ("Euler", "automatic", "Automatic", None),
+    ("Euler a", "Karras", "Karras", "Karras"),
+    ("Euler", "uniform", "Uniform", "Uniform"),
+    ("LMS", "SGMUniform", "SGM Uniform", "SGM Uniform"),
+    ("DPM++ 2M", None, "Karras", "Karras"),
+    ("DPM++ 2M", "Exponential", "Exponential", "Exponential"),
+    ("DPM++ SDE", None, "Karras", "Karras"),
+    ("DPM++ 2M SDE", None, "Exponential", "Exponential"),
+    ("DPM++ 3M SDE", "Automatic", "Exponential", "Exponential"),
+    ("DPM2 a", None, "Karras", "Karras"),
+    ("Restart", None, "Karras", "Karras"),
+    ("DPM fast", None, "Automatic", None),
+    ("LCM", None, "Automatic", None),
+    ("DDIM", None, "Automatic", None),
+    ("DDIM", "Karras", "Karras", None),       # timestep samplers ignore it but the request's label is printed
+    ("UniPC", "beta", "Beta", None),
+    ("DPM++ 2M Karras", None, "Karras", "Karras"),
+    ("LMS Karras", None, "Karras", "Karras"),
+    ("DPM++ 2M SDE Exponential", None, "Exponential", "Exponential"),
+])
+def test_schedule_type_shown_and_recorded(sampler, scheduler, shown, recorded):
+    p = job(sampler_name=sampler, scheduler=scheduler)
+    assert f", Schedule type: {shown}, CFG scale" in params_line(p)
+    assert p.schedule_type == shown
+    assert extra_generation_params(p).get("Schedule type") == recorded
+
+
+def test_old_combined_name_is_split_in_params():
+    p = job(sampler_name="DPM++ 2M SDE Karras")
+    assert (p.sampler_name, p.scheduler) == ("DPM++ 2M SDE", "Karras")
+    assert "Sampler: DPM++ 2M SDE, Schedule type: Karras, " in params_line(p)
+
+
+# =============================================================================================
+# Hires fix
+# =============================================================================================
+
+def hires(**kw):
+    base = dict(steps=20, sampler_name="DPM++ 2M", enable_hr=True, denoising_strength=0.7, hr_upscaler="Latent")
+    base.update(kw)
+    return job("a cat", "blurry", **base)
+
+
+def test_hires_basic_exact():
+    assert params_line(hires()) == (
+        "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.0, Seed: 123, Size: 512x512, "
+        "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Denoising strength: 0.7, Hires upscale: 2.0, "
+        "Hires upscaler: Latent, Version: v1.10.1")
+
+
+def test_hires_full_exact():
+    p = hires(sampler_name="Euler", hr_scale=1.5, hr_second_pass_steps=10, hr_upscaler="R-ESRGAN 4x+",
+              hr_sampler_name="DPM++ 2M", hr_scheduler=None, hr_checkpoint_title="other [0123456789]",
+              hr_prompt="a dog, sharp", hr_negative_prompt="ugly", clip_skip=2,
+              extra_generation_params={"Lora hashes": "x: 0123456789ab"})
+    assert params_line(p) == (
+        "Steps: 20, Sampler: Euler, Schedule type: Automatic, CFG scale: 7.0, Seed: 123, Size: 512x512, "
+        "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Denoising strength: 0.7, Clip skip: 2, "
+        "Hires checkpoint: other [0123456789], Hires sampler: DPM++ 2M, Hires prompt: \"a dog, sharp\", "
+        "Hires negative prompt: ugly, "
+        "Hires schedule type: Karras, Hires upscale: 1.5, Hires steps: 10, Hires upscaler: R-ESRGAN 4x+, "
+        "Lora hashes: \"x: 0123456789ab\", Version: v1.10.1")
+    assert extra_generation_params(p) == {
+        "Denoising strength": 0.7, "Hires checkpoint": "other [0123456789]", "Hires sampler": "DPM++ 2M",
+        "Hires prompt": None, "Hires negative prompt": None, "Hires schedule type": "Karras", "Hires upscale": 1.5,
+        "Hires steps": 10, "Hires upscaler": "R-ESRGAN 4x+", "Lora hashes": "x: 0123456789ab"}
+
+
+def test_hires_info_extra_params_order_and_nulls():
+    p = hires()
+    assert list(extra_generation_params(p).items()) == [
+        ("Denoising strength", 0.7), ("Hires prompt", None), ("Hires negative prompt", None),
+        ("Hires schedule type", None), ("Hires upscale", 2.0), ("Hires upscaler", "Latent"),
+        ("Schedule type", "Karras")]
+    info = json.loads(info_json(create_info(p, [create_infotext(p)], job_timestamp="t")))
+    assert info["extra_generation_params"]["Hires prompt"] is None
+    assert info["denoising_strength"] == 0.7
+
+
+def test_hires_resize_instead_of_upscale():
+    line = params_line(hires(hr_resize_x=1024, hr_resize_y=0))
+    assert "Hires resize: 1024x0, " in line and "Hires upscale:" not in line
+
+
+def test_hires_upscaler_none_not_written_and_steps_zero_omitted():
+    line = params_line(hires(hr_upscaler=None, hr_second_pass_steps=0))
+    assert "Hires upscaler" not in line and "Hires steps" not in line and "Hires upscale: 2.0, Version" in line
+
+
+def test_hires_sampler_same_as_first_or_use_same_is_omitted():
+    for name in ("DPM++ 2M", "Use same sampler", None, ""):
+        assert "Hires sampler" not in params_line(hires(hr_sampler_name=name))
+    assert "Hires sampler: Euler a" in params_line(hires(hr_sampler_name="k_euler_a"))
+
+
+def test_hires_prompts_only_when_different():
+    line = params_line(hires(hr_prompt="a cat", hr_negative_prompt="blurry"))
+    assert "Hires prompt" not in line and "Hires negative prompt" not in line
+    line = params_line(hires(hr_prompt="a cat, 4k"))
+    assert 'Hires prompt: "a cat, 4k", Hires upscale' in line and "Hires negative prompt" not in line
+    line = params_line(hires(hr_negative_prompt="blurry\nugly"))
+    assert 'Hires negative prompt: "blurry\\nugly"' in line
+
+
+@pytest.mark.parametrize("first, hr_sampler, hr_sched, shown", [
+    ("DPM++ 2M", None, None, None),                  # same schedule in both passes
+    ("DPM++ 2M", "Euler a", None, None),             # Euler a's Automatic: the model's schedule, not recorded
+    ("DPM++ 2M", "DPM++ 2M SDE", None, "Exponential"),
+    ("DPM++ 2M", None, "Exponential", "Exponential"),
+    ("DPM++ 2M", None, "karras", None),
+    ("Euler", None, "Karras", "Karras"),             # first pass recorded nothing
+    ("Euler", "DDIM", "Karras", None),               # timestep sampler records nothing
+    ("DDIM", "Euler", "Uniform", "Uniform"),
+    ("Euler", None, "Use same scheduler", None),
+])
+def test_hires_schedule_type(first, hr_sampler, hr_sched, shown):
+    p = hires(sampler_name=first, hr_sampler_name=hr_sampler, hr_scheduler=hr_sched)
+    line = params_line(p)
+    if shown is None:
+        assert "Hires schedule type" not in line
+    else:
+        assert f"Hires schedule type: {shown}, " in line
+    assert extra_generation_params(p)["Hires schedule type"] == shown
+
+
+def test_hires_denoising_none_omitted():
+    line = params_line(hires(denoising_strength=None))
+    assert "Denoising" not in line and "Hires upscale: 2.0" in line
+
+
+def test_token_merging_hr_only_with_hires():
+    assert "Token merging ratio hr: 0.5" in params_line(hires(token_merging_ratio_hr=0.5))
+    assert "Token merging ratio hr" not in params_line(job(token_merging_ratio_hr=0.5))
+
+
+# =============================================================================================
+# img2img
+# =============================================================================================
+
+def test_img2img_plain():
+    p = job("a cat", is_img2img=True, denoising_strength=0.75, steps=20, sampler_name="Euler a", cfg_scale=7.0)
+    assert params_line(p) == (
+        "Steps: 20, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7.0, Seed: 123, Size: 512x512, "
+        "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Denoising strength: 0.75, Version: v1.10.1")
+    info = create_info(p, [create_infotext(p)], job_timestamp="t")
+    assert info["denoising_strength"] == 0.75 and info["extra_generation_params"] == {"Denoising strength": 0.75}
+
+
+def test_img2img_inpaint_api_defaults():
+    # API defaults: mask_blur 4, inpainting_fill 0, inpaint_full_res true, padding 0
+    p = job(is_img2img=True, denoising_strength=0.75, steps=20, has_mask=True)
+    assert params_line(p).endswith(
+        "Denoising strength: 0.75, Mask blur: 4, Inpaint area: Only masked, Masked area padding: 0, "
+        "Masked content: fill, Version: v1.10.1")
+
+
+@pytest.mark.parametrize("kw, fragment, absent", [
+    (dict(inpainting_mask_invert=1), "Denoising strength: 0.75, Mask mode: Inpaint not masked, Mask blur: 4", ()),
+    (dict(mask_blur_x=4, mask_blur_y=8), None, ("Mask blur",)),
+    (dict(mask_blur_x=0, mask_blur_y=0), None, ("Mask blur",)),
+    (dict(inpainting_fill=1), None, ("Masked content",)),
+    (dict(inpainting_fill=2), "Masked content: latent noise", ()),
+    (dict(inpainting_fill=3), "Masked content: latent nothing", ()),
+    (dict(inpaint_full_res=False, inpaint_full_res_padding=32), None, ("Inpaint area", "Masked area padding")),
+])
+def test_img2img_mask_entries(kw, fragment, absent):
+    line = params_line(job(is_img2img=True, denoising_strength=0.75, has_mask=True, **kw))
+    if fragment:
+        assert fragment in line
+    for key in absent:
+        assert key not in line
+
+
+def test_img2img_noise_multiplier_and_eta_order():
+    p = job(is_img2img=True, denoising_strength=0.5, initial_noise_multiplier=0.9, sampler_name="DPM++ 2M SDE",
+            eta=0.8, extra_generation_params={"Lora hashes": "a: 0123456789ab"})
+    assert list(extra_generation_params(p)) == ["Denoising strength", "Lora hashes", "Noise multiplier",
+                                                "Schedule type", "Eta"]
+    assert params_line(p).endswith('Denoising strength: 0.5, Lora hashes: "a: 0123456789ab", Noise multiplier: 0.9, '
+                                   'Eta: 0.8, Version: v1.10.1')
+    assert "Noise multiplier" not in params_line(job(is_img2img=True, denoising_strength=0.5,
+                                                     initial_noise_multiplier=1.0))
+    assert "Noise multiplier" not in params_line(job(initial_noise_multiplier=0.9))  # txt2img: not used
+
+
+def test_no_mask_entries_without_mask():
+    line = params_line(job(is_img2img=True, denoising_strength=0.75, inpainting_mask_invert=1))
+    assert "Mask" not in line and "Inpaint" not in line
+
+
+# =============================================================================================
+# Eta
+# =============================================================================================
+
+@pytest.mark.parametrize("sampler, eta, entry", [
+    ("Euler a", None, None), ("Euler a", 1.0, None), ("Euler a", 0.5, "Eta: 0.5"), ("Euler a", 0, "Eta: 0"),
+    ("DPM++ SDE", 0.3, "Eta: 0.3"), ("DPM++ 2M SDE Heun", 0.0, "Eta: 0.0"), ("DPM fast", 0.2, "Eta: 0.2"),
+    ("Euler", 0.5, None), ("DPM++ 2M", 0.5, None), ("Restart", 0.5, None), ("LCM", 0.5, None),
+    ("DDIM", None, None), ("DDIM", 0.0, None), ("DDIM", 1.0, "Eta DDIM: 1.0"), ("DDIM CFG++", 0.5, "Eta DDIM: 0.5"),
+    ("PLMS", 1.0, None), ("UniPC", 1.0, None)])
+def test_eta_entries(sampler, eta, entry):
+    line = params_line(job(sampler_name=sampler, eta=eta))
+    if entry is None:
+        assert "Eta" not in line
+    else:
+        assert f", {entry}, Version" in line
+
+
+def test_eta_option_defaults_are_used_when_request_has_none():
+    assert "Eta: 0.7" in params_line(job(sampler_name="Euler a", eta_ancestral=0.7))
+    assert "Eta DDIM: 0.1" in params_line(job(sampler_name="DDIM", eta_ddim=0.1))
+
+
+def test_hires_sampler_eta_recorded():
+    p = hires(sampler_name="Euler", hr_sampler_name="Euler a", eta=0.5)
+    assert list(extra_generation_params(p))[-1] == "Eta"
+
+
+# =============================================================================================
+# Quoting
+# =============================================================================================
+
+@pytest.mark.parametrize("value, written", [
+    ("plain", "plain"), ("a, b", '"a, b"'), ("a: b", '"a: b"'), ("a\nb", '"a\\nb"'), ('say "hi"', 'say "hi"'),
+    ('say, "hi"', '"say, \\"hi\\""'), ("日本, 語", '"日本, 語"'), ("tab\there", "tab\there"),
+    (7.0, "7.0"), (20, "20"), (True, "True")])
+def test_quote(value, written):
+    assert str(quote(value)) == written
+    if isinstance(value, str) and written.startswith('"'):
+        assert unquote(written) == value
+
+
+def test_unquote_leaves_non_json_alone():
+    assert unquote('"not \\json"') == '"not \\json"'
+    assert unquote('x"') == 'x"' and unquote("") == ""
+
+
+def test_bare_key_when_value_equals_key_and_none_omitted():
+    line = params_line(job(extra_generation_params={"Tiled Diffusion": "Tiled Diffusion", "Skip": None,
+                                                    "Per image": ["a", "b"]}, batch_size=2))
+    assert ", Tiled Diffusion, Per image: a, Version" in line and "Skip" not in line
+    assert ", Per image: b, " in params_line(job(extra_generation_params={"Per image": ["a", "b"]}, batch_size=2), 1)
+
+
+def test_format_hashes_strips_separators_from_names():
+    assert format_hashes([("a:b,c", "0123456789ab")]) == "abc: 0123456789ab"
+
+
+# =============================================================================================
+# Round trips create -> parse
+# =============================================================================================
+
+ROUND_TRIP_PROMPTS = [
+    ("a cat", ""),
+    ("", ""),
+    ("", "lowres"),
+    ("masterpiece, best quality, 1girl, (smile:1.2), [blue|red] hair", "lowres, bad anatomy, (worst quality:1.4)"),
+    ('a sign saying "hello, world": neon', 'text, "watermark"'),
+    ("line one,\nline two: with colon\nline three", "neg one\nneg two, more"),
+    ("日本語のプロンプト, 猫 🐱, café", "ぼやけた, ugly"),
+    ("word " * 300 + "end", "bad, " * 80 + "worse"),
+    ("Steps: 20, Sampler: x, not params", "neg"),
+    ("a <lora:add_detail:0.8> cat BREAK a dog", ""),
+]
+
+
+@pytest.mark.parametrize("prompt, negative", ROUND_TRIP_PROMPTS)
+@pytest.mark.parametrize("variant", ["txt2img", "img2img", "hires", "variation", "everything"])
+def test_round_trip(prompt, negative, variant):
+    kw = dict(steps=25, sampler_name="Euler a", cfg_scale=6.5, width=640, height=448)
+    if variant == "img2img":
+        kw.update(is_img2img=True, denoising_strength=0.6, has_mask=True, inpainting_fill=2, mask_blur_x=8,
+                  mask_blur_y=8, inpaint_full_res_padding=16)
+    elif variant == "hires":
+        kw.update(enable_hr=True, denoising_strength=0.45, hr_scale=1.5, hr_upscaler="Latent (bicubic)",
+                  hr_second_pass_steps=12, hr_sampler_name="DPM++ 2M", hr_scheduler="Exponential",
+                  hr_prompt=prompt + ", extra detail", hr_negative_prompt="bad\nworse")
+    elif variant == "variation":
+        kw.update(subseed_strength=0.35, seed_resize_from_w=512, seed_resize_from_h=512)
+    elif variant == "everything":
+        kw.update(sampler_name="DPM++ 2M SDE Karras", clip_skip=2, eta_noise_seed_delta=31337, randn_source="NV",
+                  sd_vae_name="vae-ft-mse-840000-ema-pruned.safetensors", sd_vae_hash="735e4c3a44", tiling=True,
+                  eta=0.9, extra_generation_params={
+                      "Lora hashes": format_hashes([("add_detail", "7c6bad76eb54")]),
+                      "TI hashes": format_hashes([("easynegative", "c74b4e810b03"), ("x", "0123456789ab")])})
+    p = job(prompt, negative, seed=3000000000, subseed=42, **kw)
+    text = create_infotext(p)
+    d = parse_infotext(text)
+    assert d["Prompt"] == prompt
+    assert d["Negative prompt"] == negative
+    assert d["Steps"] == "25" and d["CFG scale"] == "6.5" and d["Seed"] == "3000000000"
+    assert (d["Size-1"], d["Size-2"]) == ("640", "448")
+    assert d["Model hash"] == "6ce0161689" and d["Model"] == "v1-5-pruned-emaonly" and d["Version"] == "v1.10.1"
+    assert (d["Sampler"], d["Schedule type"]) == (p.sampler_name, p.schedule_type)
+    assert it.sampler_from_infotext(d)[0] == p.sampler_name
+    if variant == "img2img":
+        assert d["Denoising strength"] == "0.6" and d["Mask blur"] == "8"
+        assert d["Masked content"] == "latent noise" and d["Inpaint area"] == "Only masked"
+        assert d["Masked area padding"] == "16"
+    if variant == "hires":
+        assert d["Denoising strength"] == "0.45" and d["Hires upscale"] == "1.5" and d["Hires steps"] == "12"
+        assert d["Hires upscaler"] == "Latent (bicubic)" and d["Hires sampler"] == "DPM++ 2M"
+        assert d["Hires schedule type"] == "Exponential"
+        assert d["Hires prompt"] == prompt + ", extra detail" and d["Hires negative prompt"] == "bad\nworse"
+        assert it.hr_sampler_from_infotext(d) == ("DPM++ 2M", "Exponential")
+    if variant == "variation":
+        assert d["Variation seed"] == "42" and d["Variation seed strength"] == "0.35"
+        assert (d["Seed resize from-1"], d["Seed resize from-2"]) == ("512", "512")
+    if variant == "everything":
+        assert d["Clip skip"] == "2" and d["RNG"] == "NV" and d["Tiling"] == "True" and d["Eta"] == "0.9"
+        assert d["VAE"] == "vae-ft-mse-840000-ema-pruned.safetensors" and d["VAE hash"] == "735e4c3a44"
+        assert d["Lora hashes"] == "add_detail: 7c6bad76eb54"
+        assert d["TI hashes"] == "easynegative: c74b4e810b03, x: 0123456789ab"
+        assert "ENSD" not in d  # DPM++ 2M SDE does not use ENSD
+    else:
+        assert d["Clip skip"] == "1" and d["RNG"] == "GPU"
+
+
+def test_round_trip_ensd_and_every_sampler():
+    for s in it.sampler_names():
+        p = job("x, y", "z", sampler_name=s, eta_noise_seed_delta=31337)
+        d = parse_infotext(create_infotext(p))
+        assert d["Sampler"] == s
+        assert ("ENSD" in d) is it.find_sampler(s).uses_ensd
+        assert it.sampler_from_infotext(d)[0] == s
+
+
+# =============================================================================================
+# Parsing rules (§7.3)
+# =============================================================================================
+
+PARSE_DEFAULTS = {
+    "Clip skip": "1", "Hires resize-1": 0, "Hires resize-2": 0, "Hires sampler": "Use same sampler",
+    "Hires schedule type": "Use same scheduler", "Hires checkpoint": "Use same checkpoint", "Hires prompt": "",
+    "Hires negative prompt": "", "Mask mode": "Inpaint masked", "Masked content": "original",
+    "Inpaint area": "Whole picture", "Masked area padding": 32, "RNG": "GPU", "Schedule type": "Automatic",
+    "Schedule max sigma": 0, "Schedule min sigma": 0, "Schedule rho": 0, "VAE Encoder": "Full",
+    "VAE Decoder": "Full", "FP8 weight": "Disable", "Refiner switch by sampling steps": False}
+
+
+def test_parse_empty_gives_defaults():
+    d = parse_infotext("")
+    assert d == {"Prompt": "", "Negative prompt": "", **PARSE_DEFAULTS}
+    assert list(d) == ["Prompt", "Negative prompt", *PARSE_DEFAULTS]
+
+
+def test_parse_spec_example_exact_dict():
+    text = ("a cat\nNegative prompt: blurry\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.0, "
+            "Seed: 123, Size: 512x512, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Version: v1.10.1")
+    d = parse_infotext(text)
+    expected = {"Steps": "20", "Sampler": "DPM++ 2M", "Schedule type": "Karras", "CFG scale": "7.0", "Seed": "123",
+                "Size-1": "512", "Size-2": "512", "Model hash": "6ce0161689", "Model": "v1-5-pruned-emaonly",
+                "Version": "v1.10.1", "Prompt": "a cat", "Negative prompt": "blurry"}
+    expected.update({k: v for k, v in PARSE_DEFAULTS.items() if k not in expected})
+    assert d == expected
+    assert list(d)[:12] == list(expected)[:12]
+
+
+def test_parse_needs_three_pairs_on_last_line():
+    d = parse_infotext("a cat\nSteps: 20, Sampler: Euler")
+    assert d["Prompt"] == "a cat\nSteps: 20, Sampler: Euler" and "Steps" not in d
+    d = parse_infotext("Steps: 20, Sampler: Euler, Seed: 1")
+    assert d["Prompt"] == "" and d["Steps"] == "20"
+
+
+def test_parse_multiline_prompts_are_line_stripped():
+    d = parse_infotext("  first  \n second\nNegative prompt:   neg a \n neg b\nSteps: 1, Sampler: Euler, Seed: 2")
+    assert d["Prompt"] == "first\nsecond" and d["Negative prompt"] == "neg a\nneg b"
+
+
+def test_parse_quoted_values_and_size_split():
+    d = parse_infotext('p\nSteps: 1, Seed: 2, Hires prompt: "a, \\"b\\"\\nc", Hires resize: 1024x768, '
+                       'Seed resize from: 320x256, Lora hashes: "a: 1, b: 2", Odd: 12x, Size: "640x480"')
+    assert d["Hires prompt"] == 'a, "b"\nc' and d["Lora hashes"] == "a: 1, b: 2"
+    assert (d["Hires resize-1"], d["Hires resize-2"]) == ("1024", "768")
+    assert (d["Seed resize from-1"], d["Seed resize from-2"]) == ("320", "256")
+    assert d["Odd"] == "12x" and (d["Size-1"], d["Size-2"]) == ("640", "480")
+
+
+def test_parse_key_rules():
+    d = parse_infotext("p\nSteps: 1, A: single, Key-with/slash and space: v, Empty: , Seed: 3")
+    assert d["Key-with/slash and space"] == "v" and d["Seed"] == "3"
+    assert "A" not in d and "Empty" not in d  # a one-character key does not match; an empty value is skipped
+
+
+def test_parse_hires_prompt_equal_to_prompt_becomes_empty():
+    d = parse_infotext("a cat\nSteps: 1, Seed: 2, Hires prompt: a cat, Version: v1.10.1")
+    assert d["Hires prompt"] == "" and d["Hires negative prompt"] == ""
+    d = parse_infotext("a cat\nSteps: 1, Seed: 2, Hires prompt: a cat, Version: v1.7.0")
+    assert d["Hires prompt"] == "a cat"  # older than v1.8.0-139: left alone
+
+
+def test_parse_emphasis_default_only_with_emphasis():
+    assert parse_infotext("a (cat:1.2)\nSteps: 1, Seed: 2, Sampler: Euler")["Emphasis"] == "Original"
+    assert parse_infotext("a cat\nNegative prompt: [ugly]\nSteps: 1, Seed: 2, Sampler: Euler")["Emphasis"] == "Original"
+    assert "Emphasis" not in parse_infotext("a cat BREAK dog\nSteps: 1, Seed: 2, Sampler: Euler")
+    assert "Emphasis" not in parse_infotext("a (cat:1.0) \\(x\\)\nSteps: 1, Seed: 2, Sampler: Euler")
+    assert parse_infotext("a (cat)\nSteps: 1, Seed: 2, Emphasis: No norm")["Emphasis"] == "No norm"
+
+
+def test_parse_backcompat_flags():
+    d = parse_infotext("a [b:c:5]\nSteps: 1, Sampler: DDIM, Version: v1.5.1")
+    assert d["Old prompt editing timelines"] is True and d["Pad conds v0"] is True
+    assert d["Downcast alphas_cumprod"] is True
+    d = parse_infotext("a\nSteps: 1, Sampler: Euler, Version: v1.7.0-224-gabcdef0")
+    assert d["Downcast alphas_cumprod"] is True and "Pad conds v0" not in d
+    d = parse_infotext("a\nSteps: 1, Sampler: Euler, Version: v1.7.0-225-gabcdef0, Refiner: x")
+    assert "Downcast alphas_cumprod" not in d and d["Refiner switch by sampling steps"] is True
+    d = parse_infotext("a [b:c:5]\nSteps: 1, Sampler: DDIM, Version: v1.10.1, Refiner: x")
+    assert not any(k in d for k in ("Old prompt editing timelines", "Pad conds v0", "Downcast alphas_cumprod"))
+    assert d["Refiner switch by sampling steps"] is False
+    assert "Downcast alphas_cumprod" not in parse_infotext("a\nSteps: 1, Seed: 1, Version: garbage")
+    assert "Downcast alphas_cumprod" not in parse_infotext("a\nSteps: 1, Seed: 1, Version: v1.6.0",
+                                                           backcompat=False)
+
+
+def test_parse_old_first_pass_size_and_hypernet():
+    d = parse_infotext("p\nSteps: 1, Size: 1024x768, First pass size: 0x0, Hypernet: anime, Hypernet strength: 0.5")
+    assert (d["Size-1"], d["Size-2"]) == (640, 448) and (d["Hires resize-1"], d["Hires resize-2"]) == (1024, 768)
+    assert d["Prompt"] == "p<hypernet:anime:0.5>"
+    d = parse_infotext("p\nSteps: 1, Size: 1024x1024, First pass size: 512x512, Seed: 1")
+    assert (d["Size-1"], d["Size-2"], d["Hires resize-1"], d["Hires resize-2"]) == (512, 512, 1024, 1024)
+
+
+def test_parse_fp8_cache_default_and_skip_fields():
+    d = parse_infotext("p\nSteps: 1, Seed: 1, FP8 weight: Enable")
+    assert d["Cache FP16 weight for LoRA"] is False
+    d = parse_infotext("p\nSteps: 1, Seed: 1, Model hash: abc", skip_fields=["Model hash", "Seed"])
+    assert "Model hash" not in d and "Seed" not in d and d["Steps"] == "1"
+
+
+def test_sampler_from_infotext_old_names():
+    assert it.sampler_from_infotext({"Sampler": "DPM++ 2M Karras"}) == ("DPM++ 2M", "Automatic")
+    assert it.sampler_from_infotext({"Sampler": "LMS Karras"}) == ("LMS", "Karras")
+    assert it.sampler_from_infotext({"Sampler": "Euler a", "Schedule type": "Automatic"}) == ("Euler a", "Automatic")
+    assert it.sampler_from_infotext({"Sampler": "DPM++ 2M", "Schedule type": "Exponential"}) == \
+        ("DPM++ 2M", "Exponential")
+    assert it.sampler_from_infotext({"Sampler": "Nonexistent"}) == ("DPM++ 2M", "Automatic")
+    assert it.hr_sampler_from_infotext(parse_infotext("p\nSteps: 1, Sampler: Euler, Seed: 1")) == \
+        ("Use same sampler", "Use same scheduler")
+    assert it.hr_sampler_from_infotext({"Sampler": "DPM++ 2M", "Schedule type": "Karras",
+                                        "Hires sampler": "Euler a", "Hires schedule type": "Automatic"}) == \
+        ("Euler a", "Automatic")
+
+
+# =============================================================================================
+# Sampler / scheduler name resolution (§8.3)
+# =============================================================================================
+
+@pytest.mark.parametrize("name", [n for n, _, _ in SPEC_SAMPLERS])
+def test_resolve_every_name_and_alias(name):
+    aliases = next(a for n, a, _ in SPEC_SAMPLERS if n == name)
+    assert resolve_sampler(name) == (name, "Automatic")
+    for alias in aliases:
+        assert resolve_sampler(alias) == (name, "Automatic")
+        assert resolve_sampler(alias.upper())[0] == name
+    assert resolve_sampler(name.lower())[0] == name
+    assert resolve_sampler(name.upper())[0] == name
+
+
+@pytest.mark.parametrize("sampler", [n for n, _, _ in SPEC_SAMPLERS])
+@pytest.mark.parametrize("sched", [s for s in SPEC_SCHEDULERS if s[0] != "automatic"], ids=lambda s: s[0])
+def test_resolve_every_combined_name(sampler, sched):
+    name, label, aliases, _, _ = sched
+    for suffix in (label, name, *(aliases or ())):
+        assert resolve_sampler(f"{sampler} {suffix}") == (sampler, label)
+
+
+@pytest.mark.parametrize("old, expected", [
+    ("DPM++ 2M Karras", ("DPM++ 2M", "Karras")), ("DPM++ SDE Karras", ("DPM++ SDE", "Karras")),
+    ("DPM++ 2M SDE Karras", ("DPM++ 2M SDE", "Karras")), ("DPM++ 2M SDE Exponential", ("DPM++ 2M SDE", "Exponential")),
+    ("DPM++ 2M SDE Heun Karras", ("DPM++ 2M SDE Heun", "Karras")),
+    ("DPM++ 2M SDE Heun Exponential", ("DPM++ 2M SDE Heun", "Exponential")),
+    ("DPM++ 3M SDE Karras", ("DPM++ 3M SDE", "Karras")), ("DPM++ 3M SDE Exponential", ("DPM++ 3M SDE", "Exponential")),
+    ("DPM++ 2S a Karras", ("DPM++ 2S a", "Karras")), ("DPM2 Karras", ("DPM2", "Karras")),
+    ("DPM2 a Karras", ("DPM2 a", "Karras")), ("LMS Karras", ("LMS", "Karras")),
+    ("dpm++ 2m karras", ("DPM++ 2M", "Karras")), ("DPM++ 2M KARRAS", ("DPM++ 2M", "Karras")),
+    ("Euler a SGMUniform", ("Euler a", "SGM Uniform")), ("Euler SGM Uniform", ("Euler", "SGM Uniform")),
+    ("euler a sgm_uniform", ("Euler a", "SGM Uniform")),
+])
+def test_resolve_old_combined_names(old, expected):
+    assert resolve_sampler(old) == expected
+
+
+def test_resolve_convert_automatic():
+    assert resolve_sampler("DPM++ 2M Karras", convert_automatic=True) == ("DPM++ 2M", "Automatic")
+    assert resolve_sampler("LMS Karras", convert_automatic=True) == ("LMS", "Karras")
+    assert resolve_sampler("DPM++ 2M SDE", "exponential", convert_automatic=True) == ("DPM++ 2M SDE", "Automatic")
+    assert resolve_sampler("DPM++ 2M SDE Karras", convert_automatic=True) == ("DPM++ 2M SDE", "Karras")
+
+
+@pytest.mark.parametrize("sched, label", [(None, "Automatic"), ("", "Automatic"), ("automatic", "Automatic"),
+                                          ("Automatic", "Automatic"), ("karras", "Karras"), ("Karras", "Karras"),
+                                          ("KARRAS", "Karras"), ("sgm_uniform", "SGM Uniform"),
+                                          ("SGMUniform", "SGM Uniform"), ("align_your_steps", "Align Your Steps"),
+                                          ("KL Optimal", "KL Optimal"), ("beta", "Beta")])
+def test_resolve_scheduler_names(sched, label):
+    assert resolve_sampler("Euler", sched) == ("Euler", label)
+
+
+def test_explicit_scheduler_wins_over_suffix():
+    assert resolve_sampler("DPM++ 2M Karras", "Exponential") == ("DPM++ 2M", "Exponential")
+    assert resolve_sampler("DPM++ 2M Karras", "automatic") == ("DPM++ 2M", "Automatic")
+    assert resolve_sampler("DPM++ 2M Karras", None) == ("DPM++ 2M", "Karras")
+
+
+def test_resolve_defaults_and_fallbacks():
+    assert resolve_sampler(None) == ("DPM++ 2M", "Automatic")
+    assert resolve_sampler("") == ("DPM++ 2M", "Automatic")
+    assert resolve_sampler("No such sampler", strict=False) == ("DPM++ 2M", "Automatic")
+    assert resolve_sampler("Euler", "nonsense", strict=False) == ("Euler", "Automatic")
+    assert resolve_sampler("Euler Karras Uniform") == ("Euler", "Karras")  # A1111 cuts each suffix once, in order
+
+
+@pytest.mark.parametrize("bad", ["Euler b", "DPM++ 4M", "k_euler_x", "Karras", "Foo Karras", " "])
+def test_resolve_unknown_sampler_lists_valid_ones(bad):
+    with pytest.raises(ValueError) as e:
+        resolve_sampler(bad)
+    msg = str(e.value)
+    assert repr(bad) in msg or repr(bad.strip()) in msg
+    for n, _, _ in SPEC_SAMPLERS:
+        assert n in msg
+
+
+def test_resolve_unknown_scheduler_lists_valid_ones():
+    with pytest.raises(ValueError) as e:
+        resolve_sampler("Euler", "Karas")
+    msg = str(e.value)
+    assert "'Karas'" in msg
+    for name, label, *_ in SPEC_SCHEDULERS:
+        assert name in msg and label in msg
+
+
+# =============================================================================================
+# Seeds, info
+# =============================================================================================
+
+def test_fixed_seed_and_job_seeds():
+    rng = random.Random(5)
+    expected = random.Random(5).randrange(4294967294)
+    assert fixed_seed(-1, rng) == expected
+    assert 0 <= fixed_seed(None) <= 4294967293 and 0 <= fixed_seed("") <= 4294967293
+    assert 0 <= fixed_seed("abc") <= 4294967293
+    assert fixed_seed("42") == 42 and fixed_seed(7) == 7 and fixed_seed(2 ** 40) == 2 ** 40
+    assert job_seeds(10, 20, 0, 3) == ([10, 11, 12], [20, 21, 22])
+    assert job_seeds(10, 20, 0.3, 3) == ([10, 10, 10], [20, 21, 22])
+    assert it.job_timestamp(__import__("datetime").datetime(2024, 8, 1, 12, 0, 0)) == "20240801120000"
+
+
+def test_info_batch_grid_and_unicode():
+    p = job("猫, cute", "bad", batch_size=2, n_iter=2, seed=5, subseed=9, styles=["s1"], clip_skip=2,
+            sampler_name="DPM++ 2M", steps=20)
+    texts = [create_infotext(p, i) for i in range(4)]
+    info = create_info(p, [create_infotext(p, 0)] + texts, job_timestamp="20240101000000", index_of_first_image=1)
+    assert info["all_seeds"] == [5, 6, 7, 8] and info["all_subseeds"] == [9, 10, 11, 12]
+    assert info["seed"] == 5 and info["subseed"] == 9 and info["batch_size"] == 2
+    assert info["infotexts"][0] == info["infotexts"][1] and len(info["infotexts"]) == 5
+    assert info["styles"] == ["s1"] and info["clip_skip"] == 2 and info["index_of_first_image"] == 1
+    assert info["extra_generation_params"] == {"Schedule type": "Karras"}
+    s = info_json(info)
+    assert "\\u732b, cute" in s and json.loads(s) == info
+    assert "Seed: 8," in texts[3]
+
+
+def test_info_json_nulls_unserialisable_values():
+    assert info_json({"a": object(), "b": [1, 2]}) == '{"a": null, "b": [1, 2]}'
+
+
+def test_params_are_frozen_and_replace():
+    p = job()
+    with pytest.raises(Exception):
+        p.steps = 3
+    q = p.replace(steps=3, sampler_name="k_dpmpp_2m")
+    assert q.steps == 3 and q.sampler_name == "DPM++ 2M" and p.steps == 50
+    assert isinstance(q.all_prompts, tuple)
+
+
+# =============================================================================================
+# Hashes
+# =============================================================================================
+
+def write(path, data: bytes):
+    with open(path, "wb") as f:
+        f.write(data)
+    return str(path)
+
+
+def test_model_hash_matches_hashlib(tmp_path):
+    data = os.urandom(3 * (1 << 20) + 12345)
+    path = write(tmp_path / "m.safetensors", data)
+    full = hashlib.sha256(data).hexdigest()
+    assert model_hash(path) == full and len(full) == 64
+    assert short_hash(full) == full[:10] and short_hash(None) is None
+    assert model_hash(write(tmp_path / "empty.ckpt", b"")) == hashlib.sha256(b"").hexdigest()
+
+
+def test_legacy_hash(tmp_path):
+    data = os.urandom(0x110000 + 4096)
+    path = write(tmp_path / "big.ckpt", data)
+    assert legacy_model_hash(path) == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    short = write(tmp_path / "short.ckpt", os.urandom(1000))
+    assert legacy_model_hash(short) == hashlib.sha256(b"").hexdigest()[:8] == "e3b0c442"
+    partial = os.urandom(0x100000 + 100)
+    assert legacy_model_hash(write(tmp_path / "partial.ckpt", partial)) == \
+        hashlib.sha256(partial[0x100000:]).hexdigest()[:8]
+    assert legacy_model_hash(tmp_path / "missing.ckpt") == "NOFILE"
+
+
+def test_addnet_hash(tmp_path):
+    header = b'{"__metadata__":{"ss_output_name":"x"}}  '
+    body = os.urandom(5000)
+    data = len(header).to_bytes(8, "little") + header + body
+    assert it.addnet_hash(write(tmp_path / "l.safetensors", data)) == hashlib.sha256(body).hexdigest()
+    assert it.addnet_hash(write(tmp_path / "l.pt", data)) == hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    calls = []
+    real = it.model_hash
+
+    def counting(path):
+        calls.append(path)
+        return real(path)
+
+    monkeypatch.setattr(it, "model_hash", counting)
+    return calls
+
+
+def test_cache_reuses_value(tmp_path, counted):
+    data = os.urandom(100000)
+    path = write(tmp_path / "a.safetensors", data)
+    expected = hashlib.sha256(data).hexdigest()
+    assert cached_hash(path) == expected and len(counted) == 1
+    assert cached_hash(path) == expected and len(counted) == 1
+    cache = json.loads((tmp_path / it.HASH_CACHE_NAME).read_text())
+    entry = cache["files"]["a.safetensors"]
+    assert entry["sha256"] == expected and entry["size"] == 100000 and entry["mtime_ns"] == os.stat(path).st_mtime_ns
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    assert cached_hash(path, compute=False) == expected
+
+
+def test_cache_invalidates_on_mtime_change(tmp_path, counted):
+    path = write(tmp_path / "a.ckpt", b"x" * 1000)
+    cached_hash(path)
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert cached_hash(path) == hashlib.sha256(b"x" * 1000).hexdigest()
+    assert len(counted) == 2
+    cached_hash(path)
+    assert len(counted) == 2
+
+
+def test_cache_invalidates_on_size_change(tmp_path, counted):
+    path = write(tmp_path / "a.ckpt", b"x" * 1000)
+    cached_hash(path)
+    st = os.stat(path)
+    with open(path, "ab") as f:
+        f.write(b"y")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # same mtime, new size
+    assert cached_hash(path) == hashlib.sha256(b"x" * 1000 + b"y").hexdigest()
+    assert len(counted) == 2
+
+
+@pytest.mark.parametrize("garbage", [b"{not json", b"", b"[]", b'{"format": 1, "files": []}', b"\xff\xfe\x00",
+                                     b'{"format": 99, "files": {}}'])
+def test_cache_survives_corrupt_file(tmp_path, counted, garbage):
+    path = write(tmp_path / "a.ckpt", b"abc")
+    (tmp_path / it.HASH_CACHE_NAME).write_bytes(garbage)
+    assert cached_hash(path) == hashlib.sha256(b"abc").hexdigest()
+    assert cached_hash(path) == hashlib.sha256(b"abc").hexdigest()
+    assert len(counted) == 1  # the cache was rewritten valid
+    assert json.loads((tmp_path / it.HASH_CACHE_NAME).read_text())["format"] == 1
+
+
+def test_cache_several_files_and_kinds(tmp_path, counted):
+    a = write(tmp_path / "a.safetensors", len(b"{}").to_bytes(8, "little") + b"{}" + b"body")
+    b = write(tmp_path / "b.ckpt", b"other")
+    ha, hb = cached_hash(a), cached_hash(b)
+    assert cached_hash(a, "addnet") == hashlib.sha256(b"body").hexdigest()
+    assert cached_hash(a) == ha and cached_hash(b) == hb and len(counted) == 2
+    files = json.loads((tmp_path / it.HASH_CACHE_NAME).read_text())["files"]
+    assert set(files) == {"a.safetensors", "b.ckpt"} and set(files["a.safetensors"]) >= {"sha256", "addnet"}
+    assert cached_hash(b, compute=False) == hb
+    assert cached_hash(write(tmp_path / "c.ckpt", b"new"), compute=False) is None
+    assert cached_hash(a, use_cache=False) == ha and len(counted) == 3
+    with pytest.raises(ValueError):
+        cached_hash(a, "md5")
+
+
+def test_cache_in_unwritable_place_still_hashes(tmp_path, counted, monkeypatch):
+    path = write(tmp_path / "a.ckpt", b"abc")
+
+    def refuse(*a, **k):
+        raise PermissionError("read-only")
+
+    monkeypatch.setattr(it.tempfile, "NamedTemporaryFile", refuse)
+    assert cached_hash(path) == hashlib.sha256(b"abc").hexdigest()
+    assert cached_hash(path) == hashlib.sha256(b"abc").hexdigest()
+    assert len(counted) == 2 and not (tmp_path / it.HASH_CACHE_NAME).exists()
