@@ -46,7 +46,7 @@ def _write(tmp_path, sd, name="m.safetensors"):
 def _reference_output(path):
     m = sd15.load(path, device="cpu")
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    return m.unet(x, torch.tensor([10.0]), torch.ones(1, 77, 32))
+    return m.unet(x, torch.tensor([10.0]), torch.ones(1, 77, 64))
 
 
 def test_loads_and_reads_schedule(tiny_ckpt):

@@ -25,7 +25,7 @@ def test_unet(models, backend):
     ours, ref = models
     x = torch.randn(2, 4, 16, 24)
     t = torch.tensor([999.0, 1.5])  # A1111 passes fractional timesteps
-    ctx = torch.randn(2, 154, 32)  # two 77-token chunks: a long prompt
+    ctx = torch.randn(2, 154, 64)  # two 77-token chunks: a long prompt
     with use_attention_backend(backend):
         out = ours.unet(x, t, ctx)
     expected = ref["unet"](x, t, encoder_hidden_states=ctx).sample

@@ -63,7 +63,7 @@ class UNetConfig:
 
 # Tiny preset for fast tests: 32 base channels keep the GroupNorm(32, ·) of the real model valid.
 # Like SD 1.5, the last level has no attention.
-UNET_TINY = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), attention_resolutions=(2, 1), context_dim=32)
+UNET_TINY = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), attention_resolutions=(2, 1), context_dim=64)
 
 
 class GroupNorm32(nn.GroupNorm):
