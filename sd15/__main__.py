@@ -66,7 +66,7 @@ def run(args) -> list[str]:
     from tqdm import tqdm
 
     import sd15
-    from sd15.pipeline import Params, generate, save_png
+    from sd15.pipeline import Params, generate, save_png, validate
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.precision]
     kw = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, cfg_scale=args.cfg_scale,
@@ -82,6 +82,7 @@ def run(args) -> list[str]:
     else:
         kw.update(enable_hr=args.enable_hr, hr_scale=args.hr_scale, hr_upscaler=args.hr_upscaler)
     params = Params.from_kwargs(**kw)
+    validate(params)
     model = sd15.load(args.ckpt, vae=args.vae, device=args.device, dtype=dtype)
     total = params.n_iter * params.steps * (2 if params.enable_hr else 1)
     with tqdm(total=total, unit="step", desc=args.command) as bar:

@@ -284,7 +284,8 @@ class _Pass:
     negative_prompts: list[str]
 
 
-def _check(p: Params, is_img2img: bool):
+def validate(p: Params) -> None:
+    """Raise ValueError with a one-line reason for a request that cannot run (before any model work)."""
     if not 1 <= p.steps <= 10000:
         raise ValueError(f"steps must be between 1 and 10000, got {p.steps}")
     if p.width < 8 or p.height < 8:
@@ -293,11 +294,17 @@ def _check(p: Params, is_img2img: bool):
         raise ValueError("batch_size and n_iter must be at least 1")
     if p.randn_source not in RANDN_SOURCES:
         raise ValueError(f"randn_source must be one of {', '.join(RANDN_SOURCES)}, got {p.randn_source!r}")
-    if is_img2img and not p.init_images:
+    if p.init_images is not None and not p.init_images:
         raise ValueError("img2img needs init_images")
     strength = p.denoising_strength
     if strength is not None and not 0.0 <= strength <= 1.0:
         raise ValueError(f"denoising_strength must be between 0 and 1, got {strength}")
+    if not 1 <= p.clip_skip <= 12:
+        raise ValueError(f"clip_skip must be between 1 and 12, got {p.clip_skip}")
+    _resolve_names(p.sampler_name, p.scheduler)
+    if p.enable_hr and p.init_images is None:
+        _resolve_names(p.hr_sampler_name or p.sampler_name, p.hr_scheduler or p.scheduler)
+        imgs.resolve_hr_upscaler(p.hr_upscaler)
 
 
 def schedule_steps(sampler: str, steps: int) -> int:
@@ -353,7 +360,7 @@ def generate(model, p: Params, *, state: JobState | None = None, callback: Calla
     """Run one A1111 request (txt2img, or img2img when `p.init_images` is set) -> Result."""
     state = state or JobState()
     is_img2img = p.init_images is not None
-    _check(p, is_img2img)
+    validate(p)
     sampler, scheduler = _resolve_names(p.sampler_name, p.scheduler)
     hr_sampler, hr_scheduler = (_resolve_names(p.hr_sampler_name or sampler, p.hr_scheduler or scheduler)
                                 if p.enable_hr and not is_img2img else (None, None))

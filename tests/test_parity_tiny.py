@@ -61,3 +61,12 @@ def test_clip_skip_changes_output(models):
     assert rel_err(ours.text_encoder(tokens, clip_skip=2), ours.text_encoder(tokens)) > 1e-2
     with pytest.raises(ValueError, match="clip_skip"):
         ours.text_encoder(tokens, clip_skip=0)
+
+
+def test_unet_latent_sizes_not_multiple_of_8(models):
+    """Pixel sizes that are multiples of 8 but not 64 (e.g. 520 px -> 65 latents) work as in A1111: the
+    upsampled features are resized (nearest) to the skip connection's size before concatenation."""
+    ours, _ = models
+    x = torch.randn(1, 4, 13, 9)
+    out = ours.unet(x, torch.tensor([500.0]), torch.randn(1, 77, 64))
+    assert out.shape == x.shape and torch.isfinite(out).all()

@@ -273,6 +273,11 @@ class UNetModel(nn.Module):
             skips.append(h)
         h = self.middle_block(h, emb, context)  # (B, 1280, h/8, w/8)
         for block in self.output_blocks:
-            h = torch.cat([h, skips.pop()], dim=1)  # skip connection along channels
+            skip = skips.pop()
+            if h.shape[-2:] != skip.shape[-2:]:
+                # Sizes that are not multiples of 64 px: an odd size halves down and doubles back up one
+                # larger, so A1111 resizes to the skip's size (nearest) before concatenating.
+                h = F.interpolate(h, size=skip.shape[-2:], mode="nearest")
+            h = torch.cat([h, skip], dim=1)  # skip connection along channels
             h = block(h, emb, context)
         return self.out(h)  # (B, 4, h, w)

@@ -1,0 +1,231 @@
+"""txt2img / img2img end to end: equality with A1111's flow composed from reference parts (transformers CLIP,
+k-diffusion samplers and CompVisDenoiser, diffusers UNet and VAE), seeds and batches, infotexts, img2img,
+inpainting, hires fix, hooks, interrupt."""
+import threading
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sd15
+import _kdiff
+from reference import diffusers_unet, diffusers_vae, transformers_clip
+from sd15 import infotext
+from sd15.attention import attention_math, use_attention_backend
+from sd15.conditioning import encode_texts
+from sd15.pipeline import JobState, Params, generate
+
+SIZE = dict(width=64, height=64)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_ckpt):
+    return sd15.load(tiny_ckpt, device="cpu", dtype=torch.float32)
+
+
+def pixels(result):
+    return np.stack([np.asarray(im) for im in result.images]).astype(np.int16)
+
+
+# --- A1111's flow from reference parts ----------------------------------------------------------
+
+def reference_txt2img(ckpt_path, tokenizer, prompt, negative, *, seed, steps, cfg_scale, sampler, width, height, cfgs):
+    """A1111 txt2img for one image with the CPU noise source, built only from reference implementations."""
+    K, why = _kdiff.load()
+    if K is None:
+        pytest.skip(why)
+    sd = load_file(ckpt_path)
+    unet, vae, clip = diffusers_unet(sd, cfgs[0]), diffusers_vae(sd, cfgs[1]), transformers_clip(sd, cfgs[2])
+
+    class LDMWrapper(torch.nn.Module):  # what k-diffusion's CompVisDenoiser expects of an LDM model
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("alphas_cumprod", sd["alphas_cumprod"].float())
+
+        def apply_model(self, x, t, cond):
+            return unet(x, t, encoder_hidden_states=cond).sample
+
+    denoiser = K.external.CompVisDenoiser(LDMWrapper(), quantize=False)
+    cond = clip(input_ids=tokenizer.tokenize([prompt])).last_hidden_state  # all weights 1: no emphasis change
+    uncond = clip(input_ids=tokenizer.tokenize([negative])).last_hidden_state
+
+    def cfg_model(x, sigma):
+        out = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), cond=torch.cat([cond, uncond]))
+        c, u = out.chunk(2)
+        return u + (c - u) * cfg_scale
+
+    if sampler == "Euler":
+        sigmas, fn = denoiser.get_sigmas(steps), K.sampling.sample_euler
+    else:  # "DPM++ 2M" with its default Karras schedule
+        sigmas = K.sampling.get_sigmas_karras(steps, denoiser.sigmas[0].item(), denoiser.sigmas[-1].item())
+        fn = K.sampling.sample_dpmpp_2m
+    noise = torch.randn((1, 4, height // 8, width // 8), generator=torch.Generator().manual_seed(seed))
+    latent = fn(cfg_model, noise * sigmas[0], sigmas, disable=True)
+    img = vae.decode(latent / 0.18215).sample
+    return (torch.clamp((img + 1) / 2, 0, 1) * 255).to(torch.uint8)[0].permute(1, 2, 0).numpy().astype(np.int16)
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M"])
+def test_txt2img_equals_a1111_flow_from_reference_parts(model, tiny_ckpt, sampler):
+    kw = dict(seed=1234, steps=6, cfg_scale=7.5, **SIZE)
+    ours = generate(model, Params(prompt="a photo of a cat", negative_prompt="blurry", sampler_name=sampler,
+                                  randn_source="CPU", **kw))
+    cfgs = (model.unet.cfg, model.vae.cfg, model.text_encoder.cfg)
+    with torch.no_grad():
+        ref = reference_txt2img(tiny_ckpt, model.tokenizer, "a photo of a cat", "blurry", sampler=sampler, cfgs=cfgs, **kw)
+    diff = np.abs(pixels(ours)[0] - ref)
+    assert ref.std() > 5  # the image is not flat, so the comparison means something
+    assert diff.max() <= 3, diff.max()
+
+
+@pytest.mark.fullsize
+def test_txt2img_full_size_equals_reference(full_ckpt):
+    m = sd15.load(full_ckpt, device="cpu", dtype=torch.float32)
+    kw = dict(seed=7, steps=3, cfg_scale=7.0, width=256, height=256)
+    ours = generate(m, Params(prompt="an astronaut riding a horse", sampler_name="DPM++ 2M Karras",
+                              randn_source="CPU", **kw))
+    cfgs = (m.unet.cfg, m.vae.cfg, m.text_encoder.cfg)
+    with torch.no_grad():
+        ref = reference_txt2img(full_ckpt, m.tokenizer, "an astronaut riding a horse", "", sampler="DPM++ 2M",
+                                cfgs=cfgs, **kw)
+    assert np.abs(pixels(ours)[0] - ref).max() <= 3
+
+
+# --- seeds, batches ------------------------------------------------------------------------------
+
+def test_seeds_and_batches(model):
+    base = dict(prompt="a cat", steps=3, sampler_name="Euler a", **SIZE)
+    a = generate(model, Params(seed=10, **base))
+    b = generate(model, Params(seed=10, **base))
+    c = generate(model, Params(seed=11, **base))
+    assert np.array_equal(pixels(a), pixels(b))
+    assert not np.array_equal(pixels(a), pixels(c))
+    batch = generate(model, Params(seed=10, batch_size=2, n_iter=2, **base))
+    assert batch.seeds == [10, 11, 12, 13] and batch.subseeds[:2] == [batch.subseeds[0], batch.subseeds[0] + 1]
+    # Image k of a batch = a single image with seed + k. Not bit for bit: CPU convolutions pick other
+    # summation orders for other batch sizes, which moves a few pixels by one level.
+    single13 = generate(model, Params(seed=13, **base))
+    for k, single in ((0, a), (1, c), (3, single13)):
+        assert np.abs(pixels(batch)[k] - pixels(single)[0]).max() <= 1
+        assert (pixels(batch)[k] != pixels(single)[0]).mean() < 0.01
+    assert np.abs(pixels(batch)[0] - pixels(c)[0]).max() > 10  # while other seeds differ a lot
+    assert batch.info["all_seeds"] == [10, 11, 12, 13] and batch.info["seed"] == 10
+
+
+def test_random_seed_is_reported_and_reproducible(model):
+    base = dict(prompt="a dog", steps=2, **SIZE)
+    r = generate(model, Params(seed=-1, **base))
+    assert 0 <= r.seeds[0] < 4294967295
+    again = generate(model, Params(seed=r.seeds[0], **base))
+    assert np.array_equal(pixels(r), pixels(again))
+    assert f"Seed: {r.seeds[0]}," in r.infotexts[0]
+
+
+def test_variation_seed_changes_image(model):
+    base = dict(prompt="a dog", steps=2, seed=5, subseed=9, **SIZE)
+    plain = generate(model, Params(**base))
+    varied = generate(model, Params(subseed_strength=0.5, **base))
+    assert not np.array_equal(pixels(plain), pixels(varied))
+    assert "Variation seed: 9, Variation seed strength: 0.5" in varied.infotexts[0]
+
+
+# --- infotext -----------------------------------------------------------------------------------
+
+def test_infotext_format(model, tiny_ckpt):
+    r = generate(model, Params(prompt="a (cat:1.2), sitting", negative_prompt="ugly", seed=42, steps=4,
+                               sampler_name="DPM++ 2M Karras", cfg_scale=6.5, clip_skip=2, **SIZE))
+    h = infotext.short_hash(infotext.cached_hash(tiny_ckpt))
+    assert r.infotexts[0] == ("a (cat:1.2), sitting\nNegative prompt: ugly\n"
+                              "Steps: 4, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 42, "
+                              f"Size: 64x64, Model hash: {h}, Model: tiny, Clip skip: 2, Version: v1.10.1")
+    parsed = infotext.parse_infotext(r.infotexts[0])
+    assert parsed["Prompt"] == "a (cat:1.2), sitting" and parsed["Seed"] == "42" and parsed["Clip skip"] == "2"
+    assert r.info["infotexts"] == r.infotexts and r.info["sampler_name"] == "DPM++ 2M"
+
+
+def test_unknown_sampler_is_a_clear_error(model):
+    with pytest.raises(ValueError, match="DPM\\+\\+ 2M"):
+        generate(model, Params(prompt="x", sampler_name="Nope", steps=1, **SIZE))
+
+
+# --- conditioning ---------------------------------------------------------------------------------
+
+def test_emphasis_and_mean_restoration(model):
+    z = encode_texts(model, ["a (red:1.5) cat"])
+    tokens = model.tokenizer.tokenize(["a red cat"])
+    plain = model.text_encoder(tokens)
+    w = torch.ones(1, 77, 1)
+    w[0, 2] = 1.5  # BOS, a, red, cat
+    expected = plain * w
+    expected = expected * (plain.mean() / expected.mean())
+    assert torch.allclose(z, expected, atol=1e-6)
+
+
+def test_long_prompt_and_break_make_more_chunks(model):
+    assert encode_texts(model, ["cat " * 80]).shape == (1, 154, 64)
+    assert encode_texts(model, ["a cat BREAK a dog"]).shape == (1, 154, 64)
+    r = generate(model, Params(prompt="cat " * 80, negative_prompt="", steps=2, **SIZE))  # cond 154, uncond 77
+    assert len(r.images) == 1
+
+
+# --- img2img, inpainting, hires --------------------------------------------------------------------
+
+def test_img2img_and_inpainting(model):
+    from PIL import Image
+
+    init = generate(model, Params(prompt="a house", seed=3, steps=3, **SIZE)).images[0]
+    kw = dict(prompt="a house at night", seed=4, steps=4, denoising_strength=0.6, init_images=[init], **SIZE)
+    a, b = generate(model, Params(**kw)), generate(model, Params(**kw))
+    assert a.images[0].size == (64, 64) and np.array_equal(pixels(a), pixels(b))
+    assert "Denoising strength: 0.6" in a.infotexts[0]
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    inp = generate(model, Params(mask=mask, mask_blur=0, inpaint_full_res=False, **kw))
+    out, orig = pixels(inp)[0], np.asarray(init).astype(np.int16)
+    assert np.array_equal(out[:8], orig[:8]) and np.array_equal(out[:, :8], orig[:, :8])  # unmasked: untouched
+    assert np.abs(out[20:44, 20:44] - orig[20:44, 20:44]).max() > 0  # masked: repainted
+    assert "Masked content: fill" in inp.infotexts[0] and "Inpaint area" not in inp.infotexts[0]
+
+
+def test_hires_fix(model):
+    r = generate(model, Params(prompt="a tree", seed=1, steps=3, enable_hr=True, hr_scale=2.0,
+                               denoising_strength=0.5, **SIZE))
+    assert r.images[0].size == (128, 128) and r.latents.shape == (1, 4, 16, 16)
+    assert r.info["width"] == 64 and "Hires upscale: 2.0, Hires upscaler: Latent" in r.infotexts[0]
+    px = generate(model, Params(prompt="a tree", seed=1, steps=3, enable_hr=True, hr_upscaler="Lanczos",
+                                hr_resize_x=96, hr_resize_y=80, denoising_strength=0.5, **SIZE))
+    assert px.images[0].size == (96, 80)
+
+
+# --- hooks and control ------------------------------------------------------------------------------
+
+def test_callback_attention_capture_and_latents(model):
+    steps_seen, attn_calls = [], []
+
+    def capture(q, k, v, causal=False):
+        attn_calls.append(q.shape)
+        return attention_math(q, k, v, causal)
+
+    with use_attention_backend(capture):
+        r = generate(model, Params(prompt="x", seed=1, steps=3, **SIZE),
+                     callback=lambda i, sigma, x, denoised: steps_seen.append((i, float(sigma), tuple(x.shape))))
+    assert [s[0] for s in steps_seen] == [0, 1, 2] and steps_seen[0][2] == (1, 4, 8, 8)
+    assert steps_seen[0][1] > steps_seen[1][1] > steps_seen[2][1] > 0  # decreasing sigmas
+    assert len(attn_calls) > 0 and r.latents.shape == (1, 4, 8, 8)
+
+
+def test_interrupt_from_another_thread_keeps_what_it_has(model):
+    state = JobState()
+    started = threading.Event()
+
+    def on_step(i, *_):
+        started.set()
+        if i == 1:
+            threading.Thread(target=state.interrupt).start()
+            threading.Event().wait(0.2)
+
+    r = generate(model, Params(prompt="x", seed=1, steps=50, batch_size=1, n_iter=3, **SIZE), state=state,
+                 callback=on_step)
+    assert started.is_set() and r.interrupted
+    assert len(r.images) == 1 and r.images[0].size == (64, 64)  # the running batch is decoded, later ones skipped
