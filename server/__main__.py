@@ -1,0 +1,127 @@
+"""`python -m server` / `sd15-server`: the A1111-compatible API with A1111's flag names.
+
+    python -m server --ckpt-dir weights --port 7860 --api-auth admin:secret
+
+With an empty checkpoint folder it first downloads v1-5-pruned-emaonly.safetensors from Hugging Face, as
+A1111 does (--no-download to refuse; SD15_MODEL_URL / SD15_MODEL_SHA256 for a mirror). Anything that
+stops it from starting (a bad file, no model, a bad flag) is one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="sd15-server", description="AUTOMATIC1111-compatible HTTP API for sd15.")
+    ap.add_argument("--ckpt-dir", default="weights", help="checkpoint folder (default: weights/)")
+    ap.add_argument("--ckpt", default=None, help="checkpoint to start with (default: "
+                                                 "v1-5-pruned-emaonly.safetensors if present, else the first)")
+    ap.add_argument("--vae-dir", default=None, help="VAE folder (default: <ckpt-dir>/VAE)")
+    ap.add_argument("--lora-dir", default=None, help="LoRA folder (default: <ckpt-dir>/Lora)")
+    ap.add_argument("--embeddings-dir", default=None, help="textual-inversion folder (default: <ckpt-dir>/embeddings)")
+    ap.add_argument("--port", type=int, default=7860)
+    ap.add_argument("--listen", action="store_true", help="bind all interfaces (default: 127.0.0.1 only)")
+    ap.add_argument("--server-name", default=None, help="explicit address to bind (overrides --listen)")
+    ap.add_argument("--api-auth", default=None, help="user:password[,user:password...]: HTTP Basic on every route")
+    ap.add_argument("--cors-allow-origins", default=None, help="comma-separated origins allowed by CORS ('*' for any)")
+    ap.add_argument("--cors-allow-origins-regex", default=None, help="regex of origins allowed by CORS")
+    ap.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA when present)")
+    ap.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default=None,
+                    help="default: fp16 on CUDA, fp32 on the CPU")
+    ap.add_argument("--no-download", action="store_true", help="never download the default checkpoint")
+    ap.add_argument("--max-pixels", type=int, default=None, help="largest width*height of any pass (default 2048*2048)")
+    ap.add_argument("--max-steps", type=int, default=None, help="most sampling steps per pass (default 1000)")
+    ap.add_argument("--max-batch-size", type=int, default=None, help="largest batch_size (default 16)")
+    ap.add_argument("--max-body-mb", type=float, default=None, help="largest request body in MiB (default 64)")
+    ap.add_argument("--api", action="store_true", help="accepted for A1111 compatibility (the API is always on)")
+    ap.add_argument("--nowebui", action="store_true", help="accepted for A1111 compatibility (there is no web UI)")
+    return ap
+
+
+def parse_auth(text: str | None) -> list[tuple[str, str]]:
+    """"u1:p1,u2:p2" -> [("u1", "p1"), ("u2", "p2")]; the password is everything after the first colon."""
+    if not text:
+        return []
+    pairs = []
+    for item in text.split(","):
+        user, colon, password = item.strip().partition(":")
+        if not colon or not user or not password:
+            raise ValueError(f"--api-auth: {item.strip()!r} is not user:password")
+        pairs.append((user, password))
+    return pairs
+
+
+def config_from_args(args):
+    from server.a1111 import Limits
+    from server.app import ServerConfig
+
+    limits = Limits()
+    if args.max_pixels:
+        limits.max_pixels = args.max_pixels
+    if args.max_steps:
+        limits.max_steps = args.max_steps
+    if args.max_batch_size:
+        limits.max_batch_size = args.max_batch_size
+    if args.max_body_mb:
+        limits.max_body_bytes = int(args.max_body_mb * 2**20)
+    origins = [o for o in (args.cors_allow_origins or "").split(",") if o]
+    flags = {k: v for k, v in vars(args).items()}
+    flags.update(api=True, nowebui=True, api_auth="<set>" if args.api_auth else None)  # never show credentials
+    return ServerConfig(
+        ckpt_dir=args.ckpt_dir, ckpt=args.ckpt,
+        vae_dir=args.vae_dir or os.path.join(args.ckpt_dir, "VAE"),
+        lora_dir=args.lora_dir or os.path.join(args.ckpt_dir, "Lora"),
+        embeddings_dir=args.embeddings_dir or os.path.join(args.ckpt_dir, "embeddings"),
+        device=args.device, precision=args.precision, api_auth=parse_auth(args.api_auth),
+        cors_allow_origins=origins, cors_allow_origins_regex=args.cors_allow_origins_regex, limits=limits,
+        flags=flags)
+
+
+def ensure_checkpoint(config, no_download: bool) -> None:
+    """A1111's first run: no checkpoint at all (and none named by --ckpt) -> download the default one."""
+    from server.download import DEFAULT_MODEL, fetch_default_checkpoint
+    from server.models import Library
+
+    if config.ckpt and config.ckpt != DEFAULT_MODEL:
+        return  # a named checkpoint that is missing is reported when it is loaded
+    if Library(config.ckpt_dir, config.vae_dir, config.lora_dir, config.embeddings_dir).checkpoints:
+        return
+    if no_download:
+        from server.download import DEFAULT_URL
+
+        raise FileNotFoundError(f"no checkpoint in {os.path.abspath(config.ckpt_dir)}; download {DEFAULT_URL} "
+                                f"into it (or run without --no-download)")
+    print(f"sd15-server: no checkpoint in {os.path.abspath(config.ckpt_dir)}; downloading {DEFAULT_MODEL}",
+          file=sys.stderr)
+    fetch_default_checkpoint(config.ckpt_dir)
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+    try:
+        import uvicorn
+
+        from server.app import Engine, create_app
+
+        config = config_from_args(args)
+        ensure_checkpoint(config, args.no_download)
+        engine = Engine(config)
+        engine.start()  # a bad file is reported here, before the port opens
+    except KeyboardInterrupt:
+        print("sd15-server: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError, LookupError) as e:  # CheckpointError, DownloadError, bad flags
+        print(f"sd15-server: error: {e}", file=sys.stderr)
+        return 2
+    host = args.server_name or ("0.0.0.0" if args.listen else "127.0.0.1")
+    print(f"sd15-server: {engine.models.model!r}", file=sys.stderr)
+    uvicorn.run(create_app(config, engine), host=host, port=args.port, timeout_keep_alive=30, log_level="info")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""The model folders and the one loaded model (a1111-api.md §3.1, §9.2, §9.3).
+
+- `Library`: what is in --ckpt-dir / --vae-dir / --lora-dir / --embeddings-dir, in A1111's list shapes.
+  Checkpoint titles carry A1111's short hash once the sha256 is known; hashes are remembered beside the files
+  (`sd15.infotext.cached_hash`), so a 4 GB checkpoint is hashed once, when it is first loaded.
+- `find_checkpoint(name)`: A1111's exact alias table (title, name, stem, model_name, hashes, ...). Request
+  strings are only ever compared with listed files; they are never joined into a path, so no name can reach
+  outside its folder.
+- `ModelManager`: the loaded `sd15.StableDiffusion`, and switching checkpoint or VAE. Its loading methods run
+  on the server's GPU worker, under the GPU lock.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from sd15 import infotext
+
+log = logging.getLogger("server")
+
+CHECKPOINT_EXTS = (".safetensors", ".ckpt")
+VAE_EXTS = (".safetensors", ".pt", ".ckpt")
+LORA_EXTS = (".safetensors", ".pt", ".ckpt")
+EMBEDDING_EXTS = (".safetensors", ".pt", ".bin")
+VAE_BESIDE = (".vae.safetensors", ".vae.pt", ".vae.ckpt")  # "<checkpoint stem>.vae.*": the Automatic VAE
+
+
+def scan(folder: Optional[str], exts: tuple, skip_dirs=()) -> list[tuple[str, str]]:
+    """(absolute path, name relative to `folder` with "/" separators) of the files with one of `exts`,
+    recursively, sorted by name; hidden files and folders and `skip_dirs` are left out."""
+    if not folder or not os.path.isdir(folder):
+        return []
+    root = os.path.abspath(folder)
+    skip = {os.path.abspath(d) for d in skip_dirs if d}
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and os.path.join(dirpath, d) not in skip]
+        for fn in filenames:
+            if not fn.startswith(".") and fn.lower().endswith(exts):
+                path = os.path.join(dirpath, fn)
+                out.append((path, os.path.relpath(path, root).replace(os.sep, "/")))
+    return sorted(out, key=lambda pr: pr[1].lower())
+
+
+@dataclass
+class Checkpoint:
+    path: str  # absolute
+    name: str  # relative to the checkpoint folder, with extension: "v1-5-pruned-emaonly.safetensors"
+    sha256: Optional[str] = None  # known once hashed (cached beside the file)
+    legacy_hash: str = ""  # A1111's old 8-digit hash (64 KiB read; cheap)
+
+    @property
+    def stem(self) -> str:
+        return os.path.splitext(os.path.basename(self.name))[0]
+
+    @property
+    def model_name(self) -> str:
+        return os.path.splitext(self.name)[0].replace("/", "_").replace("\\", "_")
+
+    @property
+    def short_hash(self) -> Optional[str]:
+        return infotext.short_hash(self.sha256)
+
+    @property
+    def title(self) -> str:
+        return f"{self.name} [{self.short_hash}]" if self.sha256 else self.name
+
+    def aliases(self) -> set[str]:
+        """Every string `sd_model_checkpoint` may name this checkpoint by (A1111's table, §9.2), plus the
+        absolute `filename` that sd-models lists."""
+        names = {self.title, self.name, self.stem, self.model_name, self.path, self.legacy_hash,
+                 f"{self.name} [{self.legacy_hash}]"}
+        if self.sha256:
+            names |= {self.short_hash, self.sha256, f"{self.name} [{self.short_hash}]",
+                      f"{self.stem} [{self.short_hash}]"}
+        return names
+
+    def api(self) -> dict:
+        config = os.path.splitext(self.path)[0] + ".yaml"
+        return {"title": self.title, "model_name": self.model_name, "hash": self.short_hash, "sha256": self.sha256,
+                "filename": self.path, "config": config if os.path.isfile(config) else None}
+
+
+def _checkpoint(path: str, name: str) -> Checkpoint:
+    try:
+        sha = infotext.cached_hash(path, compute=False)
+    except OSError:
+        sha = None
+    return Checkpoint(path, name, sha, infotext.legacy_model_hash(path))
+
+
+class Library:
+    """Listings of the model folders. `refresh_*` rescan; the lists are replaced whole (safe to read
+    from other threads meanwhile)."""
+
+    def __init__(self, ckpt_dir: str, vae_dir: Optional[str] = None, lora_dir: Optional[str] = None,
+                 embeddings_dir: Optional[str] = None, extra_checkpoint: Optional[str] = None):
+        self.ckpt_dir, self.vae_dir, self.lora_dir, self.embeddings_dir = ckpt_dir, vae_dir, lora_dir, embeddings_dir
+        self.extra_checkpoint = os.path.abspath(extra_checkpoint) if extra_checkpoint else None
+        self.checkpoints: list[Checkpoint] = []
+        self.vaes: list[tuple[str, str]] = []
+        self.refresh_checkpoints()
+        self.refresh_vae()
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def refresh_checkpoints(self) -> None:
+        files = scan(self.ckpt_dir, CHECKPOINT_EXTS, skip_dirs=(self.vae_dir, self.lora_dir, self.embeddings_dir))
+        found = [_checkpoint(p, n) for p, n in files if not n.lower().endswith(VAE_BESIDE)]
+        if self.extra_checkpoint and os.path.isfile(self.extra_checkpoint) \
+                and all(c.path != self.extra_checkpoint for c in found):  # --ckpt outside the folder
+            found.append(_checkpoint(self.extra_checkpoint, os.path.basename(self.extra_checkpoint)))
+        self.checkpoints = found
+
+    def find_checkpoint(self, name: str) -> Optional[Checkpoint]:
+        """The checkpoint `name` is an exact alias of (case- and separator-sensitive, as A1111), or None."""
+        for c in self.checkpoints:
+            if name in c.aliases():
+                return c
+        return None
+
+    def checkpoint_titles(self) -> list[str]:
+        return [c.title for c in self.checkpoints]
+
+    # --- VAEs ----------------------------------------------------------------------------------
+
+    def refresh_vae(self) -> None:
+        self.vaes = scan(self.vae_dir, VAE_EXTS)
+
+    def find_vae(self, name: str) -> Optional[str]:
+        """The path of the VAE listed as `name` (its `model_name`, the basename with extension; a relative
+        name also works), or None."""
+        for path, rel in self.vaes:
+            if name in (os.path.basename(rel), rel):
+                return path
+        return None
+
+    def vae_api(self) -> list[dict]:
+        return [{"model_name": os.path.basename(rel), "filename": path} for path, rel in self.vaes]
+
+    def vae_path(self, choice: str, checkpoint: Checkpoint) -> Optional[str]:
+        """`sd_vae` -> the VAE file to load, or None for the checkpoint's own VAE. "Automatic" takes a
+        "<checkpoint stem>.vae.*" file beside the checkpoint when there is one (as A1111 does)."""
+        if choice == "None":
+            return None
+        if choice == "Automatic":
+            base = os.path.splitext(checkpoint.path)[0]
+            return next((base + ext for ext in VAE_BESIDE if os.path.isfile(base + ext)), None)
+        path = self.find_vae(choice)
+        if path is None:
+            raise LookupError(f"VAE '{choice}' not found; valid: Automatic, None"
+                              + "".join(f", {os.path.basename(r)}" for _, r in self.vaes))
+        return path
+
+    # --- LoRA and embeddings -------------------------------------------------------------------
+    # Plain file listings in A1111's shapes. When sd15/lora.py and sd15/embeddings.py land, these two
+    # methods are the place to call their listings instead (names, aliases, vectors as the loaders see them).
+
+    def loras_api(self) -> list[dict]:
+        out = []
+        for path, rel in scan(self.lora_dir, LORA_EXTS):
+            meta = safetensors_metadata(path) if path.lower().endswith(".safetensors") else {}
+            name = os.path.splitext(os.path.basename(rel))[0]
+            alias = meta.get("ss_output_name")
+            out.append({"name": name, "alias": alias if isinstance(alias, str) and alias else name,
+                        "path": path, "metadata": meta})
+        return out
+
+    def embeddings_api(self) -> dict:
+        loaded = {}
+        for path, rel in scan(self.embeddings_dir, EMBEDDING_EXTS):
+            item = embedding_item(path)
+            if item is not None:
+                loaded[os.path.splitext(os.path.basename(rel))[0]] = item
+        return {"loaded": loaded, "skipped": {}}
+
+
+def _safetensors_header(path: str) -> dict:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if not 2 <= n <= min(os.path.getsize(path) - 8, 100 << 20):
+            return {}
+        header = json.loads(f.read(n))
+    return header if isinstance(header, dict) else {}
+
+
+def safetensors_metadata(path: str) -> dict:
+    """The `__metadata__` of a safetensors file; values that hold JSON objects are parsed (as A1111 shows
+    them). {} for anything unreadable."""
+    try:
+        meta = _safetensors_header(path).get("__metadata__") or {}
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    for k, v in meta.items() if isinstance(meta, dict) else ():
+        if isinstance(v, str) and v[:1] == "{":
+            try:
+                v = json.loads(v)
+            except ValueError:
+                pass
+        out[k] = v
+    return out
+
+
+def embedding_item(path: str) -> Optional[dict]:
+    """`{step, sd_checkpoint, sd_checkpoint_name, shape, vectors}` of a textual-inversion file, read from
+    its tensor shapes (safetensors header; .pt/.bin through torch's weights-only unpickler); None when
+    it holds no embedding."""
+    item = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None}
+    try:
+        if path.lower().endswith(".safetensors"):
+            shapes = {k: v.get("shape") for k, v in _safetensors_header(path).items()
+                      if k != "__metadata__" and isinstance(v, dict)}
+        else:
+            import torch
+
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(data, dict):
+                return None
+            for key in ("step", "sd_checkpoint", "sd_checkpoint_name"):
+                if isinstance(data.get(key), (int, str)):
+                    item[key] = data[key]
+            params = data.get("string_to_param", data)
+            shapes = {k: list(v.shape) for k, v in params.items() if isinstance(v, torch.Tensor)}
+    except Exception as e:  # unreadable or hostile file: not listed
+        log.warning("embedding %s not listed: %s", path, e)
+        return None
+    shape = shapes.get("emb_params") or shapes.get("*") or next(iter(shapes.values()), None)
+    if not shape or len(shape) > 2:
+        return None
+    item["shape"], item["vectors"] = shape[-1], shape[0] if len(shape) == 2 else 1
+    return item
+
+
+class ModelManager:
+    """The loaded model and what it was loaded from. `load`/`ensure` run on the GPU worker thread."""
+
+    def __init__(self, library: Library, device=None, dtype=None):
+        self.library, self.device, self.dtype = library, device, dtype
+        self.model = None  # sd15.StableDiffusion
+        self.checkpoint: Optional[Checkpoint] = None
+        self.vae: Optional[str] = None  # the external VAE file in use, None for the checkpoint's own
+
+    def load(self, checkpoint: Checkpoint, vae: Optional[str] = None) -> None:
+        """Load `checkpoint` (+ an external VAE file). The old model is released first, so two models never
+        share the memory; when the new one fails, the old one is loaded again and the error re-raised."""
+        import sd15
+
+        previous = (self.checkpoint, self.vae) if self.model is not None else None
+        self._release()
+        try:
+            log.info("loading %s%s", checkpoint.path, f" with VAE {vae}" if vae else "")
+            self.model = sd15.load(checkpoint.path, vae=vae, device=self.device, dtype=self.dtype)
+            checkpoint.sha256 = infotext.cached_hash(checkpoint.path)  # hashed once, then cached beside the file
+        except BaseException:
+            self._release()
+            if previous is not None and previous[0].path != checkpoint.path:
+                try:
+                    self.load(*previous)
+                except Exception as e:
+                    log.error("could not reload %s either: %s", previous[0].path, e)
+            raise
+        self.checkpoint, self.vae = checkpoint, vae
+
+    def set_vae(self, vae: Optional[str]) -> None:
+        """Swap only the VAE: an external file, or (None) the checkpoint's own VAE read again from it."""
+        if vae == self.vae:
+            return
+        self.model.load_vae(vae or self.checkpoint.path)
+        self.model.vae_path = vae  # the checkpoint's own VAE is not an "external VAE" in infotexts
+        self.vae = vae
+
+    def ensure(self, checkpoint: Checkpoint, vae: Optional[str]) -> None:
+        """Make `checkpoint` with `vae` the loaded model, loading only what differs."""
+        if self.model is None or self.checkpoint.path != checkpoint.path:
+            self.load(checkpoint, vae)
+        else:
+            self.set_vae(vae)
+
+    def unload(self) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        self.model, self.checkpoint, self.vae = None, None, None
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except Exception:
+            pass
