@@ -23,14 +23,18 @@ def _empty_chunk() -> Chunk:
 
 @torch.no_grad()
 def encode_texts(model, texts: list[str], *, clip_skip: int = 1, emphasis: str = "Original",
-                 embed_fn=None) -> torch.Tensor:
+                 embed_fn=None, embeddings=None) -> torch.Tensor:
     """Encode texts that share one emphasis mean (the variants of one prompt schedule) -> (N, 77k, 768).
 
-    `embed_fn(tokens, chunks) -> inputs_embeds` lets textual inversion replace token vectors (None: plain ids).
+    `embed_fn(tokens, chunks) -> inputs_embeds` lets textual inversion replace token vectors (None: plain ids);
+    `embeddings` is the `chunk_tokens` finder that places them. When neither is given, the model's
+    textual-inversion embeddings (`model.embeddings`, sd15.embeddings) are used.
     """
     if emphasis not in EMPHASIS_MODES:
         raise ValueError(f"unknown emphasis mode {emphasis!r}; choose one of {', '.join(EMPHASIS_MODES)}")
-    chunked = [tokenize_prompt(t, model.tokenizer.encode, emphasis=emphasis)[0] for t in texts]
+    if embed_fn is None and embeddings is None and getattr(model, "embeddings", None) is not None:
+        embeddings, embed_fn = model.embeddings.hooks(model)
+    chunked = [tokenize_prompt(t, model.tokenizer.encode, emphasis=emphasis, embeddings=embeddings)[0] for t in texts]
     n_chunks = max(len(c) for c in chunked)
     device = model.device
     outs = []

@@ -8,6 +8,8 @@ import torch
 from sd15 import checkpoint as ckpt
 from sd15.clip.text_encoder import CLIPTextConfig, CLIPTextModel
 from sd15.clip.tokenizer import Tokenizer
+from sd15.embeddings import EmbeddingDatabase
+from sd15.lora import Loras
 from sd15.unet.unet import UNetConfig, UNetModel
 from sd15.vae.vae import AutoencoderKL, VAEConfig
 
@@ -26,7 +28,7 @@ class StableDiffusion:
 
     def __init__(self, unet: UNetModel, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: Tokenizer,
                  alphas_cumprod: torch.Tensor, *, device: torch.device, dtype: torch.dtype, path: str | None = None,
-                 vae_path: str | None = None):
+                 vae_path: str | None = None, lora_dir=None, embeddings_dir=None):
         self.unet = unet
         self.vae = vae
         self.text_encoder = text_encoder
@@ -36,11 +38,32 @@ class StableDiffusion:
         self.dtype = dtype
         self.path = path
         self.vae_path = vae_path
+        # extra networks: `<lora:NAME:...>` prompt tags (sd15.lora) and textual-inversion words (sd15.embeddings)
+        self.lora_dir = os.fspath(lora_dir) if lora_dir is not None else None
+        self.embeddings_dir = os.fspath(embeddings_dir) if embeddings_dir is not None else None
+        self.loras = Loras(self.lora_dir)
+        self.embeddings = EmbeddingDatabase(self.embeddings_dir, expected_width=text_encoder.cfg.hidden_size)
 
     def __repr__(self):
         n = sum(p.numel() for m in (self.unet, self.vae, self.text_encoder) for p in m.parameters())
         return (f"StableDiffusion({os.path.basename(self.path or '?')}, {n / 1e6:.0f}M parameters, "
                 f"device={self.device}, dtype={self.dtype})")
+
+    def txt2img(self, *, state=None, callback=None, **params):
+        """A1111 txt2img; keyword names are the A1111 API fields (see `sd15.pipeline.Params`) -> Result."""
+        from sd15.pipeline import Params, generate
+
+        if params.get("init_images") is not None:
+            raise TypeError("txt2img takes no init_images; use img2img")
+        return generate(self, Params.from_kwargs(**params), state=state, callback=callback)
+
+    def img2img(self, *, init_images, state=None, callback=None, **params):
+        """A1111 img2img / inpainting (`mask=`); `init_images` are PIL images or base64 strings -> Result."""
+        from sd15.pipeline import Params, generate
+
+        params.setdefault("denoising_strength", 0.75)
+        return generate(self, Params.from_kwargs(init_images=list(init_images), **params), state=state,
+                        callback=callback)
 
     def load_vae(self, path) -> None:
         """Replace the VAE by a standalone VAE file (e.g. vae-ft-mse-840000-ema-pruned.safetensors)."""
@@ -56,13 +79,14 @@ def load_vae(path, *, device=None, dtype=None) -> AutoencoderKL:
     return ckpt.load_module(AutoencoderKL, VAEConfig, entries, device=device, dtype=dtype, path=path, what="VAE")
 
 
-def load(path, *, vae=None, device=None, dtype=None) -> StableDiffusion:
+def load(path, *, vae=None, device=None, dtype=None, lora_dir=None, embeddings_dir=None) -> StableDiffusion:
     """Load an SD 1.x checkpoint (`.safetensors`, or `.ckpt`/`.pt` through the weights-only unpickler).
 
     The architecture is read off the tensor shapes, so the real 4 GB file and tiny test files take the
     same path. `vae=` replaces the built-in VAE with a standalone VAE file. `device` defaults to CUDA when
-    present, `dtype` to fp16 on CUDA and fp32 on the CPU. Raises `sd15.CheckpointError` with a one-line
-    reason for anything it cannot use.
+    present, `dtype` to fp16 on CUDA and fp32 on the CPU. `lora_dir` / `embeddings_dir`: the folders of LoRA
+    files (`<lora:NAME:weight>` tags) and textual-inversion embeddings (`model.loras`, `model.embeddings`).
+    Raises `sd15.CheckpointError` with a one-line reason for anything it cannot use.
     """
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
@@ -77,4 +101,5 @@ def load(path, *, vae=None, device=None, dtype=None) -> StableDiffusion:
     else:
         vae_model = load_vae(vae, device=device, dtype=dtype)
     return StableDiffusion(unet, vae_model, text_encoder, Tokenizer(), ckpt.alphas_cumprod_from(extras),
-                           device=device, dtype=dtype, path=path, vae_path=None if vae is None else os.fspath(vae))
+                           device=device, dtype=dtype, path=path, vae_path=None if vae is None else os.fspath(vae),
+                           lora_dir=lora_dir, embeddings_dir=embeddings_dir)

@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from sd15 import images as imgs
 from sd15 import infotext
 from sd15.conditioning import NegativeConds, PromptConds
+from sd15.lora import NetworkJob
 from sd15.prompt import extract_networks
 from sd15.rng import ImageRNG
 from sd15.samplers import A1111_DEFAULTS, CFGDenoiser, EpsDenoiser, sample
@@ -355,9 +355,17 @@ def _resolve_names(sampler_name, scheduler):
     return infotext.resolve_sampler(sampler_name or "Euler", scheduler)
 
 
-@torch.no_grad()
 def generate(model, p: Params, *, state: JobState | None = None, callback: Callable | None = None) -> Result:
     """Run one A1111 request (txt2img, or img2img when `p.init_images` is set) -> Result."""
+    try:
+        return _generate(model, p, state=state, callback=callback)
+    finally:  # LoRA weights merged for the job are restored bit for bit, even when it fails (sd15.lora)
+        if getattr(model, "loras", None) is not None:
+            model.loras.finish_job()
+
+
+@torch.no_grad()
+def _generate(model, p: Params, *, state: JobState | None = None, callback: Callable | None = None) -> Result:
     state = state or JobState()
     is_img2img = p.init_images is not None
     validate(p)
@@ -374,8 +382,9 @@ def generate(model, p: Params, *, state: JobState | None = None, callback: Calla
     seed, subseed = infotext.fixed_seed(p.seed), infotext.fixed_seed(p.subseed)
     all_seeds, all_subseeds = infotext.job_seeds(seed, subseed, p.subseed_strength, n)
     prompt, networks = extract_networks(p.prompt)
-    hr_prompt = extract_networks(p.hr_prompt or p.prompt)[0]
-    warnings = [f"extra network <{kind}:{name}> is not supported here and was ignored" for kind, name, _ in networks]
+    hr_prompt, hr_networks = extract_networks(p.hr_prompt or p.prompt)
+    nets = NetworkJob(model, networks, hr_networks if hr_sampler else None)  # LoRA tags, embeddings (sd15.lora)
+    warnings = nets.warnings
     w8, h8 = p.width // 8, p.height // 8
     cache: dict = {}
     rng_kw = dict(subseed_strength=p.subseed_strength, seed_resize_from_h=p.seed_resize_from_h,
@@ -383,7 +392,7 @@ def generate(model, p: Params, *, state: JobState | None = None, callback: Calla
                   source=source, device=model.device)
 
     state.job_count = p.n_iter * (2 if hr_sampler else 1)
-    latents, images = [], []
+    latents, images, kept = [], [], []  # kept: job-wide indices of the images returned
     for it in range(p.n_iter):
         if state.interrupted:
             break
@@ -391,6 +400,7 @@ def generate(model, p: Params, *, state: JobState | None = None, callback: Calla
         state.job_no = it * (2 if hr_sampler else 1)
         seeds, subseeds = all_seeds[it * B:(it + 1) * B], all_subseeds[it * B:(it + 1) * B]
         rng = ImageRNG((4, h8, w8), seeds, subseeds=subseeds, **rng_kw)
+        nets.first_pass()  # merge the prompt's LoRAs (nothing to do when they already are)
         first = _Pass(sampler, scheduler, p.steps, [prompt] * B, [p.negative_prompt] * B)
         if is_img2img:
             x = _sample_batch(model, first, p, rng, state, callback, cache,
@@ -405,6 +415,7 @@ def generate(model, p: Params, *, state: JobState | None = None, callback: Calla
             continue
         if hr_sampler and not state.interrupted:
             state.job_no += 1
+            nets.hires_pass()  # the hires prompt's LoRAs
             x = _hires_pass(model, p, x, seeds, subseeds, rng_kw, state, callback, cache,
                             _Pass(hr_sampler, hr_scheduler, p.hr_second_pass_steps or p.steps,
                                   [hr_prompt] * B, [p.hr_negative_prompt or p.negative_prompt] * B), sampler)
@@ -414,22 +425,24 @@ def generate(model, p: Params, *, state: JobState | None = None, callback: Calla
         if is_img2img:
             batch_images = init.finish(batch_images)
         images.extend(batch_images)
+        kept.extend(range(it * B, it * B + len(batch_images)))
     state.job_no = state.job_count
 
     gp = _generation_params(model, p, seed=seed, subseed=subseed, batch_size=B, sampler=sampler, scheduler=scheduler,
                             is_img2img=is_img2img, hr_sampler=hr_sampler, hr_scheduler=hr_scheduler,
-                            has_mask=bool(init is not None and init.has_mask))
-    texts = [infotext.create_infotext(gp, i) for i in range(len(images))]
+                            has_mask=bool(init is not None and init.has_mask), networks_extra=nets.infotext_params())
+    texts = [infotext.create_infotext(gp, i) for i in kept]
     info = infotext.create_info(gp, texts, job_timestamp=infotext.job_timestamp())
-    return Result(images=images, seeds=all_seeds[:len(images)], subseeds=all_subseeds[:len(images)], infotexts=texts,
-                  info=info, prompts=[p.prompt] * len(images), negative_prompts=[p.negative_prompt] * len(images),
+    return Result(images=images, seeds=[all_seeds[i] for i in kept], subseeds=[all_subseeds[i] for i in kept],
+                  infotexts=texts, info=info, prompts=[p.prompt] * len(images),
+                  negative_prompts=[p.negative_prompt] * len(images),
                   latents=torch.cat(latents) if latents else None, warnings=warnings, interrupted=state.interrupted)
 
 
 def _generation_params(model, p: Params, *, seed, subseed, batch_size, sampler, scheduler, is_img2img,
-                       hr_sampler, hr_scheduler, has_mask) -> infotext.GenerationParams:
+                       hr_sampler, hr_scheduler, has_mask, networks_extra=None) -> infotext.GenerationParams:
     """What the infotexts and the info dict say about this job."""
-    extra = {}
+    extra = dict(networks_extra or {})  # "Lora hashes", "TI hashes"
     if p.s_min_uncond:
         extra["NGMS"] = p.s_min_uncond
     hr = dict(enable_hr=True, hr_scale=p.hr_scale, hr_upscaler=p.hr_upscaler or "Latent",

@@ -398,7 +398,8 @@ async def refresh_vae(request: Request):
 
 async def loras(request: Request):
     """LoRA files."""
-    return JSONResponse(await run_in_threadpool(_engine(request).library.loras_api))
+    engine = _engine(request)
+    return JSONResponse(await run_in_threadpool(engine.library.loras_api, engine.models.model))
 
 
 async def refresh_loras(request: Request):
@@ -408,7 +409,8 @@ async def refresh_loras(request: Request):
 
 async def embeddings(request: Request):
     """Textual-inversion embeddings."""
-    return JSONResponse(await run_in_threadpool(_engine(request).library.embeddings_api))
+    engine = _engine(request)
+    return JSONResponse(await run_in_threadpool(engine.library.embeddings_api, engine.models.model))
 
 
 async def refresh_embeddings(request: Request):

@@ -12,20 +12,19 @@
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 from dataclasses import dataclass
 from typing import Optional
 
 from sd15 import infotext
+from sd15.embeddings import EmbeddingDatabase
+from sd15.lora import Loras
 
 log = logging.getLogger("server")
 
 CHECKPOINT_EXTS = (".safetensors", ".ckpt")
 VAE_EXTS = (".safetensors", ".pt", ".ckpt")
-LORA_EXTS = (".safetensors", ".pt", ".ckpt")
-EMBEDDING_EXTS = (".safetensors", ".pt", ".bin")
 VAE_BESIDE = (".vae.safetensors", ".vae.pt", ".vae.ckpt")  # "<checkpoint stem>.vae.*": the Automatic VAE
 
 
@@ -156,84 +155,17 @@ class Library:
                               + "".join(f", {os.path.basename(r)}" for _, r in self.vaes))
         return path
 
-    # --- LoRA and embeddings -------------------------------------------------------------------
-    # Plain file listings in A1111's shapes. When sd15/lora.py and sd15/embeddings.py land, these two
-    # methods are the place to call their listings instead (names, aliases, vectors as the loaders see them).
+    # --- LoRA and embeddings: listed by the same code that loads them (sd15.lora, sd15.embeddings) ----------
 
-    def loras_api(self) -> list[dict]:
-        out = []
-        for path, rel in scan(self.lora_dir, LORA_EXTS):
-            meta = safetensors_metadata(path) if path.lower().endswith(".safetensors") else {}
-            name = os.path.splitext(os.path.basename(rel))[0]
-            alias = meta.get("ss_output_name")
-            out.append({"name": name, "alias": alias if isinstance(alias, str) and alias else name,
-                        "path": path, "metadata": meta})
-        return out
+    def loras_api(self, model=None) -> list[dict]:
+        loras = model.loras if model is not None else Loras(self.lora_dir)
+        loras.refresh()
+        return loras.list_api()
 
-    def embeddings_api(self) -> dict:
-        loaded = {}
-        for path, rel in scan(self.embeddings_dir, EMBEDDING_EXTS):
-            item = embedding_item(path)
-            if item is not None:
-                loaded[os.path.splitext(os.path.basename(rel))[0]] = item
-        return {"loaded": loaded, "skipped": {}}
-
-
-def _safetensors_header(path: str) -> dict:
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if not 2 <= n <= min(os.path.getsize(path) - 8, 100 << 20):
-            return {}
-        header = json.loads(f.read(n))
-    return header if isinstance(header, dict) else {}
-
-
-def safetensors_metadata(path: str) -> dict:
-    """The `__metadata__` of a safetensors file; values that hold JSON objects are parsed (as A1111 shows
-    them). {} for anything unreadable."""
-    try:
-        meta = _safetensors_header(path).get("__metadata__") or {}
-    except (OSError, ValueError):
-        return {}
-    out = {}
-    for k, v in meta.items() if isinstance(meta, dict) else ():
-        if isinstance(v, str) and v[:1] == "{":
-            try:
-                v = json.loads(v)
-            except ValueError:
-                pass
-        out[k] = v
-    return out
-
-
-def embedding_item(path: str) -> Optional[dict]:
-    """`{step, sd_checkpoint, sd_checkpoint_name, shape, vectors}` of a textual-inversion file, read from
-    its tensor shapes (safetensors header; .pt/.bin through torch's weights-only unpickler); None when
-    it holds no embedding."""
-    item = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None}
-    try:
-        if path.lower().endswith(".safetensors"):
-            shapes = {k: v.get("shape") for k, v in _safetensors_header(path).items()
-                      if k != "__metadata__" and isinstance(v, dict)}
-        else:
-            import torch
-
-            data = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(data, dict):
-                return None
-            for key in ("step", "sd_checkpoint", "sd_checkpoint_name"):
-                if isinstance(data.get(key), (int, str)):
-                    item[key] = data[key]
-            params = data.get("string_to_param", data)
-            shapes = {k: list(v.shape) for k, v in params.items() if isinstance(v, torch.Tensor)}
-    except Exception as e:  # unreadable or hostile file: not listed
-        log.warning("embedding %s not listed: %s", path, e)
-        return None
-    shape = shapes.get("emb_params") or shapes.get("*") or next(iter(shapes.values()), None)
-    if not shape or len(shape) > 2:
-        return None
-    item["shape"], item["vectors"] = shape[-1], shape[0] if len(shape) == 2 else 1
-    return item
+    def embeddings_api(self, model=None) -> dict:
+        db = model.embeddings if model is not None else EmbeddingDatabase(self.embeddings_dir)
+        db.refresh()
+        return db.api_listing()
 
 
 class ModelManager:
@@ -254,7 +186,8 @@ class ModelManager:
         self._release()
         try:
             log.info("loading %s%s", checkpoint.path, f" with VAE {vae}" if vae else "")
-            self.model = sd15.load(checkpoint.path, vae=vae, device=self.device, dtype=self.dtype)
+            self.model = sd15.load(checkpoint.path, vae=vae, device=self.device, dtype=self.dtype,
+                                   lora_dir=self.library.lora_dir, embeddings_dir=self.library.embeddings_dir)
             checkpoint.sha256 = infotext.cached_hash(checkpoint.path)  # hashed once, then cached beside the file
         except BaseException:
             self._release()
