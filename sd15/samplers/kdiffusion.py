@@ -50,6 +50,18 @@ def _noise(noise_sampler, who):
     return noise_sampler
 
 
+def _churn(x, sigma, sigma_next, n, noise_sampler, s_churn, s_tmin, s_tmax, s_noise):
+    """Karras et al. (2022) Algorithm 2, lines 5-7: raise σ to σ̂ = σ(1 + γ) by adding fresh noise.
+    A1111 draws the noise every step once churn is on, even where γ = 0."""
+    gamma = min(s_churn / n, 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+    sigma_hat = sigma * (gamma + 1)
+    if s_churn > 0:
+        eps = _noise(noise_sampler, "s_churn > 0")(sigma, sigma_next) * s_noise
+        if gamma > 0:
+            x = x + eps * (sigma_hat ** 2 - sigma ** 2) ** 0.5
+    return x, sigma_hat
+
+
 def _report(callback, x, i, sigma, sigma_hat, denoised):
     if callback is not None:
         callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": denoised})
@@ -67,12 +79,7 @@ def sample_euler(model, x, sigmas, *, noise_sampler=None, callback=None,
     n = len(sigmas) - 1
     for i in range(n):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        gamma = min(s_churn / n, 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
-        sigma_hat = sigma * (gamma + 1)
-        if s_churn > 0:  # A1111 draws every step once churn is on, even where γ = 0
-            eps = _noise(noise_sampler, "s_churn > 0")(sigma, sigma_next) * s_noise
-            if gamma > 0:
-                x = x + eps * (sigma_hat ** 2 - sigma ** 2) ** 0.5
+        x, sigma_hat = _churn(x, sigma, sigma_next, n, noise_sampler, s_churn, s_tmin, s_tmax, s_noise)
         denoised = model(x, sigma_hat * s_in)
         d = to_d(x, sigma_hat, denoised)
         _report(callback, x, i, sigma, sigma_hat, denoised)
@@ -103,12 +110,7 @@ def sample_heun(model, x, sigmas, *, noise_sampler=None, callback=None,
     n = len(sigmas) - 1
     for i in range(n):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        gamma = min(s_churn / n, 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
-        sigma_hat = sigma * (gamma + 1)
-        if s_churn > 0:
-            eps = _noise(noise_sampler, "s_churn > 0")(sigma, sigma_next) * s_noise
-            if gamma > 0:
-                x = x + eps * (sigma_hat ** 2 - sigma ** 2) ** 0.5
+        x, sigma_hat = _churn(x, sigma, sigma_next, n, noise_sampler, s_churn, s_tmin, s_tmax, s_noise)
         denoised = model(x, sigma_hat * s_in)
         d = to_d(x, sigma_hat, denoised)
         _report(callback, x, i, sigma, sigma_hat, denoised)
@@ -130,12 +132,7 @@ def sample_dpm_2(model, x, sigmas, *, noise_sampler=None, callback=None,
     n = len(sigmas) - 1
     for i in range(n):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        gamma = min(s_churn / n, 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
-        sigma_hat = sigma * (gamma + 1)
-        if s_churn > 0:
-            eps = _noise(noise_sampler, "s_churn > 0")(sigma, sigma_next) * s_noise
-            if gamma > 0:
-                x = x + eps * (sigma_hat ** 2 - sigma ** 2) ** 0.5
+        x, sigma_hat = _churn(x, sigma, sigma_next, n, noise_sampler, s_churn, s_tmin, s_tmax, s_noise)
         denoised = model(x, sigma_hat * s_in)
         d = to_d(x, sigma_hat, denoised)
         _report(callback, x, i, sigma, sigma_hat, denoised)
