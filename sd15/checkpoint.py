@@ -6,9 +6,12 @@ the models' own parameter names. This file only
   * fixes the few known real-world quirks (one small named function each),
   * drops the known non-weight extras, and refuses anything else it does not understand.
 
-A `.safetensors` file is read with plain positioned reads into freshly allocated tensors (no mmap), so
-the weights exist once in memory and never as a second full copy; a `.ckpt` is opened with
-`torch.load(mmap=True, weights_only=True)`, which never runs pickled code.
+A `.safetensors` file is memory-mapped once (privately: writes to a weight, e.g. a LoRA merge, never reach the
+file) and every tensor is a view into that mapping, so a CPU fp32 load copies nothing and the weights exist once
+in memory, in the page cache; a tensor whose offset is not aligned to its dtype is read with a positioned read
+instead. Casting to another dtype or device copies one tensor at a time. A `.ckpt` is opened with
+`torch.load(mmap=True, weights_only=True)`, which never runs pickled code. Replace checkpoint files by renaming,
+never by rewriting them in place while a model loaded from them is in use.
 """
 from __future__ import annotations
 
@@ -76,6 +79,7 @@ def open_safetensors(path: str) -> dict[str, Entry]:
         raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
     header.pop("__metadata__", None)
     base = 8 + n
+    storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)  # maps; reads nothing yet
     entries = {}
     for key, info in header.items():
         try:
@@ -90,13 +94,15 @@ def open_safetensors(path: str) -> dict[str, Entry]:
         if base + end > size:
             raise CheckpointError(f"{path}: file is truncated ({size:,} bytes; tensor {key!r} ends at "
                                   f"{base + end:,}); download it again")
-        entries[key] = Entry(shape, dtype, _reader(path, base + start, nbytes, dtype, shape))
+        entries[key] = Entry(shape, dtype, _reader(path, storage, base + start, nbytes, dtype, shape))
     return entries
 
 
-def _reader(path, offset, nbytes, dtype, shape):
+def _reader(path, storage, offset, nbytes, dtype, shape):
     def read() -> torch.Tensor:
-        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if offset % dtype.itemsize == 0:  # a view into the mapped file
+            return torch.empty(0, dtype=torch.uint8).set_(storage, offset, (nbytes,)).view(dtype).reshape(shape)
+        buf = torch.empty(nbytes, dtype=torch.uint8)  # unaligned (old writers did not pad the header)
         with open(path, "rb") as f:
             f.seek(offset)
             if nbytes and f.readinto(memoryview(buf.numpy())) != nbytes:

@@ -90,7 +90,9 @@ def test_real_world_variants(tiny_ckpt, tmp_path, variant):
     key = "output_blocks.3.1.transformer_blocks.0.attn2.to_k.weight"
     assert torch.equal(m.unet.state_dict()[key], sd[PREFIXES["unet"] + key].float())  # upcasting is exact
     if variant not in ("fp16", "bf16"):  # half-precision files hold rounded weights, so other outputs
-        assert torch.equal(_reference_output(path), expected)
+        # Same weights; the tensors sit at other addresses in the mapped file, and BLAS kernels round by
+        # alignment, so outputs agree to float rounding rather than bit for bit.
+        assert (_reference_output(path) - expected).abs().max() <= 1e-5 * expected.abs().max()
     if variant == "no_schedule":
         assert torch.allclose(m.alphas_cumprod, load_file(tiny_ckpt)["alphas_cumprod"], rtol=1e-6)
 

@@ -10,6 +10,8 @@ import importlib.resources
 import json
 import random
 
+import unicodedata
+
 import pytest
 import torch
 
@@ -308,6 +310,9 @@ def test_code_points_pre_tokenize_like_reference(tok, ref):
     skip = set()
     if not unicode17:  # an older regex module classes the Unicode 17.0 letters as unassigned; ours as letters
         skip = {c for c in range(0x110000) if c in range(0x323B0, 0x3347A) or ref.regex.match(r"\p{Cn}", chr(c))}
+    # Code points that Python's own Unicode tables (14.0 for 3.11) leave unassigned were added by later Unicode
+    # versions; each `regex` release classifies them by its own tables, so they are no fixed reference.
+    skip |= {c for c in range(0x34000) if unicodedata.category(chr(c)) == "Cn"}
     cps = [c for c in [*range(0x34000), *range(0xE0000, 0xE0200)] if not 0xD800 <= c < 0xE000 and c not in skip]
 
     def probe(c: int) -> str:

@@ -49,8 +49,12 @@ CLIP_TINY = CLIPTextConfig(hidden_size=64, intermediate_size=128, num_hidden_lay
 class CLIPEmbeddings(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        # `_weight` skips the random init: the tables come from the checkpoint (and initialising on the meta
+        # device would import torch's compiler stack, seconds of load time)
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                            _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
+        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size,
+                                               _weight=torch.empty(cfg.max_position_embeddings, cfg.hidden_size))
 
     def forward(self, tokens=None, inputs_embeds=None):
         """tokens: (B, L) ids, or inputs_embeds: (B, L, C) already looked up (textual inversion) -> (B, L, C)."""
