@@ -30,6 +30,7 @@ from sd15.lora import NetworkJob
 from sd15.prompt import extract_networks
 from sd15.rng import ImageRNG
 from sd15.samplers import A1111_DEFAULTS, CFGDenoiser, EpsDenoiser, sample
+from sd15.vae.tiled import tiled_decode, tiled_encode
 from sd15.vae.vae import SCALE_FACTOR
 
 
@@ -145,21 +146,39 @@ class Interrupted(Exception):
 # VAE
 # ------------------------------------------------------------------------------------------------
 
+# Above this many latent pixels (1024 x 1024 images) the VAE runs in tiles (sd15.vae.tiled, exact mode: the same
+# result up to float rounding, with memory bounded by the tile size).
+TILED_VAE_LATENT_PIXELS = 128 * 128
+
+
+def _vae_decode(model, z: torch.Tensor) -> torch.Tensor:
+    if z.shape[-2] * z.shape[-1] > TILED_VAE_LATENT_PIXELS:
+        return tiled_decode(model.vae, z)
+    try:
+        return model.vae.decode(z)
+    except torch.OutOfMemoryError:  # a smaller GPU: retry in tiles, keeping the big maps in host memory
+        torch.cuda.empty_cache()
+        return tiled_decode(model.vae, z, storage="cpu")
+
+
 @torch.no_grad()
 def decode_latents(model, latents: torch.Tensor) -> torch.Tensor:
     """Sampler latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in about [-1, 1], float32, one image at a time.
 
     The latent is cast to the VAE dtype; a half-precision VAE whose output has NaNs is retried in fp32
-    (A1111's auto_vae_precision).
+    (A1111's auto_vae_precision). Large images are decoded in tiles.
     """
     out = []
     for z in latents:
         z = z[None].to(model.device)
         vae_dtype = next(model.vae.parameters()).dtype
-        x = model.vae.decode(z.to(vae_dtype) / SCALE_FACTOR)
+        x = _vae_decode(model, z.to(vae_dtype) / SCALE_FACTOR)
         if vae_dtype != torch.float32 and torch.isnan(x).any():
-            x = model.vae.float().decode(z.float() / SCALE_FACTOR)
-            model.vae.to(vae_dtype)
+            model.vae.float()
+            try:
+                x = _vae_decode(model, z.float() / SCALE_FACTOR)
+            finally:
+                model.vae.to(vae_dtype)
         out.append(x.float())
     return torch.cat(out)
 
@@ -169,13 +188,16 @@ def encode_images(model, pixels: torch.Tensor) -> torch.Tensor:
     """Images (B, 3, H, W) in [0, 1] -> latents (B, 4, H/8, W/8) * 0.18215, one image at a time.
 
     A1111 samples the posterior with the global CPU generator; the VAE's logvar is tiny, so we use the mean
-    (generation.md §8.2, Appendix B.3), which makes img2img reproducible.
+    (generation.md §8.2, Appendix B.3), which makes img2img reproducible. Large images are encoded in tiles.
     """
     vae_dtype = next(model.vae.parameters()).dtype
     out = []
     for img in pixels:
         x = img[None].to(model.device, vae_dtype) * 2 - 1
-        mean, _ = model.vae.encode(x)
+        if x.shape[-2] * x.shape[-1] > TILED_VAE_LATENT_PIXELS * 64 and x.shape[-2] % 8 == 0 == x.shape[-1] % 8:
+            mean, _ = tiled_encode(model.vae, x)
+        else:
+            mean, _ = model.vae.encode(x)
         out.append(mean.float() * SCALE_FACTOR)
     return torch.cat(out)
 

@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default=None,
                     help="default: fp16 on CUDA, fp32 on the CPU")
     ap.add_argument("--no-download", action="store_true", help="never download the default checkpoint")
+    ap.add_argument("--optimize", action="store_true",
+                    help="CUDA: torch.compile + CUDA graphs (sd15.fast) and a 512x512 warm-up at each model load")
     ap.add_argument("--max-pixels", type=int, default=None, help="largest width*height of any pass (default 2048*2048)")
     ap.add_argument("--max-steps", type=int, default=None, help="most sampling steps per pass (default 1000)")
     ap.add_argument("--max-batch-size", type=int, default=None, help="largest batch_size (default 16)")
@@ -77,7 +79,7 @@ def config_from_args(args):
         embeddings_dir=args.embeddings_dir or os.path.join(args.ckpt_dir, "embeddings"),
         device=args.device, precision=args.precision, api_auth=parse_auth(args.api_auth),
         cors_allow_origins=origins, cors_allow_origins_regex=args.cors_allow_origins_regex, limits=limits,
-        flags=flags)
+        flags=flags, optimize=args.optimize)
 
 
 def ensure_checkpoint(config, no_download: bool) -> None:

@@ -63,6 +63,7 @@ class ServerConfig:
     cors_allow_origins_regex: Optional[str] = None
     limits: Limits = field(default_factory=Limits)
     flags: dict = field(default_factory=dict)  # what GET /cmd-flags shows (secrets already masked)
+    optimize: bool = False  # CUDA: sd15.fast.optimize (compile, CUDA graphs) and a 512x512 warm-up after each load
 
 
 @dataclass
@@ -90,7 +91,7 @@ class Engine:
         self.library = Library(config.ckpt_dir, config.vae_dir, config.lora_dir, config.embeddings_dir,
                                extra_checkpoint=config.ckpt if config.ckpt and os.path.isfile(config.ckpt) else None)
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, None: None}[config.precision]
-        self.models = ModelManager(self.library, config.device, dtype)
+        self.models = ModelManager(self.library, config.device, dtype, optimize=config.optimize)
         self.options = {key: opt.default for key, opt in a1111.OPTIONS.items()}
         self.job: Optional[Job] = None
         self.last_timestamp = "0"

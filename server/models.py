@@ -171,8 +171,8 @@ class Library:
 class ModelManager:
     """The loaded model and what it was loaded from. `load`/`ensure` run on the GPU worker thread."""
 
-    def __init__(self, library: Library, device=None, dtype=None):
-        self.library, self.device, self.dtype = library, device, dtype
+    def __init__(self, library: Library, device=None, dtype=None, *, optimize: bool = False):
+        self.library, self.device, self.dtype, self.optimize = library, device, dtype, optimize
         self.model = None  # sd15.StableDiffusion
         self.checkpoint: Optional[Checkpoint] = None
         self.vae: Optional[str] = None  # the external VAE file in use, None for the checkpoint's own
@@ -189,6 +189,11 @@ class ModelManager:
             self.model = sd15.load(checkpoint.path, vae=vae, device=self.device, dtype=self.dtype,
                                    lora_dir=self.library.lora_dir, embeddings_dir=self.library.embeddings_dir)
             checkpoint.sha256 = infotext.cached_hash(checkpoint.path)  # hashed once, then cached beside the file
+            if self.optimize and self.model.device.type == "cuda":
+                from sd15 import fast
+
+                fast.optimize(self.model)
+                fast.warmup(self.model, sizes=[(512, 512)], batch_sizes=[1])
         except BaseException:
             self._release()
             if previous is not None and previous[0].path != checkpoint.path:

@@ -81,7 +81,8 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         b, c, h, w = x.shape
         y = self.norm(x)
-        q, k, v = (conv(y).view(b, 1, c, h * w).transpose(2, 3) for conv in (self.q, self.k, self.v))  # (B, 1, HW, C)
+        # contiguous (B, 1, HW, C): with the transposed view SDPA falls back to materialising all HW x HW scores
+        q, k, v = (conv(y).view(b, 1, c, h * w).transpose(2, 3).contiguous() for conv in (self.q, self.k, self.v))
         y = attention(q, k, v)  # (B, 1, HW, C)
         return x + self.proj_out(y.transpose(2, 3).reshape(b, c, h, w))  # (B, C, H, W)
 
