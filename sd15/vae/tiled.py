@@ -264,6 +264,15 @@ def _cores(n: int, tile: int, align: int = 1) -> list[tuple[int, int]]:
 MODES = ("exact", "blend")
 
 
+def _chain(stages):
+    """The stages run one after another on one crop: the whole up (or down) path of a tile."""
+    def run(t):
+        for module, _ in stages:
+            t = module(t)
+        return t
+    return run
+
+
 @torch.no_grad()
 def tiled_decode(vae, z: torch.Tensor, tile: int = 64, overlap: int = 16, *, mode: str = "exact",
                  storage=None, stats_passes: int = 1) -> torch.Tensor:
@@ -283,26 +292,17 @@ def tiled_decode(vae, z: torch.Tensor, tile: int = 64, overlap: int = 16, *, mod
     dec = vae.decoder
     x = dec.mid(dec.conv_in(vae.post_quant_conv(z)))  # (B, 512, h, w): whole latent, exact
     h, w = z.shape[-2:]
+    stages = []
+    for level in reversed(dec.up):  # Decoder.forward after `mid` (sd15/vae/vae.py), lowest resolution first
+        stages += [(block, 1) for block in level.block]
+        if hasattr(level, "upsample"):
+            stages.append((level.upsample, 2))
+    stages.append((nn.Sequential(dec.norm_out, nn.SiLU(), dec.conv_out), 1))
     if mode == "exact":
-        stages = []
-        for level in reversed(dec.up):  # Decoder.forward after `mid` (sd15/vae/vae.py), lowest resolution first
-            stages += [(block, 1) for block in level.block]
-            if hasattr(level, "upsample"):
-                stages.append((level.upsample, 2))
-        stages.append((nn.Sequential(dec.norm_out, nn.SiLU(), dec.conv_out), 1))
         return _run_stages(stages, x, _cores(h, tile), _cores(w, tile), storage or z.device).to(z.device)
-
-    def up_path(t):  # Decoder.forward after `mid` (sd15/vae/vae.py), on a crop
-        for level in reversed(dec.up):  # lowest resolution first
-            for block in level.block:
-                t = block(t)
-            if hasattr(level, "upsample"):
-                t = level.upsample(t)
-        return dec.conv_out(F.silu(dec.norm_out(t)))  # (B, 3, 8*th, 8*tw)
-
     scale = 2 ** (len(dec.up) - 1)
     norms = _group_norms(list(dec.up) + [dec.norm_out])
-    out = _run_blended(up_path, x, tile_spans(h, tile, overlap), tile_spans(w, tile, overlap), norms, scale,
+    out = _run_blended(_chain(stages), x, tile_spans(h, tile, overlap), tile_spans(w, tile, overlap), norms, scale,
                        dec.conv_out.out_channels, stats_passes)
     return out.to(z.dtype)
 
@@ -321,26 +321,18 @@ def tiled_encode(vae, img: torch.Tensor, tile: int = 512, overlap: int = 64, *, 
     h, w = img.shape[-2:]
     if h % factor or w % factor:
         raise ValueError(f"image size {h}x{w} must be a multiple of {factor}")
+    stages = [(enc.conv_in, 1)]
+    for level in enc.down:  # Encoder.forward before `mid` (sd15/vae/vae.py)
+        stages += [(block, 1) for block in level.block]
+        if hasattr(level, "downsample"):
+            stages.append((level.downsample, 0.5))
     if mode == "exact":
-        stages = [(enc.conv_in, 1)]
-        for level in enc.down:  # Encoder.forward before `mid` (sd15/vae/vae.py)
-            stages += [(block, 1) for block in level.block]
-            if hasattr(level, "downsample"):
-                stages.append((level.downsample, 0.5))
         feats = _run_stages(stages, img, _cores(h, tile, factor), _cores(w, tile, factor), storage or img.device)
     else:
-        def down_path(t):  # Encoder.forward before `mid` (sd15/vae/vae.py), on a crop
-            t = enc.conv_in(t)
-            for level in enc.down:
-                for block in level.block:
-                    t = block(t)
-                if hasattr(level, "downsample"):
-                    t = level.downsample(t)
-            return t  # (B, C, th/8, tw/8)
-
         channels = enc.mid.block_1.conv1.in_channels
-        feats = _run_blended(down_path, img, tile_spans(h, tile, overlap, factor), tile_spans(w, tile, overlap, factor),
-                             _group_norms(enc.down), 1 / factor, channels, stats_passes)
+        feats = _run_blended(_chain(stages), img, tile_spans(h, tile, overlap, factor),
+                             tile_spans(w, tile, overlap, factor), _group_norms(enc.down), 1 / factor, channels,
+                             stats_passes)
     hid = enc.conv_out(F.silu(enc.norm_out(enc.mid(feats.to(img.device, img.dtype)))))  # whole, exact
     mean, logvar = vae.quant_conv(hid).chunk(2, dim=1)
     return mean, logvar.clamp(-30.0, 20.0)  # as AutoencoderKL.encode
