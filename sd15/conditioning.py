@@ -12,13 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from sd15.prompt import BOS, EOS, Chunk, prompt_schedules, schedule_index, split_and, tokenize_prompt
+from sd15.prompt import empty_chunk, prompt_schedules, schedule_index, split_and, tokenize_prompt
 
 EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")
-
-
-def _empty_chunk() -> Chunk:
-    return Chunk(tokens=[BOS] + [EOS] * 76, multipliers=[1.0] * 77)
 
 
 @torch.no_grad()
@@ -39,7 +35,7 @@ def encode_texts(model, texts: list[str], *, clip_skip: int = 1, emphasis: str =
     device = model.device
     outs = []
     for i in range(n_chunks):
-        chunks = [c[i] if i < len(c) else _empty_chunk() for c in chunked]  # shorter prompts get empty chunks
+        chunks = [c[i] if i < len(c) else empty_chunk() for c in chunked]  # shorter prompts get empty chunks
         tokens = torch.tensor([c.tokens for c in chunks], device=device)  # (N, 77)
         embeds = embed_fn(tokens, chunks) if embed_fn is not None else None
         z = model.text_encoder(tokens, clip_skip=clip_skip, inputs_embeds=embeds)  # (N, 77, 768)

@@ -17,7 +17,6 @@ checked between steps; attention capture or replacement through `sd15.attention.
 from __future__ import annotations
 
 import dataclasses
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -112,10 +111,10 @@ class Result:
 
 
 class JobState:
-    """Progress and control of the running job, safe to read and set from other threads (the server)."""
+    """Progress and control of the running job. Plain attributes: another thread (the server) may read them
+    and call `interrupt()` / `skip()` at any time; the pipeline checks the flags between sampler steps."""
 
     def __init__(self):
-        self._lock = threading.Lock()
         self.interrupted = False
         self.skipped = False
         self.job_no = 0
@@ -131,11 +130,10 @@ class JobState:
         self.skipped = True
 
     def progress(self) -> float:
-        with self._lock:
-            if not self.job_count:
-                return 0.0
-            per_job = self.sampling_step / self.sampling_steps if self.sampling_steps else 0.0
-            return min(1.0, (self.job_no + per_job) / self.job_count)
+        if not self.job_count:
+            return 0.0
+        per_job = self.sampling_step / self.sampling_steps if self.sampling_steps else 0.0
+        return min(1.0, (self.job_no + per_job) / self.job_count)
 
 
 class Interrupted(Exception):
@@ -168,10 +166,10 @@ def decode_latents(model, latents: torch.Tensor) -> torch.Tensor:
     The latent is cast to the VAE dtype; a half-precision VAE whose output has NaNs is retried in fp32
     (A1111's auto_vae_precision). Large images are decoded in tiles.
     """
+    vae_dtype = next(model.vae.parameters()).dtype
     out = []
     for z in latents:
         z = z[None].to(model.device)
-        vae_dtype = next(model.vae.parameters()).dtype
         x = _vae_decode(model, z.to(vae_dtype) / SCALE_FACTOR)
         if vae_dtype != torch.float32 and torch.isnan(x).any():
             model.vae.float()
@@ -269,7 +267,7 @@ class Img2ImgInit:
         return self._latent
 
     def latent_masks(self, model):
-        """(mask, nmask), each (1, 1, h, w): 1 = keep the original, 1 = regenerate."""
+        """(mask, nmask), each (1, 1, h, w): mask is 1 where the original is kept, nmask 1 where it is redrawn."""
         if self._masks is None and self.has_mask:
             mask, nmask = imgs.latent_mask(self.inpaint["latent_mask"], self.p.height // 8, self.p.width // 8,
                                            self.p.mask_round)
@@ -280,13 +278,12 @@ class Img2ImgInit:
         mask, nmask = self._masks
         return imgs.blend_inpaint_latent(x, self._latent, mask, nmask)
 
-    def finish(self, images: list, offset: int = 0) -> list:
-        """Paste results back into the originals (inpainting overlays, "only masked" crop)."""
+    def finish(self, images: list) -> list:
+        """Paste one batch's results back into the originals (inpainting overlays, "only masked" crop)."""
         if not self.has_mask:
             return images
         paste_to = self.inpaint.get("paste_to")
-        return [imgs.apply_overlay(im, paste_to, self.overlays[(offset + i) % len(self.overlays)])
-                for i, im in enumerate(images)]
+        return [imgs.apply_overlay(im, paste_to, overlay) for im, overlay in zip(images, self.overlays)]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -523,6 +523,12 @@ def chunk_tokens(parsed: Sequence[tuple[str, float]], encode: Callable[[str], Se
     return chunks, token_count
 
 
+def empty_chunk() -> Chunk:
+    """The chunk of an empty prompt (BOS + 76 EOS, weights 1), which A1111 also uses to pad the shorter
+    prompts of a batch to the same number of chunks."""
+    return chunk_tokens([], lambda text: [])[0][0]
+
+
 def tokenize_prompt(text: str, encode: Callable[[str], Sequence[int]], *, emphasis: str = "Original",
                     **chunk_kwargs) -> tuple[list[Chunk], int]:
     """One schedule text -> (chunks, token_count), as A1111 `tokenize_line`.
