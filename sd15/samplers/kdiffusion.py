@@ -545,3 +545,21 @@ def sample_restart(model, x, sigmas, *, noise_sampler=None, callback=None, s_noi
             x = x + (d + d_2) / 2 * dt
         last_sigma = new_sigma
     return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Latent consistency models (Luo et al. 2023), as A1111's `sd_samplers_lcm.sample_lcm`
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample_lcm(model, x, sigmas, *, noise_sampler=None, callback=None):
+    """LCM multistep sampling: jump to the model's x₀, then re-noise to the next σ with fresh noise.
+    `model` is the LCM denoiser (`sd15.samplers.sampling.LCMDenoiser` under CFG)."""
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in)
+        _report(callback, x, i, sigmas[i], sigmas[i], denoised)
+        x = denoised
+        if sigmas[i + 1] > 0:
+            x = x + sigmas[i + 1] * _noise(noise_sampler, "LCM")(sigmas[i], sigmas[i + 1])
+    return x

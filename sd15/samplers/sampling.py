@@ -1,124 +1,35 @@
-"""What A1111 v1.10 decides per sampler, and how it enters the sampler functions (txt2img, img2img).
+"""How A1111 v1.10 runs one sampler over one batch (txt2img, img2img): σ schedule, noise, options, denoiser.
 
-References: A1111 `modules/sd_samplers_kdiffusion.py` (sampler list and options, `get_sigmas`,
-`sample`, `sample_img2img`), `sd_samplers_timesteps.py`, `sd_samplers_common.py`
-(`setup_img2img_steps`, `create_noise_sampler`, `Sampler.initialize`), `sd_schedulers.py`.
-Spec: generation.md §2.1, §3.1-§3.5, §4.1, §8.1.
+References: A1111 `modules/sd_samplers_kdiffusion.py` (`get_sigmas`, `sample`, `sample_img2img`),
+`sd_samplers_timesteps.py`, `sd_samplers_lcm.py`, `sd_samplers_common.py` (`setup_img2img_steps`,
+`create_noise_sampler`, `Sampler.initialize`), `sd_schedulers.py`.
 """
 
 import math
-from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from ..rng import ImageRNG, brownian_noise_sampler
-from .denoiser import CFGDenoiser
-from .kdiffusion import (sample_dpm_2, sample_dpm_2_ancestral, sample_dpm_adaptive, sample_dpm_fast,
-                         sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_2m_sde_heun, sample_dpmpp_2s_ancestral,
-                         sample_dpmpp_3m_sde, sample_dpmpp_sde, sample_euler, sample_euler_ancestral, sample_heun,
-                         sample_lms, sample_restart)
+from .denoiser import CFGDenoiser, EpsDenoiser
 from .schedules import (discrete_sigmas, sigmas_align_your_steps, sigmas_beta, sigmas_ddim, sigmas_exponential,
                         sigmas_karras, sigmas_kl_optimal, sigmas_normal, sigmas_polyexponential, sigmas_sgm_uniform,
                         sigmas_simple, sigmas_uniform)
-from .timesteps import ddim_timesteps, sample_ddim, sample_plms, sample_unipc
+from .table import SAMPLER_BY_NAME, SCHEDULER_TABLE, Sampler, find_scheduler, split_sampler_name
+from .timesteps import ddim_timesteps
 
-# A1111's sampler names, in its UI order (the first is the default)
-SAMPLERS = {
-    "DPM++ 2M": sample_dpmpp_2m,
-    "DPM++ SDE": sample_dpmpp_sde,
-    "DPM++ 2M SDE": sample_dpmpp_2m_sde,
-    "DPM++ 2M SDE Heun": sample_dpmpp_2m_sde_heun,
-    "DPM++ 2S a": sample_dpmpp_2s_ancestral,
-    "DPM++ 3M SDE": sample_dpmpp_3m_sde,
-    "Euler a": sample_euler_ancestral,
-    "Euler": sample_euler,
-    "LMS": sample_lms,
-    "Heun": sample_heun,
-    "DPM2": sample_dpm_2,
-    "DPM2 a": sample_dpm_2_ancestral,
-    "DPM fast": sample_dpm_fast,
-    "DPM adaptive": sample_dpm_adaptive,
-    "Restart": sample_restart,
-    "DDIM": sample_ddim,
-    "PLMS": sample_plms,
-    "UniPC": sample_unipc,
-}
-
-# Schedule types: name -> label (A1111 accepts either, and the alias "SGMUniform")
-SCHEDULERS = {
-    "automatic": "Automatic",
-    "uniform": "Uniform",
-    "karras": "Karras",
-    "exponential": "Exponential",
-    "polyexponential": "Polyexponential",
-    "sgm_uniform": "SGM Uniform",
-    "kl_optimal": "KL Optimal",
-    "align_your_steps": "Align Your Steps",
-    "simple": "Simple",
-    "normal": "Normal",
-    "ddim": "DDIM",
-    "beta": "Beta",
-}
-
-
-@dataclass(frozen=True)
-class SamplerDefaults:
-    scheduler: str = None                # what "Automatic" resolves to; None = k-diffusion's default (Uniform)
-    discard_penultimate: bool = False    # schedule for steps + 1, then drop the last non-zero σ
-    second_order: bool = False           # prompt-edit schedules count steps × 2
-    brownian: bool = False               # noise from per-image Brownian trees, not the image RNG
-    uses_ensd: bool = False              # infotext shows ENSD (the RNG applies ENSD to every sampler)
-    timesteps: bool = False              # DDIM/PLMS/UniPC: guided ε on the raw latent, LDM timestep grid
-    sigma_range: bool = False            # DPM fast/adaptive: A1111 passes σ_min, σ_max (and n) explicitly
-    options: dict = field(default_factory=dict)  # keyword arguments A1111 passes, with their defaults
-
-
-_CHURN = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0}  # s_tmax 0 means ∞
-_ETA = {"eta": 1.0}                                                        # opts.eta_ancestral
-_ETA_NOISE = {"eta": 1.0, "s_noise": 1.0}
-
-A1111_DEFAULTS = {
-    "DPM++ 2M": SamplerDefaults(scheduler="Karras"),
-    "DPM++ SDE": SamplerDefaults(scheduler="Karras", second_order=True, brownian=True, options=_ETA_NOISE),
-    "DPM++ 2M SDE": SamplerDefaults(scheduler="Exponential", brownian=True, options=_ETA_NOISE),
-    "DPM++ 2M SDE Heun": SamplerDefaults(scheduler="Exponential", brownian=True, options=_ETA_NOISE),
-    "DPM++ 2S a": SamplerDefaults(scheduler="Karras", second_order=True, uses_ensd=True, options=_ETA_NOISE),
-    "DPM++ 3M SDE": SamplerDefaults(scheduler="Exponential", discard_penultimate=True, brownian=True,
-                                    options=_ETA_NOISE),
-    "Euler a": SamplerDefaults(uses_ensd=True, options=_ETA),  # A1111 does not pass s_noise here
-    "Euler": SamplerDefaults(options=_CHURN),
-    "LMS": SamplerDefaults(),
-    "Heun": SamplerDefaults(second_order=True, options=_CHURN),
-    "DPM2": SamplerDefaults(scheduler="Karras", discard_penultimate=True, second_order=True, options=_CHURN),
-    "DPM2 a": SamplerDefaults(scheduler="Karras", discard_penultimate=True, second_order=True, uses_ensd=True,
-                              options=_ETA_NOISE),
-    "DPM fast": SamplerDefaults(uses_ensd=True, sigma_range=True, options=_ETA_NOISE),
-    "DPM adaptive": SamplerDefaults(uses_ensd=True, sigma_range=True, options=_ETA),
-    "Restart": SamplerDefaults(scheduler="Karras", second_order=True),
-    "DDIM": SamplerDefaults(timesteps=True, options={"eta": 0.0}),  # opts.eta_ddim
-    "PLMS": SamplerDefaults(timesteps=True),
-    "UniPC": SamplerDefaults(timesteps=True),
-}
+SAMPLERS = {name: s.fn for name, s in SAMPLER_BY_NAME.items()}  # A1111 name -> function (public API)
+A1111_DEFAULTS = SAMPLER_BY_NAME                                  # A1111 name -> its table entry
+SCHEDULERS = {c.name: c.label for c in SCHEDULER_TABLE}          # schedule type name -> label
 
 
 def scheduler_name(label: str) -> str:
     """'Karras' / 'karras' / 'SGMUniform' -> the scheduler's name ('karras', 'sgm_uniform')."""
-    for name, lab in SCHEDULERS.items():
-        if label in (name, lab):
-            return name
-    if label == "SGMUniform":
-        return "sgm_uniform"
-    raise ValueError(f"unknown scheduler {label!r}")
+    c = find_scheduler(label, lenient=False) or (find_scheduler(label) if label == "SGMUniform" else None)
+    if c is None:
+        raise ValueError(f"unknown scheduler {label!r}")
+    return c.name
 
-
-def split_sampler_name(name: str):
-    """Old names carry the schedule: 'DPM++ 2M Karras' -> ('DPM++ 2M', 'Karras'); else (name, None)."""
-    if name in SAMPLERS:
-        return name, None
-    for suffix in [*SCHEDULERS, *SCHEDULERS.values(), "SGMUniform"]:
-        if name.endswith(" " + suffix) and name[:-len(suffix) - 1] in SAMPLERS:
-            return name[:-len(suffix) - 1], SCHEDULERS[scheduler_name(suffix)]
-    raise ValueError(f"unknown sampler {name!r}")
 
 
 def get_sigmas(scheduler: str, steps: int, alphas_cumprod: torch.Tensor, *, sampler: str = None,
@@ -131,12 +42,12 @@ def get_sigmas(scheduler: str, steps: int, alphas_cumprod: torch.Tensor, *, samp
     and its last non-zero σ is dropped. σ_min/σ_max are the model's unless set (A1111 options of the same
     name); `rho` overrides Karras's 7 / Polyexponential's 1 when non-zero; beta_* are Beta's (α, β).
     """
-    defaults = A1111_DEFAULTS[sampler] if sampler is not None else SamplerDefaults()
-    discard = defaults.discard_penultimate or always_discard_penultimate
+    entry = SAMPLER_BY_NAME[sampler] if sampler is not None else None
+    discard = (entry is not None and entry.discard_penultimate) or always_discard_penultimate
     n = steps + (1 if discard else 0)
     name = scheduler_name(scheduler or "Automatic")
     if name == "automatic":
-        name = scheduler_name(defaults.scheduler) if defaults.scheduler else "uniform"
+        name = scheduler_name(entry.scheduler) if entry is not None and entry.scheduler else "uniform"
 
     table = discrete_sigmas(alphas_cumprod.cpu())  # ascending σ, (1000,)
     log_sigmas = table.log()
@@ -181,6 +92,61 @@ def img2img_steps(steps: int, denoising_strength: float, fix_steps: bool = False
     return steps, int(strength * steps)
 
 
+class LCMDenoiser(nn.Module):
+    """A1111's `LCMCompVisDenoiser`: the ε model seen through LCM's 50 "original" timesteps
+    (t = 19, 39, ..., 999) and its consistency-model output c_skip·x + c_out·x₀ (σ_data 0.5, t scaled by 10)."""
+
+    SKIP = 1000 // 50
+
+    def __init__(self, inner: EpsDenoiser):
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("alphas_cumprod", inner.alphas_cumprod[self.SKIP - 1::self.SKIP], persistent=False)
+        self.register_buffer("log_sigmas", discrete_sigmas(self.alphas_cumprod).log(), persistent=False)  # (50,)
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The nearest of the 50 timesteps (an integer tensor)."""
+        index = (sigma.log() - self.log_sigmas[:, None]).abs().argmin(dim=0).view(sigma.shape)
+        return index * self.SKIP + (self.SKIP - 1)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        s = sigma[:, None, None, None]                                        # (B, 1, 1, 1)
+        t = self.sigma_to_t(sigma)
+        x0 = x - s * self.inner.eps(x / (s ** 2 + 1.0) ** 0.5, t, context)
+        st = t[:, None, None, None] * 10.0                                    # (B, 1, 1, 1)
+        c_skip = 0.25 / (st ** 2 + 0.25)
+        c_out = st / (st ** 2 + 0.25) ** 0.5
+        return c_out * x0 + c_skip * x
+
+
+class UncondEps(nn.Module):
+    """The ε model that remembers its last output, so that CFG++ can read the unconditional rows (A1111's
+    `last_noise_uncond`: the last `batch` rows of the guided call)."""
+
+    def __init__(self, inner: EpsDenoiser):
+        super().__init__()
+        self.inner = inner
+        self.alphas_cumprod = inner.alphas_cumprod
+        self.last = None
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        self.last = self.inner.eps(x, t, context)
+        return self.last
+
+
+def make_denoiser(sampler: str, unet, alphas_cumprod: torch.Tensor, cond, uncond, cfg_scale: float, *,
+                  s_min_uncond: float = 0.0) -> CFGDenoiser:
+    """The guided denoiser `sampler` runs on: CFG over the ε model, LCM's denoiser for LCM, and the
+    remembering ε model with cfg_scale / 12.5 for DDIM CFG++ (A1111's `cond_scale_miltiplier`)."""
+    entry = SAMPLER_BY_NAME[sampler]
+    inner = EpsDenoiser(unet, alphas_cumprod)
+    if entry.lcm:
+        inner = LCMDenoiser(inner)
+    if entry.cfgpp:
+        inner, cfg_scale = UncondEps(inner), cfg_scale / 12.5
+    return CFGDenoiser(inner, cond, uncond, cfg_scale, s_min_uncond=s_min_uncond)
+
+
 @torch.no_grad()
 def sample(name: str, model: CFGDenoiser, rng: ImageRNG, steps: int, *, scheduler: str = "Automatic",
            init_latent: torch.Tensor = None, denoising_strength: float = 0.75, fix_steps: bool = False,
@@ -196,7 +162,8 @@ def sample(name: str, model: CFGDenoiser, rng: ImageRNG, steps: int, *, schedule
     hires pass does not apply it). `schedule_options` go to `get_sigmas` (sigma_min, sigma_max, rho, beta_*).
     The final inpainting blend of the samples with the init latent is the caller's.
     """
-    fn, defaults = SAMPLERS[name], A1111_DEFAULTS[name]
+    defaults = SAMPLER_BY_NAME[name]
+    fn = defaults.fn
     denoiser = model.inner
     given = {"eta": eta, "s_churn": s_churn, "s_tmin": s_tmin, "s_tmax": s_tmax, "s_noise": s_noise}
     options = {k: (v if given[k] is None else given[k]) for k, v in defaults.options.items()}
@@ -219,9 +186,12 @@ def sample(name: str, model: CFGDenoiser, rng: ImageRNG, steps: int, *, schedule
             timesteps = timesteps[:t_enc]
             if name == "UniPC":
                 options["img2img"] = True
+        if defaults.cfgpp:
+            options["last_noise_uncond"] = lambda: denoiser.last[-len(x):]
         return fn(model.eps, x, timesteps, alphas_cumprod=alphas_cumprod, noise_sampler=rng.noise_sampler(),
                   callback=callback, **options)
 
+    # LCM's schedules are made on its own 50-entry table (k-diffusion's DiscreteSchedule of LCMCompVisDenoiser)
     sigmas = get_sigmas(scheduler, steps_total, denoiser.alphas_cumprod, sampler=name, **schedule_options)
     sigmas = sigmas.to(noise.device)
     if init_latent is None:
