@@ -135,12 +135,12 @@ class Embedding:
                 "shape": self.shape, "vectors": self.n_vectors}
 
     def shorthash(self) -> Optional[str]:
-        """First 12 hex digits of the file's SHA-256 (infotext "TI hashes"), cached beside the file."""
+        """First 12 hex digits of the file's SHA-256 (infotext "TI hashes"), computed once per file."""
         if self._hash is None:
-            from sd15.infotext import cached_hash
+            from sd15.hashing import model_hash
 
             try:
-                self._hash = cached_hash(self.path, "sha256")[:12]
+                self._hash = model_hash(self.path)[:12]
             except OSError:
                 return None
         return self._hash
@@ -236,8 +236,8 @@ class EmbeddingDatabase:
 
     `loaded` / `skipped` map names to Embedding (skipped ones carry `reason`); `errors` maps names of
     unreadable files to a reason. The folder is scanned on first use, by `refresh()`, and at the start of
-    each job when its files changed (`refresh_if_changed()`, as A1111 does). `used` records, per job, the
-    embeddings prompts actually matched (for "TI hashes"); `begin_job()` resets it.
+    each job when its files changed (`refresh_if_changed()`, as A1111 does). The embeddings a job's prompts
+    matched are recorded by the job (`sd15.lora.NetworkJob`), not here.
     """
 
     def __init__(self, directory=None, expected_width: Optional[int] = 768):
@@ -246,7 +246,6 @@ class EmbeddingDatabase:
         self.loaded: dict[str, Embedding] = {}
         self.skipped: dict[str, Embedding] = {}
         self.errors: dict[str, str] = {}
-        self.used: dict[str, Embedding] = {}
         self._signature = None
         self._scanned = False
         self._lock = threading.RLock()
@@ -301,7 +300,7 @@ class EmbeddingDatabase:
     # -- prompts
     def finder(self, tokenizer):
         """The `chunk_tokens(embeddings=...)` lookup for the loaded embeddings (names tokenised by `tokenizer`)."""
-        from sd15.prompt import make_embedding_finder
+        from sd15.a1111.prompt import make_embedding_finder
 
         self._ensure()
         with self._lock:
@@ -313,16 +312,15 @@ class EmbeddingDatabase:
                 self._finders[key] = hit
             return hit[1]
 
-    def hooks(self, model):
-        """(finder, embed_fn) for `sd15.conditioning.encode_texts`; (None, None) when nothing is loaded.
+    def hooks(self, model, used: dict):
+        """(finder, embed_fn) for `sd15.a1111.conditioning.encode_texts`; (None, None) when nothing is loaded.
 
-        The finder records every match in `self.used`; embed_fn(tokens (N, 77), chunks) returns the token
+        The finder records every match in `used` (the job's dict); embed_fn(tokens (N, 77), chunks) returns the token
         vectors with the embeddings placed at their `Chunk.fixes`, or None when no chunk has any.
         """
         base = self.finder(model.tokenizer)
         if base is None:
             return None, None
-        used = self.used
 
         def find(tokens, position):
             hit = base(tokens, position)
@@ -332,16 +330,12 @@ class EmbeddingDatabase:
 
         return find, make_embed_fn(model.text_encoder)
 
-    def begin_job(self) -> None:
-        """Called at the start of a generation job: pick up changed files, forget the last job's matches."""
-        self.refresh_if_changed()
-        self.used.clear()
+    @staticmethod
+    def infotext_hashes(used: dict) -> Optional[str]:
+        """The "TI hashes" value for the embeddings a job matched (`used`, name -> Embedding; None when none)."""
+        from sd15.a1111.infotext import format_hashes
 
-    def infotext_hashes(self) -> Optional[str]:
-        """The "TI hashes" value for the embeddings matched since `begin_job()` (None when none)."""
-        from sd15.infotext import format_hashes
-
-        pairs = [(name, emb.shorthash()) for name, emb in self.used.items()]
+        pairs = [(name, emb.shorthash()) for name, emb in used.items()]
         pairs = [(n, h) for n, h in pairs if h]
         return format_hashes(pairs) if pairs else None
 

@@ -108,14 +108,14 @@ class LoraFile:
 
     def shorthash(self) -> Optional[str]:
         """12 hex digits for "Lora hashes": `sshs_model_hash` from the metadata, else the addnet hash (the
-        SHA-256 of a safetensors file after its header; of the whole file otherwise), cached beside the file."""
+        SHA-256 of a safetensors file after its header; of the whole file otherwise), computed once per file."""
         if self._hash is None:
             h = self.metadata.get("sshs_model_hash")
             if not (isinstance(h, str) and h):
-                from sd15.infotext import cached_hash
+                from sd15.hashing import addnet_hash
 
                 try:
-                    h = cached_hash(self.path, "addnet")
+                    h = addnet_hash(self.path)
                 except OSError:
                     return None
             self._hash = h[:12]
@@ -598,10 +598,11 @@ class NetworkJob:
     """The extra networks of one `generate()` call: the LoRA tags of the prompt (and of the hires prompt),
     and the textual-inversion embeddings its prompts use.
 
-        job = NetworkJob(model, networks, hr_networks)   # networks from sd15.prompt.extract_networks
+        job = NetworkJob(model, networks, hr_networks)   # networks from sd15.a1111.prompt.extract_networks
         job.first_pass(); ...; job.hires_pass(); ...      # merge the tags' LoRAs (no-op when already merged)
         job.finish()                                      # restore (unless model.loras.keep_applied)
         job.infotext_params()                             # {"Lora hashes": ..., "TI hashes": ...}
+        job.text_hooks()                                  # textual inversion for encode_texts, recorded per job
         job.warnings                                      # unknown names, unsupported modules, ...
     """
 
@@ -612,16 +613,24 @@ class NetworkJob:
         self._hashes: dict[str, str] = {}
         self.first = self._resolve(networks)
         self.hr = self._resolve(hr_networks) if hr_networks is not None else None
+        self.embeddings_used: dict = {}  # textual-inversion embeddings this job's prompts matched
         emb = getattr(model, "embeddings", None)
         if emb is not None:
-            emb.begin_job()
+            emb.refresh_if_changed()
+
+    def text_hooks(self) -> dict:
+        """`embeddings=` / `embed_fn=` for `encode_texts`, recording this job's matches (None, None without
+        embeddings)."""
+        emb = getattr(self.model, "embeddings", None)
+        find, embed_fn = emb.hooks(self.model, self.embeddings_used) if emb is not None else (None, None)
+        return dict(embeddings=find, embed_fn=embed_fn)
 
     def _warn(self, text: str) -> None:
         if text not in self.warnings:
             self.warnings.append(text)
 
     def _resolve(self, networks) -> list[tuple[LoraFile, LoraRequest]]:
-        from sd15.prompt import network_multipliers
+        from sd15.a1111.prompt import network_multipliers
 
         out, missing = [], []
         for kind, name, args in networks or ():
@@ -666,13 +675,13 @@ class NetworkJob:
 
     def infotext_params(self) -> dict[str, Any]:
         """"Lora hashes" (names as written in the tags) and "TI hashes" (embeddings the prompts matched)."""
-        from sd15.infotext import format_hashes
+        from sd15.a1111.infotext import format_hashes
 
         out: dict[str, Any] = {}
         if self._hashes:
             out["Lora hashes"] = format_hashes(self._hashes.items())
         emb = getattr(self.model, "embeddings", None)
-        ti = emb.infotext_hashes() if emb is not None else None
+        ti = emb.infotext_hashes(self.embeddings_used) if emb is not None else None
         if ti:
             out["TI hashes"] = ti
         return out

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sd15.prompt import empty_chunk, prompt_schedules, schedule_index, split_and, tokenize_prompt
+from sd15.a1111.prompt import empty_chunk, prompt_schedules, schedule_index, split_and, tokenize_prompt
 
 EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")
 
@@ -29,7 +29,7 @@ def encode_texts(model, texts: list[str], *, clip_skip: int = 1, emphasis: str =
     if emphasis not in EMPHASIS_MODES:
         raise ValueError(f"unknown emphasis mode {emphasis!r}; choose one of {', '.join(EMPHASIS_MODES)}")
     if embed_fn is None and embeddings is None and getattr(model, "embeddings", None) is not None:
-        embeddings, embed_fn = model.embeddings.hooks(model)
+        embeddings, embed_fn = model.embeddings.hooks(model, {})
     chunked = [tokenize_prompt(t, model.tokenizer.encode, emphasis=emphasis, embeddings=embeddings)[0] for t in texts]
     n_chunks = max(len(c) for c in chunked)
     device = model.device

@@ -1,0 +1,359 @@
+"""A1111 v1.10's infotext (the PNG `parameters` text) and the `info` object of a response, written from a
+resolved request, and the infotext parser behind png-info and the `infotext` request field.
+
+    r = sd15.schema.resolve(req)
+    text = create_infotext(r, 0, model={"sd_model_name": "v1-5-pruned-emaonly", "sd_model_hash": "6ce0161689"})
+    info = create_info(r, [text], model=..., job_timestamp=job_timestamp())
+    parse_infotext(text)["Seed"]
+
+The key order of `create_infotext` is the only other list of a request's fields besides `sd15.schema`.
+References: A1111 `modules/processing.py` (`create_infotext`, `Processed.js`),
+`modules/infotext_utils.py` (`parse_generation_parameters`, `quote`).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import re
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+from sd15.samplers.table import (SAMPLER_TABLE, find_scheduler, recorded_schedule, resolve_sampler,
+                                 split_sampler_name)
+
+A1111_VERSION = "v1.10.1"  # what infotext "Version" and info "version" say
+_MASKED_CONTENT = {0: "fill", 2: "latent noise", 3: "latent nothing"}
+
+
+def job_timestamp(now: Optional[datetime.datetime] = None) -> str:
+    """`YYYYMMDDhhmmss`, local time (info "job_timestamp")."""
+    return (now or datetime.datetime.now()).strftime("%Y%m%d%H%M%S")
+
+
+def _eta_entry(sampler, eta) -> Optional[tuple[str, float]]:
+    """("Eta", value) / ("Eta DDIM", value) when the sampler takes eta and it differs from A1111's option."""
+    if not sampler.has_eta:
+        return None
+    value = eta if eta is not None else sampler.options["eta"]
+    if value == sampler.options["eta"]:
+        return None
+    return ("Eta DDIM" if sampler.timesteps else "Eta"), value
+
+
+def _extra_params(r, has_mask: bool, extra: Mapping[str, Any]) -> dict:
+    """A1111's `p.extra_generation_params` at the end of a job, in insertion order: the entries added at init
+    (strength, mask, hires), the caller's (extra networks, NGMS), then those added while sampling."""
+    q, hr = r.request, r.hires
+    out: dict = {}
+    if q.is_img2img:
+        out["Denoising strength"] = r.strength
+        if has_mask:
+            if q.inpainting_mask_invert:
+                out["Mask mode"] = "Inpaint not masked"
+            if r.mask_blur_x > 0 or r.mask_blur_y > 0:
+                out["Mask blur"] = r.mask_blur_x if r.mask_blur_x == r.mask_blur_y else None
+            if q.inpaint_full_res:
+                out["Inpaint area"] = "Only masked"
+                out["Masked area padding"] = q.inpaint_full_res_padding
+            out["Masked content"] = _MASKED_CONTENT.get(q.inpainting_fill)
+    elif hr is not None:
+        out["Denoising strength"] = r.strength
+        if hr.sampler is not r.sampler:
+            out["Hires sampler"] = hr.sampler.name
+        out["Hires prompt"] = hr.prompt if hr.prompt != q.prompt else None
+        out["Hires negative prompt"] = hr.negative_prompt if hr.negative_prompt != q.negative_prompt else None
+        out["Hires schedule type"] = None
+        if q.hr_resize_x == 0 and q.hr_resize_y == 0:
+            out["Hires upscale"] = q.hr_scale
+        else:
+            out["Hires resize"] = f"{q.hr_resize_x}x{q.hr_resize_y}"
+        if q.hr_second_pass_steps:
+            out["Hires steps"] = q.hr_second_pass_steps
+        if q.hr_upscaler is not None:
+            out["Hires upscaler"] = q.hr_upscaler
+    out.update(extra)
+    if q.is_img2img and q.initial_noise_multiplier not in (None, 1.0):
+        out["Noise multiplier"] = q.initial_noise_multiplier
+    recorded = recorded_schedule(r.sampler, r.scheduler)
+    if recorded is not None:
+        out["Schedule type"] = recorded.label
+    eta = _eta_entry(r.sampler, q.eta)
+    if eta is not None:
+        out[eta[0]] = eta[1]
+    if hr is not None:
+        hr_recorded = recorded_schedule(hr.sampler, hr.scheduler)
+        if hr_recorded is not None and hr_recorded.label != out.get("Schedule type"):
+            out["Hires schedule type"] = hr_recorded.label
+        eta = _eta_entry(hr.sampler, q.eta)
+        if eta is not None:
+            out[eta[0]] = eta[1]
+    return out
+
+
+def create_infotext(r, index: int = 0, *, model: Mapping[str, Any] = {}, extra: Mapping[str, Any] = {},
+                    has_mask: Optional[bool] = None) -> str:
+    """Image `index`'s infotext (index over the whole job). `r` is a `sd15.schema.ResolvedRequest`; `model`
+    holds sd_model_name, sd_model_hash (10 hex digits), sd_vae_name, sd_vae_hash; `extra` further entries
+    ("Lora hashes", "TI hashes", "NGMS"); `has_mask`: an inpainting mask was used (default: one was given).
+
+    Layout: prompt, "Negative prompt: ..." when non-empty, then one line of "Key: value" pairs in A1111's
+    order; null values are left out, a value equal to its key is written bare, values are `quote`d."""
+    q = r.request
+    has_mask = q.mask is not None if has_mask is None else has_mask
+    eta = q.eta if q.eta is not None else 1.0
+    variation = q.subseed_strength != 0
+    later = _extra_params(r, has_mask, extra)
+    entries = {
+        "Steps": q.steps,
+        "Sampler": r.sampler.name,
+        "Schedule type": r.scheduler.label,
+        "CFG scale": q.cfg_scale,
+        "Seed": r.seeds[index],
+        "Size": f"{q.width}x{q.height}",
+        "Model hash": model.get("sd_model_hash"),
+        "Model": model.get("sd_model_name"),
+        "VAE hash": model.get("sd_vae_hash"),
+        "VAE": model.get("sd_vae_name"),
+        "Variation seed": r.subseeds[index] if variation else None,
+        "Variation seed strength": q.subseed_strength if variation else None,
+        "Seed resize from": (None if q.seed_resize_from_w <= 0 or q.seed_resize_from_h <= 0
+                             else f"{q.seed_resize_from_w}x{q.seed_resize_from_h}"),
+        "Denoising strength": later.get("Denoising strength"),
+        "Clip skip": None if q.clip_skip <= 1 else q.clip_skip,
+        "ENSD": q.eta_noise_seed_delta if q.eta_noise_seed_delta and r.sampler.uses_ensd and eta != 0 else None,
+        "RNG": q.randn_source if q.randn_source != "GPU" else None,
+        **later,
+        "Version": A1111_VERSION,
+    }
+    line = ", ".join(k if k == v else f"{k}: {quote(v)}" for k, v in entries.items() if v is not None)
+    negative = f"\nNegative prompt: {q.negative_prompt}" if q.negative_prompt else ""
+    return f"{q.prompt}{negative}\n{line}".strip()
+
+
+def create_info(r, infotexts: Sequence[str], *, job_timestamp: str, model: Mapping[str, Any] = {},
+                extra: Mapping[str, Any] = {}, has_mask: Optional[bool] = None, index_of_first_image: int = 0) -> dict:
+    """The `info` object of a txt2img/img2img response, keys in A1111's order. `infotexts` are those of the
+    returned images; serialise with `info_json`. The per-image hires prompts are null in
+    `extra_generation_params`, as in A1111 (it stores functions there)."""
+    q = r.request
+    has_mask = q.mask is not None if has_mask is None else has_mask
+    extra_params = _extra_params(r, has_mask, extra)
+    for key in ("Hires prompt", "Hires negative prompt"):
+        if key in extra_params:
+            extra_params[key] = None
+    n = len(r.seeds)
+    return {
+        "prompt": q.prompt, "all_prompts": [q.prompt] * n,
+        "negative_prompt": q.negative_prompt, "all_negative_prompts": [q.negative_prompt] * n,
+        "seed": r.seeds[0], "all_seeds": list(r.seeds), "subseed": r.subseeds[0], "all_subseeds": list(r.subseeds),
+        "subseed_strength": q.subseed_strength, "width": q.width, "height": q.height,
+        "sampler_name": r.sampler.name, "cfg_scale": q.cfg_scale, "steps": q.steps, "batch_size": r.batch_size,
+        "restore_faces": False, "face_restoration_model": None,
+        "sd_model_name": model.get("sd_model_name"), "sd_model_hash": model.get("sd_model_hash"),
+        "sd_vae_name": model.get("sd_vae_name"), "sd_vae_hash": model.get("sd_vae_hash"),
+        "seed_resize_from_w": q.seed_resize_from_w, "seed_resize_from_h": q.seed_resize_from_h,
+        "denoising_strength": r.strength, "extra_generation_params": extra_params,
+        "index_of_first_image": index_of_first_image, "infotexts": list(infotexts), "styles": [],
+        "job_timestamp": job_timestamp, "clip_skip": q.clip_skip, "is_using_inpainting_conditioning": False,
+        "version": A1111_VERSION,
+    }
+
+
+def info_json(info: Mapping[str, Any]) -> str:
+    """The `info` string: Python's default json.dumps, anything not serialisable as null (as A1111 does)."""
+    return json.dumps(info, default=lambda o: None)
+
+
+def quote(value: Any) -> Any:
+    """A1111's infotext value quoting: a value whose text has a ",", ":" or newline becomes a JSON string
+    literal (non-ASCII kept); anything else is written as is."""
+    text = str(value)
+    if "," not in text and "\n" not in text and ":" not in text:
+        return value
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except TypeError:
+        return json.dumps(text, ensure_ascii=False)
+
+
+def unquote(text: str) -> str:
+    """Inverse of `quote` for a double-quoted value; anything else (or invalid JSON) is returned unchanged."""
+    if len(text) == 0 or text[0] != '"' or text[-1] != '"':
+        return text
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def format_hashes(pairs: Iterable[tuple[str, str]]) -> str:
+    """The value of "Lora hashes" / "TI hashes": "name: hash, name: hash", with ":" and "," removed from
+    the names (A1111 does so, so that the value parses back)."""
+    return ", ".join(f"{name.replace(':', '').replace(',', '')}: {h}" for name, h in pairs)
+
+
+# =============================================================================================
+# Parsing (png-info `parameters`, the `infotext` request field)
+# =============================================================================================
+
+# key: a word character, then one or more word characters, spaces, "-" or "/"; value: a JSON-style
+# double-quoted string, or everything up to the next comma
+_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_SIZE = re.compile(r"^(\d+)x(\d+)$")
+
+
+def _old_hires_first_pass(width: int, height: int) -> tuple[int, int]:
+    """A1111's old automatic first-pass size: about 512² pixels, rounded up to multiples of 64."""
+    scale = math.sqrt(512 * 512 / (width * height))
+    return math.ceil(scale * width / 64) * 64, math.ceil(scale * height / 64) * 64
+
+
+def _uses_emphasis(prompt: str, negative_prompt: str) -> bool:
+    from sd15.a1111.prompt import parse_prompt_attention
+    try:
+        parts = parse_prompt_attention(prompt) + parse_prompt_attention(negative_prompt)
+    except ValueError:  # a malformed weight such as "(a:1.2.3)": A1111 would fail here; treat as plain text
+        return False
+    return any(w != 1.0 and t != "BREAK" for t, w in parts)
+
+
+def parse_infotext(text: str, *, skip_fields: Iterable[str] = ()) -> dict:
+    """A1111's `parse_generation_parameters` (png-info `parameters`), default options.
+
+    - The last line holds the parameters only when at least 3 "key: value" pairs match on it; otherwise it
+      is part of the prompt. Other lines (each stripped) form the prompt until one starting with
+      "Negative prompt:"; from there on, the negative prompt.
+    - Values are strings; a double-quoted value is JSON-unquoted; a "WxH" value is split into
+      "<Key>-1"/"<Key>-2" ("Size-1": "512"). A key with an empty value is dropped (A1111 skips it).
+    - "Prompt" and "Negative prompt" are added, then A1111's defaults for absent keys (spec §7.3) and the
+      A1111's version back-compat flags are not produced (nothing here reads them).
+    - Styles are not extracted (no styles are defined); `skip_fields` are removed at the end
+      (A1111's `infotext_skip_pasting`).
+    """
+    res: dict = {}
+    *lines, last = text.strip().split("\n")
+    if len(_PARAM.findall(last)) < 3:
+        lines.append(last)
+        last = ""
+
+    prompt = ""
+    negative_prompt = ""
+    in_negative = False
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:"):].strip()
+        if in_negative:
+            negative_prompt += ("" if negative_prompt == "" else "\n") + line
+        else:
+            prompt += ("" if prompt == "" else "\n") + line
+
+    for key, value in _PARAM.findall(last):
+        if value == "":
+            continue
+        if value[0] == '"' and value[-1] == '"':
+            value = unquote(value)
+        m = _SIZE.match(value) if isinstance(value, str) else None
+        if m is not None:
+            res[f"{key}-1"] = m.group(1)
+            res[f"{key}-2"] = m.group(2)
+        else:
+            res[key] = value
+
+    # A1111 runs its style extraction here ("Apply if any"); with no styles defined it only normalises the
+    # hires prompts: one equal to the first-pass prompt becomes "" (for infotexts newer than v1.8.0-139)
+    if "Hires prompt" in res or "Hires negative prompt" in res:
+        if True:  # as A1111 does for infotexts newer than v1.8.0-139
+            hr_prompt = res.get("Hires prompt", prompt)
+            hr_negative_prompt = res.get("Hires negative prompt", negative_prompt)
+            res["Hires prompt"] = "" if hr_prompt == prompt else hr_prompt
+            res["Hires negative prompt"] = "" if hr_negative_prompt == negative_prompt else hr_negative_prompt
+
+    res["Prompt"] = prompt
+    res["Negative prompt"] = negative_prompt
+
+    res.setdefault("Clip skip", "1")
+    hypernet = res.get("Hypernet")
+    if hypernet is not None:
+        res["Prompt"] += f"<hypernet:{hypernet}:{res.get('Hypernet strength', '1.0')}>"
+    if "Hires resize-1" not in res:
+        res["Hires resize-1"] = 0
+        res["Hires resize-2"] = 0
+    res.setdefault("Hires sampler", "Use same sampler")
+    res.setdefault("Hires schedule type", "Use same scheduler")
+    res.setdefault("Hires checkpoint", "Use same checkpoint")
+    res.setdefault("Hires prompt", "")
+    res.setdefault("Hires negative prompt", "")
+    res.setdefault("Mask mode", "Inpaint masked")
+    res.setdefault("Masked content", "original")
+    res.setdefault("Inpaint area", "Whole picture")
+    res.setdefault("Masked area padding", 32)
+
+    # old "First pass size" infotexts: the first pass becomes Size, the old Size the hires target
+    fw, fh = res.get("First pass size-1"), res.get("First pass size-2")
+    if fw is not None and fh is not None:
+        fw, fh = int(fw), int(fh)
+        width, height = int(res.get("Size-1", 512)), int(res.get("Size-2", 512))
+        if fw == 0 or fh == 0:
+            fw, fh = _old_hires_first_pass(width, height)
+        res["Size-1"], res["Size-2"] = fw, fh
+        res["Hires resize-1"], res["Hires resize-2"] = width, height
+
+    res.setdefault("RNG", "GPU")
+    res.setdefault("Schedule type", "Automatic")
+    res.setdefault("Schedule max sigma", 0)
+    res.setdefault("Schedule min sigma", 0)
+    res.setdefault("Schedule rho", 0)
+    res.setdefault("VAE Encoder", "Full")
+    res.setdefault("VAE Decoder", "Full")
+    res.setdefault("FP8 weight", "Disable")
+    if "Cache FP16 weight for LoRA" not in res and res["FP8 weight"] != "Disable":
+        res["Cache FP16 weight for LoRA"] = False
+    if "Emphasis" not in res and _uses_emphasis(prompt, negative_prompt):
+        res["Emphasis"] = "Original"
+    res.setdefault("Refiner switch by sampling steps", False)
+
+    for key in skip_fields:
+        res.pop(key, None)
+    return res
+
+
+
+
+def sampler_from_infotext(d: Mapping[str, Any]) -> tuple[str, str]:
+    """(sampler, schedule type) a pasted infotext means, as A1111's paste logic reads it: old combined names
+    are split, a missing Schedule type is Automatic, a schedule equal to the sampler's own shows as
+    "Automatic", an unknown sampler becomes A1111's first, "DPM++ 2M"."""
+    return _paste(d.get("Sampler"), d.get("Schedule type"))
+
+
+def hr_sampler_from_infotext(d: Mapping[str, Any]) -> tuple[str, str]:
+    """(hires sampler, hires schedule type) of a pasted infotext: "Use same sampler"/"Use same scheduler"
+    when they equal the first pass's."""
+    hr_sampler = d.get("Hires sampler", "Use same sampler")
+    hr_scheduler = d.get("Hires schedule type", "Use same scheduler")
+    sampler = d.get("Sampler") if hr_sampler == "Use same sampler" else hr_sampler
+    scheduler = d.get("Schedule type") if hr_scheduler == "Use same scheduler" else hr_scheduler
+    try:  # A1111 resolves this pair with the name's suffix winning over the explicit schedule type
+        base, suffix = split_sampler_name(sampler or SAMPLER_TABLE[0].name)
+    except ValueError:
+        base, suffix = sampler, None
+    s, c = _paste(base, suffix or scheduler)
+    return (s if s != d.get("Sampler") else "Use same sampler",
+            c if c != d.get("Schedule type") else "Use same scheduler")
+
+
+def _paste(name: Optional[str], scheduler: Optional[str]) -> tuple[str, str]:
+    """A1111's lenient UI resolution: unknown names fall back (sampler to the first one, scheduler to
+    Automatic), and a scheduler equal to the sampler's default is reported as "Automatic"."""
+    if find_scheduler(scheduler) is None:
+        scheduler = None
+    try:
+        sampler, sched = resolve_sampler(name or SAMPLER_TABLE[0].name, scheduler)
+    except ValueError:
+        sampler, sched = resolve_sampler(SAMPLER_TABLE[0].name, scheduler)
+    label = sched.label
+    if sampler.scheduler == label:
+        label = "Automatic"
+    return sampler.name, label

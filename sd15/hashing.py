@@ -1,0 +1,153 @@
+"""File hashes as A1111 shows them, and a small JSON cache of them beside the files.
+
+The library core never calls this module's cache: the server and the CLI hash a checkpoint (once, cached in
+`<dir>/.sd15-hashes.json`) and pass the short hash to `generate(..., model_hash=...)` for the infotext's
+"Model hash". LoRA and embedding files are hashed on first use without a cache (`addnet_hash`, `model_hash`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+_BLOCK = 1 << 20
+HASH_CACHE_NAME = ".sd15-hashes.json"
+_CACHE_FORMAT = 1
+_cache_lock = threading.Lock()
+
+
+def _sha256_from(f, offset: int = 0) -> str:
+    h = hashlib.sha256()
+    f.seek(offset)
+    for block in iter(lambda: f.read(_BLOCK), b""):
+        h.update(block)
+    return h.hexdigest()
+
+
+def model_hash(path: str | os.PathLike) -> str:
+    """SHA-256 of the whole file, lowercase hex (64 digits), read in 1 MiB blocks. A1111's "hash"/"Model
+    hash"/"VAE hash" is its first 10 digits (`short_hash`)."""
+    with open(path, "rb") as f:
+        return _sha256_from(f)
+
+
+def short_hash(full: Optional[str]) -> Optional[str]:
+    """The 10-digit form A1111 shows (titles, infotext "Model hash")."""
+    return full[:10] if full else None
+
+
+def legacy_model_hash(path: str | os.PathLike) -> str:
+    """A1111's old 8-digit hash: SHA-256 of the 0x10000 bytes at offset 0x100000 (whatever is there for a
+    shorter file, so the hash of nothing when it ends before), "NOFILE" when the file does not exist."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0x100000)
+            return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+    except FileNotFoundError:
+        return "NOFILE"
+
+
+def addnet_hash(path: str | os.PathLike) -> str:
+    """LoRA hash: for .safetensors, SHA-256 of the file after its header (8-byte length + JSON), else the
+    whole file's SHA-256. A1111 writes its first 12 digits in "Lora hashes"."""
+    with open(path, "rb") as f:
+        if str(path).lower().endswith(".safetensors"):
+            n = int.from_bytes(f.read(8), "little")
+            return _sha256_from(f, 8 + n)
+        return _sha256_from(f)
+
+
+def _read_cache(cache_path: str) -> dict:
+    try:
+        with open(cache_path, "r", encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        log.warning("ignoring unreadable hash cache %s", cache_path)
+        return {}
+    if not isinstance(data, dict) or data.get("format") != _CACHE_FORMAT or not isinstance(data.get("files"), dict):
+        return {}
+    return {k: v for k, v in data["files"].items() if isinstance(v, dict)}
+
+
+def _write_cache(cache_path: str, files: dict) -> None:
+    directory = os.path.dirname(cache_path) or "."
+    tmp = None
+    try:
+        with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=directory, prefix=HASH_CACHE_NAME + ".",
+                                         suffix=".tmp", delete=False) as f:
+            tmp = f.name
+            json.dump({"format": _CACHE_FORMAT, "files": files}, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, cache_path)
+        tmp = None
+    except OSError as e:  # read-only model folder and the like: hashes are just not remembered
+        log.info("could not write hash cache %s: %s", cache_path, e)
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def cached_hash(path: str | os.PathLike, kind: str = "sha256", *, use_cache: bool = True,
+                compute: bool = True) -> Optional[str]:
+    """`model_hash` (kind "sha256") or `addnet_hash` (kind "addnet") of `path`, remembered in
+    `<dir>/.sd15-hashes.json` under the file's name with its size and mtime (ns): a changed size or mtime
+    recomputes it. The cache is rewritten atomically (temp file + rename); a corrupt or unreadable cache
+    counts as empty, an unwritable folder just means no caching. With `compute=False` only a cached value
+    is returned (None when there is none), e.g. to list checkpoints without hashing them (A1111 titles
+    carry the hash only once it is known)."""
+    hasher = {"sha256": model_hash, "addnet": addnet_hash}.get(kind)  # looked up per call (patchable)
+    if hasher is None:
+        raise ValueError(f"unknown hash kind {kind!r} (sha256, addnet)")
+    path = os.fspath(path)
+    if not use_cache:
+        return hasher(path) if compute else None
+    st = os.stat(path)
+    cache_path = os.path.join(os.path.dirname(os.path.abspath(path)), HASH_CACHE_NAME)
+    key = os.path.basename(path)
+
+    def fresh(entry) -> bool:
+        return entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns
+
+    with _cache_lock:
+        entry = _read_cache(cache_path).get(key)
+    if entry is not None and fresh(entry) and isinstance(entry.get(kind), str):
+        return entry[kind]
+    if not compute:
+        return None
+
+    value = hasher(path)
+
+    with _cache_lock:
+        files = _read_cache(cache_path)  # re-read: another process may have added entries meanwhile
+        entry = files.get(key)
+        if entry is None or not fresh(entry):
+            entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        entry[kind] = value
+        files[key] = entry
+        _write_cache(cache_path, files)
+    return value
+
+
+def model_info(model, *, use_cache: bool = True) -> dict:
+    """The infotext's model entries of a loaded model (sd_model_name/hash, sd_vae_name/hash), hashing the
+    checkpoint and the VAE file through the cache: what the CLI and the server pass to `generate`."""
+    out = {}
+    if getattr(model, "path", None):
+        out["sd_model_name"] = os.path.splitext(os.path.basename(model.path))[0]
+        out["sd_model_hash"] = short_hash(cached_hash(model.path, use_cache=use_cache))
+    if getattr(model, "vae_path", None):
+        out["sd_vae_name"] = os.path.basename(model.vae_path)
+        out["sd_vae_hash"] = short_hash(cached_hash(model.vae_path, use_cache=use_cache))
+    return out

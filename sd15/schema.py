@@ -1,0 +1,269 @@
+"""The one description of a generation request: `GenerationRequest`, its checks and its resolution.
+
+    req = GenerationRequest(prompt="a cat", steps=20, sampler_name="Euler a")
+    validate(req)              # ranges and limits -> RequestError (the server answers 422, the CLI exits 2)
+    r = resolve(req)           # once: sampler/scheduler, per-image seeds, effective strength, hires size
+
+Field names and defaults are A1111's API ones (its `StableDiffusionProcessingTxt2Img/Img2Img` API models).
+Each field's `metadata["group"]` says where it belongs: "prompt", "seeds", "sampling", "size", "img2img",
+"hires" are request fields of the A1111 API (txt2img takes all but "img2img", img2img all but "hires");
+"settings" are A1111 options that change the numbers (the server takes them from its options). The server's
+request bodies, the CLI and `model.txt2img/img2img` are all generated from this class; adding a field is an
+edit here (plus its infotext key in `sd15.a1111.infotext` if A1111 writes one).
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from sd15.a1111.images import LATENT_UPSCALE_MODES, PIXEL_UPSCALERS, hires_target_size
+from sd15.samplers.table import DEFAULT_SAMPLER, Sampler, Scheduler, resolve_sampler
+
+DEFAULT_DENOISING_STRENGTH = 0.75  # img2img's API default, also what a hires pass without a strength uses
+DEFAULT_HR_UPSCALER = "Latent"
+RANDN_SOURCES = ("GPU", "CPU", "NV")
+MAX_SEED = 2**63 - 1  # seeds are signed 64-bit here; A1111 draws random ones below 2**32
+
+
+def _f(default, group: str, doc: str = "", lo=None, hi=None):
+    """A schema field: default, group, a short help text, and its range (lo/hi; None = open)."""
+    return field(default=default, metadata={"group": group, "doc": doc, "lo": lo, "hi": hi})
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One A1111 txt2img / img2img request (img2img when `init_images` is set)."""
+    # prompt
+    prompt: str = _f("", "prompt", "the prompt (A1111 syntax: (word:1.2), [a:b:0.5], <lora:name:0.8>, BREAK)")
+    negative_prompt: str = _f("", "prompt", "the negative prompt")
+    # seeds
+    seed: int = _f(-1, "seeds", "-1: random; image k of the job gets seed + k", -1, MAX_SEED)
+    subseed: int = _f(-1, "seeds", "variation seed, -1: random", -1, MAX_SEED)
+    subseed_strength: float = _f(0.0, "seeds", "variation strength", 0.0, 1.0)
+    seed_resize_from_h: int = _f(-1, "seeds", "make the noise as for this height", -1)
+    seed_resize_from_w: int = _f(-1, "seeds", "make the noise as for this width", -1)
+    # sampling
+    sampler_name: Optional[str] = _f(None, "sampling", f'A1111 sampler name, e.g. "Euler a", "DPM++ 2M Karras"; '
+                                                       f'empty: "{DEFAULT_SAMPLER}"')
+    scheduler: Optional[str] = _f(None, "sampling", 'schedule type, e.g. "Karras"; empty: the sampler\'s own')
+    steps: int = _f(50, "sampling", "sampling steps", 1)
+    cfg_scale: float = _f(7.0, "sampling", "classifier-free guidance scale", -100.0, 100.0)
+    eta: Optional[float] = _f(None, "sampling", "noise of ancestral samplers and DDIM; empty: A1111's", 0.0, 1000.0)
+    s_churn: Optional[float] = _f(None, "sampling", "", 0.0, 1000.0)
+    s_tmin: Optional[float] = _f(None, "sampling", "", 0.0, 1000.0)
+    s_tmax: Optional[float] = _f(None, "sampling", "", 0.0, 1000.0)
+    s_noise: Optional[float] = _f(None, "sampling", "", 0.0, 1000.0)
+    s_min_uncond: Optional[float] = _f(None, "sampling", "negative guidance minimum sigma (NGMS)", 0.0, 1000.0)
+    # size and batch
+    width: int = _f(512, "size", "image width", 8)
+    height: int = _f(512, "size", "image height", 8)
+    batch_size: int = _f(1, "size", "images per batch", 1)
+    n_iter: int = _f(1, "size", "batches", 1)
+    denoising_strength: Optional[float] = _f(None, "sampling", f"img2img and hires strength; empty: "
+                                                           f"{DEFAULT_DENOISING_STRENGTH}", 0.0, 1.0)
+    # img2img / inpainting
+    init_images: Optional[list] = _f(None, "img2img", "init images (PIL images or base64 strings)")
+    resize_mode: int = _f(0, "img2img", "0 resize, 1 crop and resize, 2 resize and fill, 3 latent upscale", 0, 3)
+    mask: Any = _f(None, "img2img", "inpainting mask (white: repaint)")
+    mask_blur: Optional[int] = _f(None, "img2img", "mask blur on both axes (overrides mask_blur_x/y)", 0, 256)
+    mask_blur_x: int = _f(4, "img2img", "", 0, 256)
+    mask_blur_y: int = _f(4, "img2img", "", 0, 256)
+    mask_round: bool = _f(True, "img2img", "")
+    inpainting_fill: int = _f(0, "img2img", "0 fill, 1 original, 2 latent noise, 3 latent nothing", 0, 3)
+    inpaint_full_res: bool = _f(True, "img2img", "inpaint only the masked area")
+    inpaint_full_res_padding: int = _f(0, "img2img", "", 0)
+    inpainting_mask_invert: int = _f(0, "img2img", "", 0, 1)
+    initial_noise_multiplier: Optional[float] = _f(None, "img2img", "", 0.0, 10.0)
+    # hires fix (txt2img)
+    enable_hr: bool = _f(False, "hires", "hires fix: a second img2img pass at a larger size")
+    hr_scale: float = _f(2.0, "hires", "", 0.05, 16.0)
+    hr_upscaler: Optional[str] = _f(None, "hires", f'empty: "{DEFAULT_HR_UPSCALER}"')
+    hr_second_pass_steps: int = _f(0, "hires", "0: as many as steps", 0)
+    hr_resize_x: int = _f(0, "hires", "", 0)
+    hr_resize_y: int = _f(0, "hires", "", 0)
+    hr_sampler_name: Optional[str] = _f(None, "hires", "empty: the first pass's sampler")
+    hr_scheduler: Optional[str] = _f(None, "hires", "empty: the first pass's schedule type")
+    hr_prompt: str = _f("", "hires", "empty: the prompt")
+    hr_negative_prompt: str = _f("", "hires", "empty: the negative prompt")
+    # A1111 settings that change the numbers
+    randn_source: str = _f("GPU", "settings", "GPU, CPU or NV: where A1111 would draw the noise")
+    eta_noise_seed_delta: int = _f(0, "settings", "ENSD", 0, 2**32 - 1)
+    clip_skip: int = _f(1, "settings", "CLIP_stop_at_last_layers", 1, 12)
+
+    @property
+    def is_img2img(self) -> bool:
+        return self.init_images is not None
+
+    def replace(self, **changes) -> "GenerationRequest":
+        return dataclasses.replace(self, **changes)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(GenerationRequest)}
+
+
+def fields_of(*groups: str) -> list[dataclasses.Field]:
+    """The fields of the given groups, in schema order."""
+    return [f for f in FIELDS.values() if f.metadata["group"] in groups]
+
+
+def from_kwargs(**kw) -> GenerationRequest:
+    """A request from keyword arguments; unknown names raise TypeError listing them."""
+    unknown = sorted(set(kw) - set(FIELDS))
+    if unknown:
+        raise TypeError(f"unknown generation parameter(s): {', '.join(unknown)}")
+    return GenerationRequest(**kw)
+
+
+class RequestError(ValueError):
+    """A request that cannot run: `problems` is a list of `(field, message, kind)`; kind is a pydantic-style
+    error type ("value_error.number.not_ge", ...). The server answers 422, the CLI one line and exit 2."""
+
+    def __init__(self, problems: list[tuple[Optional[str], str, str]]):
+        super().__init__("; ".join(f"{name}: {msg}" if name else msg for name, msg, _ in problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for beyond the fields' own ranges (the server's `--max-*` flags)."""
+    max_pixels: Optional[int] = None   # width × height of any pass (the hires target included)
+    max_side: Optional[int] = None     # either side of any pass
+    max_steps: int = 10000             # steps and hr_second_pass_steps
+    max_batch_size: Optional[int] = None
+    max_n_iter: Optional[int] = None
+    max_images: Optional[int] = None   # batch_size × n_iter
+
+
+def validate(req: GenerationRequest, limits: Limits = Limits()) -> None:
+    """The one range check of a request: every field's range, the limits, and what only makes sense
+    together. Raises RequestError listing every problem."""
+    problems = []
+
+    def check(name, value, lo=None, hi=None):
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            return
+        if lo is not None and value < lo:
+            problems.append((name, f"ensure this value is greater than or equal to {lo}", "value_error.number.not_ge"))
+        elif hi is not None and value > hi:
+            problems.append((name, f"ensure this value is less than or equal to {hi}", "value_error.number.not_le"))
+
+    groups = {"prompt", "seeds", "sampling", "size", "settings", "img2img" if req.is_img2img else "hires"}
+    for f in FIELDS.values():
+        if f.metadata["group"] in groups:
+            check(f.name, getattr(req, f.name), f.metadata["lo"], f.metadata["hi"])
+    check("steps", req.steps, None, limits.max_steps)
+    check("hr_second_pass_steps", req.hr_second_pass_steps, None, limits.max_steps)
+    check("batch_size", req.batch_size, None, limits.max_batch_size)
+    check("n_iter", req.n_iter, None, limits.max_n_iter)
+    check("seed_resize_from_h", req.seed_resize_from_h, None, limits.max_side)
+    check("seed_resize_from_w", req.seed_resize_from_w, None, limits.max_side)
+    if limits.max_images is not None and req.batch_size * req.n_iter > limits.max_images:
+        problems.append(("n_iter", f"batch_size × n_iter must be at most {limits.max_images}", "value_error"))
+    if req.randn_source not in RANDN_SOURCES:
+        problems.append(("randn_source", f"must be one of {', '.join(RANDN_SOURCES)}", "value_error"))
+    if req.is_img2img:
+        if not req.init_images:
+            problems.append(("init_images", "img2img needs init_images", "value_error"))
+        elif len(req.init_images) > max(req.batch_size, 1) and len(req.init_images) > 1:
+            problems.append(("init_images", f"bad number of images passed: {len(req.init_images)} init images for "
+                                            f"batch_size {req.batch_size}", "value_error"))
+    sizes = [("width", "height", req.width, req.height)]
+    if req.enable_hr and not req.is_img2img and not problems:
+        hr_w, hr_h, _, _ = hires_target_size(req.width, req.height, req.hr_scale, req.hr_resize_x, req.hr_resize_y)
+        sizes.append(("hr_resize_x", "hr_resize_y", hr_w, hr_h))
+    for wname, hname, w, h in sizes:
+        check(wname, w, 8, limits.max_side)
+        check(hname, h, 8, limits.max_side)
+        if limits.max_pixels is not None and w * h > limits.max_pixels:
+            problems.append((wname, f"{w}x{h} is {w * h} pixels; the limit is {limits.max_pixels}", "value_error"))
+    if problems:
+        raise RequestError(problems)
+
+
+def fixed_seed(seed: Any, rng: Optional[random.Random] = None) -> int:
+    """A1111 `get_fixed_seed`: "", None or a non-numeric string mean -1; -1 becomes a random integer in
+    [0, 4294967293]; anything else is returned as an int."""
+    if seed is None or seed == "":
+        seed = -1
+    elif isinstance(seed, str):
+        try:
+            seed = int(seed)
+        except ValueError:
+            seed = -1
+    if seed == -1:
+        return int((rng or random).randrange(4294967294))
+    return int(seed)
+
+
+def job_seeds(seed: int, subseed: int, subseed_strength: float, count: int) -> tuple[list[int], list[int]]:
+    """Per-image (seeds, subseeds) of `count` images: seed + i without variation, else `seed` for every
+    image; subseed + i always. Seeds must already be resolved (`fixed_seed`)."""
+    return ([int(seed) + (i if subseed_strength == 0 else 0) for i in range(count)],
+            [int(subseed) + i for i in range(count)])
+
+
+@dataclass(frozen=True)
+class Hires:
+    """The resolved hires pass: its sampler, schedule, steps, target size and latent crop."""
+    sampler: Sampler
+    scheduler: Scheduler
+    steps: int
+    width: int
+    height: int
+    truncate_x: int
+    truncate_y: int
+    upscaler: str
+    prompt: str
+    negative_prompt: str
+
+
+@dataclass(frozen=True)
+class ResolvedRequest:
+    """A request with every choice made: what generation and the infotext read (never re-resolved)."""
+    request: GenerationRequest
+    sampler: Sampler
+    scheduler: Scheduler
+    seeds: list[int]                  # per image of the whole job (batch_size × n_iter)
+    subseeds: list[int]
+    batch_size: int                   # img2img with several init images: their number
+    strength: Optional[float]         # img2img / hires denoising strength; None for plain txt2img
+    hires: Optional[Hires]
+    mask_blur_x: int
+    mask_blur_y: int
+
+    def __getattr__(self, name):      # the request's own fields read through: r.prompt, r.steps, ...
+        if name in FIELDS:
+            return getattr(self.request, name)
+        raise AttributeError(name)
+
+
+def resolve(req: GenerationRequest, *, rng: Optional[random.Random] = None) -> ResolvedRequest:
+    """Make every choice of a (validated) request once. Unknown sampler, scheduler or hires upscaler names
+    raise ValueError naming the valid ones (the server answers 400, as A1111 does)."""
+    sampler, scheduler = resolve_sampler(req.sampler_name, req.scheduler)
+    batch_size = req.batch_size
+    if req.is_img2img and len(req.init_images) > 1:
+        batch_size = len(req.init_images)
+    n = batch_size * req.n_iter
+    seeds, subseeds = job_seeds(fixed_seed(req.seed, rng), fixed_seed(req.subseed, rng), req.subseed_strength, n)
+    hires = None
+    if req.enable_hr and not req.is_img2img:
+        hr_sampler, hr_scheduler = resolve_sampler(req.hr_sampler_name or sampler.name,
+                                                   req.hr_scheduler or scheduler.name)
+        upscaler = req.hr_upscaler or DEFAULT_HR_UPSCALER
+        if upscaler not in LATENT_UPSCALE_MODES and upscaler not in PIXEL_UPSCALERS:
+            valid = ", ".join([*LATENT_UPSCALE_MODES, *PIXEL_UPSCALERS])
+            raise ValueError(f"could not find upscaler named {upscaler}. Valid upscalers: {valid}")
+        w, h, tx, ty = hires_target_size(req.width, req.height, req.hr_scale, req.hr_resize_x, req.hr_resize_y)
+        hires = Hires(hr_sampler, hr_scheduler, req.hr_second_pass_steps or req.steps, w, h, tx, ty, upscaler,
+                      req.hr_prompt or req.prompt, req.hr_negative_prompt or req.negative_prompt)
+    strength = req.denoising_strength
+    if strength is None and (req.is_img2img or hires is not None):
+        strength = DEFAULT_DENOISING_STRENGTH
+    if not req.is_img2img and hires is None:
+        strength = None
+    blur_x = req.mask_blur if req.mask_blur is not None else req.mask_blur_x
+    blur_y = req.mask_blur if req.mask_blur is not None else req.mask_blur_y
+    return ResolvedRequest(req, sampler, scheduler, seeds, subseeds, batch_size, strength, hires, blur_x, blur_y)
