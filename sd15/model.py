@@ -49,26 +49,57 @@ class StableDiffusion:
         return (f"StableDiffusion({os.path.basename(self.path or '?')}, {n / 1e6:.0f}M parameters, "
                 f"device={self.device}, dtype={self.dtype})")
 
-    def txt2img(self, *, state=None, callback=None, **params):
-        """A1111 txt2img; keyword names are the A1111 API fields (see `sd15.pipeline.Params`) -> Result."""
-        from sd15.pipeline import Params, generate
+    def txt2img(self, *, state=None, callback=None, model_hash=None, vae_hash=None, **request):
+        """A1111 txt2img: keyword arguments are `sd15.schema.GenerationRequest` fields -> `sd15.pipeline.Result`.
+        `model_hash` / `vae_hash`: short hashes for the infotext (`sd15.hashing`)."""
+        from sd15.pipeline import generate
+        from sd15.schema import from_kwargs
 
-        if params.get("init_images") is not None:
+        if request.get("init_images") is not None:
             raise TypeError("txt2img takes no init_images; use img2img")
-        return generate(self, Params.from_kwargs(**params), state=state, callback=callback)
+        return generate(self, from_kwargs(**request), state=state, callback=callback, model_hash=model_hash,
+                        vae_hash=vae_hash)
 
-    def img2img(self, *, init_images, state=None, callback=None, **params):
-        """A1111 img2img / inpainting (`mask=`); `init_images` are PIL images or base64 strings -> Result."""
-        from sd15.pipeline import Params, generate
+    def img2img(self, *, init_images, state=None, callback=None, model_hash=None, vae_hash=None, **request):
+        """A1111 img2img / inpainting (`mask=`): `init_images` are PIL images or base64 strings, the other
+        keyword arguments `sd15.schema.GenerationRequest` fields -> `sd15.pipeline.Result`."""
+        from sd15.pipeline import generate
+        from sd15.schema import from_kwargs
 
-        params.setdefault("denoising_strength", 0.75)
-        return generate(self, Params.from_kwargs(init_images=list(init_images), **params), state=state,
-                        callback=callback)
+        return generate(self, from_kwargs(init_images=list(init_images), **request), state=state,
+                        callback=callback, model_hash=model_hash, vae_hash=vae_hash)
 
     def load_vae(self, path) -> None:
         """Replace the VAE by a standalone VAE file (e.g. vae-ft-mse-840000-ema-pruned.safetensors)."""
         self.vae = load_vae(path, device=self.device, dtype=self.dtype)
         self.vae_path = os.fspath(path)
+
+
+def _job_parameters():
+    import inspect
+
+    kw = inspect.Parameter.KEYWORD_ONLY
+    return tuple(inspect.Parameter(n, kw, default=None) for n in ("state", "callback", "model_hash", "vae_hash"))
+
+
+def _signatures():
+    """model.txt2img / model.img2img list the schema's fields as their parameters (help(), tab completion)."""
+    import inspect
+
+    from sd15.schema import signature
+
+    shared = ("prompt", "seeds", "sampling", "size", "settings")
+    self_ = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    t2i = signature(*shared, "hires", extra=_job_parameters())
+    StableDiffusion.txt2img.__signature__ = t2i.replace(parameters=[self_, *t2i.parameters.values()])
+    i2i = signature(*shared, "img2img", extra=_job_parameters())
+    params = [p.replace(default=inspect.Parameter.empty) if p.name == "init_images" else p
+              for p in i2i.parameters.values()]
+    params.sort(key=lambda p: p.default is not inspect.Parameter.empty)  # the required init_images first
+    StableDiffusion.img2img.__signature__ = i2i.replace(parameters=[self_, *params])
+
+
+_signatures()
 
 
 def load_vae(path, *, device=None, dtype=None) -> AutoencoderKL:

@@ -14,6 +14,7 @@ edit here (plus its infotext key in `sd15.a1111.infotext` if A1111 writes one).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import random
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -106,6 +107,14 @@ FIELDS = {f.name: f for f in dataclasses.fields(GenerationRequest)}
 def fields_of(*groups: str) -> list[dataclasses.Field]:
     """The fields of the given groups, in schema order."""
     return [f for f in FIELDS.values() if f.metadata["group"] in groups]
+
+
+def signature(*groups: str, extra: tuple = ()) -> inspect.Signature:
+    """A keyword-only signature made of the fields of `groups` (then `extra` parameters), for functions that
+    take a request as keyword arguments (`model.txt2img`), so that help() and tab completion list them."""
+    params = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+              for f in fields_of(*groups)]
+    return inspect.Signature([*params, *extra])
 
 
 def from_kwargs(**kw) -> GenerationRequest:
@@ -232,6 +241,10 @@ class ResolvedRequest:
     hires: Optional[Hires]
     mask_blur_x: int
     mask_blur_y: int
+
+    @property
+    def is_img2img(self) -> bool:
+        return self.request.is_img2img
 
     def __getattr__(self, name):      # the request's own fields read through: r.prompt, r.steps, ...
         if name in FIELDS:

@@ -7,10 +7,11 @@ import torch
 
 import sd15
 import synthetic_networks as sn
-from sd15.conditioning import encode_texts
+from sd15.a1111.conditioning import encode_texts
 from sd15.embeddings import EmbeddingDatabase, load_embedding_file
-from sd15.pipeline import Params, generate
-from sd15.prompt import tokenize_prompt
+from sd15.pipeline import generate
+from sd15.schema import GenerationRequest as Params
+from sd15.a1111.prompt import tokenize_prompt
 
 BASE = dict(seed=3, steps=3, width=64, height=64, negative_prompt="")
 WIDTH = 64  # CLIP_TINY

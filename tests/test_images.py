@@ -17,7 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sd15 import images as I
+from sd15.a1111 import images as I
+from sd15.a1111 import inpaint as M
 
 
 def rgb(w, h, color):

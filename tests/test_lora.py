@@ -11,7 +11,8 @@ import synthetic
 import synthetic_networks as sn
 from sd15 import lora as L
 from sd15.clip.text_encoder import CLIPTextModel
-from sd15.pipeline import Params, generate
+from sd15.pipeline import generate
+from sd15.schema import GenerationRequest as Params
 from sd15.unet.unet import UNetModel
 
 BASE = dict(seed=7, steps=3, width=64, height=64, negative_prompt="blurry")
@@ -331,7 +332,7 @@ def test_listing_refresh_and_addnet_hash(tmp_path, lora_tensors):
     loras.refresh()
     assert [x["name"] for x in loras.list_api()] == ["one", "two"]
     assert loras.list_api()[1]["metadata"] == {} and loras.list_api()[1]["alias"] == "two"
-    from sd15.infotext import addnet_hash, model_hash
+    from sd15.hashing import addnet_hash, model_hash
     assert loras.find("first").shorthash() == addnet_hash(str(folder / "one.safetensors"))[:12]
     assert loras.find("two").shorthash() == model_hash(str(folder / "deep" / "two.pt"))[:12]
     # an unknown name triggers one rescan, so a file dropped in later is found without refresh()

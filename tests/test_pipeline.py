@@ -1,6 +1,7 @@
 """txt2img / img2img end to end: equality with A1111's flow composed from reference parts (transformers CLIP,
 k-diffusion samplers and CompVisDenoiser, diffusers UNet and VAE), seeds and batches, infotexts, img2img,
 inpainting, hires fix, hooks, interrupt."""
+import os
 import threading
 
 import numpy as np
@@ -11,10 +12,12 @@ from safetensors.torch import load_file
 import sd15
 import _kdiff
 from reference import diffusers_unet, diffusers_vae, transformers_clip
-from sd15 import infotext
+from sd15.a1111 import infotext
+from sd15 import hashing
 from sd15.attention import attention_math, use_attention_backend
-from sd15.conditioning import encode_texts
-from sd15.pipeline import JobState, Params, generate
+from sd15.a1111.conditioning import encode_texts
+from sd15.pipeline import JobState, generate
+from sd15.schema import GenerationRequest as Params
 
 SIZE = dict(width=64, height=64)
 
@@ -133,15 +136,24 @@ def test_variation_seed_changes_image(model):
 # --- infotext -----------------------------------------------------------------------------------
 
 def test_infotext_format(model, tiny_ckpt):
+    h = hashing.model_hash(tiny_ckpt)[:10]
     r = generate(model, Params(prompt="a (cat:1.2), sitting", negative_prompt="ugly", seed=42, steps=4,
-                               sampler_name="DPM++ 2M Karras", cfg_scale=6.5, clip_skip=2, **SIZE))
-    h = infotext.short_hash(infotext.cached_hash(tiny_ckpt))
+                               sampler_name="DPM++ 2M Karras", cfg_scale=6.5, clip_skip=2, **SIZE), model_hash=h)
     assert r.infotexts[0] == ("a (cat:1.2), sitting\nNegative prompt: ugly\n"
                               "Steps: 4, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 42, "
                               f"Size: 64x64, Model hash: {h}, Model: tiny, Clip skip: 2, Version: v1.10.1")
     parsed = infotext.parse_infotext(r.infotexts[0])
     assert parsed["Prompt"] == "a (cat:1.2), sitting" and parsed["Seed"] == "42" and parsed["Clip skip"] == "2"
     assert r.info["infotexts"] == r.infotexts and r.info["sampler_name"] == "DPM++ 2M"
+
+
+def test_generate_writes_nothing_beside_the_weights(model, tiny_ckpt):
+    folder = os.path.dirname(tiny_ckpt)
+    before = {name: os.stat(os.path.join(folder, name)).st_mtime_ns for name in os.listdir(folder)}
+    r = model.txt2img(prompt="x", steps=1, **SIZE)
+    after = {name: os.stat(os.path.join(folder, name)).st_mtime_ns for name in os.listdir(folder)}
+    assert after == before
+    assert "Model: tiny," in r.infotexts[0] and "Model hash" not in r.infotexts[0]
 
 
 def test_unknown_sampler_is_a_clear_error(model):

@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from sd15.prompt import (BOS, COMMA, EOS, PAD, Chunk, chunk_tokens, extract_networks,
+from sd15.a1111.prompt import (BOS, COMMA, EOS, PAD, Chunk, chunk_tokens, extract_networks,
                          make_embedding_finder, network_multipliers, parse_prompt_attention,
                          prompt_schedules, schedule_index, split_and, tokenize_prompt)
 

@@ -69,8 +69,7 @@ def _extra_params(r, has_mask: bool, extra: Mapping[str, Any]) -> dict:
             out["Hires resize"] = f"{q.hr_resize_x}x{q.hr_resize_y}"
         if q.hr_second_pass_steps:
             out["Hires steps"] = q.hr_second_pass_steps
-        if q.hr_upscaler is not None:
-            out["Hires upscaler"] = q.hr_upscaler
+        out["Hires upscaler"] = hr.upscaler
     out.update(extra)
     if q.is_img2img and q.initial_noise_multiplier not in (None, 1.0):
         out["Noise multiplier"] = q.initial_noise_multiplier

@@ -15,7 +15,7 @@ from .denoiser import CFGDenoiser, EpsDenoiser
 from .schedules import (discrete_sigmas, sigmas_align_your_steps, sigmas_beta, sigmas_ddim, sigmas_exponential,
                         sigmas_karras, sigmas_kl_optimal, sigmas_normal, sigmas_polyexponential, sigmas_sgm_uniform,
                         sigmas_simple, sigmas_uniform)
-from .table import SAMPLER_BY_NAME, SCHEDULER_TABLE, Sampler, find_scheduler, split_sampler_name
+from .table import SAMPLER_BY_NAME, SCHEDULER_TABLE, find_scheduler
 from .timesteps import ddim_timesteps
 
 SAMPLERS = {name: s.fn for name, s in SAMPLER_BY_NAME.items()}  # A1111 name -> function (public API)
