@@ -12,6 +12,26 @@ import os
 import sys
 
 
+_TYPES = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optional[float]": float, "Optional[str]": str}
+_ALIASES = {"sampler_name": ["--sampler"]}
+
+
+def _add_schema_options(parser, *groups: str) -> None:
+    """One option per schema field of `groups` (`--field-name`, the schema's default and help)."""
+    from sd15.schema import RANDN_SOURCES, fields_of
+
+    for f in fields_of(*groups):
+        flags = ["--" + f.name.replace("_", "-"), *_ALIASES.get(f.name, [])]
+        help_ = f.metadata["doc"] or None
+        if f.type == "bool":
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=help_)
+        elif f.type in _TYPES:
+            choices = RANDN_SOURCES if f.name == "randn_source" else None
+            parser.add_argument(*flags, dest=f.name, type=_TYPES[f.type], default=f.default, choices=choices,
+                                help=help_)
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sd15", description="Stable Diffusion 1.5 in plain PyTorch (A1111-compatible).")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -19,33 +39,15 @@ def _parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=f"{name} with A1111's samplers, seeds and prompt syntax")
         sp.add_argument("--ckpt", required=True, help="SD 1.x checkpoint (.safetensors, .ckpt)")
         sp.add_argument("--vae", help="optional standalone VAE file")
-        sp.add_argument("--prompt", default="")
-        sp.add_argument("--negative-prompt", default="")
-        sp.add_argument("--steps", type=int, default=20)
-        sp.add_argument("--cfg-scale", type=float, default=7.0)
-        sp.add_argument("--width", type=int, default=512)
-        sp.add_argument("--height", type=int, default=512)
-        sp.add_argument("--seed", type=int, default=-1, help="-1: random")
-        sp.add_argument("--sampler", default="DPM++ 2M", help='A1111 name, e.g. "Euler a", "DPM++ 2M Karras"')
-        sp.add_argument("--scheduler", default=None, help='e.g. "Karras"; default: the sampler\'s own')
-        sp.add_argument("--batch-size", type=int, default=1)
-        sp.add_argument("--n-iter", type=int, default=1)
-        sp.add_argument("--clip-skip", type=int, default=1)
-        sp.add_argument("--randn-source", choices=["GPU", "CPU", "NV"], default="GPU")
         sp.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
         sp.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default=None,
                         help="default: fp16 on CUDA, fp32 on the CPU")
         sp.add_argument("--out", default="outputs", help="a .png file, or a folder")
         if name == "img2img":
             sp.add_argument("--init", required=True, help="the init image")
-            sp.add_argument("--denoising-strength", type=float, default=0.75)
-            sp.add_argument("--resize-mode", type=int, default=0, choices=[0, 1, 2, 3])
-            sp.add_argument("--mask", help="optional inpainting mask (white = repaint)")
-        else:
-            sp.add_argument("--enable-hr", action="store_true", help="hires fix")
-            sp.add_argument("--hr-scale", type=float, default=2.0)
-            sp.add_argument("--hr-upscaler", default="Latent")
-            sp.add_argument("--denoising-strength", type=float, default=None)
+            sp.add_argument("--mask", dest="mask_image", help="optional inpainting mask (white = repaint)")
+        _add_schema_options(sp, "prompt", "seeds", "sampling", "size", "settings",
+                            "img2img" if name == "img2img" else "hires")
     return ap
 
 
@@ -66,30 +68,32 @@ def run(args) -> list[str]:
     from tqdm import tqdm
 
     import sd15
-    from sd15.pipeline import Params, generate, save_png, validate
+    from sd15.a1111.images import png_bytes
+    from sd15.hashing import cached_hash, short_hash
+    from sd15.pipeline import generate
+    from sd15.schema import FIELDS, GenerationRequest, resolve, validate
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.precision]
-    kw = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, cfg_scale=args.cfg_scale,
-              width=args.width, height=args.height, seed=args.seed, sampler_name=args.sampler,
-              scheduler=args.scheduler, batch_size=args.batch_size, n_iter=args.n_iter, clip_skip=args.clip_skip,
-              randn_source=args.randn_source, denoising_strength=args.denoising_strength)
+    kw = {f.name: getattr(args, f.name) for f in FIELDS.values() if hasattr(args, f.name)}
     if args.command == "img2img":
         if not os.path.isfile(args.init):
             raise ValueError(f"{args.init}: no such image")
-        kw.update(init_images=[Image.open(args.init)], resize_mode=args.resize_mode)
-        if args.mask:
-            kw["mask"] = Image.open(args.mask)
-    else:
-        kw.update(enable_hr=args.enable_hr, hr_scale=args.hr_scale, hr_upscaler=args.hr_upscaler)
-    params = Params.from_kwargs(**kw)
-    validate(params)
+        kw["init_images"] = [Image.open(args.init)]
+        if args.mask_image:
+            kw["mask"] = Image.open(args.mask_image)
+    request = GenerationRequest(**kw)
+    validate(request)
+    params = resolve(request)
     model = sd15.load(args.ckpt, vae=args.vae, device=args.device, dtype=dtype)
-    total = params.n_iter * params.steps * (2 if params.enable_hr else 1)
+    total = params.n_iter * (params.steps + (params.hires.steps if params.hires else 0))
+    hashes = dict(model_hash=short_hash(cached_hash(args.ckpt)),
+                  vae_hash=short_hash(cached_hash(args.vae)) if args.vae else None)
     with tqdm(total=total, unit="step", desc=args.command) as bar:
-        result = generate(model, params, callback=lambda *_: bar.update(1))
+        result = generate(model, params, callback=lambda *_: bar.update(1), **hashes)
     paths = _out_paths(args.out, len(result.images), result.seeds)
     for image, text, path in zip(result.images, result.infotexts, paths):
-        save_png(image, path, text)
+        with open(path, "wb") as f:
+            f.write(png_bytes(image, text))
     for w in result.warnings:
         print(f"warning: {w}", file=sys.stderr)
     return paths

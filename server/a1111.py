@@ -1,14 +1,14 @@
-"""The A1111 `/sdapi/v1` request and response shapes, written out (spec a1111-api.md §2, §4-§7, §9-§11).
+"""The A1111 `/sdapi/v1` request and response shapes.
 
-- `Txt2ImgRequest` / `Img2ImgRequest` / `PngInfoRequest`: explicit dataclasses with A1111 v1.10's field
-  names and API defaults (steps 50, sampler "Euler" through `sampler_index`, img2img denoising 0.75, ...).
-  `from_json` coerces as A1111's pydantic v1 models do ("7" -> 7, 7 -> 7.0, "true" -> True), answers a wrong
-  type with FastAPI's 422 shape, treats `null` as "not given", and ignores (and logs) unknown fields.
-- `check(req, limits)`: ranges and limits (sizes, steps, batch, strengths, seeds), 422 in the same shape.
-- `to_params(req, ...)`: the request as an `sd15.pipeline.Params`; the server adds nothing of its own.
+- `Txt2ImgRequest` / `Img2ImgRequest`: the API-only fields of A1111 v1.10's request models (`sampler_index`,
+  `send_images`, `override_settings`, `script_*`, ...); the fields they share with the library are
+  `sd15.schema.GenerationRequest`'s and are read generically (`shared`). `from_json` coerces as A1111's
+  pydantic v1 models do ("7" -> 7, 7 -> 7.0, "true" -> True), answers a wrong type with FastAPI's 422 shape,
+  treats `null` as "not given", and ignores (and logs) unknown fields.
+- `to_request(req, settings, ...)`: the body as a `GenerationRequest`; `check(req, limits)`: its checks.
 - `OPTIONS`: the `/sdapi/v1/options` keys this server honours, with A1111's defaults and checks.
-- Error bodies: `ApiError` -> `{"error", "detail", "body", "errors"}` (§11.2); `ValidationError` -> FastAPI's
-  `{"detail": [{"loc", "msg", "type"}]}` (§11.3).
+- Error bodies: `ApiError` -> `{"error", "detail", "body", "errors"}`; `ValidationError` -> FastAPI's
+  `{"detail": [{"loc", "msg", "type"}]}`.
 
 Nothing here touches the model; the endpoints live in server/app.py.
 """
@@ -22,12 +22,12 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from sd15 import images as imgs
-from sd15 import infotext
+from sd15 import schema
+from sd15.a1111 import images as imgs
+from sd15.a1111 import infotext
+from sd15.samplers import resolve_sampler
 
 log = logging.getLogger("server")
-
-MAX_SEED = 2**63 - 1  # seeds are signed 64-bit here; A1111 draws random ones below 2**32
 
 
 # =============================================================================================
@@ -35,7 +35,7 @@ MAX_SEED = 2**63 - 1  # seeds are signed 64-bit here; A1111 draws random ones be
 # =============================================================================================
 
 class ApiError(Exception):
-    """An error answered with A1111's handler body (§11.2): `{"error", "detail", "body", "errors"}`."""
+    """An error answered with A1111's handler body: `{"error", "detail", "body", "errors"}`."""
 
     def __init__(self, status: int, detail: str = "", *, error: str = "HTTPException", errors: str = ""):
         super().__init__(detail or errors)
@@ -46,7 +46,7 @@ class ApiError(Exception):
 
 
 class ValidationError(Exception):
-    """FastAPI's request-validation error (§11.3): 422 `{"detail": [{"loc", "msg", "type"}, ...]}`."""
+    """FastAPI's request-validation error: 422 `{"detail": [{"loc", "msg", "type"}, ...]}`."""
 
     def __init__(self, problems: list[dict]):
         super().__init__("; ".join(f"{'.'.join(map(str, p['loc'][1:]))}: {p['msg']}" for p in problems))
@@ -63,7 +63,7 @@ class ValidationError(Exception):
 
 
 # =============================================================================================
-# Lenient JSON -> typed values (pydantic v1 semantics, §2.4)
+# Lenient JSON -> typed values (pydantic v1 semantics)
 # =============================================================================================
 
 _TRUE = {"1", "on", "t", "true", "y", "yes"}
@@ -171,72 +171,65 @@ def convert(name: str, value, tp):
 
 
 class _Request:
-    """`from_json` / `echo` shared by the request dataclasses below."""
+    """`from_json` / `echo` shared by the request bodies below. A generation body carries the API-only fields
+    as its own dataclass fields and the schema's fields of its `GROUPS` in `shared` (only those sent)."""
+
+    GROUPS: tuple = ()
+    DEFAULTS: dict = {}  # API defaults that differ from the schema's (img2img's denoising_strength)
+
+    @classmethod
+    def shared_fields(cls) -> list:
+        return schema.fields_of(*cls.GROUPS)
 
     @classmethod
     def from_json(cls, data):
         if not isinstance(data, dict):
             raise ValidationError.one(None, "value is not a valid dict", "type_error.dict")
-        hints = typing.get_type_hints(cls)
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(names))
+        hints = {**_SCHEMA_HINTS, **typing.get_type_hints(cls), **_API_TYPES}
+        own = [f.name for f in dataclasses.fields(cls) if f.name != "shared"]
+        shared = [f.name for f in cls.shared_fields()]
+        unknown = sorted(set(data) - set(own) - set(shared))
         if unknown:
             log.warning("%s: ignoring unknown field(s): %s", cls.__name__, ", ".join(unknown))
         if isinstance(data.get("infotext"), str) and data["infotext"].strip():
-            data = merge_infotext(data, names)
-        kw, problems = {}, []
-        for name in names:
+            data = merge_infotext(data, own + shared)
+        kw, given, problems = {}, {}, []
+        for name in own + shared:
             value = data.get(name)
             if value is None:  # missing or null: the default (A1111 would pass null on and maybe fail later)
                 continue
             try:
-                kw[name] = convert(name, value, hints[name])
+                (given if name in shared else kw)[name] = convert(name, value, hints[name])
             except ValidationError as e:
                 problems += e.problems
         missing = [n for n in getattr(cls, "REQUIRED", ()) if n not in kw]
         problems += [ValidationError.problem(n, "field required", "value_error.missing") for n in missing]
         if problems:
             raise ValidationError(problems)
-        return cls(**kw)
+        return cls(**kw, shared=given) if cls.GROUPS else cls(**kw)
 
     def echo(self) -> dict:
-        """The `parameters` of a response: every field, as received after coercion (§4.5)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """The `parameters` of a response: every field with its default, as received after coercion."""
+        shared = {f.name: f.default for f in self.shared_fields()}
+        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "shared"}
+        return {**shared, **self.DEFAULTS, **getattr(self, "shared", {}), **own}
+
+
+_SCHEMA_HINTS = typing.get_type_hints(schema.GenerationRequest)
+_API_TYPES = {"init_images": Optional[list[str]], "mask": Optional[str]}  # base64 strings on the wire
 
 
 # =============================================================================================
-# Requests (§4.2, §5), fields in A1111's order
+# Requests: the API-only fields; the shared ones are sd15.schema.GenerationRequest's
 # =============================================================================================
 
 @dataclass
 class _GenerationRequest(_Request):
-    prompt: str = ""
-    negative_prompt: str = ""
     styles: Optional[list[str]] = None
-    seed: int = -1
-    subseed: int = -1
-    subseed_strength: float = 0.0
-    seed_resize_from_h: int = -1
-    seed_resize_from_w: int = -1
-    sampler_name: Optional[str] = None
-    scheduler: Optional[str] = None
-    batch_size: int = 1
-    n_iter: int = 1
-    steps: int = 50
-    cfg_scale: float = 7.0
-    width: int = 512
-    height: int = 512
     restore_faces: Optional[bool] = None
     tiling: Optional[bool] = None
     do_not_save_samples: bool = False
     do_not_save_grid: bool = False
-    eta: Optional[float] = None
-    denoising_strength: Optional[float] = None
-    s_min_uncond: Optional[float] = None
-    s_churn: Optional[float] = None
-    s_tmax: Optional[float] = None
-    s_tmin: Optional[float] = None
-    s_noise: Optional[float] = None
     override_settings: Optional[dict] = None
     override_settings_restore_afterwards: bool = True
     refiner_checkpoint: Optional[str] = None
@@ -245,55 +238,42 @@ class _GenerationRequest(_Request):
     firstpass_image: Optional[str] = None
     comments: Optional[dict] = None
     force_task_id: Optional[str] = None
-    sampler_index: str = "Euler"
+    sampler_index: str = schema.DEFAULT_SAMPLER  # used when sampler_name is empty
     script_name: Optional[str] = None
     script_args: list = field(default_factory=list)
     send_images: bool = True
     save_images: bool = False
     alwayson_scripts: dict = field(default_factory=dict)
     infotext: Optional[str] = None
+    shared: dict = field(default_factory=dict)  # the schema fields sent, coerced
 
     is_img2img = False
+
+    def __getattr__(self, name):  # shared fields read as attributes: req.steps, req.enable_hr, ...
+        if name in schema.FIELDS and name != "shared":
+            return self.shared.get(name, self.DEFAULTS.get(name, schema.FIELDS[name].default))
+        raise AttributeError(name)
 
 
 @dataclass
 class Txt2ImgRequest(_GenerationRequest):
-    """POST /sdapi/v1/txt2img (§4.2)."""
-    enable_hr: bool = False
+    """POST /sdapi/v1/txt2img."""
     firstphase_width: int = 0
     firstphase_height: int = 0
-    hr_scale: float = 2.0
-    hr_upscaler: Optional[str] = None
-    hr_second_pass_steps: int = 0
-    hr_resize_x: int = 0
-    hr_resize_y: int = 0
     hr_checkpoint_name: Optional[str] = None
-    hr_sampler_name: Optional[str] = None
-    hr_scheduler: Optional[str] = None
-    hr_prompt: str = ""
-    hr_negative_prompt: str = ""
+
+    GROUPS = ("prompt", "seeds", "sampling", "size", "hires")
 
 
 @dataclass
 class Img2ImgRequest(_GenerationRequest):
-    """POST /sdapi/v1/img2img (§5): init images (and an optional inpainting mask) as base64 or data URLs."""
-    init_images: Optional[list[str]] = None
-    resize_mode: int = 0
-    denoising_strength: Optional[float] = 0.75
+    """POST /sdapi/v1/img2img: init images (and an optional inpainting mask) as base64 or data URLs."""
     image_cfg_scale: Optional[float] = None
-    mask: Optional[str] = None
-    mask_blur_x: int = 4
-    mask_blur_y: int = 4
-    mask_blur: Optional[int] = None
-    mask_round: bool = True
-    inpainting_fill: int = 0
-    inpaint_full_res: bool = True
-    inpaint_full_res_padding: int = 0
-    inpainting_mask_invert: int = 0
-    initial_noise_multiplier: Optional[float] = None
     latent_mask: Optional[str] = None
     include_init_images: bool = False
 
+    GROUPS = ("prompt", "seeds", "sampling", "size", "img2img")
+    DEFAULTS = {"denoising_strength": schema.DEFAULT_DENOISING_STRENGTH}
     is_img2img = True
 
     def echo(self) -> dict:
@@ -312,7 +292,7 @@ class PngInfoRequest(_Request):
     REQUIRED = ("image",)
 
 
-# The `infotext` request field (§4.2, v1.8+): infotext keys -> request fields the client did not set.
+# The `infotext` request field (v1.8+): infotext keys -> request fields the client did not set.
 _INFOTEXT_FIELDS = {
     "Prompt": "prompt", "Negative prompt": "negative_prompt", "Steps": "steps", "Sampler": "sampler_name",
     "Schedule type": "scheduler", "CFG scale": "cfg_scale", "Seed": "seed", "Size-1": "width", "Size-2": "height",
@@ -348,96 +328,74 @@ def merge_infotext(data: dict, names: list[str]) -> dict:
 
 
 # =============================================================================================
-# Ranges and limits
+# Request -> schema, checks
 # =============================================================================================
 
-@dataclass
-class Limits:
+@dataclass(frozen=True)
+class Limits(schema.Limits):
     """What one request may ask for (generous defaults; `sd15-server --max-*` flags change them)."""
-    max_pixels: int = 2048 * 2048  # width × height of any pass (the hires target included)
-    max_side: int = 4096  # either side of any pass
-    max_steps: int = 1000  # steps and hr_second_pass_steps
+    max_pixels: int = 2048 * 2048
+    max_side: int = 4096
+    max_steps: int = 1000
     max_batch_size: int = 16
     max_n_iter: int = 100
-    max_images: int = 256  # batch_size × n_iter
+    max_images: int = 256
     max_body_bytes: int = 64 << 20  # request body
     max_image_pixels: int = 8192 * 8192  # every decoded input image (decompression-bomb guard)
 
 
-class _Checker:
-    def __init__(self):
-        self.problems: list[dict] = []
-
-    def range(self, name, value, lo=None, hi=None):
-        if value is None:
-            return
-        if lo is not None and value < lo:
-            self.problems.append(ValidationError.problem(
-                name, f"ensure this value is greater than or equal to {lo}", "value_error.number.not_ge"))
-        elif hi is not None and value > hi:
-            self.problems.append(ValidationError.problem(
-                name, f"ensure this value is less than or equal to {hi}", "value_error.number.not_le"))
-
-    def fail(self, name, msg):
-        self.problems.append(ValidationError.problem(name, msg, "value_error"))
+def _same(value: Optional[str]) -> Optional[str]:
+    return None if value in _USE_SAME or value == "" else value
 
 
-def hires_size(req: Txt2ImgRequest) -> tuple[int, int, int, int]:
-    """(first-pass width, height, hires width, height), with A1111's legacy `firstphase_*` reading: when
-    either is set, width/height become the hires target and they give the first pass."""
-    w, h, rx, ry = req.width, req.height, req.hr_resize_x, req.hr_resize_y
-    if req.firstphase_width or req.firstphase_height:
-        rx, ry = w, h
-        w, h = req.firstphase_width or w, req.firstphase_height or h
-    hr_w, hr_h, _, _ = imgs.hires_target_size(w, h, req.hr_scale, rx, ry)
-    return w, h, hr_w, hr_h
+def to_request(req: _GenerationRequest, settings: Optional[dict] = None, init_images=None,
+               mask=None) -> schema.GenerationRequest:
+    """The body as a `sd15.schema.GenerationRequest`: its shared fields as sent, the API's spellings
+    (`sampler_index`, "Use same sampler", legacy `firstphase_*`) translated, and the options that change
+    the numbers from `settings` (the effective options; None: A1111's defaults). init_images/mask are the
+    decoded PIL images (None: the strings as sent, enough for checking)."""
+    settings = {**{k: o.default for k, o in OPTIONS.items()}, **(settings or {})}
+    kw = dict(req.shared)
+    kw["sampler_name"] = req.sampler_name or req.sampler_index
+    for name in ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise", "s_min_uncond", "initial_noise_multiplier"):
+        option = name
+        if name == "eta":
+            try:
+                option = "eta_ddim" if resolve_sampler(kw["sampler_name"], req.scheduler)[0].timesteps else "eta_ancestral"
+            except ValueError:
+                continue  # resolve() reports the name
+        if name in schema.FIELDS and kw.get(name) is None and settings[option] != OPTIONS[option].default:
+            if name != "initial_noise_multiplier" or req.is_img2img:
+                kw[name] = settings[option]
+    if isinstance(req, Txt2ImgRequest):
+        kw.update(hr_sampler_name=_same(req.hr_sampler_name), hr_scheduler=_same(req.hr_scheduler))
+        if req.firstphase_width or req.firstphase_height:  # legacy: width/height are the hires target
+            kw.update(width=req.firstphase_width or req.width, height=req.firstphase_height or req.height,
+                      hr_resize_x=req.width, hr_resize_y=req.height)
+    if req.is_img2img:
+        kw.update(init_images=init_images if init_images is not None else req.init_images, mask=mask or req.mask)
+        kw.setdefault("denoising_strength", req.denoising_strength)
+    kw.update(randn_source=settings["randn_source"], eta_noise_seed_delta=settings["eta_noise_seed_delta"],
+              clip_skip=settings["CLIP_stop_at_last_layers"])
+    return schema.GenerationRequest(**kw)
 
 
 def check(req: _GenerationRequest, limits: Limits) -> None:
-    """Types are already right (from_json); this checks ranges and limits -> ValidationError (422)."""
-    c = _Checker()
-    c.range("seed", req.seed, -1, MAX_SEED)
-    c.range("subseed", req.subseed, -1, MAX_SEED)
-    c.range("subseed_strength", req.subseed_strength, 0.0, 1.0)
-    c.range("seed_resize_from_h", req.seed_resize_from_h, -1, limits.max_side)
-    c.range("seed_resize_from_w", req.seed_resize_from_w, -1, limits.max_side)
-    c.range("batch_size", req.batch_size, 1, limits.max_batch_size)
-    c.range("n_iter", req.n_iter, 1, limits.max_n_iter)
-    if req.batch_size * req.n_iter > limits.max_images:
-        c.fail("n_iter", f"batch_size × n_iter must be at most {limits.max_images}")
-    c.range("steps", req.steps, 1, limits.max_steps)
-    c.range("cfg_scale", req.cfg_scale, -100.0, 100.0)
-    c.range("denoising_strength", req.denoising_strength, 0.0, 1.0)
-    for name in ("eta", "s_min_uncond", "s_churn", "s_tmax", "s_tmin", "s_noise"):
-        c.range(name, getattr(req, name), 0.0, 1000.0)
-    sizes = [("width", "height", req.width, req.height)]
+    """The request's ranges and limits (`sd15.schema.validate`) and the API-only fields -> ValidationError
+    (422); unknown sampler, scheduler or upscaler names -> ApiError 400 (A1111 v1.10 answers 400)."""
+    problems = []
     if isinstance(req, Txt2ImgRequest):
-        c.range("firstphase_width", req.firstphase_width, 0, limits.max_side)
-        c.range("firstphase_height", req.firstphase_height, 0, limits.max_side)
-        c.range("hr_second_pass_steps", req.hr_second_pass_steps, 0, limits.max_steps)
-        c.range("hr_resize_x", req.hr_resize_x, 0, limits.max_side)
-        c.range("hr_resize_y", req.hr_resize_y, 0, limits.max_side)
-        c.range("hr_scale", req.hr_scale, 0.05, 16.0)
-        if req.enable_hr and not c.problems:
-            w, h, hr_w, hr_h = hires_size(req)
-            sizes = [("width", "height", w, h), ("hr_resize_x", "hr_resize_y", hr_w, hr_h)]
-    else:
-        c.range("resize_mode", req.resize_mode, 0, 3)
-        c.range("mask_blur", req.mask_blur, 0, 256)
-        c.range("mask_blur_x", req.mask_blur_x, 0, 256)
-        c.range("mask_blur_y", req.mask_blur_y, 0, 256)
-        c.range("inpainting_fill", req.inpainting_fill, 0, 3)
-        c.range("inpaint_full_res_padding", req.inpaint_full_res_padding, 0, limits.max_side)
-        c.range("inpainting_mask_invert", req.inpainting_mask_invert, 0, 1)
-        c.range("initial_noise_multiplier", req.initial_noise_multiplier, 0.0, 10.0)
-        if req.init_images is not None and len(req.init_images) > max(req.batch_size, 1) and len(req.init_images) > 1:
-            c.fail("init_images", f"bad number of images passed: {len(req.init_images)} init images for "
-                                  f"batch_size {req.batch_size}")
-    for wname, hname, w, h in sizes:
-        c.range(wname, w, 8, limits.max_side)
-        c.range(hname, h, 8, limits.max_side)
-        if w * h > limits.max_pixels:
-            c.fail(wname, f"{w}x{h} is {w * h} pixels; the limit is {limits.max_pixels}")
+        for name in ("firstphase_width", "firstphase_height"):
+            if not 0 <= getattr(req, name) <= limits.max_side:
+                problems.append(ValidationError.problem(name, f"must be between 0 and {limits.max_side}",
+                                                        "value_error"))
+    if req.is_img2img and not req.init_images:
+        raise ApiError(404, "Init image not found")
+    draft = to_request(req)
+    try:
+        schema.validate(draft, limits)
+    except schema.RequestError as e:
+        problems += [ValidationError.problem(name, msg, kind) for name, msg, kind in e.problems]
     if req.script_name:
         raise ApiError(422, f"Script '{req.script_name}' not found")  # A1111's words; no scripts here
     if req.alwayson_scripts:
@@ -446,79 +404,14 @@ def check(req: _GenerationRequest, limits: Limits) -> None:
                    ("refiner_checkpoint", req.refiner_checkpoint)]
     if isinstance(req, Txt2ImgRequest):
         unsupported.append(("hr_checkpoint_name", req.hr_checkpoint_name not in (None, "", "Use same checkpoint")))
-    for name, value in unsupported:
-        if value:
-            c.fail(name, f"{name} is not supported by this server")
-    if c.problems:
-        raise ValidationError(c.problems)
-
-
-def resolve_names(req: _GenerationRequest) -> None:
-    """Unknown sampler / scheduler / hires upscaler -> 400 naming the valid ones (A1111 v1.10 uses 400 for
-    a bad sampler; old combined names such as "DPM++ 2M Karras" are valid)."""
+    problems += [ValidationError.problem(name, f"{name} is not supported by this server", "value_error")
+                 for name, value in unsupported if value]
+    if problems:
+        raise ValidationError(problems)
     try:
-        infotext.resolve_sampler(req.sampler_name or req.sampler_index, req.scheduler)
-        if isinstance(req, Txt2ImgRequest) and req.enable_hr:
-            infotext.resolve_sampler(_same(req.hr_sampler_name) or req.sampler_name or req.sampler_index,
-                                     _same(req.hr_scheduler) or req.scheduler)
+        schema.resolve(draft)
     except ValueError as e:
         raise ApiError(400, str(e)) from None
-    if isinstance(req, Txt2ImgRequest) and req.enable_hr:
-        name = req.hr_upscaler or "Latent"
-        if name not in imgs.LATENT_UPSCALE_MODES and name not in imgs.PIXEL_UPSCALERS:
-            valid = ", ".join([*imgs.LATENT_UPSCALE_MODES, *imgs.PIXEL_UPSCALERS])
-            raise ApiError(400, f"could not find upscaler named {name}. Valid upscalers: {valid}")
-
-
-def _same(value: Optional[str]) -> Optional[str]:
-    return None if value in _USE_SAME or value == "" else value
-
-
-def to_params(req: _GenerationRequest, settings: dict, init_images=None, mask=None):
-    """The request as an `sd15.pipeline.Params`; `settings` are the effective options (overrides applied),
-    init_images/mask the already decoded PIL images."""
-    from sd15.pipeline import Params
-
-    sampler = req.sampler_name or req.sampler_index
-    eta = req.eta
-    info = infotext.find_sampler(infotext.resolve_sampler(sampler, req.scheduler)[0])
-    if eta is None:  # the eta options only count when they differ from A1111's defaults
-        key = "eta_ddim" if info is not None and info.is_timesteps else "eta_ancestral"
-        if settings[key] != OPTIONS[key].default:
-            eta = settings[key]
-    kw = dict(
-        prompt=req.prompt, negative_prompt=req.negative_prompt, seed=req.seed, subseed=req.subseed,
-        subseed_strength=req.subseed_strength, seed_resize_from_h=req.seed_resize_from_h,
-        seed_resize_from_w=req.seed_resize_from_w, sampler_name=sampler, scheduler=req.scheduler,
-        batch_size=req.batch_size, n_iter=req.n_iter, steps=req.steps, cfg_scale=req.cfg_scale, width=req.width,
-        height=req.height, eta=eta, denoising_strength=req.denoising_strength,
-        randn_source=settings["randn_source"], eta_noise_seed_delta=settings["eta_noise_seed_delta"],
-        clip_skip=settings["CLIP_stop_at_last_layers"],
-    )
-    for name in ("s_churn", "s_tmin", "s_tmax", "s_noise", "s_min_uncond"):
-        value = getattr(req, name)
-        if value is None and settings[name] != OPTIONS[name].default:
-            value = settings[name]
-        kw[name] = value
-    if isinstance(req, Txt2ImgRequest) and req.enable_hr:
-        w, h, _, _ = hires_size(req)
-        legacy = bool(req.firstphase_width or req.firstphase_height)
-        kw.update(width=w, height=h, enable_hr=True, hr_scale=req.hr_scale, hr_upscaler=req.hr_upscaler,
-                  hr_second_pass_steps=req.hr_second_pass_steps,
-                  hr_resize_x=req.width if legacy else req.hr_resize_x,
-                  hr_resize_y=req.height if legacy else req.hr_resize_y,
-                  hr_sampler_name=_same(req.hr_sampler_name), hr_scheduler=_same(req.hr_scheduler),
-                  hr_prompt=req.hr_prompt, hr_negative_prompt=req.hr_negative_prompt)
-    if isinstance(req, Img2ImgRequest):
-        noise = req.initial_noise_multiplier
-        if noise is None and settings["initial_noise_multiplier"] != OPTIONS["initial_noise_multiplier"].default:
-            noise = settings["initial_noise_multiplier"]
-        kw.update(init_images=init_images, resize_mode=req.resize_mode, mask=mask, mask_blur=req.mask_blur,
-                  mask_blur_x=req.mask_blur_x, mask_blur_y=req.mask_blur_y, mask_round=req.mask_round,
-                  inpainting_fill=req.inpainting_fill, inpaint_full_res=req.inpaint_full_res,
-                  inpaint_full_res_padding=req.inpaint_full_res_padding,
-                  inpainting_mask_invert=req.inpainting_mask_invert, initial_noise_multiplier=noise)
-    return Params.from_kwargs(**kw)
 
 
 def decode_image(data: str, name: str, limits: Limits):
@@ -532,7 +425,7 @@ def decode_image(data: str, name: str, limits: Limits):
 
 
 # =============================================================================================
-# Options (§9)
+# Options
 # =============================================================================================
 
 @dataclass(frozen=True)
@@ -575,17 +468,19 @@ def option_value(key: str, value):
     if opt.type is int and isinstance(value, float) and value.is_integer():
         value = int(value)  # GET /options shows these as floats (A1111's quirk), so accept them back
     value = convert(key, value, opt.type)
-    c = _Checker()
-    c.range(key, value if opt.type in (int, float) else None, opt.lo, opt.hi)
+    if opt.type in (int, float) and opt.lo is not None and value < opt.lo:
+        raise ValidationError.one(key, f"ensure this value is greater than or equal to {opt.lo}",
+                                  "value_error.number.not_ge")
+    if opt.type in (int, float) and opt.hi is not None and value > opt.hi:
+        raise ValidationError.one(key, f"ensure this value is less than or equal to {opt.hi}",
+                                  "value_error.number.not_le")
     if opt.choices is not None and value not in opt.choices:
-        c.fail(key, f"must be one of: {', '.join(map(str, opt.choices))}")
-    if c.problems:
-        raise ValidationError(c.problems)
+        raise ValidationError.one(key, f"must be one of: {', '.join(map(str, opt.choices))}")
     return value
 
 
 def options_json(values: dict) -> dict:
-    """GET /options: every key; ints whose default is non-zero come back as floats (A1111's quirk, §2.5)."""
+    """GET /options: every key; ints whose default is non-zero come back as floats (A1111's quirk)."""
     out = {}
     for key, opt in OPTIONS.items():
         value = values[key]
@@ -600,18 +495,16 @@ def options_json(values: dict) -> dict:
 # =============================================================================================
 
 def image_response(req: _GenerationRequest, result, pnginfo: bool = True) -> dict:
-    """txt2img/img2img response (§4.5): bare base64 PNGs with the infotext chunk, the echo, `info` string."""
-    from sd15.pipeline import png_bytes
-
+    """txt2img/img2img response: bare base64 PNGs with the infotext chunk, the echo, `info` string."""
     images = []
     if req.send_images:
         for image, text in zip(result.images, result.infotexts):
-            images.append(base64.b64encode(png_bytes(image, text if pnginfo else None)).decode("ascii"))
+            images.append(base64.b64encode(imgs.png_bytes(image, text if pnginfo else None)).decode("ascii"))
     return {"images": images, "parameters": req.echo(), "info": infotext.info_json(result.info)}
 
 
 def progress_json(job, last_timestamp: str, preview: Optional[str]) -> dict:
-    """GET /progress (§10.1). `job` is the running job (None when idle): `.state` (sd15 JobState),
+    """GET /progress. `job` is the running job (None when idle): `.state` (sd15 JobState),
     `.started` (time.time()), `.timestamp`, `.kind`, `.n_iter`, `.passes` (2 with hires)."""
     import time
 
@@ -644,7 +537,7 @@ _TECHNICAL_INFO = {"parameters", "exif", "icc_profile", "dpi", "jfif", "jfif_ver
 
 
 def png_info(image) -> dict:
-    """POST /png-info (§3.1): the infotext (PNG `parameters` chunk or EXIF UserComment), the other
+    """POST /png-info: the infotext (PNG `parameters` chunk or EXIF UserComment), the other
     string-ish info keys, and the parsed infotext."""
     text = image.info.get("parameters")
     if not isinstance(text, str):
@@ -675,7 +568,7 @@ def _exif_user_comment(image) -> Optional[str]:
     return body.decode("utf-8", errors="replace").rstrip("\x00")
 
 
-# What A1111 answers on endpoints that have nothing behind them here (§3.1).
+# What A1111 answers on endpoints that have nothing behind them here.
 EMPTY_SHAPES = {
     "scripts": {"txt2img": [], "img2img": []},
     "script-info": [],

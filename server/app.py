@@ -38,9 +38,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from sd15 import infotext
+from sd15.a1111 import infotext
 from sd15.checkpoint import CheckpointError
 from sd15.pipeline import JobState, decode_latents, generate
+from sd15.samplers import samplers_api, schedulers_api
+from sd15.schema import GenerationRequest, resolve
 from server import a1111
 from server.a1111 import ApiError, Limits, ValidationError
 from server.download import DEFAULT_MODEL
@@ -202,14 +204,11 @@ class Engine:
         """Everything that can fail on the request alone, before it queues: ranges, names, overrides,
         image decoding (with the pixel limit) -> (init_images, mask, overrides)."""
         a1111.check(req, self.limits)
-        a1111.resolve_names(req)
         overrides = self.check_overrides(req.override_settings or {})
         if req.save_images:
             log.warning("save_images: this server does not save images; they are only returned")
         init_images = mask = None
         if req.is_img2img:
-            if not req.init_images:
-                raise ApiError(404, "Init image not found")
             init_images = [a1111.decode_image(s, f"init_images[{i}]", self.limits)
                            for i, s in enumerate(req.init_images)]
             if req.mask:
@@ -219,12 +218,13 @@ class Engine:
     def run(self, req, init_images, mask, overrides: dict):
         """(GPU worker) One txt2img/img2img job with the options as they are now -> (Result, settings)."""
         settings = {**self.options, **overrides}
-        params = a1111.to_params(req, settings, init_images, mask)
-        job = Job("img2img" if req.is_img2img else "txt2img", JobState(), params.n_iter, 2 if params.enable_hr else 1)
+        request = resolve(a1111.to_request(req, settings, init_images, mask))
+        job = Job("img2img" if req.is_img2img else "txt2img", JobState(), request.n_iter, 2 if request.hires else 1)
         self.job, self.preview = job, None
         try:
             self.ensure_model(settings)
-            result = generate(self.models.model, params, state=job.state, callback=self._previewer(job, settings))
+            result = generate(self.models.model, request, state=job.state, callback=self._previewer(job, settings),
+                              **self.models.infotext_hashes())
         finally:
             self.job, self.last_timestamp = None, job.timestamp
         if not req.override_settings_restore_afterwards:
@@ -241,12 +241,11 @@ class Engine:
         def callback(step, sigma, x, denoised):
             job.steps_done += 1
             if self.preview_wanted and job.steps_done - job.preview_at >= every:
-                from sd15 import images as imgs
-                from sd15.pipeline import png_bytes
+                from sd15.a1111 import images as imgs
 
                 job.preview_at, self.preview_wanted = job.steps_done, False
                 image = imgs.tensor_to_pil(decode_latents(self.models.model, denoised[:1]))[0]
-                self.preview = base64.b64encode(png_bytes(image)).decode("ascii")
+                self.preview = base64.b64encode(imgs.png_bytes(image)).decode("ascii")
         return callback
 
 
@@ -435,12 +434,12 @@ async def reload_checkpoint(request: Request):
 
 async def samplers(request: Request):
     """Samplers."""
-    return JSONResponse(infotext.samplers_api())
+    return JSONResponse(samplers_api())
 
 
 async def schedulers(request: Request):
     """Schedulers."""
-    return JSONResponse(infotext.schedulers_api())
+    return JSONResponse(schedulers_api())
 
 
 async def upscalers(request: Request):
@@ -647,11 +646,14 @@ def _json_schema(tp) -> dict:
 
 
 def _dataclass_schema(cls) -> dict:
-    hints = typing.get_type_hints(cls)
-    props = {}
+    """A request body's JSON schema: the schema fields it shares (sd15.schema) and its API-only fields."""
+    hints = {**typing.get_type_hints(GenerationRequest), **typing.get_type_hints(cls), **a1111._API_TYPES}
+    defaults = {f.name: f.default for f in cls.shared_fields()} if hasattr(cls, "shared_fields") else {}
+    defaults.update(getattr(cls, "DEFAULTS", {}))
     for f in dataclasses.fields(cls):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        props[f.name] = {**_json_schema(hints[f.name]), "default": default}
+        if f.name != "shared":
+            defaults[f.name] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    props = {name: {**_json_schema(hints[name]), "default": default} for name, default in defaults.items()}
     schema = {"title": cls.__name__, "type": "object", "properties": props}
     if getattr(cls, "REQUIRED", ()):
         schema["required"] = list(cls.REQUIRED)

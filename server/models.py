@@ -2,7 +2,7 @@
 
 - `Library`: what is in --ckpt-dir / --vae-dir / --lora-dir / --embeddings-dir, in A1111's list shapes.
   Checkpoint titles carry A1111's short hash once the sha256 is known; hashes are remembered beside the files
-  (`sd15.infotext.cached_hash`), so a 4 GB checkpoint is hashed once, when it is first loaded.
+  (`sd15.hashing.cached_hash`), so a 4 GB checkpoint is hashed once, when it is first loaded.
 - `find_checkpoint(name)`: A1111's exact alias table (title, name, stem, model_name, hashes, ...). Request
   strings are only ever compared with listed files; they are never joined into a path, so no name can reach
   outside its folder.
@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from sd15 import infotext
+from sd15 import hashing
 from sd15.embeddings import EmbeddingDatabase
 from sd15.lora import Loras
 
@@ -62,7 +62,7 @@ class Checkpoint:
 
     @property
     def short_hash(self) -> Optional[str]:
-        return infotext.short_hash(self.sha256)
+        return hashing.short_hash(self.sha256)
 
     @property
     def title(self) -> str:
@@ -86,10 +86,10 @@ class Checkpoint:
 
 def _checkpoint(path: str, name: str) -> Checkpoint:
     try:
-        sha = infotext.cached_hash(path, compute=False)
+        sha = hashing.cached_hash(path, compute=False)
     except OSError:
         sha = None
-    return Checkpoint(path, name, sha, infotext.legacy_model_hash(path))
+    return Checkpoint(path, name, sha, hashing.legacy_model_hash(path))
 
 
 class Library:
@@ -188,7 +188,7 @@ class ModelManager:
             log.info("loading %s%s", checkpoint.path, f" with VAE {vae}" if vae else "")
             self.model = sd15.load(checkpoint.path, vae=vae, device=self.device, dtype=self.dtype,
                                    lora_dir=self.library.lora_dir, embeddings_dir=self.library.embeddings_dir)
-            checkpoint.sha256 = infotext.cached_hash(checkpoint.path)  # hashed once, then cached beside the file
+            checkpoint.sha256 = hashing.cached_hash(checkpoint.path)  # hashed once, then cached beside the file
             if self.optimize and self.model.device.type == "cuda":
                 from sd15 import fast
 
@@ -203,6 +203,12 @@ class ModelManager:
                     log.error("could not reload %s either: %s", previous[0].path, e)
             raise
         self.checkpoint, self.vae = checkpoint, vae
+
+    def infotext_hashes(self) -> dict:
+        """`model_hash` / `vae_hash` for `generate()`: the checkpoint's short hash (known since loading) and the
+        external VAE's (hashed once, cached beside the file)."""
+        return dict(model_hash=self.checkpoint.short_hash if self.checkpoint else None,
+                    vae_hash=hashing.short_hash(hashing.cached_hash(self.vae)) if self.vae else None)
 
     def set_vae(self, vae: Optional[str]) -> None:
         """Swap only the VAE: an external file, or (None) the checkpoint's own VAE read again from it."""
