@@ -42,7 +42,7 @@ class GenerationRequest:
     # seeds
     seed: int = _f(-1, "seeds", "-1: random; image k of the job gets seed + k", -1, MAX_SEED)
     subseed: int = _f(-1, "seeds", "variation seed, -1: random", -1, MAX_SEED)
-    subseed_strength: float = _f(0.0, "seeds", "variation strength", 0.0, 1.0)
+    subseed_strength: float = _f(0, "seeds", "variation strength (the int 0 as A1111 echoes it)", 0.0, 1.0)
     seed_resize_from_h: int = _f(-1, "seeds", "make the noise as for this height", -1)
     seed_resize_from_w: int = _f(-1, "seeds", "make the noise as for this width", -1)
     # sampling
@@ -252,6 +252,11 @@ class ResolvedRequest:
         raise AttributeError(name)
 
 
+def _same(name: Optional[str]) -> Optional[str]:
+    """A1111's "Use same sampler" / "Use same scheduler" mean the first pass's, as an empty value does."""
+    return None if name in ("Use same sampler", "Use same scheduler") else name
+
+
 def resolve(req: GenerationRequest, *, rng: Optional[random.Random] = None) -> ResolvedRequest:
     """Make every choice of a (validated) request once. Unknown sampler, scheduler or hires upscaler names
     raise ValueError naming the valid ones (the server answers 400, as A1111 does)."""
@@ -263,8 +268,8 @@ def resolve(req: GenerationRequest, *, rng: Optional[random.Random] = None) -> R
     seeds, subseeds = job_seeds(fixed_seed(req.seed, rng), fixed_seed(req.subseed, rng), req.subseed_strength, n)
     hires = None
     if req.enable_hr and not req.is_img2img:
-        hr_sampler, hr_scheduler = resolve_sampler(req.hr_sampler_name or sampler.name,
-                                                   req.hr_scheduler or scheduler.name)
+        hr_sampler, hr_scheduler = resolve_sampler(_same(req.hr_sampler_name) or sampler.name,
+                                                   _same(req.hr_scheduler) or scheduler.name)
         upscaler = req.hr_upscaler or DEFAULT_HR_UPSCALER
         if upscaler not in LATENT_UPSCALE_MODES and upscaler not in PIXEL_UPSCALERS:
             valid = ", ".join([*LATENT_UPSCALE_MODES, *PIXEL_UPSCALERS])

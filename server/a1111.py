@@ -368,7 +368,6 @@ def to_request(req: _GenerationRequest, settings: Optional[dict] = None, init_im
             if name != "initial_noise_multiplier" or req.is_img2img:
                 kw[name] = settings[option]
     if isinstance(req, Txt2ImgRequest):
-        kw.update(hr_sampler_name=_same(req.hr_sampler_name), hr_scheduler=_same(req.hr_scheduler))
         if req.firstphase_width or req.firstphase_height:  # legacy: width/height are the hires target
             kw.update(width=req.firstphase_width or req.width, height=req.firstphase_height or req.height,
                       hr_resize_x=req.width, hr_resize_y=req.height)

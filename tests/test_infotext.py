@@ -1,28 +1,62 @@
-"""A1111 infotext, info JSON, sampler/scheduler tables and hashes (sd15/infotext.py).
-
-Expected strings are written out from spec/a1111-api.md §4.5, §6-§9 (and generation.md §2.3, §3.2).
-"""
-import hashlib
+"""A1111 infotext and info JSON from a resolved request (sd15/a1111/infotext.py), the infotext parser, and the
+sampler / scheduler tables and name resolution (sd15/samplers/table.py). Expected strings are A1111 v1.10's."""
 import json
-import os
 import random
 
 import pytest
 
-from sd15 import infotext as it
-from sd15.infotext import (GenerationParams, cached_hash, create_info, create_infotext, extra_generation_params,
-                           fixed_seed, format_hashes, info_json, job_seeds, legacy_model_hash, model_hash,
-                           parse_infotext, quote, resolve_sampler, short_hash, unquote)
+from PIL import Image
+
+from sd15 import samplers
+from sd15.a1111 import infotext as it
+from sd15.a1111.infotext import format_hashes, info_json, parse_infotext, quote, unquote
+from sd15.schema import GenerationRequest, fixed_seed, job_seeds, resolve
 
 MODEL = dict(sd_model_name="v1-5-pruned-emaonly", sd_model_hash="6ce0161689")
+IMAGE = Image.new("RGB", (8, 8))
 
 
-def job(prompt="a cat", negative_prompt="", **kw):
+class Job:
+    """A resolved request with what the pipeline adds to its infotext (model entries, extras, mask use)."""
+
+    def __init__(self, r, model, extra, has_mask):
+        self.r, self.model, self.extra, self.has_mask = r, model, extra, has_mask
+
+    def kw(self):
+        return dict(model=self.model, extra=self.extra, has_mask=self.has_mask)
+
+
+def job(prompt="a cat", negative_prompt="", *, is_img2img=False, has_mask=False, extra_generation_params=None,
+        sd_vae_name=None, sd_vae_hash=None, **kw):
     kw.setdefault("seed", 123)
     kw.setdefault("subseed", 456)
-    for k, v in MODEL.items():
-        kw.setdefault(k, v)
-    return GenerationParams.for_job(prompt, negative_prompt, **kw)
+    model = {**MODEL, **({"sd_vae_name": sd_vae_name, "sd_vae_hash": sd_vae_hash} if sd_vae_name else {})}
+    if is_img2img:
+        kw.update(init_images=[IMAGE], mask=IMAGE if has_mask else None)
+    r = resolve(GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, **kw))
+    return Job(r, model, extra_generation_params or {}, has_mask)
+
+
+def create_infotext(p, index=0):
+    return it.create_infotext(p.r, index, **p.kw())
+
+
+def create_info(p, infotexts, **kw):
+    return it.create_info(p.r, infotexts, **p.kw(), **kw)
+
+
+def extra_generation_params(p):
+    return create_info(p, [], job_timestamp="")["extra_generation_params"]
+
+
+def resolve_sampler(name, scheduler=None):
+    sampler, sched = samplers.resolve_sampler(name, scheduler)
+    return sampler.name, sched.label
+
+
+def schedule_type(p):
+    recorded = samplers.recorded_schedule(p.r.sampler, p.r.scheduler)
+    return recorded.label if recorded else p.r.scheduler.label
 
 
 def params_line(params, index=0):
@@ -48,7 +82,7 @@ SPEC_INFO_A_CAT = {
 
 def test_spec_info_example_minimal_txt2img():
     # {"prompt": "a cat"} with API defaults: Euler (sampler_index), 50 steps, cfg 7.0, no scheduler
-    p = GenerationParams.for_job("a cat", seed=3170487337, subseed=2091751405, **MODEL)
+    p = job("a cat", seed=3170487337, subseed=2091751405)
     infotexts = [create_infotext(p, 0)]
     info = create_info(p, infotexts, job_timestamp="20240801120000")
     assert info == SPEC_INFO_A_CAT
@@ -127,27 +161,26 @@ SPEC_SCHEDULERS = [
 
 def test_samplers_endpoint_table():
     expected = [{"name": n, "aliases": a, "options": o} for n, a, o in SPEC_SAMPLERS]
-    assert it.samplers_api() == expected
-    assert json.dumps(it.samplers_api()) == json.dumps(expected)  # option order too
-    assert it.sampler_names() == [n for n, _, _ in SPEC_SAMPLERS]
-    assert [s.name for s in it.SAMPLER_NAMES] == it.sampler_names()
+    assert samplers.samplers_api() == expected
+    assert json.dumps(samplers.samplers_api()) == json.dumps(expected)  # option order too
+    assert list(samplers.SAMPLERS) == [n for n, _, _ in SPEC_SAMPLERS]  # every listed sampler runs
 
 
 def test_schedulers_endpoint_table():
     expected = [{"name": n, "label": lab, "aliases": al, "default_rho": float(rho), "need_inner_model": inner}
                 for n, lab, al, rho, inner in SPEC_SCHEDULERS]
-    got = it.schedulers_api()
+    got = samplers.schedulers_api()
     assert got == expected
     assert json.dumps(got) == json.dumps(expected)
     assert all(type(x["default_rho"]) is float for x in got)  # pydantic float: -1 -> -1.0
 
 
 def test_sampler_flags_match_generation_spec():
-    s = {x.name: x for x in it.SAMPLER_NAMES}
-    assert {n for n in s if s[n].is_timesteps} == {"DDIM", "DDIM CFG++", "PLMS", "UniPC"}
+    s = {x.name: x for x in samplers.SAMPLER_TABLE}
+    assert {n for n in s if s[n].timesteps} == {"DDIM", "DDIM CFG++", "PLMS", "UniPC"}
     assert {n for n in s if s[n].uses_ensd} == {"Euler a", "DPM2 a", "DPM++ 2S a", "DPM fast", "DPM adaptive"}
     assert {n for n in s if s[n].second_order} == {"DPM++ SDE", "DPM++ 2S a", "Heun", "DPM2", "DPM2 a", "Restart"}
-    defaults = {n: it.default_scheduler(n) for n in s}
+    defaults = {n: s[n].scheduler for n in s}
     assert defaults["DPM++ 2M"] == "Karras" and defaults["DPM++ 3M SDE"] == "Exponential"
     assert defaults["Euler"] is None and defaults["DDIM"] is None and defaults["Restart"] == "Karras"
 
@@ -157,23 +190,17 @@ def test_sampler_flags_match_generation_spec():
 # =============================================================================================
 
 def test_every_positional_key_in_order():
-    p = job("p", "n", sampler_name="Euler a", scheduler="Karras", steps=20, cfg_scale=7.5, image_cfg_scale=1.5,
-            restore_faces=True, face_restoration_model="CodeFormer", width=640, height=448,
-            fp8_weight="Enable for SDXL", cache_fp16_weight=False,
+    p = job("p", "n", sampler_name="Euler a", scheduler="Karras", steps=20, cfg_scale=7.5, width=640, height=448,
             sd_vae_name="vae-ft-mse-840000-ema-pruned.safetensors", sd_vae_hash="735e4c3a44",
             subseed_strength=0.25, seed_resize_from_w=512, seed_resize_from_h=384,
-            is_img2img=True, denoising_strength=0.5, is_using_inpainting_conditioning=True,
-            inpainting_mask_weight=1.0, clip_skip=2, eta_noise_seed_delta=31337, token_merging_ratio=0.3,
-            init_img_hash="abc123", randn_source="CPU", tiling=True, eta=0.667, user="bob",
-            extra_generation_params={"Emphasis": "No norm"})
+            is_img2img=True, denoising_strength=0.5, clip_skip=2, eta_noise_seed_delta=31337,
+            randn_source="CPU", eta=0.667, extra_generation_params={"Emphasis": "No norm"})
     assert params_line(p) == (
-        "Steps: 20, Sampler: Euler a, Schedule type: Karras, CFG scale: 7.5, Image CFG scale: 1.5, Seed: 123, "
-        "Face restoration: CodeFormer, Size: 640x448, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, "
-        "FP8 weight: Enable for SDXL, Cache FP16 weight for LoRA: False, VAE hash: 735e4c3a44, "
+        "Steps: 20, Sampler: Euler a, Schedule type: Karras, CFG scale: 7.5, Seed: 123, Size: 640x448, "
+        "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, VAE hash: 735e4c3a44, "
         "VAE: vae-ft-mse-840000-ema-pruned.safetensors, Variation seed: 456, Variation seed strength: 0.25, "
-        "Seed resize from: 512x384, Denoising strength: 0.5, Conditional mask weight: 1.0, Clip skip: 2, "
-        "ENSD: 31337, Token merging ratio: 0.3, Init image hash: abc123, RNG: CPU, Tiling: True, "
-        "Emphasis: No norm, Eta: 0.667, Version: v1.10.1, User: bob")
+        "Seed resize from: 512x384, Denoising strength: 0.5, Clip skip: 2, ENSD: 31337, RNG: CPU, "
+        "Emphasis: No norm, Eta: 0.667, Version: v1.10.1")
 
 
 def test_negative_prompt_line_only_when_non_empty():
@@ -217,7 +244,7 @@ def test_rng_only_when_not_gpu(source, text):
 
 def test_variation_seed_per_image_and_only_with_strength():
     p = job(subseed_strength=0.5, batch_size=3, seed=10, subseed=20)
-    assert p.all_seeds == (10, 10, 10) and p.all_subseeds == (20, 21, 22)
+    assert p.r.seeds == [10, 10, 10] and p.r.subseeds == [20, 21, 22]
     for i in range(3):
         line = params_line(p, i)
         assert "Seed: 10, " in line and f"Variation seed: {20 + i}, Variation seed strength: 0.5" in line
@@ -236,23 +263,13 @@ def test_seed_resize_only_when_both_positive(w, h, shown):
         assert shown in line
 
 
-def test_model_vae_and_version_switches():
+def test_model_and_vae_entries():
     p = job(sd_vae_name="vae.pt", sd_vae_hash="0123456789")
     assert "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, VAE hash: 0123456789, VAE: vae.pt, " in params_line(p)
-    line = params_line(job(add_model_hash_to_info=False, add_vae_name_to_info=False, add_version_to_infotext=False,
-                           sd_vae_name="vae.pt", sd_vae_hash="0123456789"))
-    assert "Model hash" not in line and "VAE: " not in line and "VAE hash: 0123456789" in line
-    assert "Version" not in line
-    line = params_line(job(sd_model_hash=None, version=None))
-    assert "Model hash" not in line and "Version" not in line and "Model: v1-5-pruned-emaonly" in line
+    p = job()
+    p.model = {"sd_model_name": "v1-5-pruned-emaonly"}  # no hash given: none written (the library hashes nothing)
+    assert "Model hash" not in params_line(p) and "Model: v1-5-pruned-emaonly" in params_line(p)
     assert "VAE" not in params_line(job())
-
-
-def test_face_restoration_and_tiling():
-    assert "Face restoration: CodeFormer" in params_line(job(restore_faces=True))
-    assert "Face restoration: GFPGAN" in params_line(job(restore_faces=True, face_restoration_model="GFPGAN"))
-    assert "Face restoration" not in params_line(job())
-    assert "Tiling: True" in params_line(job(tiling=True)) and "Tiling" not in params_line(job())
 
 
 def test_denoising_strength_not_written_for_plain_txt2img():
@@ -299,13 +316,13 @@ def test_cfg_scale_number_formatting():
 def test_schedule_type_shown_and_recorded(sampler, scheduler, shown, recorded):
     p = job(sampler_name=sampler, scheduler=scheduler)
     assert f", Schedule type: {shown}, CFG scale" in params_line(p)
-    assert p.schedule_type == shown
+    assert schedule_type(p) == shown
     assert extra_generation_params(p).get("Schedule type") == recorded
 
 
 def test_old_combined_name_is_split_in_params():
     p = job(sampler_name="DPM++ 2M SDE Karras")
-    assert (p.sampler_name, p.scheduler) == ("DPM++ 2M SDE", "Karras")
+    assert (p.r.sampler.name, p.r.scheduler.label) == ("DPM++ 2M SDE", "Karras")
     assert "Sampler: DPM++ 2M SDE, Schedule type: Karras, " in params_line(p)
 
 
@@ -327,21 +344,21 @@ def test_hires_basic_exact():
 
 
 def test_hires_full_exact():
-    p = hires(sampler_name="Euler", hr_scale=1.5, hr_second_pass_steps=10, hr_upscaler="R-ESRGAN 4x+",
-              hr_sampler_name="DPM++ 2M", hr_scheduler=None, hr_checkpoint_title="other [0123456789]",
+    p = hires(sampler_name="Euler", hr_scale=1.5, hr_second_pass_steps=10, hr_upscaler="Lanczos",
+              hr_sampler_name="DPM++ 2M", hr_scheduler=None,
               hr_prompt="a dog, sharp", hr_negative_prompt="ugly", clip_skip=2,
               extra_generation_params={"Lora hashes": "x: 0123456789ab"})
     assert params_line(p) == (
         "Steps: 20, Sampler: Euler, Schedule type: Automatic, CFG scale: 7.0, Seed: 123, Size: 512x512, "
         "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Denoising strength: 0.7, Clip skip: 2, "
-        "Hires checkpoint: other [0123456789], Hires sampler: DPM++ 2M, Hires prompt: \"a dog, sharp\", "
+        "Hires sampler: DPM++ 2M, Hires prompt: \"a dog, sharp\", "
         "Hires negative prompt: ugly, "
-        "Hires schedule type: Karras, Hires upscale: 1.5, Hires steps: 10, Hires upscaler: R-ESRGAN 4x+, "
+        "Hires schedule type: Karras, Hires upscale: 1.5, Hires steps: 10, Hires upscaler: Lanczos, "
         "Lora hashes: \"x: 0123456789ab\", Version: v1.10.1")
     assert extra_generation_params(p) == {
-        "Denoising strength": 0.7, "Hires checkpoint": "other [0123456789]", "Hires sampler": "DPM++ 2M",
+        "Denoising strength": 0.7, "Hires sampler": "DPM++ 2M",
         "Hires prompt": None, "Hires negative prompt": None, "Hires schedule type": "Karras", "Hires upscale": 1.5,
-        "Hires steps": 10, "Hires upscaler": "R-ESRGAN 4x+", "Lora hashes": "x: 0123456789ab"}
+        "Hires steps": 10, "Hires upscaler": "Lanczos", "Lora hashes": "x: 0123456789ab"}
 
 
 def test_hires_info_extra_params_order_and_nulls():
@@ -360,9 +377,9 @@ def test_hires_resize_instead_of_upscale():
     assert "Hires resize: 1024x0, " in line and "Hires upscale:" not in line
 
 
-def test_hires_upscaler_none_not_written_and_steps_zero_omitted():
+def test_hires_upscaler_default_written_and_steps_zero_omitted():
     line = params_line(hires(hr_upscaler=None, hr_second_pass_steps=0))
-    assert "Hires upscaler" not in line and "Hires steps" not in line and "Hires upscale: 2.0, Version" in line
+    assert "Hires steps" not in line and "Hires upscale: 2.0, Hires upscaler: Latent, Version" in line
 
 
 def test_hires_sampler_same_as_first_or_use_same_is_omitted():
@@ -401,14 +418,9 @@ def test_hires_schedule_type(first, hr_sampler, hr_sched, shown):
     assert extra_generation_params(p)["Hires schedule type"] == shown
 
 
-def test_hires_denoising_none_omitted():
+def test_hires_denoising_default():
     line = params_line(hires(denoising_strength=None))
-    assert "Denoising" not in line and "Hires upscale: 2.0" in line
-
-
-def test_token_merging_hr_only_with_hires():
-    assert "Token merging ratio hr: 0.5" in params_line(hires(token_merging_ratio_hr=0.5))
-    assert "Token merging ratio hr" not in params_line(job(token_merging_ratio_hr=0.5))
+    assert "Denoising strength: 0.75, " in line and "Hires upscale: 2.0" in line
 
 
 # =============================================================================================
@@ -484,11 +496,6 @@ def test_eta_entries(sampler, eta, entry):
         assert f", {entry}, Version" in line
 
 
-def test_eta_option_defaults_are_used_when_request_has_none():
-    assert "Eta: 0.7" in params_line(job(sampler_name="Euler a", eta_ancestral=0.7))
-    assert "Eta DDIM: 0.1" in params_line(job(sampler_name="DDIM", eta_ddim=0.1))
-
-
 def test_hires_sampler_eta_recorded():
     p = hires(sampler_name="Euler", hr_sampler_name="Euler a", eta=0.5)
     assert list(extra_generation_params(p))[-1] == "Eta"
@@ -514,10 +521,8 @@ def test_unquote_leaves_non_json_alone():
 
 
 def test_bare_key_when_value_equals_key_and_none_omitted():
-    line = params_line(job(extra_generation_params={"Tiled Diffusion": "Tiled Diffusion", "Skip": None,
-                                                    "Per image": ["a", "b"]}, batch_size=2))
-    assert ", Tiled Diffusion, Per image: a, Version" in line and "Skip" not in line
-    assert ", Per image: b, " in params_line(job(extra_generation_params={"Per image": ["a", "b"]}, batch_size=2), 1)
+    line = params_line(job(extra_generation_params={"Tiled Diffusion": "Tiled Diffusion", "Skip": None}))
+    assert ", Tiled Diffusion, Version" in line and "Skip" not in line
 
 
 def test_format_hashes_strips_separators_from_names():
@@ -557,7 +562,7 @@ def test_round_trip(prompt, negative, variant):
         kw.update(subseed_strength=0.35, seed_resize_from_w=512, seed_resize_from_h=512)
     elif variant == "everything":
         kw.update(sampler_name="DPM++ 2M SDE Karras", clip_skip=2, eta_noise_seed_delta=31337, randn_source="NV",
-                  sd_vae_name="vae-ft-mse-840000-ema-pruned.safetensors", sd_vae_hash="735e4c3a44", tiling=True,
+                  sd_vae_name="vae-ft-mse-840000-ema-pruned.safetensors", sd_vae_hash="735e4c3a44",
                   eta=0.9, extra_generation_params={
                       "Lora hashes": format_hashes([("add_detail", "7c6bad76eb54")]),
                       "TI hashes": format_hashes([("easynegative", "c74b4e810b03"), ("x", "0123456789ab")])})
@@ -569,8 +574,8 @@ def test_round_trip(prompt, negative, variant):
     assert d["Steps"] == "25" and d["CFG scale"] == "6.5" and d["Seed"] == "3000000000"
     assert (d["Size-1"], d["Size-2"]) == ("640", "448")
     assert d["Model hash"] == "6ce0161689" and d["Model"] == "v1-5-pruned-emaonly" and d["Version"] == "v1.10.1"
-    assert (d["Sampler"], d["Schedule type"]) == (p.sampler_name, p.schedule_type)
-    assert it.sampler_from_infotext(d)[0] == p.sampler_name
+    assert (d["Sampler"], d["Schedule type"]) == (p.r.sampler.name, schedule_type(p))
+    assert it.sampler_from_infotext(d)[0] == p.r.sampler.name
     if variant == "img2img":
         assert d["Denoising strength"] == "0.6" and d["Mask blur"] == "8"
         assert d["Masked content"] == "latent noise" and d["Inpaint area"] == "Only masked"
@@ -585,7 +590,7 @@ def test_round_trip(prompt, negative, variant):
         assert d["Variation seed"] == "42" and d["Variation seed strength"] == "0.35"
         assert (d["Seed resize from-1"], d["Seed resize from-2"]) == ("512", "512")
     if variant == "everything":
-        assert d["Clip skip"] == "2" and d["RNG"] == "NV" and d["Tiling"] == "True" and d["Eta"] == "0.9"
+        assert d["Clip skip"] == "2" and d["RNG"] == "NV" and d["Eta"] == "0.9"
         assert d["VAE"] == "vae-ft-mse-840000-ema-pruned.safetensors" and d["VAE hash"] == "735e4c3a44"
         assert d["Lora hashes"] == "add_detail: 7c6bad76eb54"
         assert d["TI hashes"] == "easynegative: c74b4e810b03, x: 0123456789ab"
@@ -595,11 +600,11 @@ def test_round_trip(prompt, negative, variant):
 
 
 def test_round_trip_ensd_and_every_sampler():
-    for s in it.sampler_names():
+    for s in samplers.SAMPLERS:
         p = job("x, y", "z", sampler_name=s, eta_noise_seed_delta=31337)
         d = parse_infotext(create_infotext(p))
         assert d["Sampler"] == s
-        assert ("ENSD" in d) is it.find_sampler(s).uses_ensd
+        assert ("ENSD" in d) is samplers.find_sampler(s).uses_ensd
         assert it.sampler_from_infotext(d)[0] == s
 
 
@@ -664,8 +669,8 @@ def test_parse_key_rules():
 def test_parse_hires_prompt_equal_to_prompt_becomes_empty():
     d = parse_infotext("a cat\nSteps: 1, Seed: 2, Hires prompt: a cat, Version: v1.10.1")
     assert d["Hires prompt"] == "" and d["Hires negative prompt"] == ""
-    d = parse_infotext("a cat\nSteps: 1, Seed: 2, Hires prompt: a cat, Version: v1.7.0")
-    assert d["Hires prompt"] == "a cat"  # older than v1.8.0-139: left alone
+    d = parse_infotext("a cat\nSteps: 1, Seed: 2, Hires prompt: a dog, Version: v1.10.1")
+    assert d["Hires prompt"] == "a dog"
 
 
 def test_parse_emphasis_default_only_with_emphasis():
@@ -674,22 +679,6 @@ def test_parse_emphasis_default_only_with_emphasis():
     assert "Emphasis" not in parse_infotext("a cat BREAK dog\nSteps: 1, Seed: 2, Sampler: Euler")
     assert "Emphasis" not in parse_infotext("a (cat:1.0) \\(x\\)\nSteps: 1, Seed: 2, Sampler: Euler")
     assert parse_infotext("a (cat)\nSteps: 1, Seed: 2, Emphasis: No norm")["Emphasis"] == "No norm"
-
-
-def test_parse_backcompat_flags():
-    d = parse_infotext("a [b:c:5]\nSteps: 1, Sampler: DDIM, Version: v1.5.1")
-    assert d["Old prompt editing timelines"] is True and d["Pad conds v0"] is True
-    assert d["Downcast alphas_cumprod"] is True
-    d = parse_infotext("a\nSteps: 1, Sampler: Euler, Version: v1.7.0-224-gabcdef0")
-    assert d["Downcast alphas_cumprod"] is True and "Pad conds v0" not in d
-    d = parse_infotext("a\nSteps: 1, Sampler: Euler, Version: v1.7.0-225-gabcdef0, Refiner: x")
-    assert "Downcast alphas_cumprod" not in d and d["Refiner switch by sampling steps"] is True
-    d = parse_infotext("a [b:c:5]\nSteps: 1, Sampler: DDIM, Version: v1.10.1, Refiner: x")
-    assert not any(k in d for k in ("Old prompt editing timelines", "Pad conds v0", "Downcast alphas_cumprod"))
-    assert d["Refiner switch by sampling steps"] is False
-    assert "Downcast alphas_cumprod" not in parse_infotext("a\nSteps: 1, Seed: 1, Version: garbage")
-    assert "Downcast alphas_cumprod" not in parse_infotext("a\nSteps: 1, Seed: 1, Version: v1.6.0",
-                                                           backcompat=False)
 
 
 def test_parse_old_first_pass_size_and_hypernet():
@@ -760,13 +749,6 @@ def test_resolve_old_combined_names(old, expected):
     assert resolve_sampler(old) == expected
 
 
-def test_resolve_convert_automatic():
-    assert resolve_sampler("DPM++ 2M Karras", convert_automatic=True) == ("DPM++ 2M", "Automatic")
-    assert resolve_sampler("LMS Karras", convert_automatic=True) == ("LMS", "Karras")
-    assert resolve_sampler("DPM++ 2M SDE", "exponential", convert_automatic=True) == ("DPM++ 2M SDE", "Automatic")
-    assert resolve_sampler("DPM++ 2M SDE Karras", convert_automatic=True) == ("DPM++ 2M SDE", "Karras")
-
-
 @pytest.mark.parametrize("sched, label", [(None, "Automatic"), ("", "Automatic"), ("automatic", "Automatic"),
                                           ("Automatic", "Automatic"), ("karras", "Karras"), ("Karras", "Karras"),
                                           ("KARRAS", "Karras"), ("sgm_uniform", "SGM Uniform"),
@@ -783,10 +765,11 @@ def test_explicit_scheduler_wins_over_suffix():
 
 
 def test_resolve_defaults_and_fallbacks():
-    assert resolve_sampler(None) == ("DPM++ 2M", "Automatic")
-    assert resolve_sampler("") == ("DPM++ 2M", "Automatic")
-    assert resolve_sampler("No such sampler", strict=False) == ("DPM++ 2M", "Automatic")
-    assert resolve_sampler("Euler", "nonsense", strict=False) == ("Euler", "Automatic")
+    # an empty sampler is A1111's API default ("Euler", its sampler_index); pasting falls back like A1111's UI
+    assert resolve_sampler(None) == ("Euler", "Automatic") == resolve_sampler("")
+    assert samplers.DEFAULT_SAMPLER == "Euler" and GenerationRequest().sampler_name is None
+    assert it.sampler_from_infotext({"Sampler": "No such sampler"}) == ("DPM++ 2M", "Automatic")
+    assert it.sampler_from_infotext({"Sampler": "Euler", "Schedule type": "nonsense"}) == ("Euler", "Automatic")
     assert resolve_sampler("Euler Karras Uniform") == ("Euler", "Karras")  # A1111 cuts each suffix once, in order
 
 
@@ -826,14 +809,14 @@ def test_fixed_seed_and_job_seeds():
 
 
 def test_info_batch_grid_and_unicode():
-    p = job("猫, cute", "bad", batch_size=2, n_iter=2, seed=5, subseed=9, styles=["s1"], clip_skip=2,
+    p = job("猫, cute", "bad", batch_size=2, n_iter=2, seed=5, subseed=9, clip_skip=2,
             sampler_name="DPM++ 2M", steps=20)
     texts = [create_infotext(p, i) for i in range(4)]
     info = create_info(p, [create_infotext(p, 0)] + texts, job_timestamp="20240101000000", index_of_first_image=1)
     assert info["all_seeds"] == [5, 6, 7, 8] and info["all_subseeds"] == [9, 10, 11, 12]
     assert info["seed"] == 5 and info["subseed"] == 9 and info["batch_size"] == 2
     assert info["infotexts"][0] == info["infotexts"][1] and len(info["infotexts"]) == 5
-    assert info["styles"] == ["s1"] and info["clip_skip"] == 2 and info["index_of_first_image"] == 1
+    assert info["styles"] == [] and info["clip_skip"] == 2 and info["index_of_first_image"] == 1
     assert info["extra_generation_params"] == {"Schedule type": "Karras"}
     s = info_json(info)
     assert "\\u732b, cute" in s and json.loads(s) == info
@@ -844,135 +827,9 @@ def test_info_json_nulls_unserialisable_values():
     assert info_json({"a": object(), "b": [1, 2]}) == '{"a": null, "b": [1, 2]}'
 
 
-def test_params_are_frozen_and_replace():
-    p = job()
+def test_request_is_frozen_and_replace():
+    q = GenerationRequest()
     with pytest.raises(Exception):
-        p.steps = 3
-    q = p.replace(steps=3, sampler_name="k_dpmpp_2m")
-    assert q.steps == 3 and q.sampler_name == "DPM++ 2M" and p.steps == 50
-    assert isinstance(q.all_prompts, tuple)
-
-
-# =============================================================================================
-# Hashes
-# =============================================================================================
-
-def write(path, data: bytes):
-    with open(path, "wb") as f:
-        f.write(data)
-    return str(path)
-
-
-def test_model_hash_matches_hashlib(tmp_path):
-    data = os.urandom(3 * (1 << 20) + 12345)
-    path = write(tmp_path / "m.safetensors", data)
-    full = hashlib.sha256(data).hexdigest()
-    assert model_hash(path) == full and len(full) == 64
-    assert short_hash(full) == full[:10] and short_hash(None) is None
-    assert model_hash(write(tmp_path / "empty.ckpt", b"")) == hashlib.sha256(b"").hexdigest()
-
-
-def test_legacy_hash(tmp_path):
-    data = os.urandom(0x110000 + 4096)
-    path = write(tmp_path / "big.ckpt", data)
-    assert legacy_model_hash(path) == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
-    short = write(tmp_path / "short.ckpt", os.urandom(1000))
-    assert legacy_model_hash(short) == hashlib.sha256(b"").hexdigest()[:8] == "e3b0c442"
-    partial = os.urandom(0x100000 + 100)
-    assert legacy_model_hash(write(tmp_path / "partial.ckpt", partial)) == \
-        hashlib.sha256(partial[0x100000:]).hexdigest()[:8]
-    assert legacy_model_hash(tmp_path / "missing.ckpt") == "NOFILE"
-
-
-def test_addnet_hash(tmp_path):
-    header = b'{"__metadata__":{"ss_output_name":"x"}}  '
-    body = os.urandom(5000)
-    data = len(header).to_bytes(8, "little") + header + body
-    assert it.addnet_hash(write(tmp_path / "l.safetensors", data)) == hashlib.sha256(body).hexdigest()
-    assert it.addnet_hash(write(tmp_path / "l.pt", data)) == hashlib.sha256(data).hexdigest()
-
-
-@pytest.fixture
-def counted(monkeypatch):
-    calls = []
-    real = it.model_hash
-
-    def counting(path):
-        calls.append(path)
-        return real(path)
-
-    monkeypatch.setattr(it, "model_hash", counting)
-    return calls
-
-
-def test_cache_reuses_value(tmp_path, counted):
-    data = os.urandom(100000)
-    path = write(tmp_path / "a.safetensors", data)
-    expected = hashlib.sha256(data).hexdigest()
-    assert cached_hash(path) == expected and len(counted) == 1
-    assert cached_hash(path) == expected and len(counted) == 1
-    cache = json.loads((tmp_path / it.HASH_CACHE_NAME).read_text())
-    entry = cache["files"]["a.safetensors"]
-    assert entry["sha256"] == expected and entry["size"] == 100000 and entry["mtime_ns"] == os.stat(path).st_mtime_ns
-    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
-    assert cached_hash(path, compute=False) == expected
-
-
-def test_cache_invalidates_on_mtime_change(tmp_path, counted):
-    path = write(tmp_path / "a.ckpt", b"x" * 1000)
-    cached_hash(path)
-    st = os.stat(path)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
-    assert cached_hash(path) == hashlib.sha256(b"x" * 1000).hexdigest()
-    assert len(counted) == 2
-    cached_hash(path)
-    assert len(counted) == 2
-
-
-def test_cache_invalidates_on_size_change(tmp_path, counted):
-    path = write(tmp_path / "a.ckpt", b"x" * 1000)
-    cached_hash(path)
-    st = os.stat(path)
-    with open(path, "ab") as f:
-        f.write(b"y")
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # same mtime, new size
-    assert cached_hash(path) == hashlib.sha256(b"x" * 1000 + b"y").hexdigest()
-    assert len(counted) == 2
-
-
-@pytest.mark.parametrize("garbage", [b"{not json", b"", b"[]", b'{"format": 1, "files": []}', b"\xff\xfe\x00",
-                                     b'{"format": 99, "files": {}}'])
-def test_cache_survives_corrupt_file(tmp_path, counted, garbage):
-    path = write(tmp_path / "a.ckpt", b"abc")
-    (tmp_path / it.HASH_CACHE_NAME).write_bytes(garbage)
-    assert cached_hash(path) == hashlib.sha256(b"abc").hexdigest()
-    assert cached_hash(path) == hashlib.sha256(b"abc").hexdigest()
-    assert len(counted) == 1  # the cache was rewritten valid
-    assert json.loads((tmp_path / it.HASH_CACHE_NAME).read_text())["format"] == 1
-
-
-def test_cache_several_files_and_kinds(tmp_path, counted):
-    a = write(tmp_path / "a.safetensors", len(b"{}").to_bytes(8, "little") + b"{}" + b"body")
-    b = write(tmp_path / "b.ckpt", b"other")
-    ha, hb = cached_hash(a), cached_hash(b)
-    assert cached_hash(a, "addnet") == hashlib.sha256(b"body").hexdigest()
-    assert cached_hash(a) == ha and cached_hash(b) == hb and len(counted) == 2
-    files = json.loads((tmp_path / it.HASH_CACHE_NAME).read_text())["files"]
-    assert set(files) == {"a.safetensors", "b.ckpt"} and set(files["a.safetensors"]) >= {"sha256", "addnet"}
-    assert cached_hash(b, compute=False) == hb
-    assert cached_hash(write(tmp_path / "c.ckpt", b"new"), compute=False) is None
-    assert cached_hash(a, use_cache=False) == ha and len(counted) == 3
-    with pytest.raises(ValueError):
-        cached_hash(a, "md5")
-
-
-def test_cache_in_unwritable_place_still_hashes(tmp_path, counted, monkeypatch):
-    path = write(tmp_path / "a.ckpt", b"abc")
-
-    def refuse(*a, **k):
-        raise PermissionError("read-only")
-
-    monkeypatch.setattr(it.tempfile, "NamedTemporaryFile", refuse)
-    assert cached_hash(path) == hashlib.sha256(b"abc").hexdigest()
-    assert cached_hash(path) == hashlib.sha256(b"abc").hexdigest()
-    assert len(counted) == 2 and not (tmp_path / it.HASH_CACHE_NAME).exists()
+        q.steps = 3
+    r = q.replace(steps=3, sampler_name="k_dpmpp_2m")
+    assert r.steps == 3 and q.steps == 50 and resolve(r).sampler.name == "DPM++ 2M"
