@@ -277,7 +277,7 @@ def test_denoising_strength_not_written_for_plain_txt2img():
     p = job(denoising_strength=0.7)
     assert "Denoising" not in params_line(p)
     info = create_info(p, [create_infotext(p)], job_timestamp="x")
-    assert info["denoising_strength"] == 0.7 and info["extra_generation_params"] == {}
+    assert info["denoising_strength"] is None and info["extra_generation_params"] == {}  # null since A1111 v1.7
 
 
 def test_cfg_scale_number_formatting():

@@ -22,7 +22,9 @@ from PIL import Image
 from starlette.testclient import TestClient
 
 import synthetic
-from sd15 import infotext
+from sd15 import hashing, schema
+from sd15.a1111 import infotext
+from sd15.samplers import SAMPLERS
 from server import a1111
 from server import app as app_module
 from server.a1111 import Limits
@@ -157,9 +159,11 @@ def test_txt2img_response_shape(client):
     assert text == info["infotexts"][0]
     assert text.startswith("a cat\nNegative prompt: blurry\nSteps: 2, Sampler: Euler, Schedule type: Automatic, "
                            "CFG scale: 7.0, Seed: 123, Size: 64x64, Model hash: ")
-    # parameters echoes the request: every field, defaults included, as sent (not resolved)
+    # parameters echoes the request: every txt2img field (schema and API-only), defaults included, as sent
     params = body["parameters"]
-    assert [f for f in params] == [f.name for f in dataclasses.fields(a1111.Txt2ImgRequest)]
+    expected = {f.name for f in schema.fields_of("prompt", "seeds", "sampling", "size", "hires")}
+    expected |= {f.name for f in dataclasses.fields(a1111.Txt2ImgRequest)} - {"shared"}
+    assert set(params) == expected and "init_images" not in params and "randn_source" not in params
     assert params["prompt"] == "a cat" and params["seed"] == 123 and params["sampler_name"] is None
     assert params["sampler_index"] == "Euler" and params["cfg_scale"] == 7.0 and params["enable_hr"] is False
     assert params["override_settings_restore_afterwards"] is True and params["alwayson_scripts"] == {}
@@ -172,7 +176,7 @@ def test_txt2img_api_defaults_and_lenient_types(client, monkeypatch):
 
     def spy(model, params, **kw):
         seen["params"] = params
-        return real(model, dataclasses.replace(params, steps=2), **kw)
+        return real(model, schema.resolve(params.request.replace(steps=2)), **kw)
     monkeypatch.setattr(app_module, "generate", spy)
     r = client.post(f"{API}/txt2img", json={"width": "64", "height": 64.0, "seed": 7.9, "cfg_scale": 5,
                                              "send_images": "true", "guidance_scale": 3, "hires_fix": True,
@@ -391,14 +395,14 @@ def test_sd_models_titles_and_hashes(client, folders):
     models = client.get(f"{API}/sd-models").json()
     assert [m["model_name"] for m in models] == ["sub_other", "v1-5-pruned-emaonly"]  # VAE/Lora/... not listed
     default = models[1]
-    assert default["sha256"] == infotext.model_hash(default["filename"])  # hashed when it was loaded
+    assert default["sha256"] == hashing.model_hash(default["filename"])  # hashed when it was loaded
     assert default["hash"] == default["sha256"][:10]
     assert default["title"] == f"v1-5-pruned-emaonly.safetensors [{default['hash']}]"
     assert default["filename"] == os.path.join(folders["ckpt_dir"], "v1-5-pruned-emaonly.safetensors")
     assert default["config"] is None
     opts = client.get(f"{API}/options").json()
     assert opts["sd_model_checkpoint"] == default["title"] and opts["sd_checkpoint_hash"] == default["sha256"]
-    assert os.path.isfile(os.path.join(folders["ckpt_dir"], infotext.HASH_CACHE_NAME))
+    assert os.path.isfile(os.path.join(folders["ckpt_dir"], hashing.HASH_CACHE_NAME))
 
 
 def test_hashes_are_cached_beside_the_files(client, folders, monkeypatch):
@@ -407,7 +411,7 @@ def test_hashes_are_cached_beside_the_files(client, folders, monkeypatch):
 
     def no_hashing(path):
         raise AssertionError(f"{path} hashed again")
-    monkeypatch.setattr(infotext, "model_hash", no_hashing)
+    monkeypatch.setattr(hashing, "model_hash", no_hashing)
     lib = Library(folders["ckpt_dir"], folders["vae_dir"], folders["lora_dir"], folders["embeddings_dir"])
     c = lib.find_checkpoint("v1-5-pruned-emaonly.safetensors")
     assert c.sha256 and c.title.endswith(f"[{c.sha256[:10]}]")
@@ -418,7 +422,7 @@ def test_switch_model_by_any_alias(fresh, alias):
     client = fresh
     other = next(m for m in client.get(f"{API}/sd-models").json() if m["model_name"] == "sub_other")
     name = {"title": other["title"], "path": other["filename"],
-            "legacy": infotext.legacy_model_hash(other["filename"])}.get(alias, alias)
+            "legacy": hashing.legacy_model_hash(other["filename"])}.get(alias, alias)
     r = client.post(f"{API}/options", json={"sd_model_checkpoint": name})
     assert r.status_code == 200 and r.json() is None
     opts = client.get(f"{API}/options").json()
@@ -553,13 +557,19 @@ def test_unload_and_reload_checkpoint(client):
 
 def test_samplers_and_schedulers(client):
     samplers = client.get(f"{API}/samplers").json()
-    assert len(samplers) == 20 and samplers[0] == {"name": "DPM++ 2M", "aliases": ["k_dpmpp_2m"],
-                                                   "options": {"scheduler": "karras"}}
+    assert [s["name"] for s in samplers] == list(SAMPLERS)  # only what runs
+    assert samplers[0] == {"name": "DPM++ 2M", "aliases": ["k_dpmpp_2m"], "options": {"scheduler": "karras"}}
     assert {"name": "Heun", "aliases": ["k_heun"], "options": {"second_order": "True"}} in samplers
     schedulers = client.get(f"{API}/schedulers").json()
     assert schedulers[0] == {"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1.0,
                              "need_inner_model": False}
     assert [s["name"] for s in schedulers][:3] == ["automatic", "uniform", "karras"]
+
+
+@pytest.mark.parametrize("sampler", ["LCM", "DDIM CFG++"])
+def test_every_listed_sampler_runs(client, sampler):
+    body = txt2img(client, sampler_name=sampler, seed=3)
+    assert f"Sampler: {sampler}, " in body["info"]["infotexts"][0]
 
 
 def test_upscalers_and_latent_modes(client):
