@@ -133,7 +133,8 @@ def write_checkpoint(args, tmp: str) -> str:
 def run(args) -> dict:
     import sd15
     import sd15.fast as fast
-    from sd15.pipeline import Params, generate
+    from sd15.pipeline import generate
+    from sd15.schema import GenerationRequest as Params
 
     device = torch.device(args.device)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
@@ -282,7 +283,8 @@ def describe(model) -> str:
 def memory_rows(model, device, dtype, args) -> dict:
     """Peak VRAM (GB) of the eager model: 2-step generations at 512 and 1024, and at 1024 one CFG UNet step
     plus a tiled VAE decode (what the pipeline does once it tiles large images)."""
-    from sd15.pipeline import Params, generate
+    from sd15.pipeline import generate
+    from sd15.schema import GenerationRequest as Params
     from sd15.vae.tiled import tiled_decode
 
     out = {}

@@ -14,10 +14,10 @@ An embedding whose width is not the text encoder's (768 for SD 1.x) is listed un
 Image-embedded embeddings (.png/.webp) are not read.
 
 How the prompt uses them: `EmbeddingDatabase.hooks(model)` gives the finder for
-`sd15.prompt.chunk_tokens(embeddings=...)` (names tokenised, longest match first; a match becomes n
+`sd15.a1111.prompt.chunk_tokens(embeddings=...)` (names tokenised, longest match first; a match becomes n
 placeholder ids 0 that count toward the 75-token chunk and never straddle two chunks) and an `embed_fn` for
-`sd15.conditioning.encode_texts` that overwrites the token vectors at positions offset+1 .. offset+n of the
-77-token window (after BOS) before the position embeddings are added. `sd15.conditioning.encode_texts` uses
+`sd15.a1111.conditioning.encode_texts` that overwrites the token vectors at positions offset+1 .. offset+n of the
+77-token window (after BOS) before the position embeddings are added. `sd15.a1111.conditioning.encode_texts` uses
 `model.embeddings` by itself; `sd15.load(..., embeddings_dir=...)` sets it up.
 
 For the server (`/sdapi/v1/embeddings`, `/sdapi/v1/refresh-embeddings`):

@@ -1,7 +1,7 @@
-"""Image-side img2img / inpainting / hires fix / output conversion (sd15.images): spec/generation.md §8-§10,
-a1111-api.md §2.2 and §5.
+"""Image-side img2img / inpainting / hires fix / output conversion (sd15.a1111.images, sd15.a1111.inpaint), as
+A1111 v1.10 does them.
 
-Every expected value is exact and derived by hand from the spec rules (the derivation is in the comment next
+Every expected value is exact and derived by hand from A1111's rules (the derivation is in the comment next
 to it). Where Pillow or OpenCV arithmetic is involved the cases are chosen so the result is exactly
 computable: uniform regions, identity-size resizes, 0/255 colours, or the documented filter weights.
 """
@@ -19,6 +19,7 @@ from PIL import Image
 
 from sd15.a1111 import images as I
 from sd15.a1111 import inpaint as M
+from sd15.samplers import img2img_steps
 
 
 def rgb(w, h, color):
@@ -57,14 +58,8 @@ def png_bytes(im, **kw):
     (20, 0.0, None, True, (0, 19)),      # strength 0 -> 0 schedule steps
 ])
 def test_img2img_steps(steps, strength, explicit, fix, expected):
-    assert I.img2img_steps(steps, strength, explicit, fix) == expected
-
-
-def test_img2img_sigma_slice_spec_examples():
-    # 20 steps at 0.75: sigma_sched = sigmas[4:] (17 values), 16 steps
-    assert I.img2img_sigma_start(20, 15) == 4 and I.img2img_steps_run(15) == 16
-    # hires 20 at 0.7: sigmas(28)[8:], 20 steps
-    assert I.img2img_sigma_start(28, 19) == 8 and I.img2img_steps_run(19) == 20
+    # the hires pass asks for an explicit step count (hr_second_pass_steps or steps) with fix_steps
+    assert img2img_steps(explicit or steps, strength, fix or explicit is not None) == expected
 
 
 # =============================================================================================
@@ -146,30 +141,13 @@ def test_upscale_latent_uses_pixel_sizes_floored():
 # §10 conversions
 # =============================================================================================
 
-def test_pil_to_tensor_values_and_layout():
-    im = Image.fromarray(np.array([[[0, 128, 255], [10, 20, 30]]], dtype=np.uint8))  # 2x1
-    x = I.pil_to_tensor(im)
-    assert x.shape == (1, 3, 1, 2) and x.dtype == torch.float32
-    f = np.float32
-    v128 = float(f(f(128) / f(255)) * f(2) - f(1))   # fl32(fl32(128/255)*2 - 1)
-    assert x[0, :, 0, 0].tolist() == [-1.0, v128, 1.0]
-    assert v128 == 0.003921627998352051
-    assert x[0, :, 0, 1].tolist() == [float(f(f(u) / f(255)) * f(2) - f(1)) for u in (10, 20, 30)]
-
-
-def test_pil_to_tensor_fp16_computes_in_half():
-    # fp16(fl32(128/255)) = 1028 * 2^-11 = 0.501953125; *2 - 1 = 0.00390625 (exact in fp16)
-    x = I.pil_to_tensor(Image.new("RGB", (1, 1), (128, 0, 255)), dtype=torch.float16)
-    assert x.dtype == torch.float16 and x.flatten().tolist() == [0.00390625, -1.0, 1.0]
-
-
-def test_pil_to_tensor_batch_and_errors():
-    x = I.pil_to_tensor([rgb(2, 2, (255, 255, 255)), rgb(2, 2, (0, 0, 0))])
-    assert x.shape == (2, 3, 2, 2) and x[0].unique().tolist() == [1.0] and x[1].unique().tolist() == [-1.0]
+def test_pil_to_unit_tensor_batch_and_errors():
+    x = I.pil_to_unit_tensor([rgb(2, 2, (255, 255, 255)), rgb(2, 2, (0, 0, 0))])
+    assert x.shape == (2, 3, 2, 2) and x[0].unique().tolist() == [1.0] and x[1].unique().tolist() == [0.0]
     with pytest.raises(ValueError, match="differ in size"):
-        I.pil_to_tensor([rgb(2, 2, 0), rgb(3, 2, 0)])
+        I.pil_to_unit_tensor([rgb(2, 2, 0), rgb(3, 2, 0)])
     # RGBA is flattened on white first
-    assert I.pil_to_tensor(Image.new("RGBA", (1, 1), (0, 0, 0, 0))).flatten().tolist() == [1.0, 1.0, 1.0]
+    assert I.pil_to_unit_tensor(Image.new("RGBA", (1, 1), (0, 0, 0, 0))).flatten().tolist() == [1.0, 1.0, 1.0]
     u = I.pil_to_unit_tensor(Image.new("RGB", (1, 1), (255, 0, 51)))
     assert u.flatten().tolist() == [1.0, 0.0, float(np.float32(51) / np.float32(255))]
 
@@ -186,11 +164,11 @@ def test_tensor_to_uint8_truncates():
 
 
 def test_round_trip_loses_one_for_1_to_63():
-    # pil_to_tensor then tensor_to_pil in float32: for u in 1..63, fl32(fl32(u/255)*2-1) + 1 lands just below
+    # the [-1, 1] encoder input then tensor_to_pil in float32: for u in 1..63, fl32(fl32(u/255)*2-1) + 1 lands just below
     # 2u/255, so 255*t truncates to u - 1. Every other value survives. Checked against the formula itself.
     u = np.arange(256, dtype=np.uint8)
     im = Image.fromarray(np.repeat(u.reshape(16, 16, 1), 3, axis=2))
-    back = arr(I.tensor_to_pil(I.pil_to_tensor(im))[0])[:, :, 0].reshape(-1)
+    back = arr(I.tensor_to_pil(I.pil_to_unit_tensor(im) * 2 - 1)[0])[:, :, 0].reshape(-1)  # VAE encoder input
     expected = [v - 1 if 1 <= v <= 63 else v for v in range(256)]
     assert back.tolist() == expected
     f = np.float32
@@ -407,46 +385,46 @@ def test_resize_image_with_upscaler_uses_it_only_for_rgb():
 def test_create_binary_mask():
     alpha = np.array([[0, 128, 129, 255]], np.uint8)
     rgba = Image.fromarray(np.dstack([np.zeros((1, 4, 3), np.uint8), alpha]), "RGBA")
-    assert arr(I.create_binary_mask(rgba)).tolist() == [[0, 0, 255, 255]]            # alpha > 128
-    assert arr(I.create_binary_mask(rgba, mask_round=False)).tolist() == [[0, 128, 129, 255]]
+    assert arr(M.create_binary_mask(rgba)).tolist() == [[0, 0, 255, 255]]            # alpha > 128
+    assert arr(M.create_binary_mask(rgba, mask_round=False)).tolist() == [[0, 128, 129, 255]]
     opaque = Image.fromarray(np.array([[[255, 255, 255, 255], [0, 0, 0, 255]]], np.uint8), "RGBA")
-    assert arr(I.create_binary_mask(opaque)).tolist() == [[255, 0]]                    # colour, not alpha
-    assert arr(I.create_binary_mask(rgb(2, 1, (100, 100, 100)))).tolist() == [[100, 100]]  # no threshold
+    assert arr(M.create_binary_mask(opaque)).tolist() == [[255, 0]]                    # colour, not alpha
+    assert arr(M.create_binary_mask(rgb(2, 1, (100, 100, 100)))).tolist() == [[100, 100]]  # no threshold
 
 
 def test_gaussian_kernel_q8():
     # sigma 1: k = 2*int(3)+1 = 7; exp(-x²/2) normalised: 0.004433, 0.054005, 0.242036, 0.398943 (centre);
     # x256 with error diffusion from the left: 1.1349 -> 1, 13.960 -> 14, 61.92 -> 62, centre 256 - 2*77 = 102
-    assert I.opencv_gaussian_kernel_q8(7, 1).tolist() == [1, 14, 62, 102, 62, 14, 1]
+    assert M.opencv_gaussian_kernel_q8(7, 1).tolist() == [1, 14, 62, 102, 62, 14, 1]
     # sigma 4 (the default blur): k = 21 (checked bit-exact against cv2 4.10)
-    k4 = I.opencv_gaussian_kernel_q8(21, 4)
+    k4 = M.opencv_gaussian_kernel_q8(21, 4)
     assert k4.tolist() == [1, 2, 4, 5, 9, 11, 16, 19, 23, 25, 26, 25, 23, 19, 16, 11, 9, 5, 4, 2, 1]
     assert int(k4.sum()) == 256
-    assert I.opencv_gaussian_kernel_q8(1, 3).tolist() == [256]
+    assert M.opencv_gaussian_kernel_q8(1, 3).tolist() == [256]
 
 
 def test_blur_single_pixel_and_reflect101_border():
     row = np.zeros((1, 9), np.uint8)
     row[0, 4] = 255
     # (255*k + 128) >> 8 for k = 1, 14, 62, 102
-    assert I.gaussian_blur_axis(row, 1, axis=1).tolist() == [[0, 1, 14, 62, 102, 62, 14, 1, 0]]
+    assert M.gaussian_blur_axis(row, 1, axis=1).tolist() == [[0, 1, 14, 62, 102, 62, 14, 1, 0]]
     edge = np.zeros((1, 9), np.uint8)
     edge[0, 0] = 255
     # reflect-101 mirrors around pixel 0 without repeating it: pixel 0 contributes once to each output
-    assert I.gaussian_blur_axis(edge, 1, axis=1).tolist() == [[102, 62, 14, 1, 0, 0, 0, 0, 0]]
-    assert I.gaussian_blur_axis(edge.T, 1, axis=0).T.tolist() == [[102, 62, 14, 1, 0, 0, 0, 0, 0]]
+    assert M.gaussian_blur_axis(edge, 1, axis=1).tolist() == [[102, 62, 14, 1, 0, 0, 0, 0, 0]]
+    assert M.gaussian_blur_axis(edge.T, 1, axis=0).T.tolist() == [[102, 62, 14, 1, 0, 0, 0, 0, 0]]
     # length-1 axis: OpenCV drops the kernel
-    assert I.gaussian_blur_axis(edge.T, 1, axis=1).tolist() == edge.T.tolist()
+    assert M.gaussian_blur_axis(edge.T, 1, axis=1).tolist() == edge.T.tolist()
 
 
 def test_blur_mask_separable_axes():
     m = np.zeros((9, 9), np.uint8)
     m[4, 4] = 255
-    only_x = arr(I.blur_mask(Image.fromarray(m), 1, 0))
+    only_x = arr(M.blur_mask(Image.fromarray(m), 1, 0))
     assert only_x[4].tolist() == [0, 1, 14, 62, 102, 62, 14, 1, 0] and only_x[3].tolist() == [0] * 9
-    only_y = arr(I.blur_mask(Image.fromarray(m), 0, 1))
+    only_y = arr(M.blur_mask(Image.fromarray(m), 0, 1))
     assert only_y[:, 4].tolist() == [0, 1, 14, 62, 102, 62, 14, 1, 0]
-    both = arr(I.blur_mask(Image.fromarray(m), 1, 1))
+    both = arr(M.blur_mask(Image.fromarray(m), 1, 1))
     # vertical pass on the rounded horizontal result, column 4 (value 102): (102*k + 128) >> 8
     assert both[:, 4].tolist() == [0, 0, 6, 25, 41, 25, 6, 0, 0]
     # column 3 (value 62): (62*k + 128) >> 8 -> 0, 3, 15, 25
@@ -456,12 +434,12 @@ def test_blur_mask_separable_axes():
 def test_prepare_mask_invert_and_blur_options():
     white_box = np.zeros((9, 9), np.uint8)
     white_box[4, 4] = 255
-    inv = arr(I.prepare_mask(Image.fromarray(255 - white_box), 0, invert=True))
+    inv = arr(M.prepare_mask(Image.fromarray(255 - white_box), 0, invert=True))
     assert inv.tolist() == white_box.tolist()
-    a = arr(I.prepare_mask(Image.fromarray(white_box), (1, 0)))
+    a = arr(M.prepare_mask(Image.fromarray(white_box), (1, 0)))
     assert a[4].tolist() == [0, 1, 14, 62, 102, 62, 14, 1, 0]
-    assert arr(I.prepare_mask(Image.fromarray(white_box), 1)).tolist() == \
-        arr(I.blur_mask(Image.fromarray(white_box), 1, 1)).tolist()
+    assert arr(M.prepare_mask(Image.fromarray(white_box), 1)).tolist() == \
+        arr(M.blur_mask(Image.fromarray(white_box), 1, 1)).tolist()
 
 
 def test_blur_matches_opencv_if_installed():
@@ -470,8 +448,8 @@ def test_blur_matches_opencv_if_installed():
     for sigma in (1, 2, 4, 7, 16, 40):
         a = (rng.random((37, 53)) > 0.7).astype(np.uint8) * 255
         k = 2 * int(2.5 * sigma + 0.5) + 1
-        assert np.array_equal(I.gaussian_blur_axis(a, sigma, 1), cv2.GaussianBlur(a, (k, 1), sigma))
-        assert np.array_equal(I.gaussian_blur_axis(a, sigma, 0), cv2.GaussianBlur(a, (1, k), sigma))
+        assert np.array_equal(M.gaussian_blur_axis(a, sigma, 1), cv2.GaussianBlur(a, (k, 1), sigma))
+        assert np.array_equal(M.gaussian_blur_axis(a, sigma, 0), cv2.GaussianBlur(a, (1, k), sigma))
 
 
 # =============================================================================================
@@ -486,12 +464,12 @@ def rect_mask(w, h, x1, y1, x2, y2, value=255):
 
 def test_get_crop_region():
     m = rect_mask(64, 64, 10, 20, 20, 25)
-    assert I.get_crop_region(m) == (10, 20, 20, 25)
-    assert I.get_crop_region(m, 4) == (6, 16, 24, 29)
-    assert I.get_crop_region(m, 15) == (0, 5, 35, 40)        # clipped at 0
-    assert I.get_crop_region(np.asarray(m), 50) == (0, 0, 64, 64)
-    assert I.get_crop_region(rect_mask(8, 8, 0, 0, 0, 0)) is None
-    assert I.get_crop_region(rect_mask(8, 8, 7, 7, 8, 8, value=1)) == (7, 7, 8, 8)
+    assert M.get_crop_region(m) == (10, 20, 20, 25)
+    assert M.get_crop_region(m, 4) == (6, 16, 24, 29)
+    assert M.get_crop_region(m, 15) == (0, 5, 35, 40)        # clipped at 0
+    assert M.get_crop_region(np.asarray(m), 50) == (0, 0, 64, 64)
+    assert M.get_crop_region(rect_mask(8, 8, 0, 0, 0, 0)) is None
+    assert M.get_crop_region(rect_mask(8, 8, 7, 7, 8, 8, value=1)) == (7, 7, 8, 8)
 
 
 @pytest.mark.parametrize("box, proc, image, expected", [
@@ -504,14 +482,14 @@ def test_get_crop_region():
     ((0, 0, 10, 10), (512, 768), (100, 100), (0, 0, 10, 15)),   # 10/(2/3) = 15.000000000000002 -> 5
 ])
 def test_expand_crop_region(box, proc, image, expected):
-    assert I.expand_crop_region(box, *proc, *image) == expected
+    assert M.expand_crop_region(box, *proc, *image) == expected
 
 
 def test_inpaint_crop_region():
     m = rect_mask(64, 64, 10, 20, 20, 25)
-    assert I.inpaint_crop_region(m, 4, 512, 512) == (6, 14, 24, 32)
-    assert I.inpaint_crop_region(np.asarray(m), 0, 512, 512) == (10, 18, 20, 28)   # w10 h5 -> diff 5: -2 / +3
-    assert I.inpaint_crop_region(rect_mask(8, 8, 0, 0, 0, 0), 32, 512, 512) is None
+    assert M.inpaint_crop_region(m, 4, 512, 512) == (6, 14, 24, 32)
+    assert M.inpaint_crop_region(np.asarray(m), 0, 512, 512) == (10, 18, 20, 28)   # w10 h5 -> diff 5: -2 / +3
+    assert M.inpaint_crop_region(rect_mask(8, 8, 0, 0, 0, 0), 32, 512, 512) is None
 
 
 # =============================================================================================
@@ -520,55 +498,55 @@ def test_inpaint_crop_region():
 
 def test_prepare_inpaint_mask_whole_picture():
     for value, overlay in ((100, 200), (127, 254), (128, 255), (200, 255), (0, 0)):
-        d = I.prepare_inpaint_mask(Image.new("L", (8, 8), value), 8, 8, 0, inpaint_full_res=False)
+        d = M.prepare_inpaint_mask(Image.new("L", (8, 8), value), 8, 8, 0, inpaint_full_res=False)
         assert d["image_mask"].mode == "L" and set(arr(d["image_mask"]).flatten().tolist()) == {value}
         assert d["latent_mask"] is d["image_mask"]
         assert set(arr(d["mask_for_overlay"]).flatten().tolist()) == {overlay}      # clip(2*mask)
         assert d["crop_region"] is None and d["paste_to"] is None
-    d = I.prepare_inpaint_mask(Image.new("L", (10, 7), 50), 8, 8, 1, inpaint_full_res=False)
+    d = M.prepare_inpaint_mask(Image.new("L", (10, 7), 50), 8, 8, 1, inpaint_full_res=False)
     assert d["image_mask"].mode == "RGB" and d["mask_for_overlay"].mode == "RGB"
     assert set(arr(d["mask_for_overlay"]).flatten().tolist()) == {100}
 
 
 def test_prepare_inpaint_mask_only_masked():
     m = rect_mask(64, 64, 10, 20, 20, 25)
-    d = I.prepare_inpaint_mask(m, 36, 36, 0, inpaint_full_res=True, padding=4)
+    d = M.prepare_inpaint_mask(m, 36, 36, 0, inpaint_full_res=True, padding=4)
     assert d["crop_region"] == (6, 14, 24, 32) and d["paste_to"] == (6, 14, 18, 18)
     assert d["mask_for_overlay"] is m                      # the blurred mask itself, original size
     assert d["image_mask"].size == (36, 36) and d["image_mask"].mode == "RGB"   # resize_image(2, ...)
-    blank = I.prepare_inpaint_mask(rect_mask(8, 8, 0, 0, 0, 0), 8, 8, 0, inpaint_full_res=True)
+    blank = M.prepare_inpaint_mask(rect_mask(8, 8, 0, 0, 0, 0), 8, 8, 0, inpaint_full_res=True)
     assert blank == {"image_mask": None, "latent_mask": None, "mask_for_overlay": None, "crop_region": None,
                      "paste_to": None}
 
 
 def test_fill_masked():
     # completely masked: everything transparent, the canvas stays transparent black
-    assert set(map(tuple, arr(I.fill_masked(rgb(6, 6, (10, 200, 30)), Image.new("L", (6, 6), 255)))
+    assert set(map(tuple, arr(M.fill_masked(rgb(6, 6, (10, 200, 30)), Image.new("L", (6, 6), 255)))
                    .reshape(-1, 3).tolist())) == {(0, 0, 0)}
     # a pure 0/255 colour survives premultiply/blur/unpremultiply exactly, partial masks included
     m = np.zeros((8, 8), np.uint8)
     m[2:6, 2:6] = 255
     m[0, 0] = 128
-    out = arr(I.fill_masked(rgb(8, 8, (255, 0, 255)), Image.fromarray(m)))
+    out = arr(M.fill_masked(rgb(8, 8, (255, 0, 255)), Image.fromarray(m)))
     assert set(map(tuple, out.reshape(-1, 3).tolist())) == {(255, 0, 255)}
     # unmasked pixels are returned unchanged (the last, radius-0 pass is opaque there)
     img = np.random.default_rng(2).integers(0, 256, (8, 8, 3), dtype=np.uint8)
-    out = arr(I.fill_masked(Image.fromarray(img), Image.fromarray(m)))
+    out = arr(M.fill_masked(Image.fromarray(img), Image.fromarray(m)))
     assert out[m == 0].tolist() == img[m == 0].tolist()
 
 
 def test_prepare_init_image_plain_and_fill():
     img = rgb(10, 7, (255, 0, 255)).convert("RGBA")
-    out, overlay, mfo = I.prepare_init_image(img, 8, 8, 0)
+    out, overlay, mfo = M.prepare_init_image(img, 8, 8, 0)
     assert out.mode == "RGB" and out.size == (8, 8) and overlay is None and mfo is None
     src = Image.fromarray(np.random.default_rng(3).integers(0, 256, (8, 8, 3), dtype=np.uint8))
     m = rect_mask(8, 8, 2, 2, 6, 6)
-    d = I.prepare_inpaint_mask(m, 8, 8, 0, inpaint_full_res=False)
-    original, _, _ = I.prepare_init_image(src, 8, 8, 0, d, inpainting_fill=1)
+    d = M.prepare_inpaint_mask(m, 8, 8, 0, inpaint_full_res=False)
+    original, _, _ = M.prepare_init_image(src, 8, 8, 0, d, inpainting_fill=1)
     assert arr(original).tolist() == arr(src).tolist()                      # "original": untouched
     for fill in (0, 2, 3):                                                    # fill runs for all but 1
-        filled, _, _ = I.prepare_init_image(src, 8, 8, 0, d, inpainting_fill=fill)
-        assert arr(filled).tolist() == arr(I.fill_masked(src, d["latent_mask"])).tolist()
+        filled, _, _ = M.prepare_init_image(src, 8, 8, 0, d, inpainting_fill=fill)
+        assert arr(filled).tolist() == arr(M.fill_masked(src, d["latent_mask"])).tolist()
         assert arr(filled)[arr(m) == 0].tolist() == arr(src)[arr(m) == 0].tolist()
         assert arr(filled)[2:6, 2:6].tolist() != arr(src)[2:6, 2:6].tolist()
 
@@ -576,10 +554,10 @@ def test_prepare_init_image_plain_and_fill():
 def test_overlay_whole_picture_uniform_masks():
     # white original over a black result with alpha 255 - min(2m, 255): the output value is that alpha
     for m, expected in ((0, 255), (1, 253), (50, 155), (64, 127), (100, 55), (127, 1), (128, 0), (255, 0)):
-        d = I.prepare_inpaint_mask(Image.new("L", (4, 4), m), 4, 4, 0, inpaint_full_res=False)
-        _, overlay, _ = I.prepare_init_image(rgb(4, 4, (255, 255, 255)), 4, 4, 0, d)
+        d = M.prepare_inpaint_mask(Image.new("L", (4, 4), m), 4, 4, 0, inpaint_full_res=False)
+        _, overlay, _ = M.prepare_init_image(rgb(4, 4, (255, 255, 255)), 4, 4, 0, d)
         assert arr(overlay)[0, 0].tolist() == ([255, 255, 255, expected] if expected else [0, 0, 0, 0])
-        out = I.apply_overlay(rgb(4, 4, (0, 0, 0)), None, overlay)
+        out = M.apply_overlay(rgb(4, 4, (0, 0, 0)), None, overlay)
         assert out.mode == "RGB" and set(arr(out).flatten().tolist()) == {expected}
 
 
@@ -587,11 +565,11 @@ def test_only_masked_paste_back():
     A, B = (10, 20, 30), (200, 100, 0)
     m = rect_mask(16, 16, 4, 4, 12, 12)
     for proc in (8, 16):   # generation size 8 (no resize on paste back) and 16 (LANCZOS of a uniform image)
-        d = I.prepare_inpaint_mask(m, proc, proc, 0, inpaint_full_res=True, padding=0)
+        d = M.prepare_inpaint_mask(m, proc, proc, 0, inpaint_full_res=True, padding=0)
         assert d["crop_region"] == (4, 4, 12, 12) and d["paste_to"] == (4, 4, 8, 8)
-        init, overlay, _ = I.prepare_init_image(rgb(16, 16, A), proc, proc, 0, d, inpainting_fill=1)
+        init, overlay, _ = M.prepare_init_image(rgb(16, 16, A), proc, proc, 0, d, inpainting_fill=1)
         assert init.size == (proc, proc) and set(map(tuple, arr(init).reshape(-1, 3).tolist())) == {A}
-        out = arr(I.apply_overlay(rgb(proc, proc, B), d["paste_to"], overlay))
+        out = arr(M.apply_overlay(rgb(proc, proc, B), d["paste_to"], overlay))
         expected = np.empty((16, 16, 3), np.uint8)
         expected[:] = A
         expected[4:12, 4:12] = B
@@ -599,36 +577,36 @@ def test_only_masked_paste_back():
 
 
 def test_uncrop_and_no_overlay():
-    base = I.uncrop(rgb(4, 4, (1, 2, 3)), (8, 6), (2, 1, 4, 4))
+    base = M.uncrop(rgb(4, 4, (1, 2, 3)), (8, 6), (2, 1, 4, 4))
     a = arr(base)
     assert base.mode == "RGBA" and base.size == (8, 6)
     assert a[1:5, 2:6].reshape(-1, 4).tolist() == [[1, 2, 3, 255]] * 16
     assert a[0].tolist() == [[0, 0, 0, 0]] * 8 and a[:, 0].tolist() == [[0, 0, 0, 0]] * 6
     im = rgb(3, 3, (5, 6, 7))
-    assert I.apply_overlay(im, None, None) is im
+    assert M.apply_overlay(im, None, None) is im
 
 
 def test_latent_mask_uniform_and_threshold():
     for value, n in ((128, 1.0), (127, 0.0), (255, 1.0), (0, 0.0)):   # np.around(v/255): >= 128 -> 1
-        mask, nmask = I.latent_mask(Image.new("L", (64, 48), value), 6, 8)
+        mask, nmask = M.latent_mask(Image.new("L", (64, 48), value), 6, 8)
         assert mask.shape == nmask.shape == (1, 1, 6, 8) and mask.dtype == nmask.dtype == torch.float32
         assert nmask.unique().tolist() == [n] and mask.unique().tolist() == [1.0 - n]
-    mask, nmask = I.latent_mask(Image.new("L", (64, 48), 128), 6, 8, mask_round=False)
+    mask, nmask = M.latent_mask(Image.new("L", (64, 48), 128), 6, 8, mask_round=False)
     v = np.float32(128) / np.float32(255)
     assert nmask.unique().tolist() == [float(v)] and mask.unique().tolist() == [float(np.float32(1) - v)]
 
 
 def test_latent_mask_boundary():
     # left half white: bicubic to 8x8, rounded -> latent columns 0-3 regenerate, 4-7 keep
-    mask, nmask = I.latent_mask(rect_mask(64, 64, 0, 0, 32, 64), 8, 8)
+    mask, nmask = M.latent_mask(rect_mask(64, 64, 0, 0, 32, 64), 8, 8)
     assert nmask[0, 0].tolist() == [[1.0] * 4 + [0.0] * 4] * 8
     assert (mask + nmask).unique().tolist() == [1.0]
     # unrounded: the far columns are exactly 1 and 0, the two columns at the edge are in between
-    _, soft = I.latent_mask(rect_mask(64, 64, 0, 0, 32, 64), 8, 8, mask_round=False)
+    _, soft = M.latent_mask(rect_mask(64, 64, 0, 0, 32, 64), 8, 8, mask_round=False)
     row = soft[0, 0, 0].tolist()
     assert row[0] == 1.0 and row[7] == 0.0 and 0.5 < row[3] < 1.0 and 0.0 < row[4] < 0.5
     # RGB masks (from resize modes 1-3) use channel 0
-    _, n2 = I.latent_mask(rect_mask(64, 64, 0, 0, 32, 64).convert("RGB"), 8, 8)
+    _, n2 = M.latent_mask(rect_mask(64, 64, 0, 0, 32, 64).convert("RGB"), 8, 8)
     assert n2.tolist() == nmask.tolist()
 
 
@@ -637,25 +615,13 @@ def test_masked_content_and_blend():
     mask = torch.tensor([[[[1.0, 0.0]]]])
     nmask = 1 - mask
     noise = torch.full((1, 4, 1, 2), 5.0)
-    assert I.apply_masked_content(init, mask, nmask, 1).tolist() == init.tolist()
-    assert I.apply_masked_content(init, mask, nmask, 0) is init
-    assert I.apply_masked_content(init, mask, nmask, 2, noise)[0, :, 0].tolist() == [[3.0, 5.0]] * 4
-    assert I.apply_masked_content(init, mask, nmask, 3)[0, :, 0].tolist() == [[3.0, 0.0]] * 4
+    assert M.apply_masked_content(init, mask, nmask, 1).tolist() == init.tolist()
+    assert M.apply_masked_content(init, mask, nmask, 0) is init
+    assert M.apply_masked_content(init, mask, nmask, 2, noise)[0, :, 0].tolist() == [[3.0, 5.0]] * 4
+    assert M.apply_masked_content(init, mask, nmask, 3)[0, :, 0].tolist() == [[3.0, 0.0]] * 4
     with pytest.raises(ValueError):
-        I.apply_masked_content(init, mask, nmask, 2)
+        M.apply_masked_content(init, mask, nmask, 2)
     samples = torch.full((1, 4, 1, 2), 7.0)
-    assert I.blend_inpaint_latent(samples, init, mask, nmask)[0, :, 0].tolist() == [[3.0, 7.0]] * 4
+    assert M.blend_inpaint_latent(samples, init, mask, nmask)[0, :, 0].tolist() == [[3.0, 7.0]] * 4
 
 
-def test_inpainting_conditioning_inputs():
-    src = torch.full((1, 3, 2, 2), 0.5)
-    m = Image.fromarray(np.array([[0, 255], [128, 127]], np.uint8))
-    masked, cm = I.inpainting_conditioning_inputs(src, m)      # round: 128/255 -> 1, 127/255 -> 0
-    assert cm.tolist() == [[[[0.0, 1.0], [1.0, 0.0]]]]
-    assert masked[0, 0].tolist() == [[0.5, 0.0], [0.0, 0.5]]
-    half, _ = I.inpainting_conditioning_inputs(src, m, mask_weight=0.5)   # lerp halfway
-    assert half[0, 1].tolist() == [[0.5, 0.25], [0.25, 0.5]]
-    none, ones = I.inpainting_conditioning_inputs(src, None)
-    assert ones.tolist() == [[[[1.0, 1.0], [1.0, 1.0]]]] and none.unique().tolist() == [0.0]
-    big = torch.arange(16.).view(1, 1, 4, 4)
-    assert I.inpainting_mask_to_latent(big, 2, 2).tolist() == [[[[0.0, 2.0], [8.0, 10.0]]]]

@@ -158,7 +158,7 @@ def sample(name: str, model: CFGDenoiser, rng: ImageRNG, steps: int, *, schedule
     `model` is the CFGDenoiser over an EpsDenoiser; `rng` the batch's ImageRNG, whose first draw is the
     initial noise and whose later draws are the in-sampler noise. Unset eta/s_* take A1111's defaults
     (eta 1 for k-diffusion samplers, 0 for DDIM); A1111 passes each only to the samplers listed in
-    A1111_DEFAULTS. `initial_noise_multiplier` scales the img2img noise (A1111 option, default 1; the
+    the sampler table. `initial_noise_multiplier` scales the img2img noise (A1111 option, default 1; the
     hires pass does not apply it). `schedule_options` go to `get_sigmas` (sigma_min, sigma_max, rho, beta_*).
     The final inpainting blend of the samples with the init latent is the caller's.
     """
