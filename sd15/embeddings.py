@@ -1,4 +1,4 @@
-"""Textual-inversion embeddings, as A1111 users have them (formats.md (b); generation.md §7.3-§7.4).
+"""Textual-inversion embeddings, as A1111 users have them.
 
 A folder of embedding files is scanned recursively; the **trigger word is the file name without its
 extension** (any name stored inside the file is ignored). Formats read:
@@ -13,7 +13,7 @@ Pickled files are opened with `torch.load(weights_only=True)` only, so a file wi
 An embedding whose width is not the text encoder's (768 for SD 1.x) is listed under "skipped" with a reason.
 Image-embedded embeddings (.png/.webp) are not read.
 
-How the prompt uses them: `EmbeddingDatabase.hooks(model)` gives the finder for
+How the prompt uses them: `EmbeddingDatabase.hooks(model, used)` gives the finder for
 `sd15.a1111.prompt.chunk_tokens(embeddings=...)` (names tokenised, longest match first; a match becomes n
 placeholder ids 0 that count toward the 75-token chunk and never straddle two chunks) and an `embed_fn` for
 `sd15.a1111.conditioning.encode_texts` that overwrites the token vectors at positions offset+1 .. offset+n of the

@@ -2,7 +2,7 @@
 
 References: A1111 `modules/rng.py` (ImageRNG, slerp), `modules/rng_philox.py` (the "NV" source),
 `modules/sd_samplers_common.py` (per-image Brownian trees), torchsde `_brownian/brownian_interval.py`
-(the tree), numpy `SeedSequence`. Spec: generation.md §6.
+(the tree), numpy `SeedSequence`.
 
 Three sources (`randn_source` in A1111):
 - "cpu": `torch.randn` from a CPU `torch.Generator` (mt19937), moved to `device` afterwards;

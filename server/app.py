@@ -1,4 +1,4 @@
-"""The A1111-compatible HTTP API (`/sdapi/v1/*`, a1111-api.md) on Starlette.
+"""The A1111-compatible HTTP API (`/sdapi/v1/*`) on Starlette.
 
     app = create_app(ServerConfig(ckpt_dir="weights"))      # uvicorn.run(app) / TestClient(app)
 

@@ -1,4 +1,4 @@
-"""The model folders and the one loaded model (a1111-api.md §3.1, §9.2, §9.3).
+"""The model folders and the one loaded model.
 
 - `Library`: what is in --ckpt-dir / --vae-dir / --lora-dir / --embeddings-dir, in A1111's list shapes.
   Checkpoint titles carry A1111's short hash once the sha256 is known; hashes are remembered beside the files
@@ -69,7 +69,7 @@ class Checkpoint:
         return f"{self.name} [{self.short_hash}]" if self.sha256 else self.name
 
     def aliases(self) -> set[str]:
-        """Every string `sd_model_checkpoint` may name this checkpoint by (A1111's table, §9.2), plus the
+        """Every string `sd_model_checkpoint` may name this checkpoint by (A1111's table), plus the
         absolute `filename` that sd-models lists."""
         names = {self.title, self.name, self.stem, self.model_name, self.path, self.legacy_hash,
                  f"{self.name} [{self.legacy_hash}]"}

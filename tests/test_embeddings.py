@@ -106,7 +106,7 @@ def test_refresh_picks_up_new_files_between_jobs(model, emb_dir):
     path = emb_dir / "laterword.pt"
     try:
         sn.write_embedding_pt(str(path), table[model.tokenizer.encode("cat")])
-        model.embeddings.begin_job()  # what generate() does first
+        model.embeddings.refresh_if_changed()  # what generate() does first
         assert "laterword" in model.embeddings.api_listing()["loaded"]
         assert torch.equal(encode_texts(model, ["laterword"]), encode_texts(model, ["cat"]))
     finally:

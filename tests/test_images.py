@@ -37,7 +37,7 @@ def png_bytes(im, **kw):
 
 
 # =============================================================================================
-# §8.1 strength -> steps
+# strength -> steps
 # =============================================================================================
 
 @pytest.mark.parametrize("steps, strength, explicit, fix, expected", [
@@ -63,7 +63,7 @@ def test_img2img_steps(steps, strength, explicit, fix, expected):
 
 
 # =============================================================================================
-# §9 hires fix
+# hires fix
 # =============================================================================================
 
 @pytest.mark.parametrize("w, h, scale, rx, ry, expected", [
@@ -138,7 +138,7 @@ def test_upscale_latent_uses_pixel_sizes_floored():
 
 
 # =============================================================================================
-# §10 conversions
+# conversions
 # =============================================================================================
 
 def test_pil_to_unit_tensor_batch_and_errors():
@@ -178,7 +178,7 @@ def test_round_trip_loses_one_for_1_to_63():
 
 
 # =============================================================================================
-# §8.2 flatten and §2.2 image decoding
+# flatten and image decoding
 # =============================================================================================
 
 def test_flatten():
@@ -267,7 +267,7 @@ def test_load_image_bomb_rejected_before_decoding():
 
 
 # =============================================================================================
-# §8.3 resize modes and §9 pixel upscalers
+# resize modes and pixel upscalers
 # =============================================================================================
 
 @pytest.mark.parametrize("mode, src, dst, expected", [
@@ -379,7 +379,7 @@ def test_resize_image_with_upscaler_uses_it_only_for_rgb():
 
 
 # =============================================================================================
-# §8.4 inpainting: binary mask, blur
+# inpainting: binary mask, blur
 # =============================================================================================
 
 def test_create_binary_mask():
@@ -453,7 +453,7 @@ def test_blur_matches_opencv_if_installed():
 
 
 # =============================================================================================
-# §8.4 step 4: crop region
+# crop region
 # =============================================================================================
 
 def rect_mask(w, h, x1, y1, x2, y2, value=255):
@@ -493,7 +493,7 @@ def test_inpaint_crop_region():
 
 
 # =============================================================================================
-# §8.4 steps 3-6: masks, fill, overlay, latent mask
+# masks, fill, overlay, latent mask
 # =============================================================================================
 
 def test_prepare_inpaint_mask_whole_picture():

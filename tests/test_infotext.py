@@ -609,7 +609,7 @@ def test_round_trip_ensd_and_every_sampler():
 
 
 # =============================================================================================
-# Parsing rules (§7.3)
+# Parsing rules
 # =============================================================================================
 
 PARSE_DEFAULTS = {
@@ -711,7 +711,7 @@ def test_sampler_from_infotext_old_names():
 
 
 # =============================================================================================
-# Sampler / scheduler name resolution (§8.3)
+# Sampler / scheduler name resolution
 # =============================================================================================
 
 @pytest.mark.parametrize("name", [n for n, _, _ in SPEC_SAMPLERS])

@@ -1,4 +1,4 @@
-"""A1111 prompt syntax (sd15.prompt): spec/generation.md §7 and Appendix A.5.
+"""A1111 prompt syntax (sd15.a1111.prompt).
 
 Expected values are exact. Emphasis weights are compared with `==` against the same float products A1111
 computes (it multiplies weights in bracket-closing order, e.g. ((d)) -> 1.0 * 1.1 * 1.1), so no tolerance is
@@ -11,19 +11,23 @@ import re
 import pytest
 
 from sd15.a1111.prompt import (BOS, COMMA, EOS, PAD, Chunk, chunk_tokens, extract_networks,
-                         make_embedding_finder, network_multipliers, parse_prompt_attention,
-                         prompt_schedules, schedule_index, split_and, tokenize_prompt)
+                               make_embedding_finder, network_multipliers, parse_prompt_attention,
+                               prompt_schedules, schedule_index, split_and, tokenize_prompt)
 
 R = 1.1          # (x)
 S = 1 / 1.1      # [x]
 
 
 # =============================================================================================
-# parse_prompt_attention (§7.2)
+# parse_prompt_attention
 # =============================================================================================
 
-def test_constants():
-    assert (BOS, EOS, PAD, COMMA) == (49406, 49407, 49407, 267)
+def test_special_tokens_are_the_tokenizers():
+    from sd15.clip.tokenizer import Tokenizer
+
+    tok = Tokenizer()
+    ids = tok.tokenize(["a"])[0].tolist()  # BOS, "a", EOS, EOS padding
+    assert (ids[0], ids[2], ids[-1]) == (BOS, EOS, PAD) and tok.encode(",") == [COMMA]
 
 
 def test_spec_example_7_2():
@@ -165,7 +169,7 @@ def test_break_inside_brackets_gets_its_weight_multiplied():
 
 
 # =============================================================================================
-# prompt_schedules (§7.5, Appendix A.5)
+# prompt_schedules
 # =============================================================================================
 
 def test_appendix_a5_schedules():
@@ -402,7 +406,7 @@ def test_long_prompt_is_fast():
 
 
 def test_schedule_index():
-    # §7.5: [a:b:0.5] at 20 steps -> "a" for model calls 0..10 (11 calls), "b" for 11..19
+    # [a:b:0.5] at 20 steps -> "a" for model calls 0..10 (11 calls), "b" for 11..19
     sched = prompt_schedules("[a:b:0.5]", 20)
     assert [sched[schedule_index(sched, s)][1] for s in range(20)] == ["a"] * 11 + ["b"] * 9
     # [a|b] -> a, a, b, a, b, ... (first alternative used twice)
@@ -413,7 +417,7 @@ def test_schedule_index():
 
 
 # =============================================================================================
-# extract_networks, split_and (§7.1)
+# extract_networks, split_and
 # =============================================================================================
 
 def test_extract_networks():
@@ -469,7 +473,7 @@ def test_split_and(prompt, expected):
 
 
 # =============================================================================================
-# chunk_tokens (§7.3)
+# chunk_tokens
 # =============================================================================================
 
 _WORDS = {"a": 320, "photo": 1125, "of": 539, "cat": 2368, "break": 3431, "b": 338}

@@ -1,4 +1,4 @@
-"""Prompts -> CLIP conditioning tensors, the way A1111 builds them (generation.md §7).
+"""Prompts -> CLIP conditioning tensors, the way A1111 builds them.
 
 For each prompt: network tags are stripped (by the caller), the text is split on AND (positive prompts only),
 every subprompt is expanded into a prompt schedule (prompt editing / alternation), and the texts of one

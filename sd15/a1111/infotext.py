@@ -224,7 +224,7 @@ def parse_infotext(text: str, *, skip_fields: Iterable[str] = ()) -> dict:
       "Negative prompt:"; from there on, the negative prompt.
     - Values are strings; a double-quoted value is JSON-unquoted; a "WxH" value is split into
       "<Key>-1"/"<Key>-2" ("Size-1": "512"). A key with an empty value is dropped (A1111 skips it).
-    - "Prompt" and "Negative prompt" are added, then A1111's defaults for absent keys (spec §7.3) and the
+    - "Prompt" and "Negative prompt" are added, then A1111's defaults for absent keys and the
       A1111's version back-compat flags are not produced (nothing here reads them).
     - Styles are not extracted (no styles are defined); `skip_fields` are removed at the end
       (A1111's `infotext_skip_pasting`).

@@ -1,7 +1,6 @@
 """A1111 prompt syntax: extra-network tags, AND, prompt editing/alternation, emphasis, 75-token chunks.
 
-Behaviour follows AUTOMATIC1111 webui v1.10.1 as described in `spec/generation.md` §7 (written from that
-description, not from A1111's code). Order of operations for one positive prompt (§7.1):
+Behaviour follows AUTOMATIC1111 webui v1.10.1 (its `modules/prompt_parser.py`, `sd_hijack_clip.py`). Order of operations for one positive prompt:
 
     clean, networks = extract_networks(prompt)        # remove <lora:NAME:...> tags
     for text, weight in split_and(clean):             # "a AND b :0.5"
@@ -30,7 +29,7 @@ COMMA = 267       # ",</w>"
 CHUNK_LENGTH = 75  # prompt tokens per 77-token CLIP window
 
 # ---------------------------------------------------------------------------------------------
-# Extra networks (§7.1 step 2)
+# Extra networks
 # ---------------------------------------------------------------------------------------------
 
 _NETWORK_TAG = re.compile(r"<(\w+):([^>]+)>")
@@ -74,7 +73,7 @@ def network_multipliers(args: Sequence[str]) -> tuple[float, float, Optional[int
 
 
 # ---------------------------------------------------------------------------------------------
-# AND composition (§7.1 step 3)
+# AND composition
 # ---------------------------------------------------------------------------------------------
 
 _AND = re.compile(r"\bAND\b")
@@ -97,7 +96,7 @@ def split_and(prompt: str) -> list[tuple[str, float]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Prompt editing and alternation (§7.5)
+# Prompt editing and alternation
 # ---------------------------------------------------------------------------------------------
 #
 # The grammar A1111 parses with lark (restated):
@@ -336,7 +335,7 @@ def schedule_index(schedule: Sequence[tuple[int, str]], step: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Emphasis (§7.2)
+# Emphasis
 # ---------------------------------------------------------------------------------------------
 
 _ATTENTION_TOKEN = re.compile(r"""
@@ -409,7 +408,7 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Tokens -> 75-token chunks (§7.3)
+# Tokens -> 75-token chunks
 # ---------------------------------------------------------------------------------------------
 
 # (tokens, position) -> (embedding, n_vectors, name_length_in_tokens) or None
