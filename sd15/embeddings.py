@@ -237,7 +237,7 @@ class EmbeddingDatabase:
     `loaded` / `skipped` map names to Embedding (skipped ones carry `reason`); `errors` maps names of
     unreadable files to a reason. The folder is scanned on first use, by `refresh()`, and at the start of
     each job when its files changed (`refresh_if_changed()`, as A1111 does). The embeddings a job's prompts
-    matched are recorded by the job (`sd15.lora.NetworkJob`), not here.
+    matched are recorded by the job (`sd15.pipeline.NetworkJob`), not here.
     """
 
     def __init__(self, directory=None, expected_width: Optional[int] = 768):

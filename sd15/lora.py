@@ -1,6 +1,6 @@
 """LoRA (and LyCORIS LoHa/LoKr, "full" diff) networks through `<lora:NAME:te[:unet[:dyn]]>` prompt tags.
 
-Written from `reference/formats.md` (a) (A1111's behaviour described in words; no code of A1111, kohya or peft).
+Written from A1111's documented behaviour (its `extensions-builtin/Lora`); no code of A1111, kohya or peft.
 
 Files: `.safetensors`, `.pt`, `.ckpt` in the LoRA folder (recursively). NAME is the file stem or the
 `ss_output_name` alias from the safetensors metadata. Key layouts understood:
@@ -39,7 +39,7 @@ import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
@@ -48,7 +48,7 @@ from sd15.embeddings import is_safe_name, scan_folder
 log = logging.getLogger(__name__)
 
 __all__ = ["LORA_EXTENSIONS", "LORA_KINDS", "LoraError", "LoraFile", "LoraRequest", "ParsedLora", "Loras",
-           "NetworkJob", "parse_lora", "read_safetensors_metadata", "ldm_candidates", "list_loras"]
+           "parse_lora", "read_safetensors_metadata", "ldm_candidates", "list_loras"]
 
 LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt")
 LORA_KINDS = ("lora", "lyco")  # tag kinds handled here (A1111 keeps "lyco" as an alias of "lora")
@@ -588,100 +588,3 @@ class Loras:
         """End of a generation job: restore the weights unless `keep_applied`."""
         if not self.keep_applied:
             self.restore()
-
-
-# ================================================================================================
-# One generation job
-# ================================================================================================
-
-class NetworkJob:
-    """The extra networks of one `generate()` call: the LoRA tags of the prompt (and of the hires prompt),
-    and the textual-inversion embeddings its prompts use.
-
-        job = NetworkJob(model, networks, hr_networks)   # networks from sd15.a1111.prompt.extract_networks
-        job.first_pass(); ...; job.hires_pass(); ...      # merge the tags' LoRAs (no-op when already merged)
-        job.finish()                                      # restore (unless model.loras.keep_applied)
-        job.infotext_params()                             # {"Lora hashes": ..., "TI hashes": ...}
-        job.text_hooks()                                  # textual inversion for encode_texts, recorded per job
-        job.warnings                                      # unknown names, unsupported modules, ...
-    """
-
-    def __init__(self, model, networks, hr_networks=None):
-        self.model = model
-        self.loras: Optional[Loras] = getattr(model, "loras", None)
-        self.warnings: list[str] = []
-        self._hashes: dict[str, str] = {}
-        self.first = self._resolve(networks)
-        self.hr = self._resolve(hr_networks) if hr_networks is not None else None
-        self.embeddings_used: dict = {}  # textual-inversion embeddings this job's prompts matched
-        emb = getattr(model, "embeddings", None)
-        if emb is not None:
-            emb.refresh_if_changed()
-
-    def text_hooks(self) -> dict:
-        """`embeddings=` / `embed_fn=` for `encode_texts`, recording this job's matches (None, None without
-        embeddings)."""
-        emb = getattr(self.model, "embeddings", None)
-        find, embed_fn = emb.hooks(self.model, self.embeddings_used) if emb is not None else (None, None)
-        return dict(embeddings=find, embed_fn=embed_fn)
-
-    def _warn(self, text: str) -> None:
-        if text not in self.warnings:
-            self.warnings.append(text)
-
-    def _resolve(self, networks) -> list[tuple[LoraFile, LoraRequest]]:
-        from sd15.a1111.prompt import network_multipliers
-
-        out, missing = [], []
-        for kind, name, args in networks or ():
-            if kind not in LORA_KINDS:
-                self._warn(f"extra network <{kind}:{name}> is not supported here and was ignored")
-                continue
-            try:
-                te, unet, dyn = network_multipliers(args)
-            except ValueError:
-                self._warn(f"<{kind}:{name}:{':'.join(args)}>: cannot read the multipliers; tag ignored")
-                continue
-            lora = self.loras.find(name) if self.loras is not None else None
-            if lora is None:
-                if name not in missing:
-                    missing.append(name)
-                continue
-            out.append((lora, LoraRequest(name, te, unet, dyn)))
-        if missing:
-            self._warn("Networks not found: " + ", ".join(missing))
-        return out
-
-    def _activate(self, requests) -> None:
-        if self.loras is None:
-            return
-        for w in self.loras.activate(self.model, requests):
-            self._warn(w)
-        for lora, req in self.loras.applied:  # the ones that could be read
-            if req.name not in self._hashes:
-                h = lora.shorthash()
-                if h:
-                    self._hashes[req.name] = h
-
-    def first_pass(self) -> None:
-        self._activate(self.first)
-
-    def hires_pass(self) -> None:
-        self._activate(self.hr if self.hr is not None else self.first)
-
-    def finish(self) -> None:
-        if self.loras is not None:
-            self.loras.finish_job()
-
-    def infotext_params(self) -> dict[str, Any]:
-        """"Lora hashes" (names as written in the tags) and "TI hashes" (embeddings the prompts matched)."""
-        from sd15.a1111.infotext import format_hashes
-
-        out: dict[str, Any] = {}
-        if self._hashes:
-            out["Lora hashes"] = format_hashes(self._hashes.items())
-        emb = getattr(self.model, "embeddings", None)
-        ti = emb.infotext_hashes(self.embeddings_used) if emb is not None else None
-        if ti:
-            out["TI hashes"] = ti
-        return out

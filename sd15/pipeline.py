@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -30,8 +30,9 @@ from sd15.a1111 import images as imgs
 from sd15.a1111 import inpaint as masks
 from sd15.a1111 import infotext
 from sd15.a1111.conditioning import NegativeConds, PromptConds
-from sd15.a1111.prompt import extract_networks
-from sd15.lora import NetworkJob
+from sd15.a1111.infotext import format_hashes
+from sd15.a1111.prompt import extract_networks, network_multipliers
+from sd15.lora import LORA_KINDS, LoraRequest
 from sd15.rng import ImageRNG
 from sd15.samplers import make_denoiser, sample
 from sd15.schema import GenerationRequest, ResolvedRequest, resolve, validate
@@ -144,44 +145,13 @@ def encode_images(model, pixels: torch.Tensor) -> torch.Tensor:
 # img2img inputs
 # ------------------------------------------------------------------------------------------------
 
-def _as_image(value, mode="RGB"):
-    from PIL import Image
-
-    return value if isinstance(value, Image.Image) else imgs.load_image(value, mode=mode)
-
-
 class Img2ImgInit:
-    """The init images, mask and overlays of an img2img job, prepared once as A1111's img2img `init` does
-    (A1111's `StableDiffusionProcessingImg2Img.init`); `latent()` encodes them once, `finish()` pastes results
-    back."""
+    """The init images, mask and overlays of an img2img job (`sd15.a1111.inpaint.prepare_init_images`, once);
+    `latent()` encodes them once, `finish()` pastes results back."""
 
     def __init__(self, p: GenerationRequest, batch_size: int):
-        from PIL import Image
-
-        images = [_as_image(im, mode=None) for im in p.init_images]
-        self.batch_size = batch_size
-        self.p = p
-        self.inpaint = None
-        if p.mask is not None:
-            blur = p.mask_blur if p.mask_blur is not None else (p.mask_blur_x, p.mask_blur_y)
-            mask = masks.prepare_mask(_as_image(p.mask, mode=None), blur, invert=bool(p.inpainting_mask_invert),
-                                     mask_round=p.mask_round)
-            inpaint = masks.prepare_inpaint_mask(mask, p.width, p.height, p.resize_mode, p.inpaint_full_res,
-                                                p.inpaint_full_res_padding)
-            self.inpaint = inpaint if inpaint["image_mask"] is not None else None  # blank "only masked" mask
-        self.images, self.overlays = [], []
-        for im in images:
-            if not isinstance(im, Image.Image):
-                raise ValueError("init image is not an image")
-            image, overlay, mask_for_overlay = masks.prepare_init_image(
-                im, p.width, p.height, p.resize_mode, self.inpaint, p.inpainting_fill)
-            if self.inpaint is not None:
-                self.inpaint["mask_for_overlay"] = mask_for_overlay
-            self.images.append(image)
-            self.overlays.append(overlay)
-        if len(self.images) == 1:  # a single init image is repeated over the batch
-            self.images *= self.batch_size
-            self.overlays *= self.batch_size
+        self.p, self.batch_size = p, batch_size
+        self.images, self.overlays, self.inpaint = masks.prepare_init_images(p, batch_size)
         self._latent = None
         self._masks = None
 
@@ -225,6 +195,99 @@ class Img2ImgInit:
         return [masks.apply_overlay(im, paste_to, overlay) for im, overlay in zip(images, self.overlays)]
 
 
+
+
+# ------------------------------------------------------------------------------------------------
+# The extra networks of a job: LoRA tags and textual-inversion embeddings
+# ------------------------------------------------------------------------------------------------
+
+class NetworkJob:
+    """The extra networks of one `generate()` call: the LoRA tags of the prompt (and of the hires prompt),
+    and the textual-inversion embeddings its prompts use.
+
+        job = NetworkJob(model, networks, hr_networks)   # networks from sd15.a1111.prompt.extract_networks
+        job.first_pass(); ...; job.hires_pass(); ...      # merge the tags' LoRAs (no-op when already merged)
+        job.finish()                                      # restore (unless model.loras.keep_applied)
+        job.infotext_params()                             # {"Lora hashes": ..., "TI hashes": ...}
+        job.text_hooks()                                  # textual inversion for encode_texts, recorded per job
+        job.warnings                                      # unknown names, unsupported modules, ...
+    """
+
+    def __init__(self, model, networks, hr_networks=None):
+        self.model = model
+        self.loras = getattr(model, "loras", None)  # sd15.lora.Loras
+        self.warnings: list[str] = []
+        self._hashes: dict[str, str] = {}
+        self.first = self._resolve(networks)
+        self.hr = self._resolve(hr_networks) if hr_networks is not None else None
+        self.embeddings_used: dict = {}  # textual-inversion embeddings this job's prompts matched
+        emb = getattr(model, "embeddings", None)
+        if emb is not None:
+            emb.refresh_if_changed()
+
+    def text_hooks(self) -> dict:
+        """`embeddings=` / `embed_fn=` for `encode_texts`, recording this job's matches (None, None without
+        embeddings)."""
+        emb = getattr(self.model, "embeddings", None)
+        find, embed_fn = emb.hooks(self.model, self.embeddings_used) if emb is not None else (None, None)
+        return dict(embeddings=find, embed_fn=embed_fn)
+
+    def _warn(self, text: str) -> None:
+        if text not in self.warnings:
+            self.warnings.append(text)
+
+    def _resolve(self, networks) -> list:
+        out, missing = [], []
+        for kind, name, args in networks or ():
+            if kind not in LORA_KINDS:
+                self._warn(f"extra network <{kind}:{name}> is not supported here and was ignored")
+                continue
+            try:
+                te, unet, dyn = network_multipliers(args)
+            except ValueError:
+                self._warn(f"<{kind}:{name}:{':'.join(args)}>: cannot read the multipliers; tag ignored")
+                continue
+            lora = self.loras.find(name) if self.loras is not None else None
+            if lora is None:
+                if name not in missing:
+                    missing.append(name)
+                continue
+            out.append((lora, LoraRequest(name, te, unet, dyn)))
+        if missing:
+            self._warn("Networks not found: " + ", ".join(missing))
+        return out
+
+    def _activate(self, requests) -> None:
+        if self.loras is None:
+            return
+        for w in self.loras.activate(self.model, requests):
+            self._warn(w)
+        for lora, req in self.loras.applied:  # the ones that could be read
+            if req.name not in self._hashes:
+                h = lora.shorthash()
+                if h:
+                    self._hashes[req.name] = h
+
+    def first_pass(self) -> None:
+        self._activate(self.first)
+
+    def hires_pass(self) -> None:
+        self._activate(self.hr if self.hr is not None else self.first)
+
+    def finish(self) -> None:
+        if self.loras is not None:
+            self.loras.finish_job()
+
+    def infotext_params(self) -> dict[str, Any]:
+        """"Lora hashes" (names as written in the tags) and "TI hashes" (embeddings the prompts matched)."""
+        out: dict[str, Any] = {}
+        if self._hashes:
+            out["Lora hashes"] = format_hashes(self._hashes.items())
+        emb = getattr(self.model, "embeddings", None)
+        ti = emb.infotext_hashes(self.embeddings_used) if emb is not None else None
+        if ti:
+            out["TI hashes"] = ti
+        return out
 
 
 # ------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from sd15.a1111.images import LATENT_UPSCALE_MODES, PIXEL_UPSCALERS, hires_target_size
+from sd15.a1111.images import LATENT_UPSCALE_MODES, PIXEL_UPSCALERS
 from sd15.samplers.table import DEFAULT_SAMPLER, Sampler, Scheduler, resolve_sampler
 
 DEFAULT_DENOISING_STRENGTH = 0.75  # img2img's API default, also what a hires pass without a strength uses
@@ -211,6 +211,31 @@ def job_seeds(seed: int, subseed: int, subseed_strength: float, count: int) -> t
     image; subseed + i always. Seeds must already be resolved (`fixed_seed`)."""
     return ([int(seed) + (i if subseed_strength == 0 else 0) for i in range(count)],
             [int(subseed) + i for i in range(count)])
+
+
+def hires_target_size(width: int, height: int, hr_scale: float = 2.0, hr_resize_x: int = 0,
+                      hr_resize_y: int = 0) -> tuple[int, int, int, int]:
+    """A1111 `calculate_target_resolution`: `(hr_w, hr_h, truncate_x, truncate_y)`.
+
+    - no resize given: `(int(width·hr_scale), int(height·hr_scale))`.
+    - only one of hr_resize_x / hr_resize_y: it, and the other side from the aspect ratio with `//`.
+    - both: scale to cover (`width/height < rx/ry` -> `X = rx, Y = rx·height//width`, else
+      `X = ry·width//height, Y = ry`), and `truncate_x = (X - rx)//8`, `truncate_y = (Y - ry)//8` latent
+      pixels are cropped after the upscale (`truncate_latent`).
+    The upscale itself goes to `(hr_h//8, hr_w//8)` latent pixels. The legacy `firstphase_width/height` and
+    `use_old_hires_fix_width_height` re-interpretations are not handled here.
+    """
+    if hr_resize_x == 0 and hr_resize_y == 0:
+        return int(width * hr_scale), int(height * hr_scale), 0, 0
+    if hr_resize_y == 0:
+        return hr_resize_x, hr_resize_x * height // width, 0, 0
+    if hr_resize_x == 0:
+        return hr_resize_y * width // height, hr_resize_y, 0, 0
+    if width / height < hr_resize_x / hr_resize_y:
+        x, y = hr_resize_x, hr_resize_x * height // width
+    else:
+        x, y = hr_resize_y * width // height, hr_resize_y
+    return x, y, (x - hr_resize_x) // 8, (y - hr_resize_y) // 8
 
 
 @dataclass(frozen=True)

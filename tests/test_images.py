@@ -20,6 +20,7 @@ from PIL import Image
 from sd15.a1111 import images as I
 from sd15.a1111 import inpaint as M
 from sd15.samplers import img2img_steps
+from sd15.schema import hires_target_size
 
 
 def rgb(w, h, color):
@@ -82,7 +83,7 @@ def test_img2img_steps(steps, strength, explicit, fix, expected):
     (640, 480, 2.0, 1920, 1080, (1920, 1440, 0, 45)),   # 1920*480//640 = 1440; 360//8 = 45
 ])
 def test_hires_target_size(w, h, scale, rx, ry, expected):
-    assert I.hires_target_size(w, h, scale, rx, ry) == expected
+    assert hires_target_size(w, h, scale, rx, ry) == expected
 
 
 def test_truncate_latent():

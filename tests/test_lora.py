@@ -11,7 +11,7 @@ import synthetic
 import synthetic_networks as sn
 from sd15 import lora as L
 from sd15.clip.text_encoder import CLIPTextModel
-from sd15.pipeline import generate
+from sd15.pipeline import NetworkJob, generate
 from sd15.schema import GenerationRequest as Params
 from sd15.unet.unet import UNetModel
 
@@ -157,7 +157,7 @@ def test_activate_equals_hand_merge_and_restore_is_exact(model, tiny_sd, lora_te
 def test_named_multipliers_dyn_and_several_loras_add_up(model, tiny_sd, lora_tensors):
     before = weights(model)
     second = sn.kohya_lora(synthetic.tiny_state_dict(), seed=5)
-    job = L.NetworkJob(model, [("lora", "style", ["te=0", "unet=0.5", "dyn=2"]), ("lora", "second", ["0.3"])])
+    job = NetworkJob(model, [("lora", "style", ["te=0", "unet=0.5", "dyn=2"]), ("lora", "second", ["0.3"])])
     job.first_pass()
     assert job.warnings == []
     merged = sn.hand_merge(tiny_sd, lora_tensors, te=0.0, unet=0.5, dyn=2)
@@ -176,7 +176,7 @@ def test_peft_naming_equals_kohya(model, tiny_sd, tmp_path):
     sn.write_lora(str(folder / "pytorch_lora_weights.safetensors"), tensors, meta)
     m = SimpleNamespace(unet=model.unet, text_encoder=model.text_encoder, loras=L.Loras(folder), embeddings=None)
     before = weights(model)
-    job = L.NetworkJob(m, [("lora", "pytorch_lora_weights", ["0.8"])])
+    job = NetworkJob(m, [("lora", "pytorch_lora_weights", ["0.8"])])
     job.first_pass()
     assert job.warnings == []
     expected = merged_model_weights(model, sn.hand_merge(tiny_sd, kohya, te=0.8, unet=0.8, tucker=False))
@@ -354,7 +354,7 @@ def test_names_cannot_escape_the_folder(tmp_path, lora_tensors):
     for name in ("../secret", "..", "sub/../../secret", str(tmp_path / "secret"), "..\\secret", "link", "secret"):
         assert loras.find(name) is None, name
     assert [x["name"] for x in loras.list_api()] == ["ok"]
-    job = L.NetworkJob(SimpleNamespace(loras=loras), [("lora", "../secret", ["1"])])
+    job = NetworkJob(SimpleNamespace(loras=loras), [("lora", "../secret", ["1"])])
     assert job.warnings == ["Networks not found: ../secret"]
 
 
@@ -366,7 +366,7 @@ def test_pickle_with_code_is_refused(model, tmp_path):
     loras = L.Loras(folder)
     m = SimpleNamespace(unet=model.unet, text_encoder=model.text_encoder, loras=loras, embeddings=None)
     before = weights(model)
-    job = L.NetworkJob(m, [("lora", "evil", ["1"])])
+    job = NetworkJob(m, [("lora", "evil", ["1"])])
     job.first_pass()
     job.finish()
     assert not marker.exists()

@@ -337,31 +337,6 @@ LATENT_UPSCALE_MODES = {
 }
 
 
-def hires_target_size(width: int, height: int, hr_scale: float = 2.0, hr_resize_x: int = 0,
-                      hr_resize_y: int = 0) -> tuple[int, int, int, int]:
-    """A1111 `calculate_target_resolution`: `(hr_w, hr_h, truncate_x, truncate_y)`.
-
-    - no resize given: `(int(width·hr_scale), int(height·hr_scale))`.
-    - only one of hr_resize_x / hr_resize_y: it, and the other side from the aspect ratio with `//`.
-    - both: scale to cover (`width/height < rx/ry` -> `X = rx, Y = rx·height//width`, else
-      `X = ry·width//height, Y = ry`), and `truncate_x = (X - rx)//8`, `truncate_y = (Y - ry)//8` latent
-      pixels are cropped after the upscale (`truncate_latent`).
-    The upscale itself goes to `(hr_h//8, hr_w//8)` latent pixels. The legacy `firstphase_width/height` and
-    `use_old_hires_fix_width_height` re-interpretations are not handled here.
-    """
-    if hr_resize_x == 0 and hr_resize_y == 0:
-        return int(width * hr_scale), int(height * hr_scale), 0, 0
-    if hr_resize_y == 0:
-        return hr_resize_x, hr_resize_x * height // width, 0, 0
-    if hr_resize_x == 0:
-        return hr_resize_y * width // height, hr_resize_y, 0, 0
-    if width / height < hr_resize_x / hr_resize_y:
-        x, y = hr_resize_x, hr_resize_x * height // width
-    else:
-        x, y = hr_resize_y * width // height, hr_resize_y
-    return x, y, (x - hr_resize_x) // 8, (y - hr_resize_y) // 8
-
-
 def truncate_latent(z: torch.Tensor, truncate_x: int, truncate_y: int) -> torch.Tensor:
     """Centre crop after the hires upscale: `z[..., ty//2 : H - (ty+1)//2, tx//2 : W - (tx+1)//2]`."""
     h, w = z.shape[-2], z.shape[-1]

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
-from sd15.a1111.images import flatten, resize_image
+from sd15.a1111.images import flatten, load_image, resize_image
 
 # =============================================================================================
 # inpainting: mask
@@ -379,3 +379,32 @@ def apply_overlay(image: Image.Image, paste_to, overlay: Image.Image | None) -> 
     image.alpha_composite(overlay)
     return image.convert("RGB")
 
+
+
+def _as_image(value) -> Image.Image:
+    return value if isinstance(value, Image.Image) else load_image(value, mode=None)
+
+
+def prepare_init_images(p, batch_size: int):
+    """A1111's `StableDiffusionProcessingImg2Img.init` on the pixel side, for a request `p` (sd15.schema):
+    decode the init images and the mask, make the mask, the "Only masked" region, the resized images and
+    their overlays. Returns (images, overlays, inpaint) with one entry per batch image (a single init image is
+    repeated); `inpaint` is `prepare_inpaint_mask`'s dict, or None without a (non-blank) mask."""
+    inpaint = None
+    if p.mask is not None:
+        blur = p.mask_blur if p.mask_blur is not None else (p.mask_blur_x, p.mask_blur_y)
+        mask = prepare_mask(_as_image(p.mask), blur, invert=bool(p.inpainting_mask_invert), mask_round=p.mask_round)
+        inpaint = prepare_inpaint_mask(mask, p.width, p.height, p.resize_mode, p.inpaint_full_res,
+                                       p.inpaint_full_res_padding)
+        inpaint = inpaint if inpaint["image_mask"] is not None else None  # blank "only masked" mask
+    images, overlays = [], []
+    for im in p.init_images:
+        image, overlay, mask_for_overlay = prepare_init_image(_as_image(im), p.width, p.height, p.resize_mode,
+                                                              inpaint, p.inpainting_fill)
+        if inpaint is not None:
+            inpaint["mask_for_overlay"] = mask_for_overlay
+        images.append(image)
+        overlays.append(overlay)
+    if len(images) == 1:
+        images, overlays = images * batch_size, overlays * batch_size
+    return images, overlays, inpaint

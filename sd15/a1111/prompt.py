@@ -56,7 +56,7 @@ def network_multipliers(args: Sequence[str]) -> tuple[float, float, Optional[int
     """LoRA multipliers from a tag's args (`<lora:NAME:te[:unet[:dyn]]>`): (te, unet, dyn).
 
     te defaults to 1.0, unet to te, dyn to None; `te=`, `unet=`, `dyn=` named forms override the
-    positional ones (formats.md (a)). An arg with one "=" is named, everything else positional.
+    positional ones. An arg with one "=" is named, everything else positional.
     """
     positional: list[str] = []
     named: dict[str, str] = {}
