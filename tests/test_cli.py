@@ -42,8 +42,8 @@ def test_batch_into_folder_and_img2img(tiny_ckpt, tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--ckpt", "/nonexistent/model.safetensors"], "no such file"),
     (["--sampler", "Eulerish"], "unknown sampler"),
-    (["--width", "0"], "width and height"),
-    (["--steps", "0"], "steps must be"),
+    (["--width", "0"], "width: ensure this value is greater than or equal to 8"),
+    (["--steps", "0"], "steps: ensure this value is greater than or equal to 1"),
 ])
 def test_one_line_errors(tiny_ckpt, tmp_path, capsys, args, message):
     argv = ["txt2img", "--ckpt", tiny_ckpt, "--steps", "1", "--width", "64", "--height", "64",
