@@ -28,47 +28,54 @@ RANDN_SOURCES = ("GPU", "CPU", "NV")
 MAX_SEED = 2**63 - 1  # seeds are signed 64-bit here; A1111 draws random ones below 2**32
 
 
-def _f(default, group: str, doc: str = "", lo=None, hi=None):
-    """A schema field: default, group, a short help text, and its range (lo/hi; None = open)."""
-    return field(default=default, metadata={"group": group, "doc": doc, "lo": lo, "hi": hi})
+def _f(default, group: str, doc: str = "", lo=None, hi=None, infotext=()):
+    """A schema field: default, group, a short help text, its range (lo/hi; None = open) and the infotext
+    keys that carry it (read back by the `infotext` request field; "Size-1" is the first number of "Size")."""
+    return field(default=default, metadata={"group": group, "doc": doc, "lo": lo, "hi": hi, "infotext": infotext})
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
     """One A1111 txt2img / img2img request (img2img when `init_images` is set)."""
     # prompt
-    prompt: str = _f("", "prompt", "the prompt (A1111 syntax: (word:1.2), [a:b:0.5], <lora:name:0.8>, BREAK)")
-    negative_prompt: str = _f("", "prompt", "the negative prompt")
+    prompt: str = _f("", "prompt", "the prompt (A1111 syntax: (word:1.2), [a:b:0.5], <lora:name:0.8>, BREAK)",
+        infotext=('Prompt',))
+    negative_prompt: str = _f("", "prompt", "the negative prompt", infotext=('Negative prompt',))
     # seeds
-    seed: int = _f(-1, "seeds", "-1: random; image k of the job gets seed + k", -1, MAX_SEED)
-    subseed: int = _f(-1, "seeds", "variation seed, -1: random", -1, MAX_SEED)
-    subseed_strength: float = _f(0, "seeds", "variation strength (the int 0 as A1111 echoes it)", 0.0, 1.0)
-    seed_resize_from_h: int = _f(-1, "seeds", "make the noise as for this height", -1)
-    seed_resize_from_w: int = _f(-1, "seeds", "make the noise as for this width", -1)
+    seed: int = _f(-1, "seeds", "-1: random; image k of the job gets seed + k", -1, MAX_SEED, infotext=('Seed',))
+    subseed: int = _f(-1, "seeds", "variation seed, -1: random", -1, MAX_SEED, infotext=('Variation seed',))
+    subseed_strength: float = _f(0, "seeds", "variation strength (the int 0 as A1111 echoes it)", 0.0, 1.0,
+        infotext=('Variation seed strength',))
+    seed_resize_from_h: int = _f(-1, "seeds", "make the noise as for this height", -1, infotext=('Seed resize from-2',))
+    seed_resize_from_w: int = _f(-1, "seeds", "make the noise as for this width", -1, infotext=('Seed resize from-1',))
     # sampling
     sampler_name: Optional[str] = _f(None, "sampling", f'A1111 sampler name, e.g. "Euler a", "DPM++ 2M Karras"; '
-                                                       f'empty: "{DEFAULT_SAMPLER}"')
-    scheduler: Optional[str] = _f(None, "sampling", 'schedule type, e.g. "Karras"; empty: the sampler\'s own')
-    steps: int = _f(50, "sampling", "sampling steps", 1)
-    cfg_scale: float = _f(7.0, "sampling", "classifier-free guidance scale", -100.0, 100.0)
-    eta: Optional[float] = _f(None, "sampling", "noise of ancestral samplers and DDIM; empty: A1111's", 0.0, 1000.0)
+                                                       f'empty: "{DEFAULT_SAMPLER}"', infotext=('Sampler',))
+    scheduler: Optional[str] = _f(None, "sampling", 'schedule type, e.g. "Karras"; empty: the sampler\'s own',
+        infotext=('Schedule type',))
+    steps: int = _f(50, "sampling", "sampling steps", 1, infotext=('Steps',))
+    cfg_scale: float = _f(7.0, "sampling", "classifier-free guidance scale", -100.0, 100.0, infotext=('CFG scale',))
+    eta: Optional[float] = _f(None, "sampling", "noise of ancestral samplers and DDIM; empty: A1111's", 0.0, 1000.0,
+        infotext=('Eta', 'Eta DDIM'))
     s_churn: Optional[float] = _f(None, "sampling", "", 0.0, 1000.0)
     s_tmin: Optional[float] = _f(None, "sampling", "", 0.0, 1000.0)
     s_tmax: Optional[float] = _f(None, "sampling", "", 0.0, 1000.0)
     s_noise: Optional[float] = _f(None, "sampling", "", 0.0, 1000.0)
     s_min_uncond: Optional[float] = _f(None, "sampling", "negative guidance minimum sigma (NGMS)", 0.0, 1000.0)
     # size and batch
-    width: int = _f(512, "size", "image width", 8)
-    height: int = _f(512, "size", "image height", 8)
+    width: int = _f(512, "size", "image width", 8, infotext=('Size-1',))
+    height: int = _f(512, "size", "image height", 8, infotext=('Size-2',))
     batch_size: int = _f(1, "size", "images per batch", 1)
     n_iter: int = _f(1, "size", "batches", 1)
     denoising_strength: Optional[float] = _f(None, "sampling", f"img2img and hires strength; empty: "
-                                                           f"{DEFAULT_DENOISING_STRENGTH}", 0.0, 1.0)
+                                                           f"{DEFAULT_DENOISING_STRENGTH}", 0.0, 1.0,
+                                                               infotext=('Denoising strength',))
     # img2img / inpainting
     init_images: Optional[list] = _f(None, "img2img", "init images (PIL images or base64 strings)")
     resize_mode: int = _f(0, "img2img", "0 resize, 1 crop and resize, 2 resize and fill, 3 latent upscale", 0, 3)
     mask: Any = _f(None, "img2img", "inpainting mask (white: repaint)")
-    mask_blur: Optional[int] = _f(None, "img2img", "mask blur on both axes (overrides mask_blur_x/y)", 0, 256)
+    mask_blur: Optional[int] = _f(None, "img2img", "mask blur on both axes (overrides mask_blur_x/y)", 0, 256,
+        infotext=('Mask blur',))
     mask_blur_x: int = _f(4, "img2img", "", 0, 256)
     mask_blur_y: int = _f(4, "img2img", "", 0, 256)
     mask_round: bool = _f(True, "img2img", "")
@@ -79,19 +86,20 @@ class GenerationRequest:
     initial_noise_multiplier: Optional[float] = _f(None, "img2img", "", 0.0, 10.0)
     # hires fix (txt2img)
     enable_hr: bool = _f(False, "hires", "hires fix: a second img2img pass at a larger size")
-    hr_scale: float = _f(2.0, "hires", "", 0.05, 16.0)
-    hr_upscaler: Optional[str] = _f(None, "hires", f'empty: "{DEFAULT_HR_UPSCALER}"')
-    hr_second_pass_steps: int = _f(0, "hires", "0: as many as steps", 0)
-    hr_resize_x: int = _f(0, "hires", "", 0)
-    hr_resize_y: int = _f(0, "hires", "", 0)
-    hr_sampler_name: Optional[str] = _f(None, "hires", "empty: the first pass's sampler")
-    hr_scheduler: Optional[str] = _f(None, "hires", "empty: the first pass's schedule type")
-    hr_prompt: str = _f("", "hires", "empty: the prompt")
-    hr_negative_prompt: str = _f("", "hires", "empty: the negative prompt")
+    hr_scale: float = _f(2.0, "hires", "", 0.05, 16.0, infotext=('Hires upscale',))
+    hr_upscaler: Optional[str] = _f(None, "hires", f'empty: "{DEFAULT_HR_UPSCALER}"', infotext=('Hires upscaler',))
+    hr_second_pass_steps: int = _f(0, "hires", "0: as many as steps", 0, infotext=('Hires steps',))
+    hr_resize_x: int = _f(0, "hires", "", 0, infotext=('Hires resize-1',))
+    hr_resize_y: int = _f(0, "hires", "", 0, infotext=('Hires resize-2',))
+    hr_sampler_name: Optional[str] = _f(None, "hires", "empty: the first pass's sampler", infotext=('Hires sampler',))
+    hr_scheduler: Optional[str] = _f(None, "hires", "empty: the first pass's schedule type",
+        infotext=('Hires schedule type',))
+    hr_prompt: str = _f("", "hires", "empty: the prompt", infotext=('Hires prompt',))
+    hr_negative_prompt: str = _f("", "hires", "empty: the negative prompt", infotext=('Hires negative prompt',))
     # A1111 settings that change the numbers
-    randn_source: str = _f("GPU", "settings", "GPU, CPU or NV: where A1111 would draw the noise")
-    eta_noise_seed_delta: int = _f(0, "settings", "ENSD", 0, 2**32 - 1)
-    clip_skip: int = _f(1, "settings", "CLIP_stop_at_last_layers", 1, 12)
+    randn_source: str = _f("GPU", "settings", "GPU, CPU or NV: where A1111 would draw the noise", infotext=('RNG',))
+    eta_noise_seed_delta: int = _f(0, "settings", "ENSD", 0, 2**32 - 1, infotext=('ENSD',))
+    clip_skip: int = _f(1, "settings", "CLIP_stop_at_last_layers", 1, 12, infotext=('Clip skip',))
 
     @property
     def is_img2img(self) -> bool:

@@ -292,19 +292,15 @@ class PngInfoRequest(_Request):
     REQUIRED = ("image",)
 
 
-# The `infotext` request field (v1.8+): infotext keys -> request fields the client did not set.
-_INFOTEXT_FIELDS = {
-    "Prompt": "prompt", "Negative prompt": "negative_prompt", "Steps": "steps", "Sampler": "sampler_name",
-    "Schedule type": "scheduler", "CFG scale": "cfg_scale", "Seed": "seed", "Size-1": "width", "Size-2": "height",
-    "Variation seed": "subseed", "Variation seed strength": "subseed_strength",
-    "Seed resize from-1": "seed_resize_from_w", "Seed resize from-2": "seed_resize_from_h",
-    "Denoising strength": "denoising_strength", "Hires upscale": "hr_scale", "Hires upscaler": "hr_upscaler",
-    "Hires steps": "hr_second_pass_steps", "Hires resize-1": "hr_resize_x", "Hires resize-2": "hr_resize_y",
-    "Hires prompt": "hr_prompt", "Hires negative prompt": "hr_negative_prompt", "Hires sampler": "hr_sampler_name",
-    "Hires schedule type": "hr_scheduler", "Mask blur": "mask_blur", "Eta": "eta", "Eta DDIM": "eta",
-}
+# The options behind the schema's "settings" fields (A1111 reads them from its options, not the request)
+SETTING_OPTIONS = {"clip_skip": "CLIP_stop_at_last_layers", "eta_noise_seed_delta": "eta_noise_seed_delta",
+                   "randn_source": "randn_source"}
+# The `infotext` request field (v1.8+): infotext keys -> request fields the client did not set (from the schema)
+_INFOTEXT_FIELDS = {key: f.name for f in schema.FIELDS.values() if f.name not in SETTING_OPTIONS
+                    for key in f.metadata["infotext"]}
 # ... and infotext keys that are settings: they go into override_settings unless already there
-_INFOTEXT_SETTINGS = {"Clip skip": "CLIP_stop_at_last_layers", "ENSD": "eta_noise_seed_delta", "RNG": "randn_source"}
+_INFOTEXT_SETTINGS = {key: SETTING_OPTIONS[name] for name in SETTING_OPTIONS
+                      for key in schema.FIELDS[name].metadata["infotext"]}
 _USE_SAME = {"Use same sampler", "Use same scheduler", "Use same checkpoint"}
 
 
@@ -374,8 +370,7 @@ def to_request(req: _GenerationRequest, settings: Optional[dict] = None, init_im
     if req.is_img2img:
         kw.update(init_images=init_images if init_images is not None else req.init_images, mask=mask or req.mask)
         kw.setdefault("denoising_strength", req.denoising_strength)
-    kw.update(randn_source=settings["randn_source"], eta_noise_seed_delta=settings["eta_noise_seed_delta"],
-              clip_skip=settings["CLIP_stop_at_last_layers"])
+    kw.update({name: settings[option] for name, option in SETTING_OPTIONS.items()})
     return schema.GenerationRequest(**kw)
 
 
