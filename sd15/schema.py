@@ -186,13 +186,13 @@ def validate(req: GenerationRequest, limits: Limits = Limits()) -> None:
         elif len(req.init_images) > max(req.batch_size, 1) and len(req.init_images) > 1:
             problems.append(("init_images", f"bad number of images passed: {len(req.init_images)} init images for "
                                             f"batch_size {req.batch_size}", "value_error"))
-    sizes = [("width", "height", req.width, req.height)]
+    sizes = [("width", "height", req.width, req.height, None)]  # the fields' own ranges say at least 8
     if req.enable_hr and not req.is_img2img and not problems:
         hr_w, hr_h, _, _ = hires_target_size(req.width, req.height, req.hr_scale, req.hr_resize_x, req.hr_resize_y)
-        sizes.append(("hr_resize_x", "hr_resize_y", hr_w, hr_h))
-    for wname, hname, w, h in sizes:
-        check(wname, w, 8, limits.max_side)
-        check(hname, h, 8, limits.max_side)
+        sizes.append(("hr_resize_x", "hr_resize_y", hr_w, hr_h, 8))
+    for wname, hname, w, h, lo in sizes:
+        check(wname, w, lo, limits.max_side)
+        check(hname, h, lo, limits.max_side)
         if limits.max_pixels is not None and w * h > limits.max_pixels:
             problems.append((wname, f"{w}x{h} is {w * h} pixels; the limit is {limits.max_pixels}", "value_error"))
     if problems:
