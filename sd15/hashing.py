@@ -139,15 +139,3 @@ def cached_hash(path: str | os.PathLike, kind: str = "sha256", *, use_cache: boo
         _write_cache(cache_path, files)
     return value
 
-
-def model_info(model, *, use_cache: bool = True) -> dict:
-    """The infotext's model entries of a loaded model (sd_model_name/hash, sd_vae_name/hash), hashing the
-    checkpoint and the VAE file through the cache: what the CLI and the server pass to `generate`."""
-    out = {}
-    if getattr(model, "path", None):
-        out["sd_model_name"] = os.path.splitext(os.path.basename(model.path))[0]
-        out["sd_model_hash"] = short_hash(cached_hash(model.path, use_cache=use_cache))
-    if getattr(model, "vae_path", None):
-        out["sd_vae_name"] = os.path.basename(model.vae_path)
-        out["sd_vae_hash"] = short_hash(cached_hash(model.vae_path, use_cache=use_cache))
-    return out

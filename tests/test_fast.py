@@ -290,7 +290,8 @@ def test_gpu_compiled_graphs_equal_eager(tiny_ckpt):
 @pytest.mark.fullsize
 @cuda
 def test_gpu_peak_vram_512_fp16(full_ckpt):
-    from sd15.pipeline import Params, generate
+    from sd15.pipeline import generate
+    from sd15.schema import GenerationRequest as Params
 
     m = sd15.load(full_ckpt, device="cuda", dtype=torch.float16)
     torch.cuda.synchronize()
