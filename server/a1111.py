@@ -17,13 +17,13 @@ from __future__ import annotations
 import base64
 import dataclasses
 import logging
-import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from sd15 import images as imgs
 from sd15 import infotext
+from server.coerce import ValidationError, convert  # pydantic v1 coercion and FastAPI's 422 shape
 
 log = logging.getLogger("server")
 
@@ -43,131 +43,6 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {"error": self.error, "detail": self.detail, "body": "", "errors": self.errors}
-
-
-class ValidationError(Exception):
-    """FastAPI's request-validation error (§11.3): 422 `{"detail": [{"loc", "msg", "type"}, ...]}`."""
-
-    def __init__(self, problems: list[dict]):
-        super().__init__("; ".join(f"{'.'.join(map(str, p['loc'][1:]))}: {p['msg']}" for p in problems))
-        self.problems = problems
-
-    @staticmethod
-    def problem(name, msg: str, type_: str) -> dict:
-        loc = ["body"] if name is None else ["body", *name] if isinstance(name, tuple) else ["body", name]
-        return {"loc": loc, "msg": msg, "type": type_}
-
-    @classmethod
-    def one(cls, name, msg: str, type_: str = "value_error") -> "ValidationError":
-        return cls([cls.problem(name, msg, type_)])
-
-
-# =============================================================================================
-# Lenient JSON -> typed values (pydantic v1 semantics, §2.4)
-# =============================================================================================
-
-_TRUE = {"1", "on", "t", "true", "y", "yes"}
-_FALSE = {"0", "off", "f", "false", "n", "no"}
-
-
-class _Bad(Exception):
-    def __init__(self, msg: str, type_: str):
-        self.msg, self.type_ = msg, type_
-
-
-def _to_int(v) -> int:
-    if isinstance(v, bool):
-        raise _Bad("value is not a valid integer", "type_error.integer")
-    if isinstance(v, int):
-        return v
-    if isinstance(v, float) and math.isfinite(v):
-        return int(v)  # pydantic v1 truncates
-    if isinstance(v, str):
-        try:
-            return int(v.strip())
-        except ValueError:
-            pass
-    raise _Bad("value is not a valid integer", "type_error.integer")
-
-
-def _to_float(v) -> float:
-    if isinstance(v, bool):
-        raise _Bad("value is not a valid float", "type_error.float")
-    if isinstance(v, (int, float)):
-        out = float(v)
-    elif isinstance(v, str):
-        try:
-            out = float(v.strip())
-        except ValueError:
-            raise _Bad("value is not a valid float", "type_error.float") from None
-    else:
-        raise _Bad("value is not a valid float", "type_error.float")
-    if not math.isfinite(out):
-        raise _Bad("value must be a finite number", "value_error.number.not_finite")
-    return out
-
-
-def _to_bool(v) -> bool:
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, int) and v in (0, 1):
-        return bool(v)
-    if isinstance(v, str) and v.strip().lower() in _TRUE | _FALSE:
-        return v.strip().lower() in _TRUE
-    raise _Bad("value could not be parsed to a boolean", "type_error.bool")
-
-
-def _to_str(v) -> str:
-    if isinstance(v, str):
-        return v
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return str(v)  # pydantic v1 turns numbers into strings
-    raise _Bad("str type expected", "type_error.str")
-
-
-def _to_str_list(v) -> list:
-    if not isinstance(v, list):
-        raise _Bad("value is not a valid list", "type_error.list")
-    return [_to_str(x) for x in v]
-
-
-def _to_list(v) -> list:
-    if not isinstance(v, list):
-        raise _Bad("value is not a valid list", "type_error.list")
-    return v
-
-
-def _to_dict(v) -> dict:
-    if not isinstance(v, dict):
-        raise _Bad("value is not a valid dict", "type_error.dict")
-    return v
-
-
-_CONVERTERS = {int: _to_int, float: _to_float, bool: _to_bool, str: _to_str, list: _to_list, dict: _to_dict}
-
-
-def _converter(tp):
-    """The converter of a (resolved) field type: Optional[X] -> X's; list[str] -> _to_str_list; Any -> None."""
-    if tp is Any:
-        return None
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    origin = typing.get_origin(tp)
-    if origin is typing.Union or (origin is not None and type(None) in typing.get_args(tp)):
-        return _converter(args[0])
-    if origin is list:
-        return _to_str_list if args == [str] else _to_list
-    if origin is dict:
-        return _to_dict
-    return _CONVERTERS[tp]
-
-
-def convert(name: str, value, tp):
-    """One value to its field type; raises ValidationError (422) in FastAPI's shape."""
-    fn = _converter(tp)
-    try:
-        return value if fn is None else fn(value)
-    except _Bad as e:
-        raise ValidationError.one(name, e.msg, e.type_) from None
 
 
 class _Request:
