@@ -6,7 +6,7 @@
   type with FastAPI's 422 shape, treats `null` as "not given", and ignores (and logs) unknown fields.
 - `check(req, limits)`: ranges and limits (sizes, steps, batch, strengths, seeds), 422 in the same shape.
 - `to_params(req, ...)`: the request as an `sd15.pipeline.Params`; the server adds nothing of its own.
-- `OPTIONS`: the `/sdapi/v1/options` keys this server honours, with A1111's defaults and checks.
+- `OPTIONS`: every A1111 `/sdapi/v1/options` key with its default and checks (server/options.py).
 - Error bodies: `ApiError` -> `{"error", "detail", "body", "errors"}` (§11.2); `ValidationError` -> FastAPI's
   `{"detail": [{"loc", "msg", "type"}]}` (§11.3).
 
@@ -19,11 +19,12 @@ import dataclasses
 import logging
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 from sd15 import images as imgs
 from sd15 import infotext
 from server.coerce import ValidationError, convert  # pydantic v1 coercion and FastAPI's 422 shape
+from server.options import OPTIONS, READ_ONLY_OPTIONS, options_json, validate as option_value  # noqa: F401
 
 log = logging.getLogger("server")
 
@@ -404,70 +405,6 @@ def decode_image(data: str, name: str, limits: Limits):
         return imgs.load_image(data, max_pixels=limits.max_image_pixels, mode=None)
     except ValueError as e:
         raise ApiError(400, f"{name}: {e}") from None
-
-
-# =============================================================================================
-# Options (§9)
-# =============================================================================================
-
-@dataclass(frozen=True)
-class Option:
-    default: Any
-    type: type
-    lo: Optional[float] = None
-    hi: Optional[float] = None
-    choices: Optional[tuple] = None
-
-
-# The options this server honours (A1111 registers hundreds; a key not listed here is refused).
-# sd_model_checkpoint / sd_vae are checked against the model folders by the server.
-OPTIONS: dict[str, Option] = {
-    "sd_model_checkpoint": Option("", str),
-    "sd_checkpoint_hash": Option("", str),  # read-only: the loaded checkpoint's sha256
-    "sd_vae": Option("Automatic", str),
-    "CLIP_stop_at_last_layers": Option(1, int, 1, 12),
-    "eta_noise_seed_delta": Option(0, int, 0, 2**32 - 1),
-    "randn_source": Option("GPU", str, choices=("GPU", "CPU", "NV")),
-    "eta_ancestral": Option(1.0, float, 0.0, 1000.0),
-    "eta_ddim": Option(0.0, float, 0.0, 1000.0),
-    "s_churn": Option(0.0, float, 0.0, 1000.0),
-    "s_tmin": Option(0.0, float, 0.0, 1000.0),
-    "s_tmax": Option(0.0, float, 0.0, 1000.0),
-    "s_noise": Option(1.0, float, 0.0, 1000.0),
-    "s_min_uncond": Option(0.0, float, 0.0, 1000.0),
-    "initial_noise_multiplier": Option(1.0, float, 0.0, 10.0),
-    "samples_format": Option("png", str, choices=("png",)),
-    "enable_pnginfo": Option(True, bool),
-    "live_previews_enable": Option(True, bool),
-    "show_progress_every_n_steps": Option(10, int, -1, 1000),
-}
-READ_ONLY_OPTIONS = {"sd_checkpoint_hash"}
-
-
-def option_value(key: str, value):
-    """One POSTed option value, converted and checked -> the value; ValidationError when wrong."""
-    opt = OPTIONS[key]
-    if opt.type is int and isinstance(value, float) and value.is_integer():
-        value = int(value)  # GET /options shows these as floats (A1111's quirk), so accept them back
-    value = convert(key, value, opt.type)
-    c = _Checker()
-    c.range(key, value if opt.type in (int, float) else None, opt.lo, opt.hi)
-    if opt.choices is not None and value not in opt.choices:
-        c.fail(key, f"must be one of: {', '.join(map(str, opt.choices))}")
-    if c.problems:
-        raise ValidationError(c.problems)
-    return value
-
-
-def options_json(values: dict) -> dict:
-    """GET /options: every key; ints whose default is non-zero come back as floats (A1111's quirk, §2.5)."""
-    out = {}
-    for key, opt in OPTIONS.items():
-        value = values[key]
-        if opt.type is int and opt.default not in (0, False) and isinstance(value, int):
-            value = float(value)
-        out[key] = value
-    return out
 
 
 # =============================================================================================
