@@ -169,7 +169,7 @@ def coerce(value, tp, *, allow_inf_nan: bool = True, path: tuple = ()):
     except Invalid as e:
         raise Invalid([(path + p, m, t) for p, m, t in e.errors]) from None
     if origin is list:
-        if not isinstance(value, list) and not _sequence_like(value):
+        if not _sequence_like(value):
             _fail(*NOT_LIST, path)
         item = args[0] if args else Any
         if item is Any:
@@ -185,13 +185,14 @@ def coerce(value, tp, *, allow_inf_nan: bool = True, path: tuple = ()):
         if key_tp is Any and value_tp is Any:
             return value
         out, errors = {}, []
-        for k, v in value.items():  # pydantic reports each entry's key problem, then its value problem
+        for k, v in value.items():  # a bad key skips its value; a value's location is the key as sent
             try:
-                k = coerce(k, key_tp, allow_inf_nan=allow_inf_nan, path=path + ("__key__",))
+                key = coerce(k, key_tp, allow_inf_nan=allow_inf_nan, path=path + ("__key__",))
             except Invalid as e:
                 errors += e.errors
+                continue
             try:
-                out[k] = coerce(v, value_tp, allow_inf_nan=allow_inf_nan, path=path + (k,))
+                out[key] = coerce(v, value_tp, allow_inf_nan=allow_inf_nan, path=path + (k,))
             except Invalid as e:
                 errors += e.errors
         if errors:

@@ -13,7 +13,7 @@ from server.coerce import Invalid, ValidationError, coerce, convert
 
 pv1 = pytest.importorskip("pydantic.v1")
 
-TYPES = [int, float, bool, str, Any, list, dict, List[str], list[str], List[Any], List[int], Dict[str, Any],
+TYPES = [int, float, bool, str, Any, list, dict, List[str], list[str], List[Any], List[int], Dict[str, Any], Dict[int, str], Dict[str, List[int]],
          dict[str, Any], Dict[str, int], Optional[int], Optional[float], Optional[bool], Optional[str],
          Optional[List[str]], Optional[list[str]], Optional[dict], Optional[Dict[str, Any]], Optional[list],
          List[Optional[str]]]
@@ -27,7 +27,7 @@ STRINGS = ["", " ", "0", "1", "7", "-7", "+7", " 7 ", "\t8\n", "007", "1_000", "
            "1" * 4301, "9" * 30, "None", "null", "[]", "{}"]
 CONTAINERS = [[], [1], ["a"], [1, "2", True, None], [[1]], [{"a": 1}], [1.5, "x"], (1, 2), ("a",), {1},
               frozenset({"z"}), collections.deque(["q", 3]), {}, {"a": 1}, {"1": [1]}, {"k": None},
-              {"a": "x", "b": 2}, [["a", 1]], [("a", 1), ("b", 2)], ["ab"], ["abc"], [[1, 2, 3]], b"1", b"true"]
+              {"a": "x", "b": 2}, {1: "7", 2.5: None, None: 1}, {(1, 2): "x"}, [["a", 1]], [("a", 1), ("b", 2)], ["ab"], ["abc"], [[1, 2, 3]], b"1", b"true"]
 INPUTS = [None, True, False, *NUMBERS, *STRINGS, *CONTAINERS]
 
 
