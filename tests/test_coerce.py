@@ -11,8 +11,6 @@ import pytest
 
 from server.coerce import Invalid, ValidationError, coerce, convert
 
-pv1 = pytest.importorskip("pydantic.v1")
-
 TYPES = [int, float, bool, str, Any, list, dict, List[str], list[str], List[Any], List[int], Dict[str, Any], Dict[int, str], Dict[str, List[int]],
          dict[str, Any], Dict[str, int], Optional[int], Optional[float], Optional[bool], Optional[str],
          Optional[List[str]], Optional[list[str]], Optional[dict], Optional[Dict[str, Any]], Optional[list],
@@ -36,6 +34,7 @@ _MODELS = {}
 
 def reference(tp, value, allow_inf_nan=True):
     """pydantic v1's verdict for a required field of type `tp`: ("ok", value) or ("err", [(loc, msg, type)])."""
+    pv1 = pytest.importorskip("pydantic.v1")  # pydantic 2 ships pydantic 1.10 under this name
     key = (repr(tp), allow_inf_nan)
     if key not in _MODELS:
         config = type("Config", (), {"allow_inf_nan": allow_inf_nan})
