@@ -144,3 +144,14 @@ def test_image_grid_layout():
     assert g.size == (3 * 3, 2 * 2)  # round(sqrt(5)) = 2 rows, 3 columns
     assert np.array_equal(np.asarray(g)[2:4, 3:6], np.asarray(ims[4]))
     assert np.asarray(g)[2:4, 6:9].max() == 0  # the empty spot stays black
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fp16_taesd_preview_matches_cpu(tmp_path):
+    models = _models_dir(tmp_path)
+    lat = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    cpu = np.asarray(preview(None, lat, "TAESD", PreviewDecoders(models))[0]).astype(int)
+    gpu = np.asarray(preview(None, lat.cuda(), "TAESD", PreviewDecoders(models, device="cuda",
+                                                                         dtype=torch.float16))[0]).astype(int)
+    assert np.abs(gpu - cpu).max() <= 3

@@ -91,3 +91,15 @@ def test_restored_after_an_error_and_disabled_is_a_no_op(vae):
         assert all(m.padding_mode == "zeros" for m in vae.modules() if isinstance(m, nn.Conv2d))
     with circular_padding(vae, None):
         assert all(m.padding_mode == "circular" for m in vae.modules() if isinstance(m, nn.Conv2d))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_vae_decoder_commutes_with_circular_shift(vae):
+    cuda = AutoencoderKL(VAE_TINY).cuda().eval()
+    cuda.load_state_dict(vae.state_dict())
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(6)).cuda()
+    with torch.no_grad(), circular_padding(cuda):
+        out = cuda.decode(z)
+        shifted = cuda.decode(torch.roll(z, (3, 5), (2, 3)))
+    torch.testing.assert_close(shifted, torch.roll(out, (24, 40), (2, 3)), rtol=1e-3, atol=1e-3)

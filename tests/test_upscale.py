@@ -88,7 +88,6 @@ def test_names_as_a1111_lists_them(tmp_path):
     es, res = tmp_path / "ESRGAN", tmp_path / "RealESRGAN"
     (es / "sub").mkdir(parents=True)
     res.mkdir()
-    net = _srvgg()
     for p in [es / "ESRGAN_4x.pth", es / "4x-UltraSharp.pth", es / "sub" / "lollypop.safetensors",
               res / "RealESRGAN_x4plus.pth", res / "RealESRGAN_x4plus_anime_6B.pth", res / "realesr-general-x4v3.pth",
               res / "unrelated.pth"]:
@@ -103,7 +102,6 @@ def test_names_as_a1111_lists_them(tmp_path):
     assert api["None"] == {"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4}
     assert api["ESRGAN_4x"]["model_name"] == "ESRGAN_4x" and api["ESRGAN_4x"]["model_path"].endswith("ESRGAN_4x.pth")
     assert [u.name for u in list_upscalers(tmp_path / "nope", None)] == ["None", "Lanczos", "Nearest"]
-    del net
 
 
 def test_x2_net_repeats_until_the_scale_then_lanczos(tmp_path):
@@ -161,3 +159,19 @@ def test_full_size_rrdbnet_tiles_a_small_image():
     img = _image(20, 12, seed=11)
     out = upscale_with_model(net, img, tile_size=8, tile_overlap=2)
     assert out.size == (80, 48)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fp16_upscale_matches_cpu_fp32(tmp_path):
+    (tmp_path / "RealESRGAN").mkdir()
+    net = SRVGGNetCompact(SRVGGConfig())  # realesr-general-x4v3's size: 64 features, 32 body convs
+    g = torch.Generator().manual_seed(12)
+    sd = {k: torch.randn(v.shape, generator=g) * (0.02 if v.ndim == 4 else 0.1) for k, v in net.state_dict().items()}
+    torch.save({"params": sd}, tmp_path / "RealESRGAN" / "realesr-general-x4v3.pth")
+    img = _image(200, 136, seed=13)  # two tiles across, one down
+    cpu = Upscalers(None, tmp_path / "RealESRGAN").upscale(img, "R-ESRGAN General 4xV3", 4)
+    gpu = Upscalers(None, tmp_path / "RealESRGAN", device="cuda", dtype=torch.float16).upscale(
+        img, "R-ESRGAN General 4xV3", 4)
+    assert gpu.size == cpu.size == (800, 544)
+    assert np.abs(np.asarray(gpu).astype(int) - np.asarray(cpu).astype(int)).max() <= 2
