@@ -200,3 +200,25 @@ def test_parameter_counts_by_hand():
     total = 23 * 3 * rdb + (9 * 3 * 64 + 64) + 4 * (9 * 64 * 64 + 64) + (9 * 64 * 3 + 3)
     assert total == 16_697_987 == sum(p.numel() for p in RRDBNet().parameters())
     assert math.isclose(total * 4 / 1e6, 66.8, abs_tol=0.1)  # RealESRGAN_x4plus.pth is 67.0 MB on disk
+
+
+@pytest.mark.parametrize("tail, scale", [((2, 4), 1), ((3, 5, 7), 2), ((3, 6, 8, 10), 4), ((3, 6, 9, 11, 13), 8)])
+def test_original_layout_scale_from_the_number_of_upsample_convs(tail, scale):
+    """Old ESRGAN files: after model.0 and the trunk, the model.N convs are the x2 upsampling convs, HR, last."""
+    g = torch.Generator().manual_seed(5)
+    sd = {"model.0.weight": torch.randn(4, 3, 3, 3, generator=g), "model.0.bias": torch.randn(4, generator=g),
+          "model.1.sub.1.weight": torch.randn(4, 4, 3, 3, generator=g), "model.1.sub.1.bias": torch.randn(4, generator=g)}
+    for r in (1, 2, 3):
+        for c in range(1, 6):
+            sd[f"model.1.sub.0.RDB{r}.conv{c}.0.weight"] = torch.randn(2 if c < 5 else 4, 4 + 2 * (c - 1), 3, 3,
+                                                                       generator=g) * 0.1
+            sd[f"model.1.sub.0.RDB{r}.conv{c}.0.bias"] = torch.randn(2 if c < 5 else 4, generator=g) * 0.1
+    for i, n in enumerate(tail):
+        last = i == len(tail) - 1
+        sd[f"model.{n}.weight"] = torch.randn(3 if last else 4, 4, 3, 3, generator=g) * 0.1
+        sd[f"model.{n}.bias"] = torch.randn(3 if last else 4, generator=g) * 0.1
+    net = build_upscaler(sd)
+    assert net.cfg.scale == scale
+    names = dict(OLD_NAMES, ups=[f"model.{n}" for n in tail[:-2]], hr=f"model.{tail[-2]}", last=f"model.{tail[-1]}")
+    x = torch.rand(1, 3, 3, 4)
+    torch.testing.assert_close(net(x), _rrdbnet_by_hand(x, sd, names, 1), rtol=1e-5, atol=1e-6)
