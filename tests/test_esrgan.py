@@ -207,7 +207,8 @@ def test_original_layout_scale_from_the_number_of_upsample_convs(tail, scale):
     """Old ESRGAN files: after model.0 and the trunk, the model.N convs are the x2 upsampling convs, HR, last."""
     g = torch.Generator().manual_seed(5)
     sd = {"model.0.weight": torch.randn(4, 3, 3, 3, generator=g), "model.0.bias": torch.randn(4, generator=g),
-          "model.1.sub.1.weight": torch.randn(4, 4, 3, 3, generator=g), "model.1.sub.1.bias": torch.randn(4, generator=g)}
+          "model.1.sub.1.weight": torch.randn(4, 4, 3, 3, generator=g),
+          "model.1.sub.1.bias": torch.randn(4, generator=g)}
     for r in (1, 2, 3):
         for c in range(1, 6):
             sd[f"model.1.sub.0.RDB{r}.conv{c}.0.weight"] = torch.randn(2 if c < 5 else 4, 4 + 2 * (c - 1), 3, 3,
