@@ -242,7 +242,7 @@ SD_UPSCALE_DEFAULTS = ["", 64, "None", 2.0]
 
 
 def plan_sd_upscale(args: list, request: dict, kind: str, *, upscale: Optional[Callable], choices: Optional[dict],
-                    rng: random.Random, decode_image: Callable) -> Plan:
+                    rng: random.Random, decode_image: Callable, max_megapixels: float = 200) -> Plan:
     """Upscale the init image by `scale` with the named upscaler, cut it into tiles of the request's
     width x height overlapping by `overlap`, img2img every tile (batch_size tiles a batch; batch i of
     upscale n starts at seed + n + i, as A1111 counts), and blend the tiles back together. n_iter upscales."""
@@ -274,6 +274,10 @@ def plan_sd_upscale(args: list, request: dict, kind: str, *, upscale: Optional[C
     fix_seed(base, rng)
     width, height = int(base.get("width") or 512), int(base.get("height") or 512)
     image = decode_image(init_images[0])
+    megapixels = round(int(image.width * scale) * int(image.height * scale) / 1_000_000)
+    if megapixels >= max_megapixels:  # A1111's img_max_size_mp
+        raise ScriptError(f"{SD_UPSCALE}: the upscaled image would be too large ({megapixels} megapixels; "
+                          f"the limit is {max_megapixels})")
     if upscaler != "None":
         if upscale is None:
             raise ScriptError(f"{SD_UPSCALE}: no upscaler is available here")
