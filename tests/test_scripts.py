@@ -192,7 +192,8 @@ def test_other_axes_set_their_fields():
     choices = {"samplers": ["Euler a", "DPM++ 2M", "k_euler_a"], "schedulers": ["karras", "Karras"]}
     plan = plan_script("x/y/z plot", xyz_args(("Sampler", "euler a, DPM++ 2M"), ("Schedule type", "Karras")), req,
                        "txt2img", choices=choices)
-    assert [(r["sampler_name"], r["scheduler"]) for r in plan.requests] == [("Euler a", "karras"), ("DPM++ 2M", "karras")]
+    got = [(r["sampler_name"], r["scheduler"]) for r in plan.requests]
+    assert got == [("Euler a", "karras"), ("DPM++ 2M", "karras")]
     plan = plan_script("x/y/z plot", xyz_args(("Denoising", "0.25,0.5"), kind="img2img"), req, "img2img")
     assert [r["denoising_strength"] for r in plan.requests] == [0.25, 0.5]
     # an axis with choices reads the dropdown list (A1111's default, csv_mode off)
@@ -537,10 +538,11 @@ def test_server_xyz_plot_cells_equal_plain_txt2img(client):
 def test_server_script_errors_and_listings(client):
     r = client.post("/sdapi/v1/txt2img", json={**SMALL, "script_name": "loopback"})
     assert r.status_code == 422 and r.json()["detail"] == "Script 'loopback' not found"
-    r = client.post("/sdapi/v1/txt2img", json={**SMALL, "script_name": "x/y/z plot", "script_args": [TXT["Styles"], "a"]})
+    r = client.post("/sdapi/v1/txt2img", json={**SMALL, "script_name": "x/y/z plot",
+                                               "script_args": [TXT["Styles"], "a"]})
     assert r.status_code == 400 and "'Styles' is not supported" in r.json()["detail"]
     r = client.post("/sdapi/v1/txt2img", json={**SMALL, "script_name": "x/y/z plot",
-                                               "script_args": [TXT["Sampler"], "Euler, Nope", [], 0, "", [], 0, "", [], True, False, False, False, False, False, False, 0, True]})
+                                               "script_args": xyz_args(("Sampler", "Euler, Nope"))[:17] + [True]})
     assert r.status_code == 400 and "unknown Sampler 'Nope'" in r.json()["detail"]
     assert client.get("/sdapi/v1/scripts").json()["img2img"] == [
         "prompt matrix", "prompts from file or textbox", "sd upscale", "x/y/z plot"]
@@ -551,8 +553,8 @@ def test_server_script_errors_and_listings(client):
 
 def test_server_sd_upscale_and_prompt_matrix(client):
     init = b64png(random_image(48, 40, 5))
-    out = post(client, "img2img", {**SMALL, "init_images": [init], "denoising_strength": 0.3, "script_name": "sd upscale",
-                                   "script_args": ["", 16, "Lanczos", 2.0]})
+    out = post(client, "img2img", {**SMALL, "init_images": [init], "denoising_strength": 0.3,
+                                   "script_name": "sd upscale", "script_args": ["", 16, "Lanczos", 2.0]})
     assert len(out["images"]) == 1 and out["images"][0].size == (96, 80)
     assert "SD upscale overlap: 16, SD upscale upscaler: Lanczos" in out["info"]["infotexts"][0]
     out = post(client, "txt2img", {**SMALL, "prompt": "a cat|red", "script_name": "prompt matrix", "script_args": []})

@@ -126,7 +126,8 @@ def _args(title: str, kind: str, choices: dict) -> list:
                 _arg("Use text inputs instead of dropdowns", False)]
         return out
     if title == others.PROMPT_MATRIX:
-        return [_arg("Put variable parts at start of prompt", False), _arg("Use different seed for each picture", False),
+        return [_arg("Put variable parts at start of prompt", False),
+                _arg("Use different seed for each picture", False),
                 _arg("Select prompt", "positive", choices=["positive", "negative"]),
                 _arg("Select joining char", "comma", choices=["comma", "space"]),
                 _arg("Grid margins (px)", 0, 0, 500, 2)]

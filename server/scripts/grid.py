@@ -126,9 +126,11 @@ def draw_prompt_matrix(im: Image.Image, width: int, height: int, parts: list, ma
     prompts = parts[1:]
     boundary = math.ceil(len(prompts) / 2)
     horiz, vert = prompts[:boundary], prompts[boundary:]
-    hor = [[GridAnnotation(x, is_active=pos & (1 << i) != 0) for i, x in enumerate(horiz)] for pos in range(1 << len(horiz))]
-    ver = [[GridAnnotation(x, is_active=pos & (1 << i) != 0) for i, x in enumerate(vert)] for pos in range(1 << len(vert))]
-    return draw_grid_annotations(im, width, height, hor, ver, margin)
+
+    def labels(texts):
+        return [[GridAnnotation(x, is_active=pos & (1 << i) != 0) for i, x in enumerate(texts)]
+                for pos in range(1 << len(texts))]
+    return draw_grid_annotations(im, width, height, labels(horiz), labels(vert), margin)
 
 
 # =============================================================================================

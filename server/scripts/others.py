@@ -25,7 +25,8 @@ def _merge(results: list) -> dict:
         out["seeds"] += list(getattr(r, "seeds", []) or [])
         out["subseeds"] += list(getattr(r, "subseeds", []) or [])
         out["prompts"] += list(getattr(r, "prompts", None) or r.info.get("all_prompts") or [])
-        out["negative_prompts"] += list(getattr(r, "negative_prompts", None) or r.info.get("all_negative_prompts") or [])
+        negatives = getattr(r, "negative_prompts", None) or r.info.get("all_negative_prompts") or []
+        out["negative_prompts"] += list(negatives)
         out["warnings"] += list(getattr(r, "warnings", []) or [])
     return out
 
@@ -294,8 +295,8 @@ def plan_sd_upscale(args: list, request: dict, kind: str, *, upscale: Optional[C
         for i in range(batches):
             batch = work[i * batch_size:(i + 1) * batch_size]
             req = copy.deepcopy(base)
-            req.update(init_images=[encode_png(t) for t in batch], batch_size=len(batch), n_iter=1, seed=base["seed"] + n + i,
-                       resize_mode=0, width=width, height=height)
+            req.update(init_images=[encode_png(t) for t in batch], batch_size=len(batch), n_iter=1,
+                       seed=base["seed"] + n + i, resize_mode=0, width=width, height=height)
             requests.append(req)
             spans.append((n, len(batch)))
     extra = {"SD upscale overlap": overlap, "SD upscale upscaler": upscaler}
@@ -314,7 +315,8 @@ def plan_sd_upscale(args: list, request: dict, kind: str, *, upscale: Optional[C
         infotexts = [first_info] * len(outputs)
         info = dict(results[0].info)
         info["extra_generation_params"] = {**(info.get("extra_generation_params") or {}), **extra}
-        info.update(infotexts=infotexts, index_of_first_image=0, all_seeds=[base["seed"] + n for n in range(len(outputs))])
+        seeds = [base["seed"] + n for n in range(len(outputs))]
+        info.update(infotexts=infotexts, index_of_first_image=0, all_seeds=seeds)
         return ScriptResult(images=outputs, infotexts=infotexts, info=info, seeds=info["all_seeds"],
                             warnings=_merge(results)["warnings"], interrupted=_interrupted(results, len(requests)))
     return Plan(requests, combine)

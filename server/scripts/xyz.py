@@ -301,7 +301,8 @@ def _axis(type_arg, options: list, which: str, kind: str) -> Axis:
     else:
         index = as_int(type_arg, f"{TITLE}: {which} type")
         if not 0 <= index < len(options):
-            raise ScriptError(f"{TITLE}: {which} type {index} is out of range; the {kind} axes are 0-{len(options) - 1}: "
+            raise ScriptError(f"{TITLE}: {which} type {index} is out of range; the {kind} axes are "
+                              f"0-{len(options) - 1}: "
                               + ", ".join(f"{i} {a.label}" for i, a in enumerate(options)), 422)
         axis = options[index]
     if not axis.supported:
@@ -317,8 +318,9 @@ def plan(args: list, request: dict, kind: str, *, choices: Optional[dict] = None
     args = list(args) + DEFAULT_ARGS[len(args):]
     (x_type, x_text, x_drop, y_type, y_text, y_drop, z_type, z_text, z_drop, draw_legend, include_lone_images,
      include_sub_grids, no_fixed_seeds, vary_x, vary_y, vary_z, margin, csv_mode) = args[:18]
+    flags = (draw_legend, include_lone_images, include_sub_grids, no_fixed_seeds, vary_x, vary_y, vary_z, csv_mode)
     draw_legend, include_lone_images, include_sub_grids, no_fixed_seeds, vary_x, vary_y, vary_z, csv_mode = map(
-        as_bool, (draw_legend, include_lone_images, include_sub_grids, no_fixed_seeds, vary_x, vary_y, vary_z, csv_mode))
+        as_bool, flags)
     margin = as_int(margin, f"{TITLE}: Grid margins (px)")
     if not 0 <= margin <= 500:
         raise ScriptError(f"{TITLE}: Grid margins (px) must be 0-500, not {margin}")
@@ -344,8 +346,8 @@ def plan(args: list, request: dict, kind: str, *, choices: Optional[dict] = None
         return values, text
 
     x_opt, y_opt, z_opt = (_axis(t, options, w, kind) for t, w in ((x_type, "X"), (y_type, "Y"), (z_type, "Z")))
-    (xs, x_text), (ys, y_text), (zs, z_text) = (axis_values(a, t, d) for a, t, d in
-                                                ((x_opt, x_text, x_drop), (y_opt, y_text, y_drop), (z_opt, z_text, z_drop)))
+    (xs, x_text), (ys, y_text), (zs, z_text) = (
+        axis_values(a, t, d) for a, t, d in ((x_opt, x_text, x_drop), (y_opt, y_text, y_drop), (z_opt, z_text, z_drop)))
     width, height = int(base.get("width") or 512), int(base.get("height") or 512)
     grid_mp = round(len(xs) * len(ys) * len(zs) * width * height / 1_000_000)
     if grid_mp >= max_megapixels:
@@ -467,7 +469,8 @@ def _combine(order, results, dims, labels, draw_legend, include_lone_images, inc
     z_grid = g.image_grid(images[:nz], rows=1)
     if draw_legend:
         w, h = map(max, zip(*(im.size for im in images[:nz])))
-        z_grid = g.draw_grid_annotations(z_grid, w, h, [[g.GridAnnotation(z)] for z in z_labels], [[g.GridAnnotation()]])
+        titles = [[g.GridAnnotation(z)] for z in z_labels]
+        z_grid = g.draw_grid_annotations(z_grid, w, h, titles, [[g.GridAnnotation()]])
     images.insert(0, z_grid)
     infotexts.insert(0, infotexts[0])  # A1111 inserts no prompt / seed for the main grid
     infotexts[:1 + nz] = [t if t is not None else infotexts[k] for k, t in enumerate(grid_infotexts)]
