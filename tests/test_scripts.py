@@ -189,16 +189,27 @@ def test_other_axes_set_their_fields():
     plan = plan_script("x/y/z plot", xyz_args(("Size", "64x32, 16 x 8"), ("Clip skip", "1,2")), req, "txt2img")
     assert [(r["width"], r["height"], r["override_settings"]["CLIP_stop_at_last_layers"]) for r in plan.requests] == [
         (64, 32, 1), (16, 8, 1), (64, 32, 2), (16, 8, 2)]
-    choices = {"samplers": ["Euler a", "DPM++ 2M", "k_euler_a"], "schedulers": ["karras", "Karras"]}
-    plan = plan_script("x/y/z plot", xyz_args(("Sampler", "euler a, DPM++ 2M"), ("Schedule type", "Karras")), req,
-                       "txt2img", choices=choices)
+    choices = {"samplers": ["Euler a", "DPM++ 2M"], "sampler_aliases": {"k_euler_a": "Euler a"},
+               "schedulers": ["karras", "Karras"]}
+    plan = plan_script("x/y/z plot", xyz_args(("Sampler", "euler a, DPM++ 2M, K_Euler_A"), ("Schedule type", "Karras")),
+                       req, "txt2img", choices=choices)
     got = [(r["sampler_name"], r["scheduler"]) for r in plan.requests]
-    assert got == [("Euler a", "karras"), ("DPM++ 2M", "karras")]
+    assert got == [("Euler a", "karras"), ("DPM++ 2M", "karras"), ("Euler a", "karras")]
     plan = plan_script("x/y/z plot", xyz_args(("Denoising", "0.25,0.5"), kind="img2img"), req, "img2img")
     assert [r["denoising_strength"] for r in plan.requests] == [0.25, 0.5]
     # an axis with choices reads the dropdown list (A1111's default, csv_mode off)
     args = xyz_args(("Sampler", "ignored")); args[2] = ["DPM++ 2M"]
     assert [r["sampler_name"] for r in plan_script("x/y/z plot", args, req, "txt2img").requests] == ["DPM++ 2M"]
+
+
+def test_closest_checkpoint_as_a1111():
+    titles = ["v1-5-pruned-emaonly.safetensors [6ce0161689]", "sub/other.safetensors [1234567890]",
+              "sub/other-inpainting.safetensors [abcdef0123]"]
+    assert xyz.closest_checkpoint("v1-5-pruned-emaonly", titles) == "v1-5-pruned-emaonly.safetensors"
+    assert xyz.closest_checkpoint("other", titles) == "sub/other.safetensors"  # the shortest title containing it
+    assert xyz.closest_checkpoint("inpainting", titles) == "sub/other-inpainting.safetensors"
+    assert xyz.closest_checkpoint("other.safetensors [ffffffffff]", titles) == "sub/other.safetensors"
+    assert xyz.closest_checkpoint("OTHER", titles) is None and xyz.closest_checkpoint("", titles) is None
 
 
 def test_unsupported_or_unknown_axes_are_refused_by_name():

@@ -169,7 +169,7 @@ def plan_prompts_from_file(args: list, request: dict, kind: str, *, choices: Opt
     """One generation per non-empty line. A line that starts with `--` is a line of options (above); any
     other line is a prompt. The line's prompt goes before (position "start") or after ("end") the request's
     prompt, joined by a space. Iterate seed: each line starts batch_size x n_iter seeds after the last."""
-    from server.scripts.xyz import closest_checkpoint
+    from server.scripts.xyz import closest_checkpoint, find_sampler
 
     args = list(args) + PROMPTS_FROM_FILE_DEFAULTS[len(args):]
     iterate, same_seed, position, text = args[:4]
@@ -196,7 +196,6 @@ def plan_prompts_from_file(args: list, request: dict, kind: str, *, choices: Opt
     if (iterate or same_seed) and (seed is None or seed == -1):
         seed = rng.randrange(4294967294)
     batch_size, n_iter = int(base.get("batch_size") or 1), int(base.get("n_iter") or 1)
-    samplers = [s.lower() for s in (choices or {}).get("samplers") or []]
     checkpoints = (choices or {}).get("checkpoints")
     requests = []
     for number, job in enumerate(jobs, 1):
@@ -210,8 +209,10 @@ def plan_prompts_from_file(args: list, request: dict, kind: str, *, choices: Opt
                 if name is None:
                     raise ScriptError(f"{PROMPTS_FROM_FILE}: line {number}: Unknown checkpoint: {value}")
                 req["override_settings"]["sd_model_checkpoint"] = name
-            elif tag == "sampler_name" and samplers and value.lower() not in samplers:
-                raise ScriptError(f"{PROMPTS_FROM_FILE}: line {number}: unknown sampler {value!r}")
+            elif tag == "sampler_name":
+                req[tag] = find_sampler(value, choices)
+                if req[tag] is None:
+                    raise ScriptError(f"{PROMPTS_FROM_FILE}: line {number}: unknown sampler {value!r}")
             elif tag == "styles":
                 req["styles"] = [value]
             else:

@@ -248,17 +248,30 @@ def format_label(axis: Axis, x) -> str:
 
 
 def closest_checkpoint(name: str, titles: list) -> Optional[str]:
-    """A1111's `get_closet_checkpoint_match`: an exact title / name / name without extension, else the
-    shortest title that contains `name` (case-sensitive first, then not)."""
+    """A1111's `get_closet_checkpoint_match` -> the checkpoint's name: an exact title, name or name without
+    extension; else the shortest title that contains `name`; else the same without a " [hash]" at its end."""
+    if not name:
+        return None
     for t in titles:
         bare = t.rsplit(" [", 1)[0]
         if name in (t, bare, os.path.splitext(bare)[0]):
             return bare
-    for key in (lambda s: s, str.lower):
-        found = sorted((t for t in titles if key(name) in key(t)), key=len)
+    for search in (name, re.sub(r"\s\[[^]]+]\s*$", "", name)):
+        found = sorted((t for t in titles if search in t), key=len)
         if found:
             return found[0].rsplit(" [", 1)[0]
     return None
+
+
+def find_sampler(name: str, choices: Optional[dict]) -> Optional[str]:
+    """A sampler name in any case, or an alias (A1111's scripts look names up case-insensitively with the
+    aliases) -> the sampler's name; None when unknown. Without a list of samplers, `name` as it is."""
+    names = (choices or {}).get("samplers")
+    if names is None:
+        return name
+    lowered = {n.lower(): n for n in names}
+    lowered.update({a.lower(): n for a, n in ((choices or {}).get("sampler_aliases") or {}).items()})
+    return lowered.get(name.strip().lower())
 
 
 def _confirm(axis: Axis, values: list, choices: dict) -> list:
@@ -275,6 +288,8 @@ def _confirm(axis: Axis, values: list, choices: dict) -> list:
     for v in values:
         if axis.choices == "checkpoints":
             match = closest_checkpoint(v, valid)
+        elif axis.choices == "samplers":
+            match = find_sampler(v, choices)
         elif axis.choices == "vaes":
             lowered = {c.lower(): c for c in ["Automatic", "None", *valid]}
             match = {"auto": "Automatic"}.get(v.strip().lower()) or lowered.get(v.strip().lower())
