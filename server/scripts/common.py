@@ -107,12 +107,6 @@ def with_params(infotext: Optional[str], params: dict) -> str:
     return f"{head}{sep}{line}"
 
 
-def check_kind(kind: str) -> str:
-    if kind not in ("txt2img", "img2img"):
-        raise ScriptError(f"kind must be 'txt2img' or 'img2img', not {kind!r}")
-    return kind
-
-
 def as_int(value: Any, what: str) -> int:
     if isinstance(value, bool):
         return int(value)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Callable
 
-from server.scripts import ScriptError, plan_script, run_plan
+from server.scripts import Plan, ScriptError, plan_script, run_plan
 
 log = logging.getLogger("server")
 
@@ -38,31 +39,40 @@ def upscale(image, name: str, scale: float):
     return imgs._upscaler_upscale(image, scale, name)
 
 
-async def generate(engine, req) -> dict:
-    """POST txt2img/img2img with a `script_name`: the A1111 response body (`images`, `parameters`, `info`)."""
-    from starlette.concurrency import run_in_threadpool
-
-    from server import a1111
-    from server.a1111 import ApiError, ValidationError
-
+def script_plan(engine, req) -> Plan:
+    """(any thread) The plan of a parsed txt2img/img2img request that names a `script_name`: its arguments
+    checked against what this server has, SD upscale's upscale done. Raises ScriptError (4xx)."""
     kind = "img2img" if req.is_img2img else "txt2img"
     request = {f.name: getattr(req, f.name) for f in dataclasses.fields(req)}  # coerced, infotext merged
     request["infotext"] = None
-    cls = type(req)
-    choices = engine_choices(engine)
+    return plan_script(req.script_name, req.script_args, request, kind, upscale=upscale,
+                       choices=engine_choices(engine))
 
-    def one(cell: dict):
+
+def cell_generator(engine, cls) -> Callable[[dict], object]:
+    """(GPU worker) `generate` for run_plan: one request dict -> the engine's Result, as a plain request of
+    class `cls` (Txt2ImgRequest / Img2ImgRequest) would run."""
+    def generate(cell: dict):
         cell_req = cls.from_json(cell)
         init_images, mask, overrides = engine.prepare(cell_req)
         result, _ = engine.run(cell_req, init_images, mask, overrides)
         for warning in result.warnings:
             log.warning("%s", warning)
         return result
+    return generate
 
-    try:  # the plan (arguments checked, SD upscale's upscale done) before the job queues
-        plan = await run_in_threadpool(lambda: plan_script(req.script_name, req.script_args, request, kind,
-                                                           upscale=upscale, choices=choices))
-        result = await engine.on_gpu(run_plan, plan, one)
+
+async def generate(engine, req) -> dict:
+    """POST txt2img/img2img with a `script_name`: the A1111 response body (`images`, `parameters`, `info`).
+    The script holds the GPU queue from its first generation to its last, as A1111's queue lock does."""
+    from starlette.concurrency import run_in_threadpool
+
+    from server import a1111
+    from server.a1111 import ApiError, ValidationError
+
+    try:
+        plan = await run_in_threadpool(script_plan, engine, req)  # checked before the job queues
+        result = await engine.on_gpu(run_plan, plan, cell_generator(engine, type(req)))
     except ScriptError as e:
         raise ApiError(e.status, str(e)) from None
     except (ApiError, ValidationError):
