@@ -147,6 +147,15 @@ def test_cells_are_row_by_row_with_each_value_applied():
     assert all(r["seed"] == 100 for r in plan.requests)
 
 
+def test_old_eleven_argument_layout():
+    # what client scripts written for A1111 before v1.3 (and webuiapi's README) send: no dropdown lists
+    args = [TXT["Steps"], "10,20", TXT["CFG Scale"], "5,7", 0, "", "True", "False", "False", "False", 0]
+    plan = plan_script("x/y/z plot", args, BASE, "txt2img")
+    assert [(r["steps"], r["cfg_scale"]) for r in plan.requests] == [(10, 5.0), (20, 5.0), (10, 7.0), (20, 7.0)]
+    res = run_script("x/y/z plot", args[:4], BASE, "txt2img", FakeGenerator())
+    assert len(res.images) == 1 and res.images[0].width > 64 and res.images[0].height > 48  # with the legend
+
+
 def test_costly_axis_is_the_outer_loop():
     # a checkpoint switch is slow: with Checkpoint name on X, X changes slowest
     choices = {"checkpoints": ["v1-5-pruned-emaonly.safetensors [6ce0161689]", "sub/other.safetensors"]}

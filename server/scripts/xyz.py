@@ -7,7 +7,10 @@ script_args, in A1111's order (missing trailing ones take A1111's UI defaults):
 An axis type is an index into the axis list of the tab (`AXES` filtered by txt2img / img2img, as A1111's
 dropdown numbers them); an axis label is accepted too. Axes with a fixed list of choices (Sampler,
 Checkpoint name, Schedule type, ...) read the `*_values_dropdown` list unless `csv_mode` is on, as A1111
-does; here an empty dropdown list falls back to the text values.
+does; here an empty dropdown list falls back to the text values. The older 11-argument layout without the
+dropdowns (which client scripts written for A1111 before v1.3 send) is recognised by its third argument,
+an axis type where the dropdown list would be. Checkboxes given as strings read "False" as false (A1111
+would take any non-empty string as true).
 """
 from __future__ import annotations
 
@@ -330,7 +333,15 @@ def plan(args: list, request: dict, kind: str, *, choices: Optional[dict] = None
          rng: Optional[random.Random] = None, max_megapixels: float = 200) -> Plan:
     """The cells of the plot as request dicts, in the order A1111 runs them, and the grid builder."""
     rng = rng or random.Random()
-    args = list(args) + DEFAULT_ARGS[len(args):]
+    args = list(args)
+    if len(args) > 2 and not isinstance(args[2], (list, tuple, type(None))):
+        # the layout before A1111 v1.3 added the value dropdowns, which old client scripts still send:
+        # [x_type, x_values, y_type, y_values, z_type, z_values, draw_legend, include_lone_images,
+        #  include_sub_grids, no_fixed_seeds, margin_size]
+        old = args + [0, "", 0, "", True, False, False, False, 0][len(args) - 2:]
+        args = [old[0], old[1], [], old[2], old[3], [], old[4], old[5], [], *old[6:10], False, False, False, old[10],
+                True]
+    args = args + DEFAULT_ARGS[len(args):]
     (x_type, x_text, x_drop, y_type, y_text, y_drop, z_type, z_text, z_drop, draw_legend, include_lone_images,
      include_sub_grids, no_fixed_seeds, vary_x, vary_y, vary_z, margin, csv_mode) = args[:18]
     flags = (draw_legend, include_lone_images, include_sub_grids, no_fixed_seeds, vary_x, vary_y, vary_z, csv_mode)
