@@ -166,6 +166,12 @@ def test_costly_axis_is_the_outer_loop():
                    ("v1-5-pruned-emaonly.safetensors", 1), ("v1-5-pruned-emaonly.safetensors", 2),
                    ("v1-5-pruned-emaonly.safetensors", 3)]
     assert xyz.cell_order(0, 0, 1, 2, 1, 2) == [(0, 0, 0), (1, 0, 0), (0, 0, 1), (1, 0, 1)]
+    # the labels show the values as typed (the file name without its folder), the cells the matched names
+    res = run_script("x/y/z plot", xyz_args(("Checkpoint name", "sub/other"), legend=True), BASE, "txt2img",
+                     FakeGenerator(), choices=choices)
+    cell = fake_image({**BASE, "override_settings": {"sd_model_checkpoint": "sub/other.safetensors"}})
+    expected = grid.draw_grid_annotations(cell, 32, 24, [[grid.GridAnnotation("other")]], [[grid.GridAnnotation()]])
+    assert np.array_equal(pixels(res.images[0]), pixels(expected))
 
 
 def test_random_seeds_are_fixed_once_unless_keep_minus_one():

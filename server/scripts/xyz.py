@@ -357,7 +357,7 @@ def plan(args: list, request: dict, kind: str, *, choices: Optional[dict] = None
 
     def axis_values(axis: Axis, text, drop):
         if axis.label == "Nothing":
-            return [0], ""
+            return [0], "", [0]
         if isinstance(text, list):  # lenient: a list where A1111 wants the comma-separated text
             text = ",".join(f'"{v}"' if "," in str(v) else str(v) for v in text)
         text = "" if text is None else str(text)
@@ -366,13 +366,13 @@ def plan(args: list, request: dict, kind: str, *, choices: Optional[dict] = None
             text = _csv_line(values)
         else:
             values = split_values(text)
-        values = _confirm(axis, parse_values(axis, values), choices)
-        if not values:
+        typed = parse_values(axis, values)
+        if not typed:
             raise ScriptError(f"{TITLE}: the {axis.label} axis has no values")
-        return values, text
+        return _confirm(axis, typed, choices), text, typed  # labels show the values as typed, as A1111's do
 
     x_opt, y_opt, z_opt = (_axis(t, options, w, kind) for t, w in ((x_type, "X"), (y_type, "Y"), (z_type, "Z")))
-    (xs, x_text), (ys, y_text), (zs, z_text) = (
+    (xs, x_text, x_typed), (ys, y_text, y_typed), (zs, z_text, z_typed) = (
         axis_values(a, t, d) for a, t, d in ((x_opt, x_text, x_drop), (y_opt, y_text, y_drop), (z_opt, z_text, z_drop)))
     width, height = int(base.get("width") or 512), int(base.get("height") or 512)
     grid_mp = round(len(xs) * len(ys) * len(zs) * width * height / 1_000_000)
@@ -418,8 +418,8 @@ def plan(args: list, request: dict, kind: str, *, choices: Optional[dict] = None
         return out
 
     def combine(results: list) -> ScriptResult:
-        labels = ([format_label(x_opt, x) for x in xs], [format_label(y_opt, y) for y in ys],
-                  [format_label(z_opt, z) for z in zs])
+        labels = tuple([format_label(opt, v) for v in (typed if opt.choices else vals)]
+                       for opt, vals, typed in ((x_opt, xs, x_typed), (y_opt, ys, y_typed), (z_opt, zs, z_typed)))
         return _combine(order, results, (len(xs), len(ys), len(zs)), labels, draw_legend, include_lone_images,
                         include_sub_grids, margin, params_for, (width, height))
     return Plan(requests, combine)
