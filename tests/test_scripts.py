@@ -485,6 +485,12 @@ def test_sd_upscale_script():
     for args, needle in [(["", 8, "ESRGAN_4x", 2], "unknown upscaler 'ESRGAN_4x'"), (["", 32, "None", 2], "overlap")]:
         with pytest.raises(ScriptError, match=needle):
             plan_script("sd upscale", args, req, "img2img", choices={"upscalers": ["None"]})
+    with pytest.raises(ScriptError, match=r"too large \(4 megapixels; the limit is 3\)"):
+        plan_script("sd upscale", ["", 8, "None", 2], {**req, "init_images": [b64png(random_image(1000, 1000))]},
+                    "img2img", max_megapixels=3)
+    with pytest.raises(ScriptError, match=r"grid would be too large \(1 megapixels; the limit is 1\)"):
+        plan_script("x/y/z plot", xyz_args(("Steps", "1-4")), {**BASE, "width": 512, "height": 512}, "txt2img",
+                    max_megapixels=1)
     with pytest.raises(ScriptError, match="too large"):
         plan_script("sd upscale", ["", 8, "None", 16], {**req, "init_images": [b64png(random_image(1000, 1000))]},
                     "img2img")

@@ -55,13 +55,14 @@ def _decode_image(data) -> Image.Image:
 def plan_script(name: str, args: list, request: dict, kind: str, *,
                 upscale: Optional[Callable[[Image.Image, str, float], Image.Image]] = None,
                 choices: Optional[dict] = None, rng: Optional[random.Random] = None,
-                decode_image: Callable = _decode_image) -> Plan:
+                decode_image: Callable = _decode_image, max_megapixels: float = 200) -> Plan:
     """The request dicts script `name` will run, in order, and how their results combine. Raises
     ScriptError (4xx) for a bad name, bad arguments or a request the script cannot run.
 
     `choices` (optional) names what is valid here, so that bad values are refused before anything runs:
     {"samplers": [names], "sampler_aliases": {alias: name}, "schedulers": [...], "checkpoints": [titles], "vaes": [...], "hr_upscalers": [...],
-    "upscalers": [...]} (the last also maps SD upscale's upscaler index to a name)."""
+    "upscalers": [...]} (the last also maps SD upscale's upscaler index to a name). `max_megapixels` bounds
+    an X/Y/Z grid and an SD upscale's image (A1111's option img_max_size_mp)."""
     if kind not in ("txt2img", "img2img"):
         raise ScriptError(f"kind must be 'txt2img' or 'img2img', not {kind!r}")
     title = find_script(name, kind)
@@ -72,13 +73,13 @@ def plan_script(name: str, args: list, request: dict, kind: str, *,
     rng = rng or random.Random()
     request = dict(request)
     if title == xyz.TITLE:
-        return xyz.plan(list(args), request, kind, choices=choices, rng=rng)
+        return xyz.plan(list(args), request, kind, choices=choices, rng=rng, max_megapixels=max_megapixels)
     if title == others.PROMPT_MATRIX:
         return others.plan_prompt_matrix(list(args), request, kind, rng=rng)
     if title == others.PROMPTS_FROM_FILE:
         return others.plan_prompts_from_file(list(args), request, kind, choices=choices, rng=rng)
     return others.plan_sd_upscale(list(args), request, kind, upscale=upscale, choices=choices, rng=rng,
-                                  decode_image=decode_image)
+                                  decode_image=decode_image, max_megapixels=max_megapixels)
 
 
 def run_script(name: str, args: list, request: dict, kind: str, generate: Callable[[dict], ResultLike],

@@ -46,7 +46,7 @@ def script_plan(engine, req) -> Plan:
     request = {f.name: getattr(req, f.name) for f in dataclasses.fields(req)}  # coerced, infotext merged
     request["infotext"] = None
     return plan_script(req.script_name, req.script_args, request, kind, upscale=upscale,
-                       choices=engine_choices(engine))
+                       choices=engine_choices(engine), max_megapixels=engine.options.get("img_max_size_mp", 200))
 
 
 def cell_generator(engine, cls) -> Callable[[dict], object]:
