@@ -60,8 +60,8 @@ def plan_script(name: str, args: list, request: dict, kind: str, *,
     ScriptError (4xx) for a bad name, bad arguments or a request the script cannot run.
 
     `choices` (optional) names what is valid here, so that bad values are refused before anything runs:
-    {"samplers": [names], "sampler_aliases": {alias: name}, "schedulers": [...], "checkpoints": [titles], "vaes": [...], "hr_upscalers": [...],
-    "upscalers": [...]} (the last also maps SD upscale's upscaler index to a name). `max_megapixels` bounds
+    {"samplers": [names], "sampler_aliases": {alias: name}, "schedulers": [...], "checkpoints": [titles],
+    "vaes": [...], "hr_upscalers": [...], "upscalers": [...]} (the last also maps SD upscale's upscaler index to a name). `max_megapixels` bounds
     an X/Y/Z grid and an SD upscale's image (A1111's option img_max_size_mp)."""
     if kind not in ("txt2img", "img2img"):
         raise ScriptError(f"kind must be 'txt2img' or 'img2img', not {kind!r}")
