@@ -61,8 +61,8 @@ def plan_script(name: str, args: list, request: dict, kind: str, *,
 
     `choices` (optional) names what is valid here, so that bad values are refused before anything runs:
     {"samplers": [names], "sampler_aliases": {alias: name}, "schedulers": [...], "checkpoints": [titles],
-    "vaes": [...], "hr_upscalers": [...], "upscalers": [...]} (the last also maps SD upscale's upscaler index to a name). `max_megapixels` bounds
-    an X/Y/Z grid and an SD upscale's image (A1111's option img_max_size_mp)."""
+    "vaes": [...], "hr_upscalers": [...], "upscalers": [...]} (the last also maps SD upscale's upscaler index
+    to a name). `max_megapixels` bounds an X/Y/Z grid and an SD upscale's image (A1111's img_max_size_mp)."""
     if kind not in ("txt2img", "img2img"):
         raise ScriptError(f"kind must be 'txt2img' or 'img2img', not {kind!r}")
     title = find_script(name, kind)

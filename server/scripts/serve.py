@@ -26,7 +26,8 @@ def engine_choices(engine) -> dict:
     schedulers = [n for c in infotext.schedulers_api() for n in (c["name"], c["label"])]
     upscalers = [u["name"] for u in a1111.upscalers()]
     return {"samplers": samplers, "sampler_aliases": aliases, "schedulers": schedulers,
-            "checkpoints": engine.library.checkpoint_titles(), "vaes": [v["model_name"] for v in engine.library.vae_api()], "upscalers": upscalers,
+            "checkpoints": engine.library.checkpoint_titles(),
+            "vaes": [v["model_name"] for v in engine.library.vae_api()], "upscalers": upscalers,
             "hr_upscalers": [m["name"] for m in a1111.latent_upscale_modes()] + upscalers}
 
 
