@@ -593,3 +593,22 @@ def test_server_sd_upscale_and_prompt_matrix(client):
     assert len(out["images"]) == 3 and out["info"]["all_prompts"] == ["a cat", "a cat, red"]
     plain = post(client, "txt2img", {**SMALL, "prompt": "a cat, red"})
     assert np.array_equal(pixels(out["images"][2]), pixels(plain["images"][0]))
+
+
+def test_server_img2img_xyz_and_prompts_from_file(client):
+    init = b64png(random_image(64, 64, 6))
+    req = {**SMALL, "init_images": [init], "denoising_strength": 0.5}
+    args = xyz_args(("Denoising", "0.3, 0.6"), legend=False, lone=True, kind="img2img")
+    out = post(client, "img2img", {**req, "script_name": "x/y/z plot", "script_args": args})
+    assert out["images"][0].size == (128, 64) and len(out["images"]) == 3
+    plain = post(client, "img2img", {**req, "denoising_strength": 0.6})
+    assert np.array_equal(pixels(out["images"][2]), pixels(plain["images"][0]))
+    assert np.array_equal(pixels(out["images"][0])[:, 64:], pixels(plain["images"][0]))
+    out = post(client, "txt2img", {**SMALL, "script_name": "prompts from file or textbox",
+                                   "script_args": [False, False, "start", "a dog\n--prompt a bird --steps 1"]})
+    assert out["info"]["all_prompts"] == ["a dog a cat", "a bird a cat"] and len(out["images"]) == 2
+    plain = post(client, "txt2img", {**SMALL, "prompt": "a bird a cat", "steps": 1})
+    assert np.array_equal(pixels(out["images"][1]), pixels(plain["images"][0]))
+    r = client.post("/sdapi/v1/txt2img", json={**SMALL, "script_name": "prompts from file or textbox",
+                                               "script_args": [False, False, "start", "--steps x"]})
+    assert r.status_code == 400 and "line 1 ('--steps x'): --steps: 'x' is not an integer" in r.json()["detail"]
