@@ -489,8 +489,6 @@ def _exif_user_comment(image) -> Optional[str]:
 
 # What A1111 answers on endpoints that have nothing behind them here (§3.1).
 EMPTY_SHAPES = {
-    "scripts": {"txt2img": [], "img2img": []},
-    "script-info": [],
     "prompt-styles": [],
     "face-restorers": [],
     "realesrgan-models": [],

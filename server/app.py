@@ -41,7 +41,8 @@ from starlette.routing import Route
 from sd15 import infotext
 from sd15.checkpoint import CheckpointError
 from sd15.pipeline import JobState, decode_latents, generate
-from server import a1111
+from server import a1111, scripts
+from server.scripts import serve as scripts_serve
 from server.a1111 import ApiError, Limits, ValidationError
 from server.download import DEFAULT_MODEL
 from server.models import Checkpoint, Library, ModelManager
@@ -296,6 +297,8 @@ async def img2img(request: Request):
 async def _generate(request: Request, cls):
     engine = _engine(request)
     req = cls.from_json(await read_json(request, engine.limits.max_body_bytes))
+    if req.script_name:  # --- scripts hook: A1111's selectable scripts (server/scripts) ---
+        return JSONResponse(await scripts_serve.generate(engine, req))
     init_images, mask, overrides = await run_in_threadpool(engine.prepare, req)
     try:
         result, settings = await engine.on_gpu(engine.run, req, init_images, mask, overrides)
@@ -502,6 +505,7 @@ routes = [
     Route(f"{API}/unload-checkpoint", unload_checkpoint, methods=["POST"]),
     Route(f"{API}/reload-checkpoint", reload_checkpoint, methods=["POST"]),
     Route(f"{API}/memory", memory, methods=["GET"]),
+    *scripts.routes,  # --- scripts hook: /scripts and /script-info (before the empty listings) ---
     *[Route(f"{API}/{name}", _empty(name), methods=["GET"]) for name in a1111.EMPTY_SHAPES],
     Route("/openapi.json", openapi, methods=["GET"], include_in_schema=False),
 ]

@@ -584,8 +584,7 @@ def test_loras_and_embeddings(client, folders):
     assert client.post(f"{API}/refresh-embeddings").json() is None
 
 
-@pytest.mark.parametrize("name,shape", [("scripts", {"txt2img": [], "img2img": []}), ("script-info", []),
-                                        ("prompt-styles", []), ("face-restorers", []), ("realesrgan-models", []),
+@pytest.mark.parametrize("name,shape", [("prompt-styles", []), ("face-restorers", []), ("realesrgan-models", []),
                                         ("hypernetworks", []), ("extensions", [])])
 def test_empty_endpoints(client, name, shape):
     r = client.get(f"{API}/{name}")
@@ -658,7 +657,8 @@ BAD = [
     (T, {"enable_hr": True, "hr_resize_x": -5}, 422), (T, {"enable_hr": True, "hr_second_pass_steps": 10**6}, 422),
     (T, {"sampler_name": "Nope"}, 400), (T, {"sampler_index": "Nope"}, 400), (T, {"scheduler": "nope"}, 400),
     (T, {"enable_hr": True, "hr_sampler_name": "Nope"}, 400), (T, {"enable_hr": True, "hr_upscaler": "ESRGAN_4x"}, 400),
-    (T, {"script_name": "x/y/z plot"}, 422), (T, {"alwayson_scripts": {"ControlNet": {"args": []}}}, 422),
+    (T, {"script_name": "loopback"}, 422), (T, {"script_name": "x/y/z plot", "script_args": [33, "a"]}, 400),
+    (T, {"alwayson_scripts": {"ControlNet": {"args": []}}}, 422),
     (T, {"prompt": ["a", "list"]}, 422), (T, {"styles": "not a list"}, 422), (T, {"override_settings": "x"}, 422),
     (T, {"override_settings": {"CLIP_stop_at_last_layers": 99}}, 422), (T, {"restore_faces": True}, 422),
     (T, {"tiling": True}, 422), (T, {"eta": -1}, 422), (T, [1, 2], 422), (T, "a string", 422),
