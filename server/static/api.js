@@ -40,7 +40,7 @@ function connectionLost() {
   banner.hidden = false;
   const probe = async () => {
     try {
-      const r = await fetch('/sdapi/v1/progress?skip_current_image=true', { cache: 'no-store' });
+      const r = await fetch(location.origin + '/sdapi/v1/progress?skip_current_image=true', { cache: 'no-store' });
       if (r.ok || r.status === 401) {
         offline = false;
         banner.hidden = true;
@@ -62,7 +62,7 @@ export async function api(path, { method = 'GET', body, signal, allow404 = false
   }
   let r;
   try {
-    r = await fetch(path, init);
+    r = await fetch(location.origin + path, init);  // origin: never a URL with credentials in it
   } catch (e) {
     if (e.name === 'AbortError') throw e;
     connectionLost();

@@ -15,11 +15,11 @@ function remember() { sessionStorage.setItem(STORE, JSON.stringify([...state.min
 /** Find out what the server offers; reconnect to the jobs this tab submitted before a reload. */
 export async function startJobs(onResult) {
   state.onResult = onResult;
-  let q;
-  try { q = await api('/sd15/v1/queue', { allow404: true }); } catch (e) { q = undefined; }
-  state.queue = q !== undefined;
+  // The queue endpoints are listed in /openapi.json when the server has them (no 404 probe in the console).
+  try { state.queue = '/sd15/v1/jobs' in (await api('/openapi.json')).paths; } catch (e) { state.queue = false; }
   $('queue').hidden = !state.queue;
   if (!state.queue) return;
+  const q = await api('/sd15/v1/queue');
   for (const id of JSON.parse(sessionStorage.getItem(STORE) || '[]')) {
     state.mine.set(id, { resolve: onResult, reject: (e) => onResult(null, e) });
   }
@@ -72,7 +72,7 @@ async function finish(id) {
 
 function connectEvents() {
   if (!window.EventSource) { pollQueue(); return; }
-  const es = new EventSource('/sd15/v1/events');
+  const es = new EventSource(location.origin + '/sd15/v1/events');
   es.onopen = () => { state.sse = true; };
   es.addEventListener('queue', (e) => renderQueue(JSON.parse(e.data)));
   es.addEventListener('progress', (e) => showProgress(JSON.parse(e.data)));

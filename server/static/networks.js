@@ -28,7 +28,7 @@ async function load() {
       ...Object.entries(emb.loaded || {}).map(([name, e]) => card('TI', `${name} · ${e.vectors} vec`, name)),
     ];
     list.replaceChildren(...(cards.length ? cards : [el('p', { class: 'hint' },
-      'No LoRA or embedding files (put them in the Lora/ and embeddings/ folders, then 🔄).')]));
+      'No LoRA or embedding files (put them in the Lora/ and embeddings/ folders, then ↻).')]));
     filter();
   } catch (e) {
     list.replaceChildren(el('p', { class: 'error' }, e.message));
