@@ -202,7 +202,8 @@ INFOTEXT = ("a castle on a hill, (sunset:1.2)\nNegative prompt: blurry, low qual
             "Steps: 27, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 9.5, Seed: 424242, Size: 512x768, "
             "Model hash: 0123456789, Model: v1-5-pruned-emaonly, Variation seed: 99, Variation seed strength: 0.3, "
             "Denoising strength: 0.45, Clip skip: 2, Hires upscale: 1.5, Hires steps: 12, "
-            "Hires upscaler: Latent (bicubic), RNG: CPU, Version: v1.10.1")
+            "Hires upscaler: Latent (bicubic), RNG: CPU, Mask blur: 6, Masked content: latent noise, "
+            "Inpaint area: Only masked, Masked area padding: 48, Mask mode: Inpaint not masked, Version: v1.10.1")
 
 
 def test_dropped_png_restores_every_field(server, browser):
@@ -214,7 +215,8 @@ def test_dropped_png_restores_every_field(server, browser):
         "sampler_name": "DPM++ 2M", "scheduler": "karras", "cfg_scale": "9.5", "seed": "424242", "width": "512",
         "height": "768", "subseed": "99", "subseed_strength": "0.3", "clip_skip": "2", "randn_source": "CPU",
         "enable_hr": True, "hr_scale": "1.5", "hr_second_pass_steps": "12", "hr_upscaler": "Latent (bicubic)",
-        "hr_denoising_strength": "0.45", "batch_size": "1",
+        "hr_denoising_strength": "0.45", "batch_size": "1", "mask_blur": "6", "inpainting_fill": "2",
+        "inpaint_full_res": "true", "inpaint_full_res_padding": "48", "inpainting_mask_invert": "1",
     }
     assert {k: field(browser, k) for k in expected} == expected
     # A1111's old combined sampler names are split into sampler + schedule type; no hires keys turn it off

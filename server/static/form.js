@@ -84,7 +84,10 @@ export function applyParameters(p) {
   let scheduler = p['Schedule type'];
   if (sampler && !samplers.some((s) => s.name === sampler)) {  // old combined names: "DPM++ 2M Karras"
     const hit = schedulers.find((s) => s.label !== 'Automatic' && sampler.endsWith(' ' + s.label));
-    if (hit) { sampler = sampler.slice(0, -hit.label.length - 1); scheduler = scheduler || hit.label; }
+    if (hit) {
+      sampler = sampler.slice(0, -hit.label.length - 1);
+      if (!scheduler || scheduler === 'Automatic') scheduler = hit.label;
+    }
   }
   set('sampler_name', sampler);
   set('scheduler', scheduler ? schedulerName(scheduler) : 'automatic');
@@ -97,7 +100,8 @@ export function applyParameters(p) {
   set('subseed_strength', p['Variation seed strength'] ?? 0);
   set('CLIP_stop_at_last_layers', p['Clip skip'] ?? 1);
   if (p.RNG) set('randn_source', p.RNG);
-  const hires = 'Hires upscale' in p || 'Hires upscaler' in p || 'Hires resize-1' in p;
+  // A1111's rule for the Hires. fix checkbox (png-info fills absent keys with defaults, so test real ones)
+  const hires = 'Denoising strength' in p && ('Hires upscale' in p || 'Hires upscaler' in p || Number(p['Hires resize-1']) > 0);
   setValue(byKey('enable_hr'), hires);
   if (hires) {
     set('hr_scale', p['Hires upscale']);
@@ -109,6 +113,11 @@ export function applyParameters(p) {
     set('denoising_strength', p['Denoising strength']);
   }
   set('mask_blur', p['Mask blur']);
+  const fills = ['fill', 'original', 'latent noise', 'latent nothing'];
+  if (fills.includes(p['Masked content'])) set('inpainting_fill', fills.indexOf(p['Masked content']));
+  if (p['Inpaint area']) set('inpaint_full_res', p['Inpaint area'] === 'Only masked');
+  set('inpaint_full_res_padding', p['Masked area padding']);
+  if (p['Mask mode']) set('inpainting_mask_invert', p['Mask mode'] === 'Inpaint not masked' ? 1 : 0);
   if (p['Variation seed strength'] > 0) $('variation').open = true;
   const current = $('checkpoint').value;
   if (p.Model && !current.startsWith(p.Model)) notes.push(`made with checkpoint "${p.Model}" (loaded: ${current})`);
