@@ -196,6 +196,19 @@ def test_generate_with_ctrl_enter_matches_the_api(server, browser):
     set_field(browser, "seed", -1)
     browser.find_element(By.ID, "seed-reuse").click()
     assert field(browser, "seed") == "1234"
+    # reuse parameters restores the form from the image; the full-size viewer opens and Esc closes it
+    set_field(browser, "steps", 9)
+    browser.find_element(By.ID, "reuse").click()
+    WebDriverWait(browser, 20).until(lambda d: field(d, "steps") == "2")
+    browser.find_element(By.ID, "view").click()
+    assert browser.find_element(By.ID, "viewer").get_attribute("open") is not None
+    browser.find_element(By.ID, "viewer-close").send_keys(Keys.ESCAPE)
+    WebDriverWait(browser, 5).until(lambda d: d.find_element(By.ID, "viewer").get_attribute("open") is None)
+    # send to inpaint: the img2img tab with the image as init image and the mask tools on
+    browser.find_element(By.ID, "to-inpaint").click()
+    WebDriverWait(browser, 10).until(lambda d: d.execute_script("return document.getElementById('mask-canvas').width") == 64)
+    assert not browser.find_element(By.ID, "img2img-fields").get_attribute("hidden")
+    assert field(browser, "inpaint") is True
 
 
 INFOTEXT = ("a castle on a hill, (sunset:1.2)\nNegative prompt: blurry, low quality\n"
@@ -377,6 +390,51 @@ def test_readable_4xx_next_to_the_field(server, browser):
     assert browser.find_element(By.CSS_SELECTOR, "label .field-error").text
     assert browser.find_element(By.ID, "steps").get_attribute("aria-invalid") == "true"
     assert field(browser, "steps") == "5000"  # the form is kept
+
+
+def test_xyz_plot_request(server, browser):
+    """The page sends A1111's x/y/z plot script arguments; a server without the script answers a readable 422."""
+    open_page(browser, server)
+    for key, value in {**SMALL, "seed": 5}.items():
+        set_field(browser, key, value)
+    browser.execute_script("document.getElementById('xyz').open = true")
+    browser.find_element(By.ID, "xyz-enable").click()
+    set_field(browser, "xyz-X-type", "Steps")
+    set_field(browser, "xyz-X-values", "1, 2")
+    set_field(browser, "xyz-Y-type", "CFG Scale")
+    set_field(browser, "xyz-Y-values", "5, 9")
+    browser.get_log("performance")
+    browser.find_element(By.ID, "generate").click()
+    has_script = "x/y/z plot" in requests.get(f"{server}/sdapi/v1/scripts", auth=AUTH).json()["txt2img"]
+    if has_script:
+        wait_result(browser, timeout=300)
+    else:
+        WebDriverWait(browser, 30).until(lambda d: not d.find_element(By.ID, "error").get_attribute("hidden"))
+        assert browser.find_element(By.ID, "error").text == "Error 422: Script 'x/y/z plot' not found"
+    sent = [json.loads(json.loads(e["message"])["message"]["params"]["request"]["postData"])
+            for e in browser.get_log("performance")
+            if '"Network.requestWillBeSent"' in e["message"] and "/txt2img" in e["message"]
+            or '"Network.requestWillBeSent"' in e["message"] and "/sd15/v1/jobs" in e["message"]]
+    body = sent[0].get("request", sent[0])
+    assert body["script_name"] == "x/y/z plot"
+    # A1111's positional arguments: x/y/z (type index, values, dropdown), then the flags; csv mode on
+    assert body["script_args"] == [4, "1, 2", [], 6, "5, 9", [], 0, "", [],
+                                   True, False, False, False, False, False, False, 0, True]
+
+
+def test_lost_connection_banner_recovers(server, browser):
+    open_page(browser, server)
+    browser.execute_cdp_cmd("Network.emulateNetworkConditions",
+                            {"offline": True, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
+    try:
+        browser.find_element(By.ID, "refresh-models").click()
+        WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "banner").is_displayed())
+        assert "lost" in browser.find_element(By.ID, "banner").text
+        assert browser.find_element(By.ID, "prompt").is_displayed()  # the page stays
+    finally:
+        browser.execute_cdp_cmd("Network.emulateNetworkConditions",
+                                {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
+    WebDriverWait(browser, 15).until(lambda d: not d.find_element(By.ID, "banner").is_displayed())
 
 
 # --- after the server's job queue lands (`/sd15/v1/jobs`) ------------------------------------------------
