@@ -317,6 +317,29 @@ def test_interrupt_with_escape(server, browser):
     assert requests.get(f"{server}/sdapi/v1/progress", auth=AUTH).json()["state"]["job_count"] == 0
 
 
+def test_a_running_job_shows_after_reload(server, browser):
+    """A job that is already running when the page opens (a reload, another client) shows its progress."""
+    import threading
+
+    out = {}
+    t = threading.Thread(target=lambda: out.update(r=requests.post(
+        f"{server}/sdapi/v1/txt2img", auth=AUTH, timeout=600, json={"prompt": "x", "seed": 1, **SMALL, "steps": 400})))
+    t.start()
+    try:
+        deadline = time.time() + 120
+        while requests.get(f"{server}/sdapi/v1/progress", auth=AUTH).json()["state"]["sampling_step"] < 1:
+            assert time.time() < deadline
+            time.sleep(0.1)
+        open_page(browser, server)
+        WebDriverWait(browser, 30).until(lambda d: "/400" in d.find_element(By.ID, "progress-text").text)
+        browser.find_element(By.ID, "interrupt").click()
+        WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "progress").get_attribute("hidden"))
+    finally:
+        requests.post(f"{server}/sdapi/v1/interrupt", auth=AUTH)
+        t.join(600)
+    assert out["r"].status_code == 200
+
+
 def test_layouts_themes_and_screenshots(server, browser):
     """Desktop 1400×900 and phone 390×844, light and dark: no horizontal scroll, the image above the form on
     the phone, the theme applied, first paint under a second; screenshots in screenshots/."""
@@ -390,6 +413,22 @@ def test_readable_4xx_next_to_the_field(server, browser):
     assert browser.find_element(By.CSS_SELECTOR, "label .field-error").text
     assert browser.find_element(By.ID, "steps").get_attribute("aria-invalid") == "true"
     assert field(browser, "steps") == "5000"  # the form is kept
+
+
+def test_ctrl_arrows_edit_attention(server, browser):
+    open_page(browser, server)
+    prompt = browser.find_element(By.ID, "prompt")
+    prompt.send_keys("a red fox")
+    browser.execute_script("arguments[0].setSelectionRange(3, 3)", prompt)  # the cursor in "red"
+    prompt.send_keys(Keys.CONTROL, Keys.ARROW_UP)
+    assert field(browser, "prompt") == "a (red:1.1) fox"
+    prompt.send_keys(Keys.CONTROL, Keys.ARROW_UP)
+    assert field(browser, "prompt") == "a (red:1.2) fox"
+    for _ in range(2):
+        prompt.send_keys(Keys.CONTROL, Keys.ARROW_DOWN)
+    assert field(browser, "prompt") == "a red fox"
+    prompt.send_keys(Keys.CONTROL, Keys.ARROW_DOWN)
+    assert field(browser, "prompt") == "a (red:0.9) fox"
 
 
 def test_xyz_plot_request(server, browser):

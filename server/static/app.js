@@ -6,6 +6,7 @@ import { applyParameters, buildRequest, clearMarks, loadLists, markFields, seedT
 import { setupGallery, showResult } from './gallery.js';
 import { loadHistory, setupHistory, showPngInfo } from './history.js';
 import { hasQueue, interrupt, skip, startJobs, submit } from './jobs.js';
+import { setupKeyedit } from './keyedit.js';
 import { initImage, maskImage, setInit, setInitFromBlob, setupMask, undoStroke } from './mask.js';
 import { setupNetworks } from './networks.js';
 import { setupXyz, xyzScript } from './xyz.js';
@@ -168,6 +169,7 @@ async function start() {
   seedTools(last);
   setupMask();
   setupNetworks();
+  setupKeyedit([$('prompt'), $('negative_prompt')]);
   setupXyz();
   setupGallery({ reuse: (src) => restore(src), toImg2img });
   setupHistory(restore);

@@ -18,7 +18,11 @@ export async function startJobs(onResult) {
   // The queue endpoints are listed in /openapi.json when the server has them (no 404 probe in the console).
   try { state.queue = '/sd15/v1/jobs' in (await api('/openapi.json')).paths; } catch (e) { state.queue = false; }
   $('queue').hidden = !state.queue;
-  if (!state.queue) return;
+  if (!state.queue) {  // a job already running (this page reloaded, or another client): show its progress
+    const p = await api('/sdapi/v1/progress?skip_current_image=true').catch(() => null);
+    if (p?.state?.job_count > 0) pollProgress(true);
+    return;
+  }
   const q = await api('/sd15/v1/queue');
   for (const id of JSON.parse(sessionStorage.getItem(STORE) || '[]')) {
     state.mine.set(id, { resolve: onResult, reject: (e) => onResult(null, e) });
@@ -102,14 +106,17 @@ async function pollQueue() {
 }
 
 /** Plain A1111 calls: poll /progress while a request is out. */
-async function pollProgress() {
+async function pollProgress(running = false) {
   if (state.polling) return;
   state.polling = true;
   $('progress').hidden = false;
-  while (state.direct > 0) {
+  while (state.direct > 0 || running) {
     await new Promise((r) => setTimeout(r, 500));
-    if (state.direct === 0) break;
-    try { showProgress(await api('/sdapi/v1/progress')); } catch (e) { /* keep waiting */ }
+    try {
+      const p = await api('/sdapi/v1/progress');
+      running = p.state?.job_count > 0;
+      if (state.direct > 0 || running) showProgress(p);
+    } catch (e) { /* keep waiting */ }
   }
   state.polling = false;
   $('progress').hidden = true;
