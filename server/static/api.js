@@ -15,7 +15,8 @@ export function describe(status, body) {
   const fields = {};
   if (body && Array.isArray(body.detail)) {  // FastAPI validation: [{loc, msg, type}]
     const lines = body.detail.map((p) => {
-      const loc = (p.loc || []).filter((x) => x !== 'body' && x !== 'query');
+      const loc = [...(p.loc || [])];
+      while (['body', 'query', 'request'].includes(loc[0])) loc.shift();  // jobs nest the A1111 body in "request"
       if (loc.length) fields[loc[0]] = p.msg;
       return (loc.length ? loc.join('.') + ': ' : '') + p.msg;
     });

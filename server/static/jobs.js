@@ -47,6 +47,7 @@ export async function submit(kind, request) {
   return new Promise((resolve, reject) => {
     state.mine.set(job.id, { resolve, reject });
     remember();
+    if (state.lastQueue) renderQueue(state.lastQueue);  // its queue event may have come before this answer
     if (!state.sse) pollQueue();
   });
 }
@@ -149,6 +150,7 @@ export function formatSeconds(s) {
 }
 
 function renderQueue(q) {
+  state.lastQueue = q;
   state.running = q.running;
   const done = !q.running && state.direct === 0;
   if (done) $('progress').hidden = true;
