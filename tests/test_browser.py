@@ -513,4 +513,14 @@ def test_history_lists_saved_files(server, browser):
     WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#history-list .thumb"))
     first = browser.find_element(By.CSS_SELECTOR, "#history-list .thumb img").get_attribute("src")
     assert first.endswith(history["items"][0]["url"])
+    # restore parameters from a saved file
+    browser.find_element(By.CSS_SELECTOR, "[data-tab=txt2img]").click()
+    set_field(browser, "prompt", "something else")
+    set_field(browser, "seed", -1)
+    browser.find_element(By.CSS_SELECTOR, "[data-tab=history]").click()
+    WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#history-list .thumb"))
+    browser.find_element(By.CSS_SELECTOR, "#history-list .thumb").click()
+    browser.find_element(By.ID, "viewer-reuse").click()
+    WebDriverWait(browser, 20).until(lambda d: field(d, "prompt") == "a saved image")
+    assert field(browser, "seed") == "31" and not browser.find_element(By.ID, "gen").get_attribute("hidden")
 

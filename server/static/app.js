@@ -1,7 +1,7 @@
 // The page's entry point: theme, tabs, model dropdowns, Generate / Interrupt / Skip and the keyboard,
 // drop / paste of images, and error display. Each feature lives in its own module.
 
-import { $, api, ApiError, onReconnect } from './api.js';
+import { $, api, ApiError, dataUrl, onReconnect } from './api.js';
 import { applyParameters, buildRequest, clearMarks, loadLists, markFields, seedTools, sizeTools, tokenCounters } from './form.js';
 import { setupGallery, showResult } from './gallery.js';
 import { loadHistory, setupHistory, showPngInfo } from './history.js';
@@ -125,9 +125,10 @@ function updateButtons() {
 /** Restore every field from an image's parameters (png-info). */
 async function restore(src, toTab) {
   try {
+    if (!src.startsWith('data:')) src = await dataUrl(await (await fetch(new URL(src, location.origin))).blob());
     const r = await api('/sdapi/v1/png-info', { method: 'POST', body: { image: src } });
     if (!r.info) { showError('This image carries no generation parameters.'); return; }
-    if (toTab) showTab(toTab);
+    if (toTab || tab === 'history' || tab === 'pnginfo') showTab(toTab || 'txt2img');
     const notes = applyParameters(r.parameters || {});
     status(notes.length ? `Parameters restored; ${notes.join('; ')}` : 'Parameters restored', notes.length ? 'bad' : 'ok');
   } catch (e) { showError(e.message); }
