@@ -239,10 +239,17 @@ def test_dropped_png_restores_every_field(server, browser):
     assert (field(browser, "sampler_name"), field(browser, "scheduler"), field(browser, "enable_hr")) == \
         ("DPM++ 2M", "karras", False)
     assert (field(browser, "subseed_strength"), field(browser, "negative_prompt")) == ("0", "")
+    # the PNG Info view shows the infotext and sends it to txt2img
+    browser.find_element(By.CSS_SELECTOR, "[data-tab=pnginfo]").click()
+    drop_file(browser, png_bytes(Image.new("RGB", (16, 16)), INFOTEXT))
+    WebDriverWait(browser, 20).until(lambda d: d.find_element(By.ID, "png-text").text.startswith("a castle"))
+    browser.find_element(By.ID, "png-restore").click()
+    WebDriverWait(browser, 20).until(lambda d: field(d, "seed") == "424242")
+    assert not browser.find_element(By.ID, "gen").get_attribute("hidden")
     # an image without parameters is said so, and the form stays
     drop_file(browser, png_bytes(Image.new("RGB", (16, 16))))
     WebDriverWait(browser, 20).until(lambda d: "no generation parameters" in d.find_element(By.ID, "error").text)
-    assert field(browser, "seed") == "5"
+    assert field(browser, "seed") == "424242"
 
 
 def test_painted_mask_changes_only_the_painted_region(server, browser):
