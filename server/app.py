@@ -41,7 +41,7 @@ from starlette.routing import Route
 from sd15 import infotext
 from sd15.checkpoint import CheckpointError
 from sd15.pipeline import JobState, decode_latents, generate
-from server import a1111, scripts
+from server import a1111, scripts, ui
 from server.scripts import serve as scripts_serve
 from server.a1111 import ApiError, Limits, ValidationError
 from server.download import DEFAULT_MODEL
@@ -65,6 +65,7 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     flags: dict = field(default_factory=dict)  # what GET /cmd-flags shows (secrets already masked)
     optimize: bool = False  # CUDA: sd15.fast.optimize (compile, CUDA graphs) and a 512x512 warm-up after each load
+    outdir: str = "outputs"  # where saved images go; the page's history view (server/ui.py) reads it
 
 
 @dataclass
@@ -508,6 +509,7 @@ routes = [
     *scripts.routes,  # --- scripts hook: /scripts and /script-info (before the empty listings) ---
     *[Route(f"{API}/{name}", _empty(name), methods=["GET"]) for name in a1111.EMPTY_SHAPES],
     Route("/openapi.json", openapi, methods=["GET"], include_in_schema=False),
+    *ui.routes,  # the web page at / and its helpers under /sd15/v1
 ]
 REQUEST_BODIES = {txt2img: a1111.Txt2ImgRequest, img2img: a1111.Img2ImgRequest, png_info: a1111.PngInfoRequest}
 
