@@ -493,7 +493,6 @@ EMPTY_SHAPES = {
     "script-info": [],
     "prompt-styles": [],
     "face-restorers": [],
-    "realesrgan-models": [],
     "hypernetworks": [],
     "extensions": [],
 }
