@@ -212,7 +212,8 @@ def render_docs(doc: dict) -> str:
     info = doc.get("info", {})
     title = html.escape(f"{info.get('title', 'API')} {info.get('version', '')}".strip())
     nav = "".join(f'<a href="#g{i}">{html.escape(g)}</a>' for i, g in enumerate(groups))
-    sections = "".join(f'<h2 id="g{i}">{html.escape(g)}</h2>' + "".join(ops) for i, (g, ops) in enumerate(groups.items()))
+    sections = "".join(f'<h2 id="g{i}">{html.escape(g)}</h2>' + "".join(ops)
+                       for i, (g, ops) in enumerate(groups.items()))
     return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{title}</title>"
             f"<meta name=viewport content='width=device-width'><style>{CSS}</style></head><body>"
             f"<h1>{title}</h1><p>Generated from <a href='/openapi.json'>/openapi.json</a>. Click an endpoint for "

@@ -317,19 +317,8 @@ def _out_size(image: Image.Image, req: ExtrasBaseRequest) -> tuple[int, int]:
 
 
 def _job(engine, upscalers, images, req):
-    """(GPU worker) The extras job; /interrupt reaches it through `engine.job` as for generations."""
-    from sd15.pipeline import JobState
-
-    from server.app import Job
-
-    job = Job("extras", JobState(), 1, 1)
-    job.state.job_count = len(images)
-    engine.job = job
-    try:
-        outputs, html_info = run_extras(upscalers, images, req, engine.options.get("enable_pnginfo", True),
-                                        job.state)
-    finally:
-        engine.job = None
+    """(GPU worker) The extras job -> the response."""
+    outputs, html_info = run_extras(upscalers, images, req, engine.options.get("enable_pnginfo", True))
     if isinstance(req, ExtrasSingleImageRequest):
         return JSONResponse({"html_info": html_info, "image": outputs[0] if outputs else None})
     return JSONResponse({"html_info": html_info, "images": outputs})

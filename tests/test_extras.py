@@ -18,6 +18,7 @@ from starlette.testclient import TestClient
 from sd15.esrgan import SRVGGConfig, SRVGGNetCompact
 from sd15.upscale import Upscalers
 from server.app import create_app
+from server.extras import make_upscalers
 from test_server import make_config, write_model_folders
 
 API = "/sdapi/v1"
@@ -65,18 +66,26 @@ def folders(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def client(folders):
+def config(folders):
     f, esrgan, realesrgan = folders
     config = make_config(f)
     config.flags.update(esrgan_models_path=esrgan, realesrgan_models_path=realesrgan)
+    return config
+
+
+@pytest.fixture(scope="module")
+def client(config):
     with TestClient(create_app(config)) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
-def direct(folders):
-    """The reference: the library's Upscalers on the same folders, A1111's default tile options."""
-    return Upscalers(folders[1], folders[2])
+def direct(config, folders):
+    """The reference: the library's Upscalers on the same folders, device and dtype as the server's (fp32 on the
+    CPU), A1111's default tile options."""
+    ups = make_upscalers(config)
+    assert (ups.esrgan_dir, ups.realesrgan_dir) == (folders[1], folders[2])
+    return Upscalers(folders[1], folders[2], device=ups.device, dtype=ups.dtype)
 
 
 def post(client, body, batch=False):
@@ -150,7 +159,8 @@ def test_input_text_info_is_kept_and_postprocessing_added(client):
     meta.add_text("parameters", "a cat\nSteps: 20, Seed: 1")
     meta.add_text("Comment", "hello")
     src = image(16, 16, seed=4)
-    out = decode(post(client, {"image": b64(src, meta), "upscaler_1": "Nearest", "upscaling_resize": 2}).json()["image"])
+    r = post(client, {"image": b64(src, meta), "upscaler_1": "Nearest", "upscaling_resize": 2})
+    out = decode(r.json()["image"])
     assert out.info["parameters"] == "a cat\nSteps: 20, Seed: 1" and out.info["Comment"] == "hello"
     assert out.info["postprocessing"] == "Postprocess upscale by: 2.0, Postprocess upscaler: Nearest"
     assert same(out, src.resize((32, 32), resample=Image.Resampling.NEAREST))
@@ -252,3 +262,42 @@ def test_interrogate_names_the_missing_model(client):
     r = client.post(f"{API}/interrogate", json={"image": b64(image(8, 8)), "model": "blip2"})
     assert r.status_code == 404 and r.json()["detail"] == "Model not found"
     assert client.post(f"{API}/interrogate", json={"image": "###"}).status_code == 400
+
+
+def test_tile_options_are_honoured(client, direct):
+    src = image(40, 24, seed=7)
+    body = {"image": b64(src), "upscaler_1": TINY, "upscaling_resize": 4}
+    default = decode(post(client, body).json()["image"])
+    assert same(default, direct.upscale(src, TINY, 4))  # 192-pixel tiles: one tile
+    try:
+        assert client.post(f"{API}/options", json={"ESRGAN_tile": 16, "ESRGAN_tile_overlap": 4}).status_code == 200
+        tiled = decode(post(client, body).json()["image"])
+    finally:
+        client.post(f"{API}/options", json={"ESRGAN_tile": 192, "ESRGAN_tile_overlap": 8})
+    ref = Upscalers(direct.esrgan_dir, direct.realesrgan_dir, device=direct.device, dtype=direct.dtype, tile=16,
+                    tile_overlap=4)
+    assert same(tiled, ref.upscale(src, TINY, 4)) and not same(tiled, default)  # the seams differ
+
+
+def test_flags_and_default_folders(tmp_path):
+    from server.__main__ import _parser, config_from_args
+
+    ups = make_upscalers(config_from_args(_parser().parse_args(["--ckpt-dir", str(tmp_path)])))
+    assert ups.esrgan_dir == str(tmp_path / "ESRGAN") and ups.realesrgan_dir == str(tmp_path / "RealESRGAN")
+    config = config_from_args(_parser().parse_args(["--ckpt-dir", str(tmp_path), "--esrgan-models-path", "/e",
+                                                    "--realesrgan-models-path", "/r", "--api-server-stop"]))
+    ups = make_upscalers(config)
+    assert (ups.esrgan_dir, ups.realesrgan_dir, config.flags["api_server_stop"]) == ("/e", "/r", True)
+    assert config_from_args(_parser().parse_args([])).flags["api_server_stop"] is False
+
+
+def test_run_extras_stops_between_images_when_interrupted(direct):
+    from sd15.pipeline import JobState
+    from server.extras import ExtrasBatchImagesRequest, run_extras
+
+    req = ExtrasBatchImagesRequest.from_json({"imageList": [], "upscaler_1": "Nearest"})
+    state = JobState()
+    outputs, _ = run_extras(direct, [image(8, 8), image(8, 8, seed=1)], req, state=state)
+    assert len(outputs) == 2 and state.job_no == 1
+    state.interrupt()
+    assert run_extras(direct, [image(8, 8)], req, state=state) == ([], "<p></p>")
