@@ -22,6 +22,7 @@ body. It sits behind `--api-auth` like every route.
 from __future__ import annotations
 
 import html
+import inspect
 import json
 import logging
 import os
@@ -224,7 +225,10 @@ async def docs(request: Request):
     """A readable page of the API, from /openapi.json."""
     for route in request.app.routes:  # the document the app serves, wherever it is built
         if getattr(route, "path", None) == "/openapi.json":
-            doc = json.loads((await route.endpoint(request)).body)
+            response = route.endpoint(request)
+            if inspect.isawaitable(response):
+                response = await response
+            doc = json.loads(response.body)
             return HTMLResponse(render_docs(doc))
     raise HTTPException(404)
 
