@@ -301,3 +301,29 @@ def test_run_extras_stops_between_images_when_interrupted(direct):
     assert len(outputs) == 2 and state.job_no == 1
     state.interrupt()
     assert run_extras(direct, [image(8, 8)], req, state=state) == ([], "<p></p>")
+
+
+def test_webuiapi_extras_on_a_live_server(folders, direct, tmp_path):
+    """webuiapi's extras, interrogate and listing methods against `python -m server` with the folder flags."""
+    import requests
+    import webuiapi
+
+    from test_admin import finish, start
+
+    f, esrgan, realesrgan = folders
+    proc, url = start(f, tmp_path, "--esrgan-models-path", esrgan, "--realesrgan-models-path", realesrgan)
+    try:
+        host, port = url.rsplit(":", 1)
+        api = webuiapi.WebUIApi(host=host.removeprefix("http://"), port=int(port))
+        assert [u["name"] for u in api.get_upscalers()] == ["None", "Lanczos", "Nearest", TINY]
+        assert [m["name"] for m in api.get_realesrgan_models()] == ["R-ESRGAN General 4xV3"]
+        src = image(40, 24, seed=8)
+        res = api.extra_single_image(src, upscaler_1=TINY, upscaling_resize=2)
+        assert same(res.image, direct.upscale(src, TINY, 2)) and "4x-Tiny" in res.info
+        batch = api.extra_batch_images([src, image(16, 16, seed=9)], upscaler_1="Lanczos", upscaling_resize=1.5)
+        assert [im.size for im in batch.images] == [(56, 32), (24, 24)]
+        with pytest.raises(RuntimeError, match="CLIP interrogator"):
+            api.interrogate(src)
+    finally:
+        requests.post(f"{url}{API}/server-stop", timeout=30)
+        assert finish(proc) == 0
