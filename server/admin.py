@@ -210,6 +210,8 @@ def render_docs(doc: dict) -> str:
     for path, ops in doc.get("paths", {}).items():
         for method, op in ops.items():
             groups.setdefault(group_of(path, op), []).append(_operation(doc, path, method, op))
+    order = [name for name, _ in GROUPS] + ["Models and listings", "Other"]
+    groups = dict(sorted(groups.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
     info = doc.get("info", {})
     title = html.escape(f"{info.get('title', 'API')} {info.get('version', '')}".strip())
     nav = "".join(f'<a href="#g{i}">{html.escape(g)}</a>' for i, g in enumerate(groups))
