@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 
@@ -38,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-steps", type=int, default=None, help="most sampling steps per pass (default 1000)")
     ap.add_argument("--max-batch-size", type=int, default=None, help="largest batch_size (default 16)")
     ap.add_argument("--max-body-mb", type=float, default=None, help="largest request body in MiB (default 64)")
+    ap.add_argument("--esrgan-models-path", default=None, help="ESRGAN upscaler folder (default: <ckpt-dir>/ESRGAN)")
+    ap.add_argument("--realesrgan-models-path", default=None,
+                    help="Real-ESRGAN upscaler folder (default: <ckpt-dir>/RealESRGAN)")
+    ap.add_argument("--api-server-stop", action="store_true",
+                    help="enable POST /sdapi/v1/server-kill, /server-restart and /server-stop")
     ap.add_argument("--api", action="store_true", help="accepted for A1111 compatibility (the API is always on)")
     ap.add_argument("--nowebui", action="store_true", help="accepted for A1111 compatibility (there is no web UI)")
     return ap
@@ -121,6 +127,7 @@ def main(argv=None) -> int:
         return 2
     host = args.server_name or ("0.0.0.0" if args.listen else "127.0.0.1")
     print(f"sd15-server: {engine.models.model!r}", file=sys.stderr)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # uvicorn re-raises SIGTERM after its graceful shutdown
     uvicorn.run(create_app(config, engine), host=host, port=args.port, timeout_keep_alive=30, log_level="info")
     return 0
 

@@ -491,7 +491,6 @@ def _exif_user_comment(image) -> Optional[str]:
 EMPTY_SHAPES = {
     "prompt-styles": [],
     "face-restorers": [],
-    "realesrgan-models": [],
     "hypernetworks": [],
     "extensions": [],
 }

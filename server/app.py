@@ -41,7 +41,7 @@ from starlette.routing import Route
 from sd15 import infotext
 from sd15.checkpoint import CheckpointError
 from sd15.pipeline import JobState, decode_latents, generate
-from server import a1111, scripts, ui
+from server import a1111, admin, extras, scripts, ui
 from server.scripts import serve as scripts_serve
 from server.a1111 import ApiError, Limits, ValidationError
 from server.download import DEFAULT_MODEL
@@ -100,6 +100,7 @@ class Engine:
         self.preview: Optional[str] = None  # base64 PNG of the running job's latest preview
         self.preview_wanted = False  # set by /progress: previews are only decoded when someone looks
         self.gpu: Optional[anyio.CapacityLimiter] = None  # made in the lifespan, inside the event loop
+        self.upscalers = extras.make_upscalers(config)  # ESRGAN / RealESRGAN folders (server/extras.py)
 
     # --- model -------------------------------------------------------------------------------
 
@@ -447,11 +448,6 @@ async def schedulers(request: Request):
     return JSONResponse(infotext.schedulers_api())
 
 
-async def upscalers(request: Request):
-    """Pixel upscalers."""
-    return JSONResponse(a1111.upscalers())
-
-
 async def latent_upscale_modes(request: Request):
     """Latent upscale modes for hires fix."""
     return JSONResponse(a1111.latent_upscale_modes())
@@ -482,6 +478,7 @@ async def openapi(request: Request):
 
 API = "/sdapi/v1"
 routes = [
+    *extras.routes, *admin.routes,
     Route(f"{API}/txt2img", txt2img, methods=["POST"]),
     Route(f"{API}/img2img", img2img, methods=["POST"]),
     Route(f"{API}/png-info", png_info, methods=["POST"]),
@@ -493,7 +490,6 @@ routes = [
     Route(f"{API}/cmd-flags", cmd_flags, methods=["GET"]),
     Route(f"{API}/samplers", samplers, methods=["GET"]),
     Route(f"{API}/schedulers", schedulers, methods=["GET"]),
-    Route(f"{API}/upscalers", upscalers, methods=["GET"]),
     Route(f"{API}/latent-upscale-modes", latent_upscale_modes, methods=["GET"]),
     Route(f"{API}/sd-models", sd_models, methods=["GET"]),
     Route(f"{API}/sd-vae", sd_vae, methods=["GET"]),
@@ -511,7 +507,8 @@ routes = [
     Route("/openapi.json", openapi, methods=["GET"], include_in_schema=False),
     *ui.routes,  # the web page at / and its helpers under /sd15/v1
 ]
-REQUEST_BODIES = {txt2img: a1111.Txt2ImgRequest, img2img: a1111.Img2ImgRequest, png_info: a1111.PngInfoRequest}
+REQUEST_BODIES = {txt2img: a1111.Txt2ImgRequest, img2img: a1111.Img2ImgRequest, png_info: a1111.PngInfoRequest,
+                  **extras.REQUEST_BODIES}
 
 
 # =============================================================================================
@@ -652,12 +649,16 @@ def _json_schema(tp) -> dict:
     return {"type": {int: "integer", float: "number", bool: "boolean", str: "string"}[tp]}
 
 
+_BOUNDS = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum", "lt": "exclusiveMaximum", "enum": "enum"}
+
+
 def _dataclass_schema(cls) -> dict:
     hints = typing.get_type_hints(cls)
     props = {}
     for f in dataclasses.fields(cls):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         props[f.name] = {**_json_schema(hints[f.name]), "default": default}
+        props[f.name].update({_BOUNDS[k]: list(v) if k == "enum" else v for k, v in f.metadata.items() if k in _BOUNDS})
     schema = {"title": cls.__name__, "type": "object", "properties": props}
     if getattr(cls, "REQUIRED", ()):
         schema["required"] = list(cls.REQUIRED)
