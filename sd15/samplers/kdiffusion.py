@@ -9,8 +9,11 @@ Contract: `sample_x(model, x, sigmas, *, noise_sampler=None, callback=None, **op
 - `callback(dict)` receives k-diffusion's {'x', 'i', 'sigma', 'sigma_hat', 'denoised'} once per step.
 
 All scalar maths runs on 0-d float32 tensors taken from `sigmas`, as in k-diffusion, so the float32
-rounding matches. Where k-diffusion draws noise that is then multiplied by zero (eta = 0, s_churn = 0),
-the draw is skipped; nothing downstream depends on those draws.
+rounding matches; but those tensors live on the host: each sampler copies the schedule to the CPU once
+(`_host`) and then launches work on the device without ever reading a device value back, so a step makes
+no host-device synchronisation (a 0-d CPU tensor enters a CUDA kernel as a plain argument). Where
+k-diffusion draws noise that is then multiplied by zero (eta = 0, s_churn = 0), the draw is skipped, and
+churn with s_churn = 0 is skipped altogether (σ̂ = σ · 1 exactly).
 """
 
 import math
@@ -19,6 +22,11 @@ import numpy as np
 import torch
 
 from .schedules import sigmas_karras
+
+
+def _host(sigmas):
+    """The schedule as host values, a list of 0-d CPU tensors: one device read for the whole run."""
+    return list(sigmas.detach().cpu().unbind())
 
 
 def to_d(x, sigma, denoised):
@@ -52,13 +60,14 @@ def _noise(noise_sampler, who):
 
 def _churn(x, sigma, sigma_next, n, noise_sampler, s_churn, s_tmin, s_tmax, s_noise):
     """Karras et al. (2022) Algorithm 2, lines 5-7: raise σ to σ̂ = σ(1 + γ) by adding fresh noise.
-    A1111 draws the noise every step once churn is on, even where γ = 0."""
+    A1111 draws the noise every step once churn is on, even where γ = 0. Without churn, σ̂ = σ."""
+    if not s_churn > 0:
+        return x, sigma
     gamma = min(s_churn / n, 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
     sigma_hat = sigma * (gamma + 1)
-    if s_churn > 0:
-        eps = _noise(noise_sampler, "s_churn > 0")(sigma, sigma_next) * s_noise
-        if gamma > 0:
-            x = x + eps * (sigma_hat ** 2 - sigma ** 2) ** 0.5
+    eps = _noise(noise_sampler, "s_churn > 0")(sigma, sigma_next) * s_noise
+    if gamma > 0:
+        x = x + eps * (sigma_hat ** 2 - sigma ** 2) ** 0.5
     return x, sigma_hat
 
 
@@ -75,6 +84,7 @@ def _report(callback, x, i, sigma, sigma_hat, denoised):
 def sample_euler(model, x, sigmas, *, noise_sampler=None, callback=None,
                  s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
     """Euler steps, Algorithm 2 of Karras et al. (2022) (churn γ adds noise before each step)."""
+    sigmas = _host(sigmas)
     s_in = x.new_ones([x.shape[0]])
     n = len(sigmas) - 1
     for i in range(n):
@@ -90,6 +100,7 @@ def sample_euler(model, x, sigmas, *, noise_sampler=None, callback=None,
 @torch.no_grad()
 def sample_euler_ancestral(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0):
     """Ancestral sampling with Euler steps (Euler a)."""
+    sigmas = _host(sigmas)
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -106,6 +117,7 @@ def sample_euler_ancestral(model, x, sigmas, *, noise_sampler=None, callback=Non
 def sample_heun(model, x, sigmas, *, noise_sampler=None, callback=None,
                 s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
     """Heun steps (2nd order), Algorithm 2 of Karras et al. (2022); an Euler step onto σ = 0."""
+    sigmas = _host(sigmas)
     s_in = x.new_ones([x.shape[0]])
     n = len(sigmas) - 1
     for i in range(n):
@@ -128,6 +140,7 @@ def sample_heun(model, x, sigmas, *, noise_sampler=None, callback=None,
 def sample_dpm_2(model, x, sigmas, *, noise_sampler=None, callback=None,
                  s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
     """DPM-Solver-2-style midpoint steps in log σ (Lu et al. 2022) inside Karras et al.'s Algorithm 2."""
+    sigmas = _host(sigmas)
     s_in = x.new_ones([x.shape[0]])
     n = len(sigmas) - 1
     for i in range(n):
@@ -149,6 +162,7 @@ def sample_dpm_2(model, x, sigmas, *, noise_sampler=None, callback=None,
 @torch.no_grad()
 def sample_dpm_2_ancestral(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0):
     """Ancestral sampling with DPM-Solver-2 midpoint steps (DPM2 a)."""
+    sigmas = _host(sigmas)
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -192,6 +206,7 @@ def sample_lms(model, x, sigmas, *, noise_sampler=None, callback=None, order=4):
     """Linear multistep (Adams-Bashforth in σ) on the Karras ODE, order 4 (LMS)."""
     s_in = x.new_ones([x.shape[0]])
     ts = sigmas.detach().cpu().numpy()  # float32 knots
+    sigmas = list(torch.from_numpy(ts).unbind())
     ds = []
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in)
@@ -210,6 +225,7 @@ def sample_lms(model, x, sigmas, *, noise_sampler=None, callback=None, order=4):
 @torch.no_grad()
 def sample_dpmpp_2s_ancestral(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0):
     """Ancestral sampling with DPM-Solver++(2S) single-step second-order steps."""
+    sigmas = _host(sigmas)
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -233,6 +249,7 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, *, noise_sampler=None, callback=
 @torch.no_grad()
 def sample_dpmpp_sde(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0, r=0.5):
     """DPM-Solver++ (stochastic): two SDE sub-steps per step, the second from the data estimate at λ + r·h."""
+    sigmas = _host(sigmas)
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -265,6 +282,7 @@ def sample_dpmpp_sde(model, x, sigmas, *, noise_sampler=None, callback=None, eta
 @torch.no_grad()
 def sample_dpmpp_2m(model, x, sigmas, *, noise_sampler=None, callback=None):
     """DPM-Solver++(2M): second-order multistep on the data prediction; first and last steps first order."""
+    sigmas = _host(sigmas)
     s_in = x.new_ones([x.shape[0]])
     old_denoised = None
     for i in range(len(sigmas) - 1):
@@ -289,6 +307,7 @@ def sample_dpmpp_2m_sde(model, x, sigmas, *, noise_sampler=None, callback=None, 
     """DPM-Solver++(2M) SDE, with the midpoint or Heun second-order correction."""
     if solver_type not in ("midpoint", "heun"):
         raise ValueError("solver_type must be 'midpoint' or 'heun'")
+    sigmas = _host(sigmas)
     s_in = x.new_ones([x.shape[0]])
     old_denoised, h_last = None, None
     for i in range(len(sigmas) - 1):
@@ -325,6 +344,7 @@ def sample_dpmpp_2m_sde_heun(model, x, sigmas, *, noise_sampler=None, callback=N
 @torch.no_grad()
 def sample_dpmpp_3m_sde(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0):
     """DPM-Solver++(3M) SDE: third-order multistep from the last three data estimates."""
+    sigmas = _host(sigmas)
     s_in = x.new_ones([x.shape[0]])
     denoised_1, denoised_2, h_1, h_2 = None, None, None, None
     for i in range(len(sigmas) - 1):
@@ -418,7 +438,7 @@ def sample_dpm_fast(model, x, sigmas, *, noise_sampler=None, callback=None, eta=
         raise ValueError("sigma_min and sigma_max must not be 0")
     t_start, t_end = _t(torch.tensor(sigma_max)), _t(torch.tensor(sigma_min))
     m = math.floor(n / 3) + 1
-    ts = torch.linspace(t_start, t_end, m + 1, device=x.device)
+    ts = torch.linspace(t_start, t_end, m + 1)  # on the host
     orders = [3] * (m - 2) + [2, 1] if n % 3 == 0 else [3] * (m - 1) + [n % 3]
     for i, order in enumerate(orders):
         t, t_next = ts[i], ts[i + 1]
@@ -507,13 +527,14 @@ def sample_restart(model, x, sigmas, *, noise_sampler=None, callback=None, s_noi
     which is rebuilt as Karras(steps − restart steps · times, sigmas[-2], sigmas[0]).
     """
     s_in = x.new_ones([x.shape[0]])
+    sigmas = sigmas.detach().cpu()  # the schedule on the host (one device read)
     steps = len(sigmas) - 1
     if restart_list is None:
         restart_list = {}
         if steps >= 20:
             restart_steps, restart_times = (steps // 4, 2) if steps >= 36 else (9, 1)
             main_steps = steps - restart_steps * restart_times
-            sigmas = sigmas_karras(main_steps, sigmas[-2].item(), sigmas[0].item()).to(sigmas.device)
+            sigmas = sigmas_karras(main_steps, sigmas[-2].item(), sigmas[0].item())
             restart_list = {0.1: [restart_steps + 1, restart_times, 2]}
     restart_at = {int(torch.argmin((sigmas - key).abs())): value for key, value in restart_list.items()}
 
@@ -525,7 +546,7 @@ def sample_restart(model, x, sigmas, *, noise_sampler=None, callback=None, s_noi
             min_idx, max_idx = i + 1, int(torch.argmin((sigmas - restart_max).abs()))
             if max_idx < min_idx:
                 sigma_restart = sigmas_karras(restart_steps, sigmas[min_idx].item(), sigmas[max_idx].item())
-                sigma_restart = sigma_restart.to(sigmas.device)[:-1]  # without its trailing 0
+                sigma_restart = sigma_restart[:-1]  # without its trailing 0
                 pairs += list(zip(sigma_restart[:-1], sigma_restart[1:])) * restart_times
 
     last_sigma = None
