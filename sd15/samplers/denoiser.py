@@ -2,13 +2,19 @@
 
 References: k-diffusion `external.py` (DiscreteSchedule, DiscreteEpsDDPMDenoiser = CompVisDenoiser),
 A1111 `modules/sd_hijack_unet.py` (x and t cast to the UNet dtype), A1111
-`modules/sd_samplers_cfg_denoiser.py` (CFGDenoiser). Spec: generation.md §1.2-§1.4, §5.
+`modules/sd_samplers_cfg_denoiser.py` (CFGDenoiser).
 
 Two call conventions, one per sampler family:
 - k-diffusion samplers call `model(x, sigma) -> denoised x₀` (σ a [B] tensor): `EpsDenoiser.forward`;
 - timestep samplers (DDIM, PLMS, UniPC) call `model(x, t) -> ε` on the raw latent: `EpsDenoiser.eps`.
 `CFGDenoiser` guides either one; its `.forward` is the first convention and its `.eps` the second.
 The UNet is any callable `unet(x, t, context) -> eps`, t a float tensor [B], context [B, 77k, 768].
+
+Nothing here reads a device value back on the host (no `.item()`, no branch on a tensor) unless
+`s_min_uncond` is set, so a sampler step launches its work without waiting for the GPU. The common case,
+one prompt per image, takes a short path: the batch is `cat([x, x])`, the context concatenation is made
+once per (cond, uncond) pair, and the guidance is one vectorised expression (the same float operations
+as the per-image loop of the general case).
 """
 
 import torch
@@ -92,6 +98,7 @@ class CFGDenoiser(nn.Module):
         self.pad_cond_uncond, self.pad_cond_uncond_v0, self.empty_cond = pad_cond_uncond, pad_cond_uncond_v0, empty_cond
         self.step = 0  # model calls so far
         self.mask = self.nmask = self.init_latent = None
+        self._context = (None, None, None)  # (cond, uncond, cat([cond, uncond])) of the last call
 
     def set_mask(self, mask: torch.Tensor, nmask: torch.Tensor, init_latent: torch.Tensor):
         """Inpainting: blend as x·nmask + init_latent·mask, with mask = 1 − latmask (keep) and nmask = latmask."""
@@ -133,16 +140,36 @@ class CFGDenoiser(nn.Module):
                 uncond = torch.cat([uncond, empty.repeat(uncond.shape[0], repeats, 1)], dim=1)
         return cond, uncond
 
+    def _context_for(self, cond, uncond):
+        """cat([cond, uncond]), made once for as long as the (cond, uncond) pair stays the same tensors."""
+        if self._context[0] is not cond or self._context[1] is not uncond:
+            self._context = (cond, uncond, torch.cat([cond, uncond]))
+        return self._context[2]
+
     def _guided(self, fn, x, s):
         cond, conds_list, uncond = self._conds()
         batch = len(conds_list)
+        # one prompt per image, row i for image i: the batch is [x, x] and the guidance one expression
+        simple = all(len(c) == 1 and c[0][0] == i for i, c in enumerate(conds_list))
+        below = 0 < self.s_min_uncond and s[0] < self.s_min_uncond
+        skip_uncond = bool((self.step % 2 or self.s_min_uncond_all) and below)
+        if simple and not skip_uncond and cond.shape[1] == uncond.shape[1] and cond.shape[0] == batch:
+            x_out = fn(torch.cat([x, x]), torch.cat([s, s]), self._context_for(cond, uncond))
+            denoised_cond, denoised_uncond = x_out[:batch], x_out[batch:]
+            weights = [c[0][1] * self.cfg_scale for c in conds_list]
+            if all(w == weights[0] for w in weights):
+                scale = weights[0]
+            else:
+                scale = torch.tensor(weights, dtype=x_out.dtype).to(x_out.device, non_blocking=True)
+                scale = scale.view(-1, *[1] * (x_out.dim() - 1))  # per-image weights (B, 1, 1, 1)
+            self.step += 1
+            return denoised_uncond + (denoised_cond - denoised_uncond) * scale
+
         repeats = [len(c) for c in conds_list]
         # rows: image i repeated once per subprompt, then the B uncond rows
         x_in = torch.cat([x[i:i + 1].expand(n, *x.shape[1:]) for i, n in enumerate(repeats)] + [x])
         s_in = torch.cat([s[i:i + 1].expand(n) for i, n in enumerate(repeats)] + [s])
 
-        below = 0 < self.s_min_uncond and s[0] < self.s_min_uncond
-        skip_uncond = bool((self.step % 2 or self.s_min_uncond_all) and below)
         if skip_uncond:
             x_in, s_in = x_in[:-batch], s_in[:-batch]
         if cond.shape[1] != uncond.shape[1]:
@@ -151,7 +178,7 @@ class CFGDenoiser(nn.Module):
         if skip_uncond:
             x_out = fn(x_in, s_in, cond)
         elif cond.shape[1] == uncond.shape[1]:
-            x_out = fn(x_in, s_in, torch.cat([cond, uncond]))
+            x_out = fn(x_in, s_in, self._context_for(cond, uncond))
         else:  # different token lengths: cond rows and uncond rows as separate UNet batches
             n_cond = cond.shape[0]
             x_out = torch.cat([fn(x_in[:n_cond], s_in[:n_cond], cond), fn(x_in[n_cond:], s_in[n_cond:], uncond)])

@@ -6,7 +6,8 @@ Contract: `sample_x(model, x, sigmas, *, noise_sampler=None, callback=None, **op
 - `sigmas` is the descending float32 schedule (usually ending in 0), `x` starts at noise · sigmas[0];
 - `noise_sampler(sigma, sigma_next)` returns fresh unit noise shaped like x. Samplers that need noise
   (eta > 0, s_churn > 0, Restart) raise without one: nothing here draws from the global RNG;
-- `callback(dict)` receives k-diffusion's {'x', 'i', 'sigma', 'sigma_hat', 'denoised'} once per step.
+- `callback(dict)` receives k-diffusion's {'x', 'i', 'sigma', 'sigma_hat', 'denoised'} once per step: 'sigma'
+  is the noise level the step starts from (a 0-d CPU tensor), 'denoised' the x₀ estimate made there.
 
 All scalar maths runs on 0-d float32 tensors taken from `sigmas`, as in k-diffusion, so the float32
 rounding matches; but those tensors live on the host: each sampler copies the schedule to the CPU once
@@ -556,7 +557,7 @@ def sample_restart(model, x, sigmas, *, noise_sampler=None, callback=None, s_noi
             x = x + noise * s_noise * (old_sigma ** 2 - last_sigma ** 2) ** 0.5
         denoised = model(x, old_sigma * s_in)
         d = to_d(x, old_sigma, denoised)
-        _report(callback, x, step_id, new_sigma, old_sigma, denoised)
+        _report(callback, x, step_id, old_sigma, old_sigma, denoised)  # A1111 reports σ_next as 'sigma'
         dt = new_sigma - old_sigma
         if new_sigma == 0:
             x = x + d * dt
