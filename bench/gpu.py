@@ -6,7 +6,7 @@ is given); diffusers' `UNet2DConditionModel` gets them through its own LDM conve
 
 One "it" = one classifier-free-guidance step: a UNet forward on a batch of 2 x `--batch` latents of
 size/8 x size/8 with context (2 x batch, 77, 768), as the diffusers progress bar and stable-fast count it
-(performance-anchors.md §0). Each row: `--warmup` untimed calls (the first one compiles / captures; its time
+(the published it/s figures count the same way). Each row: `--warmup` untimed calls (the first one compiles / captures; its time
 is reported as "first call"), then `--repeats` runs of `--iters` calls between device synchronisations;
 the median run gives it/s. Rows:
 

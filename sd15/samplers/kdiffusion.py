@@ -427,7 +427,7 @@ def _dpm_ancestral(t, t_next, t_end, eta):
 @torch.no_grad()
 def sample_dpm_fast(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0,
                     sigma_min=None, sigma_max=None, n=None):
-    """DPM-Solver-fast (Lu et al. 2022, §3.4): ⌊n/3⌋+1 uniform λ steps of orders 3, …, 3, then 2/1.
+    """DPM-Solver-fast (Lu et al. 2022, sec. 3.4): ⌊n/3⌋+1 uniform λ steps of orders 3, …, 3, then 2/1.
 
     Uses only σ_max = sigmas[0], σ_min = sigmas[-2] and n = len(sigmas) − 1 unless given (A1111's txt2img
     passes the model's σ range and the step count). eta defaults to A1111's 1.0 (k-diffusion's is 0).
@@ -463,7 +463,7 @@ def sample_dpm_fast(model, x, sigmas, *, noise_sampler=None, callback=None, eta=
 def sample_dpm_adaptive(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0,
                         sigma_min=None, sigma_max=None, order=3, rtol=0.05, atol=0.0078, h_init=0.05,
                         pcoeff=0.0, icoeff=1.0, dcoeff=0.0, accept_safety=0.81):
-    """DPM-Solver-12/23 with adaptive step size (Lu et al. 2022, §3.4; PID control after Söderlind 2003).
+    """DPM-Solver-12/23 with adaptive step size (Lu et al. 2022, sec. 3.4; PID control after Söderlind 2003).
 
     An embedded lower-order solution estimates the error; a step is accepted when the PID factor is
     ≥ accept_safety, and h is rescaled by that factor either way.
