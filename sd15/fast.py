@@ -429,20 +429,18 @@ def use_attention_for(model, height: int, width: int, *, part: str = "unet", bat
 
 
 def warmup(model, sizes=((512, 512),), batch_sizes=(1,), *, steps: int = 2, sampler: str = "Euler") -> dict:
-    """Run a short txt2img for every (width, height) x batch size through `sd15.pipeline.generate`, so
+    """Run a short txt2img for every (width, height) x batch size through `model.txt2img`, so
     that compilation, CUDA-graph capture and cuDNN autotuning happen now and with exactly the dtypes,
     strides and grad mode real requests use. Returns {(width, height, batch): seconds}. A new shape under
     `cuda_graphs` is compiled (if compiled) and captured on its first call, so one pass is enough."""
-    from sd15.pipeline import Params, generate
-
     times = {}
     for w, h in sizes:
         for b in batch_sizes:
             if model.device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            generate(model, Params(prompt="warm-up", seed=0, steps=steps, width=w, height=h, batch_size=b,
-                                   sampler_name=sampler))
+            model.txt2img(prompt="warm-up", seed=0, steps=steps, width=w, height=h, batch_size=b,
+                          sampler_name=sampler)
             if model.device.type == "cuda":
                 torch.cuda.synchronize()
             times[(w, h, b)] = time.perf_counter() - t0
