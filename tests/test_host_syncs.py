@@ -18,7 +18,7 @@ from sd15.samplers import (A1111_DEFAULTS, SAMPLERS, CFGDenoiser, EpsDenoiser, d
 AC = sd15_alphas_cumprod()
 SHAPE = (2, 4, 8, 8)
 NO_SYNC = ["Euler", "Euler a", "DPM++ 2M", "DDIM"]  # the acceptance list
-ALSO = ["Heun", "DPM2", "DPM2 a", "LMS", "DPM++ 2S a", "DPM++ 2M SDE", "DPM++ 3M SDE", "Restart", "PLMS"]
+ALSO = ["Heun", "DPM2", "DPM2 a", "LMS", "DPM++ 2S a", "DPM++ 2M SDE", "DPM++ 3M SDE", "Restart", "PLMS", "UniPC"]
 
 
 def stub_unet(x, t, ctx):
@@ -84,7 +84,7 @@ def test_the_counter_catches_a_read():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", NO_SYNC)
+@pytest.mark.parametrize("name", NO_SYNC + ["Heun", "PLMS", "UniPC"])
 def test_no_cuda_syncs_per_step(name):
     def syncs(steps):
         torch.cuda.synchronize()

@@ -104,6 +104,12 @@ def sample_plms(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, call
     return x
 
 
+def _solve(a, b):
+    """torch.linalg.solve without its error check, which waits for the device (a Vandermonde system in
+    distinct λ ratios is never singular)."""
+    return torch.linalg.solve_ex(a, b)[0]
+
+
 def _interp(x, xp, yp):
     """Piecewise-linear y(x) through (xp, yp), xp ascending, extended linearly beyond both ends."""
     k = (torch.searchsorted(xp, x.contiguous(), right=True) - 1).clamp(0, len(xp) - 2)
@@ -159,8 +165,8 @@ def sample_unipc(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, cal
         R, b = torch.stack(R), torch.stack(b)
         if D1s:
             D1s = torch.stack(D1s, dim=1)  # (B, order − 1, C, H, W)
-            rhos_p = b.new_full((1,), 0.5) if order == 2 else torch.linalg.solve(R[:-1, :-1], b[:-1])
-        rhos_c = b.new_full((1,), 0.5) if order == 1 else torch.linalg.solve(R, b)
+            rhos_p = b.new_full((1,), 0.5) if order == 2 else _solve(R[:-1, :-1], b[:-1])
+        rhos_c = b.new_full((1,), 0.5) if order == 1 else _solve(R, b)
 
         x_t_ = ((sigma_t / sigma_prev_0)[:, None, None, None] * x
                 - (alpha_t * h_phi_1)[:, None, None, None] * model_prev_0)  # first-order (DDIM) part
