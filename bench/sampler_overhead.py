@@ -4,7 +4,7 @@ What a step costs besides the UNet: the CFG denoiser (c_in, c_out, t(σ), cond/u
 and the sampler's own maths, as Python + dispatcher time and as small tensor ops. Each row runs a
 `--steps`-step txt2img loop on (2 x batch, 4, size/8, size/8) latents with CFG and reports:
 
-  us/step     wall time per sampler step (median of `--repeats` runs), the stub UNet included
+  us/step     wall time per sampler step (best of `--repeats` runs: this measures overhead, not noise)
   ops/step    torch calls per step seen by a TorchFunctionMode (the stub UNet's one op included)
   reads/step  device -> host reads per step (tests/devicesim.py: latents, schedule and denoiser buffers are
               `DeviceTensor`s, as on a GPU; a read is `.item()`, `bool()`, `float()`, `.tolist()`, `.cpu()`)
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -136,7 +135,7 @@ def timed(go, calls, repeats):
     counter = OpCounter()
     with counter:
         go()
-    return statistics.median(runs), counter.ops / calls
+    return min(runs), counter.ops / calls
 
 
 def main(argv=None):

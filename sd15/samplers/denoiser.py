@@ -42,6 +42,8 @@ class EpsDenoiser(nn.Module):
         self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
         self.register_buffer("sigmas", discrete_sigmas(alphas_cumprod), persistent=False)  # ascending, (1000,)
         self.register_buffer("log_sigmas", self.sigmas.log(), persistent=False)
+        self._log_sigmas_host = None  # a CPU copy for host σ, made on first use
+        self._cache = {}  # ("sigma" | "t", values...) -> prepared device tensors
 
     @property
     def sigma_min(self) -> float:
@@ -58,15 +60,41 @@ class EpsDenoiser(nn.Module):
         return t_to_sigma(t, self.log_sigmas)
 
     def eps(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """ε(x, t) from the raw UNet, x and t cast to the UNet dtype (the fp16 rounding of t happens here)."""
-        t = t.to(self.unet_dtype).float()
+        """ε(x, t) from the raw UNet, x and t cast to the UNet dtype (the fp16 rounding of t happens here).
+        A host (CPU) t with x elsewhere is rounded on the host, once per value, and sent over once."""
+        if t.device != x.device:
+            t = self._prepared(("t", *t.tolist()), lambda: (t.to(self.unet_dtype).float(),), x.device)[0]
+        else:
+            t = t.to(self.unet_dtype).float()
         return self.unet(x.to(self.unet_dtype), t, context)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        c_out = -sigma[:, None, None, None]                            # (B, 1, 1, 1)
-        c_in = 1 / (sigma[:, None, None, None] ** 2 + 1.0) ** 0.5      # (B, 1, 1, 1)
-        eps = self.eps(x * c_in, self.sigma_to_t(sigma), context)
-        return x + eps * c_out
+        if sigma.device.type == "cpu":  # host σ: c_out, c_in and t(σ) are made once per σ value
+            c_out, c_in, t = self._prepared(("sigma", *sigma.tolist()), lambda: self._scalings(sigma), x.device)
+            return x + self.unet((x * c_in).to(self.unet_dtype), t, context) * c_out  # t: already rounded
+        c_out, c_in, t = self._scalings(sigma)
+        return x + self.eps(x * c_in, t, context) * c_out
+
+    def _scalings(self, sigma):
+        """k-diffusion's c_out = −σ, c_in = 1/sqrt(σ² + 1) (both (B, 1, 1, 1)) and the UNet's t(σ)."""
+        c_out = -sigma[:, None, None, None]
+        c_in = 1 / (sigma[:, None, None, None] ** 2 + 1.0) ** 0.5
+        if sigma.device.type == "cpu":
+            if self._log_sigmas_host is None:
+                self._log_sigmas_host = self.log_sigmas.cpu()
+            t = sigma_to_t(sigma, self._log_sigmas_host, self.quantize).to(self.unet_dtype).float()
+        else:
+            t = self.sigma_to_t(sigma)
+        return c_out, c_in, t
+
+    def _prepared(self, key, make, device):
+        """Per-value host preparations, moved to `device` once (a job meets each σ once or twice)."""
+        entry = self._cache.get(key)
+        if entry is None:
+            if len(self._cache) > 256:
+                self._cache.clear()
+            entry = self._cache[key] = tuple(v.to(device, non_blocking=True) for v in make())
+        return entry
 
 
 class CFGDenoiser(nn.Module):
@@ -84,7 +112,13 @@ class CFGDenoiser(nn.Module):
     `s_min_uncond` (NGMS) drops the uncond on odd calls (every call with `s_min_uncond_all`) once
     σ (or t, for timestep samplers) is below it, and then returns the first cond's output unguided.
     `set_mask` enables A1111's inpainting blend with the clean init latent.
+
+    `host_sigma = True` tells sd15's samplers to pass σ (or t) as a host tensor: the inner EpsDenoiser then
+    computes c_in, c_out and t(σ) on the host once per σ value and keeps them on the device, instead of
+    some twenty small device operations per call.
     """
+
+    host_sigma = True
 
     def __init__(self, inner: EpsDenoiser, cond, uncond, cfg_scale: float, *, s_min_uncond: float = 0.0,
                  s_min_uncond_all: bool = False, pad_cond_uncond: bool = False, pad_cond_uncond_v0: bool = False,

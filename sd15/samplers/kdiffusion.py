@@ -2,7 +2,8 @@
 A1111's Restart sampler, written from the published algorithms.
 
 Contract: `sample_x(model, x, sigmas, *, noise_sampler=None, callback=None, **options) -> x`
-- `model(x, sigma)` returns the denoised x₀, `sigma` a [B] tensor;
+- `model(x, sigma)` returns the denoised x₀, `sigma` a [B] tensor, on x's device, or on the host (CPU)
+  for a model with `host_sigma = True` (see `ones_for`);
 - `sigmas` is the descending float32 schedule (usually ending in 0), `x` starts at noise · sigmas[0];
 - `noise_sampler(sigma, sigma_next)` returns fresh unit noise shaped like x. Samplers that need noise
   (eta > 0, s_churn > 0, Restart) raise without one: nothing here draws from the global RNG;
@@ -23,6 +24,15 @@ import numpy as np
 import torch
 
 from .schedules import sigmas_karras
+
+
+def ones_for(model, x):
+    """Ones [B] that turn a σ into the model's σ input `σ · ones`: on the host when the model takes a host
+    σ (`host_sigma = True`, as sd15's CFGDenoiser does, which prepares what it needs once per σ), else on
+    x's device as k-diffusion does."""
+    if getattr(getattr(model, "__self__", model), "host_sigma", False):
+        return torch.ones(x.shape[0], dtype=x.dtype)
+    return x.new_ones([x.shape[0]])
 
 
 def _host(sigmas):
@@ -86,7 +96,7 @@ def sample_euler(model, x, sigmas, *, noise_sampler=None, callback=None,
                  s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
     """Euler steps, Algorithm 2 of Karras et al. (2022) (churn γ adds noise before each step)."""
     sigmas = _host(sigmas)
-    s_in = x.new_ones([x.shape[0]])
+    s_in = ones_for(model, x)
     n = len(sigmas) - 1
     for i in range(n):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -102,7 +112,7 @@ def sample_euler(model, x, sigmas, *, noise_sampler=None, callback=None,
 def sample_euler_ancestral(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0):
     """Ancestral sampling with Euler steps (Euler a)."""
     sigmas = _host(sigmas)
-    s_in = x.new_ones([x.shape[0]])
+    s_in = ones_for(model, x)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma * s_in)
@@ -119,7 +129,7 @@ def sample_heun(model, x, sigmas, *, noise_sampler=None, callback=None,
                 s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
     """Heun steps (2nd order), Algorithm 2 of Karras et al. (2022); an Euler step onto σ = 0."""
     sigmas = _host(sigmas)
-    s_in = x.new_ones([x.shape[0]])
+    s_in = ones_for(model, x)
     n = len(sigmas) - 1
     for i in range(n):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -142,7 +152,7 @@ def sample_dpm_2(model, x, sigmas, *, noise_sampler=None, callback=None,
                  s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
     """DPM-Solver-2-style midpoint steps in log σ (Lu et al. 2022) inside Karras et al.'s Algorithm 2."""
     sigmas = _host(sigmas)
-    s_in = x.new_ones([x.shape[0]])
+    s_in = ones_for(model, x)
     n = len(sigmas) - 1
     for i in range(n):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -164,7 +174,7 @@ def sample_dpm_2(model, x, sigmas, *, noise_sampler=None, callback=None,
 def sample_dpm_2_ancestral(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0):
     """Ancestral sampling with DPM-Solver-2 midpoint steps (DPM2 a)."""
     sigmas = _host(sigmas)
-    s_in = x.new_ones([x.shape[0]])
+    s_in = ones_for(model, x)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma * s_in)
@@ -205,7 +215,7 @@ def _lms_coeff(order, ts, i, j):
 @torch.no_grad()
 def sample_lms(model, x, sigmas, *, noise_sampler=None, callback=None, order=4):
     """Linear multistep (Adams-Bashforth in σ) on the Karras ODE, order 4 (LMS)."""
-    s_in = x.new_ones([x.shape[0]])
+    s_in = ones_for(model, x)
     ts = sigmas.detach().cpu().numpy()  # float32 knots
     sigmas = list(torch.from_numpy(ts).unbind())
     ds = []
@@ -227,7 +237,7 @@ def sample_lms(model, x, sigmas, *, noise_sampler=None, callback=None, order=4):
 def sample_dpmpp_2s_ancestral(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0):
     """Ancestral sampling with DPM-Solver++(2S) single-step second-order steps."""
     sigmas = _host(sigmas)
-    s_in = x.new_ones([x.shape[0]])
+    s_in = ones_for(model, x)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma * s_in)
@@ -251,7 +261,7 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, *, noise_sampler=None, callback=
 def sample_dpmpp_sde(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0, r=0.5):
     """DPM-Solver++ (stochastic): two SDE sub-steps per step, the second from the data estimate at λ + r·h."""
     sigmas = _host(sigmas)
-    s_in = x.new_ones([x.shape[0]])
+    s_in = ones_for(model, x)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma * s_in)
@@ -284,7 +294,7 @@ def sample_dpmpp_sde(model, x, sigmas, *, noise_sampler=None, callback=None, eta
 def sample_dpmpp_2m(model, x, sigmas, *, noise_sampler=None, callback=None):
     """DPM-Solver++(2M): second-order multistep on the data prediction; first and last steps first order."""
     sigmas = _host(sigmas)
-    s_in = x.new_ones([x.shape[0]])
+    s_in = ones_for(model, x)
     old_denoised = None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -309,7 +319,7 @@ def sample_dpmpp_2m_sde(model, x, sigmas, *, noise_sampler=None, callback=None, 
     if solver_type not in ("midpoint", "heun"):
         raise ValueError("solver_type must be 'midpoint' or 'heun'")
     sigmas = _host(sigmas)
-    s_in = x.new_ones([x.shape[0]])
+    s_in = ones_for(model, x)
     old_denoised, h_last = None, None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -346,7 +356,7 @@ def sample_dpmpp_2m_sde_heun(model, x, sigmas, *, noise_sampler=None, callback=N
 def sample_dpmpp_3m_sde(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0):
     """DPM-Solver++(3M) SDE: third-order multistep from the last three data estimates."""
     sigmas = _host(sigmas)
-    s_in = x.new_ones([x.shape[0]])
+    s_in = ones_for(model, x)
     denoised_1, denoised_2, h_1, h_2 = None, None, None, None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -386,7 +396,7 @@ def sample_dpmpp_3m_sde(model, x, sigmas, *, noise_sampler=None, callback=None, 
 def _dpm_eps(model, x, t):
     """ε = (x − D(x, σ)) / σ at λ = t."""
     sigma = _sigma(t)
-    return (x - model(x, sigma * x.new_ones([x.shape[0]]))) / sigma
+    return (x - model(x, sigma * ones_for(model, x))) / sigma
 
 
 def _dpm_u1(x, t, h, eps, r1):
@@ -527,7 +537,7 @@ def sample_restart(model, x, sigmas, *, noise_sampler=None, callback=None, s_noi
     steps; else 9 restart steps once (steps // 4 twice from 36 steps), taken out of the main schedule,
     which is rebuilt as Karras(steps − restart steps · times, sigmas[-2], sigmas[0]).
     """
-    s_in = x.new_ones([x.shape[0]])
+    s_in = ones_for(model, x)
     sigmas = sigmas.detach().cpu()  # the schedule on the host (one device read)
     steps = len(sigmas) - 1
     if restart_list is None:

@@ -18,6 +18,8 @@ back inside the loop: the per-step coefficients are Python floats, as A1111 buil
 import torch
 import torch.nn.functional as F
 
+from .kdiffusion import ones_for
+
 
 def ddim_timesteps(steps: int) -> torch.Tensor:
     """LDM's uniform DDIM grid (`make_ddim_timesteps`): 1, 1+s, 1+2s, … < 1000 with s = 1000 // steps.
@@ -49,7 +51,7 @@ def sample_ddim(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, call
     sigmas = eta * torch.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))  # float64
     a_t_f, a_prev_f, s_f, one_minus_f = (v.tolist() for v in (alphas, alphas_prev, sigmas, sqrt_one_minus_alphas))
     t_f, sigma_report = ts.tolist(), sigma_of_t.unbind()
-    s_in = x.new_ones([x.shape[0]])
+    s_in = ones_for(model, x)
     for i in range(len(t_f) - 1):
         index = len(t_f) - 1 - i
         e_t = model(x, t_f[index] * s_in)
@@ -75,7 +77,7 @@ def sample_plms(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, call
     alphas, alphas_prev, sqrt_one_minus_alphas, sigma_of_t, ts = _ddim_tables(alphas_cumprod, timesteps)
     a_t_f, a_prev_f, one_minus_f = (v.tolist() for v in (alphas, alphas_prev, sqrt_one_minus_alphas))
     t_f, sigma_report = ts.tolist(), sigma_of_t.unbind()
-    s_in = x.new_ones([x.shape[0]])
+    s_in = ones_for(model, x)
 
     def ddim_step(x, e_t, index):
         a_t, a_prev = _coeff(a_t_f[index], x), _coeff(a_prev_f[index], x)
