@@ -101,3 +101,19 @@ def test_no_cuda_syncs_per_step(name):
     (s1, n1), (s2, n2) = syncs(6), syncs(12)
     print(f"{name}: {s1} synchronising calls in {n1} steps, {s2} in {n2}")
     assert s2 == s1 and s1 <= 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_host_sigma_path_equals_device_sigma_path_on_cuda():
+    """CFGDenoiser's host-σ path (σ scalings prepared on the CPU) gives the device path's result on CUDA."""
+    inner = EpsDenoiser(stub_unet, AC, unet_dtype=torch.float32).cuda()
+    g = torch.Generator().manual_seed(0)
+    cond, uncond = (torch.randn(2, 77, 8, generator=g).cuda() for _ in range(2))
+    sigmas = get_sigmas("Karras", 10, AC).cuda()
+    x = (torch.randn(SHAPE, generator=g) * 14.6).cuda()
+    host = CFGDenoiser(inner, cond, uncond, 7.5)
+    device = CFGDenoiser(inner, cond, uncond, 7.5)
+    a = SAMPLERS["DPM++ 2M"](host, x, sigmas)
+    b = SAMPLERS["DPM++ 2M"](lambda x, s: device(x, s), x, sigmas)  # a plain callable: σ on the device
+    assert (a - b).abs().max() <= 1e-5 * b.abs().max()

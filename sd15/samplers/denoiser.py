@@ -10,8 +10,11 @@ Two call conventions, one per sampler family:
 `CFGDenoiser` guides either one; its `.forward` is the first convention and its `.eps` the second.
 The UNet is any callable `unet(x, t, context) -> eps`, t a float tensor [B], context [B, 77k, 768].
 
-Nothing here reads a device value back on the host (no `.item()`, no branch on a tensor) unless
-`s_min_uncond` is set, so a sampler step launches its work without waiting for the GPU. The common case,
+Nothing here reads a device value back on the host (no `.item()`, no branch on a tensor), so a sampler
+step launches its work without waiting for the GPU. σ (or t) may come as a host (CPU) tensor while x is on
+the GPU, which is what sd15's samplers pass to a model with `host_sigma = True`: then c_in, c_out and t(σ)
+are computed on the host once per σ value and kept on the device (the same float32 operations as the
+device path, so the same numbers on the CPU). The common case,
 one prompt per image, takes a short path: the batch is `cat([x, x])`, the context concatenation is made
 once per (cond, uncond) pair, and the guidance is one vectorised expression (the same float operations
 as the per-image loop of the general case).
@@ -43,7 +46,7 @@ class EpsDenoiser(nn.Module):
         self.register_buffer("sigmas", discrete_sigmas(alphas_cumprod), persistent=False)  # ascending, (1000,)
         self.register_buffer("log_sigmas", self.sigmas.log(), persistent=False)
         self._log_sigmas_host = None  # a CPU copy for host σ, made on first use
-        self._cache = {}  # ("sigma" | "t", values...) -> prepared device tensors
+        self._cache = {}  # ("sigma" | "t", device, values...) -> prepared tensors on that device
 
     @property
     def sigma_min(self) -> float:
@@ -63,14 +66,14 @@ class EpsDenoiser(nn.Module):
         """ε(x, t) from the raw UNet, x and t cast to the UNet dtype (the fp16 rounding of t happens here).
         A host (CPU) t with x elsewhere is rounded on the host, once per value, and sent over once."""
         if t.device != x.device:
-            t = self._prepared(("t", *t.tolist()), lambda: (t.to(self.unet_dtype).float(),), x.device)[0]
+            t = self._prepared(("t", x.device, *t.tolist()), lambda: (t.to(self.unet_dtype).float(),), x.device)[0]
         else:
             t = t.to(self.unet_dtype).float()
         return self.unet(x.to(self.unet_dtype), t, context)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if sigma.device.type == "cpu":  # host σ: c_out, c_in and t(σ) are made once per σ value
-            c_out, c_in, t = self._prepared(("sigma", *sigma.tolist()), lambda: self._scalings(sigma), x.device)
+            c_out, c_in, t = self._prepared(("sigma", x.device, *sigma.tolist()), lambda: self._scalings(sigma), x.device)
             return x + self.unet((x * c_in).to(self.unet_dtype), t, context) * c_out  # t: already rounded
         c_out, c_in, t = self._scalings(sigma)
         return x + self.eps(x * c_in, t, context) * c_out
