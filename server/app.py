@@ -105,6 +105,7 @@ class Engine:
         self.gpu: Optional[anyio.CapacityLimiter] = None  # made in the lifespan, inside the event loop
         self.queue: Optional[jobs.JobQueue] = None  # likewise
         self.metrics = Metrics()
+        self.models.loads = self.metrics.model_loads
 
     # --- model -------------------------------------------------------------------------------
 
@@ -373,7 +374,8 @@ async def set_options(request: Request):
             try:
                 await engine.on_gpu(engine.switch, target, vae)  # waits for the jobs ahead, as A1111 does
             except (ValueError, LookupError, OSError) as e:  # CheckpointError is a ValueError
-                raise ApiError(400, f"could not load {target.name}: {e}") from None
+                raise ApiError(400, f"could not load {target.name}: "
+                                    f"{inputs.public_message(str(e), engine.folders())}") from None
     engine.options.update(values)
     return JSONResponse(None)
 
@@ -590,6 +592,7 @@ def create_app(config: ServerConfig, engine: Optional[Engine] = None) -> Starlet
     async def lifespan(app):
         eng = engine or await run_in_threadpool(Engine, config)
         eng.metrics = metrics
+        eng.models.loads = metrics.model_loads
         eng.gpu = anyio.CapacityLimiter(1)
         eng.queue = jobs.JobQueue(eng.execute, eng.gpu, max_size=config.queue_size, on_finish=eng.job_finished)
         if eng.models.model is None:

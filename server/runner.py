@@ -28,6 +28,11 @@ def execute(self, job: jobs.Job) -> None:  # self: the Engine
         raise _job_failed(e) from None
     except (ValueError, LookupError) as e:  # the pipeline's own checks, a bad checkpoint file
         raise jobs.JobFailed(400, inputs.public_message(str(e), self.folders())) from None
+    except jobs.JobFailed:
+        raise
+    except Exception as e:  # a bug or out of memory: a JSON 500 (no absolute paths), and the server goes on
+        log.exception("job %s failed", job.id)
+        raise jobs.JobFailed(500, "", type(e).__name__, inputs.public_message(str(e), self.folders())) from None
     for warning in result.warnings:
         log.warning("%s", warning)
     if job.save and self.config.save and result.images:
