@@ -55,11 +55,11 @@ async def submit_job(request: Request):
     cls = a1111.Txt2ImgRequest if kind == "txt2img" else a1111.Img2ImgRequest
     try:
         req = cls.from_json(body.get("request") if body.get("request") is not None else {})
-    except ValidationError as e:
+        overrides = await run_in_threadpool(engine.prepare, req)
+    except ValidationError as e:  # the fields are inside "request"
         for p in e.problems:
             p["loc"] = ["body", "request", *p["loc"][1:]]
         raise
-    overrides = await run_in_threadpool(engine.prepare, req)
     job = engine.submit(req, overrides, source="page", save=save)
     return JSONResponse({"id": job.id, "position": engine.queue.position(job)}, status_code=202)
 
