@@ -289,6 +289,10 @@ def _own_memory(module) -> None:
     import torch
 
     modules = [module] if isinstance(module, torch.nn.Module) else [module.unet, module.vae, module.text_encoder]
+    if not isinstance(module, torch.nn.Module):  # plain tensors of the model (alphas_cumprod)
+        for name, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor):
+                setattr(module, name, value.clone())
     with torch.no_grad():
         for m in modules:
             for t in [*m.parameters(), *m.buffers()]:
