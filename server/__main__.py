@@ -129,6 +129,21 @@ def ensure_checkpoint(config, no_download: bool) -> None:
     fetch_default_checkpoint(config.ckpt_dir)
 
 
+def startup_warnings(host: str, config) -> list[str]:
+    """What an operator must see at start-up: a server reachable from other machines without --api-auth,
+    a CORS wildcard."""
+    out = []
+    if not host.startswith("127.") and host not in ("localhost", "::1") and not config.api_auth:
+        out += ["!" * 100,
+                f"listening on {host} WITHOUT --api-auth: anyone who can reach this port can run jobs and change "
+                f"the options. Set --api-auth user:password.",
+                "!" * 100]
+    if "*" in config.cors_allow_origins:
+        out.append("--cors-allow-origins '*': any site may call this server from a browser; credentials "
+                   "(cookies, Basic auth) are then not sent with cross-origin requests")
+    return out
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
@@ -149,14 +164,8 @@ def main(argv=None) -> int:
         return 2
     host = args.server_name or ("0.0.0.0" if args.listen else "127.0.0.1")
     log = logging.getLogger("server")
-    if host not in ("127.0.0.1", "localhost", "::1") and not config.api_auth:
-        log.warning("!" * 100)
-        log.warning("listening on %s WITHOUT --api-auth: anyone who can reach this port can run jobs and change "
-                    "the options. Set --api-auth user:password.", host)
-        log.warning("!" * 100)
-    if "*" in config.cors_allow_origins:
-        log.warning("--cors-allow-origins '*': any site may call this server from a browser; credentials "
-                    "(cookies, Basic auth) are then not allowed in cross-origin requests")
+    for line in startup_warnings(host, config):
+        log.warning("%s", line)
     print(f"sd15-server: {engine.models.model!r}", file=sys.stderr)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     print(f"sd15-server: page and API at http://{shown}:{args.port}/ (API docs: /openapi.json)", file=sys.stderr)

@@ -108,6 +108,13 @@ class Server(uvicorn.Server):
         self.engine, self.grace, self.forced, self._loop = engine, grace, False, None
         self._drain_task = None
 
+    async def serve(self, sockets=None) -> None:
+        with self.capture_signals():
+            await self._serve(sockets)
+            # uvicorn re-raises the signals it caught once it is done, so the process would die of SIGTERM;
+            # a graceful shutdown exits 0 instead, a forced one 1 (python -m server)
+            self._captured_signals.clear()
+
     async def startup(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
         self._loop.set_exception_handler(loop_exception_handler)
