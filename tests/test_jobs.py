@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from starlette.testclient import TestClient
 
-from server.a1111 import Limits
+from server.a1111 import Limits, Txt2ImgRequest
 from server.app import Engine, create_app
 from test_server import make_config, png_b64, write_model_folders
 
@@ -242,3 +242,34 @@ def test_openapi_lists_jobs_errors_and_security(folders):
     assert set(spec["paths"][f"{JOBS}/jobs/{{job_id}}"]) == {"get", "delete"}
     assert f"{JOBS}/queue" in spec["paths"] and f"{JOBS}/events" in spec["paths"] and "/metrics" in spec["paths"]
     assert "202" in spec["paths"][f"{JOBS}/jobs"]["post"]["responses"]
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_disconnect_cancels_unless_keep_abandoned(folders, keep):
+    """D1 (in process): the A1111 handler's client goes away while its job waits in the queue."""
+    import anyio
+
+    from server import runner
+
+    engine = make_engine(folders, keep_abandoned_jobs=keep)
+    with TestClient(create_app(engine.config, engine)) as client:
+        with Gate(engine) as gate:
+            blocker = client.post(f"{JOBS}/jobs", json={"kind": "txt2img", "request": {"seed": 1, **SMALL}}).json()
+            assert gate.started.wait(30)
+
+            class GoneClient:  # a request whose client has disconnected
+                async def receive(self):
+                    return {"type": "http.disconnect"}
+
+            async def submit_and_wait():
+                job = engine.submit(Txt2ImgRequest(**SMALL), {},
+                                    source="api", save=False)
+                with anyio.move_on_after(0.5):
+                    await runner.wait_for_job(GoneClient(), engine, job)
+                return job
+            job = client.portal.call(submit_and_wait)
+            assert job.state == ("queued" if keep else "cancelled")
+            gate.open()
+            wait_state(client, blocker["id"])
+            if keep:
+                assert wait_state(client, job.id)["state"] == "done"
