@@ -1,11 +1,12 @@
-"""The A1111-compatible HTTP API (`/sdapi/v1/*`, a1111-api.md) on Starlette.
+"""The A1111-compatible HTTP API (`/sdapi/v1/*`) on Starlette.
 
-    app = create_app(ServerConfig(ckpt_dir="weights"))      # uvicorn.run(app) / TestClient(app)
+    app = create_app(ServerConfig(ckpt_dir="weights"))      # python -m server / TestClient(app)
 
 Plain async endpoints, one `routes` list, and a lifespan that loads the checkpoint once and yields the
-shared `Engine` (read as `request.state.engine`). Model work runs on worker threads behind one
-`anyio.CapacityLimiter(1)`, first come first served (A1111's queue_lock): generations, checkpoint/VAE
-switches and unloads queue there, while progress, interrupt, skip and the listings answer at once.
+shared `Engine` (read as `request.state.engine`). Generations are jobs in one bounded FIFO queue shared by
+every client (server/jobs.py, run by server/runner.py); they and checkpoint/VAE switches run one at a time
+behind one `anyio.CapacityLimiter(1)` (A1111's queue_lock), while progress, interrupt, skip and the
+listings answer at once.
 
 Errors: `ApiError` -> A1111's body `{"error", "detail", "body", "errors"}`; bad types or ranges -> 422 in
 FastAPI's shape; routing -> `{"detail": "Not Found"}`. Bad input is always a 4xx; anything unexpected inside
@@ -13,8 +14,6 @@ a generation is a 500 with A1111's body, and the server keeps serving.
 """
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import os
 import time
@@ -35,9 +34,10 @@ from starlette.routing import Route
 
 from sd15 import infotext
 from sd15.checkpoint import CheckpointError
-from sd15.pipeline import JobState, generate, png_bytes
+from sd15.pipeline import JobState, generate
 from server import a1111, inputs, jobs, jobs_api, runner
 from server.a1111 import ApiError, Limits, ValidationError
+from server.inputs import read_json
 from server.download import DEFAULT_MODEL
 from server.metrics import Metrics
 from server.middleware import LOOPBACK_HOSTS, BasicAuth, HostCheck, JsonErrors, ProcessTime
@@ -71,19 +71,6 @@ class ServerConfig:
     shutdown_grace: float = 30.0  # seconds the running job may take to finish at shutdown
 
 
-@dataclass
-class Job:
-    """The running generation, as /progress reports it."""
-    kind: str  # "txt2img" | "img2img"
-    state: JobState
-    n_iter: int
-    passes: int  # 2 with hires fix
-    started: float = field(default_factory=time.time)
-    timestamp: str = field(default_factory=infotext.job_timestamp)
-    steps_done: int = 0
-    preview_at: int = 0
-
-
 # =============================================================================================
 # The engine: folders, loaded model, options, GPU queue, running job
 # =============================================================================================
@@ -98,7 +85,7 @@ class Engine:
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, None: None}[config.precision]
         self.models = ModelManager(self.library, config.device, dtype, optimize=config.optimize)
         self.options = {key: opt.default for key, opt in a1111.OPTIONS.items()}
-        self.job: Optional[Job] = None
+        self.job: Optional[runner.Run] = None
         self.last_timestamp = "0"
         self.preview: Optional[str] = None  # base64 PNG of the running job's latest preview
         self.preview_wanted = False  # set by /progress: previews are only decoded when someone looks
@@ -249,7 +236,8 @@ class Engine:
         init_images, mask = self.decode_inputs(req)
         params = a1111.to_params(req, settings, init_images, mask)
         del init_images, mask
-        run = Job("img2img" if req.is_img2img else "txt2img", JobState(), params.n_iter, 2 if params.enable_hr else 1)
+        run = runner.Run("img2img" if req.is_img2img else "txt2img", JobState(), params.n_iter,
+                         2 if params.enable_hr else 1)
         if job is not None:
             job.control = run.state
             if job.stop_reason is not None:  # cancelled between leaving the queue and starting
@@ -282,39 +270,6 @@ class Engine:
 # =============================================================================================
 # Request helpers
 # =============================================================================================
-
-async def read_json(request: Request, limit: int, timeout: Optional[float] = None):
-    """The JSON body, at most `limit` bytes (413 beyond), read within `timeout` seconds (408 beyond;
-    default the server's --body-timeout); malformed JSON or JSON nested deeper than MAX_JSON_DEPTH -> 422
-    as FastAPI words it."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"request body is larger than the {limit:,}-byte limit")
-    if timeout is None:
-        timeout = request.state.engine.config.body_timeout
-    chunks, size = [], 0
-    with anyio.move_on_after(timeout) as scope:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, f"request body is larger than the {limit:,}-byte limit")
-            chunks.append(chunk)
-    if scope.cancelled_caught:
-        raise ApiError(408, f"the request body was not received within {timeout:g} s", error="RequestTimeout")
-    body = b"".join(chunks)
-    del chunks
-    if not body.strip():
-        raise ValidationError.one(None, "field required", "value_error.missing")
-    try:
-        data = await run_in_threadpool(json.loads, body)  # a large body would hold up the event loop
-    except (ValueError, RecursionError) as e:
-        pos = getattr(e, "pos", 0)
-        raise ValidationError.one((pos,), str(getattr(e, "msg", e)), "value_error.jsondecode") from None
-    if inputs.json_depth(data) > inputs.MAX_JSON_DEPTH:
-        raise ValidationError.one(None, f"JSON nested deeper than {inputs.MAX_JSON_DEPTH} levels",
-                                  "value_error.jsondepth")
-    return data
-
 
 def _engine(request: Request) -> Engine:
     return request.state.engine
@@ -393,7 +348,10 @@ async def progress(request: Request):
 
 async def interrupt(request: Request):
     """Stop the running job; it returns what it has."""
-    job = _engine(request).job
+    engine = _engine(request)
+    if engine.queue.running is not None:
+        engine.queue.running.interrupt("interrupted")
+    job = engine.job
     if job is not None:
         job.state.interrupt()
     return JSONResponse({})
@@ -487,7 +445,9 @@ async def latent_upscale_modes(request: Request):
 
 async def memory(request: Request):
     """RAM and CUDA memory (bytes)."""
-    return JSONResponse(_memory())
+    from server.memory import memory_json
+
+    return JSONResponse(memory_json())
 
 
 async def cmd_flags(request: Request):
@@ -619,32 +579,3 @@ def create_app(config: ServerConfig, engine: Optional[Engine] = None) -> Starlet
                 Exception: _server_error}
     return Starlette(routes=routes + jobs_api.routes, middleware=middleware, exception_handlers=handlers,
                      lifespan=lifespan)
-
-
-# =============================================================================================
-# /sdapi/v1/memory
-# =============================================================================================
-
-def _memory() -> dict:
-    import torch
-
-    try:
-        page = os.sysconf("SC_PAGE_SIZE")
-        total = page * os.sysconf("SC_PHYS_PAGES")
-        with open("/proc/self/statm") as f:
-            used = int(f.read().split()[1]) * page  # this process's resident memory, as A1111 reports it
-        ram = {"free": total - used, "used": used, "total": total}
-    except (OSError, ValueError, AttributeError) as e:
-        ram = {"error": str(e)}
-    if not torch.cuda.is_available():
-        return {"ram": ram, "cuda": {"error": "unavailable"}}
-    free, total = torch.cuda.mem_get_info()
-    s = torch.cuda.memory_stats()
-
-    def pair(name):
-        return {"current": s.get(f"{name}.all.current", 0), "peak": s.get(f"{name}.all.peak", 0)}
-    cuda = {"system": {"free": free, "used": total - free, "total": total}, "active": pair("active_bytes"),
-            "allocated": pair("allocated_bytes"), "reserved": pair("reserved_bytes"),
-            "inactive": pair("inactive_split_bytes"),
-            "events": {"retries": s.get("num_alloc_retries", 0), "oom": s.get("num_ooms", 0)}}
-    return {"ram": ram, "cuda": cuda}

@@ -4,18 +4,23 @@
 - `probe_image`: an init image's or mask's format and size from its header alone (no pixel decoded), with
   both sides, the pixel count and the aspect ratio bounded (a 1×60,000,000 PNG passes a pixel limit);
   `decode_image` decodes it when the job starts, with the same bounds.
-- `json_depth`: how deep a request's JSON nests (deep nesting broke the response's JSON encoder).
+- `read_json`: the request body, bounded in size and in the time it may take to arrive, nested at most
+  MAX_JSON_DEPTH deep (deep nesting broke the response's JSON encoder).
 - `public_message`: error text with absolute paths made relative to their folder and without advice that
   lowers safety (PyTorch's "weights_only=False").
 Every answer is a 4xx (`ApiError` / `ValidationError`).
 """
 from __future__ import annotations
 
-import base64
 import binascii
 import io
+import json
 import os
 import re
+from typing import Optional
+
+import anyio
+from starlette.concurrency import run_in_threadpool
 
 from PIL import Image
 
@@ -45,6 +50,39 @@ def check_prompts(req, limits: Limits) -> None:
                 "value_error.any_str.max_length"))
     if problems:
         raise ValidationError(problems)
+
+
+async def read_json(request, limit: int, timeout: Optional[float] = None):
+    """The JSON body, at most `limit` bytes (413 beyond), read within `timeout` seconds (408 beyond;
+    default the server's --body-timeout); malformed JSON or JSON nested deeper than MAX_JSON_DEPTH -> 422
+    as FastAPI words it."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body is larger than the {limit:,}-byte limit")
+    if timeout is None:
+        timeout = request.state.engine.config.body_timeout
+    chunks, size = [], 0
+    with anyio.move_on_after(timeout) as scope:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"request body is larger than the {limit:,}-byte limit")
+            chunks.append(chunk)
+    if scope.cancelled_caught:
+        raise ApiError(408, f"the request body was not received within {timeout:g} s", error="RequestTimeout")
+    body = b"".join(chunks)
+    del chunks
+    if not body.strip():
+        raise ValidationError.one(None, "field required", "value_error.missing")
+    try:
+        data = await run_in_threadpool(json.loads, body)  # a large body would hold up the event loop
+    except (ValueError, RecursionError) as e:
+        pos = getattr(e, "pos", 0)
+        raise ValidationError.one((pos,), str(getattr(e, "msg", e)), "value_error.jsondecode") from None
+    if json_depth(data) > MAX_JSON_DEPTH:
+        raise ValidationError.one(None, f"JSON nested deeper than {MAX_JSON_DEPTH} levels",
+                                  "value_error.jsondepth")
+    return data
 
 
 def json_depth(value) -> int:

@@ -6,17 +6,32 @@ from __future__ import annotations
 import base64
 import logging
 import time
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from sd15 import infotext
 from sd15.pipeline import png_bytes
 from server import a1111, inputs, jobs, outputs, preview
 from server.a1111 import ApiError, ValidationError
 
 log = logging.getLogger("server")
+
+
+@dataclass
+class Run:
+    """The running generation, as /sdapi/v1/progress reports it (`a1111.progress_json`)."""
+    kind: str  # "txt2img" | "img2img"
+    state: Any  # sd15.pipeline.JobState
+    n_iter: int
+    passes: int  # 2 with hires fix
+    started: float = field(default_factory=time.time)
+    timestamp: str = field(default_factory=infotext.job_timestamp)
+    steps_done: int = 0
+    preview_at: int = 0
 
 
 def execute(self, job: jobs.Job) -> None:  # self: the Engine
