@@ -6,6 +6,7 @@ the security scheme when --api-auth is set, and the page's `/sd15/v1` job endpoi
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 
 from server import a1111
@@ -35,7 +36,13 @@ IMAGE_RESPONSE = {"type": "object", "required": ["images", "parameters", "info"]
 
 def _ranges(limits) -> dict:
     """Field -> JSON-schema bounds, as `a1111.check` enforces them."""
-    side = {"minimum": 8, "maximum": limits.max_side}
+    # the schema's side is the square root of the pixel limit, so a generated width × height always fits
+    from sd15 import images as imgs
+    from sd15 import infotext
+
+    samplers = [s["name"] for s in infotext.samplers_api()]
+    schedulers = [s["name"] for s in infotext.schedulers_api()]
+    side = {"minimum": 8, "maximum": min(limits.max_side, math.isqrt(limits.max_pixels))}
     return {
         "seed": {"minimum": -1}, "subseed": {"minimum": -1}, "subseed_strength": {"minimum": 0, "maximum": 1},
         "batch_size": {"minimum": 1, "maximum": limits.max_batch_size},
@@ -48,6 +55,22 @@ def _ranges(limits) -> dict:
         "resize_mode": {"minimum": 0, "maximum": 3}, "inpainting_fill": {"minimum": 0, "maximum": 3},
         "inpainting_mask_invert": {"minimum": 0, "maximum": 1}, "hr_scale": {"minimum": 0.05, "maximum": 16},
         "hr_second_pass_steps": {"minimum": 0, "maximum": limits.max_steps},
+        **{name: {"minimum": 0, "maximum": 1000} for name in ("eta", "s_min_uncond", "s_churn", "s_tmax", "s_tmin",
+                                                              "s_noise")},
+        "initial_noise_multiplier": {"minimum": 0, "maximum": 10},
+        **{name: {"minimum": 0, "maximum": 256} for name in ("mask_blur", "mask_blur_x", "mask_blur_y")},
+        **{name: {"minimum": 0, "maximum": limits.max_side} for name in (
+            "firstphase_width", "firstphase_height", "hr_resize_x", "hr_resize_y", "inpaint_full_res_padding")},
+        **{name: {"minimum": -1, "maximum": limits.max_side} for name in ("seed_resize_from_h", "seed_resize_from_w")},
+        # names the server knows; anything else is a 400 naming the valid ones
+        "sampler_name": {"enum": [*samplers, None]}, "sampler_index": {"enum": samplers},
+        "hr_sampler_name": {"enum": [*samplers, "Use same sampler", None]},
+        "scheduler": {"enum": [*schedulers, None]}, "hr_scheduler": {"enum": [*schedulers, "Use same scheduler", None]},
+        "hr_upscaler": {"enum": [*imgs.LATENT_UPSCALE_MODES, *imgs.PIXEL_UPSCALERS, None]},
+        # what this server does not do (A1111 scripts, face restoration, tiling, refiner): only "off" is valid
+        "restore_faces": {"enum": [False, None]}, "tiling": {"enum": [False, None]},
+        "script_name": {"enum": [None, ""]}, "alwayson_scripts": {"maxProperties": 0},
+        "refiner_checkpoint": {"enum": [None, ""]}, "hr_checkpoint_name": {"enum": [None, "", "Use same checkpoint"]},
     }
 
 
@@ -132,7 +155,10 @@ def openapi_schema(routes, request_bodies: dict, limits, auth: bool, extra_bodie
                 r["200"]["content"] = _json(ref["Queue"])
             elif name == "submit_job":
                 r["202"] = {"description": "Queued", "content": _json({"type": "object", "required": ["id", "position"],
-                            "properties": {"id": {"type": "string"}, "position": {"type": "integer"}}})}
+                            "properties": {"id": {"type": "string"}, "position": {"type": "integer"}}}),
+                            "links": {op_name: {"operationId": f"{op_name}_{m}",
+                                                "parameters": {"job_id": "$response.body#/id"}}
+                                      for op_name, m in (("get_job", "get"), ("delete_job", "delete"))}}
                 del r["200"]
             elif name == "events":
                 r["200"]["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
