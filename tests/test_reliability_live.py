@@ -31,7 +31,7 @@ def free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, root, *flags):
+    def __init__(self, root, *flags, max_files: int | None = None):
         folders = write_model_folders(root)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -39,8 +39,15 @@ class LiveServer:
         cmd = [sys.executable, "-m", "server", "--ckpt-dir", folders["ckpt_dir"], "--port", str(self.port),
                "--api-auth", f"{AUTH[0]}:{AUTH[1]}", "--no-download", "--outdir", str(root / "out"), *flags]
         env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        limit = None
+        if max_files is not None:
+            import resource
+
+            def limit():
+                resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         preexec_fn=limit)
         deadline = time.time() + 120
         while True:
             assert self.proc.poll() is None, self.log()
@@ -159,6 +166,22 @@ def test_connection_limit_and_flood_logged_once(server):
     assert server.log().count("open connections: closing new ones") == 1
     time.sleep(1.5)
     assert server.get("/sdapi/v1/progress").status_code == 200
+
+
+def test_file_limit_flood_logged_once(tmp_path):
+    """D12: at the process's file limit every refused accept was logged; now once a minute."""
+    server = LiveServer(tmp_path, "--max-connections", "5000", max_files=150)
+    try:
+        socks = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(400)]
+        time.sleep(3)
+        for s in socks:
+            s.close()
+        time.sleep(1)
+        assert server.get("/sdapi/v1/progress").status_code == 200  # serving again
+    finally:
+        server.stop()
+    log = server.log()
+    assert log.count("out of system resource") == 1 and len(log) < 20000, log[-3000:]
 
 
 def test_event_stream(server):
