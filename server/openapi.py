@@ -40,7 +40,7 @@ def _ranges(limits) -> dict:
     from sd15 import images as imgs
     from sd15 import infotext
 
-    samplers = [s["name"] for s in infotext.samplers_api()]
+    samplers = [n for s in infotext.samplers_api() for n in [s["name"], *(s["aliases"] or [])]]
     schedulers = [s["name"] for s in infotext.schedulers_api()]
     side = {"minimum": 8, "maximum": min(limits.max_side, math.isqrt(limits.max_pixels))}
     return {
@@ -62,7 +62,8 @@ def _ranges(limits) -> dict:
         **{name: {"minimum": 0, "maximum": limits.max_side} for name in (
             "firstphase_width", "firstphase_height", "hr_resize_x", "hr_resize_y", "inpaint_full_res_padding")},
         **{name: {"minimum": -1, "maximum": limits.max_side} for name in ("seed_resize_from_h", "seed_resize_from_w")},
-        # names the server knows; anything else is a 400 naming the valid ones
+        # names the server knows (A1111's older "<sampler> <schedule>" names, e.g. "DPM++ 2M Karras", are
+        # accepted too but not listed); anything else is a 400 naming the valid ones
         "sampler_name": {"enum": [*samplers, None]}, "sampler_index": {"enum": samplers},
         "hr_sampler_name": {"enum": [*samplers, "Use same sampler", None]},
         "scheduler": {"enum": [*schedulers, None]}, "hr_scheduler": {"enum": [*schedulers, "Use same scheduler", None]},

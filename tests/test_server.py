@@ -638,7 +638,9 @@ def test_openapi(client):
     ref = paths[f"{API}/txt2img"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     props = schema["components"]["schemas"][ref.rsplit("/", 1)[1]]["properties"]
     assert props["steps"] == {"type": "integer", "default": 50, "minimum": 1, "maximum": Limits().max_steps}
-    assert props["sampler_name"] == {"type": "string", "nullable": True, "default": None}
+    sampler = props["sampler_name"]
+    assert sampler["type"] == "string" and sampler["nullable"] and sampler["default"] is None
+    assert {"Euler a", "DPM++ 2M", "k_euler_a", None} <= set(sampler["enum"])
     assert props["styles"]["items"] == {"type": "string"}
     img = schema["components"]["schemas"]["Img2ImgRequest"]["properties"]
     assert img["denoising_strength"]["default"] == 0.75 and img["init_images"]["type"] == "array"
