@@ -55,7 +55,6 @@ class Job:
     summary: dict
     source: str = "api"  # "page" | "api"
     save: bool = False
-    owner: Optional[int] = None  # the connection that waits for it (None: nobody; page jobs)
     created: float = field(default_factory=time.time)
     started: Optional[float] = None
     finished_at: Optional[float] = None
@@ -109,13 +108,12 @@ class JobQueue:
 
     # --- clients -------------------------------------------------------------------------------
 
-    def submit(self, kind: str, request, summary: dict, *, source: str = "api", save: bool = False,
-               owner: Optional[int] = None) -> Job:
+    def submit(self, kind: str, request, summary: dict, *, source: str = "api", save: bool = False) -> Job:
         if self.closed:
             raise JobFailed(503, "the server is shutting down; no new jobs are accepted", "ServiceUnavailable")
         if len(self.waiting) >= self.max_size:
             raise QueueFull(self.max_size, self.retry_after())
-        job = Job(f"{next(self._counter):06d}-{secrets.token_hex(4)}", kind, request, summary, source, save, owner)
+        job = Job(f"{next(self._counter):06d}-{secrets.token_hex(4)}", kind, request, summary, source, save)
         self.waiting.append(job)
         self.jobs[job.id] = job
         self._wake.set()
@@ -144,13 +142,6 @@ class JobQueue:
                                                      f"job {job.id} was cancelled before it started"))
         elif job.state == "running":
             job.interrupt(reason)
-
-    def cancel_owner(self, owner: int) -> None:
-        """A client went away: cancel what it queued, interrupt its running job."""
-        for job in [j for j in self.waiting if j.owner == owner]:
-            self.cancel(job, "client")
-        if self.running is not None and self.running.owner == owner:
-            self.cancel(self.running, "client")
 
     def retry_after(self) -> int:
         per_job = sum(self._seconds) / len(self._seconds) if self._seconds else 5.0

@@ -39,11 +39,10 @@ class LiveServer:
         cmd = [sys.executable, "-m", "server", "--ckpt-dir", folders["ckpt_dir"], "--port", str(self.port),
                "--api-auth", f"{AUTH[0]}:{AUTH[1]}", "--no-download", "--outdir", str(root / "out"), *flags]
         env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        limit = None
-        if max_files is not None:
-            import resource
+        def limit():  # in the child, before exec
+            if max_files is not None:
+                import resource
 
-            def limit():
                 resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
