@@ -29,7 +29,7 @@ def test_schemathesis_no_server_errors(tmp_path):
                "--exclude-path", "/sd15/v1/events",  # an endless stream: read by tests/test_reliability_live.py
                "--phases", "examples,coverage,fuzzing,stateful", "--max-time", str(MAX_TIME), "--workers", "1",
                "--request-timeout", "120", "--max-failures", "20", "--suppress-health-check", "all"]
-        run = subprocess.run(cmd, capture_output=True, text=True, timeout=MAX_TIME + 300)
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=MAX_TIME + 300, cwd=tmp_path)
         report = run.stdout[-12000:] + run.stderr[-3000:]
         assert run.returncode == 0, report
     finally:
