@@ -488,16 +488,18 @@ def _generation_params(model, p: Params, *, seed, subseed, batch_size, sampler, 
 
 
 def model_infotext_fields(model) -> dict:
-    """Model / VAE name and short hash for infotexts (hashes cached beside the files)."""
+    """Model / VAE name and short hash for infotexts: the hashes a loader kept (`model.sha256`,
+    `model.vae_sha256`, so a file moved or deleted since does not matter), else cached beside the files."""
     import os
 
     out = {}
     if getattr(model, "path", None):
         out["sd_model_name"] = os.path.splitext(os.path.basename(model.path))[0]
-        out["sd_model_hash"] = infotext.short_hash(infotext.cached_hash(model.path))
+        out["sd_model_hash"] = infotext.short_hash(getattr(model, "sha256", None) or infotext.cached_hash(model.path))
     if getattr(model, "vae_path", None):
         out["sd_vae_name"] = os.path.basename(model.vae_path)
-        out["sd_vae_hash"] = infotext.short_hash(infotext.cached_hash(model.vae_path))
+        out["sd_vae_hash"] = infotext.short_hash(getattr(model, "vae_sha256", None)
+                                                 or infotext.cached_hash(model.vae_path))
     return out
 
 

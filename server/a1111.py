@@ -38,9 +38,11 @@ MAX_SEED = 2**63 - 1  # seeds are signed 64-bit here; A1111 draws random ones be
 class ApiError(Exception):
     """An error answered with A1111's handler body (§11.2): `{"error", "detail", "body", "errors"}`."""
 
-    def __init__(self, status: int, detail: str = "", *, error: str = "HTTPException", errors: str = ""):
+    def __init__(self, status: int, detail: str = "", *, error: str = "HTTPException", errors: str = "",
+                 headers: Optional[dict] = None):
         super().__init__(detail or errors)
         self.status, self.detail, self.error, self.errors = status, detail, error, errors
+        self.headers = headers  # e.g. Retry-After on a 503
 
     def body(self) -> dict:
         return {"error": self.error, "detail": self.detail, "body": "", "errors": self.errors}
@@ -238,6 +240,9 @@ class Limits:
     max_images: int = 256  # batch_size × n_iter
     max_body_bytes: int = 64 << 20  # request body
     max_image_pixels: int = 8192 * 8192  # every decoded input image (decompression-bomb guard)
+    max_image_side: int = 16384  # either side of an input image (init image or mask)
+    max_image_aspect: float = 64.0  # longer side / shorter side of an input image
+    max_prompt_chars: int = 20000  # prompt, negative prompt, hires prompts (each)
 
 
 class _Checker:
@@ -494,12 +499,6 @@ EMPTY_SHAPES = {
     "hypernetworks": [],
     "extensions": [],
 }
-
-
-def upscalers() -> list[dict]:
-    """GET /upscalers: the pixel upscalers sd15 implements, in A1111's shape."""
-    return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
-            for name in imgs.PIXEL_UPSCALERS]
 
 
 def latent_upscale_modes() -> list[dict]:

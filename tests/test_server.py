@@ -69,6 +69,8 @@ def write_model_folders(root) -> dict:
 
 def make_config(folders: dict, **kw) -> ServerConfig:
     limits = Limits(max_body_bytes=1 << 20, max_image_pixels=1024 * 1024)
+    kw.setdefault("allowed_hosts", ["testserver"])  # TestClient's Host header
+    kw.setdefault("save", False)
     return ServerConfig(**folders, limits=limits, flags={"port": 7860, "api_auth": None}, **kw)
 
 
@@ -634,8 +636,10 @@ def test_openapi(client):
     assert f"{API}/loras" in paths and f"{API}/scripts" in paths and f"{API}/memory" in paths
     ref = paths[f"{API}/txt2img"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     props = schema["components"]["schemas"][ref.rsplit("/", 1)[1]]["properties"]
-    assert props["steps"] == {"type": "integer", "default": 50}
-    assert props["sampler_name"] == {"type": "string", "nullable": True, "default": None}
+    assert props["steps"] == {"type": "integer", "default": 50, "minimum": 1, "maximum": Limits().max_steps}
+    sampler = props["sampler_name"]
+    assert sampler["type"] == "string" and sampler["nullable"] and sampler["default"] is None
+    assert {"Euler a", "DPM++ 2M", "k_euler_a", None} <= set(sampler["enum"])
     assert props["styles"]["items"] == {"type": "string"}
     img = schema["components"]["schemas"]["Img2ImgRequest"]["properties"]
     assert img["denoising_strength"]["default"] == 0.75 and img["init_images"]["type"] == "array"

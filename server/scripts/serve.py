@@ -24,20 +24,20 @@ def engine_choices(engine) -> dict:
     samplers = [s["name"] for s in infotext.samplers_api()]
     aliases = {a: s["name"] for s in infotext.samplers_api() for a in s["aliases"]}
     schedulers = [n for c in infotext.schedulers_api() for n in (c["name"], c["label"])]
-    upscalers = [u["name"] for u in a1111.upscalers()]
+    upscalers = engine.upscalers.names()
     return {"samplers": samplers, "sampler_aliases": aliases, "schedulers": schedulers,
             "checkpoints": engine.library.checkpoint_titles(),
             "vaes": [v["model_name"] for v in engine.library.vae_api()], "upscalers": upscalers,
             "hr_upscalers": [m["name"] for m in a1111.latent_upscale_modes()] + upscalers}
 
 
-def upscale(image, name: str, scale: float):
-    """A1111's `Upscaler.upscale(img, scale)` with the pixel upscalers sd15 has."""
-    from sd15 import images as imgs
-
-    if name not in imgs.PIXEL_UPSCALERS:
-        raise ScriptError(f"could not find upscaler named {name}")
-    return imgs._upscaler_upscale(image, scale, name)
+def upscaler(engine) -> Callable:
+    """A1111's `Upscaler.upscale(img, scale)` with the engine's upscalers (built-in and ESRGAN files)."""
+    def upscale(image, name: str, scale: float):
+        if name not in engine.upscalers.names():
+            raise ScriptError(f"could not find upscaler named {name}")
+        return engine.upscalers.upscale(image, name, scale)
+    return upscale
 
 
 def script_plan(engine, req) -> Plan:
@@ -46,7 +46,7 @@ def script_plan(engine, req) -> Plan:
     kind = "img2img" if req.is_img2img else "txt2img"
     request = {f.name: getattr(req, f.name) for f in dataclasses.fields(req)}  # coerced, infotext merged
     request["infotext"] = None
-    return plan_script(req.script_name, req.script_args, request, kind, upscale=upscale,
+    return plan_script(req.script_name, req.script_args, request, kind, upscale=upscaler(engine),
                        choices=engine_choices(engine), max_megapixels=engine.options.get("img_max_size_mp", 200))
 
 
@@ -55,8 +55,8 @@ def cell_generator(engine, cls) -> Callable[[dict], object]:
     class `cls` (Txt2ImgRequest / Img2ImgRequest) would run."""
     def generate(cell: dict):
         cell_req = cls.from_json(cell)
-        init_images, mask, overrides = engine.prepare(cell_req)
-        result, _ = engine.run(cell_req, init_images, mask, overrides)
+        overrides = engine.prepare(cell_req)
+        result, _ = engine.run(cell_req, overrides)
         for warning in result.warnings:
             log.warning("%s", warning)
         return result
