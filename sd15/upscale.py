@@ -106,11 +106,24 @@ class Grid:
     image_h: int
     overlap: int
 
+    @property
+    def images(self) -> list:
+        return [tile for _, _, row in self.tiles for _, _, tile in row]
+
+    def replace(self, images: list) -> None:
+        """Put new tile images in, in `images` order (row by row); missing ones become black."""
+        it = iter(images)
+        for _, _, row in self.tiles:
+            for cell in row:
+                cell[2] = next(it, None) or Image.new("RGB", (self.tile_w, self.tile_h))
+
 
 def split_grid(image: Image.Image, tile_w: int = 512, tile_h: int = 512, overlap: int = 64) -> Grid:
     """Cut `image` into tiles of `tile_w x tile_h` that overlap by at least `overlap` pixels, spread evenly; the
     last row/column is pushed back to end at the border. An image smaller than a tile gives one tile at a
     negative offset (PIL pads the missing part with black), exactly as A1111."""
+    if not 0 <= overlap < min(tile_w, tile_h):
+        raise ValueError(f"tile overlap {overlap} must be at least 0 and less than the tile size {tile_w}x{tile_h}")
     w, h = image.size
     cols = max(1, math.ceil((w - overlap) / (tile_w - overlap)))  # max(): A1111 gives no tile at all for w <= overlap
     rows = max(1, math.ceil((h - overlap) / (tile_h - overlap)))
@@ -134,23 +147,21 @@ def split_grid(image: Image.Image, tile_w: int = 512, tile_h: int = 512, overlap
 def combine_grid(grid: Grid) -> Image.Image:
     """Paste the tiles back; the first `overlap` columns (rows) of every tile but the first are blended over the
     previous one with a linear ramp 0 -> 255·(overlap-1)/overlap (PIL's 8-bit masked paste)."""
-    def ramp(r):
-        return Image.fromarray((r * 255 / grid.overlap).astype(np.uint8), "L")
-
     ov = grid.overlap
-    mask_w = ramp(np.arange(ov, dtype=np.float32).reshape(1, ov).repeat(grid.tile_h, axis=0))
-    mask_h = ramp(np.arange(ov, dtype=np.float32).reshape(ov, 1).repeat(grid.image_w, axis=1))
+    ramp = (np.arange(ov, dtype=np.float32) * 255 / max(ov, 1)).astype(np.uint8)
+    mask_w = Image.fromarray(np.repeat(ramp[None, :], grid.tile_h, axis=0), "L") if ov else None
+    mask_h = Image.fromarray(np.repeat(ramp[:, None], grid.image_w, axis=1), "L") if ov else None
     combined = Image.new("RGB", (grid.image_w, grid.image_h))
     for y, h, row in grid.tiles:
         combined_row = Image.new("RGB", (grid.image_w, h))
         for x, w, tile in row:
-            if x == 0:
-                combined_row.paste(tile, (0, 0))
+            if x == 0 or not ov:
+                combined_row.paste(tile, (x, 0))
                 continue
             combined_row.paste(tile.crop((0, 0, ov, h)), (x, 0), mask=mask_w)
             combined_row.paste(tile.crop((ov, 0, w, h)), (x + ov, 0))
-        if y == 0:
-            combined.paste(combined_row, (0, 0))
+        if y == 0 or not ov:
+            combined.paste(combined_row, (0, y))
             continue
         combined.paste(combined_row.crop((0, 0, combined_row.width, ov)), (0, y), mask=mask_h)
         combined.paste(combined_row.crop((0, ov, combined_row.width, h)), (0, y + ov))

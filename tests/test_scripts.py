@@ -19,6 +19,7 @@ from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from server import scripts
+from sd15.upscale import combine_grid, split_grid
 from server.scripts import ScriptError, grid, others, plan_script, run_script, xyz
 
 # --------------------------------------------------------------------------------------------------
@@ -418,31 +419,31 @@ def random_image(w, h, seed=0):
 
 def test_split_grid_positions_and_identity():
     im = random_image(1024, 700)
-    tiles = grid.split_grid(im, 512, 512, 64)
+    tiles = split_grid(im, 512, 512, 64)
     # cols = ceil((1024-64)/448) = 3, spread by (1024-512)/2 = 256; rows = ceil(636/448) = 2, second at 700-512
-    assert [[x for x, _, _ in row] for _, _, row in tiles.rows] == [[0, 256, 512]] * 2
-    assert [y for y, _, _ in tiles.rows] == [0, 188]
-    assert np.array_equal(pixels(tiles.rows[1][2][1][2]), pixels(im)[188:700, 256:768])
-    assert np.array_equal(pixels(grid.combine_grid(tiles)), pixels(im))
+    assert [[x for x, _, _ in row] for _, _, row in tiles.tiles] == [[0, 256, 512]] * 2
+    assert [y for y, _, _ in tiles.tiles] == [0, 188]
+    assert np.array_equal(pixels(tiles.tiles[1][2][1][2]), pixels(im)[188:700, 256:768])
+    assert np.array_equal(pixels(combine_grid(tiles)), pixels(im))
     for w, h, tw, th, ov in [(100, 60, 40, 30, 8), (64, 64, 64, 64, 16), (90, 70, 32, 32, 0)]:
         img = random_image(w, h, 1)
-        assert np.array_equal(pixels(grid.combine_grid(grid.split_grid(img, tw, th, ov))), pixels(img))
+        assert np.array_equal(pixels(combine_grid(split_grid(img, tw, th, ov))), pixels(img))
 
 
 def test_combine_grid_blends_the_overlap_with_a_linear_ramp():
     # 96x64 in 64x64 tiles with overlap 32: tiles at x=0 and x=32; left tile black, right tile 200
-    tiles = grid.split_grid(Image.new("RGB", (96, 64)), 64, 64, 32)
-    assert [x for x, _, _ in tiles.rows[0][2]] == [0, 32]
+    tiles = split_grid(Image.new("RGB", (96, 64)), 64, 64, 32)
+    assert [x for x, _, _ in tiles.tiles[0][2]] == [0, 32]
     tiles.replace([Image.new("RGB", (64, 64), (0, 0, 0)), Image.new("RGB", (64, 64), (200, 100, 50))])
-    out = pixels(grid.combine_grid(tiles)).astype(float)
+    out = pixels(combine_grid(tiles)).astype(float)
     for j in range(32):  # the mask in column 32+j is uint8(j*255/32); the blend is the right tile's weight
         m = int(j * 255 / 32) / 255
         assert np.abs(out[:, 32 + j] - np.array([200, 100, 50]) * m).max() <= 1, j
     assert (out[:, :32] == 0).all() and (out[:, 64:] == [200, 100, 50]).all()
     # vertically: 64x96 in 64x64 tiles, the lower tile fades in over rows 32..63
-    tiles = grid.split_grid(Image.new("RGB", (64, 96)), 64, 64, 32)
+    tiles = split_grid(Image.new("RGB", (64, 96)), 64, 64, 32)
     tiles.replace([Image.new("RGB", (64, 64), (255, 255, 255)), Image.new("RGB", (64, 64), (55, 55, 55))])
-    col = pixels(grid.combine_grid(tiles))[:, 5, 0].astype(float)
+    col = pixels(combine_grid(tiles))[:, 5, 0].astype(float)
     expected = [255] * 32 + [255 + (55 - 255) * int(j * 255 / 32) / 255 for j in range(32)] + [55] * 32
     assert np.abs(col - expected).max() <= 1
 
@@ -467,7 +468,7 @@ def test_sd_upscale_script():
                      choices={"upscalers": ["None", "Lanczos", "Nearest"]})
     assert calls == [((40, 30), "Nearest", 2.0)]
     up = init.resize((80, 60), Image.NEAREST)
-    tiles = grid.split_grid(up, 32, 32, 8)  # 3 x 3 tiles, 2 per batch: 5 batches per upscale, 2 upscales
+    tiles = split_grid(up, 32, 32, 8)  # 3 x 3 tiles, 2 per batch: 5 batches per upscale, 2 upscales
     assert len(tiles.images) == 9
     assert [(r["seed"], r["batch_size"]) for r in gen.requests] == [
         (10, 2), (11, 2), (12, 2), (13, 2), (14, 1), (11, 2), (12, 2), (13, 2), (14, 2), (15, 1)]

@@ -1,6 +1,6 @@
 """Grids of images the way A1111's `modules/images.py` draws them: `image_grid`, `draw_grid_annotations`
-(axis labels on top and on the left), `draw_prompt_matrix`, and the tiling pair `split_grid` / `combine_grid`
-that SD upscale uses (tiles overlap; `combine_grid` blends each overlap with a linear ramp).
+(axis labels on top and on the left) and `draw_prompt_matrix`. SD upscale's overlapping tiles are
+`sd15.upscale.split_grid` / `combine_grid`.
 
 Text uses Pillow's built-in scalable font (`ImageFont.load_default(size)`) instead of A1111's Roboto, so
 the label pixels differ from A1111's while the layout rules (font size, paddings, wrapping, shrinking a
@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
 from PIL import Image, ImageColor, ImageDraw, ImageFont
 
 # A1111's option defaults grid_text_active_color, grid_text_inactive_color, grid_background_color
@@ -131,79 +130,3 @@ def draw_prompt_matrix(im: Image.Image, width: int, height: int, parts: list, ma
         return [[GridAnnotation(x, is_active=pos & (1 << i) != 0) for i, x in enumerate(texts)]
                 for pos in range(1 << len(texts))]
     return draw_grid_annotations(im, width, height, labels(horiz), labels(vert), margin)
-
-
-# =============================================================================================
-# Tiles with overlap (SD upscale)
-# =============================================================================================
-
-@dataclass
-class Tiles:
-    """`rows`: [[y, tile_h, [[x, tile_w, tile_image], ...]], ...] as A1111's `images.Grid`."""
-    rows: list
-    tile_w: int
-    tile_h: int
-    image_w: int
-    image_h: int
-    overlap: int
-
-    @property
-    def images(self) -> list:
-        return [tile for _, _, row in self.rows for _, _, tile in row]
-
-    def replace(self, images: list) -> None:
-        """Put new tile images in, in `images` order (row by row); missing ones become black."""
-        it = iter(images)
-        for _, _, row in self.rows:
-            for cell in row:
-                cell[2] = next(it, None) or Image.new("RGB", (self.tile_w, self.tile_h))
-
-
-def split_grid(image: Image.Image, tile_w: int = 512, tile_h: int = 512, overlap: int = 64) -> Tiles:
-    """Cover `image` with tile_w x tile_h tiles that overlap by at least `overlap`, spread evenly; the last
-    row and column end at the image's edge."""
-    if not 0 <= overlap < min(tile_w, tile_h):
-        raise ValueError(f"tile overlap {overlap} must be at least 0 and less than the tile size {tile_w}x{tile_h}")
-    w, h = image.size
-    cols = max(1, math.ceil((w - overlap) / (tile_w - overlap)))
-    rows = max(1, math.ceil((h - overlap) / (tile_h - overlap)))
-    dx = (w - tile_w) / (cols - 1) if cols > 1 else 0
-    dy = (h - tile_h) / (rows - 1) if rows > 1 else 0
-    tiles = Tiles([], tile_w, tile_h, w, h, overlap)
-    for row in range(rows):
-        y = int(row * dy)
-        if y + tile_h >= h:
-            y = h - tile_h
-        cells = []
-        for col in range(cols):
-            x = int(col * dx)
-            if x + tile_w >= w:
-                x = w - tile_w
-            cells.append([x, tile_w, image.crop((x, y, x + tile_w, y + tile_h))])
-        tiles.rows.append([y, tile_h, cells])
-    return tiles
-
-
-def combine_grid(tiles: Tiles) -> Image.Image:
-    """Paste the tiles back; where a tile overlaps its left (upper) neighbour, its first `overlap` columns
-    (rows) are blended over it with weight uint8(j * 255 / overlap), j = 0 .. overlap-1."""
-    ov = tiles.overlap
-    ramp = (np.arange(ov, dtype=np.float32) * 255 / max(ov, 1)).astype(np.uint8)
-    mask_w = Image.fromarray(np.repeat(ramp[None, :], tiles.tile_h, axis=0), "L") if ov else None
-    mask_h = Image.fromarray(np.repeat(ramp[:, None], tiles.image_w, axis=1), "L") if ov else None
-
-    combined = Image.new("RGB", (tiles.image_w, tiles.image_h))
-    for y, h, cells in tiles.rows:
-        row = Image.new("RGB", (tiles.image_w, h))
-        for x, w, tile in cells:
-            if x == 0 or not ov:
-                row.paste(tile, (x, 0))
-                continue
-            row.paste(tile.crop((0, 0, ov, h)), (x, 0), mask=mask_w)
-            row.paste(tile.crop((ov, 0, w, h)), (x + ov, 0))
-        if y == 0 or not ov:
-            combined.paste(row, (0, y))
-            continue
-        combined.paste(row.crop((0, 0, row.width, ov)), (0, y), mask=mask_h)
-        combined.paste(row.crop((0, ov, row.width, h)), (0, y + ov))
-    return combined

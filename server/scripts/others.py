@@ -10,6 +10,8 @@ from typing import Callable, Optional
 
 from PIL import Image
 
+from sd15.upscale import combine_grid, split_grid
+
 from server.scripts import grid as g
 from server.scripts.common import Plan, ScriptError, ScriptResult, as_bool, as_float, as_int, base_request, \
     encode_png, fix_seed, with_params
@@ -285,7 +287,7 @@ def plan_sd_upscale(args: list, request: dict, kind: str, *, upscale: Optional[C
             raise ScriptError(f"{SD_UPSCALE}: no upscaler is available here")
         image = upscale(image, upscaler, scale)
     try:
-        tiles = g.split_grid(image, tile_w=width, tile_h=height, overlap=overlap)
+        tiles = split_grid(image, tile_w=width, tile_h=height, overlap=overlap)
     except ValueError as e:
         raise ScriptError(f"{SD_UPSCALE}: {e}") from None
     work = tiles.images
@@ -312,7 +314,7 @@ def plan_sd_upscale(args: list, request: dict, kind: str, *, upscale: Optional[C
             if not done:
                 break
             tiles.replace(done)
-            outputs.append(g.combine_grid(tiles))
+            outputs.append(combine_grid(tiles))
         infotexts = [first_info] * len(outputs)
         info = dict(results[0].info)
         info["extra_generation_params"] = {**(info.get("extra_generation_params") or {}), **extra}
