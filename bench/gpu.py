@@ -6,7 +6,7 @@ is given); diffusers' `UNet2DConditionModel` gets them through its own LDM conve
 
 One "it" = one classifier-free-guidance step: a UNet forward on a batch of 2 x `--batch` latents of
 size/8 x size/8 with context (2 x batch, 77, 768), as the diffusers progress bar and stable-fast count it
-(performance-anchors.md §0). Each row: `--warmup` untimed calls (the first one compiles / captures; its time
+(the published it/s figures count the same way). Each row: `--warmup` untimed calls (the first one compiles / captures; its time
 is reported as "first call"), then `--repeats` runs of `--iters` calls between device synchronisations;
 the median run gives it/s. Rows:
 
@@ -15,10 +15,11 @@ the median run gives it/s. Rows:
   sd15 compiled               sd15.fast: channels_last (CUDA), Inductor flags (CUDA), torch.compile(--compile-mode)
   sd15 compiled + CUDA graphs the compiled UNet inside CUDAGraphRunner                      (CUDA only)
   diffusers eager             UNet2DConditionModel, its default SDPA attention processor
-  diffusers compiled          the diffusers recipe: channels_last (CUDA), same Inductor flags, torch.compile(fullgraph)
+  diffusers compiled          the diffusers recipe: channels_last (CUDA), same Inductor flags, torch.compile(fullgraph);
+                              measured last (its UNet is loaded again), as the least needed row
 
 Ratios are against diffusers eager measured in the same run. Then: a `--steps`-step txt2img at size x size
-through sd15.pipeline.generate (CLIP + UNet + VAE + image conversion) with the fastest sd15 configuration
+through model.txt2img (CLIP + UNet + VAE + image conversion) with the fastest sd15 configuration
 (compiled VAE decode too, on CUDA), and on CUDA the peak VRAM (`torch.cuda.max_memory_allocated`) of a
 2-step generation at 512 and 1024 with the eager model, and of a 1024 UNet step + tiled VAE decode.
 
@@ -26,6 +27,10 @@ through sd15.pipeline.generate (CLIP + UNet + VAE + image conversion) with the f
     python bench/gpu.py --device cpu --size 256 --steps 2  # quick mode on the CPU (fp32): same table
     python bench/gpu.py --tiny --device cpu --steps 1 --no-compile   # seconds: a smoke test of the script
     python bench/gpu.py --rows sd15-eager,diffusers-eager --json $OUT/gpu.json   # a subset, results as JSON
+
+With `--json` the file is rewritten after every row, so a run that is cut short still reports what it
+measured; `--deadline S` skips the rows that would start more than S seconds after the script started.
+Rows that need diffusers are reported as skipped, with the reason, when it cannot be imported.
 """
 from __future__ import annotations
 
@@ -130,11 +135,20 @@ def write_checkpoint(args, tmp: str) -> str:
     return path
 
 
+T_START = time.perf_counter()
+
+
+def save(res: dict, path: str | None) -> None:
+    """Write the results so far (atomically: a reader never sees half a file)."""
+    if path:
+        with open(path + ".tmp", "w") as f:
+            json.dump(res, f, indent=1, default=str)
+        os.replace(path + ".tmp", path)
+
+
 def run(args) -> dict:
     import sd15
     import sd15.fast as fast
-    from sd15.pipeline import generate
-    from sd15.schema import GenerationRequest as Params
 
     device = torch.device(args.device)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
@@ -156,8 +170,13 @@ def run(args) -> dict:
     try:
         import diffusers
         results["diffusers"] = diffusers.__version__
-    except ImportError:
+    except Exception as e:  # not installed, or an incompatible huggingface_hub
         results["diffusers"] = None
+        for name in ("diffusers-eager", "diffusers-compiled"):
+            if name in rows:
+                results["rows"][name] = {"skipped": f"diffusers cannot be imported ({type(e).__name__}: {e})"}
+        rows -= {"diffusers-eager", "diffusers-compiled"}
+    save(results, args.json)
 
     tmp = tempfile.mkdtemp(prefix="sd15-bench-")
     ckpt = args.ckpt or write_checkpoint(args, tmp)
@@ -169,8 +188,15 @@ def run(args) -> dict:
     t = torch.full((b2,), 500.0, device=device)  # float32, as sd15's EpsDenoiser passes it
     ctx = torch.randn(b2, 77, cfg.context_dim, generator=gen).to(device, dtype)
 
+    def out_of_time(name):
+        if args.deadline and time.perf_counter() - T_START > args.deadline:
+            results["rows"][name] = {"skipped": f"past the --deadline of {args.deadline:.0f} s"}
+            save(results, args.json)
+            return True
+        return False
+
     def record(name, fn):
-        if name not in rows:
+        if name not in rows or out_of_time(name):
             return None
         print(f"# {LABELS.get(name, name)} ...", file=sys.stderr, flush=True)
         try:
@@ -179,6 +205,7 @@ def run(args) -> dict:
         except Exception as e:  # keep the other rows
             traceback.print_exc()
             results["rows"][name] = {"error": f"{type(e).__name__}: {e}"}
+        save(results, args.json)
         return results["rows"][name]
 
     with torch.no_grad():
@@ -186,9 +213,10 @@ def run(args) -> dict:
 
     def check(name):  # the output of the configuration just measured vs the eager one
         row = results["rows"].get(name)
-        if row is not None and "error" not in row:
+        if row is not None and "it_s" in row:
             with torch.no_grad():
                 row["rel_err_vs_eager"] = rel_err(model.unet(x, t, ctx), ref)
+            save(results, args.json)
 
     record("sd15-eager", lambda: model.unet(x, t, ctx))
     if "sd15-eager-graphs" in rows:
@@ -197,14 +225,21 @@ def run(args) -> dict:
         check("sd15-eager-graphs")
         fast.reset(model)
 
-    dunet = None
-    if rows & {"diffusers-eager", "diffusers-compiled"}:
+    def diffusers_rows(names):
+        """Load diffusers' UNet, measure the rows in `names`, and free it again (the memory rows must not
+        count it). diffusers-compiled runs last: its compile is the longest and the least needed."""
+        names = [n for n in names if n in rows]
+        if not names or all(out_of_time(n) for n in names):
+            return
         dunet = load_diffusers(ckpt, cfg, device, dtype)
         dcall = lambda: dunet(x, t, encoder_hidden_states=ctx, return_dict=False)[0]  # noqa: E731
-        with torch.no_grad():
-            results["rel_err_sd15_vs_diffusers"] = rel_err(dcall(), ref)
-        record("diffusers-eager", dcall)
-        if "diffusers-compiled" in rows:
+        if "rel_err_sd15_vs_diffusers" not in results:
+            with torch.no_grad():
+                results["rel_err_sd15_vs_diffusers"] = rel_err(dcall(), ref)
+            save(results, args.json)
+        if "diffusers-eager" in names:
+            record("diffusers-eager", dcall)
+        if "diffusers-compiled" in names and not out_of_time("diffusers-compiled"):
             if on_cuda:
                 fast.inductor_flags()
                 dunet.to(memory_format=torch.channels_last)
@@ -216,6 +251,8 @@ def run(args) -> dict:
         if on_cuda:
             torch.cuda.empty_cache()
 
+    diffusers_rows(["diffusers-eager"])
+
     if rows & {"sd15-compiled", "sd15-compiled-graphs"}:
         if on_cuda:
             fast.enable_tf32()
@@ -224,21 +261,23 @@ def run(args) -> dict:
         fast.compile_unet(model, mode=mode)
         record("sd15-compiled", lambda: model.unet(x, t, ctx))
         check("sd15-compiled")
-        if "sd15-compiled-graphs" in rows:
+        if "sd15-compiled-graphs" in rows and mode in fast.CUDAGRAPH_MODES:
+            results["rows"]["sd15-compiled-graphs"] = {"skipped": f"compile mode {mode} captures CUDA graphs itself"}
+        elif "sd15-compiled-graphs" in rows and not out_of_time("sd15-compiled-graphs"):
             fast.cuda_graphs(model)
             record("sd15-compiled-graphs", lambda: model.unet(x, t, ctx))
             check("sd15-compiled-graphs")
 
-    if "e2e" in rows:  # with whatever sd15 configuration is installed now (the fastest measured)
+    if "e2e" in rows and not out_of_time("e2e"):  # with the sd15 configuration installed now (the fastest)
         print("# end-to-end image ...", file=sys.stderr, flush=True)
         try:
             if on_cuda and not args.no_compile and args.compile_vae:
                 fast.compile_vae_decode(model, mode=mode)
-            p = Params(prompt="a photograph of an astronaut riding a horse", seed=1, steps=args.steps,
-                       width=args.size, height=args.size, batch_size=args.batch, sampler_name="Euler")
+            p = dict(prompt="a photograph of an astronaut riding a horse", seed=1, steps=args.steps,
+                     width=args.size, height=args.size, batch_size=args.batch, sampler_name="Euler")
             sync(device)
             t0 = time.perf_counter()
-            generate(model, p)  # warm-up: compiles the VAE decode, captures the graphs
+            model.txt2img(**p)  # warm-up: compiles the VAE decode, captures the graphs
             sync(device)
             first = time.perf_counter() - t0
             if on_cuda:
@@ -247,7 +286,7 @@ def run(args) -> dict:
             for _ in range(repeats):
                 sync(device)
                 t0 = time.perf_counter()
-                generate(model, p)
+                model.txt2img(**p)
                 sync(device)
                 runs.append(time.perf_counter() - t0)
             results["rows"]["e2e"] = {"seconds": statistics.median(runs), "first_call_s": first, "runs_s": runs,
@@ -257,14 +296,18 @@ def run(args) -> dict:
         except Exception as e:
             traceback.print_exc()
             results["rows"]["e2e"] = {"error": f"{type(e).__name__}: {e}"}
+        save(results, args.json)
 
-    if "memory" in rows and on_cuda:
+    if "memory" in rows and on_cuda and not out_of_time("memory"):
         fast.reset(model)
         model.unet.to(memory_format=torch.contiguous_format)
         model.vae.to(memory_format=torch.contiguous_format)
-        results["rows"]["memory"] = memory_rows(model, device, dtype, args)
-    elif "memory" in rows:
+        results["rows"]["memory"] = {}  # filled (and saved) one measurement at a time
+        memory_rows(model, device, dtype, args, lambda: save(results, args.json), out=results["rows"]["memory"])
+    elif "memory" in rows and "memory" not in results["rows"]:
         results["rows"]["memory"] = {"note": "no device: peak VRAM needs CUDA"}
+    save(results, args.json)
+    diffusers_rows(["diffusers-compiled"])
     if not args.ckpt:
         import shutil
         shutil.rmtree(tmp, ignore_errors=True)
@@ -280,14 +323,12 @@ def describe(model) -> str:
     return "compiled" if isinstance(fwd, fast._Compiled) else "eager"
 
 
-def memory_rows(model, device, dtype, args) -> dict:
+def memory_rows(model, device, dtype, args, saved=lambda: None, out=None) -> dict:
     """Peak VRAM (GB) of the eager model: 2-step generations at 512 and 1024, and at 1024 one CFG UNet step
     plus a tiled VAE decode (what the pipeline does once it tiles large images)."""
-    from sd15.pipeline import generate
-    from sd15.schema import GenerationRequest as Params
     from sd15.vae.tiled import tiled_decode
 
-    out = {}
+    out = {} if out is None else out
 
     def peak(name, fn):
         gc.collect()
@@ -301,10 +342,11 @@ def memory_rows(model, device, dtype, args) -> dict:
         except Exception as e:  # an out-of-memory error is a result too
             traceback.print_exc()
             out[name] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        saved()
 
     for size in (512, 1024):
-        p = Params(prompt="memory", seed=1, steps=2, width=size, height=size, sampler_name="Euler")
-        peak(f"generate_{size}", lambda p=p: generate(model, p))
+        p = dict(prompt="memory", seed=1, steps=2, width=size, height=size, sampler_name="Euler")
+        peak(f"generate_{size}", lambda p=p: model.txt2img(**p))
 
     def unet_and_tiled_vae(storage, size=1024):
         lat = size // 8
@@ -325,6 +367,8 @@ def memory_rows(model, device, dtype, args) -> dict:
 def fmt_row(label: str, r: dict | None, base: float | None) -> str:
     if r is None:
         return f"| {label} | not run | | |"
+    if "skipped" in r:
+        return f"| {label} | skipped: {r['skipped'][:100]} | | |"
     if "error" in r:
         return f"| {label} | error: {r['error'][:80]} | | |"
     ratio = f"{r['it_s'] / base:.2f}x" if base else "-"
@@ -355,7 +399,9 @@ def table(res: dict) -> str:
                      f"{res['rel_err_sd15_vs_diffusers']:.1e} (max |diff| / max |ref|)")
     e2e = rows.get("e2e")
     if e2e is not None:
-        if "error" in e2e:
+        if "skipped" in e2e:
+            lines.append(f"\nEnd to end: skipped: {e2e['skipped']}")
+        elif "error" in e2e:
             lines.append(f"\nEnd to end: error: {e2e['error']}")
         else:
             vram = f"; peak VRAM {e2e['peak_vram_gb']:.2f} GB" if e2e.get("peak_vram_gb") else ""
@@ -364,8 +410,8 @@ def table(res: dict) -> str:
                          f"first call {e2e['first_call_s']:.1f} s){vram}")
     mem = rows.get("memory")
     if mem is not None:
-        if "note" in mem:
-            lines.append(f"Peak VRAM: {mem['note']}")
+        if "note" in mem or "skipped" in mem:
+            lines.append(f"Peak VRAM: {mem.get('note') or mem['skipped']}")
         else:
             lines.append("Peak VRAM (eager, torch.cuda.max_memory_allocated): " + "; ".join(
                 f"{k} {v:.2f} GB" if isinstance(v, float) else f"{k} {v}" for k, v in mem.items()))
@@ -394,15 +440,14 @@ def main(argv=None):
     ap.add_argument("--rows", default=None, help=f"comma-separated subset of {','.join(ROWS)}")
     ap.add_argument("--ckpt", default=None, help="an SD 1.5 checkpoint (default: synthetic full-size weights)")
     ap.add_argument("--tiny", action="store_true", help="the tiny synthetic checkpoint (a smoke test of this script)")
-    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--json", default=None, help="also write the results here (rewritten after every row)")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="seconds after start past which the remaining rows are skipped (reported as such)")
     args = ap.parse_args(argv)
     args.dtype = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
     res = run(args)
-    text = table(res)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1, default=str)
+    print(table(res))
+    save(res, args.json)
     return res
 
 

@@ -12,16 +12,19 @@ Backends (a literal dict below):
             exceeds a memory budget; for very large images without fused kernels.
 
 Choose per call (`attention(..., backend="math")`), per block of code
-(`with use_attention_backend("math"): ...`), or for the process (`set_attention_backend`).
+(`with use_attention_backend("math"): ...`), or for the current thread (`set_attention_backend`).
 A backend may also be any callable with the signature of `attention_math`; that is how a
 researcher captures or replaces attention (e.g. to record attention maps) without editing
-the model files. The choice lives in a ContextVar, so a setting made inside one thread or
-request does not leak into another.
+the model files. The choice is per thread: it lives in a `threading.local` attribute, so a
+setting made in one thread (one server job) is not seen by another, and every new thread
+starts with "sdpa" whatever its parent chose. A plain attribute is what torch.compile can
+read: a compiled UNet reads it while tracing and guards on it, so a different backend gets
+its own graph, and no thread waits for another.
 """
 from __future__ import annotations
 
 import contextlib
-import contextvars
+import threading
 from typing import Callable
 
 import torch
@@ -70,7 +73,12 @@ BACKENDS: dict[str, Callable] = {
     "chunked": attention_chunked,
 }
 
-_backend: contextvars.ContextVar = contextvars.ContextVar("sd15_attention_backend", default="sdpa")
+class _Selection(threading.local):
+    """The current thread's backend; the class attribute is what a thread sees before it sets one."""
+    backend = "sdpa"
+
+
+_selection = _Selection()
 
 
 def _resolve(backend) -> Callable:
@@ -84,25 +92,26 @@ def _resolve(backend) -> Callable:
 
 def attention(q, k, v, causal: bool = False, backend=None):
     """q: (B, H, Lq, D), k/v: (B, H, Lk, D) -> (B, H, Lq, D). Scale = D ** -0.5."""
-    return _resolve(backend if backend is not None else _backend.get())(q, k, v, causal=causal)
+    return _resolve(backend if backend is not None else _selection.backend)(q, k, v, causal=causal)
 
 
 def set_attention_backend(backend) -> None:
-    """Set the backend for the current context (thread / task) and what it starts later."""
+    """Set the backend for the current thread (other threads, and threads started later, keep theirs)."""
     _resolve(backend)
-    _backend.set(backend)
+    _selection.backend = backend
 
 
 def get_attention_backend():
-    return _backend.get()
+    return _selection.backend
 
 
 @contextlib.contextmanager
 def use_attention_backend(backend):
-    """`with use_attention_backend("math"): ...` runs the block with that backend."""
+    """`with use_attention_backend("math"): ...` runs the block (in this thread) with that backend."""
     _resolve(backend)
-    token = _backend.set(backend)
+    saved = _selection.backend
+    _selection.backend = backend
     try:
         yield
     finally:
-        _backend.reset(token)
+        _selection.backend = saved

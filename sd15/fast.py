@@ -1,6 +1,6 @@
 """Opt-in speed and memory transforms for a loaded `StableDiffusion`, applied from outside the model code.
 
-The model files stay plain (style-anchors.md §3.6, the gpt-fast split): everything here changes an already
+The model files stay plain (the gpt-fast split): everything here changes an already
 built model in place and can be undone with `reset(model)` / `disable_offload(model)`.
 
     import sd15, sd15.fast as fast
@@ -25,9 +25,8 @@ under CUDA graphs, see `CUDAGraphRunner`). Offload uses forward pre/post hooks o
 """
 from __future__ import annotations
 
-import contextvars
-import threading
 import time
+import warnings
 from typing import Callable, Iterable
 
 import torch
@@ -71,62 +70,27 @@ def channels_last(model, *, unet: bool = True, vae: bool = True):
 # ------------------------------------------------------------------------------------------------
 # torch.compile
 # ------------------------------------------------------------------------------------------------
-# Dynamo (torch 2.13) cannot trace `ContextVar.get`, which `sd15.attention.attention` uses to find the
-# current backend. Rather than pin a backend into the model code, the compiled wrapper below reads the
-# ContextVar *outside* the graph and stores it in `_TRACE`; a polyfill makes `ContextVar.get` on that one
-# variable return the stored value while tracing. Dynamo guards on the value, so a different backend
-# (e.g. `with use_attention_backend("chunked")`) gets its own graph instead of silently using the old one.
-# Any other ContextVar still graph-breaks and is read eagerly, exactly as without the polyfill.
+# The attention backend is a plain per-thread attribute (`sd15.attention._selection`), which Dynamo reads
+# while tracing and guards on: a different backend (e.g. `with use_attention_backend("chunked")`) gets its
+# own graph instead of silently using the old one, and compiled calls from several threads need no lock.
 
-
-class _TraceState:
-    active = False  # True only inside a call through `_Compiled`
-    backend = "sdpa"
-
-
-_TRACE = _TraceState()
-_TRACE_LOCK = threading.RLock()  # one compiled call at a time: `_TRACE` is process-wide
-_polyfill_installed = False
-
-
-def _install_attention_polyfill() -> None:
-    global _polyfill_installed
-    if _polyfill_installed:
-        return
-    real_get = contextvars.ContextVar.get
-
-    @torch.compiler.substitute_in_graph(contextvars.ContextVar.get, skip_signature_check=True)
-    def _contextvar_get(self, *default):
-        if self is attn._backend and _TRACE.active:
-            return _TRACE.backend
-        torch._dynamo.graph_break()  # not ours: let the call run eagerly, as it would without the polyfill
-        return real_get(self, *default)
-
-    _polyfill_installed = True
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
 
 
 class _Compiled:
-    """A torch.compile'd function that sees the caller's attention backend (see the note above).
-
-    With a mode that uses Inductor's CUDA graphs ("reduce-overhead", "max-autotune") the output lives in a
-    buffer the next replay overwrites, so it is cloned, and each call starts a new cudagraph step."""
+    """A torch.compile'd function. With a mode that uses Inductor's CUDA graphs ("reduce-overhead",
+    "max-autotune") the output lives in a buffer the next replay overwrites, so it is cloned, and each call
+    starts a new cudagraph step."""
 
     def __init__(self, fn: Callable, **compile_kw):
-        _install_attention_polyfill()
         self.mode = compile_kw.get("mode")
         self.compiled = torch.compile(fn, **compile_kw)
 
     def __call__(self, *args, **kwargs):
-        cudagraphs = self.mode in ("reduce-overhead", "max-autotune")
-        with _TRACE_LOCK:
-            _TRACE.active, _TRACE.backend = True, attn.get_attention_backend()
-            try:
-                if cudagraphs:
-                    torch.compiler.cudagraph_mark_step_begin()
-                out = self.compiled(*args, **kwargs)
-            finally:
-                _TRACE.active = False
-        return out.clone() if cudagraphs else out
+        if self.mode in CUDAGRAPH_MODES:
+            torch.compiler.cudagraph_mark_step_begin()
+            return self.compiled(*args, **kwargs).clone()
+        return self.compiled(*args, **kwargs)
 
 
 def _current(module: nn.Module, name: str) -> Callable:
@@ -194,22 +158,35 @@ class CUDAGraphRunner:
         self.fn = fn
         self.warmup_iters = warmup_iters
         self.graphs: dict = {}
+        self.failed: dict = {}  # signature -> why its capture failed; those calls run eagerly, not re-captured
         self.pool = None
 
     def reset(self) -> None:
         self.graphs.clear()
+        self.failed.clear()
         self.pool = None
 
+    def _eligible(self, args, kwargs) -> bool:
+        return not (kwargs or torch.is_grad_enabled() or callable(attn.get_attention_backend()) or not args
+                    or not all(isinstance(a, torch.Tensor) for a in args) or not args[0].is_cuda)
+
     def __call__(self, *args, **kwargs):
-        backend = attn.get_attention_backend()
-        if (kwargs or torch.is_grad_enabled() or callable(backend) or not args
-                or not all(isinstance(a, torch.Tensor) for a in args) or not args[0].is_cuda):
+        if not self._eligible(args, kwargs):
             return self.fn(*args, **kwargs)
-        key = (backend, torch.is_inference_mode_enabled(),
+        key = (attn.get_attention_backend(), torch.is_inference_mode_enabled(),
                *((a.shape, a.dtype, a.stride(), a.device) for a in args))
+        if key in self.failed:
+            return self.fn(*args)
         entry = self.graphs.get(key)
         if entry is None:
-            entry = self.graphs[key] = self._capture(args)
+            try:
+                entry = self._capture(args)
+            except Exception as e:  # e.g. an op that cannot be captured: run this signature eagerly from now on
+                self.failed[key] = f"{type(e).__name__}: {e}"
+                warnings.warn(f"CUDA graph capture failed for input shapes {[tuple(a.shape) for a in args]} "
+                              f"({self.failed[key]}); running them eagerly", RuntimeWarning, stacklevel=2)
+                return self.fn(*args)
+            self.graphs[key] = entry
         graph, static_in, static_out = entry
         for buf, a in zip(static_in, args):
             buf.copy_(a)
@@ -234,9 +211,14 @@ class CUDAGraphRunner:
 
 
 def cuda_graphs(model, *, unet: bool = True):
-    """Install a `CUDAGraphRunner` around the UNet forward (compiled or eager). Needs the model on CUDA."""
+    """Install a `CUDAGraphRunner` around the UNet forward (compiled or eager). Needs the model on CUDA, and a
+    compile mode without Inductor's own CUDA graphs (two graph layers would capture each other)."""
     if model.device.type != "cuda":
         raise RuntimeError(f"CUDA graphs need the model on a CUDA device; it is on {model.device}")
+    fwd = model.unet.__dict__.get("forward")
+    if isinstance(fwd, _Compiled) and fwd.mode in CUDAGRAPH_MODES:
+        raise ValueError(f"compile mode {fwd.mode!r} already captures CUDA graphs; use it without sd15's graph "
+                         "runner, or compile with 'default' / 'max-autotune-no-cudagraphs' under the runner")
     if unet:
         model.unet.forward = CUDAGraphRunner(_current(model.unet, "forward"))
     return model
@@ -447,20 +429,18 @@ def use_attention_for(model, height: int, width: int, *, part: str = "unet", bat
 
 
 def warmup(model, sizes=((512, 512),), batch_sizes=(1,), *, steps: int = 2, sampler: str = "Euler") -> dict:
-    """Run a short txt2img for every (width, height) x batch size through `sd15.pipeline.generate`, so
+    """Run a short txt2img for every (width, height) x batch size through `model.txt2img`, so
     that compilation, CUDA-graph capture and cuDNN autotuning happen now and with exactly the dtypes,
     strides and grad mode real requests use. Returns {(width, height, batch): seconds}. A new shape under
     `cuda_graphs` is compiled (if compiled) and captured on its first call, so one pass is enough."""
-    from sd15.pipeline import Params, generate
-
     times = {}
     for w, h in sizes:
         for b in batch_sizes:
             if model.device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            generate(model, Params(prompt="warm-up", seed=0, steps=steps, width=w, height=h, batch_size=b,
-                                   sampler_name=sampler))
+            model.txt2img(prompt="warm-up", seed=0, steps=steps, width=w, height=h, batch_size=b,
+                          sampler_name=sampler)
             if model.device.type == "cuda":
                 torch.cuda.synchronize()
             times[(w, h, b)] = time.perf_counter() - t0
@@ -479,8 +459,9 @@ def optimize(model, *, compile: bool | None = None, channels_last: bool | None =
     `vae.decode` when `vae`), and a `CUDAGraphRunner` around the UNet. On the CPU nothing by default, since
     Inductor made the UNet 25% slower than eager there (bench/RESULTS.md); `compile=True` compiles anyway.
     `mode` is torch.compile's, default "default" (seconds to compile); "max-autotune-no-cudagraphs"
-    autotunes conv/matmul kernels (minutes) and leaves the CUDA graphs to `CUDAGraphRunner`. `dynamic` as
-    in `compile_unet`.
+    autotunes conv/matmul kernels (minutes) and leaves the CUDA graphs to `CUDAGraphRunner`;
+    "reduce-overhead" / "max-autotune" use Inductor's own CUDA graphs, so the runner is then left out
+    (asking for both is an error). `dynamic` as in `compile_unet`.
 
     `offload=True` (or "sequential" / "model", see `enable_offload`) is the small-GPU mode instead: weights
     stay in CPU memory, nothing is compiled or captured.
@@ -496,6 +477,12 @@ def optimize(model, *, compile: bool | None = None, channels_last: bool | None =
     if cuda_graphs and not on_cuda:
         raise RuntimeError(f"CUDA graphs need the model on a CUDA device; it is on {model.device}")
     compile = on_cuda if compile is None else compile
+    inductor_graphs = compile and mode in CUDAGRAPH_MODES
+    if inductor_graphs and cuda_graphs:
+        raise ValueError(f"compile mode {mode!r} captures CUDA graphs itself; pass cuda_graphs=False, or use "
+                         "mode='max-autotune-no-cudagraphs' with sd15's graph runner")
+    if inductor_graphs:
+        cuda_graphs = False  # Inductor's graphs instead of the runner
     if tf32 and on_cuda:
         enable_tf32()
     if (on_cuda and compile) if channels_last is None else channels_last:

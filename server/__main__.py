@@ -38,6 +38,30 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-steps", type=int, default=None, help="most sampling steps per pass (default 1000)")
     ap.add_argument("--max-batch-size", type=int, default=None, help="largest batch_size (default 16)")
     ap.add_argument("--max-body-mb", type=float, default=None, help="largest request body in MiB (default 64)")
+    ap.add_argument("--esrgan-models-path", default=None, help="ESRGAN upscaler folder (default: <ckpt-dir>/ESRGAN)")
+    ap.add_argument("--realesrgan-models-path", default=None,
+                    help="Real-ESRGAN upscaler folder (default: <ckpt-dir>/RealESRGAN)")
+    ap.add_argument("--api-server-stop", action="store_true",
+                    help="enable POST /sdapi/v1/server-kill, /server-restart and /server-stop")
+    ap.add_argument("--max-prompt-chars", type=int, default=None, help="longest prompt (default 20000)")
+    ap.add_argument("--outdir", default="outputs", help="folder for saved images (default: outputs/)")
+    ap.add_argument("--no-save", action="store_true", help="never write images (save_images and the page's "
+                                                             "saving are ignored)")
+    ap.add_argument("--queue-size", type=int, default=64, help="jobs that may wait (default 64); beyond: 503")
+    ap.add_argument("--max-job-seconds", type=float, default=None,
+                    help="stop a running job after this many seconds and return what it made (default: no limit)")
+    ap.add_argument("--keep-abandoned-jobs", action="store_true",
+                    help="run jobs whose client disconnected anyway (A1111's behaviour; default: cancel them)")
+    ap.add_argument("--allowed-hosts", default=None,
+                    help="comma-separated Host names to answer besides localhost ('*' for any; default: "
+                         "loopback names, any name with --api-auth; IP addresses are always accepted)")
+    ap.add_argument("--max-connections", type=int, default=256, help="open connections at most (default 256)")
+    ap.add_argument("--header-timeout", type=float, default=10.0,
+                    help="seconds to send a request head (default 10)")
+    ap.add_argument("--body-timeout", type=float, default=60.0, help="seconds to send a request body (default 60)")
+    ap.add_argument("--keep-alive-timeout", type=float, default=5.0, help="idle keep-alive seconds (default 5)")
+    ap.add_argument("--shutdown-grace", type=float, default=30.0,
+                    help="seconds the running job may take to finish at shutdown (default 30)")
     ap.add_argument("--api", action="store_true", help="accepted for A1111 compatibility (the API is always on)")
     ap.add_argument("--nowebui", action="store_true", help="accepted for A1111 compatibility (there is no web UI)")
     return ap
@@ -60,15 +84,14 @@ def config_from_args(args):
     from server.a1111 import Limits
     from server.app import ServerConfig
 
-    limits = Limits()
-    if args.max_pixels:
-        limits.max_pixels = args.max_pixels
-    if args.max_steps:
-        limits.max_steps = args.max_steps
-    if args.max_batch_size:
-        limits.max_batch_size = args.max_batch_size
-    if args.max_body_mb:
-        limits.max_body_bytes = int(args.max_body_mb * 2**20)
+    given = dict(max_pixels=args.max_pixels, max_steps=args.max_steps, max_batch_size=args.max_batch_size,
+                 max_body_bytes=int(args.max_body_mb * 2**20) if args.max_body_mb else None,
+                 max_prompt_chars=args.max_prompt_chars)
+    limits = Limits(**{name: value for name, value in given.items() if value})
+    for name in ("queue_size", "max_connections", "max_prompt_chars"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     origins = [o for o in (args.cors_allow_origins or "").split(",") if o]
     flags = {k: v for k, v in vars(args).items()}
     flags.update(api=True, nowebui=True, api_auth="<set>" if args.api_auth else None)  # never show credentials
@@ -79,7 +102,10 @@ def config_from_args(args):
         embeddings_dir=args.embeddings_dir or os.path.join(args.ckpt_dir, "embeddings"),
         device=args.device, precision=args.precision, api_auth=parse_auth(args.api_auth),
         cors_allow_origins=origins, cors_allow_origins_regex=args.cors_allow_origins_regex, limits=limits,
-        flags=flags, optimize=args.optimize)
+        flags=flags, optimize=args.optimize, outdir=args.outdir, save=not args.no_save, queue_size=args.queue_size,
+        max_job_seconds=args.max_job_seconds, keep_abandoned_jobs=args.keep_abandoned_jobs,
+        allowed_hosts=[h.strip() for h in args.allowed_hosts.split(",") if h.strip()] if args.allowed_hosts else None,
+        body_timeout=args.body_timeout, shutdown_grace=args.shutdown_grace)
 
 
 def ensure_checkpoint(config, no_download: bool) -> None:
@@ -101,6 +127,21 @@ def ensure_checkpoint(config, no_download: bool) -> None:
     fetch_default_checkpoint(config.ckpt_dir)
 
 
+def startup_warnings(host: str, config) -> list[str]:
+    """What an operator must see at start-up: a server reachable from other machines without --api-auth,
+    a CORS wildcard."""
+    out = []
+    if not host.startswith("127.") and host not in ("localhost", "::1") and not config.api_auth:
+        out += ["!" * 100,
+                f"listening on {host} WITHOUT --api-auth: anyone who can reach this port can run jobs and change "
+                f"the options. Set --api-auth user:password.",
+                "!" * 100]
+    if "*" in config.cors_allow_origins:
+        out.append("--cors-allow-origins '*': any site may call this server from a browser; credentials "
+                   "(cookies, Basic auth) are then not sent with cross-origin requests")
+    return out
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
@@ -120,8 +161,25 @@ def main(argv=None) -> int:
         print(f"sd15-server: error: {e}", file=sys.stderr)
         return 2
     host = args.server_name or ("0.0.0.0" if args.listen else "127.0.0.1")
+    log = logging.getLogger("server")
+    for line in startup_warnings(host, config):
+        log.warning("%s", line)
     print(f"sd15-server: {engine.models.model!r}", file=sys.stderr)
-    uvicorn.run(create_app(config, engine), host=host, port=args.port, timeout_keep_alive=30, log_level="info")
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    print(f"sd15-server: page and API at http://{shown}:{args.port}/ (API docs: /openapi.json)", file=sys.stderr)
+    from server.net import Server, guarded_protocol
+
+    app = create_app(config, engine)
+    uv = uvicorn.Config(app, host=host, port=args.port, log_level="info", timeout_keep_alive=args.keep_alive_timeout,
+                        http=guarded_protocol(args.header_timeout, args.max_connections, engine.metrics),
+                        h11_max_incomplete_event_size=64 * 1024,
+                        timeout_graceful_shutdown=args.shutdown_grace + 15)
+    server = Server(uv, engine, args.shutdown_grace)
+    server.run()
+    if server.forced:
+        print("sd15-server: forced quit", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(1)  # a thread still in the sampler must not keep the process alive
     return 0
 
 

@@ -6,7 +6,7 @@
   pydantic v1 models do ("7" -> 7, 7 -> 7.0, "true" -> True), answers a wrong type with FastAPI's 422 shape,
   treats `null` as "not given", and ignores (and logs) unknown fields.
 - `to_request(req, settings, ...)`: the body as a `GenerationRequest`; `check(req, limits)`: its checks.
-- `OPTIONS`: the `/sdapi/v1/options` keys this server honours, with A1111's defaults and checks.
+- `OPTIONS`: every A1111 `/sdapi/v1/options` key with its default and checks (server/options.py).
 - Error bodies: `ApiError` -> `{"error", "detail", "body", "errors"}`; `ValidationError` -> FastAPI's
   `{"detail": [{"loc", "msg", "type"}]}`.
 
@@ -17,15 +17,16 @@ from __future__ import annotations
 import base64
 import dataclasses
 import logging
-import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 from sd15 import schema
 from sd15.a1111 import images as imgs
 from sd15.a1111 import infotext
 from sd15.samplers import resolve_sampler
+from server.coerce import ValidationError, convert  # pydantic v1 coercion and FastAPI's 422 shape
+from server.options import OPTIONS, READ_ONLY_OPTIONS, options_json, validate as option_value  # noqa: F401
 
 log = logging.getLogger("server")
 
@@ -37,137 +38,14 @@ log = logging.getLogger("server")
 class ApiError(Exception):
     """An error answered with A1111's handler body: `{"error", "detail", "body", "errors"}`."""
 
-    def __init__(self, status: int, detail: str = "", *, error: str = "HTTPException", errors: str = ""):
+    def __init__(self, status: int, detail: str = "", *, error: str = "HTTPException", errors: str = "",
+                 headers: Optional[dict] = None):
         super().__init__(detail or errors)
         self.status, self.detail, self.error, self.errors = status, detail, error, errors
+        self.headers = headers  # e.g. Retry-After on a 503
 
     def body(self) -> dict:
         return {"error": self.error, "detail": self.detail, "body": "", "errors": self.errors}
-
-
-class ValidationError(Exception):
-    """FastAPI's request-validation error: 422 `{"detail": [{"loc", "msg", "type"}, ...]}`."""
-
-    def __init__(self, problems: list[dict]):
-        super().__init__("; ".join(f"{'.'.join(map(str, p['loc'][1:]))}: {p['msg']}" for p in problems))
-        self.problems = problems
-
-    @staticmethod
-    def problem(name, msg: str, type_: str) -> dict:
-        loc = ["body"] if name is None else ["body", *name] if isinstance(name, tuple) else ["body", name]
-        return {"loc": loc, "msg": msg, "type": type_}
-
-    @classmethod
-    def one(cls, name, msg: str, type_: str = "value_error") -> "ValidationError":
-        return cls([cls.problem(name, msg, type_)])
-
-
-# =============================================================================================
-# Lenient JSON -> typed values (pydantic v1 semantics)
-# =============================================================================================
-
-_TRUE = {"1", "on", "t", "true", "y", "yes"}
-_FALSE = {"0", "off", "f", "false", "n", "no"}
-
-
-class _Bad(Exception):
-    def __init__(self, msg: str, type_: str):
-        self.msg, self.type_ = msg, type_
-
-
-def _to_int(v) -> int:
-    if isinstance(v, bool):
-        raise _Bad("value is not a valid integer", "type_error.integer")
-    if isinstance(v, int):
-        return v
-    if isinstance(v, float) and math.isfinite(v):
-        return int(v)  # pydantic v1 truncates
-    if isinstance(v, str):
-        try:
-            return int(v.strip())
-        except ValueError:
-            pass
-    raise _Bad("value is not a valid integer", "type_error.integer")
-
-
-def _to_float(v) -> float:
-    if isinstance(v, bool):
-        raise _Bad("value is not a valid float", "type_error.float")
-    if isinstance(v, (int, float)):
-        out = float(v)
-    elif isinstance(v, str):
-        try:
-            out = float(v.strip())
-        except ValueError:
-            raise _Bad("value is not a valid float", "type_error.float") from None
-    else:
-        raise _Bad("value is not a valid float", "type_error.float")
-    if not math.isfinite(out):
-        raise _Bad("value must be a finite number", "value_error.number.not_finite")
-    return out
-
-
-def _to_bool(v) -> bool:
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, int) and v in (0, 1):
-        return bool(v)
-    if isinstance(v, str) and v.strip().lower() in _TRUE | _FALSE:
-        return v.strip().lower() in _TRUE
-    raise _Bad("value could not be parsed to a boolean", "type_error.bool")
-
-
-def _to_str(v) -> str:
-    if isinstance(v, str):
-        return v
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return str(v)  # pydantic v1 turns numbers into strings
-    raise _Bad("str type expected", "type_error.str")
-
-
-def _to_str_list(v) -> list:
-    if not isinstance(v, list):
-        raise _Bad("value is not a valid list", "type_error.list")
-    return [_to_str(x) for x in v]
-
-
-def _to_list(v) -> list:
-    if not isinstance(v, list):
-        raise _Bad("value is not a valid list", "type_error.list")
-    return v
-
-
-def _to_dict(v) -> dict:
-    if not isinstance(v, dict):
-        raise _Bad("value is not a valid dict", "type_error.dict")
-    return v
-
-
-_CONVERTERS = {int: _to_int, float: _to_float, bool: _to_bool, str: _to_str, list: _to_list, dict: _to_dict}
-
-
-def _converter(tp):
-    """The converter of a (resolved) field type: Optional[X] -> X's; list[str] -> _to_str_list; Any -> None."""
-    if tp is Any:
-        return None
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    origin = typing.get_origin(tp)
-    if origin is typing.Union or (origin is not None and type(None) in typing.get_args(tp)):
-        return _converter(args[0])
-    if origin is list:
-        return _to_str_list if args == [str] else _to_list
-    if origin is dict:
-        return _to_dict
-    return _CONVERTERS[tp]
-
-
-def convert(name: str, value, tp):
-    """One value to its field type; raises ValidationError (422) in FastAPI's shape."""
-    fn = _converter(tp)
-    try:
-        return value if fn is None else fn(value)
-    except _Bad as e:
-        raise ValidationError.one(name, e.msg, e.type_) from None
 
 
 class _Request:
@@ -338,6 +216,9 @@ class Limits(schema.Limits):
     max_images: int = 256
     max_body_bytes: int = 64 << 20  # request body
     max_image_pixels: int = 8192 * 8192  # every decoded input image (decompression-bomb guard)
+    max_image_side: int = 16384  # either side of an input image (init image or mask)
+    max_image_aspect: float = 64.0  # longer side / shorter side of an input image
+    max_prompt_chars: int = 20000  # prompt, negative prompt, hires prompts (each)
 
 
 def _same(value: Optional[str]) -> Optional[str]:
@@ -374,9 +255,10 @@ def to_request(req: _GenerationRequest, settings: Optional[dict] = None, init_im
     return schema.GenerationRequest(**kw)
 
 
-def check(req: _GenerationRequest, limits: Limits) -> None:
+def check(req: _GenerationRequest, limits: Limits, settings: Optional[dict] = None) -> schema.ResolvedRequest:
     """The request's ranges and limits (`sd15.schema.validate`) and the API-only fields -> ValidationError
-    (422); unknown sampler, scheduler or upscaler names -> ApiError 400 (A1111 v1.10 answers 400)."""
+    (422); unknown sampler, scheduler or upscaler names -> ApiError 400 (A1111 v1.10 answers 400). Returns
+    the request resolved (`sd15.schema.resolve`) with `settings`, its init images still as sent."""
     problems = []
     if isinstance(req, Txt2ImgRequest):
         for name in ("firstphase_width", "firstphase_height"):
@@ -385,13 +267,13 @@ def check(req: _GenerationRequest, limits: Limits) -> None:
                                                         "value_error"))
     if req.is_img2img and not req.init_images:
         raise ApiError(404, "Init image not found")
-    draft = to_request(req)
+    request = to_request(req, settings)
     try:
-        schema.validate(draft, limits)
+        schema.validate(request, limits)
     except schema.RequestError as e:
         problems += [ValidationError.problem(name, msg, kind) for name, msg, kind in e.problems]
     if req.script_name:
-        raise ApiError(422, f"Script '{req.script_name}' not found")  # A1111's words; no scripts here
+        raise ApiError(422, f"Script '{req.script_name}' not found")
     if req.alwayson_scripts:
         raise ApiError(422, f"always on script {next(iter(req.alwayson_scripts))} not found")
     unsupported = [("restore_faces", req.restore_faces), ("tiling", req.tiling),
@@ -403,7 +285,7 @@ def check(req: _GenerationRequest, limits: Limits) -> None:
     if problems:
         raise ValidationError(problems)
     try:
-        schema.resolve(draft)
+        return schema.resolve(request)
     except ValueError as e:
         raise ApiError(400, str(e)) from None
 
@@ -416,72 +298,6 @@ def decode_image(data: str, name: str, limits: Limits):
         return imgs.load_image(data, max_pixels=limits.max_image_pixels, mode=None)
     except ValueError as e:
         raise ApiError(400, f"{name}: {e}") from None
-
-
-# =============================================================================================
-# Options
-# =============================================================================================
-
-@dataclass(frozen=True)
-class Option:
-    default: Any
-    type: type
-    lo: Optional[float] = None
-    hi: Optional[float] = None
-    choices: Optional[tuple] = None
-
-
-# The options this server honours (A1111 registers hundreds; a key not listed here is refused).
-# sd_model_checkpoint / sd_vae are checked against the model folders by the server.
-OPTIONS: dict[str, Option] = {
-    "sd_model_checkpoint": Option("", str),
-    "sd_checkpoint_hash": Option("", str),  # read-only: the loaded checkpoint's sha256
-    "sd_vae": Option("Automatic", str),
-    "CLIP_stop_at_last_layers": Option(1, int, 1, 12),
-    "eta_noise_seed_delta": Option(0, int, 0, 2**32 - 1),
-    "randn_source": Option("GPU", str, choices=("GPU", "CPU", "NV")),
-    "eta_ancestral": Option(1.0, float, 0.0, 1000.0),
-    "eta_ddim": Option(0.0, float, 0.0, 1000.0),
-    "s_churn": Option(0.0, float, 0.0, 1000.0),
-    "s_tmin": Option(0.0, float, 0.0, 1000.0),
-    "s_tmax": Option(0.0, float, 0.0, 1000.0),
-    "s_noise": Option(1.0, float, 0.0, 1000.0),
-    "s_min_uncond": Option(0.0, float, 0.0, 1000.0),
-    "initial_noise_multiplier": Option(1.0, float, 0.0, 10.0),
-    "samples_format": Option("png", str, choices=("png",)),
-    "enable_pnginfo": Option(True, bool),
-    "live_previews_enable": Option(True, bool),
-    "show_progress_every_n_steps": Option(10, int, -1, 1000),
-}
-READ_ONLY_OPTIONS = {"sd_checkpoint_hash"}
-
-
-def option_value(key: str, value):
-    """One POSTed option value, converted and checked -> the value; ValidationError when wrong."""
-    opt = OPTIONS[key]
-    if opt.type is int and isinstance(value, float) and value.is_integer():
-        value = int(value)  # GET /options shows these as floats (A1111's quirk), so accept them back
-    value = convert(key, value, opt.type)
-    if opt.type in (int, float) and opt.lo is not None and value < opt.lo:
-        raise ValidationError.one(key, f"ensure this value is greater than or equal to {opt.lo}",
-                                  "value_error.number.not_ge")
-    if opt.type in (int, float) and opt.hi is not None and value > opt.hi:
-        raise ValidationError.one(key, f"ensure this value is less than or equal to {opt.hi}",
-                                  "value_error.number.not_le")
-    if opt.choices is not None and value not in opt.choices:
-        raise ValidationError.one(key, f"must be one of: {', '.join(map(str, opt.choices))}")
-    return value
-
-
-def options_json(values: dict) -> dict:
-    """GET /options: every key; ints whose default is non-zero come back as floats (A1111's quirk)."""
-    out = {}
-    for key, opt in OPTIONS.items():
-        value = values[key]
-        if opt.type is int and opt.default not in (0, False) and isinstance(value, int):
-            value = float(value)
-        out[key] = value
-    return out
 
 
 # =============================================================================================
@@ -564,20 +380,11 @@ def _exif_user_comment(image) -> Optional[str]:
 
 # What A1111 answers on endpoints that have nothing behind them here.
 EMPTY_SHAPES = {
-    "scripts": {"txt2img": [], "img2img": []},
-    "script-info": [],
     "prompt-styles": [],
     "face-restorers": [],
-    "realesrgan-models": [],
     "hypernetworks": [],
     "extensions": [],
 }
-
-
-def upscalers() -> list[dict]:
-    """GET /upscalers: the pixel upscalers sd15 implements, in A1111's shape."""
-    return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
-            for name in imgs.PIXEL_UPSCALERS]
 
 
 def latent_upscale_modes() -> list[dict]:

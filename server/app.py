@@ -1,11 +1,12 @@
 """The A1111-compatible HTTP API (`/sdapi/v1/*`) on Starlette.
 
-    app = create_app(ServerConfig(ckpt_dir="weights"))      # uvicorn.run(app) / TestClient(app)
+    app = create_app(ServerConfig(ckpt_dir="weights"))      # python -m server / TestClient(app)
 
 Plain async endpoints, one `routes` list, and a lifespan that loads the checkpoint once and yields the
-shared `Engine` (read as `request.state.engine`). Model work runs on worker threads behind one
-`anyio.CapacityLimiter(1)`, first come first served (A1111's queue_lock): generations, checkpoint/VAE
-switches and unloads queue there, while progress, interrupt, skip and the listings answer at once.
+shared `Engine` (read as `request.state.engine`). Generations are jobs in one bounded FIFO queue shared by
+every client (server/jobs.py, run by server/runner.py); they and checkpoint/VAE switches run one at a time
+behind one `anyio.CapacityLimiter(1)` (A1111's queue_lock), while progress, interrupt, skip and the
+listings answer at once.
 
 Errors: `ApiError` -> A1111's body `{"error", "detail", "body", "errors"}`; bad types or ranges -> 422 in
 FastAPI's shape; routing -> `{"detail": "Not Found"}`. Bad input is always a 4xx; anything unexpected inside
@@ -13,23 +14,17 @@ a generation is a 500 with A1111's body, and the server keeps serving.
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
-import hmac
-import json
 import logging
 import os
 import time
-import typing
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import anyio
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -38,14 +33,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from sd15.a1111 import infotext
 from sd15.checkpoint import CheckpointError
-from sd15.pipeline import JobState, decode_latents, generate
-from sd15.samplers import samplers_api, schedulers_api
-from sd15.schema import GenerationRequest, resolve
-from server import a1111
+from sd15.pipeline import JobState, generate
+from sd15.samplers.table import samplers_api, schedulers_api
+from sd15.schema import ResolvedRequest
+from server import a1111, admin, extras, inputs, jobs, jobs_api, runner, scripts, ui
+from server.scripts import serve as scripts_serve
 from server.a1111 import ApiError, Limits, ValidationError
+from server.inputs import read_json
 from server.download import DEFAULT_MODEL
+from server.metrics import Metrics
+from server.middleware import LOOPBACK_HOSTS, BasicAuth, HostCheck, JsonErrors, ProcessTime
 from server.models import Checkpoint, Library, ModelManager
 
 log = logging.getLogger("server")
@@ -66,19 +64,20 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     flags: dict = field(default_factory=dict)  # what GET /cmd-flags shows (secrets already masked)
     optimize: bool = False  # CUDA: sd15.fast.optimize (compile, CUDA graphs) and a 512x512 warm-up after each load
+    outdir: str = "outputs"  # where saved images go (A1111's layout)
+    save: bool = True  # False (--no-save): nothing is ever written
+    queue_size: int = 64  # jobs waiting at most; beyond: 503 + Retry-After
+    max_job_seconds: Optional[float] = None  # a running job is stopped after this long (partial result)
+    keep_abandoned_jobs: bool = False  # True: A1111's behaviour, a job runs although its client left
+    allowed_hosts: Optional[list] = None  # Host names accepted; None: loopback names (any with --api-auth)
+    body_timeout: float = 60.0  # seconds to receive a request body
+    shutdown_grace: float = 30.0  # seconds the running job may take to finish at shutdown
 
 
-@dataclass
-class Job:
-    """The running generation, as /progress reports it."""
-    kind: str  # "txt2img" | "img2img"
-    state: JobState
-    n_iter: int
-    passes: int  # 2 with hires fix
-    started: float = field(default_factory=time.time)
-    timestamp: str = field(default_factory=infotext.job_timestamp)
-    steps_done: int = 0
-    preview_at: int = 0
+class Prepared(NamedTuple):
+    """A checked request, ready to queue: its checked `override_settings` and its resolved request."""
+    overrides: dict
+    resolved: ResolvedRequest
 
 
 # =============================================================================================
@@ -95,11 +94,15 @@ class Engine:
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, None: None}[config.precision]
         self.models = ModelManager(self.library, config.device, dtype, optimize=config.optimize)
         self.options = {key: opt.default for key, opt in a1111.OPTIONS.items()}
-        self.job: Optional[Job] = None
+        self.job: Optional[runner.Run] = None
         self.last_timestamp = "0"
         self.preview: Optional[str] = None  # base64 PNG of the running job's latest preview
         self.preview_wanted = False  # set by /progress: previews are only decoded when someone looks
         self.gpu: Optional[anyio.CapacityLimiter] = None  # made in the lifespan, inside the event loop
+        self.upscalers = extras.make_upscalers(config)  # ESRGAN / RealESRGAN folders (server/extras.py)
+        self.queue: Optional[jobs.JobQueue] = None  # likewise
+        self.metrics = Metrics()
+        self.models.loads = self.metrics.model_loads
 
     # --- model -------------------------------------------------------------------------------
 
@@ -133,6 +136,18 @@ class Engine:
         except LookupError as e:
             raise ApiError(400, str(e)) from None
         self.models.ensure(checkpoint, vae)
+
+    def submit(self, req, prepared: "Prepared", *, source: str, save: bool) -> jobs.Job:
+        """Queue a prepared request -> the job (503 with Retry-After when the queue is full)."""
+        try:
+            return self.queue.submit("img2img" if req.is_img2img else "txt2img", (req, prepared),
+                                     runner.job_summary(prepared.resolved),
+                                     source=source, save=save)
+        except jobs.QueueFull as e:
+            self.metrics.rejected["queue_full"] += 1
+            raise ApiError(503, str(e), error="QueueFull", headers={"Retry-After": str(e.retry_after)}) from None
+        except jobs.JobFailed as e:
+            raise ApiError(e.status, e.detail, error=e.error) from None
 
     async def on_gpu(self, fn, *args):
         """Run `fn(*args)` on a worker thread once the GPU is free (FIFO); the slot is held until it returns."""
@@ -200,79 +215,73 @@ class Engine:
 
     # --- generation ----------------------------------------------------------------------------
 
-    def prepare(self, req) -> tuple:
-        """Everything that can fail on the request alone, before it queues: ranges, names, overrides,
-        image decoding (with the pixel limit) -> (init_images, mask, overrides)."""
-        a1111.check(req, self.limits)
+    def prepare(self, req) -> "Prepared":
+        """Everything that can fail on the request alone, before it queues: overrides, ranges, names, prompt
+        length, and the init images' and mask's headers (format, sides, aspect ratio; no pixel is decoded
+        here). The request is resolved here, once (`sd15.schema.resolve`): its sampler, seeds and hires size
+        are what the job runs with."""
         overrides = self.check_overrides(req.override_settings or {})
-        if req.save_images:
-            log.warning("save_images: this server does not save images; they are only returned")
-        init_images = mask = None
+        resolved = a1111.check(req, self.limits, {**self.options, **overrides})
+        inputs.check_prompts(req, self.limits)
         if req.is_img2img:
-            init_images = [a1111.decode_image(s, f"init_images[{i}]", self.limits)
-                           for i, s in enumerate(req.init_images)]
+            for i, s in enumerate(req.init_images):
+                inputs.probe_image(s, f"init_images[{i}]", self.limits, resize_mode=req.resize_mode)
             if req.mask:
-                mask = a1111.decode_image(req.mask, "mask", self.limits)
-        return init_images, mask, overrides
+                inputs.probe_image(req.mask, "mask", self.limits)
+        return Prepared(overrides, resolved)
 
-    def run(self, req, init_images, mask, overrides: dict):
-        """(GPU worker) One txt2img/img2img job with the options as they are now -> (Result, settings)."""
-        settings = {**self.options, **overrides}
-        request = resolve(a1111.to_request(req, settings, init_images, mask))
-        job = Job("img2img" if req.is_img2img else "txt2img", JobState(), request.n_iter, 2 if request.hires else 1)
-        self.job, self.preview = job, None
+    def decode_inputs(self, req) -> tuple:
+        """(GPU worker, when the job starts) The init images and mask as PIL images."""
+        if not req.is_img2img:
+            return None, None
+        init_images = [inputs.decode_image(s, f"init_images[{i}]", self.limits, resize_mode=req.resize_mode)
+                       for i, s in enumerate(req.init_images)]
+        mask = inputs.decode_image(req.mask, "mask", self.limits) if req.mask else None
+        return init_images, mask
+
+    def run(self, req, prepared: "Prepared", job: Optional[jobs.Job] = None):
+        """(GPU worker) One txt2img/img2img job with the options as they are now -> (Result, settings).
+        The choices `prepare` made stay (sampler, seeds, hires size); the request is rebuilt with the
+        decoded images and the options of this moment, neither of which changes a choice."""
+        settings = {**self.options, **prepared.overrides}
+        init_images, mask = self.decode_inputs(req)
+        request = dataclasses.replace(prepared.resolved, request=a1111.to_request(req, settings, init_images, mask))
+        del init_images, mask
+        run = runner.Run("img2img" if req.is_img2img else "txt2img", JobState(), request.n_iter,
+                         2 if request.hires else 1)
+        if job is not None:
+            job.control = run.state
+            if job.stop_reason is not None:  # cancelled between leaving the queue and starting
+                run.state.interrupt()
+        self.job, self.preview = run, None
         try:
             self.ensure_model(settings)
-            result = generate(self.models.model, request, state=job.state, callback=self._previewer(job, settings),
+            result = generate(self.models.model, request, state=run.state,
+                              callback=runner.make_callback(self, run, job, settings),
                               **self.models.infotext_hashes())
         finally:
-            self.job, self.last_timestamp = None, job.timestamp
+            self.job, self.last_timestamp = None, run.timestamp
+            if job is not None:
+                job.steps_done, job.sampling_seconds = run.steps_done, time.time() - run.started
         if not req.override_settings_restore_afterwards:
-            self.options.update(overrides)
+            self.options.update(prepared.overrides)
         return result, settings
 
-    def _previewer(self, job: Job, settings: dict):
-        """The sampler callback that decodes a live preview every `show_progress_every_n_steps` steps, but
-        only while someone polls /progress (a VAE decode is not free)."""
-        every = settings["show_progress_every_n_steps"]
-        if not settings["live_previews_enable"] or every <= 0:
-            return None
+    def execute(self, job: jobs.Job) -> None:
+        """(GPU worker) Run a queued job (server/runner.py)."""
+        runner.execute(self, job)
 
-        def callback(step, sigma, x, denoised):
-            job.steps_done += 1
-            if self.preview_wanted and job.steps_done - job.preview_at >= every:
-                from sd15.a1111 import images as imgs
+    def job_finished(self, job: jobs.Job) -> None:
+        runner.job_finished(self, job)
 
-                job.preview_at, self.preview_wanted = job.steps_done, False
-                image = imgs.tensor_to_pil(decode_latents(self.models.model, denoised[:1]))[0]
-                self.preview = base64.b64encode(imgs.png_bytes(image)).decode("ascii")
-        return callback
+    def folders(self) -> list[str]:
+        lib = self.library
+        return [d for d in (lib.ckpt_dir, lib.vae_dir, lib.lora_dir, lib.embeddings_dir, self.config.outdir) if d]
 
 
 # =============================================================================================
 # Request helpers
 # =============================================================================================
-
-async def read_json(request: Request, limit: int):
-    """The JSON body, at most `limit` bytes (413 beyond); malformed JSON -> 422 as FastAPI words it."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"request body is larger than the {limit:,}-byte limit")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"request body is larger than the {limit:,}-byte limit")
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    if not body.strip():
-        raise ValidationError.one(None, "field required", "value_error.missing")
-    try:
-        return await run_in_threadpool(json.loads, body)  # a large body would hold up the event loop
-    except (ValueError, RecursionError) as e:
-        pos = getattr(e, "pos", 0)
-        raise ValidationError.one((pos,), str(getattr(e, "msg", e)), "value_error.jsondecode") from None
-
 
 def _engine(request: Request) -> Engine:
     return request.state.engine
@@ -295,20 +304,12 @@ async def img2img(request: Request):
 async def _generate(request: Request, cls):
     engine = _engine(request)
     req = cls.from_json(await read_json(request, engine.limits.max_body_bytes))
-    init_images, mask, overrides = await run_in_threadpool(engine.prepare, req)
-    try:
-        result, settings = await engine.on_gpu(engine.run, req, init_images, mask, overrides)
-    except (ApiError, ValidationError):
-        raise
-    except (ValueError, LookupError) as e:  # the pipeline's own checks, a bad checkpoint file
-        raise ApiError(400, str(e)) from None
-    except Exception as e:  # a bug or out of memory: a JSON 500, and the server goes on
-        log.exception("generation failed")
-        raise ApiError(500, error=type(e).__name__, errors=str(e)) from None
-    for warning in result.warnings:
-        log.warning("%s", warning)
-    body = await run_in_threadpool(a1111.image_response, req, result, settings["enable_pnginfo"])
-    return JSONResponse(body)
+    if req.script_name:  # A1111's selectable scripts (server/scripts)
+        return JSONResponse(await scripts_serve.generate(engine, req))
+    prepared = await run_in_threadpool(engine.prepare, req)
+    job = engine.submit(req, prepared, source="api", save=req.save_images)
+    await runner.wait_for_job(request, engine, job)
+    return runner.job_response(job)
 
 
 async def png_info(request: Request):
@@ -317,7 +318,7 @@ async def png_info(request: Request):
     req = a1111.PngInfoRequest.from_json(await read_json(request, engine.limits.max_body_bytes))
     if not req.image.strip():
         return JSONResponse({"info": "", "items": {}, "parameters": {}})
-    image = await run_in_threadpool(a1111.decode_image, req.image, "image", engine.limits)
+    image = await run_in_threadpool(inputs.decode_image, req.image, "image", engine.limits)
     return JSONResponse(a1111.png_info(image))
 
 
@@ -342,7 +343,8 @@ async def set_options(request: Request):
             try:
                 await engine.on_gpu(engine.switch, target, vae)  # waits for the jobs ahead, as A1111 does
             except (ValueError, LookupError, OSError) as e:  # CheckpointError is a ValueError
-                raise ApiError(400, f"could not load {target.name}: {e}") from None
+                raise ApiError(400, f"could not load {target.name}: "
+                                    f"{inputs.public_message(str(e), engine.folders())}") from None
     engine.options.update(values)
     return JSONResponse(None)
 
@@ -360,7 +362,10 @@ async def progress(request: Request):
 
 async def interrupt(request: Request):
     """Stop the running job; it returns what it has."""
-    job = _engine(request).job
+    engine = _engine(request)
+    if engine.queue.running is not None:
+        engine.queue.running.interrupt("interrupted")
+    job = engine.job
     if job is not None:
         job.state.interrupt()
     return JSONResponse({})
@@ -442,11 +447,6 @@ async def schedulers(request: Request):
     return JSONResponse(schedulers_api())
 
 
-async def upscalers(request: Request):
-    """Pixel upscalers."""
-    return JSONResponse(a1111.upscalers())
-
-
 async def latent_upscale_modes(request: Request):
     """Latent upscale modes for hires fix."""
     return JSONResponse(a1111.latent_upscale_modes())
@@ -454,7 +454,9 @@ async def latent_upscale_modes(request: Request):
 
 async def memory(request: Request):
     """RAM and CUDA memory (bytes)."""
-    return JSONResponse(_memory())
+    from server.memory import memory_json
+
+    return JSONResponse(memory_json())
 
 
 async def cmd_flags(request: Request):
@@ -472,11 +474,16 @@ def _empty(name: str):
 
 async def openapi(request: Request):
     """This schema."""
-    return JSONResponse(openapi_schema())
+    from server.openapi import openapi_schema
+
+    engine = _engine(request)
+    return JSONResponse(openapi_schema(routes + jobs_api.routes, REQUEST_BODIES, engine.limits,
+                                       auth=bool(engine.config.api_auth)))
 
 
 API = "/sdapi/v1"
 routes = [
+    *extras.routes, *admin.routes,
     Route(f"{API}/txt2img", txt2img, methods=["POST"]),
     Route(f"{API}/img2img", img2img, methods=["POST"]),
     Route(f"{API}/png-info", png_info, methods=["POST"]),
@@ -488,7 +495,6 @@ routes = [
     Route(f"{API}/cmd-flags", cmd_flags, methods=["GET"]),
     Route(f"{API}/samplers", samplers, methods=["GET"]),
     Route(f"{API}/schedulers", schedulers, methods=["GET"]),
-    Route(f"{API}/upscalers", upscalers, methods=["GET"]),
     Route(f"{API}/latent-upscale-modes", latent_upscale_modes, methods=["GET"]),
     Route(f"{API}/sd-models", sd_models, methods=["GET"]),
     Route(f"{API}/sd-vae", sd_vae, methods=["GET"]),
@@ -501,18 +507,21 @@ routes = [
     Route(f"{API}/unload-checkpoint", unload_checkpoint, methods=["POST"]),
     Route(f"{API}/reload-checkpoint", reload_checkpoint, methods=["POST"]),
     Route(f"{API}/memory", memory, methods=["GET"]),
+    *scripts.routes,  # --- scripts hook: /scripts and /script-info (before the empty listings) ---
     *[Route(f"{API}/{name}", _empty(name), methods=["GET"]) for name in a1111.EMPTY_SHAPES],
     Route("/openapi.json", openapi, methods=["GET"], include_in_schema=False),
+    *ui.routes,  # the web page at / and its helpers under /sd15/v1
 ]
-REQUEST_BODIES = {txt2img: a1111.Txt2ImgRequest, img2img: a1111.Img2ImgRequest, png_info: a1111.PngInfoRequest}
+REQUEST_BODIES = {txt2img: a1111.Txt2ImgRequest, img2img: a1111.Img2ImgRequest, png_info: a1111.PngInfoRequest,
+                  **extras.REQUEST_BODIES}
 
 
 # =============================================================================================
-# Errors and middleware
+# Errors and the app
 # =============================================================================================
 
 async def _api_error(request: Request, exc: ApiError):
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 async def _validation_error(request: Request, exc: ValidationError):
@@ -527,158 +536,58 @@ async def _server_error(request: Request, exc: Exception):
     return JSONResponse(ApiError(500, error=type(exc).__name__, errors=str(exc)).body(), status_code=500)
 
 
-class BasicAuth:
-    """HTTP Basic on every route (A1111 leaves /loras open; this does not), constant-time comparison, 401
-    with A1111's three messages."""
-
-    def __init__(self, app, credentials: list):
-        self.app = app
-        self.credentials = [(u.encode(), p.encode()) for u, p in credentials]
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            problem = self.check(Headers(scope=scope).get("authorization"))
-            if problem is not None:
-                response = JSONResponse(ApiError(401, problem).body(), status_code=401,
-                                        headers={"WWW-Authenticate": "Basic"})
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-    def check(self, header: Optional[str]) -> Optional[str]:
-        scheme, _, token = (header or "").partition(" ")
-        if scheme.lower() != "basic":
-            return "Not authenticated"
-        try:
-            user, colon, password = base64.b64decode(token.strip(), validate=True).decode("utf-8").partition(":")
-        except (binascii.Error, ValueError):
-            return "Invalid authentication credentials"
-        if not colon:
-            return "Invalid authentication credentials"
-        ok = False
-        for u, p in self.credentials:  # every pair is compared, whatever matched
-            ok |= hmac.compare_digest(user.encode(), u) & hmac.compare_digest(password.encode(), p)
-        return None if ok else "Incorrect username or password"
+def cors_options(config: ServerConfig) -> dict:
+    """Starlette's CORS settings. Credentials are allowed only with named origins: with a wildcard ("*")
+    Starlette would echo any origin together with `Allow-Credentials: true`, which lets every site read
+    authenticated answers."""
+    origins = list(config.cors_allow_origins)
+    wildcard = "*" in origins or config.cors_allow_origins_regex in (".*", "^.*$", ".+", "^.+$")
+    return dict(allow_origins=origins, allow_origin_regex=config.cors_allow_origins_regex, allow_methods=["*"],
+                allow_headers=["*"], allow_credentials=not wildcard)
 
 
-class ProcessTime:
-    """`X-Process-Time` (seconds) on every response, as A1111 adds it."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start = time.perf_counter()
-
-        async def send_timed(message):
-            if message["type"] == "http.response.start":
-                MutableHeaders(scope=message).append("X-Process-Time", str(round(time.perf_counter() - start, 4)))
-            await send(message)
-        await self.app(scope, receive, send_timed)
+def allowed_hosts(config: ServerConfig) -> Optional[list]:
+    """Host names the server answers to (None: any). With --allowed-hosts, those (plus loopback names);
+    otherwise loopback names, and any host when --api-auth is set (a DNS-rebinding page cannot send the
+    credentials). IP addresses are always accepted."""
+    if config.allowed_hosts:
+        return [*LOOPBACK_HOSTS, *config.allowed_hosts]
+    return None if config.api_auth else list(LOOPBACK_HOSTS)
 
 
 def create_app(config: ServerConfig, engine: Optional[Engine] = None) -> Starlette:
     """The Starlette app. `engine` may be made (and its model loaded) beforehand, as `python -m server` does
     to report a bad file before serving; otherwise the lifespan makes it."""
+    metrics = engine.metrics if engine is not None else Metrics()
 
     @asynccontextmanager
     async def lifespan(app):
         eng = engine or await run_in_threadpool(Engine, config)
+        eng.metrics = metrics
+        eng.models.loads = metrics.model_loads
         eng.gpu = anyio.CapacityLimiter(1)
+        eng.queue = jobs.JobQueue(eng.execute, eng.gpu, max_size=config.queue_size, on_finish=eng.job_finished)
         if eng.models.model is None:
             await eng.on_gpu(eng.start)
-        yield {"engine": eng}
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(eng.queue.worker)
+            try:
+                yield {"engine": eng}
+            finally:
+                await eng.queue.drain(config.shutdown_grace)
+                tg.cancel_scope.cancel()
 
-    # CORS outermost, so preflights (which carry no credentials) are answered before auth, as A1111 does:
-    # with no --cors-allow-origins, no origin is allowed.
-    middleware = [Middleware(CORSMiddleware, allow_origins=list(config.cors_allow_origins),
-                             allow_origin_regex=config.cors_allow_origins_regex, allow_methods=["*"],
-                             allow_headers=["*"], allow_credentials=True)]
+    # JSON errors outermost (also around the host check and CORS); CORS before auth, so preflights (which
+    # carry no credentials) are answered as A1111 does: with no --cors-allow-origins, no origin is allowed.
+    middleware = [Middleware(JsonErrors, metrics=metrics)]
+    hosts = allowed_hosts(config)
+    if hosts is not None:
+        middleware.append(Middleware(HostCheck, allowed=hosts, metrics=metrics))
+    middleware.append(Middleware(CORSMiddleware, **cors_options(config)))
     if config.api_auth:
         middleware.append(Middleware(BasicAuth, credentials=config.api_auth))
     middleware += [Middleware(GZipMiddleware, minimum_size=1000), Middleware(ProcessTime)]
     handlers = {ApiError: _api_error, ValidationError: _validation_error, HTTPException: _http_error,
                 Exception: _server_error}
-    return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
-
-
-# =============================================================================================
-# /sdapi/v1/memory and /openapi.json
-# =============================================================================================
-
-def _memory() -> dict:
-    import torch
-
-    try:
-        page = os.sysconf("SC_PAGE_SIZE")
-        total = page * os.sysconf("SC_PHYS_PAGES")
-        with open("/proc/self/statm") as f:
-            used = int(f.read().split()[1]) * page  # this process's resident memory, as A1111 reports it
-        ram = {"free": total - used, "used": used, "total": total}
-    except (OSError, ValueError, AttributeError) as e:
-        ram = {"error": str(e)}
-    if not torch.cuda.is_available():
-        return {"ram": ram, "cuda": {"error": "unavailable"}}
-    free, total = torch.cuda.mem_get_info()
-    s = torch.cuda.memory_stats()
-
-    def pair(name):
-        return {"current": s.get(f"{name}.all.current", 0), "peak": s.get(f"{name}.all.peak", 0)}
-    cuda = {"system": {"free": free, "used": total - free, "total": total}, "active": pair("active_bytes"),
-            "allocated": pair("allocated_bytes"), "reserved": pair("reserved_bytes"),
-            "inactive": pair("inactive_split_bytes"),
-            "events": {"retries": s.get("num_alloc_retries", 0), "oom": s.get("num_ooms", 0)}}
-    return {"ram": ram, "cuda": cuda}
-
-
-def _json_schema(tp) -> dict:
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if type(None) in typing.get_args(tp):
-        return {**_json_schema(args[0]), "nullable": True}
-    origin = typing.get_origin(tp)
-    if origin is list or tp is list:
-        return {"type": "array", "items": _json_schema(args[0]) if args else {}}
-    if origin is dict or tp is dict:
-        return {"type": "object"}
-    return {"type": {int: "integer", float: "number", bool: "boolean", str: "string"}[tp]}
-
-
-def _dataclass_schema(cls) -> dict:
-    """A request body's JSON schema: the schema fields it shares (sd15.schema) and its API-only fields."""
-    hints = {**typing.get_type_hints(GenerationRequest), **typing.get_type_hints(cls), **a1111._API_TYPES}
-    defaults = {f.name: f.default for f in cls.shared_fields()} if hasattr(cls, "shared_fields") else {}
-    defaults.update(getattr(cls, "DEFAULTS", {}))
-    for f in dataclasses.fields(cls):
-        if f.name != "shared":
-            defaults[f.name] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    props = {name: {**_json_schema(hints[name]), "default": default} for name, default in defaults.items()}
-    schema = {"title": cls.__name__, "type": "object", "properties": props}
-    if getattr(cls, "REQUIRED", ()):
-        schema["required"] = list(cls.REQUIRED)
-    return schema
-
-
-def openapi_schema() -> dict:
-    """OpenAPI 3 description of the routes above; request bodies come from the request dataclasses."""
-    paths: dict = {}
-    for route in routes:
-        if not route.include_in_schema:
-            continue
-        for method in sorted(route.methods - {"HEAD"}):
-            op = {"summary": (route.endpoint.__doc__ or "").strip().split("\n")[0],
-                  "operationId": f"{route.endpoint.__name__}_{method.lower()}",
-                  "responses": {"200": {"description": "Successful Response",
-                                        "content": {"application/json": {"schema": {}}}}}}
-            body = REQUEST_BODIES.get(route.endpoint)
-            if body is not None:
-                op["requestBody"] = {"required": True, "content": {"application/json": {
-                    "schema": {"$ref": f"#/components/schemas/{body.__name__}"}}}}
-                op["responses"]["422"] = {"description": "Validation Error"}
-            elif route.endpoint is set_options:
-                op["requestBody"] = {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}
-            paths.setdefault(route.path, {})[method.lower()] = op
-    schemas = {cls.__name__: _dataclass_schema(cls) for cls in REQUEST_BODIES.values()}
-    return {"openapi": "3.0.2", "info": {"title": "sd15 (AUTOMATIC1111-compatible API)", "version": "0.1.0"},
-            "paths": paths, "components": {"schemas": schemas}}
+    return Starlette(routes=routes + jobs_api.routes, middleware=middleware, exception_handlers=handlers,
+                     lifespan=lifespan)

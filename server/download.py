@@ -47,7 +47,6 @@ def download(url: str, dest: str, sha256: str, *, progress: bool = True, timeout
     from tqdm import tqdm
 
     folder = os.path.dirname(os.path.abspath(dest))
-    os.makedirs(folder, exist_ok=True)
     part = dest + ".partial"
     offset = os.path.getsize(part) if os.path.isfile(part) else 0
     h = _sha256_of(part) if offset else hashlib.sha256()
@@ -77,10 +76,11 @@ def download(url: str, dest: str, sha256: str, *, progress: bool = True, timeout
         length = resp.headers.get("Content-Length")
         total = offset + int(length) if length and length.isdigit() else None
         if total is not None:
-            free = shutil.disk_usage(folder).free
+            free = shutil.disk_usage(_existing(folder)).free
             if free < total - offset:
                 raise DownloadError(f"not enough disk space in {folder} for {os.path.basename(dest)} "
                                     f"({(total - offset) / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free)")
+        os.makedirs(folder, exist_ok=True)  # only now: a download that fails to start leaves no folder behind
         try:
             with open(part, mode) as f, tqdm(total=total, initial=offset, unit="B", unit_scale=True,
                                              unit_divisor=1024, desc=os.path.basename(dest),
@@ -97,6 +97,13 @@ def download(url: str, dest: str, sha256: str, *, progress: bool = True, timeout
         raise DownloadError(f"download of {url} stopped at {os.path.getsize(part):,} of {total:,} bytes; "
                             f"run again to resume it")
     return _finish(part, dest, h, sha256, url)
+
+
+def _existing(folder: str) -> str:
+    """`folder`, or its nearest parent that exists (for the free-space check before the folder is made)."""
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    return folder
 
 
 def _finish(part: str, dest: str, h, sha256: str, url: str) -> str:

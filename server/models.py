@@ -11,9 +11,11 @@
 """
 from __future__ import annotations
 
+import collections
 import gc
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -92,6 +94,9 @@ def _checkpoint(path: str, name: str) -> Checkpoint:
     return Checkpoint(path, name, sha, hashing.legacy_model_hash(path))
 
 
+_TITLE = re.compile(r"^(.*) \[[0-9a-f]{8,10}\]$")
+
+
 class Library:
     """Listings of the model folders. `refresh_*` rescan; the lists are replaced whole (safe to read
     from other threads meanwhile)."""
@@ -116,10 +121,17 @@ class Library:
         self.checkpoints = found
 
     def find_checkpoint(self, name: str) -> Optional[Checkpoint]:
-        """The checkpoint `name` is an exact alias of (case- and separator-sensitive, as A1111), or None."""
+        """The checkpoint `name` is an exact alias of (case- and separator-sensitive, as A1111), or None.
+        A title whose hash no longer matches (the file was touched or replaced since) finds the file by its
+        name, as the file is what the title names."""
         for c in self.checkpoints:
             if name in c.aliases():
                 return c
+        m = _TITLE.match(name or "")
+        if m:
+            for c in self.checkpoints:
+                if m.group(1) in (c.name, c.stem, c.model_name):
+                    return c
         return None
 
     def checkpoint_titles(self) -> list[str]:
@@ -176,25 +188,45 @@ class ModelManager:
         self.model = None  # sd15.StableDiffusion
         self.checkpoint: Optional[Checkpoint] = None
         self.vae: Optional[str] = None  # the external VAE file in use, None for the checkpoint's own
+        self.vae_sha256: Optional[str] = None  # its sha256, hashed when it was loaded
+        self.loads = collections.Counter()  # "ok" / "failed" -> count (for /metrics)
 
     def load(self, checkpoint: Checkpoint, vae: Optional[str] = None) -> None:
-        """Load `checkpoint` (+ an external VAE file). The old model is released first, so two models never
-        share the memory; when the new one fails, the old one is loaded again and the error re-raised."""
+        """Load `checkpoint` (+ an external VAE file). The new file's header is checked first, with the old
+        model still loaded, so a bad file leaves the old model in memory untouched. Then the old model is
+        released, so two models never share the memory; should the new one still fail, the old one is read
+        again and the error re-raised.
+
+        The loaded model does not depend on its files afterwards: the hashes are computed now and kept
+        (`infotext_hashes()` hands them to `generate()`), and on the CPU the weights are copied out
+        of the memory-mapped file, so moving, changing or deleting the file does not touch the model."""
         import sd15
 
+        try:
+            _check_header(checkpoint.path)
+            if vae:
+                _check_header(vae, vae=True)
+        except Exception:
+            self.loads["failed"] += 1
+            raise
         previous = (self.checkpoint, self.vae) if self.model is not None else None
         self._release()
         try:
-            log.info("loading %s%s", checkpoint.path, f" with VAE {vae}" if vae else "")
+            log.info("loading %s%s", checkpoint.name, f" with VAE {os.path.basename(vae)}" if vae else "")
+            checkpoint.sha256 = hashing.cached_hash(checkpoint.path)  # hashed once, then cached beside the file
+            vae_sha256 = hashing.cached_hash(vae) if vae else None
             self.model = sd15.load(checkpoint.path, vae=vae, device=self.device, dtype=self.dtype,
                                    lora_dir=self.library.lora_dir, embeddings_dir=self.library.embeddings_dir)
-            checkpoint.sha256 = hashing.cached_hash(checkpoint.path)  # hashed once, then cached beside the file
+            self.vae_sha256 = vae_sha256
+            if self.model.device.type == "cpu":
+                _own_memory(self.model)
             if self.optimize and self.model.device.type == "cuda":
                 from sd15 import fast
 
                 fast.optimize(self.model)
                 fast.warmup(self.model, sizes=[(512, 512)], batch_sizes=[1])
         except BaseException:
+            self.loads["failed"] += 1
             self._release()
             if previous is not None and previous[0].path != checkpoint.path:
                 try:
@@ -202,21 +234,26 @@ class ModelManager:
                 except Exception as e:
                     log.error("could not reload %s either: %s", previous[0].path, e)
             raise
+        self.loads["ok"] += 1
         self.checkpoint, self.vae = checkpoint, vae
 
     def infotext_hashes(self) -> dict:
-        """`model_hash` / `vae_hash` for `generate()`: the checkpoint's short hash (known since loading) and the
-        external VAE's (hashed once, cached beside the file)."""
+        """`model_hash` / `vae_hash` for `generate()`: the checkpoint's and the external VAE's short hashes, both
+        kept since loading (a file moved or deleted since does not matter)."""
         return dict(model_hash=self.checkpoint.short_hash if self.checkpoint else None,
-                    vae_hash=hashing.short_hash(hashing.cached_hash(self.vae)) if self.vae else None)
+                    vae_hash=hashing.short_hash(self.vae_sha256) if self.vae and self.vae_sha256 else None)
 
     def set_vae(self, vae: Optional[str]) -> None:
         """Swap only the VAE: an external file, or (None) the checkpoint's own VAE read again from it."""
         if vae == self.vae:
             return
+        _check_header(vae or self.checkpoint.path, vae=True)
+        vae_sha256 = hashing.cached_hash(vae) if vae else None
         self.model.load_vae(vae or self.checkpoint.path)
         self.model.vae_path = vae  # the checkpoint's own VAE is not an "external VAE" in infotexts
-        self.vae = vae
+        if self.model.device.type == "cpu":
+            _own_memory(self.model.vae)
+        self.vae, self.vae_sha256 = vae, vae_sha256
 
     def ensure(self, checkpoint: Checkpoint, vae: Optional[str]) -> None:
         """Make `checkpoint` with `vae` the loaded model, loading only what differs."""
@@ -229,7 +266,7 @@ class ModelManager:
         self._release()
 
     def _release(self) -> None:
-        self.model, self.checkpoint, self.vae = None, None, None
+        self.model, self.checkpoint, self.vae, self.vae_sha256 = None, None, None, None
         gc.collect()
         try:
             import torch
@@ -238,3 +275,31 @@ class ModelManager:
                 torch.cuda.empty_cache()
         except Exception:
             pass
+
+
+def _check_header(path: str, vae: bool = False) -> None:
+    """Read a checkpoint's (or VAE's) tensor list and check its layout, without loading the weights."""
+    from sd15 import checkpoint as ck
+
+    entries = ck.open_checkpoint(path)
+    if vae:
+        if not ck.vae_entries(entries, path):
+            raise ck.CheckpointError(f"{path}: no VAE weights")
+    else:
+        ck.split_components(ck.fix_old_clip_prefix(entries), path)
+
+
+def _own_memory(module) -> None:
+    """Copy every weight into memory of its own (sd15.load maps the file and uses it in place on the CPU;
+    a file changed or truncated under a running server would then change or crash the model)."""
+    import torch
+
+    modules = [module] if isinstance(module, torch.nn.Module) else [module.unet, module.vae, module.text_encoder]
+    if not isinstance(module, torch.nn.Module):  # plain tensors of the model (alphas_cumprod)
+        for name, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor):
+                setattr(module, name, value.clone())
+    with torch.no_grad():
+        for m in modules:
+            for t in [*m.parameters(), *m.buffers()]:
+                t.data = t.data.clone()

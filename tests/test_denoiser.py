@@ -1,5 +1,5 @@
-"""EpsDenoiser against k-diffusion's DiscreteEpsDDPMDenoiser and generation.md Appendix A.1; CFGDenoiser
-against A1111's batching and combination rules (§5)."""
+"""EpsDenoiser against k-diffusion's DiscreteEpsDDPMDenoiser and recorded anchor values; CFGDenoiser
+against A1111's batching and combination rules (`modules/sd_samplers_cfg_denoiser.py`)."""
 
 import numpy as np
 import pytest
@@ -34,7 +34,7 @@ recording_unet.calls = []
 
 
 # ---------------------------------------------------------------------------------------------
-# ā, the σ table, σ <-> t (Appendix A.1)
+# ā, the σ table, σ <-> t (anchor values)
 # ---------------------------------------------------------------------------------------------
 
 def test_appendix_a1_anchors():

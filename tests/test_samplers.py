@@ -1,5 +1,5 @@
-"""Samplers against k-diffusion's own functions, A1111's Restart rules, the spec's toy regressions
-(generation.md Appendix A.4) and A1111's per-sampler entry rules (§3)."""
+"""Samplers against k-diffusion's own functions, A1111's Restart rules, toy regressions with values
+recorded from A1111's flow, and A1111's per-sampler entry rules (`modules/sd_samplers_kdiffusion.py`)."""
 
 import inspect
 
@@ -161,7 +161,7 @@ def test_stochastic_samplers_refuse_to_draw_from_the_global_rng():
 # ---------------------------------------------------------------------------------------------
 
 def restart_reference(kd, model, x, sigmas, stream):
-    """A1111's Restart from the spec (§3.3): the step list, then one k-diffusion Heun step per pair."""
+    """A1111's Restart (`restart_sampler` in `modules/sd_samplers_extra.py`): the step list, then one k-diffusion Heun step per pair."""
     steps = len(sigmas) - 1
     pairs = list(zip(sigmas[:-1], sigmas[1:]))
     if steps >= 20:
@@ -195,7 +195,7 @@ def test_restart_matches_a1111_rules(kd, steps):
 
 
 # ---------------------------------------------------------------------------------------------
-# Toy regressions of the spec (Appendix A.4): CPU ImageRNG, seeds [1234, 1235], 4×8×8
+# Toy regressions (values recorded from A1111's flow): CPU ImageRNG, seeds [1234, 1235], 4×8×8
 # ---------------------------------------------------------------------------------------------
 
 A4_KDIFF = [
@@ -229,7 +229,7 @@ def test_appendix_a4_kdiffusion_toys(name, schedule, first3, second, std):
 
 
 def toy_eps(x, t):
-    """ε(x, t) = sqrt(1 − ā(t))·x, ā linearly interpolated at fractional t (the spec's timestep toy)."""
+    """ε(x, t) = sqrt(1 − ā(t))·x, ā linearly interpolated at fractional t (the timestep toy)."""
     lo, hi = t.floor().long(), t.ceil().long()
     a = AC[lo] * (1 - (t - lo)) + AC[hi] * (t - lo)
     return (1 - a).sqrt()[:, None, None, None] * x

@@ -1,5 +1,5 @@
-"""A1111's schedule types against generation.md Appendix A.2, k-diffusion's get_sigmas_* and
-independent float64 formulas from the spec (§2.2), for several step counts."""
+"""A1111's schedule types against recorded 20-step values, k-diffusion's get_sigmas_* and independent
+float64 formulas, for several step counts."""
 
 import math
 
@@ -33,7 +33,7 @@ def table(kd):
 
 
 # ---------------------------------------------------------------------------------------------
-# Appendix A.2: 20 steps, 6 significant digits
+# Recorded A1111 schedules: 20 steps, 6 significant digits
 # ---------------------------------------------------------------------------------------------
 
 UNIFORM_20 = [14.6146, 10.7468, 8.08152, 6.20494, 4.85565, 3.86538, 3.12376, 2.55717, 2.11566, 1.76482, 1.48058,
@@ -114,7 +114,7 @@ def test_timestep_based_schedules(table, n):
 
 @pytest.mark.parametrize("n", STEPS)
 def test_formula_schedules(n):
-    """KL Optimal, Align Your Steps and Beta from float64 formulas (spec §2.2)."""
+    """KL Optimal, Align Your Steps and Beta from float64 formulas."""
     i = np.arange(n + 1)
     kl = np.tan(i / n * math.atan(SIGMA_MIN) + (1 - i / n) * math.atan(SIGMA_MAX))
     assert np.allclose(get_sigmas("KL Optimal", n, AC).numpy(), kl, rtol=1e-6, atol=0)

@@ -71,6 +71,8 @@ def write_model_folders(root) -> dict:
 
 def make_config(folders: dict, **kw) -> ServerConfig:
     limits = Limits(max_body_bytes=1 << 20, max_image_pixels=1024 * 1024)
+    kw.setdefault("allowed_hosts", ["testserver"])  # TestClient's Host header
+    kw.setdefault("save", False)
     return ServerConfig(**folders, limits=limits, flags={"port": 7860, "api_auth": None}, **kw)
 
 
@@ -594,8 +596,7 @@ def test_loras_and_embeddings(client, folders):
     assert client.post(f"{API}/refresh-embeddings").json() is None
 
 
-@pytest.mark.parametrize("name,shape", [("scripts", {"txt2img": [], "img2img": []}), ("script-info", []),
-                                        ("prompt-styles", []), ("face-restorers", []), ("realesrgan-models", []),
+@pytest.mark.parametrize("name,shape", [("prompt-styles", []), ("face-restorers", []), ("realesrgan-models", []),
                                         ("hypernetworks", []), ("extensions", [])])
 def test_empty_endpoints(client, name, shape):
     r = client.get(f"{API}/{name}")
@@ -645,8 +646,10 @@ def test_openapi(client):
     assert f"{API}/loras" in paths and f"{API}/scripts" in paths and f"{API}/memory" in paths
     ref = paths[f"{API}/txt2img"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     props = schema["components"]["schemas"][ref.rsplit("/", 1)[1]]["properties"]
-    assert props["steps"] == {"type": "integer", "default": 50}
-    assert props["sampler_name"] == {"type": "string", "nullable": True, "default": None}
+    assert props["steps"] == {"type": "integer", "default": 50, "minimum": 1, "maximum": Limits().max_steps}
+    sampler = props["sampler_name"]
+    assert sampler["type"] == "string" and sampler["nullable"] and sampler["default"] is None
+    assert {"Euler a", "DPM++ 2M", "k_euler_a", None} <= set(sampler["enum"])
     assert props["styles"]["items"] == {"type": "string"}
     img = schema["components"]["schemas"]["Img2ImgRequest"]["properties"]
     assert img["denoising_strength"]["default"] == 0.75 and img["init_images"]["type"] == "array"
@@ -658,7 +661,7 @@ def test_openapi(client):
 
 T, I, O, P = f"{API}/txt2img", f"{API}/img2img", f"{API}/options", f"{API}/png-info"
 BAD = [
-    (T, {"steps": "abc"}, 422), (T, {"steps": 0}, 422), (T, {"steps": 100000}, 422), (T, {"steps": True}, 422),
+    (T, {"steps": "abc"}, 422), (T, {"steps": 0}, 422), (T, {"steps": 100000}, 422), (T, {"steps": False}, 422),
     (T, {"width": 7}, 422), (T, {"width": 100000}, 422), (T, {"width": 4096, "height": 4096}, 422),
     (T, {"batch_size": 0}, 422), (T, {"batch_size": 1000}, 422), (T, {"n_iter": 0}, 422),
     (T, {"n_iter": 100, "batch_size": 16}, 422), (T, {"cfg_scale": "NaN"}, 422), (T, {"cfg_scale": "inf"}, 422),
@@ -668,7 +671,8 @@ BAD = [
     (T, {"enable_hr": True, "hr_resize_x": -5}, 422), (T, {"enable_hr": True, "hr_second_pass_steps": 10**6}, 422),
     (T, {"sampler_name": "Nope"}, 400), (T, {"sampler_index": "Nope"}, 400), (T, {"scheduler": "nope"}, 400),
     (T, {"enable_hr": True, "hr_sampler_name": "Nope"}, 400), (T, {"enable_hr": True, "hr_upscaler": "ESRGAN_4x"}, 400),
-    (T, {"script_name": "x/y/z plot"}, 422), (T, {"alwayson_scripts": {"ControlNet": {"args": []}}}, 422),
+    (T, {"script_name": "loopback"}, 422), (T, {"script_name": "x/y/z plot", "script_args": [33, "a"]}, 400),
+    (T, {"alwayson_scripts": {"ControlNet": {"args": []}}}, 422),
     (T, {"prompt": ["a", "list"]}, 422), (T, {"styles": "not a list"}, 422), (T, {"override_settings": "x"}, 422),
     (T, {"override_settings": {"CLIP_stop_at_last_layers": 99}}, 422), (T, {"restore_faces": True}, 422),
     (T, {"tiling": True}, 422), (T, {"eta": -1}, 422), (T, [1, 2], 422), (T, "a string", 422),

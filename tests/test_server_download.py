@@ -132,6 +132,15 @@ def test_http_error(http_server, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_failed_download_creates_no_folder(http_server, tmp_path, monkeypatch):
+    """A first run with --ckpt-dir elsewhere whose download fails leaves no empty folder (nor ./weights)."""
+    monkeypatch.chdir(tmp_path)
+    dest = tmp_path / "elsewhere" / "models" / DEFAULT_MODEL
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        download.download(http_server.url + "-missing", str(dest), SHA, progress=False)
+    assert os.listdir(tmp_path) == []
+
+
 def test_env_overrides(monkeypatch):
     monkeypatch.delenv("SD15_MODEL_URL", raising=False)
     monkeypatch.delenv("SD15_MODEL_SHA256", raising=False)

@@ -154,7 +154,7 @@ def test_webuiapi_client(base_url):
 
     assert [s["name"] for s in api.get_samplers()][:2] == ["DPM++ 2M", "DPM++ SDE"]
     assert api.get_schedulers()[0]["name"] == "automatic"
-    assert api.get_scripts() == {"txt2img": [], "img2img": []}
+    assert api.get_scripts()["txt2img"] == ["prompt matrix", "prompts from file or textbox", "x/y/z plot"]
     assert api.get_loras()[0]["alias"] == "my_style" and api.get_sd_vae()[0]["model_name"] == "tiny-vae.safetensors"
     assert api.get_embeddings()["loaded"]["neg"]["vectors"] == 2
     assert [u["name"] for u in api.get_upscalers()] == ["None", "Lanczos", "Nearest"]

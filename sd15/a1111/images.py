@@ -115,7 +115,8 @@ def load_image(data, max_pixels: int = DEFAULT_MAX_PIXELS, mode: str | None = "R
     else:
         raise ValueError(f"Invalid encoded image: unsupported input type {type(data).__name__}")
     try:
-        im = Image.open(io.BytesIO(raw), formats=list(formats) if formats else None)
+        Image.init()  # Pillow 13 reads MPO through its JPEG plugin and has no "MPO" entry: skip unknown names
+        im = Image.open(io.BytesIO(raw), formats=[f for f in formats if f in Image.OPEN] if formats else None)
     except Image.DecompressionBombError as e:
         raise ValueError(f"Image too large: {e}") from None
     except Exception as e:  # UnidentifiedImageError, OSError, SyntaxError from broken headers, ...

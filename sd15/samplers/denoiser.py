@@ -2,13 +2,22 @@
 
 References: k-diffusion `external.py` (DiscreteSchedule, DiscreteEpsDDPMDenoiser = CompVisDenoiser),
 A1111 `modules/sd_hijack_unet.py` (x and t cast to the UNet dtype), A1111
-`modules/sd_samplers_cfg_denoiser.py` (CFGDenoiser). Spec: generation.md §1.2-§1.4, §5.
+`modules/sd_samplers_cfg_denoiser.py` (CFGDenoiser).
 
 Two call conventions, one per sampler family:
 - k-diffusion samplers call `model(x, sigma) -> denoised x₀` (σ a [B] tensor): `EpsDenoiser.forward`;
 - timestep samplers (DDIM, PLMS, UniPC) call `model(x, t) -> ε` on the raw latent: `EpsDenoiser.eps`.
 `CFGDenoiser` guides either one; its `.forward` is the first convention and its `.eps` the second.
 The UNet is any callable `unet(x, t, context) -> eps`, t a float tensor [B], context [B, 77k, 768].
+
+Nothing here reads a device value back on the host (no `.item()`, no branch on a tensor), so a sampler
+step launches its work without waiting for the GPU. σ (or t) may come as a host (CPU) tensor while x is on
+the GPU, which is what sd15's samplers pass to a model with `host_sigma = True`: then c_in, c_out and t(σ)
+are computed on the host once per σ value and kept on the device (the same float32 operations as the
+device path, so the same numbers on the CPU). The common case,
+one prompt per image, takes a short path: the batch is `cat([x, x])`, the context concatenation is made
+once per (cond, uncond) pair, and the guidance is one vectorised expression (the same float operations
+as the per-image loop of the general case).
 """
 
 import torch
@@ -36,6 +45,8 @@ class EpsDenoiser(nn.Module):
         self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
         self.register_buffer("sigmas", discrete_sigmas(alphas_cumprod), persistent=False)  # ascending, (1000,)
         self.register_buffer("log_sigmas", self.sigmas.log(), persistent=False)
+        self._log_sigmas_host = None  # a CPU copy for host σ, made on first use
+        self._cache = {}  # ("sigma" | "t", device, values...) -> prepared tensors on that device
 
     @property
     def sigma_min(self) -> float:
@@ -52,15 +63,41 @@ class EpsDenoiser(nn.Module):
         return t_to_sigma(t, self.log_sigmas)
 
     def eps(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """ε(x, t) from the raw UNet, x and t cast to the UNet dtype (the fp16 rounding of t happens here)."""
-        t = t.to(self.unet_dtype).float()
+        """ε(x, t) from the raw UNet, x and t cast to the UNet dtype (the fp16 rounding of t happens here).
+        A host (CPU) t with x elsewhere is rounded on the host, once per value, and sent over once."""
+        if t.device != x.device:
+            t = self._prepared(("t", x.device, *t.tolist()), lambda: (t.to(self.unet_dtype).float(),), x.device)[0]
+        else:
+            t = t.to(self.unet_dtype).float()
         return self.unet(x.to(self.unet_dtype), t, context)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        c_out = -sigma[:, None, None, None]                            # (B, 1, 1, 1)
-        c_in = 1 / (sigma[:, None, None, None] ** 2 + 1.0) ** 0.5      # (B, 1, 1, 1)
-        eps = self.eps(x * c_in, self.sigma_to_t(sigma), context)
-        return x + eps * c_out
+        if sigma.device.type == "cpu":  # host σ: c_out, c_in and t(σ) are made once per σ value
+            c_out, c_in, t = self._prepared(("sigma", x.device, *sigma.tolist()), lambda: self._scalings(sigma), x.device)
+            return x + self.unet((x * c_in).to(self.unet_dtype), t, context) * c_out  # t: already rounded
+        c_out, c_in, t = self._scalings(sigma)
+        return x + self.eps(x * c_in, t, context) * c_out
+
+    def _scalings(self, sigma):
+        """k-diffusion's c_out = −σ, c_in = 1/sqrt(σ² + 1) (both (B, 1, 1, 1)) and the UNet's t(σ)."""
+        c_out = -sigma[:, None, None, None]
+        c_in = 1 / (sigma[:, None, None, None] ** 2 + 1.0) ** 0.5
+        if sigma.device.type == "cpu":
+            if self._log_sigmas_host is None:
+                self._log_sigmas_host = self.log_sigmas.cpu()
+            t = sigma_to_t(sigma, self._log_sigmas_host, self.quantize).to(self.unet_dtype).float()
+        else:
+            t = self.sigma_to_t(sigma)
+        return c_out, c_in, t
+
+    def _prepared(self, key, make, device):
+        """Per-value host preparations, moved to `device` once (a job meets each σ once or twice)."""
+        entry = self._cache.get(key)
+        if entry is None:
+            if len(self._cache) > 256:
+                self._cache.clear()
+            entry = self._cache[key] = tuple(v.to(device, non_blocking=True) for v in make())
+        return entry
 
 
 class CFGDenoiser(nn.Module):
@@ -78,7 +115,13 @@ class CFGDenoiser(nn.Module):
     `s_min_uncond` (NGMS) drops the uncond on odd calls (every call with `s_min_uncond_all`) once
     σ (or t, for timestep samplers) is below it, and then returns the first cond's output unguided.
     `set_mask` enables A1111's inpainting blend with the clean init latent.
+
+    `host_sigma = True` tells sd15's samplers to pass σ (or t) as a host tensor: the inner EpsDenoiser then
+    computes c_in, c_out and t(σ) on the host once per σ value and keeps them on the device, instead of
+    some twenty small device operations per call.
     """
+
+    host_sigma = True
 
     def __init__(self, inner: EpsDenoiser, cond, uncond, cfg_scale: float, *, s_min_uncond: float = 0.0,
                  s_min_uncond_all: bool = False, pad_cond_uncond: bool = False, pad_cond_uncond_v0: bool = False,
@@ -92,6 +135,7 @@ class CFGDenoiser(nn.Module):
         self.pad_cond_uncond, self.pad_cond_uncond_v0, self.empty_cond = pad_cond_uncond, pad_cond_uncond_v0, empty_cond
         self.step = 0  # model calls so far
         self.mask = self.nmask = self.init_latent = None
+        self._context = (None, None, None)  # (cond, uncond, cat([cond, uncond])) of the last call
 
     def set_mask(self, mask: torch.Tensor, nmask: torch.Tensor, init_latent: torch.Tensor):
         """Inpainting: blend as x·nmask + init_latent·mask, with mask = 1 − latmask (keep) and nmask = latmask."""
@@ -133,16 +177,36 @@ class CFGDenoiser(nn.Module):
                 uncond = torch.cat([uncond, empty.repeat(uncond.shape[0], repeats, 1)], dim=1)
         return cond, uncond
 
+    def _context_for(self, cond, uncond):
+        """cat([cond, uncond]), made once for as long as the (cond, uncond) pair stays the same tensors."""
+        if self._context[0] is not cond or self._context[1] is not uncond:
+            self._context = (cond, uncond, torch.cat([cond, uncond]))
+        return self._context[2]
+
     def _guided(self, fn, x, s):
         cond, conds_list, uncond = self._conds()
         batch = len(conds_list)
+        # one prompt per image, row i for image i: the batch is [x, x] and the guidance one expression
+        simple = all(len(c) == 1 and c[0][0] == i for i, c in enumerate(conds_list))
+        below = 0 < self.s_min_uncond and s[0] < self.s_min_uncond
+        skip_uncond = bool((self.step % 2 or self.s_min_uncond_all) and below)
+        if simple and not skip_uncond and cond.shape[1] == uncond.shape[1] and cond.shape[0] == batch:
+            x_out = fn(torch.cat([x, x]), torch.cat([s, s]), self._context_for(cond, uncond))
+            denoised_cond, denoised_uncond = x_out[:batch], x_out[batch:]
+            weights = [c[0][1] * self.cfg_scale for c in conds_list]
+            if all(w == weights[0] for w in weights):
+                scale = weights[0]
+            else:
+                scale = torch.tensor(weights, dtype=x_out.dtype).to(x_out.device, non_blocking=True)
+                scale = scale.view(-1, *[1] * (x_out.dim() - 1))  # per-image weights (B, 1, 1, 1)
+            self.step += 1
+            return denoised_uncond + (denoised_cond - denoised_uncond) * scale
+
         repeats = [len(c) for c in conds_list]
         # rows: image i repeated once per subprompt, then the B uncond rows
         x_in = torch.cat([x[i:i + 1].expand(n, *x.shape[1:]) for i, n in enumerate(repeats)] + [x])
         s_in = torch.cat([s[i:i + 1].expand(n) for i, n in enumerate(repeats)] + [s])
 
-        below = 0 < self.s_min_uncond and s[0] < self.s_min_uncond
-        skip_uncond = bool((self.step % 2 or self.s_min_uncond_all) and below)
         if skip_uncond:
             x_in, s_in = x_in[:-batch], s_in[:-batch]
         if cond.shape[1] != uncond.shape[1]:
@@ -151,7 +215,7 @@ class CFGDenoiser(nn.Module):
         if skip_uncond:
             x_out = fn(x_in, s_in, cond)
         elif cond.shape[1] == uncond.shape[1]:
-            x_out = fn(x_in, s_in, torch.cat([cond, uncond]))
+            x_out = fn(x_in, s_in, self._context_for(cond, uncond))
         else:  # different token lengths: cond rows and uncond rows as separate UNet batches
             n_cond = cond.shape[0]
             x_out = torch.cat([fn(x_in[:n_cond], s_in[:n_cond], cond), fn(x_in[n_cond:], s_in[n_cond:], uncond)])

@@ -2,15 +2,20 @@
 A1111's Restart sampler, written from the published algorithms.
 
 Contract: `sample_x(model, x, sigmas, *, noise_sampler=None, callback=None, **options) -> x`
-- `model(x, sigma)` returns the denoised x₀, `sigma` a [B] tensor;
+- `model(x, sigma)` returns the denoised x₀, `sigma` a [B] tensor, on x's device, or on the host (CPU)
+  for a model with `host_sigma = True` (see `ones_for`);
 - `sigmas` is the descending float32 schedule (usually ending in 0), `x` starts at noise · sigmas[0];
 - `noise_sampler(sigma, sigma_next)` returns fresh unit noise shaped like x. Samplers that need noise
   (eta > 0, s_churn > 0, Restart) raise without one: nothing here draws from the global RNG;
-- `callback(dict)` receives k-diffusion's {'x', 'i', 'sigma', 'sigma_hat', 'denoised'} once per step.
+- `callback(dict)` receives k-diffusion's {'x', 'i', 'sigma', 'sigma_hat', 'denoised'} once per step: 'sigma'
+  is the noise level the step starts from (a 0-d CPU tensor), 'denoised' the x₀ estimate made there.
 
 All scalar maths runs on 0-d float32 tensors taken from `sigmas`, as in k-diffusion, so the float32
-rounding matches. Where k-diffusion draws noise that is then multiplied by zero (eta = 0, s_churn = 0),
-the draw is skipped; nothing downstream depends on those draws.
+rounding matches; but those tensors live on the host: each sampler copies the schedule to the CPU once
+(`_host`) and then launches work on the device without ever reading a device value back, so a step makes
+no host-device synchronisation (a 0-d CPU tensor enters a CUDA kernel as a plain argument). Where
+k-diffusion draws noise that is then multiplied by zero (eta = 0, s_churn = 0), the draw is skipped, and
+churn with s_churn = 0 is skipped altogether (σ̂ = σ · 1 exactly).
 """
 
 import math
@@ -19,6 +24,20 @@ import numpy as np
 import torch
 
 from .schedules import sigmas_karras
+
+
+def ones_for(model, x):
+    """Ones [B] that turn a σ into the model's σ input `σ · ones`: on the host when the model takes a host
+    σ (`host_sigma = True`, as sd15's CFGDenoiser does, which prepares what it needs once per σ), else on
+    x's device as k-diffusion does."""
+    if getattr(getattr(model, "__self__", model), "host_sigma", False):
+        return torch.ones(x.shape[0], dtype=x.dtype)
+    return x.new_ones([x.shape[0]])
+
+
+def _host(sigmas):
+    """The schedule as host values, a list of 0-d CPU tensors: one device read for the whole run."""
+    return list(sigmas.detach().cpu().unbind())
 
 
 def to_d(x, sigma, denoised):
@@ -52,13 +71,14 @@ def _noise(noise_sampler, who):
 
 def _churn(x, sigma, sigma_next, n, noise_sampler, s_churn, s_tmin, s_tmax, s_noise):
     """Karras et al. (2022) Algorithm 2, lines 5-7: raise σ to σ̂ = σ(1 + γ) by adding fresh noise.
-    A1111 draws the noise every step once churn is on, even where γ = 0."""
+    A1111 draws the noise every step once churn is on, even where γ = 0. Without churn, σ̂ = σ."""
+    if not s_churn > 0:
+        return x, sigma
     gamma = min(s_churn / n, 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
     sigma_hat = sigma * (gamma + 1)
-    if s_churn > 0:
-        eps = _noise(noise_sampler, "s_churn > 0")(sigma, sigma_next) * s_noise
-        if gamma > 0:
-            x = x + eps * (sigma_hat ** 2 - sigma ** 2) ** 0.5
+    eps = _noise(noise_sampler, "s_churn > 0")(sigma, sigma_next) * s_noise
+    if gamma > 0:
+        x = x + eps * (sigma_hat ** 2 - sigma ** 2) ** 0.5
     return x, sigma_hat
 
 
@@ -75,7 +95,8 @@ def _report(callback, x, i, sigma, sigma_hat, denoised):
 def sample_euler(model, x, sigmas, *, noise_sampler=None, callback=None,
                  s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
     """Euler steps, Algorithm 2 of Karras et al. (2022) (churn γ adds noise before each step)."""
-    s_in = x.new_ones([x.shape[0]])
+    sigmas = _host(sigmas)
+    s_in = ones_for(model, x)
     n = len(sigmas) - 1
     for i in range(n):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -90,7 +111,8 @@ def sample_euler(model, x, sigmas, *, noise_sampler=None, callback=None,
 @torch.no_grad()
 def sample_euler_ancestral(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0):
     """Ancestral sampling with Euler steps (Euler a)."""
-    s_in = x.new_ones([x.shape[0]])
+    sigmas = _host(sigmas)
+    s_in = ones_for(model, x)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma * s_in)
@@ -106,7 +128,8 @@ def sample_euler_ancestral(model, x, sigmas, *, noise_sampler=None, callback=Non
 def sample_heun(model, x, sigmas, *, noise_sampler=None, callback=None,
                 s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
     """Heun steps (2nd order), Algorithm 2 of Karras et al. (2022); an Euler step onto σ = 0."""
-    s_in = x.new_ones([x.shape[0]])
+    sigmas = _host(sigmas)
+    s_in = ones_for(model, x)
     n = len(sigmas) - 1
     for i in range(n):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -128,7 +151,8 @@ def sample_heun(model, x, sigmas, *, noise_sampler=None, callback=None,
 def sample_dpm_2(model, x, sigmas, *, noise_sampler=None, callback=None,
                  s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
     """DPM-Solver-2-style midpoint steps in log σ (Lu et al. 2022) inside Karras et al.'s Algorithm 2."""
-    s_in = x.new_ones([x.shape[0]])
+    sigmas = _host(sigmas)
+    s_in = ones_for(model, x)
     n = len(sigmas) - 1
     for i in range(n):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -149,7 +173,8 @@ def sample_dpm_2(model, x, sigmas, *, noise_sampler=None, callback=None,
 @torch.no_grad()
 def sample_dpm_2_ancestral(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0):
     """Ancestral sampling with DPM-Solver-2 midpoint steps (DPM2 a)."""
-    s_in = x.new_ones([x.shape[0]])
+    sigmas = _host(sigmas)
+    s_in = ones_for(model, x)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma * s_in)
@@ -190,8 +215,9 @@ def _lms_coeff(order, ts, i, j):
 @torch.no_grad()
 def sample_lms(model, x, sigmas, *, noise_sampler=None, callback=None, order=4):
     """Linear multistep (Adams-Bashforth in σ) on the Karras ODE, order 4 (LMS)."""
-    s_in = x.new_ones([x.shape[0]])
+    s_in = ones_for(model, x)
     ts = sigmas.detach().cpu().numpy()  # float32 knots
+    sigmas = list(torch.from_numpy(ts).unbind())
     ds = []
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in)
@@ -210,7 +236,8 @@ def sample_lms(model, x, sigmas, *, noise_sampler=None, callback=None, order=4):
 @torch.no_grad()
 def sample_dpmpp_2s_ancestral(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0):
     """Ancestral sampling with DPM-Solver++(2S) single-step second-order steps."""
-    s_in = x.new_ones([x.shape[0]])
+    sigmas = _host(sigmas)
+    s_in = ones_for(model, x)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma * s_in)
@@ -233,7 +260,8 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, *, noise_sampler=None, callback=
 @torch.no_grad()
 def sample_dpmpp_sde(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0, r=0.5):
     """DPM-Solver++ (stochastic): two SDE sub-steps per step, the second from the data estimate at λ + r·h."""
-    s_in = x.new_ones([x.shape[0]])
+    sigmas = _host(sigmas)
+    s_in = ones_for(model, x)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma * s_in)
@@ -265,7 +293,8 @@ def sample_dpmpp_sde(model, x, sigmas, *, noise_sampler=None, callback=None, eta
 @torch.no_grad()
 def sample_dpmpp_2m(model, x, sigmas, *, noise_sampler=None, callback=None):
     """DPM-Solver++(2M): second-order multistep on the data prediction; first and last steps first order."""
-    s_in = x.new_ones([x.shape[0]])
+    sigmas = _host(sigmas)
+    s_in = ones_for(model, x)
     old_denoised = None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -289,7 +318,8 @@ def sample_dpmpp_2m_sde(model, x, sigmas, *, noise_sampler=None, callback=None, 
     """DPM-Solver++(2M) SDE, with the midpoint or Heun second-order correction."""
     if solver_type not in ("midpoint", "heun"):
         raise ValueError("solver_type must be 'midpoint' or 'heun'")
-    s_in = x.new_ones([x.shape[0]])
+    sigmas = _host(sigmas)
+    s_in = ones_for(model, x)
     old_denoised, h_last = None, None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -325,7 +355,8 @@ def sample_dpmpp_2m_sde_heun(model, x, sigmas, *, noise_sampler=None, callback=N
 @torch.no_grad()
 def sample_dpmpp_3m_sde(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0):
     """DPM-Solver++(3M) SDE: third-order multistep from the last three data estimates."""
-    s_in = x.new_ones([x.shape[0]])
+    sigmas = _host(sigmas)
+    s_in = ones_for(model, x)
     denoised_1, denoised_2, h_1, h_2 = None, None, None, None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -365,7 +396,7 @@ def sample_dpmpp_3m_sde(model, x, sigmas, *, noise_sampler=None, callback=None, 
 def _dpm_eps(model, x, t):
     """ε = (x − D(x, σ)) / σ at λ = t."""
     sigma = _sigma(t)
-    return (x - model(x, sigma * x.new_ones([x.shape[0]]))) / sigma
+    return (x - model(x, sigma * ones_for(model, x))) / sigma
 
 
 def _dpm_u1(x, t, h, eps, r1):
@@ -406,7 +437,7 @@ def _dpm_ancestral(t, t_next, t_end, eta):
 @torch.no_grad()
 def sample_dpm_fast(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0,
                     sigma_min=None, sigma_max=None, n=None):
-    """DPM-Solver-fast (Lu et al. 2022, §3.4): ⌊n/3⌋+1 uniform λ steps of orders 3, …, 3, then 2/1.
+    """DPM-Solver-fast (Lu et al. 2022, sec. 3.4): ⌊n/3⌋+1 uniform λ steps of orders 3, …, 3, then 2/1.
 
     Uses only σ_max = sigmas[0], σ_min = sigmas[-2] and n = len(sigmas) − 1 unless given (A1111's txt2img
     passes the model's σ range and the step count). eta defaults to A1111's 1.0 (k-diffusion's is 0).
@@ -418,7 +449,7 @@ def sample_dpm_fast(model, x, sigmas, *, noise_sampler=None, callback=None, eta=
         raise ValueError("sigma_min and sigma_max must not be 0")
     t_start, t_end = _t(torch.tensor(sigma_max)), _t(torch.tensor(sigma_min))
     m = math.floor(n / 3) + 1
-    ts = torch.linspace(t_start, t_end, m + 1, device=x.device)
+    ts = torch.linspace(t_start, t_end, m + 1)  # on the host
     orders = [3] * (m - 2) + [2, 1] if n % 3 == 0 else [3] * (m - 1) + [n % 3]
     for i, order in enumerate(orders):
         t, t_next = ts[i], ts[i + 1]
@@ -442,7 +473,7 @@ def sample_dpm_fast(model, x, sigmas, *, noise_sampler=None, callback=None, eta=
 def sample_dpm_adaptive(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0,
                         sigma_min=None, sigma_max=None, order=3, rtol=0.05, atol=0.0078, h_init=0.05,
                         pcoeff=0.0, icoeff=1.0, dcoeff=0.0, accept_safety=0.81):
-    """DPM-Solver-12/23 with adaptive step size (Lu et al. 2022, §3.4; PID control after Söderlind 2003).
+    """DPM-Solver-12/23 with adaptive step size (Lu et al. 2022, sec. 3.4; PID control after Söderlind 2003).
 
     An embedded lower-order solution estimates the error; a step is accepted when the PID factor is
     ≥ accept_safety, and h is rescaled by that factor either way.
@@ -506,14 +537,15 @@ def sample_restart(model, x, sigmas, *, noise_sampler=None, callback=None, s_noi
     steps; else 9 restart steps once (steps // 4 twice from 36 steps), taken out of the main schedule,
     which is rebuilt as Karras(steps − restart steps · times, sigmas[-2], sigmas[0]).
     """
-    s_in = x.new_ones([x.shape[0]])
+    s_in = ones_for(model, x)
+    sigmas = sigmas.detach().cpu()  # the schedule on the host (one device read)
     steps = len(sigmas) - 1
     if restart_list is None:
         restart_list = {}
         if steps >= 20:
             restart_steps, restart_times = (steps // 4, 2) if steps >= 36 else (9, 1)
             main_steps = steps - restart_steps * restart_times
-            sigmas = sigmas_karras(main_steps, sigmas[-2].item(), sigmas[0].item()).to(sigmas.device)
+            sigmas = sigmas_karras(main_steps, sigmas[-2].item(), sigmas[0].item())
             restart_list = {0.1: [restart_steps + 1, restart_times, 2]}
     restart_at = {int(torch.argmin((sigmas - key).abs())): value for key, value in restart_list.items()}
 
@@ -525,7 +557,7 @@ def sample_restart(model, x, sigmas, *, noise_sampler=None, callback=None, s_noi
             min_idx, max_idx = i + 1, int(torch.argmin((sigmas - restart_max).abs()))
             if max_idx < min_idx:
                 sigma_restart = sigmas_karras(restart_steps, sigmas[min_idx].item(), sigmas[max_idx].item())
-                sigma_restart = sigma_restart.to(sigmas.device)[:-1]  # without its trailing 0
+                sigma_restart = sigma_restart[:-1]  # without its trailing 0
                 pairs += list(zip(sigma_restart[:-1], sigma_restart[1:])) * restart_times
 
     last_sigma = None
@@ -535,7 +567,7 @@ def sample_restart(model, x, sigmas, *, noise_sampler=None, callback=None, s_noi
             x = x + noise * s_noise * (old_sigma ** 2 - last_sigma ** 2) ** 0.5
         denoised = model(x, old_sigma * s_in)
         d = to_d(x, old_sigma, denoised)
-        _report(callback, x, step_id, new_sigma, old_sigma, denoised)
+        _report(callback, x, step_id, old_sigma, old_sigma, denoised)  # A1111 reports σ_next as 'sigma'
         dt = new_sigma - old_sigma
         if new_sigma == 0:
             x = x + d * dt

@@ -2,7 +2,7 @@
 
 References: ldm `make_beta_schedule` / `register_schedule` (ā), k-diffusion `external.DiscreteSchedule`
 (σ table, σ<->t), k-diffusion `sampling.get_sigmas_*` (Karras, exponential, polyexponential),
-A1111 `modules/sd_schedulers.py` (the others). Spec: generation.md §1-§2, values in Appendix A.2.
+A1111 `modules/sd_schedulers.py` (the others).
 
 Every function returns a descending float32 CPU tensor of n+1 values ending in 0, except KL Optimal
 (ends at σ_min, like A1111) and DDIM (its count depends on 1000 // n).

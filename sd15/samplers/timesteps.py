@@ -1,5 +1,5 @@
 """A1111's timestep samplers: DDIM, PLMS and UniPC (A1111 `modules/sd_samplers_timesteps_impl.py`,
-`modules/models/diffusion/uni_pc/uni_pc.py`). Spec: generation.md §3.4, §4.1.
+`modules/models/diffusion/uni_pc/uni_pc.py`).
 
 Contract: `sample_x(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, callback=None, **options)`
 - `model(x, t)` returns the (guided) ε for the *raw* latent x at the float timestep tensor t [B]
@@ -7,11 +7,18 @@ Contract: `sample_x(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, 
 - `timesteps` is the ascending integer grid `ddim_timesteps(steps)` (or its first t_enc entries in img2img);
 - `alphas_cumprod` is the float32 ā table [1000] (`EpsDenoiser.alphas_cumprod`), passed explicitly;
 - x starts at the unscaled noise (txt2img) and these samplers stop at ā[timesteps[0]], not at 0:
-  DDIM makes len(timesteps) − 1 model calls, PLMS len(timesteps), UniPC len(timesteps).
+  DDIM makes len(timesteps) − 1 model calls, PLMS len(timesteps), UniPC len(timesteps);
+- `callback(dict)` receives, once per step, the k-diffusion keys: 'sigma' (= 'sigma_hat') is the real noise
+  level σ = sqrt((1 − ā)/ā) the step starts from, as a 0-d CPU tensor, and 'denoised' the latest x₀ estimate.
+
+DDIM and PLMS read their tables (ā, the timestep grid) on the host once and then never read a device value
+back inside the loop: the per-step coefficients are Python floats, as A1111 builds them.
 """
 
 import torch
 import torch.nn.functional as F
+
+from .kdiffusion import ones_for
 
 
 def ddim_timesteps(steps: int) -> torch.Tensor:
@@ -28,33 +35,38 @@ def _coeff(value, x):
 
 
 def _ddim_tables(alphas_cumprod, timesteps):
-    ac = alphas_cumprod.to(timesteps.device)
-    alphas = ac[timesteps]                                                    # float32
-    alphas_prev = ac[F.pad(timesteps[:-1], pad=(1, 0))].double()              # ā of the previous timestep, float64
-    return alphas, alphas_prev, torch.sqrt(1 - alphas)
+    """Host tables (two device reads, none per step): ā_t (float32), ā of the previous timestep (float64),
+    sqrt(1 − ā_t), σ_t = sqrt((1 − ā_t)/ā_t) (float32, the k-diffusion σ of t) and the timesteps."""
+    ac, ts = alphas_cumprod.detach().cpu(), timesteps.detach().cpu()
+    alphas = ac[ts]                                                           # float32
+    alphas_prev = ac[F.pad(ts[:-1], pad=(1, 0))].double()                     # float64
+    return alphas, alphas_prev, torch.sqrt(1 - alphas), ((1 - alphas) / alphas) ** 0.5, ts
 
 
 @torch.no_grad()
 def sample_ddim(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, callback=None, eta=0.0):
     """DDIM (Song et al. 2021, eq. 12) on LDM's timestep grid, as A1111 ≥ 1.6 runs it: from the top
     timestep down to timesteps[0] (len(timesteps) − 1 model calls; the t=1 -> 0 step is not taken)."""
-    alphas, alphas_prev, sqrt_one_minus_alphas = _ddim_tables(alphas_cumprod, timesteps)
+    alphas, alphas_prev, sqrt_one_minus_alphas, sigma_of_t, ts = _ddim_tables(alphas_cumprod, timesteps)
     sigmas = eta * torch.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))  # float64
-    s_in = x.new_ones([x.shape[0]])
-    for i in range(len(timesteps) - 1):
-        index = len(timesteps) - 1 - i
-        e_t = model(x, timesteps[index].item() * s_in)
-        a_t, a_prev = _coeff(alphas[index], x), _coeff(alphas_prev[index], x)
-        sigma_t, sqrt_one_minus_at = _coeff(sigmas[index], x), _coeff(sqrt_one_minus_alphas[index], x)
+    a_t_f, a_prev_f, s_f, one_minus_f = (v.tolist() for v in (alphas, alphas_prev, sigmas, sqrt_one_minus_alphas))
+    t_f, sigma_report = ts.tolist(), sigma_of_t.unbind()
+    s_in = ones_for(model, x)
+    for i in range(len(t_f) - 1):
+        index = len(t_f) - 1 - i
+        e_t = model(x, t_f[index] * s_in)
+        a_t, a_prev = _coeff(a_t_f[index], x), _coeff(a_prev_f[index], x)
+        sigma_t, sqrt_one_minus_at = _coeff(s_f[index], x), _coeff(one_minus_f[index], x)
         pred_x0 = (x - sqrt_one_minus_at * e_t) / a_t.sqrt()
         dir_xt = (1.0 - a_prev - sigma_t ** 2).sqrt() * e_t
         x = a_prev.sqrt() * pred_x0 + dir_xt
         if eta:  # A1111 draws every step; with eta = 0 the draw is multiplied by 0, so we skip it
             if noise_sampler is None:
                 raise ValueError("DDIM with eta > 0 adds noise: pass noise_sampler (sd15.rng.ImageRNG.noise_sampler())")
-            x = x + sigma_t * noise_sampler(timesteps[index], timesteps[index - 1])
+            x = x + sigma_t * noise_sampler(ts[index], ts[index - 1])
         if callback is not None:
-            callback({"x": x, "i": i, "sigma": 0, "sigma_hat": 0, "denoised": pred_x0})
+            sigma = sigma_report[index]
+            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": pred_x0})
     return x
 
 
@@ -62,21 +74,23 @@ def sample_ddim(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, call
 def sample_plms(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, callback=None):
     """PLMS, pseudo linear multistep (Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models"):
     a pseudo improved-Euler first step (2 model calls), then Adams-Bashforth on ε of orders 2, 3, 4."""
-    alphas, alphas_prev, sqrt_one_minus_alphas = _ddim_tables(alphas_cumprod, timesteps)
-    s_in = x.new_ones([x.shape[0]])
+    alphas, alphas_prev, sqrt_one_minus_alphas, sigma_of_t, ts = _ddim_tables(alphas_cumprod, timesteps)
+    a_t_f, a_prev_f, one_minus_f = (v.tolist() for v in (alphas, alphas_prev, sqrt_one_minus_alphas))
+    t_f, sigma_report = ts.tolist(), sigma_of_t.unbind()
+    s_in = ones_for(model, x)
 
     def ddim_step(x, e_t, index):
-        a_t, a_prev = _coeff(alphas[index], x), _coeff(alphas_prev[index], x)
-        pred_x0 = (x - _coeff(sqrt_one_minus_alphas[index], x) * e_t) / a_t.sqrt()
+        a_t, a_prev = _coeff(a_t_f[index], x), _coeff(a_prev_f[index], x)
+        pred_x0 = (x - _coeff(one_minus_f[index], x) * e_t) / a_t.sqrt()
         return a_prev.sqrt() * pred_x0 + (1.0 - a_prev).sqrt() * e_t, pred_x0
 
     old_eps = []
-    for i in range(len(timesteps) - 1):
-        index = len(timesteps) - 1 - i
-        e_t = model(x, timesteps[index].item() * s_in)
+    for i in range(len(t_f) - 1):
+        index = len(t_f) - 1 - i
+        e_t = model(x, t_f[index] * s_in)
         if not old_eps:  # pseudo improved Euler
             x_next, _ = ddim_step(x, e_t, index)
-            e_t_next = model(x_next, timesteps[max(index - 1, 0)].item() * s_in)
+            e_t_next = model(x_next, t_f[max(index - 1, 0)] * s_in)
             e_t_prime = (e_t + e_t_next) / 2
         elif len(old_eps) == 1:
             e_t_prime = (3 * e_t - old_eps[-1]) / 2
@@ -87,8 +101,15 @@ def sample_plms(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, call
         x, pred_x0 = ddim_step(x, e_t_prime, index)
         old_eps = (old_eps + [e_t])[-3:]
         if callback is not None:
-            callback({"x": x, "i": i, "sigma": 0, "sigma_hat": 0, "denoised": pred_x0})
+            sigma = sigma_report[index]
+            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": pred_x0})
     return x
+
+
+def _solve(a, b):
+    """torch.linalg.solve without its error check, which waits for the device (a Vandermonde system in
+    distinct λ ratios is never singular)."""
+    return torch.linalg.solve_ex(a, b)[0]
 
 
 def _interp(x, xp, yp):
@@ -146,8 +167,8 @@ def sample_unipc(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, cal
         R, b = torch.stack(R), torch.stack(b)
         if D1s:
             D1s = torch.stack(D1s, dim=1)  # (B, order − 1, C, H, W)
-            rhos_p = b.new_full((1,), 0.5) if order == 2 else torch.linalg.solve(R[:-1, :-1], b[:-1])
-        rhos_c = b.new_full((1,), 0.5) if order == 1 else torch.linalg.solve(R, b)
+            rhos_p = b.new_full((1,), 0.5) if order == 2 else _solve(R[:-1, :-1], b[:-1])
+        rhos_c = b.new_full((1,), 0.5) if order == 1 else _solve(R, b)
 
         x_t_ = ((sigma_t / sigma_prev_0)[:, None, None, None] * x
                 - (alpha_t * h_phi_1)[:, None, None, None] * model_prev_0)  # first-order (DDIM) part
@@ -160,8 +181,12 @@ def sample_unipc(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, cal
             x_t = x_t_ - (alpha_t * B_h)[:, None, None, None] * (corr_res + rhos_c[-1] * (model_t - model_prev_0))
         return x_t, model_t
 
-    t_T = timesteps[-1] / 1000 + 1 / 1000 if img2img else 1.0
-    ts = torch.linspace(t_T, 1.0 / 1000, steps + 1).to(x.device)  # time_uniform
+    t_T = float(timesteps[-1]) / 1000 + 1 / 1000 if img2img else 1.0
+    ts_host = torch.linspace(t_T, 1.0 / 1000, steps + 1)  # time_uniform
+    ts = ts_host.to(x.device)
+    # the callback's σ = σ_t / α_t of each step's start, on the host
+    log_alpha_host = _interp(ts_host, t_array.cpu(), log_alpha_array.cpu())
+    sigma_report = (torch.sqrt(1.0 - torch.exp(2.0 * log_alpha_host)) / torch.exp(log_alpha_host)).unbind()
     batch = x.shape[0]
     vec_t = ts[0].expand(batch)
     model_prev_list, t_prev_list = [data_pred(x, vec_t)], [vec_t]
@@ -172,8 +197,10 @@ def sample_unipc(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, cal
         else:
             step_order = min(order, steps + 1 - step) if lower_order_final else order
         x, model_x = bh_update(x, model_prev_list, t_prev_list, vec_t, step_order, use_corrector=step < steps)
-        if callback is not None:
-            callback({"x": x, "i": step - 1, "sigma": 0, "sigma_hat": 0, "denoised": model_x})
+        if callback is not None:  # no corrector on the last step: its latest x₀ estimate is the history's
+            denoised = model_x if model_x is not None else model_prev_list[-1]
+            sigma = sigma_report[step - 1]
+            callback({"x": x, "i": step - 1, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
         if step < order:
             model_prev_list.append(model_x)
             t_prev_list.append(vec_t)

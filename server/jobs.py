@@ -1,0 +1,250 @@
+"""The job queue: one FIFO of txt2img/img2img jobs shared by every client, run one at a time on the GPU.
+
+    queue = JobQueue(run=engine.execute, limiter=engine.gpu, max_size=64)
+    job = queue.submit("txt2img", req, summary, source="api", save=False)   # QueueFull -> 503 + Retry-After
+    await job.finished.wait(); job.result                                    # or queue.cancel(job.id)
+
+A job holds the parsed request (base64 images stay encoded: they are decoded by `run` when the job starts,
+so a full queue holds at most `max_size` request bodies, never decoded pixels). `run(job)` executes on a
+worker thread while the GPU limiter is held, the same limiter checkpoint switches queue on, so the order is
+first come first served across both. States: queued -> running -> done | failed | interrupted, or
+queued -> cancelled. Finished jobs are kept (the last `keep`) for GET /sd15/v1/jobs/{id}.
+
+Listeners (the SSE endpoint) get every queue change and every finished job through `listen()`; progress is
+read off the running job by the SSE loop (at most every 250 ms), never pushed from the worker thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import anyio
+
+log = logging.getLogger("server")
+
+STATES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
+
+
+class QueueFull(Exception):
+    """The queue holds `max_size` jobs already; answered 503 with Retry-After."""
+
+    def __init__(self, max_size: int, retry_after: int):
+        super().__init__(f"the job queue is full ({max_size} jobs waiting); retry in about {retry_after} s")
+        self.retry_after = retry_after
+
+
+class JobFailed(Exception):
+    """How a job ended when it did not give a result: an HTTP status and a one-line detail."""
+
+    def __init__(self, status: int, detail: str, error: str = "HTTPException", errors: str = ""):
+        super().__init__(detail or errors)
+        self.status, self.detail, self.error, self.errors = status, detail, error, errors
+
+
+@dataclass(eq=False)
+class Job:
+    id: str
+    kind: str  # "txt2img" | "img2img"
+    request: Any  # the parsed A1111 request (images still base64)
+    summary: dict
+    source: str = "api"  # "page" | "api"
+    save: bool = False
+    created: float = field(default_factory=time.time)
+    started: Optional[float] = None
+    finished_at: Optional[float] = None
+    state: str = "queued"
+    error: Optional[JobFailed] = None
+    result: Optional[dict] = None  # the A1111 response body
+    files: list = field(default_factory=list)  # saved images, relative to the output folder
+    control: Any = None  # sd15.pipeline.JobState while running
+    progress: Optional[dict] = None
+    preview: Optional[str] = None  # base64 PNG of the latest preview
+    preview_step: int = 0
+    steps_done: int = 0
+    sampling_seconds: float = 0.0
+    stop_reason: Optional[str] = None  # why it was interrupted: "client", "timeout", "shutdown", "limit", None
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def interrupt(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        if self.control is not None:
+            self.control.interrupt()
+
+    def json(self, position: Optional[int] = None, with_result: bool = False) -> dict:
+        out = {"id": self.id, "kind": self.kind, "state": self.state, "position": position,
+               "created": self.created, "started": self.started, "finished": self.finished_at,
+               "source": self.source, "summary": self.summary, "progress": self.progress,
+               "error": None if self.error is None else {"status": self.error.status,
+                                                         "detail": self.error.detail or self.error.errors}}
+        if with_result:
+            out["result"] = self.result
+            out["files"] = list(self.files)
+        return out
+
+
+class JobQueue:
+    """FIFO of jobs, bounded at `max_size` waiting jobs; one worker task runs them in order."""
+
+    def __init__(self, run: Callable[[Job], None], limiter: anyio.CapacityLimiter, *, max_size: int = 64,
+                 keep: int = 50, on_finish: Optional[Callable[[Job], None]] = None):
+        self.run, self.limiter, self.max_size, self.keep = run, limiter, max_size, keep
+        self.on_finish = on_finish
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.running: Optional[Job] = None
+        self.history: collections.OrderedDict[str, Job] = collections.OrderedDict()  # finished, oldest first
+        self.jobs: dict[str, Job] = {}  # every job not yet forgotten, by id
+        self.closed = False  # shutting down: no new jobs, queued ones failed
+        self._wake = asyncio.Event()
+        self._listeners: set[asyncio.Queue] = set()
+        self._counter = itertools.count(1)
+        self._seconds = collections.deque(maxlen=20)  # recent job durations, for Retry-After
+
+    # --- clients -------------------------------------------------------------------------------
+
+    def submit(self, kind: str, request, summary: dict, *, source: str = "api", save: bool = False) -> Job:
+        if self.closed:
+            raise JobFailed(503, "the server is shutting down; no new jobs are accepted", "ServiceUnavailable")
+        if len(self.waiting) >= self.max_size:
+            raise QueueFull(self.max_size, self.retry_after())
+        job = Job(f"{next(self._counter):06d}-{secrets.token_hex(4)}", kind, request, summary, source, save)
+        self.waiting.append(job)
+        self.jobs[job.id] = job
+        self._wake.set()
+        self.changed()
+        return job
+
+    def get(self, job_id: str) -> Optional[Job]:
+        return self.jobs.get(job_id)
+
+    def position(self, job: Job) -> Optional[int]:
+        if job is self.running:
+            return 0
+        try:
+            return self.waiting.index(job) + (1 if self.running is not None else 0)
+        except ValueError:
+            return None
+
+    def cancel(self, job: Job, reason: str = "cancelled") -> None:
+        """A queued job is dropped (state cancelled); the running one is interrupted (it returns what it has)."""
+        if job.state == "queued":
+            try:
+                self.waiting.remove(job)
+            except ValueError:
+                return
+            self._finish(job, "cancelled", JobFailed(499 if reason == "client" else 409,
+                                                     f"job {job.id} was cancelled before it started"))
+        elif job.state == "running":
+            job.interrupt(reason)
+
+    def retry_after(self) -> int:
+        per_job = sum(self._seconds) / len(self._seconds) if self._seconds else 5.0
+        return max(1, min(3600, int(per_job * (len(self.waiting) + 1) / 2 + 0.999)))
+
+    def snapshot(self) -> dict:
+        """GET /sd15/v1/queue."""
+        running = self.running.json(0) if self.running is not None else None
+        offset = 1 if self.running is not None else 0
+        queued = [job.json(i + offset) for i, job in enumerate(self.waiting)]
+        recent = [job.json() for job in reversed(list(self.history.values())[-10:])]
+        return {"running": running, "queued": queued, "recent": recent, "max_size": self.max_size}
+
+    # --- events --------------------------------------------------------------------------------
+
+    def listen(self) -> asyncio.Queue:
+        q: asyncio.Queue = asyncio.Queue(maxsize=256)
+        self._listeners.add(q)
+        return q
+
+    def has_listeners(self) -> bool:
+        return bool(self._listeners)
+
+    def unlisten(self, q: asyncio.Queue) -> None:
+        self._listeners.discard(q)
+
+    def _publish(self, event: str, data: dict) -> None:
+        for q in list(self._listeners):
+            try:
+                q.put_nowait((event, data))
+            except asyncio.QueueFull:  # a listener that does not read: drop it rather than grow
+                self._listeners.discard(q)
+
+    def changed(self) -> None:
+        if self._listeners:
+            self._publish("queue", self.snapshot())
+
+    # --- the worker ----------------------------------------------------------------------------
+
+    async def worker(self) -> None:
+        """Run the queued jobs one by one, forever (cancelled at shutdown)."""
+        while True:
+            while not self.waiting:
+                self._wake.clear()
+                await self._wake.wait()
+            job = self.waiting.popleft()
+            self.running, job.state, job.started = job, "running", time.time()
+            self.changed()
+            try:
+                async with self.limiter:  # model switches queue on the same limiter
+                    await anyio.to_thread.run_sync(self.run, job, abandon_on_cancel=True)
+            except JobFailed as e:
+                self._finish(job, "failed", e)
+            except Exception as e:  # a bug or out of memory in the job: a JSON 500, and the server goes on
+                log.exception("job %s failed", job.id)
+                self._finish(job, "failed", JobFailed(500, "", type(e).__name__, str(e)))
+            else:
+                if job.stop_reason is not None and job.state == "running":
+                    self._finish(job, "interrupted", job.error)
+                else:
+                    self._finish(job, "done", None)
+            finally:
+                if job.state == "running":  # cancelled while running (forced shutdown)
+                    self._finish(job, "failed", JobFailed(503, "the server shut down while the job ran",
+                                                          "ServiceUnavailable"))
+                self.running = None
+                self.changed()
+
+    def _finish(self, job: Job, state: str, error: Optional[JobFailed]) -> None:
+        job.state, job.error, job.finished_at = state, error, time.time()
+        job.control = None
+        job.request = None  # the request body (maybe large images) is not kept once the job is over
+        if job.started is not None:
+            self._seconds.append(job.finished_at - job.started)
+        self.history[job.id] = job
+        while len(self.history) > self.keep:
+            old_id, _ = self.history.popitem(last=False)
+            self.jobs.pop(old_id, None)
+        job.finished.set()
+        if self.on_finish is not None:
+            self.on_finish(job)
+        self._publish("done", job.json())
+        self.changed()
+
+    def close(self, reason: str = "the server is shutting down") -> None:
+        """No new jobs; every queued job fails with 503 at once (the running one is left to finish)."""
+        self.closed = True
+        while self.waiting:
+            self._finish(self.waiting.popleft(), "failed",
+                         JobFailed(503, f"{reason}; the job was not started", "ServiceUnavailable"))
+
+    async def drain(self, grace: float) -> bool:
+        """Shutdown: close the queue, let the running job finish for `grace` seconds, then interrupt it and
+        give it a few more seconds to return what it has. -> True when nothing was left running."""
+        self.close()
+        job = self.running
+        if job is None:
+            return True
+        with anyio.move_on_after(grace):
+            await job.finished.wait()
+        if not job.finished.is_set():
+            log.warning("job %s still running after the %.0f s grace period: interrupting it", job.id, grace)
+            job.interrupt("shutdown")
+            with anyio.move_on_after(10):
+                await job.finished.wait()
+        return job.finished.is_set()

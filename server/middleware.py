@@ -1,0 +1,173 @@
+"""ASGI middleware of the server, outermost first as `create_app` stacks them:
+
+- `JsonErrors`: whatever escapes the app (a bug, a task cancelled by a forced shutdown) is answered with a
+  JSON body in A1111's error shape instead of the server's plain-text 500, and every status is counted for
+  /metrics.
+- `HostCheck`: the `Host` header must name this server (loopback names by default, `--allowed-hosts`),
+  so a page on another site cannot drive a local server through DNS rebinding.
+- CORS (Starlette's), then `BasicAuth` (`--api-auth`), GZip and `ProcessTime`.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import ipaddress
+import json
+import logging
+import time
+from typing import Optional
+
+from starlette.datastructures import Headers, MutableHeaders
+
+log = logging.getLogger("server")
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def error_body(status: int, detail: str, error: str = "HTTPException", errors: str = "") -> bytes:
+    return json.dumps({"error": error, "detail": detail, "body": "", "errors": errors}).encode()
+
+
+async def send_json(send, status: int, body: bytes, headers: Optional[dict] = None) -> None:
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+class JsonErrors:
+    """Outermost: an exception or a cancellation before the response started -> a JSON 500/503 in A1111's
+    shape; counts responses by status in `metrics`."""
+
+    def __init__(self, app, metrics=None):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def send_counted(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                if self.metrics is not None:
+                    self.metrics.responses[message["status"]] += 1
+            await send(message)
+        try:
+            await self.app(scope, receive, send_counted)
+        except asyncio.CancelledError:  # uvicorn cancels open requests on a forced shutdown
+            if not started:
+                try:
+                    await send_counted({"type": "http.response.start", "status": 503, "headers": [
+                        (b"content-type", b"application/json"), (b"connection", b"close")]})
+                    await send({"type": "http.response.body",
+                                "body": error_body(503, "the server is shutting down", "ServiceUnavailable")})
+                except Exception:
+                    pass
+            raise
+        except Exception as e:
+            if started:
+                raise
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            await send_json(send_counted, 500, error_body(500, "", type(e).__name__, str(e)))
+
+
+def host_name(host_header: str) -> str:
+    """"example.com:7860" -> "example.com"; "[::1]:7860" -> "::1"."""
+    h = host_header.strip().lower()
+    if h.startswith("["):
+        return h[1:h.find("]")] if "]" in h else h
+    if h.count(":") == 1:
+        h = h.split(":")[0]
+    return h.rstrip(".")
+
+
+class HostCheck:
+    """Refuse requests whose Host header is not in `allowed` (421 in A1111's error shape). `"*"` allows any;
+    IP addresses are always allowed when `allow_ips` (a client that connects by address cannot be a
+    rebinding page, whose Host is a name)."""
+
+    def __init__(self, app, allowed, allow_ips: bool = True, metrics=None):
+        self.app = app
+        self.allowed = {a.strip().lower().rstrip(".") for a in allowed}
+        self.allow_ips, self.metrics = allow_ips, metrics
+
+    def ok(self, host_header: Optional[str]) -> bool:
+        if "*" in self.allowed:
+            return True
+        if not host_header:
+            return False
+        name = host_name(host_header)
+        if name in self.allowed:
+            return True
+        if any(a.startswith("*.") and name.endswith(a[1:]) for a in self.allowed):
+            return True
+        if self.allow_ips:
+            try:
+                ipaddress.ip_address(name)
+                return True
+            except ValueError:
+                pass
+        return False
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and not self.ok(Headers(scope=scope).get("host")):
+            if self.metrics is not None:
+                self.metrics.rejected["host"] += 1
+            await send_json(send, 421, error_body(
+                421, "Host header not allowed; start the server with --allowed-hosts to add this name"))
+            return
+        await self.app(scope, receive, send)
+
+
+class BasicAuth:
+    """HTTP Basic on every route (A1111 leaves /loras open; this does not), constant-time comparison, 401
+    with A1111's three messages."""
+
+    def __init__(self, app, credentials: list):
+        self.app = app
+        self.credentials = [(u.encode(), p.encode()) for u, p in credentials]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            problem = self.check(Headers(scope=scope).get("authorization"))
+            if problem is not None:
+                await send_json(send, 401, error_body(401, problem), {"WWW-Authenticate": "Basic"})
+                return
+        await self.app(scope, receive, send)
+
+    def check(self, header: Optional[str]) -> Optional[str]:
+        scheme, _, token = (header or "").partition(" ")
+        if scheme.lower() != "basic":
+            return "Not authenticated"
+        try:
+            user, colon, password = base64.b64decode(token.strip(), validate=True).decode("utf-8").partition(":")
+        except (binascii.Error, ValueError):
+            return "Invalid authentication credentials"
+        if not colon:
+            return "Invalid authentication credentials"
+        ok = False
+        for u, p in self.credentials:  # every pair is compared, whatever matched
+            ok |= hmac.compare_digest(user.encode(), u) & hmac.compare_digest(password.encode(), p)
+        return None if ok else "Incorrect username or password"
+
+
+class ProcessTime:
+    """`X-Process-Time` (seconds) on every response, as A1111 adds it."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+
+        async def send_timed(message):
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message).append("X-Process-Time", str(round(time.perf_counter() - start, 4)))
+            await send(message)
+        await self.app(scope, receive, send_timed)

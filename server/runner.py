@@ -1,0 +1,147 @@
+"""Running one queued job on the GPU worker: the A1111 request -> generation -> response body (+ saved
+files), the sampler callback that carries progress, previews and the per-job limits, and the per-job log
+line and metrics. `self` below is the server's `Engine` (server/app.py)."""
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from sd15.a1111 import infotext
+from sd15.a1111.images import png_bytes
+from server import a1111, inputs, jobs, outputs, preview
+from server.a1111 import ApiError, ValidationError
+
+log = logging.getLogger("server")
+
+
+@dataclass
+class Run:
+    """The running generation, as /sdapi/v1/progress reports it (`a1111.progress_json`)."""
+    kind: str  # "txt2img" | "img2img"
+    state: Any  # sd15.pipeline.JobState
+    n_iter: int
+    passes: int  # 2 with hires fix
+    started: float = field(default_factory=time.time)
+    timestamp: str = field(default_factory=infotext.job_timestamp)
+    steps_done: int = 0
+    preview_at: int = 0
+
+
+def execute(self, job: jobs.Job) -> None:  # self: the Engine
+    """(GPU worker) Run a queued job: generate, build the A1111 response body, save the images when asked."""
+    req, prepared = job.request
+    try:
+        result, settings = self.run(req, prepared, job)
+    except (ApiError, ValidationError) as e:
+        raise _job_failed(e) from None
+    except (ValueError, LookupError) as e:  # the pipeline's own checks, a bad checkpoint file
+        raise jobs.JobFailed(400, inputs.public_message(str(e), self.folders())) from None
+    except jobs.JobFailed:
+        raise
+    except Exception as e:  # a bug or out of memory: a JSON 500 (no absolute paths), and the server goes on
+        log.exception("job %s failed", job.id)
+        raise jobs.JobFailed(500, "", type(e).__name__, inputs.public_message(str(e), self.folders())) from None
+    for warning in result.warnings:
+        log.warning("%s", warning)
+    if job.save and self.config.save and result.images:
+        job.files = outputs.save_images(self.config.outdir, job.kind, result.images, result.infotexts,
+                                        result.seeds, pnginfo=settings["enable_pnginfo"])
+    job.result = a1111.image_response(req, result, settings["enable_pnginfo"])
+    if job.stop_reason == "timeout":
+        job.error = jobs.JobFailed(504, f"the job ran longer than {self.config.max_job_seconds:g} s "
+                                        f"(--max-job-seconds) and was stopped; the result holds what was made")
+    elif job.stop_reason == "limit":
+        job.error = jobs.JobFailed(422, "the sampler made more steps than the server allows in one pass "
+                                        "(--max-steps); the result holds what was made")
+
+
+def make_callback(self, run, job: Optional[jobs.Job], settings: dict):  # self: the Engine
+    """The sampler callback: progress, the per-job time limit, the per-pass step cap (samplers whose step
+    count is not fixed, DPM adaptive, are stopped after max(--max-steps, 2 × steps) steps), and a live
+    preview every `show_progress_every_n_steps` steps while someone looks (/progress or the event stream)."""
+    every = settings["show_progress_every_n_steps"] if settings["live_previews_enable"] else 0
+    deadline = run.started + self.config.max_job_seconds if self.config.max_job_seconds else None
+
+    def callback(step, sigma, x, denoised):
+        s = run.state
+        run.steps_done += 1
+        if job is not None:
+            job.progress = {"progress": s.progress(), "eta_relative": _eta(run, s.progress()),
+                            "step": s.sampling_step, "steps": s.sampling_steps, "job_no": s.job_no,
+                            "job_count": s.job_count}
+            if deadline is not None and time.time() > deadline:
+                job.interrupt("timeout")
+            if step + 1 > max(self.limits.max_steps, 2 * s.sampling_steps):
+                job.interrupt("limit")
+        wanted = self.preview_wanted or (self.queue is not None and self.queue.has_listeners())
+        if every > 0 and wanted and run.steps_done - run.preview_at >= every:
+            run.preview_at, self.preview_wanted = run.steps_done, False
+            image = preview.make_preview(self.models.model, denoised, settings)
+            self.preview = base64.b64encode(png_bytes(image)).decode("ascii")
+            if job is not None:
+                job.preview, job.preview_step = self.preview, run.steps_done
+    return callback
+
+
+def _eta(run, progress: float) -> float:
+    elapsed = time.time() - run.started
+    return elapsed / progress - elapsed if progress > 0 else 0.0
+
+
+def _job_failed(e) -> jobs.JobFailed:
+    if isinstance(e, ValidationError):
+        return jobs.JobFailed(422, str(e))
+    return jobs.JobFailed(e.status, e.detail, e.error, e.errors)
+
+
+def job_summary(r) -> dict:
+    """The `summary` of a job object (what the queue shows), from its resolved request."""
+    return {"prompt": r.prompt[:200], "width": r.width, "height": r.height, "steps": r.steps,
+            "sampler_name": r.sampler.name, "batch_size": r.batch_size, "n_iter": r.n_iter}
+
+
+async def wait_for_job(request: Request, engine, job: jobs.Job) -> None:
+    """Wait until `job` finishes. A client that disconnects first gets its job cancelled (queued) or
+    interrupted (running), unless --keep-abandoned-jobs keeps A1111's behaviour of running it anyway."""
+    async def watch(scope):
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                if not engine.config.keep_abandoned_jobs and not job.finished.is_set():
+                    log.info("client of job %s disconnected: %s it", job.id,
+                             "cancelling" if job.state == "queued" else "interrupting")
+                    engine.queue.cancel(job, "client")
+                return
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch, tg.cancel_scope)
+        await job.finished.wait()
+        tg.cancel_scope.cancel()
+
+
+def job_response(job: jobs.Job) -> JSONResponse:
+    """The A1111 answer of a finished job: its body (also when interrupted: what was made), else its error."""
+    if job.result is not None:
+        return JSONResponse(job.result, headers={"X-SD15-Job": job.id, "X-SD15-Job-State": job.state})
+    e = job.error or jobs.JobFailed(500, "the job ended without a result")
+    return JSONResponse(ApiError(e.status, e.detail, error=e.error, errors=e.errors).body(), status_code=e.status,
+                        headers={"X-SD15-Job": job.id, "X-SD15-Job-State": job.state})
+
+
+def job_finished(self, job: jobs.Job) -> None:
+    """One log line per job (kind, size, steps, sampler, seconds, it/s) and its metrics."""
+    seconds = job.finished_at - job.started if job.started is not None else None
+    its = job.steps_done / job.sampling_seconds if job.sampling_seconds > 0 else 0.0
+    s = job.summary
+    error = f" ({job.error.status}: {job.error.detail or job.error.errors})" if job.error is not None else ""
+    log.info("job %s %s %dx%d steps=%d sampler=%s batch=%dx%d: %s%s in %.2f s, %.2f it/s", job.id, job.kind,
+             s["width"], s["height"], s["steps"], s["sampler_name"], s["batch_size"], s["n_iter"], job.state, error,
+             seconds or 0.0, its)
+    self.metrics.job_finished(job.kind, job.state, seconds, job.steps_done, job.sampling_seconds)

@@ -1,0 +1,132 @@
+"""Grids of images the way A1111's `modules/images.py` draws them: `image_grid`, `draw_grid_annotations`
+(axis labels on top and on the left) and `draw_prompt_matrix`. SD upscale's overlapping tiles are
+`sd15.upscale.split_grid` / `combine_grid`.
+
+Text uses Pillow's built-in scalable font (`ImageFont.load_default(size)`) instead of A1111's Roboto, so
+the label pixels differ from A1111's while the layout rules (font size, paddings, wrapping, shrinking a
+line until it fits) are A1111's.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from PIL import Image, ImageColor, ImageDraw, ImageFont
+
+# A1111's option defaults grid_text_active_color, grid_text_inactive_color, grid_background_color
+TEXT_ACTIVE = "#000000"
+TEXT_INACTIVE = "#999999"
+BACKGROUND = "#ffffff"
+
+
+def font(size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=max(1, size))
+
+
+def image_grid(images: list, rows: int, background: str = BACKGROUND) -> Image.Image:
+    """Images in `rows` rows, row-major; every cell is the largest image's size and a smaller image is
+    centred in its cell."""
+    rows = min(rows, len(images))
+    cols = math.ceil(len(images) / rows)
+    w, h = map(max, zip(*(im.size for im in images)))
+    grid = Image.new("RGB", (cols * w, rows * h), ImageColor.getcolor(background, "RGB"))
+    for i, im in enumerate(images):
+        dx = 0 if im.width == w else (w - im.width) // 2
+        dy = 0 if im.height == h else (h - im.height) // 2
+        grid.paste(im, (i % cols * w + dx, i // cols * h + dy))
+    return grid
+
+
+@dataclass
+class GridAnnotation:
+    text: str = ""
+    is_active: bool = True
+    size: tuple = field(default=(0, 0), repr=False)
+    allowed_width: int = field(default=0, repr=False)
+
+
+def draw_grid_annotations(im: Image.Image, width: int, height: int, hor_texts: list, ver_texts: list,
+                          margin: int = 0) -> Image.Image:
+    """`im` is a grid of `width`x`height` cells; returns it with a label row on top (one list of
+    GridAnnotation lines per column) and a label column on the left (one list per row), the cells spread
+    apart by `margin` pixels. Inactive lines are grey and struck through (prompt matrix)."""
+    color_active = ImageColor.getcolor(TEXT_ACTIVE, "RGB")
+    color_inactive = ImageColor.getcolor(TEXT_INACTIVE, "RGB")
+    color_background = ImageColor.getcolor(BACKGROUND, "RGB")
+
+    fontsize = (width + height) // 25
+    line_spacing = fontsize // 2
+    fnt = font(fontsize)
+    pad_left = 0 if sum(len(line.text) for lines in ver_texts for line in lines) == 0 else width * 3 // 4
+
+    cols, rows = im.width // width, im.height // height
+    if cols != len(hor_texts) or rows != len(ver_texts):
+        raise ValueError(f"grid of {cols}x{rows} cells needs {cols} column and {rows} row labels, "
+                         f"got {len(hor_texts)} and {len(ver_texts)}")
+
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1), color_background))
+
+    def wrap(text: str, line_length: int) -> list:
+        lines = [""]
+        for word in text.split():
+            line = f"{lines[-1]} {word}".strip()
+            if measure.textlength(line, font=fnt) <= line_length:
+                lines[-1] = line
+            else:
+                lines.append(word)
+        return lines
+
+    hor_texts = [list(t) for t in hor_texts]
+    ver_texts = [list(t) for t in ver_texts]
+    for texts, allowed_width in zip(hor_texts + ver_texts, [width] * len(hor_texts) + [pad_left] * len(ver_texts)):
+        wrapped = [GridAnnotation(w, line.is_active) for line in texts for w in wrap(line.text, allowed_width)]
+        texts[:] = wrapped
+        for line in texts:
+            x0, y0, x1, y1 = measure.multiline_textbbox((0, 0), line.text, font=fnt)
+            line.size, line.allowed_width = (x1 - x0, y1 - y0), allowed_width
+
+    hor_heights = [sum(line.size[1] + line_spacing for line in lines) - line_spacing for lines in hor_texts]
+    ver_heights = [sum(line.size[1] + line_spacing for line in lines) - line_spacing * len(lines)
+                   for lines in ver_texts]
+    pad_top = 0 if sum(hor_heights) == 0 else max(hor_heights) + line_spacing * 2
+
+    result = Image.new("RGB", (im.width + pad_left + margin * (cols - 1), im.height + pad_top + margin * (rows - 1)),
+                       color_background)
+    for row in range(rows):
+        for col in range(cols):
+            cell = im.crop((width * col, height * row, width * (col + 1), height * (row + 1)))
+            result.paste(cell, (pad_left + (width + margin) * col, pad_top + (height + margin) * row))
+
+    d = ImageDraw.Draw(result)
+
+    def draw_texts(x, y, lines):
+        for line in lines:
+            f, size = fnt, fontsize
+            while d.multiline_textbbox((0, 0), line.text, font=f)[2] > line.allowed_width and size > 1:
+                size -= 1  # shrink a line that does not fit its cell (A1111 does the same)
+                f = font(size)
+            d.multiline_text((x, y + line.size[1] / 2), line.text, font=f,
+                             fill=color_active if line.is_active else color_inactive, anchor="mm", align="center")
+            if not line.is_active:
+                d.line((x - line.size[0] // 2, y + line.size[1] // 2, x + line.size[0] // 2, y + line.size[1] // 2),
+                       fill=color_inactive, width=4)
+            y += line.size[1] + line_spacing
+
+    for col in range(cols):
+        draw_texts(pad_left + (width + margin) * col + width / 2, pad_top / 2 - hor_heights[col] / 2, hor_texts[col])
+    for row in range(rows):
+        draw_texts(pad_left / 2, pad_top + (height + margin) * row + height / 2 - ver_heights[row] / 2, ver_texts[row])
+    return result
+
+
+def draw_prompt_matrix(im: Image.Image, width: int, height: int, parts: list, margin: int = 0) -> Image.Image:
+    """Labels of a prompt-matrix grid: the first half of the variable parts across the top, the rest down
+    the left; in each cell label a part is active (black) when that cell's prompt has it."""
+    prompts = parts[1:]
+    boundary = math.ceil(len(prompts) / 2)
+    horiz, vert = prompts[:boundary], prompts[boundary:]
+
+    def labels(texts):
+        return [[GridAnnotation(x, is_active=pos & (1 << i) != 0) for i, x in enumerate(texts)]
+                for pos in range(1 << len(texts))]
+    return draw_grid_annotations(im, width, height, labels(horiz), labels(vert), margin)
