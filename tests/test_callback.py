@@ -27,6 +27,8 @@ def test_every_step_reports_sigma_and_denoised(name):
     options = dict(A1111_DEFAULTS[name].options)
     if "s_tmax" in options:
         options["s_tmax"] = options["s_tmax"] or math.inf
+    if name == "DDIM CFG++":  # the unconditional ε of the last call (here: a fixed stand-in)
+        options["last_noise_uncond"] = lambda: torch.full(SHAPE, 0.1)
     if A1111_DEFAULTS[name].timesteps:
         ts = ddim_timesteps(steps)
         SAMPLERS[name](lambda x, t: den.eps(x, t, ctx), torch.randn(SHAPE, generator=g), ts, alphas_cumprod=AC,
@@ -43,7 +45,7 @@ def test_every_step_reports_sigma_and_denoised(name):
     for d in seen:
         assert isinstance(d["denoised"], torch.Tensor) and d["denoised"].shape == SHAPE
         assert torch.isfinite(d["denoised"]).all()
-    if name in ("DDIM", "PLMS"):  # σ of each step's timestep, from the top
+    if name in ("DDIM", "PLMS", "DDIM CFG++"):  # σ of each step's timestep, from the top
         table = discrete_sigmas(AC)
         expected = [float(table[t]) for t in ddim_timesteps(steps).flip(0)[:len(seen)]]
         assert sig == expected

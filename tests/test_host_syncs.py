@@ -12,13 +12,15 @@ import pytest
 import torch
 
 from devicesim import DeviceTensor, count_reads, to_device
+from sd15.samplers.sampling import LCMDenoiser, UncondEps
 from sd15.samplers import (A1111_DEFAULTS, SAMPLERS, CFGDenoiser, EpsDenoiser, ddim_timesteps, get_sigmas,
                            sd15_alphas_cumprod)
 
 AC = sd15_alphas_cumprod()
 SHAPE = (2, 4, 8, 8)
 NO_SYNC = ["Euler", "Euler a", "DPM++ 2M", "DDIM"]  # the acceptance list
-ALSO = ["Heun", "DPM2", "DPM2 a", "LMS", "DPM++ 2S a", "DPM++ 2M SDE", "DPM++ 3M SDE", "Restart", "PLMS", "UniPC"]
+ALSO = ["Heun", "DPM2", "DPM2 a", "LMS", "DPM++ 2S a", "DPM++ 2M SDE", "DPM++ 3M SDE", "Restart", "PLMS", "UniPC",
+        "LCM", "DDIM CFG++"]
 
 
 def stub_unet(x, t, ctx):
@@ -37,8 +39,16 @@ def run(name, steps, device_fn, device="cpu"):
     noise = device_fn(torch.randn(SHAPE, generator=g).to(device))
     draws = torch.Generator().manual_seed(1)
     noise_sampler = lambda *a: device_fn(torch.randn(SHAPE, generator=draws).to(device))  # noqa: E731
-    model = CFGDenoiser(inner, cond, uncond, 7.5)
     options = dict(A1111_DEFAULTS[name].options)
+    guided = inner
+    if name == "LCM":  # LCM's own denoiser, as sd15.samplers.make_denoiser builds it
+        guided = LCMDenoiser(inner)
+        for key in ("alphas_cumprod", "log_sigmas"):
+            setattr(guided, key, device_fn(getattr(guided, key)))
+    elif name == "DDIM CFG++":  # the ε model that keeps its last output (the unconditional rows)
+        guided = UncondEps(inner)
+        options["last_noise_uncond"] = lambda: guided.last[-SHAPE[0]:]
+    model = CFGDenoiser(guided, cond, uncond, 7.5)
     if "s_tmax" in options:
         options["s_tmax"] = options["s_tmax"] or float("inf")
     steps_seen = []

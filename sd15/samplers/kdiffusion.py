@@ -587,7 +587,8 @@ def sample_restart(model, x, sigmas, *, noise_sampler=None, callback=None, s_noi
 def sample_lcm(model, x, sigmas, *, noise_sampler=None, callback=None):
     """LCM multistep sampling: jump to the model's x₀, then re-noise to the next σ with fresh noise.
     `model` is the LCM denoiser (`sd15.samplers.sampling.LCMDenoiser` under CFG)."""
-    s_in = x.new_ones([x.shape[0]])
+    sigmas = _host(sigmas)
+    s_in = ones_for(model, x)
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in)
         _report(callback, x, i, sigmas[i], sigmas[i], denoised)

@@ -110,6 +110,7 @@ class LCMDenoiser(nn.Module):
         return index * self.SKIP + (self.SKIP - 1)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        sigma = sigma.to(x.device, non_blocking=True)  # a host σ (CFGDenoiser.host_sigma) joins x's device
         s = sigma[:, None, None, None]                                        # (B, 1, 1, 1)
         t = self.sigma_to_t(sigma)
         x0 = x - s * self.inner.eps(x / (s ** 2 + 1.0) ** 0.5, t, context)
