@@ -32,7 +32,7 @@ def next_number(folder: str) -> int:
 def save_images(outdir: str, kind: str, images, infotexts, seeds, *, fmt: str = "png", pnginfo: bool = True,
                 today: datetime.date | None = None) -> list[str]:
     """Write `images` -> their paths relative to `outdir` ("txt2img-images/2026-11-30/00001-42.png")."""
-    from sd15.pipeline import png_bytes
+    from sd15.a1111.images import png_bytes
 
     day = (today or datetime.date.today()).isoformat()
     rel_folder = f"{FOLDERS[kind]}/{day}"
