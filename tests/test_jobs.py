@@ -261,8 +261,8 @@ def test_disconnect_cancels_unless_keep_abandoned(folders, keep):
                     return {"type": "http.disconnect"}
 
             async def submit_and_wait():
-                job = engine.submit(Txt2ImgRequest(**SMALL), {},
-                                    source="api", save=False)
+                req = Txt2ImgRequest.from_json(SMALL)
+                job = engine.submit(req, engine.prepare(req), source="api", save=False)
                 with anyio.move_on_after(0.5):
                     await runner.wait_for_job(GoneClient(), engine, job)
                 return job

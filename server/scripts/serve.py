@@ -44,7 +44,8 @@ def script_plan(engine, req) -> Plan:
     """(any thread) The plan of a parsed txt2img/img2img request that names a `script_name`: its arguments
     checked against what this server has, SD upscale's upscale done. Raises ScriptError (4xx)."""
     kind = "img2img" if req.is_img2img else "txt2img"
-    request = {f.name: getattr(req, f.name) for f in dataclasses.fields(req)}  # coerced, infotext merged
+    fields = [*req.shared_fields(), *(f for f in dataclasses.fields(req) if f.name != "shared")]
+    request = {f.name: getattr(req, f.name) for f in fields}  # coerced, infotext merged
     request["infotext"] = None
     return plan_script(req.script_name, req.script_args, request, kind, upscale=upscaler(engine),
                        choices=engine_choices(engine), max_megapixels=engine.options.get("img_max_size_mp", 200))
