@@ -221,10 +221,6 @@ class Limits(schema.Limits):
     max_prompt_chars: int = 20000  # prompt, negative prompt, hires prompts (each)
 
 
-def _same(value: Optional[str]) -> Optional[str]:
-    return None if value in _USE_SAME or value == "" else value
-
-
 def to_request(req: _GenerationRequest, settings: Optional[dict] = None, init_images=None,
                mask=None) -> schema.GenerationRequest:
     """The body as a `sd15.schema.GenerationRequest`: its shared fields as sent, the API's spellings

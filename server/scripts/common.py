@@ -5,10 +5,11 @@ from __future__ import annotations
 import base64
 import copy
 import io
-import json
 import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol
+
+from sd15.a1111.infotext import quote  # A1111's infotext value quoting
 
 #: A1111's random seed range: `random.randrange(4294967294)`
 SEED_RANGE = 4294967294
@@ -77,14 +78,6 @@ def fix_seed(request: dict, rng: random.Random) -> None:
     """A1111's `processing.fix_seed`: resolve a random seed and variation seed once for the whole script."""
     request["seed"] = fixed_seed(request.get("seed", -1), rng)
     request["subseed"] = fixed_seed(request.get("subseed", -1), rng)
-
-
-def quote(value: Any) -> str:
-    """A1111's infotext value quoting: text with a ",", ":" or newline becomes a JSON string literal."""
-    text = str(value)
-    if "," not in text and ":" not in text and "\n" not in text:
-        return text
-    return json.dumps(text, ensure_ascii=False)
 
 
 def with_params(infotext: Optional[str], params: dict) -> str:
