@@ -18,6 +18,8 @@ bash    Continuation lines are joined, comments dropped, each line split into co
           replaced, `--listen` / `--server-name` dropped), ready when it answers HTTP, stopped when the next
           server starts or after the last block.
         - `sd15 ...` / `python -m sd15 ...`: run; it must exit with 0.
+        - `curl ...` with a `127.0.0.1:<port>` URL: run against the live server (port replaced); exit 0.
+        - `NAME=value` before a command sets its environment (the download URL stays the closed port).
         - anything else, and pipes, redirections or `$VARIABLES`: an error (add a rule here, or mark the
           block).
 A block that cannot run here (a GPU-only line, a download, a real-weights benchmark) is preceded in README.md
@@ -52,6 +54,8 @@ CI = os.path.join(ROOT, ".ci", "run")
 CKPT_NAME = "v1-5-pruned-emaonly.safetensors"
 DEFAULT_PORT = 7860  # the server's (and A1111's) default
 TIMEOUT = 900  # seconds for one command or python block: a bound for a hang, not an expectation
+LOCAL_URL = re.compile(r"(?:127\.0\.0\.1|localhost):(\d+)")
+SAFETY_ENV = {"SD15_MODEL_URL": "http://127.0.0.1:9/no-downloads-in-tests", "HF_HUB_OFFLINE": "1"}
 
 # Smaller than UNET_TINY / VAE_TINY (whose attention over 64x64 latents costs seconds per step): the README's
 # commands run at their own sizes (512x512, 20 steps) in well under a second per step.
@@ -237,7 +241,7 @@ class Runner:
         self.cwd, self.session, self.server, self.port, self.written_port = cwd, None, None, None, None
         path = os.environ.get("PYTHONPATH")
         self.env = dict(os.environ, PYTHONPATH=ROOT + (os.pathsep + path if path else ""), PYTHONUNBUFFERED="1",
-                        SD15_MODEL_URL="http://127.0.0.1:9/no-downloads-in-tests", HF_HUB_OFFLINE="1")
+                        **SAFETY_ENV)
         self.log = os.path.join(cwd, "..", "readme-output.log")
         open(self.log, "w").close()
 
@@ -256,28 +260,35 @@ class Runner:
             if any(map(is_pytest, cmds)):
                 check_pytest_line(cmds)
             for argv in cmds:
+                env = {}
+                while argv and re.match(r"^[A-Za-z_]\w*=", argv[0]):  # `NAME=value command ...`
+                    name, value = argv[0].split("=", 1)
+                    env[name], argv = value, argv[1:]
+                env = {k: v for k, v in env.items() if k not in SAFETY_ENV}  # no download, whatever is written
                 if is_pip(argv):
                     check_pip(argv)
                 elif is_pytest(argv):
                     pass  # checked above; running it would recurse
                 elif is_server(argv):
-                    self.start_server(argv)
+                    self.start_server(argv, env)
                 elif is_cli(argv):
-                    self.run_command(argv)
+                    self.run_command(argv, env)
+                elif argv[0] == "curl" and any(LOCAL_URL.search(a) for a in argv):
+                    self.run_command([self.to_live_server(a) for a in argv], env)
                 else:
                     raise AssertionError(f"no rule runs `{shlex.join(argv)}` (add one to tests/test_readme.py, "
                                          f"or mark the block <!-- not-run: reason -->)")
 
-    def run_command(self, argv: list[str]) -> None:
+    def run_command(self, argv: list[str], env: dict) -> None:
         start = os.path.getsize(self.log)
         with open(self.log, "a") as log:
             log.write(f"----- $ {shlex.join(argv)}\n")
             log.flush()
-            rc = subprocess.run(self._argv(argv), cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, timeout=TIMEOUT).returncode
+            rc = subprocess.run(self._argv(argv), cwd=self.cwd, env={**self.env, **env}, stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.STDOUT, timeout=TIMEOUT).returncode
         assert rc == 0, f"`{shlex.join(argv)}` exited with {rc}:\n{tail(self.log, start)}"
 
-    def start_server(self, argv: list[str]) -> None:
+    def start_server(self, argv: list[str], env: dict) -> None:
         self.stop_server()
         args, written, i = [], DEFAULT_PORT, 0
         argv = self._argv(argv)
@@ -297,7 +308,7 @@ class Runner:
         with open(self.log, "a") as log:
             log.write(f"----- $ {shlex.join(args)} --port {self.port} &\n")
             log.flush()
-            self.server = subprocess.Popen(args + ["--port", str(self.port)], cwd=self.cwd, env=self.env,
+            self.server = subprocess.Popen(args + ["--port", str(self.port)], cwd=self.cwd, env={**self.env, **env},
                                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + TIMEOUT
         while time.monotonic() < deadline:
@@ -324,12 +335,16 @@ class Runner:
 
     # python
 
+    def to_live_server(self, text: str) -> str:
+        """`text` with the written port of the last server's URLs replaced by its real one."""
+        if not LOCAL_URL.search(text):
+            return text
+        assert self.server is not None and self.server.poll() is None, \
+            "this talks to a server, but no bash block before it started one"
+        return re.sub(rf"(127\.0\.0\.1|localhost):{self.written_port}\b", rf"\g<1>:{self.port}", text)
+
     def python(self, code: str, line: int) -> None:
-        hosts = re.findall(r"(?:127\.0\.0\.1|localhost):(\d+)", code)
-        if hosts:
-            assert self.server is not None and self.server.poll() is None, \
-                "this block talks to a server, but no bash block before it started one"
-            code = re.sub(rf"(127\.0\.0\.1|localhost):{self.written_port}\b", rf"\g<1>:{self.port}", code)
+        code = self.to_live_server(code)
         if self.session is None:
             log = open(self.log, "a")
             self.session = subprocess.Popen([sys.executable, "-c", SESSION], cwd=self.cwd, env=self.env, text=True,
@@ -439,3 +454,22 @@ def test_pip_and_pytest_rules():
         check_pytest_line([["python", "-m", "pytest", "-m", "not fulsize"]])
     with pytest.raises(AssertionError):
         check_pytest_line(ci[:-1] + [ci[-1] + ["-x"]])
+
+
+def test_runner_rules(tmp_path):
+    """Unknown commands and server talk without a server fail; python blocks share one session and report
+    README line numbers."""
+    (tmp_path / "run").mkdir()
+    runner = Runner(str(tmp_path / "run"))
+    try:
+        assert runner.run({"lang": "bash", "code": "rm -rf weights\n", "not_run": None})[0] == "failed"
+        status, text = runner.run({"lang": "bash", "code": "curl http://127.0.0.1:7860/sdapi/v1/samplers\n",
+                                   "not_run": None})
+        assert status == "failed" and "no bash block before it started one" in text
+        assert runner.run({"lang": "python", "code": "x = 2\n", "line": 10, "not_run": None}) == ("passed", "")
+        assert runner.run({"lang": "python", "code": "assert x == 2\n", "line": 20, "not_run": None}) == ("passed", "")
+        status, text = runner.run({"lang": "python", "code": "y = 1\nz = x + w\n", "line": 30, "not_run": None})
+        assert status == "failed" and 'File "README.md", line 31' in text and "NameError" in text
+        assert runner.run({"lang": "bash", "code": "rm x\n", "not_run": "why"}) == ("skipped", "why")
+    finally:
+        runner.stop_session()
