@@ -4,6 +4,7 @@
 // the queue endpoints answer 404.
 
 import { $, api, el, ApiError, onReconnect } from './api.js';
+import { restoreStage } from './gallery.js';
 
 const state = { queue: false, sse: false, mine: new Map(), direct: 0, running: null, polling: false };
 const STORE = 'sd15-jobs';
@@ -62,6 +63,13 @@ export async function interrupt() {
 
 export const skip = () => api('/sdapi/v1/skip', { method: 'POST' });
 
+/** A finished job: this tab's gets its result; another client's preview leaves the stage. */
+function done(id) {
+  if (state.mine.has(id)) finish(id);
+  else if (state.previewing === id) restoreStage();
+  if (state.previewing === id) state.previewing = null;
+}
+
 async function finish(id) {
   const waiter = state.mine.get(id);
   if (!waiter) return;
@@ -81,7 +89,7 @@ function connectEvents() {
   es.onopen = () => { state.sse = true; };
   es.addEventListener('queue', (e) => renderQueue(JSON.parse(e.data)));
   es.addEventListener('progress', (e) => showProgress(JSON.parse(e.data)));
-  es.addEventListener('done', (e) => finish(JSON.parse(e.data).id));
+  es.addEventListener('done', (e) => done(JSON.parse(e.data).id));
   es.onerror = () => {
     state.sse = false;
     if (es.readyState === EventSource.CLOSED) setTimeout(connectEvents, 3000);
@@ -138,7 +146,12 @@ function showProgress(p) {
   if (p.eta_relative > 0) parts.push(`ETA ${formatSeconds(p.eta_relative)}`);
   $('progress-text').textContent = parts.join(' · ');
   const image = p.preview || p.current_image;
+  if (p.id) {  // the running job's row in the queue shows its share done
+    const pos = document.querySelector(`#queue-list li[data-id="${p.id}"] .pos`);
+    if (pos) pos.textContent = `▶ ${Math.round(fraction * 100)}%`;
+  }
   if (image) {
+    state.previewing = p.id || null;
     $('preview').src = `data:image/png;base64,${image}`;
     $('preview').hidden = false;
     $('stage-hint').hidden = true;
@@ -154,9 +167,10 @@ function renderQueue(q) {
   state.running = q.running;
   const done = !q.running && state.direct === 0;
   if (done) $('progress').hidden = true;
-  const row = (job, label) => el('li', { class: job.id && state.mine.has(job.id) ? 'mine' : '' },
+  const row = (job, label) => el('li', { class: job.id && state.mine.has(job.id) ? 'mine' : '', 'data-id': job.id },
     el('span', { class: 'pos' }, label),
-    el('span', { class: 'what' }, `${job.kind} · ${job.summary?.prompt || '(empty prompt)'}`),
+    el('span', { class: 'what' }, [job.kind, job.summary?.script, job.summary?.prompt || '(empty prompt)']
+      .filter(Boolean).join(' · ')),
     el('small', {}, `${job.summary?.width}×${job.summary?.height} · ${job.summary?.steps} steps · ${job.source}`),
     el('button', { type: 'button', onclick: () => api(`/sd15/v1/jobs/${job.id}`, { method: 'DELETE' }),
       'aria-label': `Cancel job ${job.id}` }, job.state === 'running' ? 'Interrupt' : 'Cancel'));
