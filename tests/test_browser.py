@@ -505,6 +505,7 @@ def test_queue_of_three_with_one_cancelled(server, browser):
         browser.find_element(By.ID, "generate").click()
     WebDriverWait(browser, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#queue-list li.mine")) == 3)
     os.makedirs(SHOTS, exist_ok=True)
+    browser.execute_script("document.getElementById('queue').scrollIntoView({block: 'end'})")
     browser.save_screenshot(os.path.join(SHOTS, "queue-3-jobs.png"))
     queued = requests.get(f"{server}/sd15/v1/queue", auth=AUTH).json()["queued"]
     target = queued[-1]["id"]

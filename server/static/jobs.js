@@ -6,7 +6,7 @@
 import { $, api, el, ApiError, onReconnect } from './api.js';
 import { restoreStage } from './gallery.js';
 
-const state = { queue: false, sse: false, mine: new Map(), direct: 0, running: null, polling: false };
+const state = { queue: false, sse: false, mine: new Map(), direct: 0, running: null, polling: false, ended: new Set() };
 const STORE = 'sd15-jobs';
 
 export function hasQueue() { return state.queue; }
@@ -48,6 +48,7 @@ export async function submit(kind, request) {
   return new Promise((resolve, reject) => {
     state.mine.set(job.id, { resolve, reject });
     remember();
+    if (state.ended.has(job.id)) finish(job.id);  // its `done` event came before this answer
     if (state.lastQueue) renderQueue(state.lastQueue);  // its queue event may have come before this answer
     if (!state.sse) pollQueue();
   });
@@ -65,6 +66,8 @@ export const skip = () => api('/sdapi/v1/skip', { method: 'POST' });
 
 /** A finished job: this tab's gets its result; another client's preview leaves the stage. */
 function done(id) {
+  state.ended.add(id);
+  if (state.ended.size > 100) state.ended.delete(state.ended.values().next().value);
   if (state.mine.has(id)) finish(id);
   else if (state.previewing === id) restoreStage();
   if (state.previewing === id) state.previewing = null;
