@@ -145,7 +145,8 @@ function showProgress(p) {
   const parts = [`${Math.round(fraction * 100)}%`];
   if (steps) parts.push(`step ${step}/${steps}`);
   const jobCount = s.job_count ?? p.job_count;
-  if (jobCount > 1) parts.push(`batch ${(s.job_no ?? p.job_no ?? 0) + 1}/${jobCount}`);
+  const script = p.id && state.running?.id === p.id && state.running.summary?.script;  // a grid's images
+  if (jobCount > 1) parts.push(`${script ? 'image' : 'batch'} ${(s.job_no ?? p.job_no ?? 0) + 1}/${jobCount}`);
   if (p.eta_relative > 0) parts.push(`ETA ${formatSeconds(p.eta_relative)}`);
   $('progress-text').textContent = parts.join(' · ');
   const image = p.preview || p.current_image;
