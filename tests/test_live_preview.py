@@ -138,6 +138,26 @@ def test_taesd_from_the_models_folder(folders, monkeypatch):
         os.remove(f"{folders['ckpt_dir']}/taesd_decoder.safetensors")
 
 
+def test_full_preview_is_the_vae_decode(folders, monkeypatch):
+    engine = Engine(make_config(folders))
+    engine.start()
+    with TestClient(create_app(engine.config, engine)) as client:
+        client.post("/sdapi/v1/options", json={"show_progress_type": "Full", "show_progress_every_n_steps": 1,
+                                               "show_progress_grid": False})
+        cap = Capture(monkeypatch, hold=(1, 2))
+        job = client.post("/sd15/v1/jobs", json={"kind": "txt2img", "save": False,
+                                                 "request": {**SMALL, "steps": 3, "batch_size": 2}}).json()
+        assert cap.reached[1].wait(60)
+        client.get("/sdapi/v1/progress")
+        cap.go[1].set()
+        assert cap.reached[2].wait(60)
+        shown = pixels(client.get("/sdapi/v1/progress").json()["current_image"])
+        cap.go[2].set()
+        wait_done(client, job["id"])
+        want = np.asarray(preview(engine.models.model, cap.latents[1][:1], "Full")[0])
+    assert shown.shape == (64, 64, 3) and np.array_equal(shown, want)  # the first image only: no grid
+
+
 @pytest.fixture
 def live(folders):
     """The app under uvicorn in a thread of this process (so the sampler callback can be wrapped) and a
