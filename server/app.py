@@ -36,7 +36,6 @@ from sd15 import infotext
 from sd15.checkpoint import CheckpointError
 from sd15.pipeline import JobState, generate
 from server import a1111, admin, extras, inputs, jobs, jobs_api, runner, scripts, ui
-from server.scripts import serve as scripts_serve
 from server.a1111 import ApiError, Limits, ValidationError
 from server.inputs import read_json
 from server.download import DEFAULT_MODEL
@@ -294,10 +293,8 @@ async def img2img(request: Request):
 async def _generate(request: Request, cls):
     engine = _engine(request)
     req = cls.from_json(await read_json(request, engine.limits.max_body_bytes))
-    if req.script_name:  # A1111's selectable scripts (server/scripts)
-        return JSONResponse(await scripts_serve.generate(engine, req))
-    overrides = await run_in_threadpool(engine.prepare, req)
-    job = engine.submit(req, overrides, source="api", save=req.save_images)
+    prepared = await run_in_threadpool(runner.prepare, engine, req)  # a script (script_name): its plan
+    job = engine.submit(req, prepared, source="api", save=req.save_images)
     await runner.wait_for_job(request, engine, job)
     return runner.job_response(job)
 
