@@ -1,0 +1,215 @@
+"""`server/ray_serve.py` on a local Ray (2 CPUs, no dashboard): two workers at half a CPU each on tiny checkpoints,
+driven over HTTP on 127.0.0.1 by `webuiapi` and `requests`, compared with the single-process server (uvicorn in a
+thread) for pixels. One Ray session for the module; the last test shuts it down and looks for leftovers."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray", reason='Ray is not installed (pip install "sd15[ray]")')
+pytest.importorskip("ray.serve", reason='Ray Serve is not installed (pip install "sd15[ray]")')
+psutil = pytest.importorskip("psutil", reason="psutil comes with Ray")
+requests = pytest.importorskip("requests")
+webuiapi = pytest.importorskip("webuiapi")
+uvicorn = pytest.importorskip("uvicorn")
+
+from server import ray_serve  # noqa: E402
+from server.app import create_app  # noqa: E402
+from test_server import make_config, write_model_folders  # noqa: E402
+from test_server_live import free_port  # noqa: E402
+
+pytestmark = pytest.mark.ray
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = dict(width=64, height=64, steps=4, sampler_name="Euler a", cfg_scale=7)
+
+
+class Cluster:
+    def __init__(self, ray_url: str, single_url: str):
+        self.url, self.single = ray_url, single_url
+        host, port = ray_url.split("//")[1].split(":")
+        self.api = webuiapi.WebUIApi(host=host, port=int(port))
+        host, port = single_url.split("//")[1].split(":")
+        self.ref = webuiapi.WebUIApi(host=host, port=int(port))
+
+    def get(self, path, **kw):
+        r = requests.get(self.url + path, timeout=60, **kw)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    folders = write_model_folders(tmp_path_factory.mktemp("ray"))
+    # the single-process server, for reference pixels
+    single = uvicorn.Server(uvicorn.Config(create_app(make_config(folders)), host="127.0.0.1", port=free_port(),
+                                           log_level="warning"))
+    thread = threading.Thread(target=single.run, daemon=True)
+    thread.start()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": ROOT}})  # the workers import this checkout's server/
+    port = free_port()
+    ray_serve.start(make_config(folders), 2, port=port, worker_cpus=0.5, worker_gpus=0, max_queued=2)
+    while not single.started:
+        time.sleep(0.05)
+    yield Cluster(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{single.config.port}")
+    single.should_exit = True
+    thread.join(10)
+    if ray.is_initialized():
+        ray_serve.stop()
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))
+
+
+def in_threads(*calls):
+    """Run the calls at once -> their results (or exceptions) in order."""
+    out = [None] * len(calls)
+
+    def run(i, fn):
+        try:
+            out[i] = fn()
+        except Exception as e:  # noqa: BLE001 - reported by the caller
+            out[i] = e
+    threads = [threading.Thread(target=run, args=(i, fn)) for i, fn in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return out
+
+
+def wait_for(predicate, timeout=60.0, what=""):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_concurrent_jobs_run_on_both_workers_with_single_server_pixels(cluster):
+    seeds = [11, 12]
+    results = in_threads(*[lambda s=s: cluster.api.txt2img(prompt="a red fox", seed=s, **FAST) for s in seeds])
+    recent = cluster.get("/sd15/v1/queue")["recent"][:2]
+    assert sorted(j["worker"] for j in recent) == [0, 1], recent
+    assert all(j["state"] == "done" for j in recent)
+    a, b = sorted(recent, key=lambda j: j["started"])
+    assert b["started"] < a["finished"]  # they ran at the same time
+    for seed, result in zip(seeds, results):
+        reference = cluster.ref.txt2img(prompt="a red fox", seed=seed, **FAST)
+        assert np.array_equal(pixels(result.image), pixels(reference.image))
+        assert result.info["infotexts"] == reference.info["infotexts"]
+
+
+def test_options_reach_every_worker_and_match_the_single_server(cluster):
+    change = {"eta_noise_seed_delta": 31337, "sd_model_checkpoint": "sub/other.safetensors"}
+    cluster.api.set_options(change)
+    cluster.ref.set_options(change)
+    for i in (0, 1):
+        options = cluster.get("/sdapi/v1/options", headers={"X-Sd15-Worker": str(i)})
+        assert options["eta_noise_seed_delta"] == 31337
+        assert options["sd_model_checkpoint"] == "sub/other.safetensors"
+    assert cluster.get("/sdapi/v1/options")["eta_noise_seed_delta"] == 31337
+    results = in_threads(*[lambda s=s: cluster.api.txt2img(prompt="a blue bird", seed=s, **FAST) for s in (5, 6)])
+    assert sorted(j["worker"] for j in cluster.get("/sd15/v1/queue")["recent"][:2]) == [0, 1]
+    for seed, result in zip((5, 6), results):
+        reference = cluster.ref.txt2img(prompt="a blue bird", seed=seed, **FAST)
+        assert "ENSD: 31337" in reference.info["infotexts"][0]
+        assert np.array_equal(pixels(result.image), pixels(reference.image))
+
+
+def test_bad_options_change_nothing(cluster):
+    r = requests.post(cluster.url + "/sdapi/v1/options", json={"eta_noise_seed_delta": 1, "no_such": 1}, timeout=30)
+    assert r.status_code == 400 and "no_such" in r.json()["detail"]
+    for i in (0, 1):
+        assert cluster.get("/sdapi/v1/options", headers={"X-Sd15-Worker": str(i)})["eta_noise_seed_delta"] == 31337
+
+
+def test_interrupt_hits_the_right_job(cluster):
+    long = dict(FAST, steps=60)
+    r = requests.post(cluster.url + "/sd15/v1/jobs", timeout=30, json={
+        "kind": "txt2img", "request": dict(long, prompt="a cat", seed=1, force_task_id="job-a")})
+    assert r.status_code == 202 and r.json()["id"] == "job-a"
+    other = {}
+    thread = threading.Thread(target=lambda: other.update(
+        r=cluster.api.txt2img(prompt="a dog", seed=2, **long)))
+    thread.start()
+    wait_for(lambda: (cluster.get("/sd15/v1/jobs/job-a").get("progress") or {}).get("step", 0) >= 2, what="job-a")
+    running = cluster.get("/sd15/v1/queue")["active"]
+    assert len(running) == 2 and {j["worker"] for j in running} == {0, 1}
+    stopped = requests.delete(cluster.url + "/sd15/v1/jobs/job-a", timeout=30).json()
+    assert stopped["state"] == "running"  # interrupting: it returns what it has
+    job_a = wait_for(lambda: (lambda j: j if j["state"] != "running" else None)(
+        cluster.get("/sd15/v1/jobs/job-a")), what="job-a to stop")
+    assert job_a["state"] == "interrupted" and len(job_a["result"]["images"]) == 1
+    thread.join(120)
+    recent = {j["summary"]["prompt"]: j for j in cluster.get("/sd15/v1/queue")["recent"]}
+    assert recent["a dog"]["state"] == "done"
+    assert job_a["finished"] < recent["a dog"]["finished"]
+    reference = cluster.ref.txt2img(prompt="a dog", seed=2, **long)  # the other job ran to the end
+    assert np.array_equal(pixels(other["r"].image), pixels(reference.image))
+
+
+def test_a_worker_killed_mid_job_fails_that_job_and_is_replaced(cluster):
+    before = {w["index"]: w for w in cluster.get("/sd15/v1/workers")}
+    out = {}
+    thread = threading.Thread(target=lambda: out.update(r=requests.post(
+        cluster.url + "/sdapi/v1/txt2img", json=dict(FAST, steps=2000, prompt="doomed", seed=3), timeout=120)))
+    thread.start()
+    job = wait_for(lambda: next((j for j in cluster.get("/sd15/v1/queue")["active"]
+                                 if j["summary"]["prompt"] == "doomed"), None), what="the job to start")
+    victim = before[job["worker"]]
+    time.sleep(0.5)
+    os.kill(victim["pid"], signal.SIGKILL)
+    thread.join(120)
+    r = out["r"]
+    assert r.status_code == 502
+    body = r.json()
+    assert body["error"] == "WorkerDied" and f"worker {victim['index']}" in body["detail"]
+    assert r.headers["x-sd15-worker"] == str(victim["index"])
+    failed = next(j for j in cluster.get("/sd15/v1/queue")["recent"] if j["summary"]["prompt"] == "doomed")
+    assert failed["state"] == "failed" and failed["error"]["status"] == 502
+    # the next requests succeed, on both workers, the restarted one with the options set before it died
+    results = in_threads(*[lambda s=s: cluster.api.txt2img(prompt="after", seed=s, **FAST) for s in (7, 8)])
+    assert all(not isinstance(x, Exception) for x in results), results
+    workers = {w["index"]: w for w in cluster.get("/sd15/v1/workers")}
+    replaced = workers[victim["index"]]
+    assert replaced["up"] and replaced["pid"] != victim["pid"] and replaced["restarts"] == 1
+    options = cluster.get("/sdapi/v1/options", headers={"X-Sd15-Worker": str(victim["index"])})
+    assert options["eta_noise_seed_delta"] == 31337 and options["sd_model_checkpoint"] == "sub/other.safetensors"
+    reference = cluster.ref.txt2img(prompt="after", seed=7, **FAST)
+    assert np.array_equal(pixels(results[0].image), pixels(reference.image))
+
+
+def test_full_queue_answers_503_with_retry_after(cluster):
+    long = dict(FAST, steps=40, prompt="busy")
+    ids = []
+    for i in range(4):  # two running, two waiting (max_queued=2)
+        r = requests.post(cluster.url + "/sd15/v1/jobs", json={"kind": "txt2img", "request": long}, timeout=30)
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["id"])
+        if i < 2:
+            wait_for(lambda: len(cluster.get("/sd15/v1/queue")["active"]) == i + 1, what="a job to start")
+    r = requests.post(cluster.url + "/sdapi/v1/txt2img", json=long, timeout=30)
+    assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1 and r.json()["error"] == "QueueFull"
+    for job_id in reversed(ids):  # queued ones are cancelled, running ones interrupted
+        requests.delete(f"{cluster.url}/sd15/v1/jobs/{job_id}", timeout=30)
+    states = [wait_for(lambda i=i: (lambda s: s if s not in ("queued", "running") else None)(
+        cluster.get(f"/sd15/v1/jobs/{i}")["state"]), what="jobs to stop") for i in ids]
+    assert states == ["interrupted", "interrupted", "cancelled", "cancelled"]
+
+
+def test_shutdown_leaves_no_ray_process(cluster):
+    children = psutil.Process().children(recursive=True)
+    assert any("raylet" in " ".join(p.cmdline()) for p in children)
+    ray_serve.stop()
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert not [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], alive
+    assert not ray.is_initialized()
