@@ -211,7 +211,13 @@ class Ingress:
             job = self._submit(GENERATE[path], path, request.headers.raw, body, "api")
             if isinstance(job, Response):
                 return job
-            await job.done.wait()
+            try:
+                await job.done.wait()
+            except asyncio.CancelledError:  # the client went away: a job still waiting is dropped
+                if job in self.waiting:
+                    self.waiting.remove(job)
+                    job.state, job.finished = "cancelled", time.time()
+                raise
             return self._reply(job.reply, job)
         if path.startswith("/sd15/v1/"):
             own = await self._own(request, path[len("/sd15/v1/"):], method)
@@ -493,11 +499,12 @@ def deployment(config, workers: int, worker_options: dict, max_queued: int):
 
 
 def start(config, workers: int, *, host: str = "127.0.0.1", port: int = 7860, worker_cpus: float = 1.0,
-          worker_gpus: Optional[float] = None, max_queued: Optional[int] = None, address: Optional[str] = None):
+          worker_gpus: Optional[float] = None, max_queued: Optional[int] = None, address: Optional[str] = None,
+          log_to_driver: bool = True):
     """Join (`address`, e.g. "auto") or start a Ray cluster and serve the app on host:port; returns once every
     worker has loaded its model. `worker_gpus` None: one GPU per worker when the cluster has GPUs."""
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        ray.init(address=address, include_dashboard=False, log_to_driver=log_to_driver)
     if worker_gpus is None:
         worker_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     serve.start(http_options={"host": host, "port": port})
