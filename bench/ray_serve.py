@@ -6,7 +6,8 @@ synthetic checkpoint (a CPU measurement of the serving layer, not of the model).
 Runs, one after another: the single-process server (`python -m server`, OMP_NUM_THREADS=1), then Ray with 1
 and 2 workers (one CPU and one thread each). For each: requests per second with 2 clients per worker sending
 txt2img 64x64, and the mean latency of sequential requests (GET /sdapi/v1/samplers: routing only; txt2img with
-one step) whose difference to the single server is what Ray adds per request.
+one step); the time outside the app (the client's time less the app's `X-Process-Time`) is what the transport
+costs: the socket for the single server, plus Serve's proxy, the ingress and two Ray calls behind Ray.
 """
 from __future__ import annotations
 
@@ -51,18 +52,20 @@ def load(url: str, n: int, clients: int, steps: int) -> float:
 
 
 def latency(url: str, repeat: int) -> dict:
-    """Mean seconds of sequential cheap requests (after one warm-up each)."""
+    """Mean seconds of sequential cheap requests (after one warm-up each), at the client and inside the app."""
     gen = {"prompt": "a cat", "seed": 1, "steps": 1, "width": 64, "height": 64}
     out = {}
     for name, call in [("samplers", lambda: requests.get(url + "/sdapi/v1/samplers", timeout=60)),
                        ("txt2img_1step", lambda: requests.post(url + "/sdapi/v1/txt2img", json=gen, timeout=60))]:
         call().raise_for_status()
-        times = []
+        times, inside = [], []
         for _ in range(repeat):
             t = time.perf_counter()
-            call().raise_for_status()
+            r = call()
             times.append(time.perf_counter() - t)
-        out[name] = statistics.mean(times)
+            r.raise_for_status()
+            inside.append(float(r.headers["x-process-time"]))  # the app's own time, set inside the server
+        out[name], out[name + "_app"] = statistics.mean(times), statistics.mean(inside)
     return out
 
 
@@ -118,10 +121,12 @@ def main() -> None:
                          latency(url, args.repeat)))
         finally:
             ray_serve.stop()
-    print(f"| server | txt2img 64x64 {args.steps} steps, req/s | GET samplers, ms | txt2img 1 step, ms |")
-    print("| --- | --- | --- | --- |")
+    print(f"| server | txt2img 64x64 {args.steps} steps, req/s | GET samplers, ms | txt2img 1 step, ms "
+          f"| of which in the app, ms | outside the app, ms |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for name, rps, lat in rows:
-        print(f"| {name} | {rps:.2f} | {lat['samplers'] * 1e3:.1f} | {lat['txt2img_1step'] * 1e3:.1f} |")
+        app, total = lat["txt2img_1step_app"] * 1e3, lat["txt2img_1step"] * 1e3
+        print(f"| {name} | {rps:.2f} | {lat['samplers'] * 1e3:.1f} | {total:.1f} | {app:.1f} | {total - app:.1f} |")
 
 
 if __name__ == "__main__":

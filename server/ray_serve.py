@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import gzip
 import json
 import logging
 import os
@@ -160,8 +161,16 @@ class Job:
                "created": self.created, "started": self.started, "finished": self.finished, "source": self.source,
                "summary": self.summary, "progress": None, "error": self.error, "worker": self.worker}
         if result and self.reply is not None and self.reply[0] == 200:
-            out["result"], out["files"] = json.loads(self.reply[2]), []
+            out["result"], out["files"] = _json_body(self.reply), []
         return out
+
+
+def _json_body(reply: tuple):
+    """The JSON of a worker's answer, gzipped or not (the worker compresses for clients that accept it)."""
+    status, headers, body = reply
+    if (b"content-encoding", b"gzip") in [(k.lower(), v) for k, v in headers]:
+        body = gzip.decompress(body)
+    return json.loads(body)
 
 
 def _summary(request: dict) -> dict:
@@ -253,8 +262,12 @@ class Ingress:
         running = self._running()
         if path in TO_CURRENT_JOB and running:
             return self.slots[running[0].worker]
-        self.next_any = (self.next_any + 1) % len(self.slots)
-        return self.slots[self.next_any]
+        n = len(self.slots)
+        for k in range(1, n + 1):  # the next worker that is up, else the next one
+            slot = self.slots[(self.next_any + k) % n]
+            if slot.incarnation is not None or k == n:
+                self.next_any = slot.index
+                return slot
 
     async def _call(self, slot: Slot, method, path, query, headers, body) -> tuple:
         """A non-job request to one worker; a dead one answers 502."""
@@ -334,8 +347,8 @@ class Ingress:
             else:
                 job.state = "failed"
                 try:
-                    detail = json.loads(reply[2]).get("detail", "")
-                except (ValueError, AttributeError):
+                    detail = _json_body(reply).get("detail", "")
+                except (ValueError, AttributeError, OSError):
                     detail = ""
                 job.error = {"status": reply[0], "detail": str(detail)}
         except WORKER_DIED as e:

@@ -8,6 +8,9 @@ pixels), so the workers and the single server both run with OMP_NUM_THREADS=1 (R
 with under 2 CPUs)."""
 from __future__ import annotations
 
+import base64
+import io
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +20,7 @@ import time
 
 import numpy as np
 import pytest
+from PIL import Image
 
 ray = pytest.importorskip("ray", reason='Ray is not installed (pip install "sd15[ray]")')
 pytest.importorskip("ray.serve", reason='Ray Serve is not installed (pip install "sd15[ray]")')
@@ -115,6 +119,11 @@ def test_concurrent_jobs_run_on_both_workers_with_single_server_pixels(cluster):
     recent = cluster.get("/sd15/v1/queue")["recent"][:2]
     assert sorted(j["worker"] for j in recent) == [0, 1], recent
     assert all(j["state"] == "done" for j in recent)
+    kept = cluster.get(f"/sd15/v1/jobs/{recent[0]['id']}")  # an A1111 request is a job like any other
+    assert kept["source"] == "api" and kept["summary"]["prompt"] == "a red fox"
+    seed = json.loads(kept["result"]["info"])["seed"]
+    image = Image.open(io.BytesIO(base64.b64decode(kept["result"]["images"][0])))
+    assert np.array_equal(pixels(image), pixels(results[seeds.index(seed)].image))
     a, b = sorted(recent, key=lambda j: j["started"])
     assert b["started"] < a["finished"]  # they ran at the same time
     for seed, result in zip(seeds, results):
