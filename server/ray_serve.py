@@ -380,7 +380,7 @@ class Ingress:
         async with slot.lock:
             if slot.incarnation is not None:
                 return
-            info = await slot.actor.ready.remote()
+            info = await self._ready(slot)
             if self.options_set:
                 body = json.dumps(self.options_set).encode()
                 reply = await slot.actor.call.remote("POST", "/sdapi/v1/options", b"", self.internal_headers, body,
@@ -388,6 +388,17 @@ class Ingress:
                 if reply == STALE or reply[0] != 200:
                     raise RuntimeError(f"worker {slot.index}: replaying the options failed: {reply}")
             self._seen(slot, info)
+
+    async def _ready(self, slot: Slot, patience: float = 600.0) -> dict:
+        """`ready()` of a worker Ray may still be restarting (calls then fail with ActorUnavailableError)."""
+        deadline = time.time() + patience
+        while True:
+            try:
+                return await slot.actor.ready.remote()
+            except ray.exceptions.ActorUnavailableError:
+                if time.time() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
 
     async def _broadcast(self, method: str, path: str, headers, body: bytes) -> list:
         """The same request to every worker, jobs held back meanwhile -> [(slot, reply)]; a worker being
