@@ -202,6 +202,14 @@ class Ingress:
         self.durations: collections.deque = collections.deque(maxlen=20)
         self.next_any = 0
 
+    def __del__(self):
+        """Serve's shutdown hook: stop the workers for good (none is restarted while the cluster goes away)."""
+        for slot in getattr(self, "slots", []):
+            try:
+                ray.kill(slot.actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+
     def _seen(self, slot: Slot, info: dict) -> None:
         if info["incarnation"] != slot.incarnation:
             slot.restarts += 1

@@ -232,9 +232,22 @@ def test_full_queue_answers_503_with_retry_after(cluster):
 
 
 def test_shutdown_leaves_no_ray_process(cluster):
+    """Even with a worker being restarted at that moment."""
+    started = min(p.create_time() for p in psutil.Process().children(recursive=True))
+    os.kill(cluster.get("/sd15/v1/workers")[0]["pid"], signal.SIGKILL)
+    time.sleep(1)
     children = [p for p in psutil.Process().children(recursive=True) if p.pid != cluster.single_pid]
     assert any("raylet" in " ".join(p.cmdline()) for p in children)
     ray_serve.stop()
     gone, alive = psutil.wait_procs(children, timeout=30)
     assert not [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], alive
     assert not ray.is_initialized()
+
+    def ray_process(p):  # started by this module's Ray and still there, wherever it was reparented
+        try:
+            name = p.name()
+            return p.create_time() >= started and p.status() != psutil.STATUS_ZOMBIE and (
+                name.startswith("ray::") or name in ("raylet", "gcs_server"))
+        except psutil.Error:
+            return False
+    assert not [p for p in psutil.process_iter() if ray_process(p)]
