@@ -157,29 +157,50 @@ def test_bad_options_change_nothing(cluster):
         assert cluster.get("/sdapi/v1/options", headers={"X-Sd15-Worker": str(i)})["eta_noise_seed_delta"] == 31337
 
 
+def submit(cluster, request: dict) -> str:
+    r = requests.post(cluster.url + "/sd15/v1/jobs", json={"kind": "txt2img", "request": request}, timeout=30)
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def job_at_step(cluster, job_id: str, step: int = 2) -> dict:
+    return wait_for(lambda: (lambda j: j if (j.get("progress") or {}).get("step", 0) >= step else None)(
+        cluster.get(f"/sd15/v1/jobs/{job_id}")), what=f"{job_id} to run")
+
+
+def job_finished(cluster, job_id: str) -> dict:
+    return wait_for(lambda: (lambda j: j if j["state"] not in ("queued", "running") else None)(
+        cluster.get(f"/sd15/v1/jobs/{job_id}")), what=f"{job_id} to finish")
+
+
 def test_interrupt_hits_the_right_job(cluster):
-    long = dict(FAST, steps=60)
-    r = requests.post(cluster.url + "/sd15/v1/jobs", timeout=30, json={
-        "kind": "txt2img", "request": dict(long, prompt="a cat", seed=1, force_task_id="job-a")})
-    assert r.status_code == 202 and r.json()["id"] == "job-a"
+    """DELETE /sd15/v1/jobs/{id} stops that job; A1111's /sdapi/v1/interrupt stops the oldest running one; the
+    job on the other worker runs to the end in both cases."""
+    long = dict(FAST, steps=300)
+    assert submit(cluster, dict(long, prompt="a cat", seed=1, force_task_id="job-a")) == "job-a"
     other = {}
-    thread = threading.Thread(target=lambda: other.update(
-        r=cluster.api.txt2img(prompt="a dog", seed=2, **long)))
+    thread = threading.Thread(target=lambda: other.update(r=cluster.api.txt2img(prompt="a dog", seed=2, **long)))
     thread.start()
-    wait_for(lambda: (cluster.get("/sd15/v1/jobs/job-a").get("progress") or {}).get("step", 0) >= 2, what="job-a")
+    job_at_step(cluster, "job-a")
     running = cluster.get("/sd15/v1/queue")["active"]
     assert len(running) == 2 and {j["worker"] for j in running} == {0, 1}
-    stopped = requests.delete(cluster.url + "/sd15/v1/jobs/job-a", timeout=30).json()
-    assert stopped["state"] == "running"  # interrupting: it returns what it has
-    job_a = wait_for(lambda: (lambda j: j if j["state"] != "running" else None)(
-        cluster.get("/sd15/v1/jobs/job-a")), what="job-a to stop")
-    assert job_a["state"] == "interrupted" and len(job_a["result"]["images"]) == 1
+    assert requests.delete(cluster.url + "/sd15/v1/jobs/job-a", timeout=30).json()["state"] == "running"
+    job_a = job_finished(cluster, "job-a")
+    assert job_a["state"] == "interrupted" and len(job_a["result"]["images"]) == 1  # what it had
+    dog = next(j for j in cluster.get("/sd15/v1/queue")["active"] if j["summary"]["prompt"] == "a dog")
+    assert dog["state"] == "running"  # untouched
+    short = dict(FAST, steps=30, prompt="a cow", seed=3)
+    submit(cluster, dict(short, force_task_id="job-c"))
+    job_at_step(cluster, "job-c")
+    assert requests.post(cluster.url + "/sdapi/v1/interrupt", timeout=30).status_code == 200  # hits "a dog"
     thread.join(120)
-    recent = {j["summary"]["prompt"]: j for j in cluster.get("/sd15/v1/queue")["recent"]}
-    assert recent["a dog"]["state"] == "done"
-    assert job_a["finished"] < recent["a dog"]["finished"]
-    reference = cluster.ref.txt2img(prompt="a dog", seed=2, **long)  # the other job ran to the end
-    assert np.array_equal(pixels(other["r"].image), pixels(reference.image))
+    assert len(other["r"].images) == 1
+    assert cluster.get(f"/sd15/v1/jobs/{dog['id']}")["state"] == "interrupted"
+    job_c = job_finished(cluster, "job-c")
+    assert job_c["state"] == "done" and job_c["worker"] == job_a["worker"] != dog["worker"]
+    reference = cluster.ref.txt2img(**short)  # ran to the end: the single server's pixels
+    image = Image.open(io.BytesIO(base64.b64decode(job_c["result"]["images"][0])))
+    assert np.array_equal(pixels(image), pixels(reference.image))
 
 
 def test_a_worker_killed_mid_job_fails_that_job_and_is_replaced(cluster):
@@ -213,21 +234,29 @@ def test_a_worker_killed_mid_job_fails_that_job_and_is_replaced(cluster):
     assert np.array_equal(pixels(results[0].image), pixels(reference.image))
 
 
+def test_kept_override_settings_reach_every_worker(cluster):
+    result = cluster.api.txt2img(prompt="kept", seed=9, override_settings={"eta_noise_seed_delta": 7},
+                                 override_settings_restore_afterwards=False, **FAST)
+    assert "ENSD: 7" in result.info["infotexts"][0]
+    for i in (0, 1):
+        assert cluster.get("/sdapi/v1/options", headers={"X-Sd15-Worker": str(i)})["eta_noise_seed_delta"] == 7
+    cluster.api.txt2img(prompt="restored", seed=9, override_settings={"eta_noise_seed_delta": 8}, **FAST)
+    for i in (0, 1):  # restored afterwards (webuiapi's default): nothing changes
+        assert cluster.get("/sdapi/v1/options", headers={"X-Sd15-Worker": str(i)})["eta_noise_seed_delta"] == 7
+
+
 def test_full_queue_answers_503_with_retry_after(cluster):
-    long = dict(FAST, steps=40, prompt="busy")
+    long = dict(FAST, steps=300, prompt="busy")
     ids = []
     for i in range(4):  # two running, two waiting (max_queued=2)
-        r = requests.post(cluster.url + "/sd15/v1/jobs", json={"kind": "txt2img", "request": long}, timeout=30)
-        assert r.status_code == 202, r.text
-        ids.append(r.json()["id"])
+        ids.append(submit(cluster, long))
         if i < 2:
             wait_for(lambda: len(cluster.get("/sd15/v1/queue")["active"]) == i + 1, what="a job to start")
     r = requests.post(cluster.url + "/sdapi/v1/txt2img", json=long, timeout=30)
     assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1 and r.json()["error"] == "QueueFull"
     for job_id in reversed(ids):  # queued ones are cancelled, running ones interrupted
         requests.delete(f"{cluster.url}/sd15/v1/jobs/{job_id}", timeout=30)
-    states = [wait_for(lambda i=i: (lambda s: s if s not in ("queued", "running") else None)(
-        cluster.get(f"/sd15/v1/jobs/{i}")["state"]), what="jobs to stop") for i in ids]
+    states = [job_finished(cluster, i)["state"] for i in ids]
     assert states == ["interrupted", "interrupted", "cancelled", "cancelled"]
 
 
