@@ -4,8 +4,10 @@
 
 Each worker is a Ray actor hosting `server.app.create_app(config)` and loading the model once; the ingress
 hands it a request as an in-process ASGI call, so validation, errors and pixels are the single server's by
-construction, and this module knows only the HTTP API, not the server's internals. The ingress (one Ray Serve
-deployment) owns what must be in one place:
+construction; of the server this module knows `create_app`, `ServerConfig.api_auth`, `BasicAuth` and the HTTP
+API, nothing else. Workers are plain Ray actors, not Serve replicas, because Serve picks a replica itself and
+the ingress must reach a given worker (its job's progress and interrupt, options for a replaced one). The
+ingress (one Ray Serve deployment) owns what must be in one place:
 
 - the queue: one FIFO for the whole cluster (bounded; 503 with `Retry-After` when full) from which every free
   worker takes the next job, at most one at a time per worker (a worker's own queue is bounded at one);
@@ -465,6 +467,8 @@ class Ingress:
             except (ValueError, KeyError, TypeError, AssertionError):
                 return JSONResponse({"detail": [{"loc": ["body"], "msg": "expected {\"kind\": \"txt2img\"|"
                                                  "\"img2img\", \"request\": {...}}", "type": "value_error"}]}, 422)
+            if body.get("save", True):  # the page's default: saved like A1111's page, on the worker's machine
+                inner = {**inner, "save_images": True}
             job = self._submit(kind, f"/sdapi/v1/{kind}", self.internal_headers, json.dumps(inner).encode(), "page")
             if isinstance(job, Response):
                 return job
