@@ -2,6 +2,7 @@
 Ray's absence is simulated)."""
 import sys
 
+import server
 from server.__main__ import main
 from test_server import write_model_folders
 
@@ -9,7 +10,8 @@ from test_server import write_model_folders
 def test_ray_flag_without_ray_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
     folders = write_model_folders(tmp_path)
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
-    monkeypatch.delitem(sys.modules, "server.ray_serve", raising=False)
+    monkeypatch.delitem(sys.modules, "server.ray_serve", raising=False)  # imported by an earlier test
+    monkeypatch.delattr(server, "ray_serve", raising=False)
     assert main(["--ray", "--replicas", "2", "--ckpt-dir", folders["ckpt_dir"], "--no-download"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("sd15-server: error: --ray needs Ray Serve")
