@@ -88,6 +88,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=24)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--ray-first", action="store_true", help="run the Ray configurations before the single server")
     args = ap.parse_args()
     from test_server import make_config, write_model_folders
     from test_server_live import free_port
@@ -95,32 +96,39 @@ def main() -> None:
     folders = write_model_folders(Path(tempfile.mkdtemp()))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     rows = []
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "server", "--ckpt-dir", folders["ckpt_dir"], "--port", str(port),
-                             "--no-download"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_up(url, proc)
-        rows.append(("single process", load(url, args.requests, 2, args.steps), latency(url, args.repeat)))
-    finally:
-        proc.terminate()
-        proc.wait()
 
-    import ray
-
-    from server import ray_serve
-    for workers in (1, 2):
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}})
+    def single():
         port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "server", "--ckpt-dir", folders["ckpt_dir"], "--port",
+                                 str(port), "--no-download"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
         try:
-            ray_serve.start(make_config(folders), workers, port=port, worker_cpus=1, worker_gpus=0,
-                            max_queued=4 * args.requests)
             url = f"http://127.0.0.1:{port}"
-            rows.append((f"ray, {workers} worker(s)", load(url, args.requests, 2 * workers, args.steps),
-                         latency(url, args.repeat)))
+            wait_up(url, proc)
+            rows.append(("single process", load(url, args.requests, 2, args.steps), latency(url, args.repeat)))
         finally:
-            ray_serve.stop()
+            proc.terminate()
+            proc.wait()
+
+    def on_ray():
+        import ray
+
+        from server import ray_serve
+        for workers in (1, 2):
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}})
+            port = free_port()
+            try:
+                ray_serve.start(make_config(folders), workers, port=port, worker_cpus=1, worker_gpus=0,
+                                max_queued=4 * args.requests)
+                url = f"http://127.0.0.1:{port}"
+                rows.append((f"ray, {workers} worker(s)", load(url, args.requests, 2 * workers, args.steps),
+                             latency(url, args.repeat)))
+            finally:
+                ray_serve.stop()
+
+    for part in ((on_ray, single) if args.ray_first else (single, on_ray)):
+        part()
     print(f"| server | txt2img 64x64 {args.steps} steps, req/s | GET samplers, ms | txt2img 1 step, ms "
           f"| of which in the app, ms | outside the app, ms |")
     print("| --- | --- | --- | --- | --- | --- |")
