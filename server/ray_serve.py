@@ -190,7 +190,7 @@ class Ingress:
         self.auth = BasicAuth(None, config.api_auth) if config.api_auth else None
         auth = [(b"authorization", b"Basic " + base64.b64encode(":".join(config.api_auth[0]).encode()))] \
             if config.api_auth else []
-        self.internal_headers = auth + [(b"content-type", b"application/json")]
+        self.internal_headers = auth + [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")]
         actor = ray.remote(Worker).options(max_restarts=-1, max_task_retries=0, **worker_options)
         self.slots = [Slot(i, actor.remote(config, i)) for i in range(workers)]
         for slot, info in zip(self.slots, ray.get([s.actor.ready.remote() for s in self.slots])):

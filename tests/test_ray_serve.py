@@ -164,8 +164,11 @@ def submit(cluster, request: dict) -> str:
 
 
 def job_at_step(cluster, job_id: str, step: int = 2) -> dict:
-    return wait_for(lambda: (lambda j: j if (j.get("progress") or {}).get("step", 0) >= step else None)(
-        cluster.get(f"/sd15/v1/jobs/{job_id}")), what=f"{job_id} to run")
+    def reached():
+        job = cluster.get(f"/sd15/v1/jobs/{job_id}")
+        assert job["state"] in ("queued", "running"), job
+        return job if (job.get("progress") or {}).get("step", 0) >= step else None
+    return wait_for(reached, what=f"{job_id} to run")
 
 
 def job_finished(cluster, job_id: str) -> dict:
