@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import dataclasses
 import gzip
 import json
 import logging
@@ -539,6 +540,12 @@ def start(config, workers: int, *, host: str = "127.0.0.1", port: int = 7860, wo
           log_to_driver: bool = True):
     """Join (`address`, e.g. "auto") or start a Ray cluster and serve the app on host:port; returns once every
     worker has loaded its model. `worker_gpus` None: one GPU per worker when the cluster has GPUs."""
+    # folders as absolute paths: a worker runs in Ray's own working directory, maybe on another machine
+    folders = {f.name: os.path.abspath(getattr(config, f.name)) for f in dataclasses.fields(config)
+               if (f.name.endswith("_dir") or f.name == "outdir") and isinstance(getattr(config, f.name), str)}
+    if getattr(config, "ckpt", None) and os.path.isfile(config.ckpt):
+        folders["ckpt"] = os.path.abspath(config.ckpt)
+    config = dataclasses.replace(config, **folders)
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=log_to_driver)
     if worker_gpus is None:
