@@ -132,6 +132,19 @@ def test_concurrent_jobs_run_on_both_workers_with_single_server_pixels(cluster):
         assert result.info["infotexts"] == reference.info["infotexts"]
 
 
+def test_other_routes_answer_as_the_single_server(cluster):
+    """Listings, the page, errors: forwarded to a worker, so byte for byte the single server's answer."""
+    for method, path, body in [("GET", "/", None), ("GET", "/sdapi/v1/samplers", None),
+                               ("GET", "/sdapi/v1/sd-models", None), ("GET", "/sdapi/v1/no-such-route", None),
+                               ("POST", "/sdapi/v1/txt2img", {"steps": "many"}),
+                               ("POST", "/sdapi/v1/txt2img", {"width": 7}),
+                               ("POST", "/sdapi/v1/png-info", {"image": ""})]:
+        ours = requests.request(method, cluster.url + path, json=body, timeout=60)
+        theirs = requests.request(method, cluster.single + path, json=body, timeout=60)
+        assert (ours.status_code, ours.content) == (theirs.status_code, theirs.content), path
+        assert ours.headers.get("content-type") == theirs.headers.get("content-type")
+
+
 def test_options_reach_every_worker_and_match_the_single_server(cluster):
     change = {"eta_noise_seed_delta": 31337, "sd_model_checkpoint": "sub/other.safetensors"}
     cluster.api.set_options(change)
