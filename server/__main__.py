@@ -62,6 +62,16 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--keep-alive-timeout", type=float, default=5.0, help="idle keep-alive seconds (default 5)")
     ap.add_argument("--shutdown-grace", type=float, default=30.0,
                     help="seconds the running job may take to finish at shutdown (default 30)")
+    ray = ap.add_argument_group("scale-out on Ray Serve (pip install \"sd15[ray]\")")
+    ray.add_argument("--ray", action="store_true", help="serve through Ray Serve: one ingress, --replicas workers")
+    ray.add_argument("--replicas", type=int, default=1, help="workers, each loading the model once (default 1)")
+    ray.add_argument("--ray-address", default=None, help="join a running cluster ('auto' after `ray start`); "
+                                                         "default: start a local one")
+    ray.add_argument("--ray-worker-cpus", type=float, default=1.0, help="CPUs reserved per worker (default 1)")
+    ray.add_argument("--ray-worker-gpus", type=float, default=None,
+                     help="GPUs per worker (default: 1 when the cluster has GPUs, else 0)")
+    ray.add_argument("--ray-max-queued", type=int, default=None,
+                     help="jobs waiting beyond the running ones before 503 + Retry-After (default 16 per worker)")
     ap.add_argument("--api", action="store_true", help="accepted for A1111 compatibility (the API is always on)")
     ap.add_argument("--nowebui", action="store_true", help="accepted for A1111 compatibility (there is no web UI)")
     return ap
@@ -152,6 +162,8 @@ def main(argv=None) -> int:
 
         config = config_from_args(args)
         ensure_checkpoint(config, args.no_download)
+        if args.ray:
+            return _main_ray(config, args)
         engine = Engine(config)
         engine.start()  # a bad file is reported here, before the port opens
     except KeyboardInterrupt:
@@ -181,6 +193,18 @@ def main(argv=None) -> int:
         sys.stderr.flush()
         os._exit(1)  # a thread still in the sampler must not keep the process alive
     return 0
+
+
+def _main_ray(config, args) -> int:
+    """The same server on Ray Serve (server/ray_serve.py); Ray is an optional extra."""
+    if args.replicas < 1:
+        raise ValueError("--replicas must be at least 1")
+    try:
+        from server import ray_serve
+    except ImportError as e:
+        print(f'sd15-server: error: --ray needs Ray Serve ({e}); pip install "sd15[ray]"', file=sys.stderr)
+        return 2
+    return ray_serve.main(config, args)
 
 
 if __name__ == "__main__":

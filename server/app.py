@@ -38,7 +38,6 @@ from sd15.pipeline import JobState, generate
 from sd15.samplers.table import samplers_api, schedulers_api
 from sd15.schema import ResolvedRequest
 from server import a1111, admin, extras, inputs, jobs, jobs_api, runner, scripts, ui
-from server.scripts import serve as scripts_serve
 from server.a1111 import ApiError, Limits, ValidationError
 from server.inputs import read_json
 from server.download import DEFAULT_MODEL
@@ -141,8 +140,7 @@ class Engine:
         """Queue a prepared request -> the job (503 with Retry-After when the queue is full)."""
         try:
             return self.queue.submit("img2img" if req.is_img2img else "txt2img", (req, prepared),
-                                     runner.job_summary(prepared.resolved),
-                                     source=source, save=save)
+                                     runner.job_summary(req), source=source, save=save)
         except jobs.QueueFull as e:
             self.metrics.rejected["queue_full"] += 1
             raise ApiError(503, str(e), error="QueueFull", headers={"Retry-After": str(e.retry_after)}) from None
@@ -304,9 +302,7 @@ async def img2img(request: Request):
 async def _generate(request: Request, cls):
     engine = _engine(request)
     req = cls.from_json(await read_json(request, engine.limits.max_body_bytes))
-    if req.script_name:  # A1111's selectable scripts (server/scripts)
-        return JSONResponse(await scripts_serve.generate(engine, req))
-    prepared = await run_in_threadpool(engine.prepare, req)
+    prepared = await run_in_threadpool(runner.prepare, engine, req)  # a script (script_name): its plan
     job = engine.submit(req, prepared, source="api", save=req.save_images)
     await runner.wait_for_job(request, engine, job)
     return runner.job_response(job)

@@ -66,6 +66,7 @@ class Job:
     progress: Optional[dict] = None
     preview: Optional[str] = None  # base64 PNG of the latest preview
     preview_step: int = 0
+    cell: tuple = (0, 1)  # a script's generations: (the running one, how many); progress counts over all
     steps_done: int = 0
     sampling_seconds: float = 0.0
     stop_reason: Optional[str] = None  # why it was interrupted: "client", "timeout", "shutdown", "limit", None

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-from server import a1111
+from server import a1111, runner
 from server.a1111 import ApiError, ValidationError
 
 PREFIX = "/sd15/v1"
@@ -55,7 +55,7 @@ async def submit_job(request: Request):
     cls = a1111.Txt2ImgRequest if kind == "txt2img" else a1111.Img2ImgRequest
     try:
         req = cls.from_json(body.get("request") if body.get("request") is not None else {})
-        prepared = await run_in_threadpool(engine.prepare, req)
+        prepared = await run_in_threadpool(runner.prepare, engine, req)  # a script: its plan
     except ValidationError as e:  # the fields are inside "request"
         for p in e.problems:
             p["loc"] = ["body", "request", *p["loc"][1:]]

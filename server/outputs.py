@@ -10,7 +10,8 @@ import os
 import re
 import threading
 
-FOLDERS = {"txt2img": "txt2img-images", "img2img": "img2img-images"}
+FOLDERS = {"txt2img": "txt2img-images", "img2img": "img2img-images",  # A1111's outdir_*_samples
+           "txt2img-grids": "txt2img-grids", "img2img-grids": "img2img-grids"}  # outdir_*_grids
 _NUMBERED = re.compile(r"^(\d+)-")
 _lock = threading.Lock()  # numbering is read-then-write; one writer at a time
 

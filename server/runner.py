@@ -17,6 +17,8 @@ from sd15.a1111 import infotext
 from sd15.a1111.images import png_bytes
 from server import a1111, inputs, jobs, outputs, preview
 from server.a1111 import ApiError, ValidationError
+from server.scripts import ScriptError, run_plan
+from server.scripts import serve as scripts_serve
 
 log = logging.getLogger("server")
 
@@ -34,11 +36,33 @@ class Run:
     preview_at: int = 0
 
 
+def prepare(engine, req):
+    """(any thread) Check a request before it queues -> what its job runs with: the checked overrides, or, for
+    a request naming a `script_name`, the script's plan (every generation of it checked as a plain request)."""
+    if not req.script_name:
+        return engine.prepare(req)
+    try:
+        plan = scripts_serve.script_plan(engine, req)
+    except ScriptError as e:
+        raise ApiError(e.status, str(e)) from None
+    except (ValueError, LookupError) as e:
+        raise ApiError(400, inputs.public_message(str(e), engine.folders())) from None
+    for cell in plan.requests:
+        engine.prepare(type(req).from_json(cell))
+    return plan
+
+
 def execute(self, job: jobs.Job) -> None:  # self: the Engine
-    """(GPU worker) Run a queued job: generate, build the A1111 response body, save the images when asked."""
+    """(GPU worker) Run a queued job: generate (a script: all its generations), build the A1111 response body,
+    save the images when asked."""
     req, prepared = job.request
     try:
-        result, settings = self.run(req, prepared, job)
+        if req.script_name:
+            result, settings = _run_script(self, job, req, prepared)
+        else:
+            result, settings = self.run(req, prepared, job)
+    except ScriptError as e:
+        raise jobs.JobFailed(e.status, str(e)) from None
     except (ApiError, ValidationError) as e:
         raise _job_failed(e) from None
     except (ValueError, LookupError) as e:  # the pipeline's own checks, a bad checkpoint file
@@ -51,8 +75,7 @@ def execute(self, job: jobs.Job) -> None:  # self: the Engine
     for warning in result.warnings:
         log.warning("%s", warning)
     if job.save and self.config.save and result.images:
-        job.files = outputs.save_images(self.config.outdir, job.kind, result.images, result.infotexts,
-                                        result.seeds, pnginfo=settings["enable_pnginfo"])
+        job.files = _save(self, job.kind, result, settings["enable_pnginfo"])
     job.result = a1111.image_response(req, result, settings["enable_pnginfo"])
     if job.stop_reason == "timeout":
         job.error = jobs.JobFailed(504, f"the job ran longer than {self.config.max_job_seconds:g} s "
@@ -62,36 +85,82 @@ def execute(self, job: jobs.Job) -> None:  # self: the Engine
                                         "(--max-steps); the result holds what was made")
 
 
+def _run_script(self, job: jobs.Job, req, plan) -> tuple:
+    """A script's generations one after another under one job: progress counts over all of them, an
+    interrupt stops the script (what was made is combined, A1111 leaves the rest of a grid blank)."""
+    n = len(plan.requests)
+    generate_cell = scripts_serve.cell_generator(self, type(req), job)
+    counter = iter(range(n))
+    totals = [0, 0.0]  # steps, sampling seconds over all generations
+
+    def generate(cell: dict):
+        job.cell = (next(counter), n)
+        try:
+            return generate_cell(cell)
+        finally:
+            totals[0] += job.steps_done
+            totals[1] += job.sampling_seconds
+    try:
+        result = run_plan(plan, generate)
+    finally:
+        job.steps_done, job.sampling_seconds = totals
+    return result, dict(self.options)
+
+
+def _save(self, kind: str, result, pnginfo: bool) -> list:
+    """Save like A1111: a script's grids (the images before `index_of_first_image`) under `<kind>-grids`,
+    the images under `<kind>-images`."""
+    images, texts = list(result.images), list(result.infotexts)
+    grids = int((getattr(result, "info", None) or {}).get("index_of_first_image", 0) or 0) if result.images else 0
+    seeds = list(result.seeds)[-len(images):]
+    seeds = [seeds[0] if seeds else 0] * (len(images) - len(seeds)) + seeds  # a script's grids carry no seed
+    files = []
+    if grids:
+        files += outputs.save_images(self.config.outdir, f"{kind}-grids", images[:grids], texts[:grids],
+                                     seeds[:grids], pnginfo=pnginfo)
+    return files + outputs.save_images(self.config.outdir, kind, images[grids:], texts[grids:], seeds[grids:],
+                                       pnginfo=pnginfo)
+
+
 def make_callback(self, run, job: Optional[jobs.Job], settings: dict):  # self: the Engine
     """The sampler callback: progress, the per-job time limit, the per-pass step cap (samplers whose step
     count is not fixed, DPM adaptive, are stopped after max(--max-steps, 2 × steps) steps), and a live
-    preview every `show_progress_every_n_steps` steps while someone looks (/progress or the event stream)."""
+    preview (server/preview.py) every `show_progress_every_n_steps` steps, or after each batch with -1, while
+    someone looks (/progress or the event stream). A script's generations (`job.cell` = (index, count)) count
+    as one job."""
     every = settings["show_progress_every_n_steps"] if settings["live_previews_enable"] else 0
     deadline = run.started + self.config.max_job_seconds if self.config.max_job_seconds else None
+    batch = {"job_no": None, "latent": None}  # the batch of the last step and its last x0 (for every = -1)
 
     def callback(step, sigma, x, denoised):
         s = run.state
         run.steps_done += 1
         if job is not None:
-            job.progress = {"progress": s.progress(), "eta_relative": _eta(run, s.progress()),
-                            "step": s.sampling_step, "steps": s.sampling_steps, "job_no": s.job_no,
-                            "job_count": s.job_count}
+            cell, cells = job.cell
+            done = (cell + s.progress()) / cells
+            job.progress = {"progress": done, "eta_relative": _eta(job.started or run.started, done),
+                            "step": s.sampling_step, "steps": s.sampling_steps,
+                            "job_no": cell * s.job_count + s.job_no, "job_count": cells * s.job_count}
             if deadline is not None and time.time() > deadline:
                 job.interrupt("timeout")
             if step + 1 > max(self.limits.max_steps, 2 * s.sampling_steps):
                 job.interrupt("limit")
+        new_batch = batch["job_no"] is not None and batch["job_no"] != s.job_no
+        latent = batch["latent"] if new_batch else denoised  # -1: the finished batch's last x0
+        batch["job_no"], batch["latent"] = s.job_no, denoised
         wanted = self.preview_wanted or (self.queue is not None and self.queue.has_listeners())
-        if every > 0 and wanted and run.steps_done - run.preview_at >= every:
+        if wanted and preview.due(every, run.steps_done, run.preview_at, new_batch):
+            at = run.steps_done - 1 if every == -1 else run.steps_done
             run.preview_at, self.preview_wanted = run.steps_done, False
-            image = preview.make_preview(self.models.model, denoised, settings)
+            image = preview.make_preview(self.models.model, latent, settings, self.config.ckpt_dir)
             self.preview = base64.b64encode(png_bytes(image)).decode("ascii")
             if job is not None:
-                job.preview, job.preview_step = self.preview, run.steps_done
+                job.preview, job.preview_step = self.preview, at
     return callback
 
 
-def _eta(run, progress: float) -> float:
-    elapsed = time.time() - run.started
+def _eta(started: float, progress: float) -> float:
+    elapsed = time.time() - started
     return elapsed / progress - elapsed if progress > 0 else 0.0
 
 
@@ -101,10 +170,13 @@ def _job_failed(e) -> jobs.JobFailed:
     return jobs.JobFailed(e.status, e.detail, e.error, e.errors)
 
 
-def job_summary(r) -> dict:
-    """The `summary` of a job object (what the queue shows), from its resolved request."""
-    return {"prompt": r.prompt[:200], "width": r.width, "height": r.height, "steps": r.steps,
-            "sampler_name": r.sampler.name, "batch_size": r.batch_size, "n_iter": r.n_iter}
+def job_summary(req) -> dict:
+    """The `summary` of a job object (what the queue shows; `script` only for a script's job)."""
+    out = {"prompt": req.prompt[:200], "width": req.width, "height": req.height, "steps": req.steps,
+           "sampler_name": req.sampler_name or req.sampler_index, "batch_size": req.batch_size, "n_iter": req.n_iter}
+    if req.script_name:
+        out["script"] = req.script_name
+    return out
 
 
 async def wait_for_job(request: Request, engine, job: jobs.Job) -> None:

@@ -129,8 +129,9 @@ def write_full_vae(path: str, *, dtype=torch.float32, seed: int = 1, std: float 
     return path
 
 
-def tiny_state_dict(seed: int = 0, std: float = 0.2) -> dict[str, torch.Tensor]:
-    """A full SD checkpoint state dict (all prefixes and extras) with tiny networks."""
+def tiny_state_dict(seed: int = 0, std: float = 0.2, *, unet=None, vae=None) -> dict[str, torch.Tensor]:
+    """A full SD checkpoint state dict (all prefixes and extras) with tiny networks (UNET_TINY, VAE_TINY,
+    CLIP_TINY; `unet` / `vae` replace the first two with other configs, e.g. smaller ones for slow callers)."""
     from sd15.checkpoint import PREFIXES
     from sd15.clip.text_encoder import CLIP_TINY, CLIPTextModel
     from sd15.unet.unet import UNET_TINY, UNetModel
@@ -139,7 +140,8 @@ def tiny_state_dict(seed: int = 0, std: float = 0.2) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     sd = {}
     with torch.device("meta"):
-        nets = {"unet": UNetModel(UNET_TINY), "vae": AutoencoderKL(VAE_TINY), "text_encoder": CLIPTextModel(CLIP_TINY)}
+        nets = {"unet": UNetModel(unet or UNET_TINY), "vae": AutoencoderKL(vae or VAE_TINY),
+                "text_encoder": CLIPTextModel(CLIP_TINY)}
     for name, net in nets.items():
         for k, p in net.state_dict().items():
             sd[PREFIXES[name] + k] = random_tensor(k, p.shape, gen, std)
@@ -150,8 +152,9 @@ def tiny_state_dict(seed: int = 0, std: float = 0.2) -> dict[str, torch.Tensor]:
     return sd
 
 
-def write_tiny_checkpoint(path: str, *, dtype=torch.float32, seed: int = 0, std: float = 0.2) -> str:
-    sd = tiny_state_dict(seed, std)
+def write_tiny_checkpoint(path: str, *, dtype=torch.float32, seed: int = 0, std: float = 0.2, unet=None,
+                          vae=None) -> str:
+    sd = tiny_state_dict(seed, std, unet=unet, vae=vae)
     write_safetensors(path, [(k, v.shape, v.dtype if not v.is_floating_point() else dtype, lambda v=v: v)
                              for k, v in sorted(sd.items())], metadata={"format": "pt"})
     return path

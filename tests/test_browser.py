@@ -316,6 +316,12 @@ def test_interrupt_with_escape(server, browser):
     browser.find_element(By.ID, "generate").click()
     WebDriverWait(browser, 120).until(lambda d: "step " in d.find_element(By.ID, "progress-text").text)
     assert not browser.find_element(By.ID, "progress").get_attribute("hidden")
+    # a live preview (A1111's defaults: every 10 steps, "Approx NN" without its file = "Approx cheap": one pixel
+    # per latent cell, 8×8 for a 64×64 image) arrives over the event stream
+    WebDriverWait(browser, 120).until(lambda d: d.execute_script(
+        "const p = document.getElementById('preview'); return !p.hidden && p.src.startsWith('data:') && p.naturalWidth === 8"))
+    os.makedirs(SHOTS, exist_ok=True)
+    browser.save_screenshot(os.path.join(SHOTS, "generating-preview.png"))
     started = time.time()
     browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
     shown = data_url_image(wait_result(browser, timeout=60))
@@ -453,14 +459,17 @@ def test_xyz_plot_request(server, browser):
     browser.find_element(By.ID, "generate").click()
     has_script = "x/y/z plot" in requests.get(f"{server}/sdapi/v1/scripts", auth=AUTH).json()["txt2img"]
     if has_script:
-        wait_result(browser, timeout=300)
+        grid = data_url_image(wait_result(browser, timeout=300))
+        assert grid.width > 2 * 64 and grid.height > 2 * 64  # 2×2 cells and the legend
+        os.makedirs(SHOTS, exist_ok=True)
+        browser.save_screenshot(os.path.join(SHOTS, "xyz-grid.png"))
     else:
         WebDriverWait(browser, 30).until(lambda d: not d.find_element(By.ID, "error").get_attribute("hidden"))
         assert browser.find_element(By.ID, "error").text == "Error 422: Script 'x/y/z plot' not found"
-    sent = [json.loads(json.loads(e["message"])["message"]["params"]["request"]["postData"])
-            for e in browser.get_log("performance")
-            if '"Network.requestWillBeSent"' in e["message"] and "/txt2img" in e["message"]
-            or '"Network.requestWillBeSent"' in e["message"] and "/sd15/v1/jobs" in e["message"]]
+    requests_sent = [json.loads(e["message"])["message"]["params"]["request"] for e in browser.get_log("performance")
+                     if '"Network.requestWillBeSent"' in e["message"]]
+    sent = [json.loads(r["postData"]) for r in requests_sent
+            if r["method"] == "POST" and r["url"].endswith(("/sdapi/v1/txt2img", "/sd15/v1/jobs"))]
     body = sent[0].get("request", sent[0])
     assert body["script_name"] == "x/y/z plot"
     # A1111's positional arguments: x/y/z (type index, values, dropdown), then the flags; csv mode on
@@ -495,6 +504,9 @@ def test_queue_of_three_with_one_cancelled(server, browser):
     for _ in range(3):
         browser.find_element(By.ID, "generate").click()
     WebDriverWait(browser, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#queue-list li.mine")) == 3)
+    os.makedirs(SHOTS, exist_ok=True)
+    browser.execute_script("document.getElementById('queue').scrollIntoView({block: 'end'})")
+    browser.save_screenshot(os.path.join(SHOTS, "queue-3-jobs.png"))
     queued = requests.get(f"{server}/sd15/v1/queue", auth=AUTH).json()["queued"]
     target = queued[-1]["id"]
     browser.find_element(By.CSS_SELECTOR, f'[aria-label="Cancel job {target}"]').click()
@@ -531,3 +543,31 @@ def test_history_lists_saved_files(server, browser):
     WebDriverWait(browser, 20).until(lambda d: field(d, "prompt") == "a saved image")
     assert field(browser, "seed") == "31" and not browser.find_element(By.ID, "gen").get_attribute("hidden")
 
+
+
+def test_reload_during_own_job_reconnects_and_fetches_its_result(server, browser):
+    """A job submitted from the page survives a reload: the page finds it in the queue, shows its progress and
+    fetches its result when it is done; another client's API request shows in the queue."""
+    if not has_jobs(server):
+        pytest.skip("the server has no /sd15/v1/jobs yet")
+    import threading
+
+    open_page(browser, server)
+    for key, value in {**SMALL, "steps": 150, "seed": 41}.items():
+        set_field(browser, key, value)
+    browser.find_element(By.ID, "prompt").send_keys("a reloaded job")
+    browser.find_element(By.ID, "generate").click()
+    WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#queue-list li.mine"))
+    out = {}
+    other = threading.Thread(target=lambda: out.update(r=requests.post(
+        f"{server}/sdapi/v1/txt2img", auth=AUTH, timeout=600, json={"prompt": "from a script", "seed": 2, **SMALL})))
+    other.start()
+    browser.refresh()
+    WebDriverWait(browser, 30).until(lambda d: d.execute_script("return document.body.classList.contains('ready')"))
+    WebDriverWait(browser, 30).until(lambda d: "from a script" in d.find_element(By.ID, "queue-list").text)
+    assert browser.find_elements(By.CSS_SELECTOR, "#queue-list li.mine")  # still this tab's job after the reload
+    shown = data_url_image(wait_result(browser, timeout=300))
+    assert shown.size == (64, 64)
+    assert browser.find_element(By.ID, "infotext").text.startswith("a reloaded job")
+    other.join(300)
+    assert out["r"].status_code == 200

@@ -63,6 +63,7 @@ def test_channels_last_equals_plain(model):
     assert rel(img, ref_img) <= 1e-5
 
 
+@pytest.mark.compile
 def test_compile_fullgraph_follows_attention_backend(model):
     """The whole UNet is one graph (no graph break at the attention ContextVar), keys and types unchanged,
     a different attention backend gets its own graph, and reset() restores the eager forward."""
@@ -88,6 +89,7 @@ def test_compile_fullgraph_follows_attention_backend(model):
         assert cnt.frame_count == 2
 
 
+@pytest.mark.compile
 def test_compile_no_recompilation_storm(model):
     """dynamic=None: a static graph for the first size, one shape-polymorphic graph for all others;
     dynamic=False: one graph per size."""
@@ -278,6 +280,7 @@ def test_warmup_runs_every_requested_shape(model):
     assert shapes == [(2, 4, 8, 8), (4, 4, 8, 8), (2, 4, 12, 8), (4, 4, 12, 8)]
 
 
+@pytest.mark.slow
 def test_bench_script_smoke(tmp_path):
     """bench/gpu.py runs end to end on the tiny checkpoint and prints the table."""
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu.py"), "--tiny", "--device", "cpu",

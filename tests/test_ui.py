@@ -51,11 +51,33 @@ def test_page_needs_auth(env):
     assert client.get("/static/app.js", auth=None).status_code == 401
 
 
+STATIC = os.path.join(os.path.dirname(os.path.dirname(__file__)), "server", "static")
+
+
 def test_static_budget():
-    """The page's own code stays small: all assets under 300 KB."""
-    static = os.path.join(os.path.dirname(os.path.dirname(__file__)), "server", "static")
-    total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(static) for f in fs)
-    assert total < 300_000
+    """The page's own code stays small: all assets under 300 KB, JS + CSS + HTML under 2,000 lines."""
+    files = [os.path.join(d, f) for d, _, fs in os.walk(STATIC) for f in fs]
+    assert sum(os.path.getsize(f) for f in files) < 300_000
+    code = [f for f in files if f.endswith((".js", ".css", ".html"))]
+    assert sum(len(open(f, encoding="utf-8").read().splitlines()) for f in code) < 2000
+
+
+def test_xyz_axes_of_the_page_are_the_scripts_axes(env):
+    """Every axis the page offers is one the server's X/Y/Z script runs (its index comes from script-info)."""
+    import re
+
+    from server.scripts import xyz
+
+    client, _ = env
+    text = open(os.path.join(STATIC, "xyz.js"), encoding="utf-8").read()
+    labels = re.findall(r"'([^']+)'", text[text.index("const LABELS"):text.index("];", text.index("const LABELS"))])
+    assert labels[0] == "Nothing" and {"Seed", "Steps", "CFG Scale", "Sampler", "Schedule type", "Prompt S/R",
+                                       "Checkpoint name"} <= set(labels)
+    assert set(labels) <= set(xyz.supported_labels("txt2img"))
+    info = {s["is_img2img"]: s["args"][0]["choices"] for s in client.get("/sdapi/v1/script-info").json()
+            if s["name"] == "x/y/z plot"}
+    assert info[False] == [a.label for a in xyz.axes_for("txt2img")]
+    assert info[True] == [a.label for a in xyz.axes_for("img2img")]
 
 
 def test_token_counts(env):

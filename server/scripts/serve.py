@@ -1,6 +1,7 @@
 """The server's side of the scripts: run a txt2img / img2img request that names a `script_name` with the
-server's own generation (`Engine.prepare` + `Engine.run` per generation, all on the GPU worker, so the script
-holds the queue as A1111's does) and answer A1111's response body.
+server's own generation (`Engine.prepare` + `Engine.run` per generation). server/runner.py runs a script as one
+job of the queue (visible, cancellable; it holds the GPU from its first generation to its last, as A1111's
+queue lock does).
 
 This file is the only place that knows the server's request classes and engine; `server/scripts/*` else
 works on plain A1111 request dicts.
@@ -11,7 +12,7 @@ import dataclasses
 import logging
 from typing import Callable
 
-from server.scripts import Plan, ScriptError, plan_script, run_plan
+from server.scripts import Plan, ScriptError, plan_script
 
 log = logging.getLogger("server")
 
@@ -51,36 +52,14 @@ def script_plan(engine, req) -> Plan:
                        choices=engine_choices(engine), max_megapixels=engine.options.get("img_max_size_mp", 200))
 
 
-def cell_generator(engine, cls) -> Callable[[dict], object]:
+def cell_generator(engine, cls, job=None) -> Callable[[dict], object]:
     """(GPU worker) `generate` for run_plan: one request dict -> the engine's Result, as a plain request of
-    class `cls` (Txt2ImgRequest / Img2ImgRequest) would run."""
+    class `cls` (Txt2ImgRequest / Img2ImgRequest) would run, under the queue's `job` (its progress, previews
+    and interrupt) when given."""
     def generate(cell: dict):
         cell_req = cls.from_json(cell)
-        result, _ = engine.run(cell_req, engine.prepare(cell_req))
+        result, _ = engine.run(cell_req, engine.prepare(cell_req), job)
         for warning in result.warnings:
             log.warning("%s", warning)
         return result
     return generate
-
-
-async def generate(engine, req) -> dict:
-    """POST txt2img/img2img with a `script_name`: the A1111 response body (`images`, `parameters`, `info`).
-    The script holds the GPU queue from its first generation to its last, as A1111's queue lock does."""
-    from starlette.concurrency import run_in_threadpool
-
-    from server import a1111
-    from server.a1111 import ApiError, ValidationError
-
-    try:
-        plan = await run_in_threadpool(script_plan, engine, req)  # checked before the job queues
-        result = await engine.on_gpu(run_plan, plan, cell_generator(engine, type(req)))
-    except ScriptError as e:
-        raise ApiError(e.status, str(e)) from None
-    except (ApiError, ValidationError):
-        raise
-    except (ValueError, LookupError) as e:  # the pipeline's own checks, a bad checkpoint file
-        raise ApiError(400, str(e)) from None
-    except Exception as e:  # a bug or out of memory: a JSON 500, and the server goes on
-        log.exception("script failed")
-        raise ApiError(500, error=type(e).__name__, errors=str(e)) from None
-    return await run_in_threadpool(a1111.image_response, req, result, engine.options["enable_pnginfo"])

@@ -38,6 +38,13 @@ export function showResult(resp) {
   return { seed: info.seed, subseed: info.subseed };
 }
 
+/** Back to the selected result (or the empty stage) after a preview of another client's job. */
+export function restoreStage() {
+  if (items.length) { select(selected); return; }
+  $('preview').hidden = true;
+  $('stage-hint').hidden = false;
+}
+
 function select(i) {
   selected = i;
   const item = items[i];

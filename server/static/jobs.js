@@ -4,8 +4,9 @@
 // the queue endpoints answer 404.
 
 import { $, api, el, ApiError, onReconnect } from './api.js';
+import { restoreStage } from './gallery.js';
 
-const state = { queue: false, sse: false, mine: new Map(), direct: 0, running: null, polling: false };
+const state = { queue: false, sse: false, mine: new Map(), direct: 0, running: null, polling: false, ended: new Set() };
 const STORE = 'sd15-jobs';
 
 export function hasQueue() { return state.queue; }
@@ -47,6 +48,7 @@ export async function submit(kind, request) {
   return new Promise((resolve, reject) => {
     state.mine.set(job.id, { resolve, reject });
     remember();
+    if (state.ended.has(job.id)) finish(job.id);  // its `done` event came before this answer
     if (state.lastQueue) renderQueue(state.lastQueue);  // its queue event may have come before this answer
     if (!state.sse) pollQueue();
   });
@@ -61,6 +63,15 @@ export async function interrupt() {
 }
 
 export const skip = () => api('/sdapi/v1/skip', { method: 'POST' });
+
+/** A finished job: this tab's gets its result; another client's preview leaves the stage. */
+function done(id) {
+  state.ended.add(id);
+  if (state.ended.size > 100) state.ended.delete(state.ended.values().next().value);
+  if (state.mine.has(id)) finish(id);
+  else if (state.previewing === id) restoreStage();
+  if (state.previewing === id) state.previewing = null;
+}
 
 async function finish(id) {
   const waiter = state.mine.get(id);
@@ -81,7 +92,7 @@ function connectEvents() {
   es.onopen = () => { state.sse = true; };
   es.addEventListener('queue', (e) => renderQueue(JSON.parse(e.data)));
   es.addEventListener('progress', (e) => showProgress(JSON.parse(e.data)));
-  es.addEventListener('done', (e) => finish(JSON.parse(e.data).id));
+  es.addEventListener('done', (e) => done(JSON.parse(e.data).id));
   es.onerror = () => {
     state.sse = false;
     if (es.readyState === EventSource.CLOSED) setTimeout(connectEvents, 3000);
@@ -134,11 +145,17 @@ function showProgress(p) {
   const parts = [`${Math.round(fraction * 100)}%`];
   if (steps) parts.push(`step ${step}/${steps}`);
   const jobCount = s.job_count ?? p.job_count;
-  if (jobCount > 1) parts.push(`batch ${(s.job_no ?? p.job_no ?? 0) + 1}/${jobCount}`);
+  const script = p.id && state.running?.id === p.id && state.running.summary?.script;  // a grid's images
+  if (jobCount > 1) parts.push(`${script ? 'image' : 'batch'} ${(s.job_no ?? p.job_no ?? 0) + 1}/${jobCount}`);
   if (p.eta_relative > 0) parts.push(`ETA ${formatSeconds(p.eta_relative)}`);
   $('progress-text').textContent = parts.join(' · ');
   const image = p.preview || p.current_image;
+  if (p.id) {  // the running job's row in the queue shows its share done
+    const pos = document.querySelector(`#queue-list li[data-id="${p.id}"] .pos`);
+    if (pos) pos.textContent = `▶ ${Math.round(fraction * 100)}%`;
+  }
   if (image) {
+    state.previewing = p.id || null;
     $('preview').src = `data:image/png;base64,${image}`;
     $('preview').hidden = false;
     $('stage-hint').hidden = true;
@@ -154,9 +171,10 @@ function renderQueue(q) {
   state.running = q.running;
   const done = !q.running && state.direct === 0;
   if (done) $('progress').hidden = true;
-  const row = (job, label) => el('li', { class: job.id && state.mine.has(job.id) ? 'mine' : '' },
+  const row = (job, label) => el('li', { class: job.id && state.mine.has(job.id) ? 'mine' : '', 'data-id': job.id },
     el('span', { class: 'pos' }, label),
-    el('span', { class: 'what' }, `${job.kind} · ${job.summary?.prompt || '(empty prompt)'}`),
+    el('span', { class: 'what' }, [job.kind, job.summary?.script, job.summary?.prompt || '(empty prompt)']
+      .filter(Boolean).join(' · ')),
     el('small', {}, `${job.summary?.width}×${job.summary?.height} · ${job.summary?.steps} steps · ${job.source}`),
     el('button', { type: 'button', onclick: () => api(`/sd15/v1/jobs/${job.id}`, { method: 'DELETE' }),
       'aria-label': `Cancel job ${job.id}` }, job.state === 'running' ? 'Interrupt' : 'Cancel'));
