@@ -53,6 +53,12 @@ class Result:
     warnings: list[str] = field(default_factory=list)
     interrupted: bool = False
 
+    def save(self, out: str) -> list[str]:
+        """Write the images with their infotexts (PNG `parameters` chunk, as A1111 does) -> the paths written.
+        `out`: a file name (`cat.png`, `.jpg`, `.webp`; several images become `cat-0.png`, `cat-1.png`, ...) or
+        a folder (created; `NNNNN-SEED.png` numbered after the files there). The one writer the CLI uses too."""
+        return imgs.save_images(self.images, self.infotexts, self.seeds, out)
+
 
 class JobState:
     """Progress and control of the running job. Plain attributes: another thread (the server) may read them
