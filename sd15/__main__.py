@@ -107,9 +107,9 @@ def _check_checkpoint(path: str, flag: str) -> None:
     _check_file(path, flag)
     size = os.path.getsize(path)
     with open(path, "rb") as f:
-        head = f.read(8)
-    if path.lower().endswith(".safetensors"):
-        ok = size >= 8 and 8 + int.from_bytes(head, "little") <= size
+        head, brace = f.read(8), f.read(1)
+    if path.lower().endswith(".safetensors"):  # 8-byte header length, then a JSON object
+        ok = size >= 8 and 8 + int.from_bytes(head, "little") <= size and brace == b"{"
     else:
         ok = head.startswith(b"\x80") or zipfile.is_zipfile(path)
     if not ok:
@@ -128,7 +128,13 @@ def _open_image(path: str, flag: str):
         raise UsageError(f"{flag} {path}: not an image ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
 
 
-def _check_out(out: str, n: int) -> None:
+def _check_folder(out: str, folder: str) -> None:
+    if not os.path.isdir(folder):
+        raise UsageError(f"--out {out}: {folder} is not a folder" if os.path.exists(folder) else
+                         f"--out {out}: folder {folder} does not exist")
+
+
+def _check_out(out: str) -> None:
     """The output can be written: a file name with a known image extension in an existing, writable folder, or
     a folder in an existing one (created now, so that a bad one fails before the model loads)."""
     from sd15.a1111.images import SAVE_FORMATS
@@ -140,15 +146,13 @@ def _check_out(out: str, n: int) -> None:
     if folder == out:
         if os.path.exists(out) and not os.path.isdir(out):
             raise UsageError(f"--out {out}: exists and is not a folder")
-        parent = os.path.dirname(os.path.normpath(out)) or "."
-        if not os.path.isdir(parent):
-            raise UsageError(f"--out {out}: folder {parent} does not exist")
+        _check_folder(out, os.path.dirname(os.path.normpath(out)) or ".")
         try:
             os.makedirs(out, exist_ok=True)
         except OSError as e:
             raise UsageError(f"--out {out}: cannot create the folder ({e.strerror})") from None
-    elif not os.path.isdir(folder):
-        raise UsageError(f"--out {out}: folder {folder} does not exist")
+    else:
+        _check_folder(out, folder)
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"--out {out}: folder {folder} is not writable")
 
@@ -228,7 +232,7 @@ def generate_images(args) -> list[str]:
     if params.cfg_scale < 1:
         print(f"sd15: warning: --cfg-scale {params.cfg_scale}: below 1 the image is guided away from the prompt",
               file=sys.stderr)
-    _check_out(args.out, len(params.seeds))
+    _check_out(args.out)
 
     import sd15
     from sd15.hashing import cached_hash, short_hash
