@@ -232,3 +232,9 @@ def test_ctrl_c_saves_what_was_made(tiny_ckpt, tmp_path):
     assert b"Traceback" not in stderr
     with Image.open(out) as im:
         assert im.size == (64, 64) and im.text["parameters"].startswith("a cat\nSteps: 5000, ")
+
+
+def test_module_entry_point_reports_errors_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "sd15", "txt2img", "--ckpt", str(tmp_path), "--prompt", "x"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr == f"sd15: error: --ckpt {tmp_path}: is a folder, not a file\n"
