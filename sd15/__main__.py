@@ -14,6 +14,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 
 COMMANDS = {"txt2img": "txt2img with A1111's samplers, seeds and prompt syntax",
             "img2img": "img2img / inpainting with A1111's samplers, seeds and prompt syntax",
@@ -49,8 +50,9 @@ def _add_schema_options(parser, *groups: str) -> None:
                                 help=help_)
 
 
-def _parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The parser; only `command`'s options are built (building txt2img's imports the schema, hence torch)."""
+def _parser(commands=("txt2img", "img2img")) -> argparse.ArgumentParser:
+    """The parser, with the options of `commands` (building txt2img's imports the schema, hence torch; `main`
+    builds only the command given, so `sd15 --help` imports neither)."""
     from sd15 import __version__
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -59,7 +61,7 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     for name, text in COMMANDS.items():
         sp = sub.add_parser(name, help=text, description=text, formatter_class=fmt)
-        if name != command or name not in ("txt2img", "img2img"):
+        if name not in commands or name not in ("txt2img", "img2img"):
             continue
         sp.add_argument("--ckpt", required=True, help="SD 1.x checkpoint (.safetensors, .ckpt)")
         sp.add_argument("--vae", help="optional standalone VAE file")
@@ -124,7 +126,7 @@ def _open_image(path: str, flag: str):
         with Image.open(path) as im:
             im.load()
             return im.copy()
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
         raise UsageError(f"{flag} {path}: not an image ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
 
 
@@ -255,11 +257,13 @@ def generate_images(args) -> list[str]:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         state.interrupt()
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
     try:
         result = generate(model, params, state=state, callback=on_step, **hashes)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
         bar.close()
     for w in result.warnings:
         print(f"sd15: warning: {w}", file=sys.stderr)
@@ -290,7 +294,7 @@ def _list(command: str) -> list[str]:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)  # the top level has no valued options
-    args = _parser(command).parse_args(argv)
+    args = _parser((command,) if command else ()).parse_args(argv)
     try:
         paths = _list(args.command) if args.command not in ("txt2img", "img2img") else generate_images(args)
     except _Interrupted as e:
