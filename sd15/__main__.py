@@ -177,8 +177,8 @@ def _device_and_dtype(device: str | None, precision: str | None):
         raise UsageError(f"--device {device}: MPS is not available here; use --device cpu")
     elif dev.type not in ("cpu", "cuda", "mps"):
         raise UsageError(f"--device {device}: unsupported device type (use cpu, cuda, cuda:N or mps)")
-    if precision == "fp16" and dev.type == "cpu":
-        raise UsageError("--precision fp16: needs a GPU; on the CPU use fp32 (the default) or bf16")
+    if precision in ("fp16", "bf16") and dev.type == "cpu":  # the CPU kernels of several layers are fp32 only
+        raise UsageError(f"--precision {precision}: needs a GPU; on the CPU use fp32 (the default)")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, None: None}[precision]
     return dev, dtype
 

@@ -99,8 +99,10 @@ BAD_INPUTS = [
     ("txt2img", ["--seed", "-5"], "--seed: ensure this value is greater than or equal to -1 (-1: random)"),
     ("txt2img", ["--cfg-scale", "150"], "--cfg-scale: ensure this value is less than or equal to 100.0"),
     ("txt2img", ["--device", "foo"], "--device foo: unknown device (use cpu, cuda, cuda:N or mps)"),
-    ("txt2img", ["--device", "cpu", "--precision", "fp16"],
-     "--precision fp16: needs a GPU; on the CPU use fp32 (the default) or bf16"),
+    ("txt2img", ["--device", "cpu", "--precision", "fp16"], "--precision fp16: needs a GPU; on the CPU use fp32 "
+                                                            "(the default)"),
+    ("txt2img", ["--device", "cpu", "--precision", "bf16"], "--precision bf16: needs a GPU; on the CPU use fp32 "
+                                                            "(the default)"),
     ("txt2img", ["--ckpt", "{tmp}/dir"], "--ckpt {tmp}/dir: is a folder, not a file"),
     ("txt2img", ["--ckpt", "{tmp}/short.safetensors"],
      "--ckpt {tmp}/short.safetensors: truncated or not a checkpoint (100 bytes)"),
