@@ -211,10 +211,13 @@ def _request(args):
 # Running
 # ------------------------------------------------------------------------------------------------
 
-def _steps_run(params) -> int:
+def _steps_run(params) -> int | None:
     """Sampler steps the job will report: img2img and the hires pass run only their share of the schedule
-    (A1111's `setup_img2img_steps`: t_enc + 1 steps)."""
+    (A1111's `setup_img2img_steps`: t_enc + 1 steps). None when DPM adaptive chooses its own count."""
     from sd15.samplers import img2img_steps
+
+    if "DPM adaptive" in (params.sampler.name, params.hires and params.hires.sampler.name):
+        return None
 
     first = img2img_steps(params.steps, params.strength)[1] + 1 if params.is_img2img else params.steps
     hires = img2img_steps(params.hires.steps, params.strength, fix_steps=True)[1] + 1 if params.hires else 0
@@ -250,7 +253,7 @@ def generate_images(args) -> list[str]:
 
     def on_step(*_):
         bar.update(1)
-        if bar.n >= bar.total:
+        if bar.total is not None and bar.n >= bar.total:
             bar.close()  # the rate shown stops at the last step, before VAE decoding and saving
 
     def on_sigint(*_):  # first Ctrl-C: stop after this step and keep what was made; a second one quits

@@ -240,3 +240,16 @@ def test_module_entry_point_reports_errors_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "sd15", "txt2img", "--ckpt", str(tmp_path), "--prompt", "x"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr == f"sd15: error: --ckpt {tmp_path}: is a folder, not a file\n"
+
+
+def test_progress_total_is_the_steps_that_run():
+    from sd15.__main__ import _steps_run
+    from sd15.schema import GenerationRequest, resolve
+
+    init = [Image.new("RGB", (64, 64))]
+    assert _steps_run(resolve(GenerationRequest(steps=20))) == 20
+    # A1111 img2img: int(0.6 * 20) + 1 = 13 steps of the 20-step schedule
+    assert _steps_run(resolve(GenerationRequest(steps=20, init_images=init, denoising_strength=0.6))) == 13
+    # the hires pass runs exactly its own steps; two batches of both passes
+    assert _steps_run(resolve(GenerationRequest(steps=20, enable_hr=True, hr_second_pass_steps=7, n_iter=2))) == 54
+    assert _steps_run(resolve(GenerationRequest(steps=20, sampler_name="DPM adaptive"))) is None  # its own count
