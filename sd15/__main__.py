@@ -218,7 +218,6 @@ def _steps_run(params) -> int | None:
 
     if "DPM adaptive" in (params.sampler.name, params.hires and params.hires.sampler.name):
         return None
-
     first = img2img_steps(params.steps, params.strength)[1] + 1 if params.is_img2img else params.steps
     hires = img2img_steps(params.hires.steps, params.strength, fix_steps=True)[1] + 1 if params.hires else 0
     return params.n_iter * (first + hires)
@@ -228,15 +227,14 @@ def generate_images(args) -> list[str]:
     """Check every argument, load the model, generate and save -> the paths written."""
     from tqdm import tqdm
 
-    if args.ckpt:
-        _check_checkpoint(args.ckpt, "--ckpt")
+    _check_checkpoint(args.ckpt, "--ckpt")
     if args.vae:
         _check_checkpoint(args.vae, "--vae")
     device, dtype = _device_and_dtype(args.device, args.precision)
     params = _request(args)
-    if params.cfg_scale < 1:
-        print(f"sd15: warning: --cfg-scale {params.cfg_scale}: below 1 the image is guided away from the prompt",
-              file=sys.stderr)
+    if params.cfg_scale < 0:  # allowed, as in A1111's API, but rarely meant
+        print(f"sd15: warning: --cfg-scale {params.cfg_scale}: a negative scale steers the image away from the "
+              f"prompt", file=sys.stderr)
     _check_out(args.out)
 
     import sd15
