@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sd15 import images as imgs
+from sd15.a1111 import images as imgs
 from sd15.esrgan import RRDBConfig, RRDBNet, SRVGGConfig, SRVGGNetCompact
 from sd15.upscale import Upscalers, combine_grid, list_upscalers, split_grid, upscale_patch, upscale_with_model
 
