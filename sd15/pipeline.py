@@ -11,7 +11,8 @@ One call runs `n_iter` batches of `batch_size` images:
 
 Hooks for researchers, none of which need an edit here: `callback(step, sigma, x, denoised)` after every
 sampler step; `state` (a `JobState`) whose `interrupt()` / `skip()` may be called from another thread and are
-checked between steps; attention capture or replacement through `sd15.attention.use_attention_backend`; and
+checked between steps (interrupt: the running batch is decoded from what it has and the job ends; skip: the
+same for the running batch only, then the next batch runs); attention capture or replacement through `sd15.attention.use_attention_backend`; and
 `Result.latents`, the final latents of every image before decoding.
 
 Nothing here touches the disk: the infotext's "Model hash" is the caller's `model_hash` (sd15.hashing
@@ -58,7 +59,8 @@ class Result:
 
 class JobState:
     """Progress and control of the running job. Plain attributes: another thread (the server) may read them
-    and call `interrupt()` / `skip()` at any time; the pipeline checks the flags between sampler steps."""
+    and call `interrupt()` / `skip()` at any time; the pipeline checks the flags between sampler steps.
+    Both keep the running batch's last denoised estimate (A1111); skip then goes on with the next batch."""
 
     def __init__(self):
         self.interrupted = False
