@@ -2,9 +2,19 @@
 
     import sd15
     model = sd15.load("weights/v1-5-pruned-emaonly.safetensors")
-"""
-from sd15.checkpoint import CheckpointError
-from sd15.model import StableDiffusion, load, load_vae
 
+The names below are imported on first use (PEP 562), so `import sd15.schema` or `sd15 --help` does not pay for
+importing torch before it is needed.
+"""
 __all__ = ["CheckpointError", "StableDiffusion", "load", "load_vae"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name == "CheckpointError":
+        from sd15.checkpoint import CheckpointError
+        return CheckpointError
+    if name in ("StableDiffusion", "load", "load_vae"):
+        from sd15 import model
+        return getattr(model, name)
+    raise AttributeError(f"module 'sd15' has no attribute {name!r}")

@@ -1,19 +1,37 @@
-"""The `sd15` command: txt2img and img2img from the shell.
+"""The `sd15` command: txt2img and img2img from the shell, and the lists of samplers, schedulers and upscalers.
 
-    python -m sd15 txt2img --ckpt weights/v1-5-pruned-emaonly.safetensors --prompt "a cat" --out cat.png
-    python -m sd15 img2img --ckpt ... --init cat.png --denoising-strength 0.6 --prompt "a tiger" --out out/
+    sd15 txt2img --ckpt weights/v1-5-pruned-emaonly.safetensors --prompt "a cat" --out cat.png
+    sd15 img2img --ckpt ... --init cat.png --denoising-strength 0.6 --prompt "a tiger" --out out/
+    sd15 samplers | schedulers | upscalers
 
-Errors (missing checkpoint, unknown sampler, bad size, ...) are one line on stderr and exit code 2.
+Every argument is checked before the model loads; bad input is one line on stderr and exit code 2. Ctrl-C
+stops sampling, saves what was made and exits 130. torch is imported only once a command needs it, so
+`sd15 --help` is fast.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
-
+COMMANDS = {"txt2img": "txt2img with A1111's samplers, seeds and prompt syntax",
+            "img2img": "img2img / inpainting with A1111's samplers, seeds and prompt syntax",
+            "samplers": "list the sampler names (and aliases) --sampler takes",
+            "schedulers": "list the schedule types --scheduler takes",
+            "upscalers": "list the hires upscalers --hr-upscaler takes"}
+DEFAULT_MAX_PIXELS = 2048 * 2048  # the server's --max-pixels default
 _TYPES = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optional[float]": float, "Optional[str]": str}
 _ALIASES = {"sampler_name": ["--sampler"]}
+
+
+class UsageError(Exception):
+    """A bad argument found before the model loads: one line, exit code 2."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def _add_schema_options(parser, *groups: str) -> None:
@@ -21,8 +39,8 @@ def _add_schema_options(parser, *groups: str) -> None:
     from sd15.schema import RANDN_SOURCES, fields_of
 
     for f in fields_of(*groups):
-        flags = ["--" + f.name.replace("_", "-"), *_ALIASES.get(f.name, [])]
-        help_ = f.metadata["doc"] or None
+        flags = [_flag(f.name), *_ALIASES.get(f.name, [])]
+        help_ = (f.metadata["doc"] or f.name.replace("_", " ")).replace("%", "%%")
         if f.type == "bool":
             parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
                                 help=help_)
@@ -32,17 +50,26 @@ def _add_schema_options(parser, *groups: str) -> None:
                                 help=help_)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(commands=("txt2img", "img2img")) -> argparse.ArgumentParser:
+    """The parser, with the options of `commands` (building txt2img's imports the schema, hence torch; `main`
+    builds only the command given, so `sd15 --help` imports neither)."""
+    from sd15 import __version__
+
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     ap = argparse.ArgumentParser(prog="sd15", description="Stable Diffusion 1.5 in plain PyTorch (A1111-compatible).")
-    sub = ap.add_subparsers(dest="command", required=True)
-    for name in ("txt2img", "img2img"):
-        sp = sub.add_parser(name, help=f"{name} with A1111's samplers, seeds and prompt syntax")
+    ap.add_argument("--version", action="version", version=f"sd15 {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+    for name, text in COMMANDS.items():
+        sp = sub.add_parser(name, help=text, description=text, formatter_class=fmt)
+        if name not in commands or name not in ("txt2img", "img2img"):
+            continue
         sp.add_argument("--ckpt", required=True, help="SD 1.x checkpoint (.safetensors, .ckpt)")
         sp.add_argument("--vae", help="optional standalone VAE file")
-        sp.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+        sp.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when present)")
         sp.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default=None,
-                        help="default: fp16 on CUDA, fp32 on the CPU")
-        sp.add_argument("--out", default="outputs", help="a .png file, or a folder")
+                        help="default: fp16 on a GPU, fp32 on the CPU")
+        sp.add_argument("--out", default="outputs", help="a folder (NNNNN-SEED.png files) or a .png/.jpg/.webp file")
+        sp.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest width × height")
         if name == "img2img":
             sp.add_argument("--init", required=True, help="the init image")
             sp.add_argument("--mask", dest="mask_image", help="optional inpainting mask (white = repaint)")
@@ -51,62 +78,235 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _out_paths(out: str, n: int, seeds: list[int]) -> list[str]:
-    if out.lower().endswith(".png"):
-        if n == 1:
-            return [out]
-        stem = out[:-4]
-        return [f"{stem}-{i}.png" for i in range(n)]
-    os.makedirs(out, exist_ok=True)
-    start = len([f for f in os.listdir(out) if f.endswith(".png")])
-    return [os.path.join(out, f"{start + i:05d}-{seed}.png") for i, seed in enumerate(seeds)]
+# ------------------------------------------------------------------------------------------------
+# Checks made before the model loads
+# ------------------------------------------------------------------------------------------------
+
+def _check_file(path: str, flag: str) -> None:
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a folder, not a file")
+    if not os.path.exists(path):
+        raise UsageError(f"{flag} {path}: no such file")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"{flag} {path}: not readable")
 
 
-def run(args) -> list[str]:
+def _missing_weights(path: str) -> str:
+    from server.download import model_source
+
+    url, _ = model_source()
+    return (f"--ckpt {path}: no such file; download {url} into {os.path.dirname(path) or '.'} "
+            f"(or start sd15-server, which fetches it on its first run)")
+
+
+def _check_checkpoint(path: str, flag: str) -> None:
+    """Exists, is a file, and is not cut short: a safetensors header that fits in the file, or a complete zip
+    (torch.save's format) or a pickle."""
+    import zipfile
+
+    if flag == "--ckpt" and not os.path.exists(path):
+        raise UsageError(_missing_weights(path))
+    _check_file(path, flag)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head, brace = f.read(8), f.read(1)
+    if path.lower().endswith(".safetensors"):  # 8-byte header length, then a JSON object
+        ok = size >= 8 and 8 + int.from_bytes(head, "little") <= size and brace == b"{"
+    else:
+        ok = head.startswith(b"\x80") or zipfile.is_zipfile(path)
+    if not ok:
+        raise UsageError(f"{flag} {path}: truncated or not a checkpoint ({size:,} bytes)")
+
+
+def _open_image(path: str, flag: str):
+    from PIL import Image, UnidentifiedImageError
+
+    _check_file(path, flag)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
+        raise UsageError(f"{flag} {path}: not an image ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+
+
+def _check_folder(out: str, folder: str) -> None:
+    if not os.path.isdir(folder):
+        raise UsageError(f"--out {out}: {folder} is not a folder" if os.path.exists(folder) else
+                         f"--out {out}: folder {folder} does not exist")
+
+
+def _check_out(out: str) -> None:
+    """The output can be written: a file name with a known image extension in an existing, writable folder, or
+    a folder in an existing one (created now, so that a bad one fails before the model loads)."""
+    from sd15.a1111.images import SAVE_FORMATS
+
+    ext = os.path.splitext(out)[1].lower()
+    if ext and ext not in SAVE_FORMATS and not os.path.isdir(out):
+        raise UsageError(f"--out {out}: unknown image type {ext!r} (use {', '.join(SAVE_FORMATS)}, or a folder)")
+    folder = (os.path.dirname(out) or ".") if ext in SAVE_FORMATS and not os.path.isdir(out) else out
+    if folder == out:
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise UsageError(f"--out {out}: exists and is not a folder")
+        _check_folder(out, os.path.dirname(os.path.normpath(out)) or ".")
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--out {out}: cannot create the folder ({e.strerror})") from None
+    else:
+        _check_folder(out, folder)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: folder {folder} is not writable")
+
+
+def _device_and_dtype(device: str | None, precision: str | None):
+    """(torch.device, dtype or None) from --device / --precision, refusing what cannot run here."""
     import torch
-    from PIL import Image
-    from tqdm import tqdm
 
-    import sd15
-    from sd15.a1111.images import png_bytes
-    from sd15.hashing import cached_hash, short_hash
-    from sd15.pipeline import generate
-    from sd15.schema import FIELDS, GenerationRequest, resolve, validate
+    try:
+        dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    except RuntimeError:
+        raise UsageError(f"--device {device}: unknown device (use cpu, cuda, cuda:N or mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise UsageError(f"--device {device}: {why} (torch {torch.__version__}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: there are {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device}: MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {device}: unsupported device type (use cpu, cuda, cuda:N or mps)")
+    if precision in ("fp16", "bf16") and dev.type == "cpu":  # the CPU kernels of several layers are fp32 only
+        raise UsageError(f"--precision {precision}: needs a GPU; on the CPU use fp32 (the default)")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, None: None}[precision]
+    return dev, dtype
 
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.precision]
+
+def _request(args):
+    """The validated, resolved request of the arguments; RequestError names the options."""
+    from sd15.schema import FIELDS, GenerationRequest, Limits, RequestError, resolve, validate
+
+    for name in ("width", "height"):
+        value = getattr(args, name)
+        if value >= 8 and value % 8:
+            raise UsageError(f"{_flag(name)} {value}: must be a multiple of 8 (the latent is 1/8 of the image; "
+                             f"try {value // 8 * 8} or {value // 8 * 8 + 8})")
     kw = {f.name: getattr(args, f.name) for f in FIELDS.values() if hasattr(args, f.name)}
     if args.command == "img2img":
-        if not os.path.isfile(args.init):
-            raise ValueError(f"{args.init}: no such image")
-        kw["init_images"] = [Image.open(args.init)]
+        kw["init_images"] = [_open_image(args.init, "--init")]
         if args.mask_image:
-            kw["mask"] = Image.open(args.mask_image)
+            kw["mask"] = _open_image(args.mask_image, "--mask")
     request = GenerationRequest(**kw)
-    validate(request)
-    params = resolve(request)
-    model = sd15.load(args.ckpt, vae=args.vae, device=args.device, dtype=dtype)
-    total = params.n_iter * (params.steps + (params.hires.steps if params.hires else 0))
+    try:
+        validate(request, Limits(max_pixels=args.max_pixels))
+    except RequestError as e:
+        name, msg, _ = e.problems[0]
+        hint = " (--max-pixels)" if "the limit is" in msg else " (-1: random)" if name in ("seed", "subseed") else ""
+        raise UsageError(f"{_flag(name) if name else ''}{': ' if name else ''}{msg}{hint}") from None
+    return resolve(request)
+
+
+# ------------------------------------------------------------------------------------------------
+# Running
+# ------------------------------------------------------------------------------------------------
+
+def _steps_run(params) -> int | None:
+    """Sampler steps the job will report: img2img and the hires pass run only their share of the schedule
+    (A1111's `setup_img2img_steps`: t_enc + 1 steps). None when DPM adaptive chooses its own count."""
+    from sd15.samplers import img2img_steps
+
+    if "DPM adaptive" in (params.sampler.name, params.hires and params.hires.sampler.name):
+        return None
+    first = img2img_steps(params.steps, params.strength)[1] + 1 if params.is_img2img else params.steps
+    hires = img2img_steps(params.hires.steps, params.strength, fix_steps=True)[1] + 1 if params.hires else 0
+    return params.n_iter * (first + hires)
+
+
+def generate_images(args) -> list[str]:
+    """Check every argument, load the model, generate and save -> the paths written."""
+    from tqdm import tqdm
+
+    _check_checkpoint(args.ckpt, "--ckpt")
+    if args.vae:
+        _check_checkpoint(args.vae, "--vae")
+    device, dtype = _device_and_dtype(args.device, args.precision)
+    params = _request(args)
+    if params.cfg_scale < 0:  # allowed, as in A1111's API, but rarely meant
+        print(f"sd15: warning: --cfg-scale {params.cfg_scale}: a negative scale steers the image away from the "
+              f"prompt", file=sys.stderr)
+    _check_out(args.out)
+
+    import sd15
+    from sd15.hashing import cached_hash, short_hash
+    from sd15.pipeline import JobState, generate
+
+    model = sd15.load(args.ckpt, vae=args.vae, device=device, dtype=dtype)
     hashes = dict(model_hash=short_hash(cached_hash(args.ckpt)),
                   vae_hash=short_hash(cached_hash(args.vae)) if args.vae else None)
-    with tqdm(total=total, unit="step", desc=args.command) as bar:
-        result = generate(model, params, callback=lambda *_: bar.update(1), **hashes)
-    paths = _out_paths(args.out, len(result.images), result.seeds)
-    for image, text, path in zip(result.images, result.infotexts, paths):
-        with open(path, "wb") as f:
-            f.write(png_bytes(image, text))
+    if args.seed == -1:
+        print(f"sd15: seed {params.seeds[0]}", file=sys.stderr)
+    state = JobState()
+    bar = tqdm(total=_steps_run(params), unit="step", desc=args.command)
+
+    def on_step(*_):
+        bar.update(1)
+        if bar.total is not None and bar.n >= bar.total:
+            bar.close()  # the rate shown stops at the last step, before VAE decoding and saving
+
+    def on_sigint(*_):  # first Ctrl-C: stop after this step and keep what was made; a second one quits
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        state.interrupt()
+
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
+    try:
+        result = generate(model, params, state=state, callback=on_step, **hashes)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
+        bar.close()
     for w in result.warnings:
-        print(f"warning: {w}", file=sys.stderr)
+        print(f"sd15: warning: {w}", file=sys.stderr)
+    paths = result.save(args.out) if result.images and bar.n else []
+    if result.interrupted:
+        raise _Interrupted(paths)
     return paths
 
 
+class _Interrupted(Exception):
+    """Ctrl-C during sampling; `args[0]` are the paths of what was saved."""
+
+
+def _list(command: str) -> list[str]:
+    if command == "samplers":
+        from sd15.samplers import SAMPLER_TABLE
+
+        return [s.name + (f"  (aliases: {', '.join(s.aliases)})" if s.aliases else "") for s in SAMPLER_TABLE]
+    if command == "schedulers":
+        from sd15.samplers import SCHEDULER_TABLE
+
+        return [f"{s.label}  ({s.name})" for s in SCHEDULER_TABLE]
+    from sd15.a1111.images import LATENT_UPSCALE_MODES, PIXEL_UPSCALERS
+
+    return [*LATENT_UPSCALE_MODES, *PIXEL_UPSCALERS]
+
+
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)  # the top level has no valued options
+    args = _parser((command,) if command else ()).parse_args(argv)
     try:
-        paths = run(args)
+        paths = _list(args.command) if args.command not in ("txt2img", "img2img") else generate_images(args)
+    except _Interrupted as e:
+        for path in e.args[0]:
+            print(path)
+        print(f"sd15: interrupted; saved {len(e.args[0])} image(s)", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("sd15: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, OSError, RuntimeError) as e:  # CheckpointError is a ValueError
+    except (UsageError, ValueError, TypeError, OSError, RuntimeError) as e:  # CheckpointError is a ValueError
         print(f"sd15: error: {e}", file=sys.stderr)
         return 2
     for path in paths:

@@ -11,7 +11,8 @@ One call runs `n_iter` batches of `batch_size` images:
 
 Hooks for researchers, none of which need an edit here: `callback(step, sigma, x, denoised)` after every
 sampler step; `state` (a `JobState`) whose `interrupt()` / `skip()` may be called from another thread and are
-checked between steps; attention capture or replacement through `sd15.attention.use_attention_backend`; and
+checked between steps (interrupt: the running batch is decoded from what it has and the job ends; skip: the
+same for the running batch only, then the next batch runs); attention capture or replacement through `sd15.attention.use_attention_backend`; and
 `Result.latents`, the final latents of every image before decoding.
 
 Nothing here touches the disk: the infotext's "Model hash" is the caller's `model_hash` (sd15.hashing
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -29,13 +31,14 @@ import torch
 from sd15.a1111 import images as imgs
 from sd15.a1111 import inpaint as masks
 from sd15.a1111 import infotext
-from sd15.a1111.conditioning import NegativeConds, PromptConds
+from sd15.a1111.conditioning import batch_conditioning
 from sd15.a1111.infotext import format_hashes
 from sd15.a1111.prompt import extract_networks, network_multipliers
 from sd15.lora import LORA_KINDS, LoraRequest
 from sd15.rng import ImageRNG
 from sd15.samplers import make_denoiser, sample
 from sd15.schema import GenerationRequest, ResolvedRequest, resolve, validate
+from sd15.tiling import circular_padding
 from sd15.vae.tiled import tiled_decode, tiled_encode
 from sd15.vae.vae import SCALE_FACTOR
 
@@ -53,10 +56,17 @@ class Result:
     warnings: list[str] = field(default_factory=list)
     interrupted: bool = False
 
+    def save(self, out: str) -> list[str]:
+        """Write the images with their infotexts (PNG `parameters` chunk, as A1111 does) -> the paths written.
+        `out`: a file name (`cat.png`, `.jpg`, `.webp`; several images become `cat-0.png`, `cat-1.png`, ...) or
+        a folder (created; `NNNNN-SEED.png` numbered after the files there). The one writer the CLI uses too."""
+        return imgs.save_images(self.images, self.infotexts, self.seeds, out)
+
 
 class JobState:
     """Progress and control of the running job. Plain attributes: another thread (the server) may read them
-    and call `interrupt()` / `skip()` at any time; the pipeline checks the flags between sampler steps."""
+    and call `interrupt()` / `skip()` at any time; the pipeline checks the flags between sampler steps.
+    Both keep the running batch's last denoised estimate (A1111); skip then goes on with the next batch."""
 
     def __init__(self):
         self.interrupted = False
@@ -93,37 +103,37 @@ class Interrupted(Exception):
 TILED_VAE_LATENT_PIXELS = 128 * 128
 
 
-def _vae_decode(vae, z: torch.Tensor) -> torch.Tensor:
+def _vae_decode(vae, z: torch.Tensor, tiles: bool = True) -> torch.Tensor:
+    if not tiles:  # a seamless-tiling job: tiles would each wrap around themselves
+        return vae.decode(z)
     if z.shape[-2] * z.shape[-1] > TILED_VAE_LATENT_PIXELS:
-        return tiled_decode(vae, z)
+        return torch.cat([tiled_decode(vae, zi[None]) for zi in z])
     try:
         return vae.decode(z)
     except torch.OutOfMemoryError:  # a smaller GPU: retry in tiles, keeping the big maps in host memory
         torch.cuda.empty_cache()
-        return tiled_decode(vae, z, storage="cpu")
+        return torch.cat([tiled_decode(vae, zi[None], storage="cpu") for zi in z])
 
 
 @torch.no_grad()
 def decode_latents(model, latents: torch.Tensor, job: Optional["Job"] = None) -> torch.Tensor:
-    """Sampler latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in about [-1, 1], float32, one image at a time.
+    """Sampler latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in about [-1, 1], float32, the batch in one call.
 
     The latent is cast to the VAE dtype; a half-precision VAE whose output has NaNs is retried with an fp32
     copy of the VAE that the job keeps (A1111's auto_vae_precision; the model's VAE is never changed).
-    Large images are decoded in tiles.
+    Large images are decoded in tiles, one image at a time (never in a seamless-tiling job).
     """
+    tiles = not (job is not None and job.tiling)
     vae_dtype = next(model.vae.parameters()).dtype
-    out = []
-    for z in latents:
-        z = z[None].to(model.device)
-        x = _vae_decode(model.vae, z.to(vae_dtype) / SCALE_FACTOR)
-        if vae_dtype != torch.float32 and torch.isnan(x).any():
-            x = _vae_decode((job or Job.plain(model)).vae_fp32(), z.float() / SCALE_FACTOR)
-        out.append(x.float())
-    return torch.cat(out)
+    z = latents.to(model.device)
+    x = _vae_decode(model.vae, z.to(vae_dtype) / SCALE_FACTOR, tiles)
+    if vae_dtype != torch.float32 and torch.isnan(x).any():
+        x = _vae_decode((job or Job.plain(model)).vae_fp32(), z.float() / SCALE_FACTOR, tiles)
+    return x.float()
 
 
 @torch.no_grad()
-def encode_images(model, pixels: torch.Tensor) -> torch.Tensor:
+def encode_images(model, pixels: torch.Tensor, job: Optional["Job"] = None) -> torch.Tensor:
     """Images (B, 3, H, W) in [0, 1] -> latents (B, 4, H/8, W/8) * 0.18215, one image at a time.
 
     A1111 samples the posterior with the global CPU generator; the VAE's logvar is tiny, so we use the mean,
@@ -133,7 +143,8 @@ def encode_images(model, pixels: torch.Tensor) -> torch.Tensor:
     out = []
     for img in pixels:
         x = img[None].to(model.device, vae_dtype) * 2 - 1
-        if x.shape[-2] * x.shape[-1] > TILED_VAE_LATENT_PIXELS * 64 and x.shape[-2] % 8 == 0 == x.shape[-1] % 8:
+        big = x.shape[-2] * x.shape[-1] > TILED_VAE_LATENT_PIXELS * 64
+        if big and x.shape[-2] % 8 == 0 == x.shape[-1] % 8 and not (job is not None and job.tiling):
             mean, _ = tiled_encode(model.vae, x)
         else:
             mean, _ = model.vae.encode(x)
@@ -159,11 +170,11 @@ class Img2ImgInit:
     def has_mask(self) -> bool:
         return self.inpaint is not None
 
-    def latent(self, model, first_seeds, rng_kw) -> torch.Tensor:
+    def latent(self, model, first_seeds, rng_kw, job: Optional["Job"] = None) -> torch.Tensor:
         """The init latent (B, 4, H/8, W/8), with the latent side of "masked content" applied."""
         if self._latent is None:
             p = self.p
-            z = encode_images(model, imgs.pil_to_unit_tensor(self.images))
+            z = encode_images(model, imgs.pil_to_unit_tensor(self.images), job)
             if p.resize_mode == 3:  # "Just resize (latent upscale)": encoded at its own size, resized as a latent
                 z = imgs.upscale_latent(z, "Latent", p.width, p.height)
             if self.has_mask:
@@ -297,12 +308,14 @@ class NetworkJob:
 class Job:
     """The state of one generation that must not live on the model: the LoRAs merged for it (restored bit
     for bit by `close()`), the textual-inversion embeddings its prompts matched, the conditioning cache,
-    and an fp32 copy of a half-precision VAE made only when a decode overflows."""
+    and an fp32 copy of a half-precision VAE made only when a decode overflows. `tiling`: a seamless-tiling job
+    (run inside `seamless(...)`)."""
 
     def __init__(self, model, r: Optional[ResolvedRequest] = None):
         self.model = model
         self.cache: dict = {}
         self._vae_fp32 = None
+        self.tiling = bool(r is not None and r.tiling)
         self.prompt = self.hr_prompt = ""
         networks = hr_networks = ()
         if r is not None:
@@ -330,6 +343,25 @@ class Job:
         self.close()
 
 
+@contextmanager
+def seamless(model, enabled: bool = True):
+    """A1111's "Tiling": every Conv2d of the UNet and the VAE pads circularly inside the block
+    (`sd15.tiling.circular_padding`). A compiled or CUDA-graph forward installed by `sd15.fast` (an instance
+    attribute shadowing the class method) was traced with zero padding and would replay it, so the eager
+    class methods run inside the block; the installed ones are put back afterwards."""
+    if not enabled:
+        yield
+        return
+    installed = [(m, name, m.__dict__.pop(name)) for m, name in ((model.unet, "forward"), (model.vae, "decode"))
+                 if name in m.__dict__]
+    try:
+        with circular_padding(model.unet, model.vae):
+            yield
+    finally:
+        for m, name, fn in installed:
+            setattr(m, name, fn)
+
+
 # ------------------------------------------------------------------------------------------------
 # Generation
 # ------------------------------------------------------------------------------------------------
@@ -346,9 +378,7 @@ def _sample_batch(model, job: Job, r: ResolvedRequest, sampler, scheduler, steps
     """One sampler run over one batch: conditioning, CFG, the sampler; returns the latents (B, 4, h, w).
     `sched` holds the step counts prompt schedules resolve against (`steps`, and `hires_steps` in a hires pass)."""
     sched = sched or dict(steps=_schedule_steps(sampler, steps))
-    enc = dict(clip_skip=r.clip_skip, **job.encode)
-    cond = PromptConds(model, prompts, **sched, **enc)
-    uncond = NegativeConds(model, negative_prompts, **sched, **enc)
+    cond, uncond = batch_conditioning(model, prompts, negative_prompts, **sched, clip_skip=r.clip_skip, **job.encode)
     denoiser = make_denoiser(sampler.name, model.unet, model.alphas_cumprod.to(model.device), cond, uncond,
                              r.cfg_scale, s_min_uncond=r.s_min_uncond or 0.0)
     if mask is not None:
@@ -364,6 +394,9 @@ def _sample_batch(model, job: Job, r: ResolvedRequest, sampler, scheduler, steps
 
     state.sampling_step = 0
     state.sampling_steps = steps
+    state.current_latent = init_latent  # A1111's `last_latent` before the first step: the init latent (img2img)
+    if init_latent is not None and (state.interrupted or state.skipped):
+        return init_latent  # A1111's denoiser stops at its first call (a hires pass after a skip)
     try:
         return sample(sampler.name, denoiser, rng, steps, scheduler=scheduler.label, init_latent=init_latent,
                       denoising_strength=r.strength, fix_steps=fix_steps, eta=r.eta, s_churn=r.s_churn,
@@ -377,16 +410,21 @@ def _sample_batch(model, job: Job, r: ResolvedRequest, sampler, scheduler, steps
         return latent
 
 
-def _hires_pass(model, job: Job, r: ResolvedRequest, x, seeds, subseeds, rng_kw, state, callback):
+def _hires_pass(model, job: Job, r: ResolvedRequest, x, seeds, subseeds, rng_kw, state, callback, upscalers=None):
     """Upscale the first-pass latents and run an img2img pass at the target size (A1111's
-    `StableDiffusionProcessingTxt2Img.sample_hr_pass`)."""
+    `StableDiffusionProcessingTxt2Img.sample_hr_pass`). A pixel upscaler named in `upscalers` (sd15.upscale)
+    runs through its `resize`; the built-ins without a list through `sd15.a1111.images.upscale_image`."""
     hr = r.hires
     if hr.upscaler in imgs.LATENT_UPSCALE_MODES:
         z = imgs.upscale_latent(x, hr.upscaler, hr.width, hr.height)
     else:
-        pixels = [imgs.upscale_image(im, hr.upscaler, hr.width, hr.height)
-                  for im in imgs.tensor_to_pil(decode_latents(model, x, job))]
-        z = encode_images(model, imgs.pil_to_unit_tensor(pixels))
+        first = imgs.tensor_to_pil(decode_latents(model, x, job))
+        if upscalers is not None and hr.upscaler in upscalers.names():
+            pixels = [upscalers.resize(im, hr.upscaler, hr.width, hr.height, interrupted=lambda: state.interrupted)
+                      for im in first]
+        else:
+            pixels = [imgs.upscale_image(im, hr.upscaler, hr.width, hr.height) for im in first]
+        z = encode_images(model, imgs.pil_to_unit_tensor(pixels), job)
     z = imgs.truncate_latent(z, hr.truncate_x, hr.truncate_y)  # crop to the requested aspect ratio, centrally
     rng = ImageRNG(tuple(z.shape[1:]), seeds, subseeds=subseeds, **rng_kw)  # a new RNG at the hires shape
     B = len(seeds)
@@ -398,20 +436,23 @@ def _hires_pass(model, job: Job, r: ResolvedRequest, x, seeds, subseeds, rng_kw,
 
 def generate(model, request: GenerationRequest | ResolvedRequest, *, state: Optional[JobState] = None,
              callback: Optional[Callable] = None, model_hash: Optional[str] = None,
-             vae_hash: Optional[str] = None) -> Result:
+             vae_hash: Optional[str] = None, upscalers=None) -> Result:
     """Run one A1111 request (txt2img, or img2img when `init_images` is set) -> Result.
 
-    A plain request is validated and resolved here; `model_hash` / `vae_hash` (10 hex digits, see
-    `sd15.hashing`) are written as the infotext's "Model hash" / "VAE hash" when given."""
+    A plain request is validated and resolved here (hires upscaler names: the latent modes and
+    `upscalers.names()`, or the built-in pixel upscalers without a list); `model_hash` / `vae_hash` (10 hex
+    digits, see `sd15.hashing`) are written as the infotext's "Model hash" / "VAE hash" when given; `upscalers`
+    (a `sd15.upscale.Upscalers`) runs the model upscalers of the hires pass."""
     if isinstance(request, GenerationRequest):
         validate(request)
-        request = resolve(request)
-    with Job(model, request) as job:
-        return _generate(model, request, job, state or JobState(), callback, model_hash, vae_hash)
+        request = resolve(request, upscalers=upscalers.names() if upscalers is not None else None)
+    with Job(model, request) as job, seamless(model, job.tiling):
+        return _generate(model, request, job, state or JobState(), callback, model_hash, vae_hash, upscalers)
 
 
 @torch.no_grad()
-def _generate(model, r: ResolvedRequest, job: Job, state: JobState, callback, model_hash, vae_hash) -> Result:
+def _generate(model, r: ResolvedRequest, job: Job, state: JobState, callback, model_hash, vae_hash,
+              upscalers) -> Result:
     B = r.batch_size
     init = Img2ImgInit(r.request, B) if r.is_img2img else None  # resized init images, masks, crop region
     rng_kw = dict(subseed_strength=r.subseed_strength, seed_resize_from_h=r.seed_resize_from_h,
@@ -423,25 +464,23 @@ def _generate(model, r: ResolvedRequest, job: Job, state: JobState, callback, mo
     for it in range(r.n_iter):
         if state.interrupted:
             break
-        state.skipped = False
+        state.skipped = False  # a skip ends the running batch early (its partial images are kept), not the job
         state.job_no = it * passes
         seeds, subseeds = r.seeds[it * B:(it + 1) * B], r.subseeds[it * B:(it + 1) * B]
         rng = ImageRNG((4, r.height // 8, r.width // 8), seeds, subseeds=subseeds, **rng_kw)
         job.networks.first_pass()  # merge the prompt's LoRAs (nothing to do when they already are)
         first = (r.sampler, r.scheduler, r.steps, [job.prompt] * B, [r.negative_prompt] * B, rng, state, callback)
         if init is not None:
-            x = _sample_batch(model, job, r, *first, init_latent=init.latent(model, r.seeds[:B], rng_kw),
+            x = _sample_batch(model, job, r, *first, init_latent=init.latent(model, r.seeds[:B], rng_kw, job),
                               mask=init.latent_masks(model), noise_multiplier=r.initial_noise_multiplier)
             if init.has_mask:
                 x = init.blend(x)
         else:
             x = _sample_batch(model, job, r, *first)
-        if state.skipped:
-            continue
-        if r.hires and not state.interrupted:
+        if r.hires and not state.interrupted:  # after a skip too: A1111 upscales what the first pass has
             state.job_no += 1
             job.networks.hires_pass()  # the hires prompt's LoRAs
-            x = _hires_pass(model, job, r, x, seeds, subseeds, rng_kw, state, callback)
+            x = _hires_pass(model, job, r, x, seeds, subseeds, rng_kw, state, callback, upscalers)
         latents.append(x)
         batch_images = imgs.tensor_to_pil(decode_latents(model, x, job))
         if init is not None:
@@ -449,6 +488,7 @@ def _generate(model, r: ResolvedRequest, job: Job, state: JobState, callback, mo
         images.extend(batch_images)
         kept.extend(range(it * B, it * B + len(batch_images)))
     state.job_no = state.job_count
+    state.skipped = False
 
     info_kw = dict(model=_model_entries(model, model_hash, vae_hash), has_mask=init is not None and init.has_mask,
                    extra={**job.networks.infotext_params(), **({"NGMS": r.s_min_uncond} if r.s_min_uncond else {})})

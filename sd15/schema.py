@@ -17,7 +17,7 @@ import dataclasses
 import inspect
 import random
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from sd15.a1111.images import LATENT_UPSCALE_MODES, PIXEL_UPSCALERS
 from sd15.samplers.table import DEFAULT_SAMPLER, Sampler, Scheduler, resolve_sampler
@@ -62,6 +62,8 @@ class GenerationRequest:
     s_tmax: Optional[float] = _f(None, "sampling", "", 0.0, 1000.0)
     s_noise: Optional[float] = _f(None, "sampling", "", 0.0, 1000.0)
     s_min_uncond: Optional[float] = _f(None, "sampling", "negative guidance minimum sigma (NGMS)", 0.0, 1000.0)
+    tiling: bool = _f(False, "sampling", "seamless tiling: the image wraps around left-right and top-bottom",
+        infotext=('Tiling',))
     # size and batch
     width: int = _f(512, "size", "image width", 8, infotext=('Size-1',))
     height: int = _f(512, "size", "image height", 8, infotext=('Size-2',))
@@ -290,9 +292,12 @@ def _same(name: Optional[str]) -> Optional[str]:
     return None if name in ("Use same sampler", "Use same scheduler") else name
 
 
-def resolve(req: GenerationRequest, *, rng: Optional[random.Random] = None) -> ResolvedRequest:
+def resolve(req: GenerationRequest, *, rng: Optional[random.Random] = None,
+            upscalers: Optional[Iterable[str]] = None) -> ResolvedRequest:
     """Make every choice of a (validated) request once. Unknown sampler, scheduler or hires upscaler names
-    raise ValueError naming the valid ones (the server answers 400, as A1111 does)."""
+    raise ValueError naming the valid ones (the server answers 400, as A1111 does). The hires upscaler is a
+    latent mode or one of `upscalers`, the pixel upscaler names available (`sd15.upscale.Upscalers.names()`;
+    None: only the built-ins "None", "Lanczos", "Nearest")."""
     sampler, scheduler = resolve_sampler(req.sampler_name, req.scheduler)
     batch_size = req.batch_size
     if req.is_img2img and len(req.init_images) > 1:
@@ -304,8 +309,9 @@ def resolve(req: GenerationRequest, *, rng: Optional[random.Random] = None) -> R
         hr_sampler, hr_scheduler = resolve_sampler(_same(req.hr_sampler_name) or sampler.name,
                                                    _same(req.hr_scheduler) or scheduler.name)
         upscaler = req.hr_upscaler or DEFAULT_HR_UPSCALER
-        if upscaler not in LATENT_UPSCALE_MODES and upscaler not in PIXEL_UPSCALERS:
-            valid = ", ".join([*LATENT_UPSCALE_MODES, *PIXEL_UPSCALERS])
+        pixel_upscalers = PIXEL_UPSCALERS if upscalers is None else tuple(upscalers)
+        if upscaler not in LATENT_UPSCALE_MODES and upscaler not in pixel_upscalers:
+            valid = ", ".join([*LATENT_UPSCALE_MODES, *pixel_upscalers])
             raise ValueError(f"could not find upscaler named {upscaler}. Valid upscalers: {valid}")
         w, h, tx, ty = hires_target_size(req.width, req.height, req.hr_scale, req.hr_resize_x, req.hr_resize_y)
         hires = Hires(hr_sampler, hr_scheduler, req.hr_second_pass_steps or req.steps, w, h, tx, ty, upscaler,

@@ -26,27 +26,45 @@ def encode_texts(model, texts: list[str], *, clip_skip: int = 1, emphasis: str =
     `embeddings` is the `chunk_tokens` finder that places them. When neither is given, the model's
     textual-inversion embeddings (`model.embeddings`, sd15.embeddings) are used.
     """
+    return encode_groups(model, [texts], clip_skip=clip_skip, emphasis=emphasis, embed_fn=embed_fn,
+                         embeddings=embeddings)[0]
+
+
+@torch.no_grad()
+def encode_groups(model, groups: list[list[str]], *, clip_skip: int = 1, emphasis: str = "Original",
+                  embed_fn=None, embeddings=None) -> list[torch.Tensor]:
+    """`encode_texts` of several groups (e.g. the schedules of the prompt and of the negative prompt) with one
+    text-encoder forward per chunk position: each group keeps its own chunk count (its shorter texts padded
+    with empty chunks) and its own emphasis mean, exactly as when encoded alone; only the forward is shared.
+    Returns one (N_g, 77·k_g, 768) tensor per group."""
     if emphasis not in EMPHASIS_MODES:
         raise ValueError(f"unknown emphasis mode {emphasis!r}; choose one of {', '.join(EMPHASIS_MODES)}")
     if embed_fn is None and embeddings is None and getattr(model, "embeddings", None) is not None:
         embeddings, embed_fn = model.embeddings.hooks(model, {})
-    chunked = [tokenize_prompt(t, model.tokenizer.encode, emphasis=emphasis, embeddings=embeddings)[0] for t in texts]
-    n_chunks = max(len(c) for c in chunked)
+    chunked = [[tokenize_prompt(t, model.tokenizer.encode, emphasis=emphasis, embeddings=embeddings)[0] for t in texts]
+               for texts in groups]
+    n_chunks = [max(len(c) for c in group) for group in chunked]
     device = model.device
-    outs = []
-    for i in range(n_chunks):
-        chunks = [c[i] if i < len(c) else empty_chunk() for c in chunked]  # shorter prompts get empty chunks
-        tokens = torch.tensor([c.tokens for c in chunks], device=device)  # (N, 77)
+    outs: list[list[torch.Tensor]] = [[] for _ in groups]
+    for i in range(max(n_chunks)):
+        live = [g for g, n in enumerate(n_chunks) if i < n]  # groups that still have a chunk at position i
+        rows = [[c[i] if i < len(c) else empty_chunk() for c in chunked[g]] for g in live]  # shorter: empty chunks
+        chunks = [chunk for group_rows in rows for chunk in group_rows]
+        tokens = torch.tensor([c.tokens for c in chunks], device=device)  # (R, 77), all live groups' rows
         embeds = embed_fn(tokens, chunks) if embed_fn is not None else None
-        z = model.text_encoder(tokens, clip_skip=clip_skip, inputs_embeds=embeds)  # (N, 77, 768)
-        if emphasis in ("Original", "No norm"):
-            w = torch.tensor([c.multipliers for c in chunks], device=device, dtype=z.dtype)[:, :, None]  # (N, 77, 1)
-            mean_before = z.mean()
-            z = z * w
-            if emphasis == "Original":
-                z = z * (mean_before / z.mean())  # restore the mean over the whole chunk batch
-        outs.append(z)
-    return torch.cat(outs, dim=1)  # (N, 77k, 768)
+        z_all = model.text_encoder(tokens, clip_skip=clip_skip, inputs_embeds=embeds)  # (R, 77, 768)
+        start = 0
+        for g, group_rows in zip(live, rows):
+            z = z_all[start:start + len(group_rows)]
+            start += len(group_rows)
+            if emphasis in ("Original", "No norm"):
+                w = torch.tensor([c.multipliers for c in group_rows], device=device, dtype=z.dtype)[:, :, None]
+                mean_before = z.mean()  # (N_g, 77, 1) weights; the mean is over this group's chunk batch
+                z = z * w
+                if emphasis == "Original":
+                    z = z * (mean_before / z.mean())
+            outs[g].append(z)
+    return [torch.cat(o, dim=1) for o in outs]  # (N_g, 77k_g, 768) each
 
 
 @dataclass
@@ -61,17 +79,17 @@ class ScheduledCond:
 
 def learned_conditioning(model, prompts: list[str], steps: int, *, hires_steps=None, use_old_scheduling=False,
                          cache: dict | None = None, **encode_kw) -> list[ScheduledCond]:
-    """A1111 `get_learned_conditioning`: one ScheduledCond per prompt; identical prompts are encoded once."""
+    """A1111 `get_learned_conditioning`: one ScheduledCond per prompt; identical prompts are encoded once, and
+    all prompts not yet in `cache` share one text-encoder forward per chunk position (`encode_groups`)."""
     cache = {} if cache is None else cache
-    out = []
-    for prompt in prompts:
-        key = (prompt, steps, hires_steps, use_old_scheduling, tuple(sorted(encode_kw.items())))
-        if key not in cache:
-            schedule = prompt_schedules(prompt, steps, hires_steps, use_old_scheduling)
-            conds = encode_texts(model, [text for _, text in schedule], **encode_kw)
+    keys = [(prompt, steps, hires_steps, use_old_scheduling, tuple(sorted(encode_kw.items()))) for prompt in prompts]
+    todo = {key: prompt_schedules(key[0], steps, hires_steps, use_old_scheduling)
+            for key in dict.fromkeys(keys) if key not in cache}
+    if todo:
+        encoded = encode_groups(model, [[text for _, text in schedule] for schedule in todo.values()], **encode_kw)
+        for (key, schedule), conds in zip(todo.items(), encoded):
             cache[key] = ScheduledCond(schedule, conds)
-        out.append(cache[key])
-    return out
+    return [cache[key] for key in keys]
 
 
 def stack_conds(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -81,18 +99,30 @@ def stack_conds(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(padded)
 
 
+def _split_prompts(prompts: list[str]) -> tuple[list, list[str]]:
+    """Per image `[(index into the unique subprompts, weight)]`, and the unique AND-subprompts in order."""
+    conds_list_idx, unique = [], {}
+    for prompt in prompts:
+        conds_list_idx.append([(unique.setdefault(text, len(unique)), weight) for text, weight in split_and(prompt)])
+    return conds_list_idx, list(unique)
+
+
+def batch_conditioning(model, prompts: list[str], negative_prompts: list[str], steps: int, *, cache=None,
+                       **kw) -> tuple["PromptConds", "NegativeConds"]:
+    """The cond and uncond of one batch, their texts encoded together (one text-encoder forward per chunk
+    position instead of one per prompt); each prompt's result is what it would be alone."""
+    cache = {} if cache is None else cache
+    learned_conditioning(model, _split_prompts(prompts)[1] + list(negative_prompts), steps, cache=cache, **kw)
+    return (PromptConds(model, prompts, steps, cache=cache, **kw),  # both now read the filled cache
+            NegativeConds(model, negative_prompts, steps, cache=cache, **kw))
+
+
 class PromptConds:
     """Positive prompts with AND composition: `(step) -> (cond [N, 77k, 768], conds_list)` for CFGDenoiser."""
 
     def __init__(self, model, prompts: list[str], steps: int, cache=None, **kw):
-        self.conds_list_idx = []  # per image: [(index into unique subprompts, weight)]
-        unique: dict[str, int] = {}
-        for prompt in prompts:
-            entries = []
-            for text, weight in split_and(prompt):
-                entries.append((unique.setdefault(text, len(unique)), weight))
-            self.conds_list_idx.append(entries)
-        self.scheduled = learned_conditioning(model, list(unique), steps, cache=cache, **kw)
+        self.conds_list_idx, unique = _split_prompts(prompts)  # per image: [(index into unique, weight)]
+        self.scheduled = learned_conditioning(model, unique, steps, cache=cache, **kw)
 
     def __call__(self, step: int):
         tensors, conds_list = [], []

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import os
 import re
 
 import numpy as np
@@ -382,3 +383,56 @@ def png_bytes(image: Image.Image, text: str | None = None) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=meta)
     return buf.getvalue()
+
+
+# =============================================================================================
+# Saving images with their infotext (A1111 `modules/images.py` save_image / save_image_with_geninfo)
+# =============================================================================================
+
+#: File extensions images can be saved as, and their Pillow format.
+SAVE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def image_file_bytes(image: Image.Image, text: str | None, fmt: str = "PNG") -> bytes:
+    """The file bytes of `image` in `fmt` carrying the infotext where A1111 puts it: the PNG `parameters` chunk,
+    or for JPEG / WebP the EXIF UserComment ("UNICODE" + UTF-16-BE, as piexif writes it)."""
+    if fmt == "PNG":
+        return png_bytes(image, text)
+    exif = Image.Exif()
+    if text:
+        exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + text.encode("utf-16-be")  # Exif IFD, UserComment
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format=fmt, exif=exif.tobytes(), quality=80)  # A1111's jpeg_quality
+    return buf.getvalue()
+
+
+def next_sequence_number(folder: str) -> int:
+    """A1111 `get_next_sequence_number`: one more than the largest leading number of the files in `folder`."""
+    numbers = [-1]
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        m = re.match(r"(\d+)", name)
+        if m:
+            numbers.append(int(m.group(1)))
+    return max(numbers) + 1
+
+
+def output_paths(out: str, seeds: list[int]) -> list[str]:
+    """Where `save_images` writes one image per seed. `out` ending in a `SAVE_FORMATS` extension is a file name
+    (several images: `name-0.png`, `name-1.png`, ...); anything else is a folder, named A1111's way
+    (`NNNNN-SEED.png`, numbered after the files already there). Creates nothing."""
+    stem, ext = os.path.splitext(out)
+    if ext.lower() in SAVE_FORMATS and not os.path.isdir(out):
+        return [out] if len(seeds) == 1 else [f"{stem}-{i}{ext}" for i in range(len(seeds))]
+    start = next_sequence_number(out)
+    return [os.path.join(out, f"{start + i:05d}-{seed}.png") for i, seed in enumerate(seeds)]
+
+
+def save_images(images: list, texts: list, seeds: list[int], out: str) -> list[str]:
+    """Write `images` with their infotexts to `out` (a folder, created if missing, or a file name; see
+    `output_paths`) -> the paths written."""
+    paths = output_paths(out, seeds)
+    for image, text, path in zip(images, texts, paths):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(image_file_bytes(image, text, SAVE_FORMATS[os.path.splitext(path)[1].lower()]))
+    return paths

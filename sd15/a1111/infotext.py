@@ -121,6 +121,7 @@ def create_infotext(r, index: int = 0, *, model: Mapping[str, Any] = {}, extra: 
         "Clip skip": None if q.clip_skip <= 1 else q.clip_skip,
         "ENSD": q.eta_noise_seed_delta if q.eta_noise_seed_delta and r.sampler.uses_ensd and eta != 0 else None,
         "RNG": q.randn_source if q.randn_source != "GPU" else None,
+        "Tiling": "True" if q.tiling else None,
         **later,
         "Version": A1111_VERSION,
     }
