@@ -94,7 +94,8 @@ class _Request:
 
 
 _SCHEMA_HINTS = typing.get_type_hints(schema.GenerationRequest)
-_API_TYPES = {"init_images": Optional[list[str]], "mask": Optional[str]}  # base64 strings on the wire
+# on the wire: images as base64 strings; tiling may be null (A1111: the `tiling` option decides)
+_API_TYPES = {"init_images": Optional[list[str]], "mask": Optional[str], "tiling": Optional[bool]}
 
 
 # =============================================================================================
@@ -105,7 +106,6 @@ _API_TYPES = {"init_images": Optional[list[str]], "mask": Optional[str]}  # base
 class _GenerationRequest(_Request):
     styles: Optional[list[str]] = None
     restore_faces: Optional[bool] = None
-    tiling: Optional[bool] = None
     do_not_save_samples: bool = False
     do_not_save_grid: bool = False
     override_settings: Optional[dict] = None
@@ -247,14 +247,18 @@ def to_request(req: _GenerationRequest, settings: Optional[dict] = None, init_im
     if req.is_img2img:
         kw.update(init_images=init_images if init_images is not None else req.init_images, mask=mask or req.mask)
         kw.setdefault("denoising_strength", req.denoising_strength)
+    if kw.get("tiling") is None:
+        kw["tiling"] = bool(settings["tiling"])
     kw.update({name: settings[option] for name, option in SETTING_OPTIONS.items()})
     return schema.GenerationRequest(**kw)
 
 
-def check(req: _GenerationRequest, limits: Limits, settings: Optional[dict] = None) -> schema.ResolvedRequest:
+def check(req: _GenerationRequest, limits: Limits, settings: Optional[dict] = None,
+          upscalers: Optional[list] = None) -> schema.ResolvedRequest:
     """The request's ranges and limits (`sd15.schema.validate`) and the API-only fields -> ValidationError
     (422); unknown sampler, scheduler or upscaler names -> ApiError 400 (A1111 v1.10 answers 400). Returns
-    the request resolved (`sd15.schema.resolve`) with `settings`, its init images still as sent."""
+    the request resolved (`sd15.schema.resolve`) with `settings`, its init images still as sent; `upscalers`:
+    the pixel upscaler names the hires fix may use (None: the built-ins)."""
     problems = []
     if isinstance(req, Txt2ImgRequest):
         for name in ("firstphase_width", "firstphase_height"):
@@ -272,8 +276,7 @@ def check(req: _GenerationRequest, limits: Limits, settings: Optional[dict] = No
         raise ApiError(422, f"Script '{req.script_name}' not found")
     if req.alwayson_scripts:
         raise ApiError(422, f"always on script {next(iter(req.alwayson_scripts))} not found")
-    unsupported = [("restore_faces", req.restore_faces), ("tiling", req.tiling),
-                   ("refiner_checkpoint", req.refiner_checkpoint)]
+    unsupported = [("restore_faces", req.restore_faces), ("refiner_checkpoint", req.refiner_checkpoint)]
     if isinstance(req, Txt2ImgRequest):
         unsupported.append(("hr_checkpoint_name", req.hr_checkpoint_name not in (None, "", "Use same checkpoint")))
     problems += [ValidationError.problem(name, f"{name} is not supported by this server", "value_error")
@@ -281,7 +284,7 @@ def check(req: _GenerationRequest, limits: Limits, settings: Optional[dict] = No
     if problems:
         raise ValidationError(problems)
     try:
-        return schema.resolve(request)
+        return schema.resolve(request, upscalers=upscalers)
     except ValueError as e:
         raise ApiError(400, str(e)) from None
 

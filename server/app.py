@@ -219,7 +219,9 @@ class Engine:
         here). The request is resolved here, once (`sd15.schema.resolve`): its sampler, seeds and hires size
         are what the job runs with."""
         overrides = self.check_overrides(req.override_settings or {})
-        resolved = a1111.check(req, self.limits, {**self.options, **overrides})
+        settings = {**self.options, **overrides}
+        upscalers = extras.sync_options(self.upscalers, settings).names()
+        resolved = a1111.check(req, self.limits, settings, upscalers)
         inputs.check_prompts(req, self.limits)
         if req.is_img2img:
             for i, s in enumerate(req.init_images):
@@ -256,6 +258,7 @@ class Engine:
             self.ensure_model(settings)
             result = generate(self.models.model, request, state=run.state,
                               callback=runner.make_callback(self, run, job, settings),
+                              upscalers=extras.sync_options(self.upscalers, settings),
                               **self.models.infotext_hashes())
         finally:
             self.job, self.last_timestamp = None, run.timestamp

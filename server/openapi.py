@@ -60,9 +60,9 @@ def _api_bounds(limits) -> dict:
         "hr_sampler_name": {"enum": [*samplers, "Use same sampler", None]},
         "scheduler": {"enum": [*schedulers, None]}, "hr_scheduler": {"enum": [*schedulers, "Use same scheduler", None]},
         "hr_upscaler": {"enum": [*LATENT_UPSCALE_MODES, *PIXEL_UPSCALERS, None]},
-        # what this server does not do (A1111 scripts, face restoration, tiling, refiner): only "off" is valid
-        "restore_faces": {"enum": [False, None]}, "tiling": {"enum": [False, None]},
-        "script_name": {"enum": [None, ""]}, "alwayson_scripts": {"maxProperties": 0},
+        # what this server does not do (face restoration, refiner): only "off" is valid
+        "restore_faces": {"enum": [False, None]},
+        "alwayson_scripts": {"maxProperties": 0},
         "refiner_checkpoint": {"enum": [None, ""]}, "hr_checkpoint_name": {"enum": [None, "", "Use same checkpoint"]},
     }
 

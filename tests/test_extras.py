@@ -327,3 +327,37 @@ def test_webuiapi_extras_on_a_live_server(folders, direct, tmp_path):
     finally:
         requests.post(f"{url}{API}/server-stop", timeout=30)
         assert finish(proc) == 0
+
+
+# --- the same upscalers in txt2img's hires fix, and A1111's tiling flag, through the API ----------------------
+
+HIRES = {"prompt": "a lighthouse", "seed": 11, "steps": 2, "width": 64, "height": 64, "cfg_scale": 5,
+         "sampler_name": "Euler", "enable_hr": True, "hr_scale": 2, "hr_second_pass_steps": 1,
+         "denoising_strength": 0.5}
+
+
+def test_hires_fix_with_an_esrgan_file_runs_and_differs_from_lanczos(client):
+    """webuiapi's HiResUpscaler.ESRGAN_4x-style request: an upscaler from the ESRGAN folder is a valid
+    hr_upscaler (400 before), runs, is named in the infotext, and changes the image against Lanczos."""
+    r = client.post("/sdapi/v1/txt2img", json={**HIRES, "hr_upscaler": TINY})
+    assert r.status_code == 200, r.text
+    esrgan = decode(r.json()["images"][0])
+    assert esrgan.size == (128, 128)
+    assert f"Hires upscaler: {TINY}" in r.json()["info"]
+    lanczos = client.post("/sdapi/v1/txt2img", json={**HIRES, "hr_upscaler": "Lanczos"})
+    assert lanczos.status_code == 200
+    assert not same(esrgan, decode(lanczos.json()["images"][0]))
+    bad = client.post("/sdapi/v1/txt2img", json={**HIRES, "hr_upscaler": "4x-Missing"})
+    assert bad.status_code == 400 and TINY in bad.json()["detail"]
+
+
+def test_tiling_true_is_accepted_and_written_to_the_infotext(client):
+    """A1111's test_txt2img_with_tiling_performed: `tiling: true` -> 200 with "Tiling: True"; null takes
+    the `tiling` option (off by default); the image differs from the untiled one."""
+    body = {"prompt": "a brick wall", "seed": 3, "steps": 2, "width": 64, "height": 64, "sampler_name": "Euler"}
+    tiled = client.post("/sdapi/v1/txt2img", json={**body, "tiling": True})
+    assert tiled.status_code == 200, tiled.text
+    assert "Tiling: True" in tiled.json()["info"]
+    plain = client.post("/sdapi/v1/txt2img", json={**body, "tiling": None})
+    assert plain.status_code == 200 and "Tiling" not in plain.json()["info"]
+    assert not same(decode(tiled.json()["images"][0]), decode(plain.json()["images"][0]))
