@@ -427,6 +427,9 @@ _HONOURED = {
     "s_min_uncond": Option(0.0, float, 0.0, 1000.0),
     "initial_noise_multiplier": Option(1.0, float, 0.0, 10.0),
     "samples_format": Option("png", str, choices=("png",)),  # jpg / webp join once responses encode them
+    # checked with A1111's ranges but not acted on yet (PNG only; previews show the CFG-combined estimate;
+    # one emphasis mode; no colour correction): jpeg_quality, webp_lossless, live_preview_content, emphasis,
+    # img2img_color_correction
     "jpeg_quality": Option(80, int, 1, 100),
     "webp_lossless": Option(False, bool),
     "enable_pnginfo": Option(True, bool),
