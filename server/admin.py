@@ -148,10 +148,10 @@ def _type(doc: dict, s: dict) -> str:
 
 def _limits(s: dict) -> str:
     out = []
-    for key, sym in (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="), ("exclusiveMaximum", "<"),
-                     ("minLength", "length >="), ("maxLength", "length <=")):
-        if key in s and not isinstance(s[key], bool):
-            out.append(f"{sym} {s[key]}")
+    for key, sym in (("minimum", ">="), ("maximum", "<="), ("minLength", "length >="), ("maxLength", "length <=")):
+        if key in s:  # OpenAPI 3.0: an exclusive bound is minimum/maximum plus exclusiveMinimum/Maximum: true
+            exclusive = s.get("exclusive" + key[:1].upper() + key[1:]) is True
+            out.append(f"{sym[0] if exclusive else sym} {s[key]}")
     if "enum" in s:
         out.append("one of " + ", ".join(json.dumps(v) for v in s["enum"]))
     return "; ".join(out)

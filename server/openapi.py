@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 
 from server import a1111
@@ -87,8 +88,21 @@ def _json_schema(tp) -> dict:
     return {"type": {int: "integer", float: "number", bool: "boolean", str: "string"}[tp]}
 
 
-# bounds that request dataclasses carry in their fields' metadata (server/extras.py)
-_BOUNDS = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum", "lt": "exclusiveMaximum", "enum": "enum"}
+_PATH_PARAM = re.compile(r"\{(\w+)(?::\w+)?\}")
+
+
+def _metadata_bounds(metadata) -> dict:
+    """The bounds a request dataclass field carries in its metadata (server/extras.py: ge, gt, le, lt, enum) in
+    OpenAPI 3.0's words, where an exclusive bound is `minimum` plus `exclusiveMinimum: true`."""
+    out = {}
+    for key, value in metadata.items():
+        if key in ("ge", "gt"):
+            out.update(minimum=value, **({"exclusiveMinimum": True} if key == "gt" else {}))
+        elif key in ("le", "lt"):
+            out.update(maximum=value, **({"exclusiveMaximum": True} if key == "lt" else {}))
+        elif key == "enum":
+            out["enum"] = list(value)
+    return out
 
 
 def dataclass_schema(cls, limits) -> dict:
@@ -109,7 +123,7 @@ def dataclass_schema(cls, limits) -> dict:
         if f.name == "shared":
             continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        bounds = {_BOUNDS[k]: list(v) if k == "enum" else v for k, v in f.metadata.items() if k in _BOUNDS}
+        bounds = _metadata_bounds(f.metadata)
         # a field's own bounds win over the table by name (extras' resize_mode is not img2img's)
         props[f.name] = {**_json_schema(hints[f.name]), **(bounds or api.get(f.name, {})), "default": default}
     schema = {"title": cls.__name__, "type": "object", "properties": props}
@@ -160,8 +174,11 @@ def openapi_schema(routes, request_bodies: dict, limits, auth: bool, extra_bodie
                                     for k, o in a1111.OPTIONS.items()}})}
             elif name == "submit_job":
                 op["requestBody"] = {"required": True, "content": _json({"$ref": "#/components/schemas/JobRequest"})}
+            params = _PATH_PARAM.findall(route.path)  # Starlette's {name} / {name:converter}
+            if params:
+                op["parameters"] = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+                                    for p in params]
             if "{job_id}" in route.path:
-                op["parameters"] = [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}]
                 op["responses"]["404"] = _error("No such job")
             r = op["responses"]
             if name in ("txt2img", "img2img"):
@@ -193,7 +210,7 @@ def openapi_schema(routes, request_bodies: dict, limits, auth: bool, extra_bodie
             r["421"] = _error("Host header not allowed")
             if auth:
                 r["401"] = _error("Not authenticated")
-            paths.setdefault(route.path, {})[method.lower()] = op
+            paths.setdefault(_PATH_PARAM.sub(r"{\1}", route.path), {})[method.lower()] = op
     spec = {"openapi": "3.0.2", "info": {"title": "sd15 (AUTOMATIC1111-compatible API)", "version": "0.2.0"},
             "paths": paths, "components": {"schemas": schemas}}
     if auth:

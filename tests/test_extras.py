@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 
 import numpy as np
 import pytest
@@ -361,3 +362,28 @@ def test_tiling_true_is_accepted_and_written_to_the_infotext(client):
     plain = client.post("/sdapi/v1/txt2img", json={**body, "tiling": None})
     assert plain.status_code == 200 and "Tiling" not in plain.json()["info"]
     assert not same(decode(tiled.json()["images"][0]), decode(plain.json()["images"][0]))
+
+
+def test_openapi_is_valid_openapi_3_0_for_path_parameters_and_exclusive_bounds(client):
+    """Schemathesis refused two things: Starlette's `{path:path}` in a path without a declared parameter, and
+    a number as `exclusiveMinimum` (OpenAPI 3.0 wants `minimum` plus `exclusiveMinimum: true`)."""
+    doc = client.get("/openapi.json").json()
+    for path, ops in doc["paths"].items():
+        assert ":" not in path
+        names = set(re.findall(r"\{(\w+)\}", path))
+        for op in ops.values():
+            assert {p["name"] for p in op.get("parameters", []) if p["in"] == "path"} == names, path
+
+    def walk(node):
+        if isinstance(node, dict):
+            for key in ("exclusiveMinimum", "exclusiveMaximum"):
+                if key in node:
+                    assert node[key] is True and ("minimum" if "Min" in key else "maximum") in node
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+    walk(doc)
+    resize = doc["components"]["schemas"]["ExtrasSingleImageRequest"]["properties"]["upscaling_resize"]
+    assert resize["minimum"] == 0 and resize["exclusiveMinimum"] is True
