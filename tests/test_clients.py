@@ -13,7 +13,10 @@ import io
 import json
 
 import pytest
+import torch
 from PIL import Image
+
+from sd15.esrgan import RRDBConfig, RRDBNet
 
 requests = pytest.importorskip("requests")
 webuiapi = pytest.importorskip("webuiapi")
@@ -31,13 +34,24 @@ def url(tmp_path_factory):
     folders = write_model_folders(root)
     esrgan = root / "ESRGAN"
     esrgan.mkdir()
-    write_tiny_upscaler(esrgan / "ESRGAN_4x.pth")  # the name webuiapi's HiResUpscaler.ESRGAN_4x asks for
-    proc, base = start(folders, root, "--esrgan-models-path", str(esrgan))
+    write_tiny_upscaler(esrgan / "ESRGAN_4x.pth")  # A1111's ESRGAN folder: listed by its file name
+    realesrgan = root / "RealESRGAN"
+    realesrgan.mkdir()
+    write_tiny_rrdbnet(realesrgan / "RealESRGAN_x4plus.pth")  # "R-ESRGAN 4x+", webuiapi's HiResUpscaler.ESRGAN_4x
+    proc, base = start(folders, root, "--esrgan-models-path", str(esrgan), "--realesrgan-models-path", str(realesrgan))
     try:
         yield base
     finally:
         requests.post(f"{base}{API}/server-stop", timeout=30)
         assert finish(proc) == 0
+
+
+def write_tiny_rrdbnet(path):
+    """RealESRGAN_x4plus.pth's layout (BasicSR RRDBNet, `params_ema`) with 4 features, 1 block, random weights."""
+    net = RRDBNet(RRDBConfig(num_feat=4, num_block=1, num_grow_ch=2))
+    g = torch.Generator().manual_seed(0)
+    torch.save({"params_ema": {k: torch.randn(v.shape, generator=g) * 0.2 for k, v in net.state_dict().items()}},
+               path)
 
 
 def data_url(im: Image.Image) -> str:
@@ -158,3 +172,107 @@ def test_a1111_options_write(url):
                                   "realesrgan-models", "prompt-styles", "embeddings"])
 def test_a1111_get_api_url(url, path):
     assert requests.get(f"{url}{API}/{path}").status_code == 200
+
+
+# ---- 2. webuiapi (the PyPI client) -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def api(url):
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return webuiapi.WebUIApi(host=host, port=int(port), sampler="Euler a", steps=2)
+
+
+def test_webuiapi_txt2img_seeds_and_sizes(api):
+    res = api.txt2img(prompt="a red cube", seed=1234, width=64, height=48, batch_size=2, cfg_scale=5)
+    assert [im.size for im in res.images] == [(64, 48), (64, 48)]
+    assert res.info["all_seeds"] == [1234, 1235] and res.info["seed"] == 1234
+    assert res.parameters["prompt"] == "a red cube"
+    again = api.txt2img(prompt="a red cube", seed=1234, width=64, height=48, cfg_scale=5)
+    assert again.image.tobytes() == res.images[0].tobytes()  # same seed, same first image
+
+
+def test_webuiapi_hires_with_esrgan_4x(api):
+    res = api.txt2img(prompt="a lighthouse", seed=5, width=64, height=64, enable_hr=True, hr_scale=2,
+                      hr_upscaler=webuiapi.HiResUpscaler.ESRGAN_4x, hr_second_pass_steps=1, denoising_strength=0.5)
+    assert res.image.size == (128, 128)
+    assert webuiapi.HiResUpscaler.ESRGAN_4x == "R-ESRGAN 4x+"
+    assert "Hires upscaler: R-ESRGAN 4x+" in res.info["infotexts"][0]
+
+
+def test_webuiapi_img2img_and_inpainting(api):
+    src = picture(64, 64, seed=3)
+    res = api.img2img(images=[src], prompt="a house", seed=7, width=64, height=64, denoising_strength=0.6)
+    assert res.image.size == (64, 64) and res.info["seed"] == 7
+    kept = {}
+    for invert in (False, True):  # the mask flag as a bool, as clients send it
+        out = api.img2img(images=[src], mask_image=mask(), inpainting_mask_invert=invert, inpaint_full_res=False,
+                          prompt="a house", seed=7, width=64, height=64, denoising_strength=0.9, mask_blur=0)
+        assert out.image.size == (64, 64)
+        kept[invert] = out.image
+    # A1111 pastes the source back outside the (unblurred) mask: the corner for the plain mask, the centre when
+    # inverted; inside it the pixels are generated
+    assert kept[False].getpixel((2, 2)) == src.getpixel((2, 2)) != kept[True].getpixel((2, 2))
+    assert kept[True].getpixel((32, 32)) == src.getpixel((32, 32)) != kept[False].getpixel((32, 32))
+
+
+def test_webuiapi_extras_png_info_interrogate(api):
+    src = picture(40, 24, seed=8)
+    one = api.extra_single_image(src, upscaler_1="ESRGAN_4x", upscaling_resize=2)
+    assert one.image.size == (80, 48)
+    many = api.extra_batch_images([src, picture(16, 16)], upscaler_1="Lanczos", upscaling_resize=1.5)
+    assert [im.size for im in many.images] == [(56, 32), (24, 24)]  # A1111 floors the size to a multiple of 8
+    made = api.txt2img(prompt="a tree", seed=99, width=64, height=64)
+    info = api.png_info(made.image)
+    assert info.info.startswith("a tree\nSteps: 2, Sampler: Euler a") and "Seed: 99" in info.info
+    with pytest.raises(RuntimeError, match="(?i)interrogat|clip"):
+        api.interrogate(src)
+
+
+def test_webuiapi_options_and_model_utils(api):
+    before = api.get_options()
+    assert api.set_options({"send_seed": not before["send_seed"]}) is None or True
+    assert api.get_options()["send_seed"] == (not before["send_seed"])
+    api.set_options({"send_seed": before["send_seed"]})
+    names = api.util_get_model_names()
+    assert any(n.startswith("v1-5-pruned-emaonly") for n in names) and any("other" in n for n in names)
+    api.util_set_model("other")
+    assert "other" in api.util_get_current_model()
+    api.util_set_model("v1-5-pruned-emaonly")
+    assert api.util_get_current_model().startswith("v1-5-pruned-emaonly")
+    assert "Euler a" in api.util_get_sampler_names() and "karras" in api.util_get_scheduler_names()
+    api.util_wait_for_ready(check_interval=0.1)
+
+
+def test_webuiapi_listings(api):
+    assert {"ESRGAN_4x", "R-ESRGAN 4x+"} <= {u["name"] for u in api.get_upscalers()}
+    assert {"name", "aliases", "options"} <= set(api.get_samplers()[0])
+    assert {"name", "label"} <= set(api.get_schedulers()[0])
+    assert {"title", "model_name", "hash", "sha256", "filename"} <= set(api.get_sd_models()[0])
+    assert "tiny-vae.safetensors" in [v["model_name"] for v in api.get_sd_vae()]
+    assert "my_style" in [lo["name"] for lo in api.get_loras()] or "style" in [lo["name"] for lo in api.get_loras()]
+    assert {"neg", "old"} <= set(api.get_embeddings()["loaded"])
+    for call in (api.get_cmd_flags, api.get_hypernetworks, api.get_face_restorers, api.get_realesrgan_models,
+                 api.get_prompt_styles, api.get_latent_upscale_modes, api.get_memory):
+        assert call() is not None
+    scripts = api.get_scripts()
+    assert "sd upscale" in scripts["img2img"]
+    api.check_extensions()
+    assert (api.has_controlnet, api.has_adetailer) == (False, False)
+    assert api.refresh_checkpoints() is None or True
+    assert set(api.get_progress()) >= {"progress", "eta_relative", "state", "current_image"}
+
+
+def test_webuiapi_skip_and_interrupt(api):
+    import threading
+    import time
+    assert (api.skip(), api.interrupt()) == (None, {})  # A1111's answers (null and {}), also when idle
+    box = {}
+    worker = threading.Thread(target=lambda: box.update(res=api.txt2img(prompt="slow", seed=3, width=256,
+                                                                       height=256, steps=60)))
+    worker.start()
+    deadline = time.time() + 60
+    while api.get_progress()["state"]["sampling_step"] < 2 and time.time() < deadline:
+        time.sleep(0.02)
+    api.skip()
+    worker.join(120)
+    assert box["res"].image.size == (256, 256)  # the partly sampled image comes back, as in A1111
