@@ -230,7 +230,7 @@ def test_webuiapi_extras_png_info_interrogate(api):
 
 def test_webuiapi_options_and_model_utils(api):
     before = api.get_options()
-    assert api.set_options({"send_seed": not before["send_seed"]}) is None or True
+    assert api.set_options({"send_seed": not before["send_seed"]}) is None  # A1111 answers null
     assert api.get_options()["send_seed"] == (not before["send_seed"])
     api.set_options({"send_seed": before["send_seed"]})
     names = api.util_get_model_names()
@@ -251,14 +251,16 @@ def test_webuiapi_listings(api):
     assert "tiny-vae.safetensors" in [v["model_name"] for v in api.get_sd_vae()]
     assert "my_style" in [lo["name"] for lo in api.get_loras()] or "style" in [lo["name"] for lo in api.get_loras()]
     assert {"neg", "old"} <= set(api.get_embeddings()["loaded"])
-    for call in (api.get_cmd_flags, api.get_hypernetworks, api.get_face_restorers, api.get_realesrgan_models,
-                 api.get_prompt_styles, api.get_latent_upscale_modes, api.get_memory):
-        assert call() is not None
+    assert api.baseurl.endswith(f":{api.get_cmd_flags()['port']}/sdapi/v1")
+    assert (api.get_hypernetworks(), api.get_face_restorers(), api.get_prompt_styles()) == ([], [], [])
+    assert "R-ESRGAN 4x+" in [m["name"] for m in api.get_realesrgan_models()]
+    assert {"name": "Latent (nearest-exact)"} in api.get_latent_upscale_modes()
+    assert api.get_memory()["ram"]["total"] > 0
     scripts = api.get_scripts()
     assert "sd upscale" in scripts["img2img"]
     api.check_extensions()
     assert (api.has_controlnet, api.has_adetailer) == (False, False)
-    assert api.refresh_checkpoints() is None or True
+    assert api.refresh_checkpoints() is None
     assert set(api.get_progress()) >= {"progress", "eta_relative", "state", "current_image"}
 
 
@@ -276,3 +278,80 @@ def test_webuiapi_skip_and_interrupt(api):
     api.skip()
     worker.join(120)
     assert box["res"].image.size == (256, 256)  # the partly sampled image comes back, as in A1111
+
+
+# ---- 3. Open WebUI, SillyTavern and LibreChat: their A1111 backends' requests ------------------------------------
+
+def check_txt2img(r, size, count=1, seed=None, first_pass=None) -> dict:
+    """What these clients read: `images[i]` as plain base64 PNG, `info` as a JSON string with the seed. With hires
+    fix `info`'s width/height are the first pass's, as in A1111."""
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert len(out["images"]) == count
+    for b64 in out["images"]:
+        assert not b64.startswith("data:")
+        im = Image.open(io.BytesIO(base64.b64decode(b64)))
+        assert im.format == "PNG" and im.size == size
+    info = json.loads(out["info"])
+    assert (info["width"], info["height"]) == (first_pass or size) and len(info["infotexts"]) == count
+    if seed is not None:
+        assert info["seed"] == seed and info["all_seeds"][:count] == [seed + i for i in range(count)]
+    return info
+
+
+def test_open_webui(url):
+    """Open WebUI's `routers/images.py`: model switch by GET options then POST of the whole dict back, models from
+    sd-models, an `authorization` header that is empty without auth, txt2img with `batch_size` = n."""
+    headers = {"authorization": ""}
+    models = requests.get(f"{url}{API}/sd-models", headers=headers).json()
+    choices = [{"id": m["title"], "name": m["model_name"]} for m in models]
+    other = next(c["id"] for c in choices if "other" in c["id"])
+    options = requests.get(f"{url}{API}/options", headers=headers).json()
+    options["sd_model_checkpoint"] = other
+    r = requests.post(f"{url}{API}/options", json=options, headers=headers)
+    assert r.status_code == 200, r.text
+    # A1111 adds the short hash to a title once the file is hashed (on load); sd-models then lists it too
+    now = requests.get(f"{url}{API}/options", headers=headers).json()["sd_model_checkpoint"]
+    assert now.startswith(other) and now in [m["title"] for m in requests.get(f"{url}{API}/sd-models").json()]
+    body = {"prompt": "a fox", "batch_size": 2, "width": 64, "height": 48, "steps": 2, "negative_prompt": "blurry"}
+    info = check_txt2img(requests.post(f"{url}{API}/txt2img", json=body, headers=headers), (64, 48), count=2)
+    assert "Model: other" in info["infotexts"][0]
+    options["sd_model_checkpoint"] = next(c["id"] for c in choices if "v1-5" in c["id"])
+    assert requests.post(f"{url}{API}/options", json=options, headers=headers).status_code == 200
+
+
+def test_sillytavern(url):
+    """SillyTavern's stable-diffusion extension (`generateAutoImage`, forwarded unchanged by its server's
+    `/api/sd/generate`), with its defaults; `seed` is left out when random. Plus the calls its settings page makes."""
+    for path in ("samplers", "schedulers", "upscalers", "latent-upscale-modes", "sd-models", "sd-vae", "options",
+                 "progress"):
+        assert requests.get(f"{url}{API}/{path}").status_code == 200, path
+    for path in ("refresh-checkpoints", "refresh-vae", "refresh-loras"):
+        assert requests.post(f"{url}{API}/{path}").status_code == 200, path
+    assert requests.post(f"{url}{API}/options", json={"sd_vae": "tiny-vae.safetensors"}).status_code == 200
+    body = {
+        "prompt": "a knight, castle", "negative_prompt": "lowres", "sampler_name": "DPM++ 2M", "scheduler": "karras",
+        "steps": 2, "cfg_scale": 7, "width": 64, "height": 64, "restore_faces": False, "enable_hr": False,
+        "hr_upscaler": "Latent", "hr_scale": 2.0, "hr_additional_modules": [], "denoising_strength": 0.7,
+        "hr_second_pass_steps": 0, "override_settings": {"CLIP_stop_at_last_layers": 1},
+        "override_settings_restore_afterwards": True, "clip_skip": 1, "save_images": True, "send_images": True,
+        "do_not_save_grid": False, "do_not_save_samples": False,
+    }
+    info = check_txt2img(requests.post(f"{url}{API}/txt2img", json=body), (64, 64))
+    assert "VAE: tiny-vae" in info["infotexts"][0]
+    seeded = check_txt2img(requests.post(f"{url}{API}/txt2img", json={**body, "seed": 4242, "enable_hr": True}),
+                           (128, 128), seed=4242, first_pass=(64, 64))
+    assert "Hires upscaler: Latent" in seeded["infotexts"][0]
+    assert requests.post(f"{url}{API}/options", json={"sd_vae": "Automatic"}).status_code == 200
+    assert requests.post(f"{url}{API}/interrupt").status_code == 200
+
+
+def test_librechat(url):
+    """LibreChat's `StableDiffusion.js` tool: prompt, negative_prompt, cfg_scale 4.5, steps 22, a square size (1024
+    there; 64 for the tiny model). It reads images[0] and, from info, width/height/seed/infotexts[0]."""
+    body = {"prompt": "photo of a man in black clothes, coastline", "negative_prompt": "cgi, 3d, sketch",
+            "cfg_scale": 4.5, "steps": 22, "width": 64, "height": 64}
+    info = check_txt2img(requests.post(f"{url}{API}/txt2img", json=body), (64, 64))
+    assert isinstance(info["seed"], int) and info["seed"] >= 0
+    params = info["infotexts"][0].split("\n").pop()
+    assert params.startswith("Steps: 22, Sampler: ") and f"Seed: {info['seed']}" in params
