@@ -355,3 +355,31 @@ def test_librechat(url):
     assert isinstance(info["seed"], int) and info["seed"] >= 0
     params = info["infotexts"][0].split("\n").pop()
     assert params.startswith("Steps: 22, Sampler: ") and f"Seed: {info['seed']}" in params
+
+
+def test_webuiapi_defaults_inpaint_full_res_and_resize_to(api):
+    """webuiapi's own defaults: `inpaint_full_res=True` (A1111's "only masked") and the integer mask flag 0; extras
+    scaled to a size with crop (resize_mode 1)."""
+    src = picture(64, 64, seed=4)
+    out = api.img2img(images=[src], mask_image=mask(), prompt="a door", seed=2, width=64, height=64,
+                      denoising_strength=0.9, mask_blur=0)
+    assert out.image.size == (64, 64) and out.image.getpixel((2, 2)) == src.getpixel((2, 2))
+    assert out.image.getpixel((32, 32)) != src.getpixel((32, 32))
+    res = api.extra_single_image(picture(40, 24), resize_mode=1, upscaling_resize_w=32, upscaling_resize_h=32,
+                                 upscaling_crop=True, upscaler_1="Lanczos")
+    assert res.image.size == (32, 32)
+
+
+def test_webuiapi_interrupt_returns_what_it_has(api):
+    import threading
+    import time
+    box = {}
+    worker = threading.Thread(target=lambda: box.update(res=api.txt2img(prompt="slow", seed=3, width=256,
+                                                                       height=256, steps=60, n_iter=3)))
+    worker.start()
+    deadline = time.time() + 60
+    while api.get_progress()["state"]["sampling_step"] < 2 and time.time() < deadline:
+        time.sleep(0.02)
+    assert api.interrupt() == {}
+    worker.join(120)
+    assert [im.size for im in box["res"].images] == [(256, 256)]  # the first batch, partly sampled; no more
