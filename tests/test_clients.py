@@ -337,7 +337,12 @@ def test_sillytavern(url):
         "override_settings_restore_afterwards": True, "clip_skip": 1, "save_images": True, "send_images": True,
         "do_not_save_grid": False, "do_not_save_samples": False,
     }
-    info = check_txt2img(requests.post(f"{url}{API}/txt2img", json=body), (64, 64))
+    # its server forwards the whole body, its own `url` and `auth` fields included, with a Basic header made from
+    # `auth` (empty without credentials); its connection check is GET options
+    body.update(url=url, auth="")
+    headers = {"Authorization": "Basic "}
+    assert requests.get(f"{url}{API}/options", headers=headers).status_code == 200
+    info = check_txt2img(requests.post(f"{url}{API}/txt2img", json=body, headers=headers), (64, 64))
     assert "VAE: tiny-vae" in info["infotexts"][0]
     seeded = check_txt2img(requests.post(f"{url}{API}/txt2img", json={**body, "seed": 4242, "enable_hr": True}),
                            (128, 128), seed=4242, first_pass=(64, 64))
