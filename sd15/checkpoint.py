@@ -204,6 +204,21 @@ def load_module(module_cls, cfg_cls, entries: dict, *, device, dtype, path: str 
     return module.eval().requires_grad_(False)
 
 
+def assign_strict(module, state: dict):
+    """Assign `state`'s tensors (as float32) to `module`, built on the meta device, once its names and shapes are
+    exactly the module's (ValueError naming the first differences) -> the module in eval mode without grads.
+    For the small auxiliary networks (upscalers, preview decoders) that load from a plain state dict."""
+    want = module.state_dict()
+    missing, unexpected = sorted(want.keys() - state.keys()), sorted(state.keys() - want.keys())
+    if missing or unexpected:
+        raise ValueError(f"missing keys {missing[:3]}, unexpected keys {unexpected[:3]}")
+    for k, v in want.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise ValueError(f"{k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")
+    module.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
+    return module.eval().requires_grad_(False)
+
+
 def default_alphas_cumprod() -> torch.Tensor:
     """SD 1.x's DDPM schedule ("scaled linear"): betas = linspace(√0.00085, √0.012, 1000)², in float64."""
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2

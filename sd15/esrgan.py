@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sd15.checkpoint import assign_strict
+
 
 class UpscalerModelError(ValueError):
     """A file that is not a usable ESRGAN / Real-ESRGAN model; the message names the file."""
@@ -253,15 +255,7 @@ def build_upscaler(sd: dict) -> nn.Module:
         raise ValueError("not an ESRGAN, Real-ESRGAN or SRVGGNetCompact model")
     with torch.device("meta"):  # no random init: the file's tensors are assigned below
         net = build()
-    want = net.state_dict()
-    missing, unexpected = sorted(want.keys() - sd.keys()), sorted(sd.keys() - want.keys())
-    if missing or unexpected:
-        raise ValueError(f"missing keys {missing[:3]}, unexpected keys {unexpected[:3]}")
-    for k, v in want.items():
-        if tuple(sd[k].shape) != tuple(v.shape):
-            raise ValueError(f"{k} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}")
-    net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
-    return net.eval().requires_grad_(False)
+    return assign_strict(net, sd)
 
 
 def load_upscaler(path, device="cpu", dtype=torch.float32) -> nn.Module:

@@ -44,9 +44,11 @@ def _ddim_tables(alphas_cumprod, timesteps):
 
 
 @torch.no_grad()
-def sample_ddim(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, callback=None, eta=0.0):
+def sample_ddim(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, callback=None, eta=0.0,
+                last_noise_uncond=None):
     """DDIM (Song et al. 2021, eq. 12) on LDM's timestep grid, as A1111 ≥ 1.6 runs it: from the top
-    timestep down to timesteps[0] (len(timesteps) − 1 model calls; the t=1 -> 0 step is not taken)."""
+    timestep down to timesteps[0] (len(timesteps) − 1 model calls; the t=1 -> 0 step is not taken).
+    With `last_noise_uncond` (DDIM CFG++), the direction to x_{t-1} uses the unconditional ε of each call."""
     alphas, alphas_prev, sqrt_one_minus_alphas, sigma_of_t, ts = _ddim_tables(alphas_cumprod, timesteps)
     sigmas = eta * torch.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))  # float64
     a_t_f, a_prev_f, s_f, one_minus_f = (v.tolist() for v in (alphas, alphas_prev, sigmas, sqrt_one_minus_alphas))
@@ -55,10 +57,11 @@ def sample_ddim(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, call
     for i in range(len(t_f) - 1):
         index = len(t_f) - 1 - i
         e_t = model(x, t_f[index] * s_in)
+        e_dir = e_t if last_noise_uncond is None else last_noise_uncond()
         a_t, a_prev = _coeff(a_t_f[index], x), _coeff(a_prev_f[index], x)
         sigma_t, sqrt_one_minus_at = _coeff(s_f[index], x), _coeff(one_minus_f[index], x)
         pred_x0 = (x - sqrt_one_minus_at * e_t) / a_t.sqrt()
-        dir_xt = (1.0 - a_prev - sigma_t ** 2).sqrt() * e_t
+        dir_xt = (1.0 - a_prev - sigma_t ** 2).sqrt() * e_dir
         x = a_prev.sqrt() * pred_x0 + dir_xt
         if eta:  # A1111 draws every step; with eta = 0 the draw is multiplied by 0, so we skip it
             if noise_sampler is None:
@@ -210,30 +213,10 @@ def sample_unipc(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, cal
     return x
 
 
-@torch.no_grad()
 def sample_ddim_cfgpp(model, x, timesteps, *, alphas_cumprod, last_noise_uncond, noise_sampler=None, callback=None,
                       eta=0.0):
     """DDIM CFG++ (Chung et al. 2024, "CFG++: Manifold-constrained Classifier Free Guidance"), as A1111's
     `ddim_cfgpp`: the x₀ estimate uses the guided ε (guidance scale divided by 12.5 by the caller), the
     direction to x_{t-1} the unconditional ε, `last_noise_uncond()`, of the same model call."""
-    alphas, alphas_prev, sqrt_one_minus_alphas, sigma_of_t, ts = _ddim_tables(alphas_cumprod, timesteps)
-    sigmas = eta * torch.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))  # float64
-    a_t_f, a_prev_f, s_f, one_minus_f = (v.tolist() for v in (alphas, alphas_prev, sigmas, sqrt_one_minus_alphas))
-    t_f, sigma_report = ts.tolist(), sigma_of_t.unbind()
-    s_in = ones_for(model, x)
-    for i in range(len(t_f) - 1):
-        index = len(t_f) - 1 - i
-        e_t = model(x, t_f[index] * s_in)
-        e_uncond = last_noise_uncond()
-        a_t, a_prev = _coeff(a_t_f[index], x), _coeff(a_prev_f[index], x)
-        sigma_t, sqrt_one_minus_at = _coeff(s_f[index], x), _coeff(one_minus_f[index], x)
-        pred_x0 = (x - sqrt_one_minus_at * e_t) / a_t.sqrt()
-        x = a_prev.sqrt() * pred_x0 + (1.0 - a_prev - sigma_t ** 2).sqrt() * e_uncond
-        if eta:  # with eta = 0 A1111's draw is multiplied by 0, so it is skipped
-            if noise_sampler is None:
-                raise ValueError("DDIM CFG++ with eta > 0 adds noise: pass noise_sampler")
-            x = x + sigma_t * noise_sampler(ts[index], ts[index - 1])
-        if callback is not None:
-            sigma = sigma_report[index]
-            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": pred_x0})
-    return x
+    return sample_ddim(model, x, timesteps, alphas_cumprod=alphas_cumprod, noise_sampler=noise_sampler,
+                       callback=callback, eta=eta, last_noise_uncond=last_noise_uncond)

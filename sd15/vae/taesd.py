@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from sd15.checkpoint import assign_strict
+
 TAESD_PARAMETERS = 1_222_531
 
 
@@ -82,14 +84,7 @@ def load_taesd_decoder(path, device="cpu", dtype=torch.float32) -> TAESDDecoder:
             sd = _from_diffusers(sd)
         with torch.device("meta"):
             net = TAESDDecoder(sd["1.weight"].shape[1] if "1.weight" in sd else 4)
-        want = net.state_dict()
-        missing, unexpected = sorted(want.keys() - sd.keys()), sorted(sd.keys() - want.keys())
-        if missing or unexpected:
-            raise ValueError(f"missing keys {missing[:3]}, unexpected keys {unexpected[:3]}")
-        for k, v in want.items():
-            if tuple(sd[k].shape) != tuple(v.shape):
-                raise ValueError(f"{k} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}")
-        net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
+        assign_strict(net, sd)
     except Exception as e:  # noqa: BLE001 - one line naming the file
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"{path.name}: not a TAESD decoder: {msg}") from e
