@@ -4,8 +4,8 @@
 
 Each worker is a Ray actor hosting `server.app.create_app(config)` and loading the model once; the ingress
 hands it a request as an in-process ASGI call, so validation, errors and pixels are the single server's by
-construction; of the server this module knows `create_app`, `ServerConfig.api_auth`, `BasicAuth` and the HTTP
-API, nothing else. Workers are plain Ray actors, not Serve replicas, because Serve picks a replica itself and
+construction; of the server this module knows `create_app`, `ServerConfig.api_auth`, `BasicAuth`, the HTTP
+API and, for the event stream, the running job's progress and preview on the worker's engine, nothing else. Workers are plain Ray actors, not Serve replicas, because Serve picks a replica itself and
 the ingress must reach a given worker (its job's progress and interrupt, options for a replaced one). The
 ingress (one Ray Serve deployment) owns what must be in one place:
 
@@ -15,6 +15,8 @@ ingress (one Ray Serve deployment) owns what must be in one place:
   a worker that was replaced; `override_settings` kept after a job are copied to the other workers;
 - job -> worker: `/sdapi/v1/progress`, `interrupt` and `skip` go to the worker of the oldest running job (what
   A1111's single queue would call the current job), `/sd15/v1/jobs/{id}` to that job's worker;
+- the event stream `/sd15/v1/events`: the single server's (queue, progress, done), fed by one poller that asks
+  the worker of each running job for its progress and new previews every 250 ms while someone listens;
 - failures: a worker that dies mid-job makes that job fail with a 502 naming the worker, Ray restarts the actor
   (`max_restarts=-1`), and the options are replayed before it takes another job.
 """
@@ -36,7 +38,7 @@ from typing import Optional
 import ray
 from ray import serve
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 log = logging.getLogger("server.ray")
 
@@ -123,6 +125,21 @@ class Worker:
         await self.app(scope, receive, send)
         return start.get("status", 500), list(start.get("headers", [])), b"".join(chunks)
 
+    async def progress(self, seen: Optional[list]) -> Optional[dict]:
+        """The running job's progress (the single server's job `progress` object) with `preview_step`, `key`
+        ([its id here, preview_step]) and `preview` when the latest one is not `seen` (a key); None when idle.
+        Asking makes the next due preview be made, as a /sdapi/v1/progress poll does (previews are decoded only
+        while someone looks)."""
+        engine = self.state.get("engine")
+        job = engine.queue.running if engine is not None and engine.queue is not None else None
+        if job is None or job.progress is None:
+            return None
+        engine.preview_wanted = True
+        key = [job.id, job.preview_step]
+        new = job.preview is not None and key != seen
+        return {**job.progress, "preview": job.preview if new else None, "preview_step": job.preview_step,
+                "key": key}
+
 
 # =============================================================================================
 # The ingress: queue, options, job -> worker
@@ -158,11 +175,15 @@ class Job:
     error: Optional[dict] = None
     reply: Optional[tuple] = None  # (status, raw headers, body)
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    progress: Optional[dict] = None  # the last progress its worker reported (while someone listens)
+    preview: Optional[str] = None  # base64 PNG of the latest preview, made at `preview_step`
+    preview_step: int = 0
+    preview_key: Optional[list] = None  # the worker's key of that preview: asked for only when newer
 
     def json(self, position: Optional[int] = None, result: bool = False) -> dict:
         out = {"id": self.id, "kind": self.kind, "state": self.state, "position": position,
                "created": self.created, "started": self.started, "finished": self.finished, "source": self.source,
-               "summary": self.summary, "progress": None, "error": self.error, "worker": self.worker}
+               "summary": self.summary, "progress": self.progress, "error": self.error, "worker": self.worker}
         if result and self.reply is not None and self.reply[0] == 200:
             out["result"], out["files"] = _json_body(self.reply), []
         return out
@@ -204,6 +225,8 @@ class Ingress:
         self.broadcasting = False  # jobs wait while options are being applied everywhere
         self.durations: collections.deque = collections.deque(maxlen=20)
         self.next_any = 0
+        self.listeners: set = set()  # the event streams' inboxes
+        self.poller: Optional[asyncio.Task] = None
 
     def __del__(self):
         """Serve's shutdown hook: stop the workers for good (none is restarted while the cluster goes away)."""
@@ -237,6 +260,8 @@ class Ingress:
                 if job in self.waiting:
                     self.waiting.remove(job)
                     job.state, job.finished = "cancelled", time.time()
+                    self._publish("done", job.json())
+                    self._changed()
                 raise
             return self._reply(job.reply, job)
         if path.startswith("/sd15/v1/"):
@@ -326,21 +351,28 @@ class Ingress:
         job = Job(job_id, kind, path, list(headers), body, source, _summary(request))
         self.jobs[job.id] = job
         self.waiting.append(job)
-        self._pump()
+        if not self._pump():
+            self._changed()
         return job
 
     def _running(self) -> list:
         return sorted((s.job for s in self.slots if s.job is not None), key=lambda j: j.started)
 
-    def _pump(self) -> None:
-        """Give every free worker the next waiting job (none while options are being applied)."""
+    def _pump(self) -> bool:
+        """Give every free worker the next waiting job (none while options are being applied) -> whether one
+        started (the queue changed and was announced)."""
+        started = False
         while self.waiting and not self.broadcasting:
             slot = next((s for s in self.slots if s.job is None), None)
             if slot is None:
-                return
+                break
             job = self.waiting.popleft()
             job.state, job.started, job.worker, slot.job = "running", time.time(), slot.index, job
             asyncio.get_running_loop().create_task(self._run(slot, job))
+            started = True
+        if started:
+            self._changed()
+        return started
 
     async def _run(self, slot: Slot, job: Job) -> None:
         try:
@@ -377,7 +409,9 @@ class Ingress:
             self.durations.append(job.finished - job.started)
             job.done.set()
             self._forget_old()
-            self._pump()
+            self._publish("done", job.json())
+            if not self._pump():
+                self._changed()
 
     def _forget_old(self) -> None:
         finished = [j for j in self.jobs.values() if j.finished is not None]
@@ -421,7 +455,7 @@ class Ingress:
                 replies = await asyncio.gather(*[self._call(s, method, path, b"", headers, body) for s in slots])
             finally:
                 self.broadcasting = False
-                self._pump()
+                self._pump()  # announces the queue when a job started
         return list(zip(slots, replies))
 
     async def _set_options(self, headers, body: bytes) -> Response:
@@ -474,9 +508,8 @@ class Ingress:
             if isinstance(job, Response):
                 return job
             return JSONResponse({"id": job.id, "position": self._position(job)}, 202)
-        if rest == "events":
-            return _error(501, "the event stream is not served behind Ray; poll /sd15/v1/queue and "
-                               "/sd15/v1/jobs/{id}", "NotImplemented")
+        if rest == "events" and method == "GET":
+            return self._events()
         if rest.startswith("jobs/") and method in ("GET", "DELETE"):
             job = self.jobs.get(rest[len("jobs/"):])
             if job is None:
@@ -508,6 +541,8 @@ class Ingress:
                 {"error": "Cancelled", "detail": "the job was cancelled before it ran", "body": "",
                  "errors": ""}).encode()
             job.done.set()
+            self._publish("done", job.json())
+            self._changed()
         elif job.state == "running":
             job.stop = "interrupted"
             await self._call(self.slots[job.worker], "POST", "/sdapi/v1/interrupt", b"", self.internal_headers, b"")
@@ -522,6 +557,85 @@ class Ingress:
         return {"progress": p.get("progress", 0), "eta_relative": p.get("eta_relative", 0),
                 "step": state.get("sampling_step", 0), "steps": state.get("sampling_steps", 0),
                 "job_no": state.get("job_no", 0), "job_count": state.get("job_count", 0)}
+
+
+    # --- /sd15/v1/events: the single server's event stream over the whole cluster --------------------
+
+    def _publish(self, event: str, data: dict) -> None:
+        for inbox in list(self.listeners):
+            try:
+                inbox.put_nowait((event, data))
+            except asyncio.QueueFull:  # a listener that does not read: dropped rather than grown
+                self.listeners.discard(inbox)
+
+    def _changed(self) -> None:
+        if self.listeners:
+            self._publish("queue", self._queue_json())
+
+    def _events(self) -> StreamingResponse:
+        """`queue` first and on every change, `progress` of each running job at most every 250 ms (a preview
+        only when a new one was made), `done` when a job ends, a comment line every 15 s (server/jobs_api.py's
+        stream, over every worker)."""
+        from server.jobs_api import PING_EVERY, PROGRESS_EVERY, _sse
+
+        inbox: asyncio.Queue = asyncio.Queue(maxsize=256)
+        self.listeners.add(inbox)
+        if self.poller is None or self.poller.done():
+            self.poller = asyncio.get_running_loop().create_task(self._poll(PROGRESS_EVERY))
+
+        async def stream():
+            try:
+                yield _sse("queue", self._queue_json())
+                last_ping = last_progress = time.monotonic()
+                last_sent, sent_preview = {}, {}  # job id -> what was sent of it
+                while inbox in self.listeners:
+                    wait = max(0.0, last_progress + PROGRESS_EVERY - time.monotonic())
+                    try:
+                        event, data = await asyncio.wait_for(inbox.get(), wait)
+                        yield _sse(event, data)
+                        continue
+                    except asyncio.TimeoutError:
+                        pass
+                    last_progress = time.monotonic()
+                    for job in self._running():
+                        p = job.progress
+                        if p is None or last_sent.get(job.id) == (p["step"], p["job_no"], job.preview_step):
+                            continue
+                        new_preview = job.preview is not None and sent_preview.get(job.id) != job.preview_step
+                        yield _sse("progress", {"id": job.id, **p, "preview": job.preview if new_preview else None,
+                                                "preview_step": job.preview_step})
+                        if new_preview:
+                            sent_preview[job.id] = job.preview_step
+                        last_sent[job.id] = (p["step"], p["job_no"], job.preview_step)
+                    if time.monotonic() - last_ping > PING_EVERY:
+                        last_ping = time.monotonic()
+                        yield b": ping\n\n"
+            finally:  # the client left (Serve cancels the request) or did not read
+                self.listeners.discard(inbox)
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _poll(self, every: float) -> None:
+        """While someone listens: every `every` s, the progress and new previews of every running job from its
+        worker (Ray calls awaited concurrently, so the ingress's loop serves on meanwhile)."""
+        while self.listeners:
+            running = [(self.slots[j.worker], j) for j in self._running()]
+            replies = await asyncio.gather(*[asyncio.wait_for(_await(s.actor.progress.remote(j.preview_key)), 5)
+                                             for s, j in running], return_exceptions=True)
+            for (slot, job), p in zip(running, replies):
+                if not isinstance(p, dict) or slot.job is not job:  # idle, dying or already finished
+                    continue
+                preview, key = p.pop("preview"), p.pop("key")
+                job.preview_step = p.pop("preview_step")
+                job.progress = p
+                if preview is not None:
+                    job.preview, job.preview_key = preview, key
+            await asyncio.sleep(every)
+
+
+async def _await(ref):
+    return await ref
 
 
 # =============================================================================================
