@@ -5,8 +5,9 @@
 Each worker is a Ray actor hosting `server.app.create_app(config)` and loading the model once; the ingress
 hands it a request as an in-process ASGI call, so validation, errors and pixels are the single server's by
 construction; of the server this module knows `create_app`, `ServerConfig.api_auth`, `BasicAuth`, the HTTP
-API and, for the event stream, the running job's progress and preview on the worker's engine, nothing else. Workers are plain Ray actors, not Serve replicas, because Serve picks a replica itself and
-the ingress must reach a given worker (its job's progress and interrupt, options for a replaced one). The
+API and, for the event stream, the running job's progress and preview on a worker's engine, nothing else.
+Workers are plain Ray actors, not Serve replicas, because Serve picks a replica itself and the ingress must
+reach a given worker (its job's progress and interrupt, options for a replaced one). The
 ingress (one Ray Serve deployment) owns what must be in one place:
 
 - the queue: one FIFO for the whole cluster (bounded; 503 with `Retry-After` when full) from which every free
@@ -15,8 +16,7 @@ ingress (one Ray Serve deployment) owns what must be in one place:
   a worker that was replaced; `override_settings` kept after a job are copied to the other workers;
 - job -> worker: `/sdapi/v1/progress`, `interrupt` and `skip` go to the worker of the oldest running job (what
   A1111's single queue would call the current job), `/sd15/v1/jobs/{id}` to that job's worker;
-- the event stream `/sd15/v1/events`: the single server's (queue, progress, done), fed by one poller that asks
-  the worker of each running job for its progress and new previews every 250 ms while someone listens;
+- the event stream `/sd15/v1/events` (server/ray_events.py): the single server's, over every worker;
 - failures: a worker that dies mid-job makes that job fail with a 502 naming the worker, Ray restarts the actor
   (`max_restarts=-1`), and the options are replayed before it takes another job.
 """
@@ -38,7 +38,10 @@ from typing import Optional
 import ray
 from ray import serve
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
+
+from server import ray_events
+from server.ray_worker import STALE, Worker
 
 log = logging.getLogger("server.ray")
 
@@ -46,7 +49,6 @@ GENERATE = {"/sdapi/v1/txt2img": "txt2img", "/sdapi/v1/img2img": "img2img"}
 BROADCAST = {"/sdapi/v1/refresh-checkpoints", "/sdapi/v1/refresh-vae", "/sdapi/v1/refresh-loras",
              "/sdapi/v1/refresh-embeddings", "/sdapi/v1/unload-checkpoint", "/sdapi/v1/reload-checkpoint"}
 TO_CURRENT_JOB = {"/sdapi/v1/progress", "/sdapi/v1/interrupt", "/sdapi/v1/skip"}
-STALE = "stale"  # a worker's answer to a call meant for an earlier incarnation of it
 WORKER_DIED = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 RECENT = 50
 
@@ -54,91 +56,6 @@ RECENT = 50
 def _error(status: int, detail: str, error: str, headers: Optional[dict] = None) -> JSONResponse:
     """A1111's error body."""
     return JSONResponse({"error": error, "detail": detail, "body": "", "errors": detail}, status, headers=headers)
-
-
-# =============================================================================================
-# The worker: the single-process app, called in-process
-# =============================================================================================
-
-class Worker:
-    """Hosts `create_app(config)`; `call` runs one HTTP request through it without a socket."""
-
-    def __init__(self, config, index: int):
-        from server.app import create_app
-
-        self.index, self.incarnation = index, uuid.uuid4().hex  # a new one each time Ray restarts the actor
-        self.app, self.state = create_app(config), {}
-        self.started: Optional[asyncio.Future] = None
-        self.lifespan_events: asyncio.Queue = asyncio.Queue()
-
-    async def ready(self) -> dict:
-        """Run the app's startup (loads the model) once; -> who this worker is."""
-        if self.started is None:
-            self.started = asyncio.get_running_loop().create_future()
-            scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": self.state}
-
-            async def send(message):
-                if message["type"].startswith("lifespan.startup") and not self.started.done():
-                    self.started.set_result(message)
-
-            async def run():
-                try:
-                    await self.app(scope, self.lifespan_events.get, send)
-                except BaseException as e:  # an app without lifespan support, or a startup that raised
-                    if not self.started.done():
-                        self.started.set_result({"type": "lifespan.startup.failed", "message": repr(e)})
-
-            asyncio.get_running_loop().create_task(run())
-            await self.lifespan_events.put({"type": "lifespan.startup"})
-        message = await self.started
-        if message["type"] == "lifespan.startup.failed":
-            raise RuntimeError(f"worker {self.index}: the server did not start: {message.get('message', '')}")
-        return {"index": self.index, "incarnation": self.incarnation, "pid": os.getpid(),
-                "node": ray.get_runtime_context().get_node_id()}
-
-    async def call(self, method: str, path: str, query: bytes, headers: list, body: bytes,
-                   incarnation: Optional[str]):
-        """One HTTP request through the app -> (status, raw headers, body); STALE when `incarnation` names an
-        earlier life of this actor (the ingress then replays the options first)."""
-        if incarnation is not None and incarnation != self.incarnation:
-            return STALE
-        await self.ready()
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
-                 "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": query,
-                 "headers": [(bytes(k), bytes(v)) for k, v in headers], "client": ("127.0.0.1", 0),
-                 "server": ("127.0.0.1", 80), "state": dict(self.state)}
-        request_sent, start, chunks = False, {}, []
-
-        async def receive():
-            nonlocal request_sent
-            if not request_sent:
-                request_sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            await asyncio.Future()  # the ingress holds the client's connection; no disconnect is reported here
-
-        async def send(message):
-            if message["type"] == "http.response.start":
-                start.update(message)
-            elif message["type"] == "http.response.body":
-                chunks.append(message.get("body", b""))
-
-        await self.app(scope, receive, send)
-        return start.get("status", 500), list(start.get("headers", [])), b"".join(chunks)
-
-    async def progress(self, seen: Optional[list]) -> Optional[dict]:
-        """The running job's progress (the single server's job `progress` object) with `preview_step`, `key`
-        ([its id here, preview_step]) and `preview` when the latest one is not `seen` (a key); None when idle.
-        Asking makes the next due preview be made, as a /sdapi/v1/progress poll does (previews are decoded only
-        while someone looks)."""
-        engine = self.state.get("engine")
-        job = engine.queue.running if engine is not None and engine.queue is not None else None
-        if job is None or job.progress is None:
-            return None
-        engine.preview_wanted = True
-        key = [job.id, job.preview_step]
-        new = job.preview is not None and key != seen
-        return {**job.progress, "preview": job.preview if new else None, "preview_step": job.preview_step,
-                "key": key}
 
 
 # =============================================================================================
@@ -226,7 +143,7 @@ class Ingress:
         self.durations: collections.deque = collections.deque(maxlen=20)
         self.next_any = 0
         self.listeners: set = set()  # the event streams' inboxes
-        self.poller: Optional[asyncio.Task] = None
+        self.poller: Optional[asyncio.Task] = None  # asks the workers for progress while someone listens
 
     def __del__(self):
         """Serve's shutdown hook: stop the workers for good (none is restarted while the cluster goes away)."""
@@ -295,7 +212,7 @@ class Ingress:
         pinned = request.headers.get("x-sd15-worker", "")
         if pinned.isdigit() and int(pinned) < len(self.slots):
             return self.slots[int(pinned)]
-        running = self._running()
+        running = self.running_jobs()
         if path in TO_CURRENT_JOB and running:
             return self.slots[running[0].worker]
         n = len(self.slots)
@@ -335,7 +252,7 @@ class Ingress:
     def _submit(self, kind: str, path: str, headers, body: bytes, source: str):
         """Queue a job, or the 503 that says the queue is full."""
         if len(self.waiting) >= self.max_queued:
-            busy = len(self.waiting) + len(self._running())
+            busy = len(self.waiting) + len(self.running_jobs())
             mean = sum(self.durations) / len(self.durations) if self.durations else 10.0
             retry = max(1, round(mean * busy / len(self.slots)))
             return _error(503, f"the queue is full ({self.max_queued} jobs waiting); retry in {retry} s",
@@ -355,7 +272,7 @@ class Ingress:
             self._changed()
         return job
 
-    def _running(self) -> list:
+    def running_jobs(self) -> list:
         return sorted((s.job for s in self.slots if s.job is not None), key=lambda j: j.started)
 
     def _pump(self) -> bool:
@@ -490,7 +407,7 @@ class Ingress:
 
     async def _own(self, request: Request, rest: str, method: str) -> Optional[Response]:
         if rest == "queue" and method == "GET":
-            return JSONResponse(self._queue_json())
+            return JSONResponse(self.queue_json())
         if rest == "workers" and method == "GET":
             return JSONResponse([{"index": s.index, "pid": s.pid, "node": s.node, "up": s.incarnation is not None,
                                   "restarts": s.restarts, "job": s.job.id if s.job else None} for s in self.slots])
@@ -509,7 +426,7 @@ class Ingress:
                 return job
             return JSONResponse({"id": job.id, "position": self._position(job)}, 202)
         if rest == "events" and method == "GET":
-            return self._events()
+            return ray_events.stream(self)
         if rest.startswith("jobs/") and method in ("GET", "DELETE"):
             job = self.jobs.get(rest[len("jobs/"):])
             if job is None:
@@ -525,8 +442,8 @@ class Ingress:
     def _position(self, job: Job) -> Optional[int]:
         return list(self.waiting).index(job) if job in self.waiting else (0 if job.state == "running" else None)
 
-    def _queue_json(self) -> dict:
-        running = self._running()
+    def queue_json(self) -> dict:
+        running = self.running_jobs()
         recent = sorted((j for j in self.jobs.values() if j.finished), key=lambda j: -j.finished)[:10]
         return {"running": running[0].json(0) if running else None, "active": [j.json(0) for j in running],
                 "queued": [j.json(i) for i, j in enumerate(self.waiting)], "recent": [j.json() for j in recent],
@@ -570,72 +487,7 @@ class Ingress:
 
     def _changed(self) -> None:
         if self.listeners:
-            self._publish("queue", self._queue_json())
-
-    def _events(self) -> StreamingResponse:
-        """`queue` first and on every change, `progress` of each running job at most every 250 ms (a preview
-        only when a new one was made), `done` when a job ends, a comment line every 15 s (server/jobs_api.py's
-        stream, over every worker)."""
-        from server.jobs_api import PING_EVERY, PROGRESS_EVERY, _sse
-
-        inbox: asyncio.Queue = asyncio.Queue(maxsize=256)
-        self.listeners.add(inbox)
-        if self.poller is None or self.poller.done():
-            self.poller = asyncio.get_running_loop().create_task(self._poll(PROGRESS_EVERY))
-
-        async def stream():
-            try:
-                yield _sse("queue", self._queue_json())
-                last_ping = last_progress = time.monotonic()
-                last_sent, sent_preview = {}, {}  # job id -> what was sent of it
-                while inbox in self.listeners:
-                    wait = max(0.0, last_progress + PROGRESS_EVERY - time.monotonic())
-                    try:
-                        event, data = await asyncio.wait_for(inbox.get(), wait)
-                        yield _sse(event, data)
-                        continue
-                    except asyncio.TimeoutError:
-                        pass
-                    last_progress = time.monotonic()
-                    for job in self._running():
-                        p = job.progress
-                        if p is None or last_sent.get(job.id) == (p["step"], p["job_no"], job.preview_step):
-                            continue
-                        new_preview = job.preview is not None and sent_preview.get(job.id) != job.preview_step
-                        yield _sse("progress", {"id": job.id, **p, "preview": job.preview if new_preview else None,
-                                                "preview_step": job.preview_step})
-                        if new_preview:
-                            sent_preview[job.id] = job.preview_step
-                        last_sent[job.id] = (p["step"], p["job_no"], job.preview_step)
-                    if time.monotonic() - last_ping > PING_EVERY:
-                        last_ping = time.monotonic()
-                        yield b": ping\n\n"
-            finally:  # the client left (Serve cancels the request) or did not read
-                self.listeners.discard(inbox)
-
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    async def _poll(self, every: float) -> None:
-        """While someone listens: every `every` s, the progress and new previews of every running job from its
-        worker (Ray calls awaited concurrently, so the ingress's loop serves on meanwhile)."""
-        while self.listeners:
-            running = [(self.slots[j.worker], j) for j in self._running()]
-            replies = await asyncio.gather(*[asyncio.wait_for(_await(s.actor.progress.remote(j.preview_key)), 5)
-                                             for s, j in running], return_exceptions=True)
-            for (slot, job), p in zip(running, replies):
-                if not isinstance(p, dict) or slot.job is not job:  # idle, dying or already finished
-                    continue
-                preview, key = p.pop("preview"), p.pop("key")
-                job.preview_step = p.pop("preview_step")
-                job.progress = p
-                if preview is not None:
-                    job.preview, job.preview_key = preview, key
-            await asyncio.sleep(every)
-
-
-async def _await(ref):
-    return await ref
+            self._publish("queue", self.queue_json())
 
 
 # =============================================================================================
