@@ -51,6 +51,7 @@ BROADCAST = {"/sdapi/v1/refresh-checkpoints", "/sdapi/v1/refresh-vae", "/sdapi/v
 TO_CURRENT_JOB = {"/sdapi/v1/progress", "/sdapi/v1/interrupt", "/sdapi/v1/skip"}
 WORKER_DIED = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 RECENT = 50
+NAMESPACE, WORKER_NAME = "sd15", "sd15-worker-"  # the workers' Ray names: sd15-worker-<ingress>-<index>
 
 
 def _error(status: int, detail: str, error: str, headers: Optional[dict] = None) -> JSONResponse:
@@ -130,8 +131,11 @@ class Ingress:
         auth = [(b"authorization", b"Basic " + base64.b64encode(":".join(config.api_auth[0]).encode()))] \
             if config.api_auth else []
         self.internal_headers = auth + [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")]
-        actor = ray.remote(Worker).options(max_restarts=-1, max_task_retries=0, **worker_options)
-        self.slots = [Slot(i, actor.remote(config, i)) for i in range(workers)]
+        actor = ray.remote(Worker)
+        name = f"{WORKER_NAME}{uuid.uuid4().hex[:8]}-"  # named so that `stop` finds them; unique per ingress
+        self.slots = [Slot(i, actor.options(max_restarts=-1, max_task_retries=0, name=f"{name}{i}",
+                                            namespace=NAMESPACE, **worker_options).remote(config, i))
+                      for i in range(workers)]
         for slot, info in zip(self.slots, ray.get([s.actor.ready.remote() for s in self.slots])):
             self._seen(slot, info)  # every model is loaded before the deployment reports healthy
         self.max_queued = max_queued
@@ -522,9 +526,23 @@ def start(config, workers: int, *, host: str = "127.0.0.1", port: int = 7860, wo
     serve.run(deployment(config, workers, options, queued), name="sd15", route_prefix="/")
 
 
-def stop() -> None:
-    """Remove the app and Serve, and leave the Ray cluster (a local one started by `start` is shut down)."""
+def stop(patience: float = 20.0) -> None:
+    """Stop the workers for good, then remove the app and Serve, and leave the Ray cluster (a local one started
+    by `start` is shut down). The workers go first and are waited for: one that Ray is restarting at that moment
+    would otherwise come back after its owner, the ingress, is gone and outlive the cluster."""
     try:
+        if ray.is_initialized():
+            def workers():
+                return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                        if a["namespace"] == NAMESPACE and a["name"].startswith(WORKER_NAME)]
+            for name in workers():
+                try:
+                    ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+                except ValueError:  # gone meanwhile
+                    pass
+            deadline = time.time() + patience
+            while workers() and time.time() < deadline:  # a dead actor's name is released
+                time.sleep(0.1)
         serve.shutdown()
     finally:
         ray.shutdown()
