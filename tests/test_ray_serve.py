@@ -153,7 +153,7 @@ def test_event_stream_through_the_ingress(cluster):
         events = read_events(r)
         first = next(events)
         assert first[0] == "queue" and first[1]["max_size"] == 2 and first[1]["running"] is None
-        job_id = submit(cluster, dict(FAST, steps=40, prompt="streamed", seed=4, force_task_id="job-ev"))
+        job_id = submit(cluster, dict(FAST, steps=200, prompt="streamed", seed=4, force_task_id="job-ev"))
         seen, deadline = [], time.time() + 60
         for event in events:
             seen.append(event)
@@ -162,7 +162,7 @@ def test_event_stream_through_the_ingress(cluster):
     assert seen[-1][0] == "done" and seen[-1][1]["state"] == "done" and "result" not in seen[-1][1]
     assert any(name == "queue" and d["running"] and d["running"]["id"] == job_id for name, d in seen)
     progress = [d for name, d in seen if name == "progress" and d["id"] == job_id]
-    assert progress and all(0 < p["progress"] <= 1 and p["steps"] == 40 for p in progress), progress
+    assert progress and all(0 < p["progress"] <= 1 and p["steps"] == 200 for p in progress), progress
     assert [p["step"] for p in progress] == sorted(p["step"] for p in progress)
     previews = [p["preview_step"] for p in progress if p["preview"] is not None]
     assert previews and len(previews) == len(set(previews))  # each preview sent once
