@@ -4,9 +4,10 @@
 
 Each worker is a Ray actor hosting `server.app.create_app(config)` and loading the model once; the ingress
 hands it a request as an in-process ASGI call, so validation, errors and pixels are the single server's by
-construction; of the server this module knows `create_app`, `ServerConfig.api_auth`, `BasicAuth` and the HTTP
-API, nothing else. Workers are plain Ray actors, not Serve replicas, because Serve picks a replica itself and
-the ingress must reach a given worker (its job's progress and interrupt, options for a replaced one). The
+construction; of the server this module knows `create_app`, `ServerConfig.api_auth`, `BasicAuth`, the HTTP
+API and, for the event stream, the running job's progress and preview on a worker's engine, nothing else.
+Workers are plain Ray actors, not Serve replicas, because Serve picks a replica itself and the ingress must
+reach a given worker (its job's progress and interrupt, options for a replaced one). The
 ingress (one Ray Serve deployment) owns what must be in one place:
 
 - the queue: one FIFO for the whole cluster (bounded; 503 with `Retry-After` when full) from which every free
@@ -15,6 +16,7 @@ ingress (one Ray Serve deployment) owns what must be in one place:
   a worker that was replaced; `override_settings` kept after a job are copied to the other workers;
 - job -> worker: `/sdapi/v1/progress`, `interrupt` and `skip` go to the worker of the oldest running job (what
   A1111's single queue would call the current job), `/sd15/v1/jobs/{id}` to that job's worker;
+- the event stream `/sd15/v1/events` (server/ray_events.py): the single server's, over every worker;
 - failures: a worker that dies mid-job makes that job fail with a 502 naming the worker, Ray restarts the actor
   (`max_restarts=-1`), and the options are replayed before it takes another job.
 """
@@ -38,90 +40,23 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from server import ray_events
+from server.ray_worker import STALE, Worker
+
 log = logging.getLogger("server.ray")
 
 GENERATE = {"/sdapi/v1/txt2img": "txt2img", "/sdapi/v1/img2img": "img2img"}
 BROADCAST = {"/sdapi/v1/refresh-checkpoints", "/sdapi/v1/refresh-vae", "/sdapi/v1/refresh-loras",
              "/sdapi/v1/refresh-embeddings", "/sdapi/v1/unload-checkpoint", "/sdapi/v1/reload-checkpoint"}
 TO_CURRENT_JOB = {"/sdapi/v1/progress", "/sdapi/v1/interrupt", "/sdapi/v1/skip"}
-STALE = "stale"  # a worker's answer to a call meant for an earlier incarnation of it
 WORKER_DIED = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 RECENT = 50
+NAMESPACE, WORKER_NAME = "sd15", "sd15-worker-"  # the workers' Ray names: sd15-worker-<ingress>-<index>
 
 
 def _error(status: int, detail: str, error: str, headers: Optional[dict] = None) -> JSONResponse:
     """A1111's error body."""
     return JSONResponse({"error": error, "detail": detail, "body": "", "errors": detail}, status, headers=headers)
-
-
-# =============================================================================================
-# The worker: the single-process app, called in-process
-# =============================================================================================
-
-class Worker:
-    """Hosts `create_app(config)`; `call` runs one HTTP request through it without a socket."""
-
-    def __init__(self, config, index: int):
-        from server.app import create_app
-
-        self.index, self.incarnation = index, uuid.uuid4().hex  # a new one each time Ray restarts the actor
-        self.app, self.state = create_app(config), {}
-        self.started: Optional[asyncio.Future] = None
-        self.lifespan_events: asyncio.Queue = asyncio.Queue()
-
-    async def ready(self) -> dict:
-        """Run the app's startup (loads the model) once; -> who this worker is."""
-        if self.started is None:
-            self.started = asyncio.get_running_loop().create_future()
-            scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": self.state}
-
-            async def send(message):
-                if message["type"].startswith("lifespan.startup") and not self.started.done():
-                    self.started.set_result(message)
-
-            async def run():
-                try:
-                    await self.app(scope, self.lifespan_events.get, send)
-                except BaseException as e:  # an app without lifespan support, or a startup that raised
-                    if not self.started.done():
-                        self.started.set_result({"type": "lifespan.startup.failed", "message": repr(e)})
-
-            asyncio.get_running_loop().create_task(run())
-            await self.lifespan_events.put({"type": "lifespan.startup"})
-        message = await self.started
-        if message["type"] == "lifespan.startup.failed":
-            raise RuntimeError(f"worker {self.index}: the server did not start: {message.get('message', '')}")
-        return {"index": self.index, "incarnation": self.incarnation, "pid": os.getpid(),
-                "node": ray.get_runtime_context().get_node_id()}
-
-    async def call(self, method: str, path: str, query: bytes, headers: list, body: bytes,
-                   incarnation: Optional[str]):
-        """One HTTP request through the app -> (status, raw headers, body); STALE when `incarnation` names an
-        earlier life of this actor (the ingress then replays the options first)."""
-        if incarnation is not None and incarnation != self.incarnation:
-            return STALE
-        await self.ready()
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
-                 "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": query,
-                 "headers": [(bytes(k), bytes(v)) for k, v in headers], "client": ("127.0.0.1", 0),
-                 "server": ("127.0.0.1", 80), "state": dict(self.state)}
-        request_sent, start, chunks = False, {}, []
-
-        async def receive():
-            nonlocal request_sent
-            if not request_sent:
-                request_sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            await asyncio.Future()  # the ingress holds the client's connection; no disconnect is reported here
-
-        async def send(message):
-            if message["type"] == "http.response.start":
-                start.update(message)
-            elif message["type"] == "http.response.body":
-                chunks.append(message.get("body", b""))
-
-        await self.app(scope, receive, send)
-        return start.get("status", 500), list(start.get("headers", [])), b"".join(chunks)
 
 
 # =============================================================================================
@@ -158,11 +93,15 @@ class Job:
     error: Optional[dict] = None
     reply: Optional[tuple] = None  # (status, raw headers, body)
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    progress: Optional[dict] = None  # the last progress its worker reported (while someone listens)
+    preview: Optional[str] = None  # base64 PNG of the latest preview, made at `preview_step`
+    preview_step: int = 0
+    preview_key: Optional[list] = None  # the worker's key of that preview: asked for only when newer
 
     def json(self, position: Optional[int] = None, result: bool = False) -> dict:
         out = {"id": self.id, "kind": self.kind, "state": self.state, "position": position,
                "created": self.created, "started": self.started, "finished": self.finished, "source": self.source,
-               "summary": self.summary, "progress": None, "error": self.error, "worker": self.worker}
+               "summary": self.summary, "progress": self.progress, "error": self.error, "worker": self.worker}
         if result and self.reply is not None and self.reply[0] == 200:
             out["result"], out["files"] = _json_body(self.reply), []
         return out
@@ -192,8 +131,11 @@ class Ingress:
         auth = [(b"authorization", b"Basic " + base64.b64encode(":".join(config.api_auth[0]).encode()))] \
             if config.api_auth else []
         self.internal_headers = auth + [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")]
-        actor = ray.remote(Worker).options(max_restarts=-1, max_task_retries=0, **worker_options)
-        self.slots = [Slot(i, actor.remote(config, i)) for i in range(workers)]
+        actor = ray.remote(Worker)
+        name = f"{WORKER_NAME}{uuid.uuid4().hex[:8]}-"  # named so that `stop` finds them; unique per ingress
+        self.slots = [Slot(i, actor.options(max_restarts=-1, max_task_retries=0, name=f"{name}{i}",
+                                            namespace=NAMESPACE, **worker_options).remote(config, i))
+                      for i in range(workers)]
         for slot, info in zip(self.slots, ray.get([s.actor.ready.remote() for s in self.slots])):
             self._seen(slot, info)  # every model is loaded before the deployment reports healthy
         self.max_queued = max_queued
@@ -204,6 +146,8 @@ class Ingress:
         self.broadcasting = False  # jobs wait while options are being applied everywhere
         self.durations: collections.deque = collections.deque(maxlen=20)
         self.next_any = 0
+        self.listeners: set = set()  # the event streams' inboxes
+        self.poller: Optional[asyncio.Task] = None  # asks the workers for progress while someone listens
 
     def __del__(self):
         """Serve's shutdown hook: stop the workers for good (none is restarted while the cluster goes away)."""
@@ -237,6 +181,8 @@ class Ingress:
                 if job in self.waiting:
                     self.waiting.remove(job)
                     job.state, job.finished = "cancelled", time.time()
+                    self._publish("done", job.json())
+                    self._changed()
                 raise
             return self._reply(job.reply, job)
         if path.startswith("/sd15/v1/"):
@@ -270,7 +216,7 @@ class Ingress:
         pinned = request.headers.get("x-sd15-worker", "")
         if pinned.isdigit() and int(pinned) < len(self.slots):
             return self.slots[int(pinned)]
-        running = self._running()
+        running = self.running_jobs()
         if path in TO_CURRENT_JOB and running:
             return self.slots[running[0].worker]
         n = len(self.slots)
@@ -310,7 +256,7 @@ class Ingress:
     def _submit(self, kind: str, path: str, headers, body: bytes, source: str):
         """Queue a job, or the 503 that says the queue is full."""
         if len(self.waiting) >= self.max_queued:
-            busy = len(self.waiting) + len(self._running())
+            busy = len(self.waiting) + len(self.running_jobs())
             mean = sum(self.durations) / len(self.durations) if self.durations else 10.0
             retry = max(1, round(mean * busy / len(self.slots)))
             return _error(503, f"the queue is full ({self.max_queued} jobs waiting); retry in {retry} s",
@@ -326,21 +272,28 @@ class Ingress:
         job = Job(job_id, kind, path, list(headers), body, source, _summary(request))
         self.jobs[job.id] = job
         self.waiting.append(job)
-        self._pump()
+        if not self._pump():
+            self._changed()
         return job
 
-    def _running(self) -> list:
+    def running_jobs(self) -> list:
         return sorted((s.job for s in self.slots if s.job is not None), key=lambda j: j.started)
 
-    def _pump(self) -> None:
-        """Give every free worker the next waiting job (none while options are being applied)."""
+    def _pump(self) -> bool:
+        """Give every free worker the next waiting job (none while options are being applied) -> whether one
+        started (the queue changed and was announced)."""
+        started = False
         while self.waiting and not self.broadcasting:
             slot = next((s for s in self.slots if s.job is None), None)
             if slot is None:
-                return
+                break
             job = self.waiting.popleft()
             job.state, job.started, job.worker, slot.job = "running", time.time(), slot.index, job
             asyncio.get_running_loop().create_task(self._run(slot, job))
+            started = True
+        if started:
+            self._changed()
+        return started
 
     async def _run(self, slot: Slot, job: Job) -> None:
         try:
@@ -377,7 +330,9 @@ class Ingress:
             self.durations.append(job.finished - job.started)
             job.done.set()
             self._forget_old()
-            self._pump()
+            self._publish("done", job.json())
+            if not self._pump():
+                self._changed()
 
     def _forget_old(self) -> None:
         finished = [j for j in self.jobs.values() if j.finished is not None]
@@ -421,7 +376,7 @@ class Ingress:
                 replies = await asyncio.gather(*[self._call(s, method, path, b"", headers, body) for s in slots])
             finally:
                 self.broadcasting = False
-                self._pump()
+                self._pump()  # announces the queue when a job started
         return list(zip(slots, replies))
 
     async def _set_options(self, headers, body: bytes) -> Response:
@@ -456,7 +411,7 @@ class Ingress:
 
     async def _own(self, request: Request, rest: str, method: str) -> Optional[Response]:
         if rest == "queue" and method == "GET":
-            return JSONResponse(self._queue_json())
+            return JSONResponse(self.queue_json())
         if rest == "workers" and method == "GET":
             return JSONResponse([{"index": s.index, "pid": s.pid, "node": s.node, "up": s.incarnation is not None,
                                   "restarts": s.restarts, "job": s.job.id if s.job else None} for s in self.slots])
@@ -474,9 +429,8 @@ class Ingress:
             if isinstance(job, Response):
                 return job
             return JSONResponse({"id": job.id, "position": self._position(job)}, 202)
-        if rest == "events":
-            return _error(501, "the event stream is not served behind Ray; poll /sd15/v1/queue and "
-                               "/sd15/v1/jobs/{id}", "NotImplemented")
+        if rest == "events" and method == "GET":
+            return ray_events.stream(self)
         if rest.startswith("jobs/") and method in ("GET", "DELETE"):
             job = self.jobs.get(rest[len("jobs/"):])
             if job is None:
@@ -492,8 +446,8 @@ class Ingress:
     def _position(self, job: Job) -> Optional[int]:
         return list(self.waiting).index(job) if job in self.waiting else (0 if job.state == "running" else None)
 
-    def _queue_json(self) -> dict:
-        running = self._running()
+    def queue_json(self) -> dict:
+        running = self.running_jobs()
         recent = sorted((j for j in self.jobs.values() if j.finished), key=lambda j: -j.finished)[:10]
         return {"running": running[0].json(0) if running else None, "active": [j.json(0) for j in running],
                 "queued": [j.json(i) for i, j in enumerate(self.waiting)], "recent": [j.json() for j in recent],
@@ -508,6 +462,8 @@ class Ingress:
                 {"error": "Cancelled", "detail": "the job was cancelled before it ran", "body": "",
                  "errors": ""}).encode()
             job.done.set()
+            self._publish("done", job.json())
+            self._changed()
         elif job.state == "running":
             job.stop = "interrupted"
             await self._call(self.slots[job.worker], "POST", "/sdapi/v1/interrupt", b"", self.internal_headers, b"")
@@ -522,6 +478,20 @@ class Ingress:
         return {"progress": p.get("progress", 0), "eta_relative": p.get("eta_relative", 0),
                 "step": state.get("sampling_step", 0), "steps": state.get("sampling_steps", 0),
                 "job_no": state.get("job_no", 0), "job_count": state.get("job_count", 0)}
+
+
+    # --- /sd15/v1/events: the single server's event stream over the whole cluster --------------------
+
+    def _publish(self, event: str, data: dict) -> None:
+        for inbox in list(self.listeners):
+            try:
+                inbox.put_nowait((event, data))
+            except asyncio.QueueFull:  # a listener that does not read: dropped rather than grown
+                self.listeners.discard(inbox)
+
+    def _changed(self) -> None:
+        if self.listeners:
+            self._publish("queue", self.queue_json())
 
 
 # =============================================================================================
@@ -556,9 +526,23 @@ def start(config, workers: int, *, host: str = "127.0.0.1", port: int = 7860, wo
     serve.run(deployment(config, workers, options, queued), name="sd15", route_prefix="/")
 
 
-def stop() -> None:
-    """Remove the app and Serve, and leave the Ray cluster (a local one started by `start` is shut down)."""
+def stop(patience: float = 20.0) -> None:
+    """Stop the workers for good, then remove the app and Serve, and leave the Ray cluster (a local one started
+    by `start` is shut down). The workers go first and are waited for: one that Ray is restarting at that moment
+    would otherwise come back after its owner, the ingress, is gone and outlive the cluster."""
     try:
+        if ray.is_initialized():
+            def workers():
+                return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                        if a["namespace"] == NAMESPACE and a["name"].startswith(WORKER_NAME)]
+            for name in workers():
+                try:
+                    ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+                except ValueError:  # gone meanwhile
+                    pass
+            deadline = time.time() + patience
+            while workers() and time.time() < deadline:  # a dead actor's name is released
+                time.sleep(0.1)
         serve.shutdown()
     finally:
         ray.shutdown()

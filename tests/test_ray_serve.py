@@ -132,6 +132,44 @@ def test_concurrent_jobs_run_on_both_workers_with_single_server_pixels(cluster):
         assert result.info["infotexts"] == reference.info["infotexts"]
 
 
+def read_events(response):
+    """The (name, data) events of a server-sent event stream, comments skipped."""
+    name = data = None
+    for line in response.iter_lines(chunk_size=1, decode_unicode=True):  # no read-ahead
+        if line.startswith("event: "):
+            name = line[7:]
+        elif line.startswith("data: "):
+            data = json.loads(line[6:])
+        elif line == "" and name:
+            yield name, data
+            name = data = None
+
+
+def test_event_stream_through_the_ingress(cluster):
+    """The single server's event stream, at the ingress: `queue` first, the job's `progress` from its worker
+    (each preview once), `done` at the end."""
+    with requests.get(cluster.url + "/sd15/v1/events", stream=True, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = read_events(r)
+        first = next(events)
+        assert first[0] == "queue" and first[1]["max_size"] == 2 and first[1]["running"] is None
+        job_id = submit(cluster, dict(FAST, steps=200, prompt="streamed", seed=4, force_task_id="job-ev"))
+        seen, deadline = [], time.time() + 60
+        for event in events:
+            seen.append(event)
+            if event[0] == "done" and event[1]["id"] == job_id or time.time() > deadline:
+                break
+    assert seen[-1][0] == "done" and seen[-1][1]["state"] == "done" and "result" not in seen[-1][1]
+    assert any(name == "queue" and d["running"] and d["running"]["id"] == job_id for name, d in seen)
+    progress = [d for name, d in seen if name == "progress" and d["id"] == job_id]
+    assert progress and all(0 < p["progress"] <= 1 and p["steps"] == 200 for p in progress), progress
+    assert [p["step"] for p in progress] == sorted(p["step"] for p in progress)
+    previews = [p["preview_step"] for p in progress if p["preview"] is not None]
+    assert previews and len(previews) == len(set(previews))  # each preview sent once
+    image = Image.open(io.BytesIO(base64.b64decode(next(p["preview"] for p in progress if p["preview"]))))
+    assert image.format == "PNG" and image.size == (8, 8)  # the tiny model's cheap preview: one pixel a latent
+
+
 def test_other_routes_answer_as_the_single_server(cluster):
     """Listings, the page, errors: forwarded to a worker, so byte for byte the single server's answer."""
     for method, path, body in [("GET", "/", None), ("GET", "/sdapi/v1/samplers", None),

@@ -1,0 +1,93 @@
+"""A worker of `server/ray_serve.py`: a Ray actor hosting the single-process server (`create_app(config)`), which
+loads the model once; the ingress calls it with one HTTP request at a time, in-process, without a socket."""
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from typing import Optional
+
+import ray
+
+STALE = "stale"  # a worker's answer to a call meant for an earlier incarnation of it
+
+
+class Worker:
+    """Hosts `create_app(config)`; `call` runs one HTTP request through it without a socket."""
+
+    def __init__(self, config, index: int):
+        from server.app import create_app
+
+        self.index, self.incarnation = index, uuid.uuid4().hex  # a new one each time Ray restarts the actor
+        self.app, self.state = create_app(config), {}
+        self.started: Optional[asyncio.Future] = None
+        self.lifespan_events: asyncio.Queue = asyncio.Queue()
+
+    async def ready(self) -> dict:
+        """Run the app's startup (loads the model) once; -> who this worker is."""
+        if self.started is None:
+            self.started = asyncio.get_running_loop().create_future()
+            scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": self.state}
+
+            async def send(message):
+                if message["type"].startswith("lifespan.startup") and not self.started.done():
+                    self.started.set_result(message)
+
+            async def run():
+                try:
+                    await self.app(scope, self.lifespan_events.get, send)
+                except BaseException as e:  # an app without lifespan support, or a startup that raised
+                    if not self.started.done():
+                        self.started.set_result({"type": "lifespan.startup.failed", "message": repr(e)})
+
+            asyncio.get_running_loop().create_task(run())
+            await self.lifespan_events.put({"type": "lifespan.startup"})
+        message = await self.started
+        if message["type"] == "lifespan.startup.failed":
+            raise RuntimeError(f"worker {self.index}: the server did not start: {message.get('message', '')}")
+        return {"index": self.index, "incarnation": self.incarnation, "pid": os.getpid(),
+                "node": ray.get_runtime_context().get_node_id()}
+
+    async def call(self, method: str, path: str, query: bytes, headers: list, body: bytes,
+                   incarnation: Optional[str]):
+        """One HTTP request through the app -> (status, raw headers, body); STALE when `incarnation` names an
+        earlier life of this actor (the ingress then replays the options first)."""
+        if incarnation is not None and incarnation != self.incarnation:
+            return STALE
+        await self.ready()
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+                 "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": query,
+                 "headers": [(bytes(k), bytes(v)) for k, v in headers], "client": ("127.0.0.1", 0),
+                 "server": ("127.0.0.1", 80), "state": dict(self.state)}
+        request_sent, start, chunks = False, {}, []
+
+        async def receive():
+            nonlocal request_sent
+            if not request_sent:
+                request_sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.Future()  # the ingress holds the client's connection; no disconnect is reported here
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                start.update(message)
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+
+        await self.app(scope, receive, send)
+        return start.get("status", 500), list(start.get("headers", [])), b"".join(chunks)
+
+    async def progress(self, seen: Optional[list]) -> Optional[dict]:
+        """The running job's progress (the single server's job `progress` object) with `preview_step`, `key`
+        ([its id here, preview_step]) and `preview` when the latest one is not `seen` (a key); None when idle.
+        Asking makes the next due preview be made, as a /sdapi/v1/progress poll does (previews are decoded only
+        while someone looks)."""
+        engine = self.state.get("engine")
+        job = engine.queue.running if engine is not None and engine.queue is not None else None
+        if job is None or job.progress is None:
+            return None
+        engine.preview_wanted = True
+        key = [job.id, job.preview_step]
+        new = job.preview is not None and key != seen
+        return {**job.progress, "preview": job.preview if new else None, "preview_step": job.preview_step,
+                "key": key}
