@@ -9,8 +9,6 @@ import base64
 import io
 import json
 import os
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -26,8 +24,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from test_server import write_model_folders  # noqa: E402
-from test_server_live import free_port  # noqa: E402
+from test_reliability_live import LiveServer  # noqa: E402
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(not (os.path.exists("/usr/bin/chromium") and os.path.exists("/usr/bin/chromedriver")),
@@ -40,39 +37,15 @@ SHOTS = os.path.join(ROOT, "screenshots")
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """A real server process; its working folder is a temporary one, so `outputs/` lands there."""
-    root = tmp_path_factory.mktemp("browser")
-    folders = write_model_folders(root)
-    with open(os.path.join(folders["ckpt_dir"], "broken.safetensors"), "wb") as f:
-        f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}" + b"\0" * 64)
-    port = free_port()
-    log_path = root / "server.log"
-    cmd = [sys.executable, "-m", "server", "--ckpt-dir", folders["ckpt_dir"], "--port", str(port),
-           "--api-auth", f"{AUTH[0]}:{AUTH[1]}", "--no-download"]
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=str(root), stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
+    """A real server process over tiny checkpoints and one broken file (saved images go to its own folder)."""
+    def add_broken(folders):
+        with open(os.path.join(folders["ckpt_dir"], "broken.safetensors"), "wb") as f:
+            f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}" + b"\0" * 64)
+    live = LiveServer(tmp_path_factory.mktemp("browser"), auth=AUTH, prepare=add_broken)
     try:
-        deadline = time.time() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
-            try:
-                if requests.get(f"{url}/sdapi/v1/progress", auth=AUTH, timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.time() < deadline, log_path.read_text()
-            time.sleep(0.2)
-        yield url
+        yield live.url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        live.stop(timeout=20)
 
 
 def has_jobs(url) -> bool:

@@ -18,26 +18,27 @@ import pytest
 requests = pytest.importorskip("requests")
 
 from test_server import write_model_folders  # noqa: E402
+from test_server_live import free_port  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AUTH = ("admin", "pw-for-tests")
 BASIC = "Basic " + base64.b64encode(f"{AUTH[0]}:{AUTH[1]}".encode()).decode()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LiveServer:
-    def __init__(self, root, *flags, max_files: int | None = None):
+    """`python -m server` on a free 127.0.0.1 port over tiny checkpoints in `root`, ready when it answers
+    `/progress`. `prepare(folders)` may add files before the start; `auth` is the --api-auth pair."""
+
+    def __init__(self, root, *flags, max_files: int | None = None, auth=AUTH, prepare=None):
         folders = write_model_folders(root)
+        if prepare is not None:
+            prepare(folders)
+        self.auth = auth
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = root / "server.log"
         cmd = [sys.executable, "-m", "server", "--ckpt-dir", folders["ckpt_dir"], "--port", str(self.port),
-               "--api-auth", f"{AUTH[0]}:{AUTH[1]}", "--no-download", "--outdir", str(root / "out"), *flags]
+               "--api-auth", f"{auth[0]}:{auth[1]}", "--no-download", "--outdir", str(root / "out"), *flags]
         env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
         def limit():  # in the child, before exec
             if max_files is not None:
@@ -51,7 +52,7 @@ class LiveServer:
         while True:
             assert self.proc.poll() is None, self.log()
             try:
-                if requests.get(f"{self.url}/sdapi/v1/progress", auth=AUTH, timeout=2).status_code == 200:
+                if requests.get(f"{self.url}/sdapi/v1/progress", auth=auth, timeout=2).status_code == 200:
                     break
             except requests.ConnectionError:
                 pass
@@ -62,7 +63,7 @@ class LiveServer:
         return self.log_path.read_text(errors="replace")
 
     def get(self, path):
-        return requests.get(self.url + path, auth=AUTH, timeout=30)
+        return requests.get(self.url + path, auth=self.auth, timeout=30)
 
     def raw(self, method: str, path: str, body: bytes = b"", declared: int | None = None) -> socket.socket:
         """A request sent on a plain socket (so the test can drop the connection)."""
