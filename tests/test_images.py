@@ -95,15 +95,25 @@ def test_truncate_latent():
     assert t.flatten().tolist() == [1, 2, 3, 4, 5, 6, 7]
 
 
-def test_latent_upscale_modes_table():
-    assert I.LATENT_UPSCALE_MODES == {
-        "Latent": ("bilinear", False),
-        "Latent (antialiased)": ("bilinear", True),
-        "Latent (bicubic)": ("bicubic", False),
-        "Latent (bicubic antialiased)": ("bicubic", True),
-        "Latent (nearest)": ("nearest", False),
-        "Latent (nearest-exact)": ("nearest-exact", False),
-    }
+A1111_LATENT_MODES = {  # A1111's shared.latent_upscale_modes: name -> (interpolate mode, antialias)
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(A1111_LATENT_MODES))
+def test_latent_upscale_modes_run_as_a1111_names_them(name):
+    """Each of A1111's names (and only those) upscales with A1111's interpolate mode and antialias setting."""
+    assert set(I.LATENT_UPSCALE_MODES) == set(A1111_LATENT_MODES)
+    mode, antialias = A1111_LATENT_MODES[name]
+    z = torch.randn(1, 4, 7, 9, generator=torch.Generator().manual_seed(0))
+    for width, height in ((160, 104), (40, 24)):  # up, and down (where antialias changes the result)
+        ref = torch.nn.functional.interpolate(z, size=(height // 8, width // 8), mode=mode, antialias=antialias)
+        assert torch.equal(I.upscale_latent(z, name, width, height), ref)
 
 
 def test_resolve_hr_upscaler():
