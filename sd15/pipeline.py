@@ -1,22 +1,14 @@
-"""txt2img and img2img the way AUTOMATIC1111 runs them.
+"""txt2img and img2img the way AUTOMATIC1111 runs them: `generate(model, request) -> Result`.
 
-    r = sd15.schema.resolve(request)         # done once, by generate() when given a plain request
-    generate(model, r) -> Result
-
-One call runs `n_iter` batches of `batch_size` images:
-
-    request -> resolve -> Job (extra networks, embeddings, fp32 VAE fallback)
-            -> per batch: conditioning -> ImageRNG -> sampler -> [hires pass] -> VAE decode -> PIL
-            -> infotexts (sd15.a1111.infotext) -> Result
+One request reads top to bottom in `_generate`: validate and resolve it once (sd15.schema), prepare the image
+side once (img2img: `sd15.a1111.inpaint.InitImages`), then per batch of `batch_size` images, `n_iter` times:
+noise (sd15.rng.ImageRNG) -> conditioning -> sampler -> [hires pass] -> VAE decode -> paste-back; last the
+infotexts (sd15.a1111.infotext).
 
 Hooks for researchers, none of which need an edit here: `callback(step, sigma, x, denoised)` after every
 sampler step; `state` (a `JobState`) whose `interrupt()` / `skip()` may be called from another thread and are
-checked between steps (interrupt: the running batch is decoded from what it has and the job ends; skip: the
-same for the running batch only, then the next batch runs); attention capture or replacement through `sd15.attention.use_attention_backend`; and
-`Result.latents`, the final latents of every image before decoding.
-
-Nothing here touches the disk: the infotext's "Model hash" is the caller's `model_hash` (sd15.hashing
-computes and caches it for the CLI and the server).
+checked between steps; attention capture or replacement through `sd15.attention.use_attention_backend`; and
+`Result.latents`, the final latents of every image before decoding. Nothing here touches the disk.
 """
 from __future__ import annotations
 
@@ -24,15 +16,15 @@ import copy
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Optional
 
 import torch
 
 from sd15.a1111 import images as imgs
-from sd15.a1111 import inpaint as masks
 from sd15.a1111 import infotext
 from sd15.a1111.conditioning import batch_conditioning
-from sd15.a1111.infotext import format_hashes
+from sd15.a1111.inpaint import InitImages
 from sd15.a1111.prompt import extract_networks, network_multipliers
 from sd15.lora import LORA_KINDS, LoraRequest
 from sd15.rng import ImageRNG
@@ -59,14 +51,14 @@ class Result:
     def save(self, out: str) -> list[str]:
         """Write the images with their infotexts (PNG `parameters` chunk, as A1111 does) -> the paths written.
         `out`: a file name (`cat.png`, `.jpg`, `.webp`; several images become `cat-0.png`, `cat-1.png`, ...) or
-        a folder (created; `NNNNN-SEED.png` numbered after the files there). The one writer the CLI uses too."""
+        a folder (created; `NNNNN-SEED.png` numbered after the files there)."""
         return imgs.save_images(self.images, self.infotexts, self.seeds, out)
 
 
 class JobState:
-    """Progress and control of the running job. Plain attributes: another thread (the server) may read them
-    and call `interrupt()` / `skip()` at any time; the pipeline checks the flags between sampler steps.
-    Both keep the running batch's last denoised estimate (A1111); skip then goes on with the next batch."""
+    """Progress and control of the running job. Another thread (the server) may read the attributes and call
+    `interrupt()` / `skip()` at any time; both keep the running batch's last denoised estimate (A1111), and
+    skip then goes on with the next batch."""
 
     def __init__(self):
         self.interrupted = False
@@ -95,6 +87,154 @@ class Interrupted(Exception):
 
 
 # ------------------------------------------------------------------------------------------------
+# Generation
+# ------------------------------------------------------------------------------------------------
+
+def generate(model, request: GenerationRequest | ResolvedRequest, *, state: Optional[JobState] = None,
+             callback: Optional[Callable] = None, model_hash: Optional[str] = None,
+             vae_hash: Optional[str] = None, upscalers=None) -> Result:
+    """Run one A1111 request (txt2img, or img2img when `init_images` is set) -> Result.
+
+    A plain request is validated and resolved here (hires upscalers: the latent modes and `upscalers.names()`,
+    or the built-in pixel upscalers without a list). `model_hash` / `vae_hash` (10 hex digits, `sd15.hashing`)
+    are the infotext's "Model hash" / "VAE hash"; `upscalers` (`sd15.upscale.Upscalers`) run the hires
+    pass."""
+    if isinstance(request, GenerationRequest):
+        validate(request)
+        request = resolve(request, upscalers=upscalers.names() if upscalers is not None else None)
+    with Job(model, request) as job, seamless(model, job.tiling):
+        return _generate(model, request, job, state or JobState(), callback, model_hash, vae_hash, upscalers)
+
+
+@torch.no_grad()
+def _generate(model, r: ResolvedRequest, job: Job, state: JobState, callback, model_hash, vae_hash,
+              upscalers) -> Result:
+    B, passes = r.batch_size, 2 if r.hires else 1
+    new_rng = partial(ImageRNG, subseed_strength=r.subseed_strength, seed_resize_from_h=r.seed_resize_from_h,
+                      seed_resize_from_w=r.seed_resize_from_w, eta_noise_seed_delta=r.eta_noise_seed_delta,
+                      source=r.randn_source.lower(), device=model.device)
+    init, img2img = None, {}
+    if r.is_img2img:  # the image side, once; "latent noise" is the first draw for the first batch's seeds
+        init = InitImages(r, encode=partial(encode_images, model, job=job),
+                          noise=lambda shape: new_rng(shape, r.seeds[:B]).first())
+        img2img = dict(init_latent=init.latent, mask=init.mask, nmask=init.nmask,
+                       noise_multiplier=r.initial_noise_multiplier)
+    state.job_count = r.n_iter * passes
+    latents, images, kept = [], [], []  # kept: job-wide indices of the images returned
+    for it in range(r.n_iter):
+        if state.interrupted:
+            break
+        state.skipped = False  # a skip ends the running batch early (its partial images are kept), not the job
+        state.job_no = it * passes
+        batch = slice(it * B, (it + 1) * B)
+        rng_at = partial(new_rng, seeds=r.seeds[batch], subseeds=r.subseeds[batch])  # shape -> ImageRNG
+        job.networks.first_pass()  # merge the prompt's LoRAs (nothing to do when they already are)
+        cond = batch_conditioning(model, [job.prompt] * B, [r.negative_prompt] * B,
+                                  _schedule_steps(r.sampler, r.steps), **job.encode)
+        x = _sample(model, r, cond, r.sampler, r.scheduler, r.steps, rng_at((4, r.height // 8, r.width // 8)),
+                    state, callback, **img2img)
+        if init is not None:
+            x = init.blend(x)
+        if r.hires and not state.interrupted:  # after a skip too: A1111 upscales what the first pass has
+            state.job_no += 1
+            job.networks.hires_pass()  # the hires prompt's LoRAs
+            x = _hires_pass(model, job, r, x, rng_at, state, callback, upscalers)
+        latents.append(x)
+        batch_images = imgs.tensor_to_pil(decode_latents(model, x, job))
+        if init is not None:
+            batch_images = init.finish(batch_images)
+        images.extend(batch_images)
+        kept.extend(range(it * B, it * B + len(batch_images)))
+    state.job_no = state.job_count
+    state.skipped = False
+
+    info_kw = dict(model=_model_entries(model, model_hash, vae_hash), has_mask=init is not None and
+                   init.mask is not None, extra={**job.networks.infotext_params(),
+                                                 **({"NGMS": r.s_min_uncond} if r.s_min_uncond else {})})
+    texts = [infotext.create_infotext(r, i, **info_kw) for i in kept]
+    info = infotext.create_info(r, texts, job_timestamp=infotext.job_timestamp(), **info_kw)
+    return Result(images=images, seeds=[r.seeds[i] for i in kept], subseeds=[r.subseeds[i] for i in kept],
+                  infotexts=texts, info=info, prompts=[r.prompt] * len(images),
+                  negative_prompts=[r.negative_prompt] * len(images),
+                  latents=torch.cat(latents) if latents else None, warnings=job.networks.warnings,
+                  interrupted=state.interrupted)
+
+
+def _schedule_steps(sampler, steps: int) -> int:
+    """Steps that prompt-editing schedules count: doubled for second-order samplers (A1111's
+    `total_steps` of `get_conds_with_caching`)."""
+    return steps * (2 if sampler.second_order else 1)
+
+
+def _sample(model, r: ResolvedRequest, cond, sampler, scheduler, steps: int, rng: ImageRNG, state: JobState,
+            callback, *, init_latent=None, mask=None, nmask=None, fix_steps=False, noise_multiplier=None):
+    """One sampler run over one batch with its `cond = (cond, uncond)` -> latents (B, 4, h, w); img2img starts
+    from `init_latent` and keeps it where `mask` is 1."""
+    denoiser = make_denoiser(sampler.name, model.unet, model.alphas_cumprod.to(model.device), *cond,
+                             r.cfg_scale, s_min_uncond=r.s_min_uncond or 0.0)
+    denoiser.set_mask(mask, nmask, init_latent)
+
+    def on_step(d):
+        state.sampling_step = d["i"] + 1
+        state.current_latent = d["denoised"]
+        if callback is not None:
+            callback(d["i"], d["sigma"], d["x"], d["denoised"])
+        if state.interrupted or state.skipped:
+            raise Interrupted
+
+    state.sampling_step = 0
+    state.sampling_steps = steps
+    state.current_latent = init_latent  # A1111's `last_latent` before the first step: the init latent (img2img)
+    if init_latent is not None and (state.interrupted or state.skipped):
+        return init_latent  # A1111's denoiser stops at its first call (a hires pass after a skip)
+    try:
+        return sample(sampler.name, denoiser, rng, steps, scheduler=scheduler.label, init_latent=init_latent,
+                      denoising_strength=r.strength, fix_steps=fix_steps, eta=r.eta, s_churn=r.s_churn,
+                      s_tmin=r.s_tmin, s_tmax=r.s_tmax, s_noise=r.s_noise, initial_noise_multiplier=noise_multiplier,
+                      callback=on_step)
+    except Interrupted:
+        latent = state.current_latent  # A1111 keeps the last denoised estimate
+        if latent is None:  # stopped before the first step finished
+            latent = init_latent if init_latent is not None else torch.zeros(len(rng.seeds), *rng.shape,
+                                                                              device=rng.device)
+        return latent
+
+
+def _hires_pass(model, job: Job, r: ResolvedRequest, x, rng_at, state, callback, upscalers):
+    """Upscale the first-pass latents and run an img2img pass at the target size (A1111's
+    `StableDiffusionProcessingTxt2Img.sample_hr_pass`). A pixel upscaler named in `upscalers` (sd15.upscale)
+    runs through its `resize`, the built-ins without a list through `sd15.a1111.images.upscale_image`."""
+    hr = r.hires
+    if hr.upscaler in imgs.LATENT_UPSCALE_MODES:
+        z = imgs.upscale_latent(x, hr.upscaler, hr.width, hr.height)
+    else:
+        first = imgs.tensor_to_pil(decode_latents(model, x, job))
+        if upscalers is not None and hr.upscaler in upscalers.names():
+            pixels = [upscalers.resize(im, hr.upscaler, hr.width, hr.height, interrupted=lambda: state.interrupted)
+                      for im in first]
+        else:
+            pixels = [imgs.upscale_image(im, hr.upscaler, hr.width, hr.height) for im in first]
+        z = encode_images(model, imgs.pil_to_unit_tensor(pixels), job)
+    z = imgs.truncate_latent(z, hr.truncate_x, hr.truncate_y)  # crop to the requested aspect ratio, centrally
+    B = r.batch_size
+    steps = dict(steps=_schedule_steps(r.sampler, r.steps), hires_steps=_schedule_steps(hr.sampler, hr.steps))
+    cond = batch_conditioning(model, [job.hr_prompt] * B, [hr.negative_prompt] * B, **steps, **job.encode)
+    rng = rng_at(tuple(z.shape[1:]))  # a new RNG at the hires shape
+    return _sample(model, r, cond, hr.sampler, hr.scheduler, hr.steps, rng, state, callback, init_latent=z,
+                   fix_steps=True)
+
+
+def _model_entries(model, model_hash, vae_hash) -> dict:
+    """Model / VAE names (from the file names) and the caller's short hashes, for the infotext."""
+    out = {}
+    if getattr(model, "path", None):
+        out.update(sd_model_name=os.path.splitext(os.path.basename(model.path))[0], sd_model_hash=model_hash)
+    if getattr(model, "vae_path", None):
+        out.update(sd_vae_name=os.path.basename(model.vae_path), sd_vae_hash=vae_hash)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
 # VAE
 # ------------------------------------------------------------------------------------------------
 
@@ -116,29 +256,25 @@ def _vae_decode(vae, z: torch.Tensor, tiles: bool = True) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decode_latents(model, latents: torch.Tensor, job: Optional["Job"] = None) -> torch.Tensor:
+def decode_latents(model, latents: torch.Tensor, job: Optional[Job] = None) -> torch.Tensor:
     """Sampler latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in about [-1, 1], float32, the batch in one call.
-
-    The latent is cast to the VAE dtype; a half-precision VAE whose output has NaNs is retried with an fp32
-    copy of the VAE that the job keeps (A1111's auto_vae_precision; the model's VAE is never changed).
-    Large images are decoded in tiles, one image at a time (never in a seamless-tiling job).
-    """
+    A half-precision VAE whose output has NaNs is retried with the job's fp32 copy (A1111's
+    auto_vae_precision; the model's VAE is never changed). Large images are decoded in tiles, one at a time
+    (never in a seamless-tiling job)."""
     tiles = not (job is not None and job.tiling)
     vae_dtype = next(model.vae.parameters()).dtype
     z = latents.to(model.device)
     x = _vae_decode(model.vae, z.to(vae_dtype) / SCALE_FACTOR, tiles)
     if vae_dtype != torch.float32 and torch.isnan(x).any():
-        x = _vae_decode((job or Job.plain(model)).vae_fp32(), z.float() / SCALE_FACTOR, tiles)
+        x = _vae_decode((job or Job(model)).vae_fp32(), z.float() / SCALE_FACTOR, tiles)
     return x.float()
 
 
 @torch.no_grad()
-def encode_images(model, pixels: torch.Tensor, job: Optional["Job"] = None) -> torch.Tensor:
-    """Images (B, 3, H, W) in [0, 1] -> latents (B, 4, H/8, W/8) * 0.18215, one image at a time.
-
-    A1111 samples the posterior with the global CPU generator; the VAE's logvar is tiny, so we use the mean,
-    which makes img2img reproducible. Large images are encoded in tiles.
-    """
+def encode_images(model, pixels: torch.Tensor, job: Optional[Job] = None) -> torch.Tensor:
+    """Images (B, 3, H, W) in [0, 1] -> latents (B, 4, H/8, W/8) * 0.18215, one image at a time. A1111 samples
+    the posterior with the global CPU generator; the VAE's logvar is tiny, so we take the mean, which makes
+    img2img reproducible. Large images are encoded in tiles."""
     vae_dtype = next(model.vae.parameters()).dtype
     out = []
     for img in pixels:
@@ -153,76 +289,48 @@ def encode_images(model, pixels: torch.Tensor, job: Optional["Job"] = None) -> t
 
 
 # ------------------------------------------------------------------------------------------------
-# img2img inputs
+# The job: what one generate() call owns
 # ------------------------------------------------------------------------------------------------
 
-class Img2ImgInit:
-    """The init images, mask and overlays of an img2img job (`sd15.a1111.inpaint.prepare_init_images`, once);
-    `latent()` encodes them once, `finish()` pastes results back."""
+class Job:
+    """The state of one generation that must not live on the model: the prompts without their network tags,
+    the LoRAs merged for it (restored bit for bit by `close()`), the textual-inversion embeddings its prompts
+    matched, the conditioning cache (`encode`: the text options of `batch_conditioning`), and an fp32 copy of
+    a half-precision VAE made only when a decode overflows. `tiling`: a seamless-tiling job."""
 
-    def __init__(self, p: GenerationRequest, batch_size: int):
-        self.p, self.batch_size = p, batch_size
-        self.images, self.overlays, self.inpaint = masks.prepare_init_images(p, batch_size)
-        self._latent = None
-        self._masks = None
+    def __init__(self, model, r: Optional[ResolvedRequest] = None):
+        self.model = model
+        self._vae_fp32 = None
+        self.tiling = bool(r and r.tiling)
+        self.prompt = self.hr_prompt = ""
+        networks = hr_networks = ()
+        if r is not None:
+            self.prompt, networks = extract_networks(r.prompt)
+            self.hr_prompt, hr_networks = extract_networks(r.hires.prompt if r.hires else r.prompt)
+        self.networks = NetworkJob(model, networks, hr_networks if r and r.hires else None)
+        self.encode = dict(cache={}, clip_skip=r.clip_skip if r else 1, **self.networks.text_hooks())
 
-    @property
-    def has_mask(self) -> bool:
-        return self.inpaint is not None
+    def vae_fp32(self):
+        if self._vae_fp32 is None:
+            self._vae_fp32 = copy.deepcopy(self.model.vae).float()
+        return self._vae_fp32
 
-    def latent(self, model, first_seeds, rng_kw, job: Optional["Job"] = None) -> torch.Tensor:
-        """The init latent (B, 4, H/8, W/8), with the latent side of "masked content" applied."""
-        if self._latent is None:
-            p = self.p
-            z = encode_images(model, imgs.pil_to_unit_tensor(self.images), job)
-            if p.resize_mode == 3:  # "Just resize (latent upscale)": encoded at its own size, resized as a latent
-                z = imgs.upscale_latent(z, "Latent", p.width, p.height)
-            if self.has_mask:
-                mask, nmask = self.latent_masks(model)
-                noise = None
-                if p.inpainting_fill == 2:  # "latent noise": the first draw for the first batch's seeds
-                    noise = ImageRNG(tuple(z.shape[1:]), first_seeds, **rng_kw).first()
-                z = masks.apply_masked_content(z, mask, nmask, p.inpainting_fill, noise)
-            self._latent = z
-        return self._latent
+    def close(self) -> None:
+        self.networks.finish()
 
-    def latent_masks(self, model):
-        """(mask, nmask), each (1, 1, h, w): mask is 1 where the original is kept, nmask 1 where it is redrawn."""
-        if self._masks is None and self.has_mask:
-            mask, nmask = masks.latent_mask(self.inpaint["latent_mask"], self.p.height // 8, self.p.width // 8,
-                                           self.p.mask_round)
-            self._masks = (mask.to(model.device), nmask.to(model.device))
-        return self._masks
+    def __enter__(self):
+        return self
 
-    def blend(self, x: torch.Tensor) -> torch.Tensor:
-        mask, nmask = self._masks
-        return masks.blend_inpaint_latent(x, self._latent, mask, nmask)
+    def __exit__(self, *exc):
+        self.close()
 
-    def finish(self, images: list) -> list:
-        """Paste one batch's results back into the originals (inpainting overlays, "only masked" crop)."""
-        if not self.has_mask:
-            return images
-        paste_to = self.inpaint.get("paste_to")
-        return [masks.apply_overlay(im, paste_to, overlay) for im, overlay in zip(images, self.overlays)]
-
-
-
-
-# ------------------------------------------------------------------------------------------------
-# The extra networks of a job: LoRA tags and textual-inversion embeddings
-# ------------------------------------------------------------------------------------------------
 
 class NetworkJob:
-    """The extra networks of one `generate()` call: the LoRA tags of the prompt (and of the hires prompt),
-    and the textual-inversion embeddings its prompts use.
-
-        job = NetworkJob(model, networks, hr_networks)   # networks from sd15.a1111.prompt.extract_networks
-        job.first_pass(); ...; job.hires_pass(); ...      # merge the tags' LoRAs (no-op when already merged)
-        job.finish()                                      # restore (unless model.loras.keep_applied)
-        job.infotext_params()                             # {"Lora hashes": ..., "TI hashes": ...}
-        job.text_hooks()                                  # textual inversion for encode_texts, recorded per job
-        job.warnings                                      # unknown names, unsupported modules, ...
-    """
+    """The extra networks of one `generate()` call: the LoRA tags of the prompt (`networks`, from
+    `sd15.a1111.prompt.extract_networks`) and of the hires prompt (`hr_networks`; None: the same), merged by
+    `first_pass()` / `hires_pass()` (a no-op when they already are) and restored by `finish()` (unless
+    `model.loras.keep_applied`); the textual-inversion embeddings its prompts match (`text_hooks()`); their
+    infotext hashes (`infotext_params()`), and `warnings` (unknown names, unsupported modules, ...)."""
 
     def __init__(self, model, networks, hr_networks=None):
         self.model = model
@@ -232,15 +340,15 @@ class NetworkJob:
         self.first = self._resolve(networks)
         self.hr = self._resolve(hr_networks) if hr_networks is not None else None
         self.embeddings_used: dict = {}  # textual-inversion embeddings this job's prompts matched
-        emb = getattr(model, "embeddings", None)
-        if emb is not None:
-            emb.refresh_if_changed()
+        self.embeddings = getattr(model, "embeddings", None)  # sd15.embeddings.EmbeddingDatabase
+        if self.embeddings is not None:
+            self.embeddings.refresh_if_changed()
 
     def text_hooks(self) -> dict:
-        """`embeddings=` / `embed_fn=` for `encode_texts`, recording this job's matches (None, None without
-        embeddings)."""
-        emb = getattr(self.model, "embeddings", None)
-        find, embed_fn = emb.hooks(self.model, self.embeddings_used) if emb is not None else (None, None)
+        """`embeddings=` / `embed_fn=` for `encode_texts`, recording this job's matches."""
+        if self.embeddings is None:
+            return dict(embeddings=None, embed_fn=None)
+        find, embed_fn = self.embeddings.hooks(self.model, self.embeddings_used)
         return dict(embeddings=find, embed_fn=embed_fn)
 
     def _warn(self, text: str) -> None:
@@ -293,54 +401,11 @@ class NetworkJob:
         """"Lora hashes" (names as written in the tags) and "TI hashes" (embeddings the prompts matched)."""
         out: dict[str, Any] = {}
         if self._hashes:
-            out["Lora hashes"] = format_hashes(self._hashes.items())
-        emb = getattr(self.model, "embeddings", None)
-        ti = emb.infotext_hashes(self.embeddings_used) if emb is not None else None
+            out["Lora hashes"] = infotext.format_hashes(self._hashes.items())
+        ti = self.embeddings.infotext_hashes(self.embeddings_used) if self.embeddings is not None else None
         if ti:
             out["TI hashes"] = ti
         return out
-
-
-# ------------------------------------------------------------------------------------------------
-# The job: what one generate() call owns
-# ------------------------------------------------------------------------------------------------
-
-class Job:
-    """The state of one generation that must not live on the model: the LoRAs merged for it (restored bit
-    for bit by `close()`), the textual-inversion embeddings its prompts matched, the conditioning cache,
-    and an fp32 copy of a half-precision VAE made only when a decode overflows. `tiling`: a seamless-tiling job
-    (run inside `seamless(...)`)."""
-
-    def __init__(self, model, r: Optional[ResolvedRequest] = None):
-        self.model = model
-        self.cache: dict = {}
-        self._vae_fp32 = None
-        self.tiling = bool(r is not None and r.tiling)
-        self.prompt = self.hr_prompt = ""
-        networks = hr_networks = ()
-        if r is not None:
-            self.prompt, networks = extract_networks(r.prompt)
-            self.hr_prompt, hr_networks = extract_networks(r.hires.prompt if r.hires else r.prompt)
-        self.networks = NetworkJob(model, networks, hr_networks if r is not None and r.hires else None)
-        self.encode = dict(cache=self.cache, **self.networks.text_hooks())
-
-    @classmethod
-    def plain(cls, model) -> "Job":
-        return cls(model)
-
-    def vae_fp32(self):
-        if self._vae_fp32 is None:
-            self._vae_fp32 = copy.deepcopy(self.model.vae).float()
-        return self._vae_fp32
-
-    def close(self) -> None:
-        self.networks.finish()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 @contextmanager
@@ -360,152 +425,3 @@ def seamless(model, enabled: bool = True):
     finally:
         for m, name, fn in installed:
             setattr(m, name, fn)
-
-
-# ------------------------------------------------------------------------------------------------
-# Generation
-# ------------------------------------------------------------------------------------------------
-
-def _schedule_steps(sampler, steps: int) -> int:
-    """Steps that prompt-editing schedules count: doubled for second-order samplers (A1111's
-    `total_steps` of `get_conds_with_caching`)."""
-    return steps * (2 if sampler.second_order else 1)
-
-
-def _sample_batch(model, job: Job, r: ResolvedRequest, sampler, scheduler, steps: int, prompts, negative_prompts,
-                  rng: ImageRNG, state: "JobState", callback, *, init_latent=None, fix_steps=False, sched=None,
-                  mask=None, noise_multiplier=None):
-    """One sampler run over one batch: conditioning, CFG, the sampler; returns the latents (B, 4, h, w).
-    `sched` holds the step counts prompt schedules resolve against (`steps`, and `hires_steps` in a hires pass)."""
-    sched = sched or dict(steps=_schedule_steps(sampler, steps))
-    cond, uncond = batch_conditioning(model, prompts, negative_prompts, **sched, clip_skip=r.clip_skip, **job.encode)
-    denoiser = make_denoiser(sampler.name, model.unet, model.alphas_cumprod.to(model.device), cond, uncond,
-                             r.cfg_scale, s_min_uncond=r.s_min_uncond or 0.0)
-    if mask is not None:
-        denoiser.set_mask(*mask, init_latent)
-
-    def on_step(d):
-        state.sampling_step = d["i"] + 1
-        state.current_latent = d["denoised"]
-        if callback is not None:
-            callback(d["i"], d["sigma"], d["x"], d["denoised"])
-        if state.interrupted or state.skipped:
-            raise Interrupted
-
-    state.sampling_step = 0
-    state.sampling_steps = steps
-    state.current_latent = init_latent  # A1111's `last_latent` before the first step: the init latent (img2img)
-    if init_latent is not None and (state.interrupted or state.skipped):
-        return init_latent  # A1111's denoiser stops at its first call (a hires pass after a skip)
-    try:
-        return sample(sampler.name, denoiser, rng, steps, scheduler=scheduler.label, init_latent=init_latent,
-                      denoising_strength=r.strength, fix_steps=fix_steps, eta=r.eta, s_churn=r.s_churn,
-                      s_tmin=r.s_tmin, s_tmax=r.s_tmax, s_noise=r.s_noise, initial_noise_multiplier=noise_multiplier,
-                      callback=on_step)
-    except Interrupted:
-        latent = state.current_latent  # A1111 keeps the last denoised estimate
-        if latent is None:  # stopped before the first step finished
-            latent = init_latent if init_latent is not None else torch.zeros(len(rng.seeds), *rng.shape,
-                                                                              device=rng.device)
-        return latent
-
-
-def _hires_pass(model, job: Job, r: ResolvedRequest, x, seeds, subseeds, rng_kw, state, callback, upscalers=None):
-    """Upscale the first-pass latents and run an img2img pass at the target size (A1111's
-    `StableDiffusionProcessingTxt2Img.sample_hr_pass`). A pixel upscaler named in `upscalers` (sd15.upscale)
-    runs through its `resize`; the built-ins without a list through `sd15.a1111.images.upscale_image`."""
-    hr = r.hires
-    if hr.upscaler in imgs.LATENT_UPSCALE_MODES:
-        z = imgs.upscale_latent(x, hr.upscaler, hr.width, hr.height)
-    else:
-        first = imgs.tensor_to_pil(decode_latents(model, x, job))
-        if upscalers is not None and hr.upscaler in upscalers.names():
-            pixels = [upscalers.resize(im, hr.upscaler, hr.width, hr.height, interrupted=lambda: state.interrupted)
-                      for im in first]
-        else:
-            pixels = [imgs.upscale_image(im, hr.upscaler, hr.width, hr.height) for im in first]
-        z = encode_images(model, imgs.pil_to_unit_tensor(pixels), job)
-    z = imgs.truncate_latent(z, hr.truncate_x, hr.truncate_y)  # crop to the requested aspect ratio, centrally
-    rng = ImageRNG(tuple(z.shape[1:]), seeds, subseeds=subseeds, **rng_kw)  # a new RNG at the hires shape
-    B = len(seeds)
-    return _sample_batch(model, job, r, hr.sampler, hr.scheduler, hr.steps, [job.hr_prompt] * B,
-                         [hr.negative_prompt] * B, rng, state, callback, init_latent=z, fix_steps=True,
-                         sched=dict(steps=_schedule_steps(r.sampler, r.steps),
-                                    hires_steps=_schedule_steps(hr.sampler, hr.steps)))
-
-
-def generate(model, request: GenerationRequest | ResolvedRequest, *, state: Optional[JobState] = None,
-             callback: Optional[Callable] = None, model_hash: Optional[str] = None,
-             vae_hash: Optional[str] = None, upscalers=None) -> Result:
-    """Run one A1111 request (txt2img, or img2img when `init_images` is set) -> Result.
-
-    A plain request is validated and resolved here (hires upscaler names: the latent modes and
-    `upscalers.names()`, or the built-in pixel upscalers without a list); `model_hash` / `vae_hash` (10 hex
-    digits, see `sd15.hashing`) are written as the infotext's "Model hash" / "VAE hash" when given; `upscalers`
-    (a `sd15.upscale.Upscalers`) runs the model upscalers of the hires pass."""
-    if isinstance(request, GenerationRequest):
-        validate(request)
-        request = resolve(request, upscalers=upscalers.names() if upscalers is not None else None)
-    with Job(model, request) as job, seamless(model, job.tiling):
-        return _generate(model, request, job, state or JobState(), callback, model_hash, vae_hash, upscalers)
-
-
-@torch.no_grad()
-def _generate(model, r: ResolvedRequest, job: Job, state: JobState, callback, model_hash, vae_hash,
-              upscalers) -> Result:
-    B = r.batch_size
-    init = Img2ImgInit(r.request, B) if r.is_img2img else None  # resized init images, masks, crop region
-    rng_kw = dict(subseed_strength=r.subseed_strength, seed_resize_from_h=r.seed_resize_from_h,
-                  seed_resize_from_w=r.seed_resize_from_w, eta_noise_seed_delta=r.eta_noise_seed_delta,
-                  source=r.randn_source.lower(), device=model.device)
-    passes = 2 if r.hires else 1
-    state.job_count = r.n_iter * passes
-    latents, images, kept = [], [], []  # kept: job-wide indices of the images returned
-    for it in range(r.n_iter):
-        if state.interrupted:
-            break
-        state.skipped = False  # a skip ends the running batch early (its partial images are kept), not the job
-        state.job_no = it * passes
-        seeds, subseeds = r.seeds[it * B:(it + 1) * B], r.subseeds[it * B:(it + 1) * B]
-        rng = ImageRNG((4, r.height // 8, r.width // 8), seeds, subseeds=subseeds, **rng_kw)
-        job.networks.first_pass()  # merge the prompt's LoRAs (nothing to do when they already are)
-        first = (r.sampler, r.scheduler, r.steps, [job.prompt] * B, [r.negative_prompt] * B, rng, state, callback)
-        if init is not None:
-            x = _sample_batch(model, job, r, *first, init_latent=init.latent(model, r.seeds[:B], rng_kw, job),
-                              mask=init.latent_masks(model), noise_multiplier=r.initial_noise_multiplier)
-            if init.has_mask:
-                x = init.blend(x)
-        else:
-            x = _sample_batch(model, job, r, *first)
-        if r.hires and not state.interrupted:  # after a skip too: A1111 upscales what the first pass has
-            state.job_no += 1
-            job.networks.hires_pass()  # the hires prompt's LoRAs
-            x = _hires_pass(model, job, r, x, seeds, subseeds, rng_kw, state, callback, upscalers)
-        latents.append(x)
-        batch_images = imgs.tensor_to_pil(decode_latents(model, x, job))
-        if init is not None:
-            batch_images = init.finish(batch_images)
-        images.extend(batch_images)
-        kept.extend(range(it * B, it * B + len(batch_images)))
-    state.job_no = state.job_count
-    state.skipped = False
-
-    info_kw = dict(model=_model_entries(model, model_hash, vae_hash), has_mask=init is not None and init.has_mask,
-                   extra={**job.networks.infotext_params(), **({"NGMS": r.s_min_uncond} if r.s_min_uncond else {})})
-    texts = [infotext.create_infotext(r, i, **info_kw) for i in kept]
-    info = infotext.create_info(r, texts, job_timestamp=infotext.job_timestamp(), **info_kw)
-    return Result(images=images, seeds=[r.seeds[i] for i in kept], subseeds=[r.subseeds[i] for i in kept],
-                  infotexts=texts, info=info, prompts=[r.prompt] * len(images),
-                  negative_prompts=[r.negative_prompt] * len(images),
-                  latents=torch.cat(latents) if latents else None, warnings=job.networks.warnings,
-                  interrupted=state.interrupted)
-
-
-def _model_entries(model, model_hash, vae_hash) -> dict:
-    """Model / VAE names (from the file names) and the caller's short hashes, for the infotext."""
-    out = {}
-    if getattr(model, "path", None):
-        out.update(sd_model_name=os.path.splitext(os.path.basename(model.path))[0], sd_model_hash=model_hash)
-    if getattr(model, "vae_path", None):
-        out.update(sd_vae_name=os.path.basename(model.vae_path), sd_vae_hash=vae_hash)
-    return out
