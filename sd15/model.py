@@ -1,6 +1,7 @@
 """`sd15.load(path)`: one SD 1.x checkpoint file -> the three networks, the tokenizer and the schedule."""
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -10,17 +11,17 @@ from sd15.clip.text_encoder import CLIPTextConfig, CLIPTextModel
 from sd15.clip.tokenizer import Tokenizer
 from sd15.embeddings import EmbeddingDatabase
 from sd15.lora import Loras
+from sd15.pipeline import generate
+from sd15.schema import from_kwargs, signature
 from sd15.unet.unet import UNetConfig, UNetModel
 from sd15.vae.vae import AutoencoderKL, VAEConfig
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """fp16 on CUDA (what A1111 runs by default); fp32 on the CPU, where half precision is slow."""
-    return torch.float16 if device.type == "cuda" else torch.float32
+def _device_and_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
+    """CUDA when present; fp16 there (what A1111 runs by default), fp32 on the CPU, where half precision is
+    slow."""
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    return device, dtype or (torch.float16 if device.type == "cuda" else torch.float32)
 
 
 class StableDiffusion:
@@ -39,10 +40,8 @@ class StableDiffusion:
         self.path = path
         self.vae_path = vae_path
         # extra networks: `<lora:NAME:...>` prompt tags (sd15.lora) and textual-inversion words (sd15.embeddings)
-        self.lora_dir = os.fspath(lora_dir) if lora_dir is not None else None
-        self.embeddings_dir = os.fspath(embeddings_dir) if embeddings_dir is not None else None
-        self.loras = Loras(self.lora_dir)
-        self.embeddings = EmbeddingDatabase(self.embeddings_dir, expected_width=text_encoder.cfg.hidden_size)
+        self.loras = Loras(lora_dir)
+        self.embeddings = EmbeddingDatabase(embeddings_dir, expected_width=text_encoder.cfg.hidden_size)
 
     def __repr__(self):
         n = sum(p.numel() for m in (self.unet, self.vae, self.text_encoder) for p in m.parameters())
@@ -52,9 +51,6 @@ class StableDiffusion:
     def txt2img(self, *, state=None, callback=None, model_hash=None, vae_hash=None, **request):
         """A1111 txt2img: keyword arguments are `sd15.schema.GenerationRequest` fields -> `sd15.pipeline.Result`.
         `model_hash` / `vae_hash`: short hashes for the infotext (`sd15.hashing`)."""
-        from sd15.pipeline import generate
-        from sd15.schema import from_kwargs
-
         if request.get("init_images") is not None:
             raise TypeError("txt2img takes no init_images; use img2img")
         return generate(self, from_kwargs(**request), state=state, callback=callback, model_hash=model_hash,
@@ -63,36 +59,24 @@ class StableDiffusion:
     def img2img(self, *, init_images, state=None, callback=None, model_hash=None, vae_hash=None, **request):
         """A1111 img2img / inpainting (`mask=`): `init_images` are PIL images or base64 strings, the other
         keyword arguments `sd15.schema.GenerationRequest` fields -> `sd15.pipeline.Result`."""
-        from sd15.pipeline import generate
-        from sd15.schema import from_kwargs
-
         return generate(self, from_kwargs(init_images=list(init_images), **request), state=state,
                         callback=callback, model_hash=model_hash, vae_hash=vae_hash)
 
     def load_vae(self, path) -> None:
-        """Replace the VAE by a standalone VAE file (e.g. vae-ft-mse-840000-ema-pruned.safetensors)."""
+        """Replace the VAE by a standalone VAE file (`load_vae`)."""
         self.vae = load_vae(path, device=self.device, dtype=self.dtype)
         self.vae_path = os.fspath(path)
 
 
-def _job_parameters():
-    import inspect
-
-    kw = inspect.Parameter.KEYWORD_ONLY
-    return tuple(inspect.Parameter(n, kw, default=None) for n in ("state", "callback", "model_hash", "vae_hash"))
-
-
 def _signatures():
     """model.txt2img / model.img2img list the schema's fields as their parameters (help(), tab completion)."""
-    import inspect
-
-    from sd15.schema import signature
-
     shared = ("prompt", "seeds", "sampling", "size", "settings")
+    job = tuple(inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None)
+                for n in ("state", "callback", "model_hash", "vae_hash"))
     self_ = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    t2i = signature(*shared, "hires", extra=_job_parameters())
+    t2i = signature(*shared, "hires", extra=job)
     StableDiffusion.txt2img.__signature__ = t2i.replace(parameters=[self_, *t2i.parameters.values()])
-    i2i = signature(*shared, "img2img", extra=_job_parameters())
+    i2i = signature(*shared, "img2img", extra=job)
     params = [p.replace(default=inspect.Parameter.empty) if p.name == "init_images" else p
               for p in i2i.parameters.values()]
     params.sort(key=lambda p: p.default is not inspect.Parameter.empty)  # the required init_images first
@@ -103,8 +87,8 @@ _signatures()
 
 
 def load_vae(path, *, device=None, dtype=None) -> AutoencoderKL:
-    device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or default_dtype(device)
+    """A standalone VAE file (e.g. vae-ft-mse-840000-ema-pruned.safetensors)."""
+    device, dtype = _device_and_dtype(device, dtype)
     path = os.fspath(path)
     entries = ckpt.vae_entries(ckpt.open_checkpoint(path), path)
     return ckpt.load_module(AutoencoderKL, VAEConfig, entries, device=device, dtype=dtype, path=path, what="VAE")
@@ -119,8 +103,7 @@ def load(path, *, vae=None, device=None, dtype=None, lora_dir=None, embeddings_d
     files (`<lora:NAME:weight>` tags) and textual-inversion embeddings (`model.loras`, `model.embeddings`).
     Raises `sd15.CheckpointError` with a one-line reason for anything it cannot use.
     """
-    device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or default_dtype(device)
+    device, dtype = _device_and_dtype(device, dtype)
     path = os.fspath(path)
     entries = ckpt.fix_old_clip_prefix(ckpt.open_checkpoint(path))
     parts, extras = ckpt.split_components(entries, path)

@@ -21,11 +21,8 @@ EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")
 def encode_texts(model, texts: list[str], *, clip_skip: int = 1, emphasis: str = "Original",
                  embed_fn=None, embeddings=None) -> torch.Tensor:
     """Encode texts that share one emphasis mean (the variants of one prompt schedule) -> (N, 77k, 768).
-
-    `embed_fn(tokens, chunks) -> inputs_embeds` lets textual inversion replace token vectors (None: plain ids);
-    `embeddings` is the `chunk_tokens` finder that places them. When neither is given, the model's
-    textual-inversion embeddings (`model.embeddings`, sd15.embeddings) are used.
-    """
+    `embed_fn(tokens, chunks) -> inputs_embeds` lets textual inversion replace token vectors, `embeddings` is
+    the finder that places them; when neither is given, the model's own (`model.embeddings`) are used."""
     return encode_groups(model, [texts], clip_skip=clip_skip, emphasis=emphasis, embed_fn=embed_fn,
                          embeddings=embeddings)[0]
 
@@ -99,30 +96,23 @@ def stack_conds(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(padded)
 
 
-def _split_prompts(prompts: list[str]) -> tuple[list, list[str]]:
-    """Per image `[(index into the unique subprompts, weight)]`, and the unique AND-subprompts in order."""
-    conds_list_idx, unique = [], {}
-    for prompt in prompts:
-        conds_list_idx.append([(unique.setdefault(text, len(unique)), weight) for text, weight in split_and(prompt)])
-    return conds_list_idx, list(unique)
-
-
 def batch_conditioning(model, prompts: list[str], negative_prompts: list[str], steps: int, *, cache=None,
                        **kw) -> tuple["PromptConds", "NegativeConds"]:
-    """The cond and uncond of one batch, their texts encoded together (one text-encoder forward per chunk
-    position instead of one per prompt); each prompt's result is what it would be alone."""
-    cache = {} if cache is None else cache
-    learned_conditioning(model, _split_prompts(prompts)[1] + list(negative_prompts), steps, cache=cache, **kw)
-    return (PromptConds(model, prompts, steps, cache=cache, **kw),  # both now read the filled cache
-            NegativeConds(model, negative_prompts, steps, cache=cache, **kw))
+    """The cond and uncond of one batch, all their texts encoded together (one text-encoder forward per chunk
+    position instead of one per prompt); each prompt's result is what it would be alone. The positive prompts
+    are split on AND (A1111 `get_multicond_learned_conditioning`), the negative ones are not."""
+    unique: dict[str, int] = {}  # the AND-subprompts of all prompts, each once, in order
+    conds_list_idx = [[(unique.setdefault(text, len(unique)), weight) for text, weight in split_and(prompt)]
+                      for prompt in prompts]  # per image: [(index into unique, weight)]
+    scheduled = learned_conditioning(model, [*unique, *negative_prompts], steps, cache=cache, **kw)
+    return PromptConds(conds_list_idx, scheduled[:len(unique)]), NegativeConds(scheduled[len(unique):])
 
 
+@dataclass
 class PromptConds:
     """Positive prompts with AND composition: `(step) -> (cond [N, 77k, 768], conds_list)` for CFGDenoiser."""
-
-    def __init__(self, model, prompts: list[str], steps: int, cache=None, **kw):
-        self.conds_list_idx, unique = _split_prompts(prompts)  # per image: [(index into unique, weight)]
-        self.scheduled = learned_conditioning(model, unique, steps, cache=cache, **kw)
+    conds_list_idx: list  # per image: [(index into scheduled, weight)]
+    scheduled: list[ScheduledCond]
 
     def __call__(self, step: int):
         tensors, conds_list = [], []
@@ -135,11 +125,10 @@ class PromptConds:
         return stack_conds(tensors), conds_list
 
 
+@dataclass
 class NegativeConds:
     """Negative prompts (no AND splitting, schedules apply): `(step) -> uncond [B, 77k, 768]`."""
-
-    def __init__(self, model, prompts: list[str], steps: int, cache=None, **kw):
-        self.scheduled = learned_conditioning(model, prompts, steps, cache=cache, **kw)
+    scheduled: list[ScheduledCond]
 
     def __call__(self, step: int):
         return stack_conds([s.at(step) for s in self.scheduled])
