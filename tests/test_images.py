@@ -20,7 +20,7 @@ from PIL import Image
 from sd15.a1111 import images as I
 from sd15.a1111 import inpaint as M
 from sd15.samplers import img2img_steps
-from sd15.schema import hires_target_size
+from sd15.schema import GenerationRequest, hires_target_size, resolve
 
 
 def rgb(w, h, color):
@@ -511,7 +511,6 @@ def test_prepare_inpaint_mask_whole_picture():
     for value, overlay in ((100, 200), (127, 254), (128, 255), (200, 255), (0, 0)):
         d = M.prepare_inpaint_mask(Image.new("L", (8, 8), value), 8, 8, 0, inpaint_full_res=False)
         assert d["image_mask"].mode == "L" and set(arr(d["image_mask"]).flatten().tolist()) == {value}
-        assert d["latent_mask"] is d["image_mask"]
         assert set(arr(d["mask_for_overlay"]).flatten().tolist()) == {overlay}      # clip(2*mask)
         assert d["crop_region"] is None and d["paste_to"] is None
     d = M.prepare_inpaint_mask(Image.new("L", (10, 7), 50), 8, 8, 1, inpaint_full_res=False)
@@ -526,8 +525,7 @@ def test_prepare_inpaint_mask_only_masked():
     assert d["mask_for_overlay"] is m                      # the blurred mask itself, original size
     assert d["image_mask"].size == (36, 36) and d["image_mask"].mode == "RGB"   # resize_image(2, ...)
     blank = M.prepare_inpaint_mask(rect_mask(8, 8, 0, 0, 0, 0), 8, 8, 0, inpaint_full_res=True)
-    assert blank == {"image_mask": None, "latent_mask": None, "mask_for_overlay": None, "crop_region": None,
-                     "paste_to": None}
+    assert blank == {"image_mask": None, "mask_for_overlay": None, "crop_region": None, "paste_to": None}
 
 
 def test_fill_masked():
@@ -557,7 +555,7 @@ def test_prepare_init_image_plain_and_fill():
     assert arr(original).tolist() == arr(src).tolist()                      # "original": untouched
     for fill in (0, 2, 3):                                                    # fill runs for all but 1
         filled, _, _ = M.prepare_init_image(src, 8, 8, 0, d, inpainting_fill=fill)
-        assert arr(filled).tolist() == arr(M.fill_masked(src, d["latent_mask"])).tolist()
+        assert arr(filled).tolist() == arr(M.fill_masked(src, d["image_mask"])).tolist()
         assert arr(filled)[arr(m) == 0].tolist() == arr(src)[arr(m) == 0].tolist()
         assert arr(filled)[2:6, 2:6].tolist() != arr(src)[2:6, 2:6].tolist()
 
@@ -621,18 +619,18 @@ def test_latent_mask_boundary():
     assert n2.tolist() == nmask.tolist()
 
 
-def test_masked_content_and_blend():
-    init = torch.full((1, 4, 1, 2), 3.0)
-    mask = torch.tensor([[[[1.0, 0.0]]]])
-    nmask = 1 - mask
-    noise = torch.full((1, 4, 1, 2), 5.0)
-    assert M.apply_masked_content(init, mask, nmask, 1).tolist() == init.tolist()
-    assert M.apply_masked_content(init, mask, nmask, 0) is init
-    assert M.apply_masked_content(init, mask, nmask, 2, noise)[0, :, 0].tolist() == [[3.0, 5.0]] * 4
-    assert M.apply_masked_content(init, mask, nmask, 3)[0, :, 0].tolist() == [[3.0, 0.0]] * 4
-    with pytest.raises(ValueError):
-        M.apply_masked_content(init, mask, nmask, 2)
-    samples = torch.full((1, 4, 1, 2), 7.0)
-    assert M.blend_inpaint_latent(samples, init, mask, nmask)[0, :, 0].tolist() == [[3.0, 7.0]] * 4
+@pytest.mark.parametrize("fill, expected", [(0, [3.0, 3.0]), (1, [3.0, 3.0]), (2, [3.0, 5.0]), (3, [3.0, 0.0])])
+def test_init_images_masked_content_and_blend(fill, expected):
+    """InitImages' init latent: the encoded images (3 here) with "latent noise" (5) or "latent nothing" (0) in
+    the redrawn right half; its blend keeps the init latent in the left half and the samples (7) in the right."""
+    r = resolve(GenerationRequest(init_images=[rgb(16, 8, (9, 9, 9))], mask=rect_mask(16, 8, 8, 0, 16, 8),
+                                  width=16, height=8, mask_blur=0, inpaint_full_res=False, inpainting_fill=fill))
+    shapes = []
+    init = M.InitImages(r, encode=lambda pixels: torch.full((len(pixels), 4, 1, 2), 3.0),
+                        noise=lambda shape: shapes.append(shape) or torch.full((1, *shape), 5.0))
+    assert init.nmask[0, 0].tolist() == [[0.0, 1.0]] and (init.mask + init.nmask).unique().tolist() == [1.0]
+    assert init.latent[0, :, 0].tolist() == [expected] * 4
+    assert shapes == ([(4, 1, 2)] if fill == 2 else [])  # the noise is drawn for "latent noise" only
+    assert init.blend(torch.full((1, 4, 1, 2), 7.0))[0, :, 0].tolist() == [[expected[0], 7.0]] * 4
 
 

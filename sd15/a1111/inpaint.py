@@ -44,17 +44,20 @@ class InitImages:
             z = upscale_latent(z, "Latent", r.width, r.height)
         self.mask = self.nmask = None  # (1, 1, h, w): 1 where the init latent is kept / redrawn
         if self.inpaint is not None:
-            mask, nmask = latent_mask(self.inpaint["latent_mask"], r.height // 8, r.width // 8, r.mask_round)
+            mask, nmask = latent_mask(self.inpaint["image_mask"], r.height // 8, r.width // 8, r.mask_round)
             self.mask, self.nmask = mask.to(z.device), nmask.to(z.device)
-            fill_noise = noise(tuple(z.shape[1:])) if r.inpainting_fill == 2 else None
-            z = apply_masked_content(z, self.mask, self.nmask, r.inpainting_fill, fill_noise)
+            # the latent side of "masked content" (0 "fill" and 1 "original" acted on the pixels)
+            if r.inpainting_fill == 2:  # "latent noise"
+                z = z * self.mask + noise(tuple(z.shape[1:])) * self.nmask
+            elif r.inpainting_fill == 3:  # "latent nothing"
+                z = z * self.mask
         self.latent = z  # (B, 4, h, w)
 
     def blend(self, samples: torch.Tensor) -> torch.Tensor:
         """The sampled latents with the unmasked part of the init latent put back (no mask: unchanged)."""
         if self.mask is None:
             return samples
-        return blend_inpaint_latent(samples, self.latent, self.mask, self.nmask)
+        return samples * self.nmask + self.latent * self.mask
 
     def finish(self, images: list) -> list:
         """One batch's images pasted back into the originals (overlays, "Only masked" uncrop)."""
@@ -84,21 +87,11 @@ def create_binary_mask(mask_image: Image.Image, mask_round: bool = True) -> Imag
     return mask_image.convert("L")
 
 
-def _reflect101(idx: np.ndarray, n: int) -> np.ndarray:
-    """OpenCV BORDER_REFLECT_101 index mapping (`gfedcb|abcdefgh|gfedcba`), any distance outside."""
-    if n == 1:
-        return np.zeros_like(idx)
-    period = 2 * (n - 1)
-    p = np.mod(idx, period)
-    return np.where(p > n - 1, period - p, p)
-
-
 def opencv_gaussian_kernel_q8(ksize: int, sigma: float) -> np.ndarray:
     """The integer kernel (sum 256) of OpenCV's bit-exact 8-bit `GaussianBlur` for an odd `ksize`: the weights
     `exp(-x²/(2σ²))` normalised in double precision, quantised to Q8 by error diffusion over the left half
     (round half to even), mirrored, the centre taking what is left."""
-    half = ksize // 2
-    scale2x = -0.125 / (float(sigma) * float(sigma))  # x runs over the even numbers 2·(i - half)
+    scale2x = -0.125 / (float(sigma) * float(sigma))  # x runs over 2·(i - ksize // 2) of the left half
     vals = [math.exp(float(x * x) * scale2x) for x in range(1 - ksize, -1, 2)]
     mul = 1.0 / (sum(vals) * 2.0 + 1.0)
     q, err = [], 0.0
@@ -121,8 +114,8 @@ def gaussian_blur_axis(arr: np.ndarray, sigma: float, axis: int) -> np.ndarray:
         return arr.copy()
     kern = opencv_gaussian_kernel_q8(ksize, sigma)
     r = ksize // 2
-    padded = np.take(arr, _reflect101(np.arange(-r, n + r), n), axis=axis)
-    x = np.ascontiguousarray(np.moveaxis(padded, axis, -1))  # blur along the last axis
+    # blur along the last axis; numpy's "reflect" is OpenCV's BORDER_REFLECT_101 (`gfedcb|abcdefgh|gfedcba`)
+    x = np.pad(np.moveaxis(arr, axis, -1), ((0, 0), (r, r)), mode="reflect")
     if np.count_nonzero(kern) <= 64:
         acc = np.zeros(x.shape[:-1] + (n,), dtype=np.int32)  # at most 255·256: no overflow
         for j in np.flatnonzero(kern):
@@ -146,7 +139,7 @@ def blur_mask(mask: Image.Image, mask_blur_x: float = 4, mask_blur_y: float = 4)
         a = gaussian_blur_axis(a, mask_blur_x, axis=1)
     if mask_blur_y > 0:
         a = gaussian_blur_axis(a, mask_blur_y, axis=0)
-    return Image.fromarray(np.ascontiguousarray(a), "L")
+    return Image.fromarray(a, "L")
 
 
 def prepare_mask(mask_image: Image.Image, mask_blur=4, invert: bool = False,
@@ -217,8 +210,8 @@ def prepare_inpaint_mask(mask: Image.Image, width: int, height: int, resize_mode
                          inpaint_full_res: bool = True, padding: int = 0) -> dict:
     """The masks of the blurred `mask` at processing size, as a dict:
 
-    - `image_mask` (= `latent_mask`, what `latent_mask()` is made from): the mask at `width × height`, or None
-      when "Only masked" found a blank mask;
+    - `image_mask`: the mask at `width × height` (A1111's `latent_mask` too: `fill_masked` and `latent_mask()`
+      use it), or None when "Only masked" found a blank mask;
     - `mask_for_overlay`: the mask whose inverse is the overlay's alpha;
     - `crop_region` `(x1, y1, x2, y2)` and `paste_to` `(x1, y1, w, h)` for "Only masked", else None.
 
@@ -226,7 +219,7 @@ def prepare_inpaint_mask(mask: Image.Image, width: int, height: int, resize_mode
     clip(2·image_mask)` (values >= 128 fully replace the original). Only masked: `image_mask =
     resize_image(2, mask.crop(crop), ...)` and `mask_for_overlay` is the blurred mask itself.
     """
-    out = dict.fromkeys(("image_mask", "latent_mask", "mask_for_overlay", "crop_region", "paste_to"))
+    out = dict.fromkeys(("image_mask", "mask_for_overlay", "crop_region", "paste_to"))
     if inpaint_full_res:
         m = mask.convert("L")
         crop = inpaint_crop_region(m, padding, width, height)
@@ -234,12 +227,12 @@ def prepare_inpaint_mask(mask: Image.Image, width: int, height: int, resize_mode
             return out
         x1, y1, x2, y2 = crop
         image_mask = resize_image(2, m.crop(crop), width, height)
-        out.update(image_mask=image_mask, latent_mask=image_mask, mask_for_overlay=mask, crop_region=crop,
+        out.update(image_mask=image_mask, mask_for_overlay=mask, crop_region=crop,
                    paste_to=(x1, y1, x2 - x1, y2 - y1))
         return out
     image_mask = resize_image(resize_mode, mask, width, height)
     overlay = Image.fromarray(np.clip(np.asarray(image_mask).astype(np.float32) * 2, 0, 255).astype(np.uint8))
-    out.update(image_mask=image_mask, latent_mask=image_mask, mask_for_overlay=overlay)
+    out.update(image_mask=image_mask, mask_for_overlay=overlay)
     return out
 
 
@@ -278,61 +271,40 @@ def prepare_init_image(image: Image.Image, width: int, height: int, resize_mode:
     image to encode, the RGBA overlay for `apply_overlay` (alpha = 255 - mask; None without a mask) and
     `mask_for_overlay`, resized to the image when it differed (A1111 keeps it for the next image).
 
-    `inpaint` is `prepare_inpaint_mask`'s dict (None for plain img2img). The image is flattened onto
-    `background`, resized to `width × height` (unless "Only masked" or resize mode 3), its overlay made, then
-    cropped to the "Only masked" region and resized, and pre-filled (`fill_masked`) unless `inpainting_fill`
-    is 1."""
+    `inpaint` is `prepare_inpaint_mask`'s dict of a (non-blank) mask, None for plain img2img. The image is
+    flattened onto `background`, resized to `width × height` (unless "Only masked" or resize mode 3), its
+    overlay made, then cropped to the "Only masked" region and resized, and pre-filled (`fill_masked`) unless
+    `inpainting_fill` is 1."""
     image = flatten(image, background)
     crop = inpaint["crop_region"] if inpaint else None
-    has_mask = bool(inpaint) and inpaint.get("image_mask") is not None
     if crop is None and resize_mode != 3:
         image = resize_image(resize_mode, image, width, height)
-    overlay, mfo = None, (inpaint or {}).get("mask_for_overlay")
-    if has_mask:
-        if mfo.size != image.size:
-            mfo = resize_image(resize_mode, mfo, image.width, image.height)
-        overlay = _cut_out(image, mfo).convert("RGBA")
+    if inpaint is None:
+        return image, None, None
+    mfo = inpaint["mask_for_overlay"]
+    if mfo.size != image.size:
+        mfo = resize_image(resize_mode, mfo, image.width, image.height)
+    overlay = _cut_out(image, mfo).convert("RGBA")
     if crop is not None:
         image = resize_image(2, image.crop(crop), width, height)
-    if has_mask and inpainting_fill != 1:
-        image = fill_masked(image, inpaint["latent_mask"])
+    if inpainting_fill != 1:
+        image = fill_masked(image, inpaint["image_mask"])
     return image, overlay, mfo
 
 
 # ---------------------------------------------------------------------------------------------
-# the latent side: latent mask, masked content, blend
+# the latent mask
 # ---------------------------------------------------------------------------------------------
 
 def latent_mask(mask: Image.Image, latent_h: int, latent_w: int, mask_round: bool = True):
     """`(mask, nmask)`, float32 (1, 1, latent_h, latent_w), broadcasting over (B, 4, h, w): the mask resized
     with Pillow's default BICUBIC, channel 0 `/ 255`, `np.around` (half to even) when `mask_round`. `nmask`
     is 1 where the image is redrawn, `mask = 1 - nmask` where the init latent is kept."""
-    lat = mask.convert("RGB").resize((latent_w, latent_h))
-    lat = np.asarray(lat, dtype=np.float32)[:, :, 0] / 255
+    lat = np.asarray(mask.convert("RGB").resize((latent_w, latent_h)), dtype=np.float32)[:, :, 0] / 255
     if mask_round:
         lat = np.around(lat)
-    lat = lat.astype(np.float32)
-    keep = (np.float32(1.0) - lat).astype(np.float32)
-    return torch.from_numpy(keep)[None, None].clone(), torch.from_numpy(lat)[None, None].clone()
-
-
-def apply_masked_content(init_latent: torch.Tensor, mask: torch.Tensor, nmask: torch.Tensor, inpainting_fill: int,
-                         noise: torch.Tensor | None = None) -> torch.Tensor:
-    """The latent side of "Masked content": 0 "fill" and 1 "original" unchanged (fill acted on the pixels),
-    2 "latent noise" `init·mask + noise·nmask`, 3 "latent nothing" `init·mask`."""
-    if inpainting_fill == 2:
-        if noise is None:
-            raise ValueError("inpainting_fill=2 (latent noise) needs the noise tensor")
-        return init_latent * mask + noise * nmask
-    if inpainting_fill == 3:
-        return init_latent * mask
-    return init_latent
-
-
-def blend_inpaint_latent(samples: torch.Tensor, init_latent: torch.Tensor, mask: torch.Tensor,
-                         nmask: torch.Tensor) -> torch.Tensor:
-    """Keep the unmasked latent: `samples·nmask + init·mask`."""
-    return samples * nmask + init_latent * mask
+    nmask = torch.from_numpy(lat)[None, None]
+    return 1.0 - nmask, nmask
 
 
 # ---------------------------------------------------------------------------------------------
