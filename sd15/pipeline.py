@@ -127,18 +127,18 @@ def _generate(model, r: ResolvedRequest, job: Job, state: JobState, callback, mo
         state.skipped = False  # a skip ends the running batch early (its partial images are kept), not the job
         state.job_no = it * passes
         batch = slice(it * B, (it + 1) * B)
-        rng_at = partial(new_rng, seeds=r.seeds[batch], subseeds=r.subseeds[batch])  # shape -> ImageRNG
+        batch_rng = partial(new_rng, seeds=r.seeds[batch], subseeds=r.subseeds[batch])  # shape -> ImageRNG
+        rng = batch_rng((4, r.height // 8, r.width // 8))
         job.networks.first_pass()  # merge the prompt's LoRAs (nothing to do when they already are)
         cond = batch_conditioning(model, [job.prompt] * B, [r.negative_prompt] * B,
                                   _schedule_steps(r.sampler, r.steps), **job.encode)
-        x = _sample(model, r, cond, r.sampler, r.scheduler, r.steps, rng_at((4, r.height // 8, r.width // 8)),
-                    state, callback, **img2img)
+        x = _sample(model, r, cond, r.sampler, r.scheduler, r.steps, rng, state, callback, **img2img)
         if init is not None:
             x = init.blend(x)
         if r.hires and not state.interrupted:  # after a skip too: A1111 upscales what the first pass has
             state.job_no += 1
             job.networks.hires_pass()  # the hires prompt's LoRAs
-            x = _hires_pass(model, job, r, x, rng_at, state, callback, upscalers)
+            x = _hires_pass(model, job, r, x, batch_rng, state, callback, upscalers)
         latents.append(x)
         batch_images = imgs.tensor_to_pil(decode_latents(model, x, job))
         if init is not None:
@@ -148,9 +148,9 @@ def _generate(model, r: ResolvedRequest, job: Job, state: JobState, callback, mo
     state.job_no = state.job_count
     state.skipped = False
 
-    info_kw = dict(model=_model_entries(model, model_hash, vae_hash), has_mask=init is not None and
-                   init.mask is not None, extra={**job.networks.infotext_params(),
-                                                 **({"NGMS": r.s_min_uncond} if r.s_min_uncond else {})})
+    extra = {**job.networks.infotext_params(), **({"NGMS": r.s_min_uncond} if r.s_min_uncond else {})}
+    info_kw = dict(model=_model_entries(model, model_hash, vae_hash), extra=extra,
+                   has_mask=init is not None and init.mask is not None)
     texts = [infotext.create_infotext(r, i, **info_kw) for i in kept]
     info = infotext.create_info(r, texts, job_timestamp=infotext.job_timestamp(), **info_kw)
     return Result(images=images, seeds=[r.seeds[i] for i in kept], subseeds=[r.subseeds[i] for i in kept],
@@ -200,7 +200,7 @@ def _sample(model, r: ResolvedRequest, cond, sampler, scheduler, steps: int, rng
         return latent
 
 
-def _hires_pass(model, job: Job, r: ResolvedRequest, x, rng_at, state, callback, upscalers):
+def _hires_pass(model, job: Job, r: ResolvedRequest, x, batch_rng, state, callback, upscalers):
     """Upscale the first-pass latents and run an img2img pass at the target size (A1111's
     `StableDiffusionProcessingTxt2Img.sample_hr_pass`). A pixel upscaler named in `upscalers` (sd15.upscale)
     runs through its `resize`, the built-ins without a list through `sd15.a1111.images.upscale_image`."""
@@ -219,7 +219,7 @@ def _hires_pass(model, job: Job, r: ResolvedRequest, x, rng_at, state, callback,
     B = r.batch_size
     steps = dict(steps=_schedule_steps(r.sampler, r.steps), hires_steps=_schedule_steps(hr.sampler, hr.steps))
     cond = batch_conditioning(model, [job.hr_prompt] * B, [hr.negative_prompt] * B, **steps, **job.encode)
-    rng = rng_at(tuple(z.shape[1:]))  # a new RNG at the hires shape
+    rng = batch_rng(tuple(z.shape[1:]))  # a new RNG at the hires shape
     return _sample(model, r, cond, hr.sampler, hr.scheduler, hr.steps, rng, state, callback, init_latent=z,
                    fix_steps=True)
 

@@ -112,21 +112,19 @@ class ImageRNG:
         return Generator(seed, self.source, self.device).randn(shape)
 
     def first(self) -> torch.Tensor:
+        """The initial noise: A1111's `create_random_tensors` with variation seeds and seed resize."""
         C, H, W = self.shape
-        resized = self.seed_resize_from_h > 0 and self.seed_resize_from_w > 0
         noise_shape = self.shape
-        if resized:
+        if self.seed_resize_from_h > 0 and self.seed_resize_from_w > 0:
             noise_shape = (C, int(self.seed_resize_from_h) // 8, int(self.seed_resize_from_w) // 8)
         xs = []
         for i, (seed, gen) in enumerate(zip(self.seeds, self.generators)):
-            sub = None
-            if self.subseeds is not None and self.subseed_strength != 0:
-                sub = self._fresh_randn(self.subseeds[i] if i < len(self.subseeds) else 0, noise_shape)
             if noise_shape != self.shape:
                 noise = self._fresh_randn(seed, noise_shape)
             else:
                 noise = gen.randn(self.shape)
-            if sub is not None:
+            if self.subseeds is not None and self.subseed_strength != 0:
+                sub = self._fresh_randn(self.subseeds[i] if i < len(self.subseeds) else 0, noise_shape)
                 noise = slerp(self.subseed_strength, noise, sub)
             if noise_shape != self.shape:
                 # paste the centre of the seed-sized noise into the centre of a full-size draw
