@@ -266,7 +266,8 @@ def decode_latents(model, latents: torch.Tensor, job: Optional[Job] = None) -> t
     z = latents.to(model.device)
     x = _vae_decode(model.vae, z.to(vae_dtype) / SCALE_FACTOR, tiles)
     if vae_dtype != torch.float32 and torch.isnan(x).any():
-        x = _vae_decode((job or Job(model)).vae_fp32(), z.float() / SCALE_FACTOR, tiles)
+        vae = job.vae_fp32() if job is not None else copy.deepcopy(model.vae).float()
+        x = _vae_decode(vae, z.float() / SCALE_FACTOR, tiles)
     return x.float()
 
 
@@ -298,17 +299,14 @@ class Job:
     matched, the conditioning cache (`encode`: the text options of `batch_conditioning`), and an fp32 copy of
     a half-precision VAE made only when a decode overflows. `tiling`: a seamless-tiling job."""
 
-    def __init__(self, model, r: Optional[ResolvedRequest] = None):
+    def __init__(self, model, r: ResolvedRequest):
         self.model = model
         self._vae_fp32 = None
-        self.tiling = bool(r and r.tiling)
-        self.prompt = self.hr_prompt = ""
-        networks = hr_networks = ()
-        if r is not None:
-            self.prompt, networks = extract_networks(r.prompt)
-            self.hr_prompt, hr_networks = extract_networks(r.hires.prompt if r.hires else r.prompt)
-        self.networks = NetworkJob(model, networks, hr_networks if r and r.hires else None)
-        self.encode = dict(cache={}, clip_skip=r.clip_skip if r else 1, **self.networks.text_hooks())
+        self.tiling = r.tiling
+        self.prompt, networks = extract_networks(r.prompt)
+        self.hr_prompt, hr_networks = extract_networks(r.hires.prompt) if r.hires else (self.prompt, None)
+        self.networks = NetworkJob(model, networks, hr_networks)
+        self.encode = dict(cache={}, clip_skip=r.clip_skip, **self.networks.text_hooks())
 
     def vae_fp32(self):
         if self._vae_fp32 is None:

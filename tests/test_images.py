@@ -478,7 +478,7 @@ def test_get_crop_region():
     assert M.get_crop_region(m) == (10, 20, 20, 25)
     assert M.get_crop_region(m, 4) == (6, 16, 24, 29)
     assert M.get_crop_region(m, 15) == (0, 5, 35, 40)        # clipped at 0
-    assert M.get_crop_region(np.asarray(m), 50) == (0, 0, 64, 64)
+    assert M.get_crop_region(m, 50) == (0, 0, 64, 64)
     assert M.get_crop_region(rect_mask(8, 8, 0, 0, 0, 0)) is None
     assert M.get_crop_region(rect_mask(8, 8, 7, 7, 8, 8, value=1)) == (7, 7, 8, 8)
 
@@ -499,7 +499,7 @@ def test_expand_crop_region(box, proc, image, expected):
 def test_inpaint_crop_region():
     m = rect_mask(64, 64, 10, 20, 20, 25)
     assert M.inpaint_crop_region(m, 4, 512, 512) == (6, 14, 24, 32)
-    assert M.inpaint_crop_region(np.asarray(m), 0, 512, 512) == (10, 18, 20, 28)   # w10 h5 -> diff 5: -2 / +3
+    assert M.inpaint_crop_region(m, 0, 512, 512) == (10, 18, 20, 28)   # w10 h5 -> diff 5: -2 / +3
     assert M.inpaint_crop_region(rect_mask(8, 8, 0, 0, 0, 0), 32, 512, 512) is None
 
 

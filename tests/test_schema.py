@@ -84,7 +84,7 @@ def test_fp32_vae_fallback_is_the_jobs_not_the_models():
             return out * float("nan") if self.w.dtype == torch.float16 else out
 
     model = types.SimpleNamespace(vae=HalfVAE(), device=torch.device("cpu"))
-    job = Job(model)
+    job = Job(model, resolve(GenerationRequest()))
     x = decode_latents(model, torch.ones(1, 4, 2, 2), job)
     assert torch.isfinite(x).all() and x.shape == (1, 3, 16, 16)
     assert seen == [torch.float16, torch.float16] and model.vae.w.dtype == torch.float16

@@ -115,13 +115,10 @@ class PromptConds:
     scheduled: list[ScheduledCond]
 
     def __call__(self, step: int):
-        tensors, conds_list = [], []
+        tensors, conds_list = [], []  # conds_list: per image [(row in the stacked cond, weight)]
         for entries in self.conds_list_idx:
-            rows = []
-            for idx, weight in entries:
-                rows.append((len(tensors), weight))
-                tensors.append(self.scheduled[idx].at(step))
-            conds_list.append(rows)
+            conds_list.append([(len(tensors) + j, weight) for j, (_, weight) in enumerate(entries)])
+            tensors.extend(self.scheduled[idx].at(step) for idx, _ in entries)
         return stack_conds(tensors), conds_list
 
 

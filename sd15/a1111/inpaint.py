@@ -159,15 +159,14 @@ def prepare_mask(mask_image: Image.Image, mask_blur=4, invert: bool = False,
 
 def get_crop_region(mask, pad: int = 0):
     """A1111 `masking.get_crop_region_v2`: `(x1, y1, x2, y2)` (x2/y2 exclusive) of the non-zero pixels of an
-    "L" mask (PIL image or 2-D array), grown by `pad` and clipped to the image; None for an all-zero mask."""
-    m = mask if isinstance(mask, Image.Image) else Image.fromarray(np.asarray(mask, dtype=np.uint8))
-    box = m.getbbox()
+    "L" mask, grown by `pad` and clipped to the image; None for an all-zero mask."""
+    box = mask.getbbox()
     if not box:
         return None
     if not pad:
         return box
     x1, y1, x2, y2 = box
-    return max(x1 - pad, 0), max(y1 - pad, 0), min(x2 + pad, m.size[0]), min(y2 + pad, m.size[1])
+    return max(x1 - pad, 0), max(y1 - pad, 0), min(x2 + pad, mask.width), min(y2 + pad, mask.height)
 
 
 def expand_crop_region(crop_region, processing_width: int, processing_height: int, image_width: int,
@@ -201,9 +200,8 @@ def _grow_span(lo: int, hi: int, diff: int, limit: int) -> tuple[int, int]:
 def inpaint_crop_region(mask, padding: int, width: int, height: int):
     """The "Only masked" box: `get_crop_region` expanded to the `width × height` aspect ratio; None for a
     blank mask (A1111 then falls back to plain img2img)."""
-    m = mask if isinstance(mask, Image.Image) else Image.fromarray(np.asarray(mask, dtype=np.uint8))
-    box = get_crop_region(m, padding)
-    return None if box is None else expand_crop_region(box, width, height, m.width, m.height)
+    box = get_crop_region(mask, padding)
+    return None if box is None else expand_crop_region(box, width, height, mask.width, mask.height)
 
 
 def prepare_inpaint_mask(mask: Image.Image, width: int, height: int, resize_mode: int = 0,
