@@ -192,12 +192,10 @@ def _sample(model, r: ResolvedRequest, cond, sampler, scheduler, steps: int, rng
                       denoising_strength=r.strength, fix_steps=fix_steps, eta=r.eta, s_churn=r.s_churn,
                       s_tmin=r.s_tmin, s_tmax=r.s_tmax, s_noise=r.s_noise, initial_noise_multiplier=noise_multiplier,
                       callback=on_step)
-    except Interrupted:
-        latent = state.current_latent  # A1111 keeps the last denoised estimate
-        if latent is None:  # stopped before the first step finished
-            latent = init_latent if init_latent is not None else torch.zeros(len(rng.seeds), *rng.shape,
-                                                                              device=rng.device)
-        return latent
+    except Interrupted:  # A1111 keeps the last denoised estimate
+        if state.current_latent is None:  # txt2img stopped before its first step finished
+            return torch.zeros(len(rng.seeds), *rng.shape, device=rng.device)
+        return state.current_latent
 
 
 def _hires_pass(model, job: Job, r: ResolvedRequest, x, batch_rng, state, callback, upscalers):

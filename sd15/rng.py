@@ -155,10 +155,6 @@ class ImageRNG:
 # Brownian-tree noise for the SDE samplers (torchsde BrownianTree, halfway tree, tol 1e-6)
 # ---------------------------------------------------------------------------------------------
 
-def _round6(t: float) -> float:
-    return round(t, 6)  # torchsde quantises times to its tolerance 1e-6
-
-
 def brownian_tree(t0: float, t1: float, entropy: int, shape, *, source="gpu", device="cpu", cache_size=192):
     """W(a, b) = W_b - W_a of one Brownian path on [t0, t1], a function of (entropy, a, b) only.
 
@@ -170,7 +166,7 @@ def brownian_tree(t0: float, t1: float, entropy: int, shape, *, source="gpu", de
     An [a, b] query sums the W of the maximal tree nodes that tile it, left to right.
     `cache_size` nodes are kept (LRU); 192 holds every node that later steps revisit (~12 MB at 512²).
     """
-    start, end = _round6(t0), _round6(t1)
+    start, end = round(t0, 6), round(t1, 6)  # torchsde quantises times to its tolerance 1e-6
     root_seed = np.random.SeedSequence(entropy=entropy, pool_size=24).generate_state(3)[0]
     root_w = Generator(int(root_seed), source, device).randn(shape) * math.sqrt(t1 - t0)
     cache = OrderedDict()  # (key, depth) -> W, least recently used first; recomputation is bit-identical
@@ -178,7 +174,7 @@ def brownian_tree(t0: float, t1: float, entropy: int, shape, *, source="gpu", de
     def children(a, b, key, depth, w):
         """(m, W_left, W_right) of node [a, b]."""
         left, right = (2 * key, depth + 1), (2 * key + 1, depth + 1)
-        m = _round6(0.5 * (b + a))
+        m = round(0.5 * (b + a), 6)
         if left in cache and right in cache:
             cache.move_to_end(left)
             cache.move_to_end(right)
@@ -194,8 +190,8 @@ def brownian_tree(t0: float, t1: float, entropy: int, shape, *, source="gpu", de
         return m, w_left, w_right
 
     def increment(lo: float, hi: float) -> torch.Tensor:
-        lo = min(max(_round6(float(lo)), start), end)
-        hi = min(max(_round6(float(hi)), start), end)
+        lo = min(max(round(float(lo), 6), start), end)
+        hi = min(max(round(float(hi), 6), start), end)
         if lo >= hi:
             return torch.zeros(shape, device=device)
         total = None
