@@ -1,9 +1,9 @@
 """txt2img and img2img the way AUTOMATIC1111 runs them: `generate(model, request) -> Result`.
 
-One request reads top to bottom in `_generate`: validate and resolve it once (sd15.schema), prepare the image
-side once (img2img: `sd15.a1111.inpaint.InitImages`), then per batch of `batch_size` images, `n_iter` times:
-noise (sd15.rng.ImageRNG) -> conditioning -> sampler -> [hires pass] -> VAE decode -> paste-back; last the
-infotexts (sd15.a1111.infotext).
+One request reads top to bottom in `generate` and `_generate`: validate and resolve it once (sd15.schema),
+prepare the image side once (img2img: `sd15.a1111.inpaint.InitImages`), then per batch of `batch_size` images,
+`n_iter` times: noise (sd15.rng.ImageRNG) -> conditioning -> sampler -> [hires pass] -> VAE decode ->
+paste-back; last the infotexts (sd15.a1111.infotext).
 
 Hooks for researchers, none of which need an edit here: `callback(step, sigma, x, denoised)` after every
 sampler step; `state` (a `JobState`) whose `interrupt()` / `skip()` may be called from another thread and are
@@ -293,9 +293,10 @@ def encode_images(model, pixels: torch.Tensor, job: Optional[Job] = None) -> tor
 
 class Job:
     """The state of one generation that must not live on the model: the prompts without their network tags,
-    the LoRAs merged for it (restored bit for bit by `close()`), the textual-inversion embeddings its prompts
-    matched, the conditioning cache (`encode`: the text options of `batch_conditioning`), and an fp32 copy of
-    a half-precision VAE made only when a decode overflows. `tiling`: a seamless-tiling job."""
+    the LoRAs merged for it (restored bit for bit when its `with` block ends), the textual-inversion
+    embeddings its prompts matched, the conditioning cache (`encode`: the text options of
+    `batch_conditioning`), and an fp32 copy of a half-precision VAE made only when a decode overflows.
+    `tiling`: a seamless-tiling job."""
 
     def __init__(self, model, r: ResolvedRequest):
         self.model = model
@@ -311,14 +312,11 @@ class Job:
             self._vae_fp32 = copy.deepcopy(self.model.vae).float()
         return self._vae_fp32
 
-    def close(self) -> None:
-        self.networks.finish()
-
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.close()
+        self.networks.finish()
 
 
 class NetworkJob:
