@@ -428,14 +428,14 @@ def test_blur_single_pixel_and_reflect101_border():
     assert M.gaussian_blur_axis(edge.T, 1, axis=1).tolist() == edge.T.tolist()
 
 
-def test_blur_mask_separable_axes():
+def test_mask_blur_separable_axes():
     m = np.zeros((9, 9), np.uint8)
     m[4, 4] = 255
-    only_x = arr(M.blur_mask(Image.fromarray(m), 1, 0))
+    only_x = arr(M.prepare_mask(Image.fromarray(m), (1, 0)))
     assert only_x[4].tolist() == [0, 1, 14, 62, 102, 62, 14, 1, 0] and only_x[3].tolist() == [0] * 9
-    only_y = arr(M.blur_mask(Image.fromarray(m), 0, 1))
+    only_y = arr(M.prepare_mask(Image.fromarray(m), (0, 1)))
     assert only_y[:, 4].tolist() == [0, 1, 14, 62, 102, 62, 14, 1, 0]
-    both = arr(M.blur_mask(Image.fromarray(m), 1, 1))
+    both = arr(M.prepare_mask(Image.fromarray(m), (1, 1)))
     # vertical pass on the rounded horizontal result, column 4 (value 102): (102*k + 128) >> 8
     assert both[:, 4].tolist() == [0, 0, 6, 25, 41, 25, 6, 0, 0]
     # column 3 (value 62): (62*k + 128) >> 8 -> 0, 3, 15, 25
@@ -450,7 +450,7 @@ def test_prepare_mask_invert_and_blur_options():
     a = arr(M.prepare_mask(Image.fromarray(white_box), (1, 0)))
     assert a[4].tolist() == [0, 1, 14, 62, 102, 62, 14, 1, 0]
     assert arr(M.prepare_mask(Image.fromarray(white_box), 1)).tolist() == \
-        arr(M.blur_mask(Image.fromarray(white_box), 1, 1)).tolist()
+        arr(M.prepare_mask(Image.fromarray(white_box), (1, 1))).tolist()
 
 
 def test_blur_matches_opencv_if_installed():

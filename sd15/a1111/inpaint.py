@@ -131,26 +131,21 @@ def gaussian_blur_axis(arr: np.ndarray, sigma: float, axis: int) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(out, -1, axis))
 
 
-def blur_mask(mask: Image.Image, mask_blur_x: float = 4, mask_blur_y: float = 4) -> Image.Image:
-    """Horizontal then vertical blur, each only when its σ > 0 and each rounded to uint8 (A1111's two OpenCV
-    calls) -> "L" image."""
-    a = np.asarray(mask.convert("L"), dtype=np.uint8)
-    if mask_blur_x > 0:
-        a = gaussian_blur_axis(a, mask_blur_x, axis=1)
-    if mask_blur_y > 0:
-        a = gaussian_blur_axis(a, mask_blur_y, axis=0)
-    return Image.fromarray(a, "L")
-
-
 def prepare_mask(mask_image: Image.Image, mask_blur=4, invert: bool = False,
                  mask_round: bool = True) -> Image.Image:
     """The blurred "L" inpainting mask: `create_binary_mask`, inverted for `inpainting_mask_invert`, then
-    `blur_mask`. `mask_blur` is one σ for both axes or a pair `(mask_blur_x, mask_blur_y)`."""
+    blurred horizontally and vertically, each only when its σ > 0 and each rounded to uint8 (A1111's two
+    OpenCV calls). `mask_blur` is one σ for both axes or a pair `(mask_blur_x, mask_blur_y)`."""
     bx, by = (mask_blur, mask_blur) if np.isscalar(mask_blur) else tuple(mask_blur)
     m = create_binary_mask(mask_image, mask_round)
     if invert:
         m = ImageOps.invert(m)
-    return blur_mask(m, bx, by)
+    a = np.asarray(m, dtype=np.uint8)
+    if bx > 0:
+        a = gaussian_blur_axis(a, bx, axis=1)
+    if by > 0:
+        a = gaussian_blur_axis(a, by, axis=0)
+    return Image.fromarray(a, "L")
 
 
 # ---------------------------------------------------------------------------------------------
