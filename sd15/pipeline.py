@@ -110,13 +110,10 @@ def generate(model, request: GenerationRequest | ResolvedRequest, *, state: Opti
 def _generate(model, r: ResolvedRequest, job: Job, state: JobState, callback, model_hash, vae_hash,
               upscalers) -> Result:
     B, passes = r.batch_size, 2 if r.hires else 1
-    new_rng = partial(ImageRNG, subseed_strength=r.subseed_strength, seed_resize_from_h=r.seed_resize_from_h,
-                      seed_resize_from_w=r.seed_resize_from_w, eta_noise_seed_delta=r.eta_noise_seed_delta,
-                      source=r.randn_source.lower(), device=model.device)
     init, img2img = None, {}
     if r.is_img2img:  # the image side, once; "latent noise" is the first draw for the first batch's seeds
         init = InitImages(r, encode=partial(encode_images, model, job=job),
-                          noise=lambda shape: new_rng(shape, r.seeds[:B]).first())
+                          noise=lambda shape: _image_rng(model, r, shape, r.seeds[:B]).first())
         img2img = dict(init_latent=init.latent, mask=init.mask, nmask=init.nmask,
                        noise_multiplier=r.initial_noise_multiplier)
     state.job_count = r.n_iter * passes
@@ -126,9 +123,8 @@ def _generate(model, r: ResolvedRequest, job: Job, state: JobState, callback, mo
             break
         state.skipped = False  # a skip ends the running batch early (its partial images are kept), not the job
         state.job_no = it * passes
-        batch = slice(it * B, (it + 1) * B)
-        batch_rng = partial(new_rng, seeds=r.seeds[batch], subseeds=r.subseeds[batch])  # shape -> ImageRNG
-        rng = batch_rng((4, r.height // 8, r.width // 8))
+        seeds, subseeds = r.seeds[it * B:(it + 1) * B], r.subseeds[it * B:(it + 1) * B]
+        rng = _image_rng(model, r, (4, r.height // 8, r.width // 8), seeds, subseeds)
         job.networks.first_pass()  # merge the prompt's LoRAs (nothing to do when they already are)
         cond = batch_conditioning(model, [job.prompt] * B, [r.negative_prompt] * B,
                                   _schedule_steps(r.sampler, r.steps), **job.encode)
@@ -138,7 +134,7 @@ def _generate(model, r: ResolvedRequest, job: Job, state: JobState, callback, mo
         if r.hires and not state.interrupted:  # after a skip too: A1111 upscales what the first pass has
             state.job_no += 1
             job.networks.hires_pass()  # the hires prompt's LoRAs
-            x = _hires_pass(model, job, r, x, batch_rng, state, callback, upscalers)
+            x = _hires_pass(model, job, r, x, seeds, subseeds, state, callback, upscalers)
         latents.append(x)
         batch_images = imgs.tensor_to_pil(decode_latents(model, x, job))
         if init is not None:
@@ -158,6 +154,14 @@ def _generate(model, r: ResolvedRequest, job: Job, state: JobState, callback, mo
                   negative_prompts=[r.negative_prompt] * len(images),
                   latents=torch.cat(latents) if latents else None, warnings=job.networks.warnings,
                   interrupted=state.interrupted)
+
+
+def _image_rng(model, r: ResolvedRequest, shape, seeds, subseeds=None) -> ImageRNG:
+    """A1111's per-image noise for `seeds` at `shape` (C, h, w), with the request's variation seeds, seed
+    resize, ENSD and noise source."""
+    return ImageRNG(shape, seeds, subseeds=subseeds, subseed_strength=r.subseed_strength,
+                    seed_resize_from_h=r.seed_resize_from_h, seed_resize_from_w=r.seed_resize_from_w,
+                    eta_noise_seed_delta=r.eta_noise_seed_delta, source=r.randn_source.lower(), device=model.device)
 
 
 def _schedule_steps(sampler, steps: int) -> int:
@@ -198,7 +202,7 @@ def _sample(model, r: ResolvedRequest, cond, sampler, scheduler, steps: int, rng
         return state.current_latent
 
 
-def _hires_pass(model, job: Job, r: ResolvedRequest, x, batch_rng, state, callback, upscalers):
+def _hires_pass(model, job: Job, r: ResolvedRequest, x, seeds, subseeds, state, callback, upscalers):
     """Upscale the first-pass latents and run an img2img pass at the target size (A1111's
     `StableDiffusionProcessingTxt2Img.sample_hr_pass`). A pixel upscaler named in `upscalers` (sd15.upscale)
     runs through its `resize`, the built-ins without a list through `sd15.a1111.images.upscale_image`."""
@@ -217,7 +221,7 @@ def _hires_pass(model, job: Job, r: ResolvedRequest, x, batch_rng, state, callba
     B = r.batch_size
     steps = dict(steps=_schedule_steps(r.sampler, r.steps), hires_steps=_schedule_steps(hr.sampler, hr.steps))
     cond = batch_conditioning(model, [job.hr_prompt] * B, [hr.negative_prompt] * B, **steps, **job.encode)
-    rng = batch_rng(tuple(z.shape[1:]))  # a new RNG at the hires shape
+    rng = _image_rng(model, r, tuple(z.shape[1:]), seeds, subseeds)  # a new RNG at the hires shape
     return _sample(model, r, cond, hr.sampler, hr.scheduler, hr.steps, rng, state, callback, init_latent=z,
                    fix_steps=True)
 
