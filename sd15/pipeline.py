@@ -336,7 +336,7 @@ class NetworkJob:
         self.warnings: list[str] = []
         self._hashes: dict[str, str] = {}
         self.first = self._resolve(networks)
-        self.hr = self._resolve(hr_networks) if hr_networks is not None else None
+        self.hr = self._resolve(hr_networks) if hr_networks is not None else self.first
         self.embeddings_used: dict = {}  # textual-inversion embeddings this job's prompts matched
         self.embeddings = getattr(model, "embeddings", None)  # sd15.embeddings.EmbeddingDatabase
         if self.embeddings is not None:
@@ -389,7 +389,7 @@ class NetworkJob:
         self._activate(self.first)
 
     def hires_pass(self) -> None:
-        self._activate(self.hr if self.hr is not None else self.first)
+        self._activate(self.hr)
 
     def finish(self) -> None:
         if self.loras is not None:
