@@ -158,8 +158,6 @@ def get_crop_region(mask, pad: int = 0):
     box = mask.getbbox()
     if not box:
         return None
-    if not pad:
-        return box
     x1, y1, x2, y2 = box
     return max(x1 - pad, 0), max(y1 - pad, 0), min(x2 + pad, mask.width), min(y2 + pad, mask.height)
 
