@@ -230,12 +230,12 @@ def generate_images(args) -> list[str]:
     _check_checkpoint(args.ckpt, "--ckpt")
     if args.vae:
         _check_checkpoint(args.vae, "--vae")
-    device, dtype = _device_and_dtype(args.device, args.precision)
     params = _request(args)
+    _check_out(args.out)
+    device, dtype = _device_and_dtype(args.device, args.precision)  # the first check that needs torch
     if params.cfg_scale < 0:  # allowed, as in A1111's API, but rarely meant
         print(f"sd15: warning: --cfg-scale {params.cfg_scale}: a negative scale steers the image away from the "
               f"prompt", file=sys.stderr)
-    _check_out(args.out)
 
     import sd15
     from sd15.hashing import cached_hash, short_hash

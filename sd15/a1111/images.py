@@ -11,10 +11,13 @@ import io
 import os
 import re
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps
+
+if TYPE_CHECKING:  # torch is imported where it is used: the request schema reads this module's upscaler names
+    import torch
 
 LANCZOS = Image.Resampling.LANCZOS
 NEAREST = Image.Resampling.NEAREST
@@ -163,6 +166,8 @@ def pil_to_unit_tensor(images) -> torch.Tensor:
     Non-RGB images are first made RGB with `flatten` (RGBA onto white). All images must have one size.
     This [0,1] tensor is what A1111 keeps as the img2img batch and feeds to TAESD.
     """
+    import torch
+
     arrs = []
     for im in _as_list(images):
         if im.mode != "RGB":
@@ -182,6 +187,8 @@ def tensor_to_uint8(x: torch.Tensor) -> np.ndarray:
     truncation (floor), not rounding. So x = 0 -> 127, x = 1 -> 255, x = -1 -> 0. NaN (which A1111 retries
     in fp32) maps to 0 here.
     """
+    import torch
+
     if x.dim() == 3:
         x = x[None]
     t = torch.clamp((x.detach().float() + 1.0) / 2.0, min=0.0, max=1.0)
@@ -368,6 +375,8 @@ def upscale_latent(z: torch.Tensor, mode_name: str, width: int, height: int) -> 
     """
     if mode_name not in LATENT_UPSCALE_MODES:
         raise ValueError(f"could not find upscaler named {mode_name}")
+    import torch.nn.functional as F
+
     mode, antialias = LATENT_UPSCALE_MODES[mode_name]
     return F.interpolate(z, size=(height // 8, width // 8), mode=mode, antialias=antialias)
 

@@ -10,12 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from .kdiffusion import (sample_dpm_2, sample_dpm_2_ancestral, sample_dpm_adaptive, sample_dpm_fast,
-                         sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_2m_sde_heun, sample_dpmpp_2s_ancestral,
-                         sample_dpmpp_3m_sde, sample_dpmpp_sde, sample_euler, sample_euler_ancestral, sample_heun,
-                         sample_lcm, sample_lms, sample_restart)
-from .timesteps import sample_ddim, sample_ddim_cfgpp, sample_plms, sample_unipc
-
 # The sampler a request without one gets: A1111's API default (`sampler_index` "Euler" when `sampler_name` is
 # empty). The library, the server and the CLI all use it.
 DEFAULT_SAMPLER = "Euler"
@@ -26,7 +20,7 @@ class Sampler:
     """One A1111 sampler: its name and aliases, the function, and what A1111 decides for it."""
     name: str
     aliases: tuple[str, ...]
-    fn: Callable
+    function: str                        # its name in `kdiffusion`, or in `timesteps` for timestep samplers
     scheduler: Optional[str] = None      # the label "Automatic" means; None = the model's own (Uniform)
     discard_penultimate: bool = False    # schedule for steps + 1, then drop the last non-zero σ
     second_order: bool = False           # prompt-edit schedules count steps × 2
@@ -38,6 +32,13 @@ class Sampler:
     cfgpp: bool = False                  # CFG++: guidance scale / 12.5, the uncond ε steers
     solver_type: Optional[str] = None    # listed in the API options ("heun")
     options: dict = field(default_factory=dict, hash=False)  # keyword arguments A1111 passes, with defaults
+
+    @property
+    def fn(self) -> Callable:
+        """The sampling function, imported on first use: the table (and the request schema) needs no torch."""
+        from sd15.samplers import kdiffusion, timesteps
+
+        return getattr(timesteps if self.timesteps else kdiffusion, self.function)
 
     @property
     def has_eta(self) -> bool:
@@ -65,34 +66,37 @@ _ETA_DDIM = {"eta": 0.0}                                                   # opt
 
 # A1111's order (its UI and `/sdapi/v1/samplers`).
 SAMPLER_TABLE: list[Sampler] = [
-    Sampler("DPM++ 2M", ("k_dpmpp_2m",), sample_dpmpp_2m, "Karras"),
-    Sampler("DPM++ SDE", ("k_dpmpp_sde",), sample_dpmpp_sde, "Karras", second_order=True, brownian=True,
+    Sampler("DPM++ 2M", ("k_dpmpp_2m",), "sample_dpmpp_2m", "Karras"),
+    Sampler("DPM++ SDE", ("k_dpmpp_sde",), "sample_dpmpp_sde", "Karras", second_order=True, brownian=True,
             options=_ETA_NOISE),
-    Sampler("DPM++ 2M SDE", ("k_dpmpp_2m_sde",), sample_dpmpp_2m_sde, "Exponential", brownian=True,
+    Sampler("DPM++ 2M SDE", ("k_dpmpp_2m_sde",), "sample_dpmpp_2m_sde", "Exponential", brownian=True,
             options=_ETA_NOISE),
-    Sampler("DPM++ 2M SDE Heun", ("k_dpmpp_2m_sde_heun",), sample_dpmpp_2m_sde_heun, "Exponential", brownian=True,
-            solver_type="heun", options=_ETA_NOISE),
-    Sampler("DPM++ 2S a", ("k_dpmpp_2s_a",), sample_dpmpp_2s_ancestral, "Karras", second_order=True, uses_ensd=True,
-            options=_ETA_NOISE),
-    Sampler("DPM++ 3M SDE", ("k_dpmpp_3m_sde",), sample_dpmpp_3m_sde, "Exponential", discard_penultimate=True,
-            brownian=True, options=_ETA_NOISE),
-    Sampler("Euler a", ("k_euler_a", "k_euler_ancestral"), sample_euler_ancestral, uses_ensd=True,
-            options=_ETA),  # A1111 does not pass s_noise here
-    Sampler("Euler", ("k_euler",), sample_euler, options=_CHURN),
-    Sampler("LMS", ("k_lms",), sample_lms),
-    Sampler("Heun", ("k_heun",), sample_heun, second_order=True, options=_CHURN),
-    Sampler("DPM2", ("k_dpm_2",), sample_dpm_2, "Karras", discard_penultimate=True, second_order=True,
-            options=_CHURN),
-    Sampler("DPM2 a", ("k_dpm_2_a",), sample_dpm_2_ancestral, "Karras", discard_penultimate=True, second_order=True,
+    Sampler("DPM++ 2M SDE Heun", ("k_dpmpp_2m_sde_heun",), "sample_dpmpp_2m_sde_heun", "Exponential",
+            brownian=True, solver_type="heun", options=_ETA_NOISE),
+    Sampler("DPM++ 2S a", ("k_dpmpp_2s_a",), "sample_dpmpp_2s_ancestral", "Karras", second_order=True,
             uses_ensd=True, options=_ETA_NOISE),
-    Sampler("DPM fast", ("k_dpm_fast",), sample_dpm_fast, uses_ensd=True, sigma_range=True, options=_ETA_NOISE),
-    Sampler("DPM adaptive", ("k_dpm_ad",), sample_dpm_adaptive, uses_ensd=True, sigma_range=True, options=_ETA),
-    Sampler("Restart", ("restart",), sample_restart, "Karras", second_order=True),
-    Sampler("DDIM", ("ddim",), sample_ddim, timesteps=True, options=_ETA_DDIM),
-    Sampler("DDIM CFG++", ("ddim_cfgpp",), sample_ddim_cfgpp, timesteps=True, cfgpp=True, options=_ETA_DDIM),
-    Sampler("PLMS", ("plms",), sample_plms, timesteps=True),
-    Sampler("UniPC", ("unipc",), sample_unipc, timesteps=True),
-    Sampler("LCM", ("k_lcm",), sample_lcm, lcm=True),
+    Sampler("DPM++ 3M SDE", ("k_dpmpp_3m_sde",), "sample_dpmpp_3m_sde", "Exponential", discard_penultimate=True,
+            brownian=True, options=_ETA_NOISE),
+    Sampler("Euler a", ("k_euler_a", "k_euler_ancestral"), "sample_euler_ancestral", uses_ensd=True,
+            options=_ETA),  # A1111 does not pass s_noise here
+    Sampler("Euler", ("k_euler",), "sample_euler", options=_CHURN),
+    Sampler("LMS", ("k_lms",), "sample_lms"),
+    Sampler("Heun", ("k_heun",), "sample_heun", second_order=True, options=_CHURN),
+    Sampler("DPM2", ("k_dpm_2",), "sample_dpm_2", "Karras", discard_penultimate=True, second_order=True,
+            options=_CHURN),
+    Sampler("DPM2 a", ("k_dpm_2_a",), "sample_dpm_2_ancestral", "Karras", discard_penultimate=True,
+            second_order=True, uses_ensd=True, options=_ETA_NOISE),
+    Sampler("DPM fast", ("k_dpm_fast",), "sample_dpm_fast", uses_ensd=True, sigma_range=True,
+            options=_ETA_NOISE),
+    Sampler("DPM adaptive", ("k_dpm_ad",), "sample_dpm_adaptive", uses_ensd=True, sigma_range=True,
+            options=_ETA),
+    Sampler("Restart", ("restart",), "sample_restart", "Karras", second_order=True),
+    Sampler("DDIM", ("ddim",), "sample_ddim", timesteps=True, options=_ETA_DDIM),
+    Sampler("DDIM CFG++", ("ddim_cfgpp",), "sample_ddim_cfgpp", timesteps=True, cfgpp=True,
+            options=_ETA_DDIM),
+    Sampler("PLMS", ("plms",), "sample_plms", timesteps=True),
+    Sampler("UniPC", ("unipc",), "sample_unipc", timesteps=True),
+    Sampler("LCM", ("k_lcm",), "sample_lcm", lcm=True),
 ]
 
 
