@@ -119,6 +119,11 @@ def fields_of(*groups: str) -> list[dataclasses.Field]:
     return [f for f in FIELDS.values() if f.metadata["group"] in groups]
 
 
+def value_type(f: dataclasses.Field) -> Optional[type]:
+    """The type of a field's values, `Optional` aside ("Optional[int]" -> int); None for images and masks."""
+    return {"int": int, "float": float, "str": str, "bool": bool}.get(f.type.removeprefix("Optional[").rstrip("]"))
+
+
 def signature(*groups: str, extra: tuple = ()) -> inspect.Signature:
     """A keyword-only signature made of the fields of `groups` (then `extra` parameters), for functions that
     take a request as keyword arguments (`model.txt2img`), so that help() and tab completion list them."""

@@ -18,11 +18,12 @@ import math
 import re
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from sd15.samplers.table import (SAMPLER_TABLE, find_scheduler, recorded_schedule, resolve_sampler,
+from sd15 import schema
+from sd15.samplers.table import (SAMPLER_TABLE, SCHEDULER_TABLE, find_sampler, find_scheduler, recorded_schedule,
                                  split_sampler_name)
 
 A1111_VERSION = "v1.10.1"  # what infotext "Version" and info "version" say
-_MASKED_CONTENT = {0: "fill", 2: "latent noise", 3: "latent nothing"}
+MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")  # by inpainting_fill
 
 
 def job_timestamp(now: Optional[datetime.datetime] = None) -> str:
@@ -55,7 +56,7 @@ def _extra_params(r, has_mask: bool, extra: Mapping[str, Any]) -> dict:
             if q.inpaint_full_res:
                 out["Inpaint area"] = "Only masked"
                 out["Masked area padding"] = q.inpaint_full_res_padding
-            out["Masked content"] = _MASKED_CONTENT.get(q.inpainting_fill)
+            out["Masked content"] = None if q.inpainting_fill == 1 else MASKED_CONTENT[q.inpainting_fill]
     elif hr is not None:
         out["Denoising strength"] = r.strength
         if hr.sampler is not r.sampler:
@@ -319,41 +320,55 @@ def parse_infotext(text: str, *, skip_fields: Iterable[str] = ()) -> dict:
     return res
 
 
-
-
-def sampler_from_infotext(d: Mapping[str, Any]) -> tuple[str, str]:
-    """(sampler, schedule type) a pasted infotext means, as A1111's paste logic reads it: old combined names
-    are split, a missing Schedule type is Automatic, a schedule equal to the sampler's own shows as
-    "Automatic", an unknown sampler becomes A1111's first, "DPM++ 2M"."""
-    return _paste(d.get("Sampler"), d.get("Schedule type"))
-
-
-def hr_sampler_from_infotext(d: Mapping[str, Any]) -> tuple[str, str]:
-    """(hires sampler, hires schedule type) of a pasted infotext: "Use same sampler"/"Use same scheduler"
-    when they equal the first pass's."""
-    hr_sampler = d.get("Hires sampler", "Use same sampler")
-    hr_scheduler = d.get("Hires schedule type", "Use same scheduler")
-    sampler = d.get("Sampler") if hr_sampler == "Use same sampler" else hr_sampler
-    scheduler = d.get("Schedule type") if hr_scheduler == "Use same scheduler" else hr_scheduler
-    try:  # A1111 resolves this pair with the name's suffix winning over the explicit schedule type
-        base, suffix = split_sampler_name(sampler or SAMPLER_TABLE[0].name)
-    except ValueError:
-        base, suffix = sampler, None
-    s, c = _paste(base, suffix or scheduler)
-    return (s if s != d.get("Sampler") else "Use same sampler",
-            c if c != d.get("Schedule type") else "Use same scheduler")
-
-
-def _paste(name: Optional[str], scheduler: Optional[str]) -> tuple[str, str]:
-    """A1111's lenient UI resolution: unknown names fall back (sampler to the first one, scheduler to
-    Automatic), and a scheduler equal to the sampler's default is reported as "Automatic"."""
-    if find_scheduler(scheduler) is None:
-        scheduler = None
+def _value(f, text: Any) -> Any:
+    """An infotext value as schema field `f` takes it; the field's default when it does not convert."""
+    kind = schema.value_type(f)
     try:
-        sampler, sched = resolve_sampler(name or SAMPLER_TABLE[0].name, scheduler)
+        return str(text) == "True" if kind is bool else kind(text)
     except ValueError:
-        sampler, sched = resolve_sampler(SAMPLER_TABLE[0].name, scheduler)
-    label = sched.label
-    if sampler.scheduler == label:
-        label = "Automatic"
-    return sampler.name, label
+        return f.default
+
+
+def _sampler(name: Optional[str]) -> tuple[str, Optional[str]]:
+    """A1111's `get_sampler_and_scheduler` as its paste calls it: (sampler, the schedule suffix of an old
+    combined name such as "DPM++ 2M Karras", which wins over "Schedule type"); an unknown sampler is A1111's
+    first."""
+    try:
+        name, suffix = split_sampler_name(name or SAMPLER_TABLE[0].name)
+    except ValueError:
+        name, suffix = SAMPLER_TABLE[0].name, None
+    return find_sampler(name).name, suffix
+
+
+def _schedule(label: Optional[str]) -> str:
+    """The schedule's name ("Karras" -> "karras"); "automatic" for an unknown one."""
+    return (find_scheduler(label) or SCHEDULER_TABLE[0]).name
+
+
+def request_from_infotext(p: Mapping[str, Any]) -> dict:
+    """The request fields (`sd15.schema` names -> values) a parsed infotext (`parse_infotext`) restores, by
+    A1111's paste rules (its `txt2img/img2img_paste_fields`): each schema field that names infotext keys gets
+    the value, or its default when the infotext has none; then the samplers, the Hires. fix checkbox and the
+    inpainting fields, whose infotext values are words. The schedule stays named where A1111's UI shows
+    "Automatic" for the sampler's own (the same numbers)."""
+    out = {}
+    for f in schema.FIELDS.values():
+        texts = [p[key] for key in f.metadata["infotext"] if p.get(key) not in (None, "")]
+        if f.metadata["infotext"]:
+            out[f.name] = _value(f, texts[0]) if texts else f.default
+    out["sampler_name"], suffix = _sampler(p.get("Sampler"))
+    out["scheduler"] = _schedule(suffix or p.get("Schedule type"))
+    out["hr_sampler_name"] = out["hr_scheduler"] = suffix = None
+    if p.get("Hires sampler", "Use same sampler") != "Use same sampler":
+        out["hr_sampler_name"], suffix = _sampler(p["Hires sampler"])
+    if suffix or p.get("Hires schedule type", "Use same scheduler") != "Use same scheduler":
+        out["hr_scheduler"] = _schedule(suffix or p["Hires schedule type"])
+    out["enable_hr"] = "Denoising strength" in p and (
+        "Hires upscale" in p or "Hires upscaler" in p or out["hr_resize_x"] > 0)
+    content = p.get("Masked content")
+    out["inpainting_fill"] = MASKED_CONTENT.index(content) if content in MASKED_CONTENT else 1
+    out["inpaint_full_res"] = p.get("Inpaint area") == "Only masked"
+    padding = p.get("Masked area padding", 32)
+    out["inpaint_full_res_padding"] = _value(schema.FIELDS["inpaint_full_res_padding"], padding)
+    out["inpainting_mask_invert"] = int(p.get("Mask mode") == "Inpaint not masked")
+    return out
