@@ -40,11 +40,6 @@ class Sampler:
 
         return getattr(timesteps if self.timesteps else kdiffusion, self.function)
 
-    @property
-    def has_eta(self) -> bool:
-        """The function takes `eta` (infotext "Eta" / "Eta DDIM" when it differs from the option)."""
-        return "eta" in self.options
-
     def api(self) -> dict:
         """The `/sdapi/v1/samplers` entry (option values are strings, in A1111's order)."""
         opts = {}
