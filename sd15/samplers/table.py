@@ -1,18 +1,13 @@
-"""The one sampler table and the one scheduler table, with A1111 v1.10's names and name resolution.
-
-Every other place reads these: the sampling call (`sd15.samplers.sampling.sample`), the request schema
-(`sd15.schema`), the infotext writer and parser, `/sdapi/v1/samplers` and `/sdapi/v1/schedulers`, the CLI.
-References: A1111 `modules/sd_samplers_kdiffusion.py` (samplers_k_diffusion and their options),
-`sd_samplers_timesteps.py`, `sd_samplers_lcm.py`, `sd_schedulers.py`, `sd_samplers.py` (`get_sampler_and_scheduler`).
+"""The one sampler table and the one scheduler table, with A1111 v1.10's names and name resolution; sampling,
+the request schema, the infotext, the server and the CLI all read these. From A1111's `sd_samplers_kdiffusion.py`,
+`sd_samplers_timesteps.py`, `sd_samplers_lcm.py`, `sd_schedulers.py` and `sd_samplers.py`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-# The sampler a request without one gets: A1111's API default (`sampler_index` "Euler" when `sampler_name` is
-# empty). The library, the server and the CLI all use it.
-DEFAULT_SAMPLER = "Euler"
+DEFAULT_SAMPLER = "Euler"  # A1111's API default (its `sampler_index`) for a request without `sampler_name`
 
 
 @dataclass(frozen=True)
@@ -100,12 +95,12 @@ class Scheduler:
     """One `/sdapi/v1/schedulers` entry. default_rho is -1.0 when the schedule has no ρ."""
     name: str
     label: str
-    aliases: Optional[tuple[str, ...]] = None
+    aliases: tuple[str, ...] = ()
     default_rho: float = -1.0
     need_inner_model: bool = False
 
     def api(self) -> dict:
-        return {"name": self.name, "label": self.label, "aliases": None if self.aliases is None else list(self.aliases),
+        return {"name": self.name, "label": self.label, "aliases": list(self.aliases) or None,
                 "default_rho": self.default_rho, "need_inner_model": self.need_inner_model}
 
 
@@ -126,29 +121,19 @@ SCHEDULER_TABLE: list[Scheduler] = [
 ]
 
 SAMPLER_BY_NAME = {s.name: s for s in SAMPLER_TABLE}
-_SAMPLER_BY_LOWER: dict[str, Sampler] = {}
-for _s in SAMPLER_TABLE:
-    for _n in (_s.name, *_s.aliases):
-        _SAMPLER_BY_LOWER.setdefault(_n.lower(), _s)
+_SAMPLER_BY_LOWER = {n.lower(): s for s in SAMPLER_TABLE for n in (s.name, *s.aliases)}
 _SCHEDULER_EXACT = {**{c.name: c for c in SCHEDULER_TABLE}, **{c.label: c for c in SCHEDULER_TABLE}}
-_SCHEDULER_BY_LOWER: dict[str, Scheduler] = {}
-for _c in SCHEDULER_TABLE:
-    for _n in (_c.name, _c.label, *(_c.aliases or ())):
-        _SCHEDULER_BY_LOWER.setdefault(_n.lower(), _c)
-_SUFFIXES_LONGEST_FIRST = sorted(((o, c) for c in SCHEDULER_TABLE for o in (c.label, c.name, *(c.aliases or ()))),
+_SCHEDULER_BY_LOWER = {n.lower(): c for c in SCHEDULER_TABLE for n in (c.name, c.label, *c.aliases)}
+_SUFFIXES_LONGEST_FIRST = sorted(((o, c) for c in SCHEDULER_TABLE for o in (c.label, c.name, *c.aliases)),
                                  key=lambda oc: -len(oc[0]))
-del _s, _n, _c
 
 
-def find_sampler(name: Optional[str], *, lenient: bool = True) -> Optional[Sampler]:
-    """The sampler called `name`: the exact name (all A1111's API accepts), then, when `lenient`, any case of
-    the name or an alias ("euler A", "k_euler_a"). None when unknown."""
+def find_sampler(name: Optional[str]) -> Optional[Sampler]:
+    """The sampler called `name`: the exact name (all A1111's API accepts), else any case of the name or an
+    alias ("euler A", "k_euler_a"). None when unknown."""
     if name is None:
         return None
-    s = SAMPLER_BY_NAME.get(name)
-    if s is None and lenient:
-        s = _SAMPLER_BY_LOWER.get(name.strip().lower())
-    return s
+    return SAMPLER_BY_NAME.get(name) or _SAMPLER_BY_LOWER.get(name.strip().lower())
 
 
 def find_scheduler(name: Optional[str], *, lenient: bool = True) -> Optional[Scheduler]:
@@ -171,7 +156,7 @@ def split_sampler_name(name: str) -> tuple[str, Optional[str]]:
         return name, None
     base, label = name, None
     for c in SCHEDULER_TABLE:
-        for option in (c.label, c.name, *(c.aliases or ())):
+        for option in (c.label, c.name, *c.aliases):
             if base.endswith(" " + option):
                 base, label = base[:-len(option) - 1], c.label
                 break
@@ -187,11 +172,9 @@ def split_sampler_name(name: str) -> tuple[str, Optional[str]]:
 
 
 def resolve_sampler(name: Optional[str], scheduler: Optional[str] = None) -> tuple[Sampler, Scheduler]:
-    """A1111 v1.10's API resolution of (sampler, scheduler) -> (Sampler, Scheduler).
-
-    `name`: a sampler name or alias, or an old combined name ("DPM++ 2M Karras"); None/"" is DEFAULT_SAMPLER.
-    `scheduler`: a name or label ("karras", "Karras"); None/"" is Automatic. An explicit scheduler wins over
-    a name's suffix. Unknown names raise ValueError naming the valid ones."""
+    """A1111 v1.10's API resolution of a sampler name (or alias, or old combined name; empty: DEFAULT_SAMPLER)
+    and a schedule name or label (empty: Automatic), which wins over the name's suffix. Unknown names raise
+    ValueError naming the valid ones."""
     explicit = None
     if scheduler not in (None, ""):
         explicit = find_scheduler(scheduler)
