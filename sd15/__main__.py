@@ -4,9 +4,8 @@
     sd15 img2img --ckpt ... --init cat.png --denoising-strength 0.6 --prompt "a tiger" --out out/
     sd15 samplers | schedulers | upscalers
 
-Every argument is checked before the model loads; bad input is one line on stderr and exit code 2. Ctrl-C
-stops sampling, saves what was made and exits 130. torch is imported only once a command needs it, so
-`sd15 --help` is fast.
+Every argument is checked before the model loads (and before torch is imported); bad input is one line on
+stderr and exit code 2. Ctrl-C stops sampling, saves what was made and exits 130.
 """
 from __future__ import annotations
 
@@ -22,8 +21,6 @@ COMMANDS = {"txt2img": "txt2img with A1111's samplers, seeds and prompt syntax",
             "schedulers": "list the schedule types --scheduler takes",
             "upscalers": "list the hires upscalers --hr-upscaler takes"}
 DEFAULT_MAX_PIXELS = 2048 * 2048  # the server's --max-pixels default
-_TYPES = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optional[float]": float, "Optional[str]": str}
-_ALIASES = {"sampler_name": ["--sampler"]}
 
 
 class UsageError(Exception):
@@ -36,23 +33,23 @@ def _flag(name: str) -> str:
 
 def _add_schema_options(parser, *groups: str) -> None:
     """One option per schema field of `groups` (`--field-name`, the schema's default and help)."""
-    from sd15.schema import RANDN_SOURCES, fields_of
+    from sd15.schema import RANDN_SOURCES, fields_of, value_type
 
     for f in fields_of(*groups):
-        flags = [_flag(f.name), *_ALIASES.get(f.name, [])]
+        flags = [_flag(f.name), *(["--sampler"] if f.name == "sampler_name" else [])]
         help_ = (f.metadata["doc"] or f.name.replace("_", " ")).replace("%", "%%")
-        if f.type == "bool":
+        kind = value_type(f)
+        if kind is bool:
             parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
                                 help=help_)
-        elif f.type in _TYPES:
+        elif kind is not None:
             choices = RANDN_SOURCES if f.name == "randn_source" else None
-            parser.add_argument(*flags, dest=f.name, type=_TYPES[f.type], default=f.default, choices=choices,
-                                help=help_)
+            parser.add_argument(*flags, dest=f.name, type=kind, default=f.default, choices=choices, help=help_)
 
 
 def _parser(commands=("txt2img", "img2img")) -> argparse.ArgumentParser:
-    """The parser, with the options of `commands` (building txt2img's imports the schema, hence torch; `main`
-    builds only the command given, so `sd15 --help` imports neither)."""
+    """The parser, with the options of `commands` only (`main` passes the command given: `sd15 --help` needs
+    no schema)."""
     from sd15 import __version__
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -78,10 +75,6 @@ def _parser(commands=("txt2img", "img2img")) -> argparse.ArgumentParser:
     return ap
 
 
-# ------------------------------------------------------------------------------------------------
-# Checks made before the model loads
-# ------------------------------------------------------------------------------------------------
-
 def _check_file(path: str, flag: str) -> None:
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path}: is a folder, not a file")
@@ -91,21 +84,16 @@ def _check_file(path: str, flag: str) -> None:
         raise UsageError(f"{flag} {path}: not readable")
 
 
-def _missing_weights(path: str) -> str:
-    from server.download import model_source
-
-    url, _ = model_source()
-    return (f"--ckpt {path}: no such file; download {url} into {os.path.dirname(path) or '.'} "
-            f"(or start sd15-server, which fetches it on its first run)")
-
-
 def _check_checkpoint(path: str, flag: str) -> None:
     """Exists, is a file, and is not cut short: a safetensors header that fits in the file, or a complete zip
-    (torch.save's format) or a pickle."""
+    (torch.save's format) or a pickle. A missing --ckpt says where to download the weights."""
     import zipfile
 
     if flag == "--ckpt" and not os.path.exists(path):
-        raise UsageError(_missing_weights(path))
+        from server.download import model_source
+
+        raise UsageError(f"--ckpt {path}: no such file; download {model_source()[0]} into "
+                         f"{os.path.dirname(path) or '.'} (or start sd15-server, which fetches it on its first run)")
     _check_file(path, flag)
     size = os.path.getsize(path)
     with open(path, "rb") as f:
@@ -206,10 +194,6 @@ def _request(args):
         raise UsageError(f"{_flag(name) if name else ''}{': ' if name else ''}{msg}{hint}") from None
     return resolve(request)
 
-
-# ------------------------------------------------------------------------------------------------
-# Running
-# ------------------------------------------------------------------------------------------------
 
 def _steps_run(params) -> int | None:
     """Sampler steps the job will report: img2img and the hires pass run only their share of the schedule
