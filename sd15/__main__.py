@@ -118,12 +118,6 @@ def _open_image(path: str, flag: str):
         raise UsageError(f"{flag} {path}: not an image ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
 
 
-def _check_folder(out: str, folder: str) -> None:
-    if not os.path.isdir(folder):
-        raise UsageError(f"--out {out}: {folder} is not a folder" if os.path.exists(folder) else
-                         f"--out {out}: folder {folder} does not exist")
-
-
 def _check_out(out: str) -> None:
     """The output can be written: a file name with a known image extension in an existing, writable folder, or
     a folder in an existing one (created now, so that a bad one fails before the model loads)."""
@@ -132,17 +126,18 @@ def _check_out(out: str) -> None:
     ext = os.path.splitext(out)[1].lower()
     if ext and ext not in SAVE_FORMATS and not os.path.isdir(out):
         raise UsageError(f"--out {out}: unknown image type {ext!r} (use {', '.join(SAVE_FORMATS)}, or a folder)")
-    folder = (os.path.dirname(out) or ".") if ext in SAVE_FORMATS and not os.path.isdir(out) else out
-    if folder == out:
-        if os.path.exists(out) and not os.path.isdir(out):
-            raise UsageError(f"--out {out}: exists and is not a folder")
-        _check_folder(out, os.path.dirname(os.path.normpath(out)) or ".")
-        try:
-            os.makedirs(out, exist_ok=True)
-        except OSError as e:
-            raise UsageError(f"--out {out}: cannot create the folder ({e.strerror})") from None
-    else:
-        _check_folder(out, folder)
+    is_file = ext in SAVE_FORMATS and not os.path.isdir(out)
+    if not is_file and os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out}: exists and is not a folder")
+    parent = os.path.dirname(out if is_file else os.path.normpath(out)) or "."
+    if not os.path.isdir(parent):
+        raise UsageError(f"--out {out}: {parent} is not a folder" if os.path.exists(parent) else
+                         f"--out {out}: folder {parent} does not exist")
+    folder = parent if is_file else out
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot create the folder ({e.strerror})") from None
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"--out {out}: folder {folder} is not writable")
 

@@ -171,12 +171,10 @@ def validate(req: GenerationRequest, limits: Limits = Limits()) -> None:
     for f in FIELDS.values():
         if f.metadata["group"] in groups:
             check(f.name, getattr(req, f.name), f.metadata["lo"], f.metadata["hi"])
-    check("steps", req.steps, None, limits.max_steps)
-    check("hr_second_pass_steps", req.hr_second_pass_steps, None, limits.max_steps)
-    check("batch_size", req.batch_size, None, limits.max_batch_size)
-    check("n_iter", req.n_iter, None, limits.max_n_iter)
-    check("seed_resize_from_h", req.seed_resize_from_h, None, limits.max_side)
-    check("seed_resize_from_w", req.seed_resize_from_w, None, limits.max_side)
+    for name, limit in (("steps", limits.max_steps), ("hr_second_pass_steps", limits.max_steps),
+                        ("batch_size", limits.max_batch_size), ("n_iter", limits.max_n_iter),
+                        ("seed_resize_from_h", limits.max_side), ("seed_resize_from_w", limits.max_side)):
+        check(name, getattr(req, name), None, limit)
     if limits.max_images is not None and req.batch_size * req.n_iter > limits.max_images:
         problems.append(("n_iter", f"batch_size × n_iter must be at most {limits.max_images}", "value_error"))
     if req.randn_source not in RANDN_SOURCES:
@@ -207,9 +205,7 @@ def fixed_seed(seed: Any, rng: Optional[random.Random] = None) -> int:
         seed = int(seed)
     except (TypeError, ValueError):
         seed = -1
-    if seed == -1:
-        return int((rng or random).randrange(4294967294))
-    return int(seed)
+    return (rng or random).randrange(4294967294) if seed == -1 else seed
 
 
 def job_seeds(seed: int, subseed: int, subseed_strength: float, count: int) -> tuple[list[int], list[int]]:

@@ -37,13 +37,10 @@ class Sampler:
 
     def api(self) -> dict:
         """The `/sdapi/v1/samplers` entry (option values are strings, in A1111's order)."""
-        opts = {}
-        if self.scheduler:
-            opts["scheduler"] = self.scheduler.lower()
-        for key, on in (("discard_next_to_last_sigma", self.discard_penultimate), ("uses_ensd", self.uses_ensd),
-                        ("second_order", self.second_order), ("brownian_noise", self.brownian)):
-            if on:
-                opts[key] = "True"
+        opts = {"scheduler": self.scheduler.lower()} if self.scheduler else {}
+        flags = {"discard_next_to_last_sigma": self.discard_penultimate, "uses_ensd": self.uses_ensd,
+                 "second_order": self.second_order, "brownian_noise": self.brownian}
+        opts.update({key: "True" for key, on in flags.items() if on})
         if self.solver_type:
             opts["solver_type"] = self.solver_type
         return {"name": self.name, "aliases": list(self.aliases), "options": opts}
