@@ -44,7 +44,8 @@ def _add_schema_options(parser, *groups: str) -> None:
                                 help=help_)
         elif kind is not None:
             choices = RANDN_SOURCES if f.name == "randn_source" else None
-            parser.add_argument(*flags, dest=f.name, type=kind, default=f.default, choices=choices, help=help_)
+            parser.add_argument(*flags, dest=f.name, type=kind, default=f.default, choices=choices,
+                                help=help_)
 
 
 def _parser(commands=("txt2img", "img2img")) -> argparse.ArgumentParser:
@@ -93,7 +94,8 @@ def _check_checkpoint(path: str, flag: str) -> None:
         from server.download import model_source
 
         raise UsageError(f"--ckpt {path}: no such file; download {model_source()[0]} into "
-                         f"{os.path.dirname(path) or '.'} (or start sd15-server, which fetches it on its first run)")
+                         f"{os.path.dirname(path) or '.'} (or start sd15-server, which fetches it on its "
+                         f"first run)")
     _check_file(path, flag)
     size = os.path.getsize(path)
     with open(path, "rb") as f:

@@ -115,7 +115,8 @@ def fields_of(*groups: str) -> list[dataclasses.Field]:
 
 def value_type(f: dataclasses.Field) -> Optional[type]:
     """The type of a field's values, `Optional` aside ("Optional[int]" -> int); None for images and masks."""
-    return {"int": int, "float": float, "str": str, "bool": bool}.get(f.type.removeprefix("Optional[").rstrip("]"))
+    name = f.type.removeprefix("Optional[").rstrip("]")
+    return {"int": int, "float": float, "str": str, "bool": bool}.get(name)
 
 
 def signature(*groups: str, extra: tuple = ()) -> inspect.Signature:

@@ -257,8 +257,10 @@ def test_schema_help_and_checks_do_not_import_torch(tiny_ckpt, tmp_path):
         print(json.dumps(seen))"""
     ckpt = ["--ckpt", tiny_ckpt]
     cases = [["txt2img", "--help"], ["img2img", "--help"], ["txt2img", *ckpt, "--steps", "0"],
-             ["txt2img", *ckpt, "--sampler", "Eulerish"], ["txt2img", *ckpt, "--hr-upscaler", "x", "--enable-hr"],
-             ["txt2img", *ckpt, "--out", str(tmp_path / "x.gif")], ["txt2img", "--ckpt", str(tmp_path / "no.ckpt")],
+             ["txt2img", *ckpt, "--sampler", "Eulerish"],
+             ["txt2img", *ckpt, "--hr-upscaler", "x", "--enable-hr"],
+             ["txt2img", *ckpt, "--out", str(tmp_path / "x.gif")],
+             ["txt2img", "--ckpt", str(tmp_path / "no.ckpt")],
              ["img2img", *ckpt, "--init", str(tmp_path / "none.png")]]
     proc = subprocess.run([sys.executable, "-c", script, json.dumps(cases)], capture_output=True, text=True,
                           timeout=120)

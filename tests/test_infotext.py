@@ -699,33 +699,36 @@ def test_parse_fp8_cache_default_and_skip_fields():
 
 # What a bare infotext ("p" and three keys) restores: parse_infotext's defaults, then the schema's
 BARE_REQUEST = {
-    "prompt": "p", "negative_prompt": "", "seed": -1, "subseed": -1, "subseed_strength": 0, "seed_resize_from_h": -1,
-    "seed_resize_from_w": -1, "sampler_name": "DPM++ 2M", "scheduler": "automatic", "steps": 50, "cfg_scale": 7.0,
-    "eta": None, "tiling": False, "width": 512, "height": 512, "denoising_strength": None, "mask_blur": None,
-    "inpainting_fill": 1, "inpaint_full_res": False, "inpaint_full_res_padding": 32, "inpainting_mask_invert": 0,
-    "enable_hr": False, "hr_scale": 2.0, "hr_upscaler": None, "hr_second_pass_steps": 0, "hr_resize_x": 0,
-    "hr_resize_y": 0, "hr_sampler_name": None, "hr_scheduler": None, "hr_prompt": "", "hr_negative_prompt": "",
+    "prompt": "p", "negative_prompt": "", "seed": -1, "subseed": -1, "subseed_strength": 0,
+    "seed_resize_from_h": -1, "seed_resize_from_w": -1, "sampler_name": "DPM++ 2M", "scheduler": "automatic",
+    "steps": 50, "cfg_scale": 7.0, "eta": None, "tiling": False, "width": 512, "height": 512,
+    "denoising_strength": None, "mask_blur": None, "inpainting_fill": 1, "inpaint_full_res": False,
+    "inpaint_full_res_padding": 32, "inpainting_mask_invert": 0, "enable_hr": False, "hr_scale": 2.0,
+    "hr_upscaler": None, "hr_second_pass_steps": 0, "hr_resize_x": 0, "hr_resize_y": 0,
+    "hr_sampler_name": None, "hr_scheduler": None, "hr_prompt": "", "hr_negative_prompt": "",
     "randn_source": "GPU", "eta_noise_seed_delta": 0, "clip_skip": 1}
 
 PASTED = [  # (infotext as A1111 wrote it, the request fields A1111's paste gives)
     ("p\nModel: x, Model hash: 0123456789, Version: v1.10.1", {}),
     # txt2img with hires (v1.10): the strength is the hires pass's
-    ("masterpiece, a castle\nNegative prompt: lowres, bad anatomy\nSteps: 20, Sampler: DPM++ 2M, Schedule type: "
-     "Karras, CFG scale: 7, Seed: 1234567890, Size: 512x768, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, "
-     "Denoising strength: 0.5, Clip skip: 2, Hires upscale: 2, Hires steps: 10, Hires upscaler: R-ESRGAN 4x+, "
-     "Version: v1.10.1",
-     {"prompt": "masterpiece, a castle", "negative_prompt": "lowres, bad anatomy", "steps": 20, "scheduler": "karras",
-      "seed": 1234567890, "height": 768, "denoising_strength": 0.5, "clip_skip": 2, "enable_hr": True,
-      "hr_second_pass_steps": 10, "hr_upscaler": "R-ESRGAN 4x+"}),
+    ("masterpiece, a castle\nNegative prompt: lowres, bad anatomy\nSteps: 20, Sampler: DPM++ 2M, "
+     "Schedule type: Karras, CFG scale: 7, Seed: 1234567890, Size: 512x768, Model hash: 6ce0161689, "
+     "Model: v1-5-pruned-emaonly, Denoising strength: 0.5, Clip skip: 2, Hires upscale: 2, Hires steps: 10, "
+     "Hires upscaler: R-ESRGAN 4x+, Version: v1.10.1",
+     {"prompt": "masterpiece, a castle", "negative_prompt": "lowres, bad anatomy", "steps": 20,
+      "scheduler": "karras", "seed": 1234567890, "height": 768, "denoising_strength": 0.5, "clip_skip": 2,
+      "enable_hr": True, "hr_second_pass_steps": 10, "hr_upscaler": "R-ESRGAN 4x+"}),
     # img2img inpainting (v1.10)
-    ("a cat on a sofa\nNegative prompt: blurry\nSteps: 30, Sampler: Euler a, Schedule type: Automatic, CFG scale: "
-     "7.5, Seed: 42, Size: 512x512, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Denoising strength: 0.75, "
-     "Mask blur: 8, Inpaint area: Only masked, Masked area padding: 16, Masked content: latent noise, "
-     "Mask mode: Inpaint not masked, RNG: CPU, Version: v1.10.1",
+    ("a cat on a sofa\nNegative prompt: blurry\nSteps: 30, Sampler: Euler a, Schedule type: Automatic, "
+     "CFG scale: 7.5, Seed: 42, Size: 512x512, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, "
+     "Denoising strength: 0.75, Mask blur: 8, Inpaint area: Only masked, Masked area padding: 16, "
+     "Masked content: latent noise, Mask mode: Inpaint not masked, RNG: CPU, Version: v1.10.1",
      {"prompt": "a cat on a sofa", "negative_prompt": "blurry", "steps": 30, "sampler_name": "Euler a",
       "cfg_scale": 7.5, "seed": 42, "denoising_strength": 0.75, "mask_blur": 8, "inpaint_full_res": True,
-      "inpaint_full_res_padding": 16, "inpainting_fill": 2, "inpainting_mask_invert": 1, "randn_source": "CPU"}),
-    # old combined sampler names (v1.5), a variation seed, ENSD; hires by its resize, with an old combined name
+      "inpaint_full_res_padding": 16, "inpainting_fill": 2, "inpainting_mask_invert": 1,
+      "randn_source": "CPU"}),
+    # old combined sampler names (v1.5), a variation seed, ENSD; hires by its resize, with an old
+    # combined name
     ("a photo of an astronaut\nSteps: 28, Sampler: DPM++ 2M Karras, CFG scale: 6, Seed: 3456, Size: 640x448, "
      "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Variation seed: 99, Variation seed strength: 0.3, "
      "Seed resize from: 512x384, Denoising strength: 0.55, ENSD: 31337, Hires resize: 1280x896, "
@@ -736,16 +739,18 @@ PASTED = [  # (infotext as A1111 wrote it, the request fields A1111's paste give
       "seed_resize_from_h": 384, "denoising_strength": 0.55, "eta_noise_seed_delta": 31337, "enable_hr": True,
       "hr_resize_x": 1280, "hr_resize_y": 896, "hr_sampler_name": "DPM++ SDE", "hr_scheduler": "exponential",
       "hr_prompt": "a photo, detailed", "eta": 0.9, "tiling": True}),
-    # a strength without hires keys is img2img's; an unknown sampler is A1111's first; bad numbers keep defaults
-    ("p\nSteps: many, Sampler: Euler Dy, Schedule type: Weird, Seed: 7, Denoising strength: 0.3, Hires prompt: q, "
-     "Hires schedule type: Beta",
+    # a strength without hires keys is img2img's; an unknown sampler is A1111's first; bad numbers keep
+    # their defaults
+    ("p\nSteps: many, Sampler: Euler Dy, Schedule type: Weird, Seed: 7, Denoising strength: 0.3, "
+     "Hires prompt: q, Hires schedule type: Beta",
      {"seed": 7, "denoising_strength": 0.3, "hr_prompt": "q", "hr_scheduler": "beta"}),
     ("p\nSteps: 9, Sampler: euler a, Schedule type: sgmuniform, Seed: 8",
      {"steps": 9, "sampler_name": "Euler a", "scheduler": "sgm_uniform", "seed": 8}),
 ]
 
 
-@pytest.mark.parametrize("text, changed", PASTED, ids=["bare", "hires", "inpaint", "old-names", "odd", "lenient"])
+@pytest.mark.parametrize("text, changed", PASTED,
+                         ids=["bare", "hires", "inpaint", "old-names", "odd", "lenient"])
 def test_request_from_infotext(text, changed):
     assert set(changed) <= set(BARE_REQUEST)
     request = it.request_from_infotext(parse_infotext(text))

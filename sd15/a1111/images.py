@@ -82,7 +82,8 @@ def load_image(data, max_pixels: int = DEFAULT_MAX_PIXELS, mode: str | None = "R
         raise ValueError(f"Invalid encoded image: unsupported input type {type(data).__name__}")
     try:
         Image.init()  # Pillow 13 reads MPO through its JPEG plugin and has no "MPO" entry: skip unknown names
-        im = Image.open(io.BytesIO(data), formats=[f for f in formats if f in Image.OPEN] if formats else None)
+        formats = [f for f in formats if f in Image.OPEN] if formats else None
+        im = Image.open(io.BytesIO(data), formats=formats)
         w, h = im.size
         if w <= 0 or h <= 0:
             raise ValueError(f"size {w}x{h}")
@@ -147,7 +148,8 @@ PIXEL_UPSCALERS = ("None", "Lanczos", "Nearest")  # the built-in ones; ESRGAN mo
 
 def _upscaler_upscale(im: Image.Image, scale: float, upscaler: str) -> Image.Image:
     """A1111 `Upscaler.upscale` of "Lanczos"/"Nearest": unless the image already covers
-    `dest = (int(W·s)//8·8, int(H·s)//8·8)`, one resize to `(int(W·s), int(H·s))`; then LANCZOS to `dest`."""
+    `dest = (int(W·s)//8·8, int(H·s)//8·8)`, one resize to `(int(W·s), int(H·s))`; then LANCZOS to
+    `dest`."""
     dest_w, dest_h = int((im.width * scale) // 8 * 8), int((im.height * scale) // 8 * 8)
     if not (im.width >= dest_w and im.height >= dest_h and scale != 1):
         resample = LANCZOS if upscaler == "Lanczos" else NEAREST
@@ -172,9 +174,9 @@ def _resize(im: Image.Image, w: int, h: int, upscaler: str | None) -> Image.Imag
 
 
 def resize_geometry(resize_mode: int, src_w: int, src_h: int, width: int, height: int):
-    """Where `resize_image` puts the source: resized to `sw × sh`, pasted at `(x, y)` of the result (negative:
-    cropped), and `fill` None or `("rows" | "columns", band)`, the edge bands mode 2 stretches. Mode 1 covers
-    the target, mode 2 (and every mode but 0 and 1, as in A1111) fits inside it."""
+    """Where `resize_image` puts the source: resized to `sw × sh`, pasted at `(x, y)` of the result
+    (negative: cropped), and `fill` None or `("rows" | "columns", band)`, the edge bands mode 2 stretches.
+    Mode 1 covers the target, mode 2 (and every mode but 0 and 1, as in A1111) fits inside it."""
     if resize_mode == 0:
         return width, height, 0, 0, None
     ratio, src_ratio = width / height, src_w / src_h
@@ -247,7 +249,7 @@ def truncate_latent(z: torch.Tensor, truncate_x: int, truncate_y: int) -> torch.
 
 
 def upscale_latent(z: torch.Tensor, mode_name: str, width: int, height: int) -> torch.Tensor:
-    """The latent upscale of hires fix (and of img2img resize mode 3, "Latent") to `width × height` pixels."""
+    """The latent upscale of hires fix (and of img2img resize mode 3, "Latent") to width × height pixels."""
     if mode_name not in LATENT_UPSCALE_MODES:
         raise ValueError(f"could not find upscaler named {mode_name}")
     import torch.nn.functional as F
@@ -290,9 +292,9 @@ def save_images(images: list, texts: list, seeds: list[int], out: str) -> list[s
         else:
             exif = Image.Exif()
             if text:
-                exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + text.encode("utf-16-be")  # Exif IFD, UserComment
+                exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + text.encode("utf-16-be")  # Exif UserComment
             buf = io.BytesIO()
-            image.convert("RGB").save(buf, format=fmt, exif=exif.tobytes(), quality=80)  # A1111's jpeg_quality
+            image.convert("RGB").save(buf, format=fmt, exif=exif.tobytes(), quality=80)  # opts.jpeg_quality
             data = buf.getvalue()
         with open(path, "wb") as f:
             f.write(data)

@@ -11,8 +11,8 @@ import re
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from sd15 import schema
-from sd15.samplers.table import (SAMPLER_TABLE, SCHEDULER_TABLE, find_sampler, find_scheduler, recorded_schedule,
-                                 split_sampler_name)
+from sd15.samplers.table import (SAMPLER_TABLE, SCHEDULER_TABLE, find_sampler, find_scheduler,
+                                 recorded_schedule, split_sampler_name)
 
 A1111_VERSION = "v1.10.1"  # what infotext "Version" and info "version" say
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")  # by inpainting_fill
@@ -188,8 +188,9 @@ def _uses_emphasis(prompt: str, negative_prompt: str) -> bool:
 # What A1111's parser fills in for absent keys, in its order
 _PARSE_DEFAULTS = {
     "Clip skip": "1", "Hires resize-1": 0, "Hires resize-2": 0, "Hires sampler": "Use same sampler",
-    "Hires schedule type": "Use same scheduler", "Hires checkpoint": "Use same checkpoint", "Hires prompt": "",
-    "Hires negative prompt": "", "Mask mode": "Inpaint masked", "Masked content": "original",
+    "Hires schedule type": "Use same scheduler", "Hires checkpoint": "Use same checkpoint",
+    "Hires prompt": "", "Hires negative prompt": "", "Mask mode": "Inpaint masked",
+    "Masked content": "original",
     "Inpaint area": "Whole picture", "Masked area padding": 32, "RNG": "GPU", "Schedule type": "Automatic",
     "Schedule max sigma": 0, "Schedule min sigma": 0, "Schedule rho": 0, "VAE Encoder": "Full",
     "VAE Decoder": "Full", "FP8 weight": "Disable"}
@@ -230,7 +231,8 @@ def parse_infotext(text: str, *, skip_fields: Iterable[str] = ()) -> dict:
             res[key] = value
     # A1111's style extraction, with no styles defined, only does this (infotexts newer than v1.8.0-139)
     if "Hires prompt" in res or "Hires negative prompt" in res:
-        hr_prompt, hr_negative = res.get("Hires prompt", prompt), res.get("Hires negative prompt", negative_prompt)
+        hr_prompt = res.get("Hires prompt", prompt)
+        hr_negative = res.get("Hires negative prompt", negative_prompt)
         res["Hires prompt"] = "" if hr_prompt == prompt else hr_prompt
         res["Hires negative prompt"] = "" if hr_negative == negative_prompt else hr_negative
     res["Prompt"] = prompt

@@ -1,7 +1,7 @@
-"""Samplers, schedules and the denoiser wrappers, reproducing AUTOMATIC1111 v1.10: `table` (the one sampler
-and scheduler tables, A1111's name resolution), `sampling` (`SAMPLERS`, `get_sigmas`, `sample`), `denoiser`
-(`EpsDenoiser`, `CFGDenoiser`), and the sampler functions in `kdiffusion` (on σ: `model(x, sigma) -> x₀`) and
-`timesteps` (DDIM, PLMS, UniPC on LDM timesteps: `model(x, t) -> ε`).
+"""Samplers, schedules and the denoiser wrappers, reproducing AUTOMATIC1111 v1.10: `table` (the one
+sampler and scheduler tables, A1111's name resolution), `sampling` (`SAMPLERS`, `get_sigmas`, `sample`),
+`denoiser` (`EpsDenoiser`, `CFGDenoiser`), and the sampler functions in `kdiffusion` (on σ:
+`model(x, sigma) -> x₀`) and `timesteps` (DDIM, PLMS, UniPC on LDM timesteps: `model(x, t) -> ε`).
 
 Their names read through this package (`sd15.samplers.get_sigmas`), imported on first use (PEP 562), so that
 the sampler table, and with it the request schema and `sd15 --help`, does not import torch.

@@ -1,6 +1,7 @@
-"""The one sampler table and the one scheduler table, with A1111 v1.10's names and name resolution; sampling,
-the request schema, the infotext, the server and the CLI all read these. From A1111's `sd_samplers_kdiffusion.py`,
-`sd_samplers_timesteps.py`, `sd_samplers_lcm.py`, `sd_schedulers.py` and `sd_samplers.py`.
+"""The one sampler table and the one scheduler table, with A1111 v1.10's names and name resolution;
+sampling, the request schema, the infotext, the server and the CLI all read these. From A1111's
+`sd_samplers_kdiffusion.py`, `sd_samplers_timesteps.py`, `sd_samplers_lcm.py`, `sd_schedulers.py` and
+`sd_samplers.py`.
 """
 from __future__ import annotations
 
@@ -62,8 +63,8 @@ SAMPLER_TABLE: list[Sampler] = [
             brownian=True, solver_type="heun", options=_ETA_NOISE),
     Sampler("DPM++ 2S a", ("k_dpmpp_2s_a",), "sample_dpmpp_2s_ancestral", "Karras", second_order=True,
             uses_ensd=True, options=_ETA_NOISE),
-    Sampler("DPM++ 3M SDE", ("k_dpmpp_3m_sde",), "sample_dpmpp_3m_sde", "Exponential", discard_penultimate=True,
-            brownian=True, options=_ETA_NOISE),
+    Sampler("DPM++ 3M SDE", ("k_dpmpp_3m_sde",), "sample_dpmpp_3m_sde", "Exponential",
+            discard_penultimate=True, brownian=True, options=_ETA_NOISE),
     Sampler("Euler a", ("k_euler_a", "k_euler_ancestral"), "sample_euler_ancestral", uses_ensd=True,
             options=_ETA),  # A1111 does not pass s_noise here
     Sampler("Euler", ("k_euler",), "sample_euler", options=_CHURN),

@@ -67,8 +67,9 @@ function byKey(key) { return document.querySelector(`#form [data-key="${key}"]`)
  *  inputs are found by their id, the schema field name. Returns notes (e.g. another checkpoint). */
 export function applyRequest(request, parameters) {
   const r = { ...request };
-  if (r.enable_hr) [r.hr_denoising_strength, r.denoising_strength] = [r.denoising_strength, null];  // one form, two tabs
-  for (const input of fields()) if (r[input.id] !== undefined && r[input.id] !== null) setValue(input, r[input.id]);
+  // the form serves both tabs: a hires pass's strength goes to its own field
+  if (r.enable_hr) [r.hr_denoising_strength, r.denoising_strength] = [r.denoising_strength, null];
+  for (const input of fields()) if (r[input.id] != null) setValue(input, r[input.id]);
   if (r.enable_hr) $('hires').open = true;
   if (r.subseed_strength > 0) $('variation').open = true;
   const current = $('checkpoint').value;
