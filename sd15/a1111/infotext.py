@@ -292,9 +292,9 @@ def request_from_infotext(p: Mapping[str, Any]) -> dict:
     "Automatic" for the sampler's own (the same numbers)."""
     out = {}
     for f in schema.FIELDS.values():
-        texts = [p[key] for key in f.metadata["infotext"] if p.get(key) not in (None, "")]
         if f.metadata["infotext"]:
-            out[f.name] = _value(f, texts[0]) if texts else f.default
+            text = next((p[key] for key in f.metadata["infotext"] if p.get(key) not in (None, "")), None)
+            out[f.name] = f.default if text is None else _value(f, text)
     out["sampler_name"], suffix = _sampler(p.get("Sampler"))
     out["scheduler"] = _schedule(suffix or p.get("Schedule type"))
     out["hr_sampler_name"] = out["hr_scheduler"] = suffix = None
