@@ -1,6 +1,6 @@
 // The generation form: option lists, reading it into an A1111 request, restoring it from an infotext,
 // token counters, size and seed helpers. Fields carry `data-key` = the A1111 request field (or option)
-// and `id` = the sd15 request schema's field name.
+// and, where it has one, `id` = the sd15 schema field name (the keys of png-info's `request`).
 
 import { $, api, el, debounce } from './api.js';
 
@@ -8,6 +8,8 @@ const OPTION_KEYS = ['CLIP_stop_at_last_layers', 'randn_source'];  // sent as ov
 const INT_KEYS = new Set(['resize_mode', 'inpainting_fill', 'inpainting_mask_invert']);
 
 export function fields() { return [...document.querySelectorAll('#form [data-key]')]; }
+
+function byKey(key) { return document.querySelector(`#form [data-key="${key}"]`); }
 
 function value(input) {
   if (input.type === 'checkbox') return input.checked;
@@ -60,8 +62,6 @@ export function buildRequest(kind, images = {}) {
 }
 
 // --- infotext -> fields ----------------------------------------------------------------------------
-
-function byKey(key) { return document.querySelector(`#form [data-key="${key}"]`); }
 
 /** Fill the form from png-info's `request` (the request fields an infotext restores, by A1111's paste rules);
  *  inputs are found by their id, the schema field name. Returns notes (e.g. another checkpoint). */
