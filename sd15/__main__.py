@@ -204,8 +204,8 @@ def _steps_run(params) -> int | None:
     return params.n_iter * (first + hires)
 
 
-def generate_images(args) -> list[str]:
-    """Check every argument, load the model, generate and save -> the paths written."""
+def generate_images(args) -> tuple[list[str], bool]:
+    """Check every argument, load the model, generate and save -> (the paths written, interrupted)."""
     from tqdm import tqdm
 
     _check_checkpoint(args.ckpt, "--ckpt")
@@ -249,14 +249,7 @@ def generate_images(args) -> list[str]:
         bar.close()
     for w in result.warnings:
         print(f"sd15: warning: {w}", file=sys.stderr)
-    paths = result.save(args.out) if result.images and bar.n else []
-    if result.interrupted:
-        raise _Interrupted(paths)
-    return paths
-
-
-class _Interrupted(Exception):
-    """Ctrl-C during sampling; `args[0]` are the paths of what was saved."""
+    return (result.save(args.out) if result.images and bar.n else []), result.interrupted
 
 
 def _list(command: str) -> list[str]:
@@ -278,12 +271,10 @@ def main(argv=None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)  # the top level has no valued options
     args = _parser((command,) if command else ()).parse_args(argv)
     try:
-        paths = _list(args.command) if args.command not in ("txt2img", "img2img") else generate_images(args)
-    except _Interrupted as e:
-        for path in e.args[0]:
-            print(path)
-        print(f"sd15: interrupted; saved {len(e.args[0])} image(s)", file=sys.stderr)
-        return 130
+        if args.command in ("txt2img", "img2img"):
+            paths, interrupted = generate_images(args)
+        else:
+            paths, interrupted = _list(args.command), False
     except KeyboardInterrupt:
         print("sd15: interrupted", file=sys.stderr)
         return 130
@@ -292,6 +283,9 @@ def main(argv=None) -> int:
         return 2
     for path in paths:
         print(path)
+    if interrupted:  # Ctrl-C during sampling: what was made is saved
+        print(f"sd15: interrupted; saved {len(paths)} image(s)", file=sys.stderr)
+        return 130
     return 0
 
 
