@@ -180,19 +180,11 @@ def resize_geometry(resize_mode: int, src_w: int, src_h: int, width: int, height
     if resize_mode == 0:
         return width, height, 0, 0, None
     ratio, src_ratio = width / height, src_w / src_h
-    if resize_mode == 1:
-        sw = width if ratio > src_ratio else src_w * height // src_h
-        sh = height if ratio <= src_ratio else src_h * width // src_w
-        fill = None
-    else:
-        sw = width if ratio < src_ratio else src_w * height // src_h
-        sh = height if ratio >= src_ratio else src_h * width // src_w
-        if ratio < src_ratio:
-            fill = ("rows", height // 2 - sh // 2)
-        elif ratio > src_ratio:
-            fill = ("columns", width // 2 - sw // 2)
-        else:
-            fill = None
+    by_width = ratio > src_ratio if resize_mode == 1 else ratio < src_ratio  # the side that fits exactly
+    sw, sh = (width, src_h * width // src_w) if by_width else (src_w * height // src_h, height)
+    fill = None
+    if resize_mode != 1 and ratio != src_ratio:
+        fill = ("rows", height // 2 - sh // 2) if by_width else ("columns", width // 2 - sw // 2)
     return sw, sh, width // 2 - sw // 2, height // 2 - sh // 2, fill
 
 
