@@ -3,10 +3,9 @@
     import sd15
     model = sd15.load("weights/v1-5-pruned-emaonly.safetensors")
 
-The names below are imported on first use (PEP 562), so `import sd15.schema` or `sd15 --help` does not pay for
-importing torch before it is needed.
+`load`, `load_vae`, `StableDiffusion` and `CheckpointError` are imported on first use (PEP 562), so that
+`import sd15.schema` or `sd15 --help` does not import torch.
 """
-__all__ = ["CheckpointError", "StableDiffusion", "load", "load_vae"]
 __version__ = "0.1.0"
 
 

@@ -4,9 +4,8 @@
     sd15 img2img --ckpt ... --init cat.png --denoising-strength 0.6 --prompt "a tiger" --out out/
     sd15 samplers | schedulers | upscalers
 
-Every argument is checked before the model loads; bad input is one line on stderr and exit code 2. Ctrl-C
-stops sampling, saves what was made and exits 130. torch is imported only once a command needs it, so
-`sd15 --help` is fast.
+Every argument is checked before the model loads (and before torch is imported); bad input is one line on
+stderr and exit code 2. Ctrl-C stops sampling, saves what was made and exits 130.
 """
 from __future__ import annotations
 
@@ -22,8 +21,6 @@ COMMANDS = {"txt2img": "txt2img with A1111's samplers, seeds and prompt syntax",
             "schedulers": "list the schedule types --scheduler takes",
             "upscalers": "list the hires upscalers --hr-upscaler takes"}
 DEFAULT_MAX_PIXELS = 2048 * 2048  # the server's --max-pixels default
-_TYPES = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optional[float]": float, "Optional[str]": str}
-_ALIASES = {"sampler_name": ["--sampler"]}
 
 
 class UsageError(Exception):
@@ -36,23 +33,24 @@ def _flag(name: str) -> str:
 
 def _add_schema_options(parser, *groups: str) -> None:
     """One option per schema field of `groups` (`--field-name`, the schema's default and help)."""
-    from sd15.schema import RANDN_SOURCES, fields_of
+    from sd15.schema import RANDN_SOURCES, fields_of, value_type
 
     for f in fields_of(*groups):
-        flags = [_flag(f.name), *_ALIASES.get(f.name, [])]
+        flags = [_flag(f.name), *(["--sampler"] if f.name == "sampler_name" else [])]
         help_ = (f.metadata["doc"] or f.name.replace("_", " ")).replace("%", "%%")
-        if f.type == "bool":
+        kind = value_type(f)
+        if kind is bool:
             parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
                                 help=help_)
-        elif f.type in _TYPES:
+        elif kind is not None:
             choices = RANDN_SOURCES if f.name == "randn_source" else None
-            parser.add_argument(*flags, dest=f.name, type=_TYPES[f.type], default=f.default, choices=choices,
+            parser.add_argument(*flags, dest=f.name, type=kind, default=f.default, choices=choices,
                                 help=help_)
 
 
 def _parser(commands=("txt2img", "img2img")) -> argparse.ArgumentParser:
-    """The parser, with the options of `commands` (building txt2img's imports the schema, hence torch; `main`
-    builds only the command given, so `sd15 --help` imports neither)."""
+    """The parser, with the options of `commands` only (`main` passes the command given: `sd15 --help` needs
+    no schema)."""
     from sd15 import __version__
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -78,10 +76,6 @@ def _parser(commands=("txt2img", "img2img")) -> argparse.ArgumentParser:
     return ap
 
 
-# ------------------------------------------------------------------------------------------------
-# Checks made before the model loads
-# ------------------------------------------------------------------------------------------------
-
 def _check_file(path: str, flag: str) -> None:
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path}: is a folder, not a file")
@@ -91,21 +85,17 @@ def _check_file(path: str, flag: str) -> None:
         raise UsageError(f"{flag} {path}: not readable")
 
 
-def _missing_weights(path: str) -> str:
-    from server.download import model_source
-
-    url, _ = model_source()
-    return (f"--ckpt {path}: no such file; download {url} into {os.path.dirname(path) or '.'} "
-            f"(or start sd15-server, which fetches it on its first run)")
-
-
 def _check_checkpoint(path: str, flag: str) -> None:
     """Exists, is a file, and is not cut short: a safetensors header that fits in the file, or a complete zip
-    (torch.save's format) or a pickle."""
+    (torch.save's format) or a pickle. A missing --ckpt says where to download the weights."""
     import zipfile
 
     if flag == "--ckpt" and not os.path.exists(path):
-        raise UsageError(_missing_weights(path))
+        from server.download import model_source
+
+        raise UsageError(f"--ckpt {path}: no such file; download {model_source()[0]} into "
+                         f"{os.path.dirname(path) or '.'} (or start sd15-server, which fetches it on its "
+                         f"first run)")
     _check_file(path, flag)
     size = os.path.getsize(path)
     with open(path, "rb") as f:
@@ -130,12 +120,6 @@ def _open_image(path: str, flag: str):
         raise UsageError(f"{flag} {path}: not an image ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
 
 
-def _check_folder(out: str, folder: str) -> None:
-    if not os.path.isdir(folder):
-        raise UsageError(f"--out {out}: {folder} is not a folder" if os.path.exists(folder) else
-                         f"--out {out}: folder {folder} does not exist")
-
-
 def _check_out(out: str) -> None:
     """The output can be written: a file name with a known image extension in an existing, writable folder, or
     a folder in an existing one (created now, so that a bad one fails before the model loads)."""
@@ -144,17 +128,18 @@ def _check_out(out: str) -> None:
     ext = os.path.splitext(out)[1].lower()
     if ext and ext not in SAVE_FORMATS and not os.path.isdir(out):
         raise UsageError(f"--out {out}: unknown image type {ext!r} (use {', '.join(SAVE_FORMATS)}, or a folder)")
-    folder = (os.path.dirname(out) or ".") if ext in SAVE_FORMATS and not os.path.isdir(out) else out
-    if folder == out:
-        if os.path.exists(out) and not os.path.isdir(out):
-            raise UsageError(f"--out {out}: exists and is not a folder")
-        _check_folder(out, os.path.dirname(os.path.normpath(out)) or ".")
-        try:
-            os.makedirs(out, exist_ok=True)
-        except OSError as e:
-            raise UsageError(f"--out {out}: cannot create the folder ({e.strerror})") from None
-    else:
-        _check_folder(out, folder)
+    is_file = ext in SAVE_FORMATS and not os.path.isdir(out)
+    if not is_file and os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out}: exists and is not a folder")
+    parent = os.path.dirname(out if is_file else os.path.normpath(out)) or "."
+    if not os.path.isdir(parent):
+        raise UsageError(f"--out {out}: {parent} is not a folder" if os.path.exists(parent) else
+                         f"--out {out}: folder {parent} does not exist")
+    folder = parent if is_file else out
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot create the folder ({e.strerror})") from None
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"--out {out}: folder {folder} is not writable")
 
@@ -207,10 +192,6 @@ def _request(args):
     return resolve(request)
 
 
-# ------------------------------------------------------------------------------------------------
-# Running
-# ------------------------------------------------------------------------------------------------
-
 def _steps_run(params) -> int | None:
     """Sampler steps the job will report: img2img and the hires pass run only their share of the schedule
     (A1111's `setup_img2img_steps`: t_enc + 1 steps). None when DPM adaptive chooses its own count."""
@@ -223,19 +204,19 @@ def _steps_run(params) -> int | None:
     return params.n_iter * (first + hires)
 
 
-def generate_images(args) -> list[str]:
-    """Check every argument, load the model, generate and save -> the paths written."""
+def generate_images(args) -> tuple[list[str], bool]:
+    """Check every argument, load the model, generate and save -> (the paths written, interrupted)."""
     from tqdm import tqdm
 
     _check_checkpoint(args.ckpt, "--ckpt")
     if args.vae:
         _check_checkpoint(args.vae, "--vae")
-    device, dtype = _device_and_dtype(args.device, args.precision)
     params = _request(args)
+    _check_out(args.out)
+    device, dtype = _device_and_dtype(args.device, args.precision)  # the first check that needs torch
     if params.cfg_scale < 0:  # allowed, as in A1111's API, but rarely meant
         print(f"sd15: warning: --cfg-scale {params.cfg_scale}: a negative scale steers the image away from the "
               f"prompt", file=sys.stderr)
-    _check_out(args.out)
 
     import sd15
     from sd15.hashing import cached_hash, short_hash
@@ -268,14 +249,7 @@ def generate_images(args) -> list[str]:
         bar.close()
     for w in result.warnings:
         print(f"sd15: warning: {w}", file=sys.stderr)
-    paths = result.save(args.out) if result.images and bar.n else []
-    if result.interrupted:
-        raise _Interrupted(paths)
-    return paths
-
-
-class _Interrupted(Exception):
-    """Ctrl-C during sampling; `args[0]` are the paths of what was saved."""
+    return (result.save(args.out) if result.images and bar.n else []), result.interrupted
 
 
 def _list(command: str) -> list[str]:
@@ -297,12 +271,10 @@ def main(argv=None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)  # the top level has no valued options
     args = _parser((command,) if command else ()).parse_args(argv)
     try:
-        paths = _list(args.command) if args.command not in ("txt2img", "img2img") else generate_images(args)
-    except _Interrupted as e:
-        for path in e.args[0]:
-            print(path)
-        print(f"sd15: interrupted; saved {len(e.args[0])} image(s)", file=sys.stderr)
-        return 130
+        if args.command in ("txt2img", "img2img"):
+            paths, interrupted = generate_images(args)
+        else:
+            paths, interrupted = _list(args.command), False
     except KeyboardInterrupt:
         print("sd15: interrupted", file=sys.stderr)
         return 130
@@ -311,6 +283,9 @@ def main(argv=None) -> int:
         return 2
     for path in paths:
         print(path)
+    if interrupted:  # Ctrl-C during sampling: what was made is saved
+        print(f"sd15: interrupted; saved {len(paths)} image(s)", file=sys.stderr)
+        return 130
     return 0
 
 

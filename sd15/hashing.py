@@ -1,11 +1,11 @@
 """File hashes as A1111 shows them, and a small JSON cache of them beside the files.
 
-The library core never calls this module's cache: the server and the CLI hash a checkpoint (once, cached in
-`<dir>/.sd15-hashes.json`) and pass the short hash to `generate(..., model_hash=...)` for the infotext's
-"Model hash". LoRA and embedding files are hashed on first use without a cache (`addnet_hash`, `model_hash`).
+The server and the CLI hash a checkpoint once (cached in `<dir>/.sd15-hashes.json`) and pass the short hash to
+`generate(..., model_hash=...)` for the infotext's "Model hash"; the library core never reads the cache.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -16,25 +16,15 @@ from typing import Optional
 
 log = logging.getLogger(__name__)
 
-_BLOCK = 1 << 20
 HASH_CACHE_NAME = ".sd15-hashes.json"
 _CACHE_FORMAT = 1
 _cache_lock = threading.Lock()
 
 
-def _sha256_from(f, offset: int = 0) -> str:
-    h = hashlib.sha256()
-    f.seek(offset)
-    for block in iter(lambda: f.read(_BLOCK), b""):
-        h.update(block)
-    return h.hexdigest()
-
-
 def model_hash(path: str | os.PathLike) -> str:
-    """SHA-256 of the whole file, lowercase hex (64 digits), read in 1 MiB blocks. A1111's "hash"/"Model
-    hash"/"VAE hash" is its first 10 digits (`short_hash`)."""
+    """SHA-256 of the whole file, lowercase hex; A1111's "Model hash"/"VAE hash" is its first 10 digits."""
     with open(path, "rb") as f:
-        return _sha256_from(f)
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def short_hash(full: Optional[str]) -> Optional[str]:
@@ -54,13 +44,12 @@ def legacy_model_hash(path: str | os.PathLike) -> str:
 
 
 def addnet_hash(path: str | os.PathLike) -> str:
-    """LoRA hash: for .safetensors, SHA-256 of the file after its header (8-byte length + JSON), else the
-    whole file's SHA-256. A1111 writes its first 12 digits in "Lora hashes"."""
+    """LoRA hash: the SHA-256 of a .safetensors file after its header (8-byte length + JSON), of any other
+    file whole. A1111 writes its first 12 digits in "Lora hashes"."""
     with open(path, "rb") as f:
         if str(path).lower().endswith(".safetensors"):
-            n = int.from_bytes(f.read(8), "little")
-            return _sha256_from(f, 8 + n)
-        return _sha256_from(f)
+            f.seek(8 + int.from_bytes(f.read(8), "little"))
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _read_cache(cache_path: str) -> dict:
@@ -78,41 +67,30 @@ def _read_cache(cache_path: str) -> dict:
 
 
 def _write_cache(cache_path: str, files: dict) -> None:
-    directory = os.path.dirname(cache_path) or "."
+    """Atomically (a temporary file, then a rename); an unwritable folder just means no caching."""
     tmp = None
     try:
-        with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=directory, prefix=HASH_CACHE_NAME + ".",
-                                         suffix=".tmp", delete=False) as f:
+        with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=os.path.dirname(cache_path) or ".",
+                                         prefix=HASH_CACHE_NAME + ".", suffix=".tmp", delete=False) as f:
             tmp = f.name
             json.dump({"format": _CACHE_FORMAT, "files": files}, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, cache_path)
-        tmp = None
-    except OSError as e:  # read-only model folder and the like: hashes are just not remembered
+    except OSError as e:
         log.info("could not write hash cache %s: %s", cache_path, e)
-    finally:
         if tmp is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            except OSError:
-                pass
 
 
-def cached_hash(path: str | os.PathLike, kind: str = "sha256", *, use_cache: bool = True,
-                compute: bool = True) -> Optional[str]:
+def cached_hash(path: str | os.PathLike, kind: str = "sha256", *, compute: bool = True) -> Optional[str]:
     """`model_hash` (kind "sha256") or `addnet_hash` (kind "addnet") of `path`, remembered in
-    `<dir>/.sd15-hashes.json` under the file's name with its size and mtime (ns): a changed size or mtime
-    recomputes it. The cache is rewritten atomically (temp file + rename); a corrupt or unreadable cache
-    counts as empty, an unwritable folder just means no caching. With `compute=False` only a cached value
-    is returned (None when there is none), e.g. to list checkpoints without hashing them (A1111 titles
-    carry the hash only once it is known)."""
+    `<dir>/.sd15-hashes.json` under the file's name with its size and mtime (ns), either of which changing
+    means hashing again; a corrupt cache counts as empty. With `compute=False` only a cached value (or None),
+    e.g. to list checkpoints without hashing them (A1111 titles carry the hash only once it is known)."""
     hasher = {"sha256": model_hash, "addnet": addnet_hash}.get(kind)  # looked up per call (patchable)
     if hasher is None:
         raise ValueError(f"unknown hash kind {kind!r} (sha256, addnet)")
     path = os.fspath(path)
-    if not use_cache:
-        return hasher(path) if compute else None
     st = os.stat(path)
     cache_path = os.path.join(os.path.dirname(os.path.abspath(path)), HASH_CACHE_NAME)
     key = os.path.basename(path)
@@ -138,4 +116,3 @@ def cached_hash(path: str | os.PathLike, kind: str = "sha256", *, use_cache: boo
         files[key] = entry
         _write_cache(cache_path, files)
     return value
-

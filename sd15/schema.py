@@ -1,15 +1,9 @@
-"""The one description of a generation request: `GenerationRequest`, its checks and its resolution.
-
-    req = GenerationRequest(prompt="a cat", steps=20, sampler_name="Euler a")
-    validate(req)              # ranges and limits -> RequestError (the server answers 422, the CLI exits 2)
-    r = resolve(req)           # once: sampler/scheduler, per-image seeds, effective strength, hires size
-
-Field names and defaults are A1111's API ones (its `StableDiffusionProcessingTxt2Img/Img2Img` API models).
-Each field's `metadata["group"]` says where it belongs: "prompt", "seeds", "sampling", "size", "img2img",
-"hires" are request fields of the A1111 API (txt2img takes all but "img2img", img2img all but "hires");
-"settings" are A1111 options that change the numbers (the server takes them from its options). The server's
-request bodies, the CLI and `model.txt2img/img2img` are all generated from this class; adding a field is an
-edit here (plus its infotext key in `sd15.a1111.infotext` if A1111 writes one).
+"""The one description of a generation request: `GenerationRequest` (A1111's API field names and defaults),
+`validate` (ranges and limits -> RequestError) and `resolve` (every choice made once). The server's request
+bodies, the CLI's options and `model.txt2img/img2img` are made from its fields, so adding a field is an edit
+here. A field's `metadata["group"]`: "prompt", "seeds", "sampling", "size", "img2img", "hires" are A1111 API
+request fields (txt2img takes all but "img2img", img2img all but "hires"); "settings" are A1111 options that
+change the numbers (the server takes them from its options).
 """
 from __future__ import annotations
 
@@ -29,8 +23,8 @@ MAX_SEED = 2**63 - 1  # seeds are signed 64-bit here; A1111 draws random ones be
 
 
 def _f(default, group: str, doc: str = "", lo=None, hi=None, infotext=()):
-    """A schema field: default, group, a short help text, its range (lo/hi; None = open) and the infotext
-    keys that carry it (read back by the `infotext` request field; "Size-1" is the first number of "Size")."""
+    """A schema field: default, group, help text, range (None: open) and the infotext keys that carry it
+    ("Size-1" is the first number of "Size")."""
     return field(default=default, metadata={"group": group, "doc": doc, "lo": lo, "hi": hi, "infotext": infotext})
 
 
@@ -115,13 +109,19 @@ FIELDS = {f.name: f for f in dataclasses.fields(GenerationRequest)}
 
 
 def fields_of(*groups: str) -> list[dataclasses.Field]:
-    """The fields of the given groups, in schema order."""
+    """The fields of `groups`, in schema order."""
     return [f for f in FIELDS.values() if f.metadata["group"] in groups]
 
 
+def value_type(f: dataclasses.Field) -> Optional[type]:
+    """The type of a field's values, `Optional` aside ("Optional[int]" -> int); None for images and masks."""
+    name = f.type.removeprefix("Optional[").rstrip("]")
+    return {"int": int, "float": float, "str": str, "bool": bool}.get(name)
+
+
 def signature(*groups: str, extra: tuple = ()) -> inspect.Signature:
-    """A keyword-only signature made of the fields of `groups` (then `extra` parameters), for functions that
-    take a request as keyword arguments (`model.txt2img`), so that help() and tab completion list them."""
+    """The keyword-only signature of the fields of `groups` (then `extra`), for functions that take a request
+    as keyword arguments (`model.txt2img`), so that help() and tab completion list them."""
     params = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
               for f in fields_of(*groups)]
     return inspect.Signature([*params, *extra])
@@ -172,12 +172,10 @@ def validate(req: GenerationRequest, limits: Limits = Limits()) -> None:
     for f in FIELDS.values():
         if f.metadata["group"] in groups:
             check(f.name, getattr(req, f.name), f.metadata["lo"], f.metadata["hi"])
-    check("steps", req.steps, None, limits.max_steps)
-    check("hr_second_pass_steps", req.hr_second_pass_steps, None, limits.max_steps)
-    check("batch_size", req.batch_size, None, limits.max_batch_size)
-    check("n_iter", req.n_iter, None, limits.max_n_iter)
-    check("seed_resize_from_h", req.seed_resize_from_h, None, limits.max_side)
-    check("seed_resize_from_w", req.seed_resize_from_w, None, limits.max_side)
+    for name, limit in (("steps", limits.max_steps), ("hr_second_pass_steps", limits.max_steps),
+                        ("batch_size", limits.max_batch_size), ("n_iter", limits.max_n_iter),
+                        ("seed_resize_from_h", limits.max_side), ("seed_resize_from_w", limits.max_side)):
+        check(name, getattr(req, name), None, limit)
     if limits.max_images is not None and req.batch_size * req.n_iter > limits.max_images:
         problems.append(("n_iter", f"batch_size × n_iter must be at most {limits.max_images}", "value_error"))
     if req.randn_source not in RANDN_SOURCES:
@@ -202,18 +200,13 @@ def validate(req: GenerationRequest, limits: Limits = Limits()) -> None:
 
 
 def fixed_seed(seed: Any, rng: Optional[random.Random] = None) -> int:
-    """A1111 `get_fixed_seed`: "", None or a non-numeric string mean -1; -1 becomes a random integer in
-    [0, 4294967293]; anything else is returned as an int."""
-    if seed is None or seed == "":
+    """A1111 `get_fixed_seed`: "", None or a non-numeric string mean -1, and -1 a random integer in
+    [0, 4294967293]."""
+    try:
+        seed = int(seed)
+    except (TypeError, ValueError):
         seed = -1
-    elif isinstance(seed, str):
-        try:
-            seed = int(seed)
-        except ValueError:
-            seed = -1
-    if seed == -1:
-        return int((rng or random).randrange(4294967294))
-    return int(seed)
+    return (rng or random).randrange(4294967294) if seed == -1 else seed
 
 
 def job_seeds(seed: int, subseed: int, subseed_strength: float, count: int) -> tuple[list[int], list[int]]:
@@ -225,16 +218,9 @@ def job_seeds(seed: int, subseed: int, subseed_strength: float, count: int) -> t
 
 def hires_target_size(width: int, height: int, hr_scale: float = 2.0, hr_resize_x: int = 0,
                       hr_resize_y: int = 0) -> tuple[int, int, int, int]:
-    """A1111 `calculate_target_resolution`: `(hr_w, hr_h, truncate_x, truncate_y)`.
-
-    - no resize given: `(int(width·hr_scale), int(height·hr_scale))`.
-    - only one of hr_resize_x / hr_resize_y: it, and the other side from the aspect ratio with `//`.
-    - both: scale to cover (`width/height < rx/ry` -> `X = rx, Y = rx·height//width`, else
-      `X = ry·width//height, Y = ry`), and `truncate_x = (X - rx)//8`, `truncate_y = (Y - ry)//8` latent
-      pixels are cropped after the upscale (`truncate_latent`).
-    The upscale itself goes to `(hr_h//8, hr_w//8)` latent pixels. The legacy `firstphase_width/height` and
-    `use_old_hires_fix_width_height` re-interpretations are not handled here.
-    """
+    """A1111 `calculate_target_resolution`: `(hr_w, hr_h, truncate_x, truncate_y)`. Without a resize, the
+    size times `hr_scale`; with one side, the other from the aspect ratio; with both, the size that covers
+    them, and the latent pixels `truncate_latent` crops after the upscale."""
     if hr_resize_x == 0 and hr_resize_y == 0:
         return int(width * hr_scale), int(height * hr_scale), 0, 0
     if hr_resize_y == 0:
@@ -288,20 +274,17 @@ class ResolvedRequest:
 
 
 def _same(name: Optional[str]) -> Optional[str]:
-    """A1111's "Use same sampler" / "Use same scheduler" mean the first pass's, as an empty value does."""
+    """A1111's "Use same sampler" / "Use same scheduler" mean the first pass's, as empty does."""
     return None if name in ("Use same sampler", "Use same scheduler") else name
 
 
 def resolve(req: GenerationRequest, *, rng: Optional[random.Random] = None,
             upscalers: Optional[Iterable[str]] = None) -> ResolvedRequest:
-    """Make every choice of a (validated) request once. Unknown sampler, scheduler or hires upscaler names
-    raise ValueError naming the valid ones (the server answers 400, as A1111 does). The hires upscaler is a
-    latent mode or one of `upscalers`, the pixel upscaler names available (`sd15.upscale.Upscalers.names()`;
-    None: only the built-ins "None", "Lanczos", "Nearest")."""
+    """Make every choice of a validated request once. Unknown sampler, scheduler or hires upscaler names raise
+    ValueError naming the valid ones (the server answers 400, as A1111 does). `upscalers`: the pixel upscaler
+    names available (`sd15.upscale.Upscalers.names()`; None: the built-ins)."""
     sampler, scheduler = resolve_sampler(req.sampler_name, req.scheduler)
-    batch_size = req.batch_size
-    if req.is_img2img and len(req.init_images) > 1:
-        batch_size = len(req.init_images)
+    batch_size = len(req.init_images) if req.is_img2img and len(req.init_images) > 1 else req.batch_size
     n = batch_size * req.n_iter
     seeds, subseeds = job_seeds(fixed_seed(req.seed, rng), fixed_seed(req.subseed, rng), req.subseed_strength, n)
     hires = None
@@ -316,11 +299,9 @@ def resolve(req: GenerationRequest, *, rng: Optional[random.Random] = None,
         w, h, tx, ty = hires_target_size(req.width, req.height, req.hr_scale, req.hr_resize_x, req.hr_resize_y)
         hires = Hires(hr_sampler, hr_scheduler, req.hr_second_pass_steps or req.steps, w, h, tx, ty, upscaler,
                       req.hr_prompt or req.prompt, req.hr_negative_prompt or req.negative_prompt)
-    strength = req.denoising_strength
-    if strength is None and (req.is_img2img or hires is not None):
-        strength = DEFAULT_DENOISING_STRENGTH
-    if not req.is_img2img and hires is None:
-        strength = None
+    strength = None
+    if req.is_img2img or hires is not None:
+        strength = DEFAULT_DENOISING_STRENGTH if req.denoising_strength is None else req.denoising_strength
     blur_x = req.mask_blur if req.mask_blur is not None else req.mask_blur_x
     blur_y = req.mask_blur if req.mask_blur is not None else req.mask_blur_y
     return ResolvedRequest(req, sampler, scheduler, seeds, subseeds, batch_size, strength, hires, blur_x, blur_y)

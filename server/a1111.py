@@ -347,7 +347,7 @@ _TECHNICAL_INFO = {"parameters", "exif", "icc_profile", "dpi", "jfif", "jfif_ver
 
 def png_info(image) -> dict:
     """POST /png-info: the infotext (PNG `parameters` chunk or EXIF UserComment), the other
-    string-ish info keys, and the parsed infotext."""
+    string-ish info keys, the parsed infotext, and (not in A1111) the request fields it restores."""
     text = image.info.get("parameters")
     if not isinstance(text, str):
         text = _exif_user_comment(image) or ""
@@ -357,7 +357,9 @@ def png_info(image) -> dict:
             continue
         if isinstance(value, (str, int, float, bool)):
             items[key] = value
-    return {"info": text, "items": items, "parameters": infotext.parse_infotext(text)}
+    parameters = infotext.parse_infotext(text)
+    return {"info": text, "items": items, "parameters": parameters,
+            "request": infotext.request_from_infotext(parameters)}
 
 
 def _exif_user_comment(image) -> Optional[str]:

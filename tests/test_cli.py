@@ -1,5 +1,6 @@
 """The `sd15` command: PNGs with A1111's `parameters` chunk, every bad argument refused before the model loads
 with one line and exit code 2, the list commands, --help without torch, progress and Ctrl-C."""
+import json
 import os
 import re
 import signal
@@ -235,6 +236,37 @@ def test_ctrl_c_saves_what_was_made(tiny_ckpt, tmp_path):
     assert b"Traceback" not in stderr
     with Image.open(out) as im:
         assert im.size == (64, 64) and im.text["parameters"].startswith("a cat\nSteps: 5000, ")
+
+
+def test_schema_help_and_checks_do_not_import_torch(tiny_ckpt, tmp_path):
+    """The request schema, `txt2img --help` and every check that fails before the model loads run without
+    torch (its import costs 1-2 s); `--version` last, as a control that the script does see imports."""
+    script = """if True:
+        import json, sys
+        import sd15.schema
+        from sd15.__main__ import main
+        seen = ["torch" in sys.modules]
+        for argv in json.loads(sys.argv[1]):
+            try:
+                main(argv)
+            except SystemExit:
+                pass
+            seen.append("torch" in sys.modules)
+        import torch
+        seen.append("torch" in sys.modules)
+        print(json.dumps(seen))"""
+    ckpt = ["--ckpt", tiny_ckpt]
+    cases = [["txt2img", "--help"], ["img2img", "--help"], ["txt2img", *ckpt, "--steps", "0"],
+             ["txt2img", *ckpt, "--sampler", "Eulerish"],
+             ["txt2img", *ckpt, "--hr-upscaler", "x", "--enable-hr"],
+             ["txt2img", *ckpt, "--out", str(tmp_path / "x.gif")],
+             ["txt2img", "--ckpt", str(tmp_path / "no.ckpt")],
+             ["img2img", *ckpt, "--init", str(tmp_path / "none.png")]]
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(cases)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.splitlines()[-1]) == [False] * (len(cases) + 1) + [True]
+    assert proc.stderr.count("sd15: error:") == len(cases) - 2
 
 
 def test_module_entry_point_reports_errors_without_traceback(tmp_path):

@@ -116,17 +116,6 @@ def test_latent_upscale_modes_run_as_a1111_names_them(name):
         assert torch.equal(I.upscale_latent(z, name, width, height), ref)
 
 
-def test_resolve_hr_upscaler():
-    assert I.resolve_hr_upscaler(None) == ("latent", ("bilinear", False))
-    assert I.resolve_hr_upscaler("Latent (bicubic antialiased)") == ("latent", ("bicubic", True))
-    assert I.resolve_hr_upscaler("Lanczos") == ("pixel", "Lanczos")
-    assert I.resolve_hr_upscaler("None") == ("pixel", "None")
-    with pytest.raises(ValueError, match="could not find upscaler named R-ESRGAN 4x\\+"):
-        I.resolve_hr_upscaler("R-ESRGAN 4x+")
-    with pytest.raises(ValueError):
-        I.resolve_hr_upscaler("latent")  # case-sensitive, as A1111
-
-
 def test_upscale_latent_bilinear_by_hand():
     # align_corners=False: src = (i + 0.5)/2 - 0.5 = -0.25 (clamped to 0), 0.25, 0.75, 1.25 (clamped to 1)
     z = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]]]])

@@ -575,7 +575,7 @@ def test_round_trip(prompt, negative, variant):
     assert (d["Size-1"], d["Size-2"]) == ("640", "448")
     assert d["Model hash"] == "6ce0161689" and d["Model"] == "v1-5-pruned-emaonly" and d["Version"] == "v1.10.1"
     assert (d["Sampler"], d["Schedule type"]) == (p.r.sampler.name, schedule_type(p))
-    assert it.sampler_from_infotext(d)[0] == p.r.sampler.name
+    assert it.request_from_infotext(d)["sampler_name"] == p.r.sampler.name
     if variant == "img2img":
         assert d["Denoising strength"] == "0.6" and d["Mask blur"] == "8"
         assert d["Masked content"] == "latent noise" and d["Inpaint area"] == "Only masked"
@@ -585,7 +585,8 @@ def test_round_trip(prompt, negative, variant):
         assert d["Hires upscaler"] == "Latent (bicubic)" and d["Hires sampler"] == "DPM++ 2M"
         assert d["Hires schedule type"] == "Exponential"
         assert d["Hires prompt"] == prompt + ", extra detail" and d["Hires negative prompt"] == "bad\nworse"
-        assert it.hr_sampler_from_infotext(d) == ("DPM++ 2M", "Exponential")
+        request = it.request_from_infotext(d)
+        assert (request["hr_sampler_name"], request["hr_scheduler"]) == ("DPM++ 2M", "exponential")
     if variant == "variation":
         assert d["Variation seed"] == "42" and d["Variation seed strength"] == "0.35"
         assert (d["Seed resize from-1"], d["Seed resize from-2"]) == ("512", "512")
@@ -605,7 +606,7 @@ def test_round_trip_ensd_and_every_sampler():
         d = parse_infotext(create_infotext(p))
         assert d["Sampler"] == s
         assert ("ENSD" in d) is samplers.find_sampler(s).uses_ensd
-        assert it.sampler_from_infotext(d)[0] == s
+        assert it.request_from_infotext(d)["sampler_name"] == s
 
 
 # =============================================================================================
@@ -696,18 +697,65 @@ def test_parse_fp8_cache_default_and_skip_fields():
     assert "Model hash" not in d and "Seed" not in d and d["Steps"] == "1"
 
 
-def test_sampler_from_infotext_old_names():
-    assert it.sampler_from_infotext({"Sampler": "DPM++ 2M Karras"}) == ("DPM++ 2M", "Automatic")
-    assert it.sampler_from_infotext({"Sampler": "LMS Karras"}) == ("LMS", "Karras")
-    assert it.sampler_from_infotext({"Sampler": "Euler a", "Schedule type": "Automatic"}) == ("Euler a", "Automatic")
-    assert it.sampler_from_infotext({"Sampler": "DPM++ 2M", "Schedule type": "Exponential"}) == \
-        ("DPM++ 2M", "Exponential")
-    assert it.sampler_from_infotext({"Sampler": "Nonexistent"}) == ("DPM++ 2M", "Automatic")
-    assert it.hr_sampler_from_infotext(parse_infotext("p\nSteps: 1, Sampler: Euler, Seed: 1")) == \
-        ("Use same sampler", "Use same scheduler")
-    assert it.hr_sampler_from_infotext({"Sampler": "DPM++ 2M", "Schedule type": "Karras",
-                                        "Hires sampler": "Euler a", "Hires schedule type": "Automatic"}) == \
-        ("Euler a", "Automatic")
+# What a bare infotext ("p" and three keys) restores: parse_infotext's defaults, then the schema's
+BARE_REQUEST = {
+    "prompt": "p", "negative_prompt": "", "seed": -1, "subseed": -1, "subseed_strength": 0,
+    "seed_resize_from_h": -1, "seed_resize_from_w": -1, "sampler_name": "DPM++ 2M", "scheduler": "automatic",
+    "steps": 50, "cfg_scale": 7.0, "eta": None, "tiling": False, "width": 512, "height": 512,
+    "denoising_strength": None, "mask_blur": None, "inpainting_fill": 1, "inpaint_full_res": False,
+    "inpaint_full_res_padding": 32, "inpainting_mask_invert": 0, "enable_hr": False, "hr_scale": 2.0,
+    "hr_upscaler": None, "hr_second_pass_steps": 0, "hr_resize_x": 0, "hr_resize_y": 0,
+    "hr_sampler_name": None, "hr_scheduler": None, "hr_prompt": "", "hr_negative_prompt": "",
+    "randn_source": "GPU", "eta_noise_seed_delta": 0, "clip_skip": 1}
+
+PASTED = [  # (infotext as A1111 wrote it, the request fields A1111's paste gives)
+    ("p\nModel: x, Model hash: 0123456789, Version: v1.10.1", {}),
+    # txt2img with hires (v1.10): the strength is the hires pass's
+    ("masterpiece, a castle\nNegative prompt: lowres, bad anatomy\nSteps: 20, Sampler: DPM++ 2M, "
+     "Schedule type: Karras, CFG scale: 7, Seed: 1234567890, Size: 512x768, Model hash: 6ce0161689, "
+     "Model: v1-5-pruned-emaonly, Denoising strength: 0.5, Clip skip: 2, Hires upscale: 2, Hires steps: 10, "
+     "Hires upscaler: R-ESRGAN 4x+, Version: v1.10.1",
+     {"prompt": "masterpiece, a castle", "negative_prompt": "lowres, bad anatomy", "steps": 20,
+      "scheduler": "karras", "seed": 1234567890, "height": 768, "denoising_strength": 0.5, "clip_skip": 2,
+      "enable_hr": True, "hr_second_pass_steps": 10, "hr_upscaler": "R-ESRGAN 4x+"}),
+    # img2img inpainting (v1.10)
+    ("a cat on a sofa\nNegative prompt: blurry\nSteps: 30, Sampler: Euler a, Schedule type: Automatic, "
+     "CFG scale: 7.5, Seed: 42, Size: 512x512, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, "
+     "Denoising strength: 0.75, Mask blur: 8, Inpaint area: Only masked, Masked area padding: 16, "
+     "Masked content: latent noise, Mask mode: Inpaint not masked, RNG: CPU, Version: v1.10.1",
+     {"prompt": "a cat on a sofa", "negative_prompt": "blurry", "steps": 30, "sampler_name": "Euler a",
+      "cfg_scale": 7.5, "seed": 42, "denoising_strength": 0.75, "mask_blur": 8, "inpaint_full_res": True,
+      "inpaint_full_res_padding": 16, "inpainting_fill": 2, "inpainting_mask_invert": 1,
+      "randn_source": "CPU"}),
+    # old combined sampler names (v1.5), a variation seed, ENSD; hires by its resize, with an old
+    # combined name
+    ("a photo of an astronaut\nSteps: 28, Sampler: DPM++ 2M Karras, CFG scale: 6, Seed: 3456, Size: 640x448, "
+     "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Variation seed: 99, Variation seed strength: 0.3, "
+     "Seed resize from: 512x384, Denoising strength: 0.55, ENSD: 31337, Hires resize: 1280x896, "
+     "Hires sampler: DPM++ SDE Exponential, Hires prompt: \"a photo, detailed\", Eta: 0.9, Tiling: True, "
+     "Version: v1.5.1",
+     {"prompt": "a photo of an astronaut", "steps": 28, "scheduler": "karras", "cfg_scale": 6.0, "seed": 3456,
+      "width": 640, "height": 448, "subseed": 99, "subseed_strength": 0.3, "seed_resize_from_w": 512,
+      "seed_resize_from_h": 384, "denoising_strength": 0.55, "eta_noise_seed_delta": 31337, "enable_hr": True,
+      "hr_resize_x": 1280, "hr_resize_y": 896, "hr_sampler_name": "DPM++ SDE", "hr_scheduler": "exponential",
+      "hr_prompt": "a photo, detailed", "eta": 0.9, "tiling": True}),
+    # a strength without hires keys is img2img's; an unknown sampler is A1111's first; bad numbers keep
+    # their defaults
+    ("p\nSteps: many, Sampler: Euler Dy, Schedule type: Weird, Seed: 7, Denoising strength: 0.3, "
+     "Hires prompt: q, Hires schedule type: Beta",
+     {"seed": 7, "denoising_strength": 0.3, "hr_prompt": "q", "hr_scheduler": "beta"}),
+    ("p\nSteps: 9, Sampler: euler a, Schedule type: sgmuniform, Seed: 8",
+     {"steps": 9, "sampler_name": "Euler a", "scheduler": "sgm_uniform", "seed": 8}),
+]
+
+
+@pytest.mark.parametrize("text, changed", PASTED,
+                         ids=["bare", "hires", "inpaint", "old-names", "odd", "lenient"])
+def test_request_from_infotext(text, changed):
+    assert set(changed) <= set(BARE_REQUEST)
+    request = it.request_from_infotext(parse_infotext(text))
+    assert request == {**BARE_REQUEST, **changed}
+    GenerationRequest(**request)  # every key is a schema field
 
 
 # =============================================================================================
@@ -768,8 +816,10 @@ def test_resolve_defaults_and_fallbacks():
     # an empty sampler is A1111's API default ("Euler", its sampler_index); pasting falls back like A1111's UI
     assert resolve_sampler(None) == ("Euler", "Automatic") == resolve_sampler("")
     assert samplers.DEFAULT_SAMPLER == "Euler" and GenerationRequest().sampler_name is None
-    assert it.sampler_from_infotext({"Sampler": "No such sampler"}) == ("DPM++ 2M", "Automatic")
-    assert it.sampler_from_infotext({"Sampler": "Euler", "Schedule type": "nonsense"}) == ("Euler", "Automatic")
+    pasted = it.request_from_infotext({"Sampler": "No such sampler"})
+    assert (pasted["sampler_name"], pasted["scheduler"]) == ("DPM++ 2M", "automatic")
+    pasted = it.request_from_infotext({"Sampler": "Euler", "Schedule type": "nonsense"})
+    assert (pasted["sampler_name"], pasted["scheduler"]) == ("Euler", "automatic")
     assert resolve_sampler("Euler Karras Uniform") == ("Euler", "Karras")  # A1111 cuts each suffix once, in order
 
 

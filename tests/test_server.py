@@ -622,6 +622,8 @@ def test_png_info(client):
     assert out["info"] == body["info"]["infotexts"][0]
     assert out["parameters"]["Seed"] == "42" and out["parameters"]["Prompt"] == "a (cat:1.2)"
     assert out["parameters"]["Size-1"] == "64" and out["items"] == {}
+    request = out["request"]  # the fields the infotext restores (not in A1111)
+    assert (request["prompt"], request["seed"], request["width"]) == ("a (cat:1.2)", 42, 64)
     # an image without infotext, with another text chunk
     from PIL.PngImagePlugin import PngInfo
     meta = PngInfo()

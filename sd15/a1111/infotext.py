@@ -1,14 +1,6 @@
-"""A1111 v1.10's infotext (the PNG `parameters` text) and the `info` object of a response, written from a
-resolved request, and the infotext parser behind png-info and the `infotext` request field.
-
-    r = sd15.schema.resolve(req)
-    text = create_infotext(r, 0, model={"sd_model_name": "v1-5-pruned-emaonly", "sd_model_hash": "6ce0161689"})
-    info = create_info(r, [text], model=..., job_timestamp=job_timestamp())
-    parse_infotext(text)["Seed"]
-
-The key order of `create_infotext` is the only other list of a request's fields besides `sd15.schema`.
-References: A1111 `modules/processing.py` (`create_infotext`, `Processed.js`),
-`modules/infotext_utils.py` (`parse_generation_parameters`, `quote`).
+"""A1111 v1.10's infotext (the PNG `parameters` text) and a response's `info` object, written from a
+resolved request (A1111 `modules/processing.py`: `create_infotext`, `Processed.js`); the parser behind
+png-info (`modules/infotext_utils.py`: `parse_generation_parameters`), and what a parsed infotext restores.
 """
 from __future__ import annotations
 
@@ -18,11 +10,12 @@ import math
 import re
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from sd15.samplers.table import (SAMPLER_TABLE, find_scheduler, recorded_schedule, resolve_sampler,
-                                 split_sampler_name)
+from sd15 import schema
+from sd15.samplers.table import (SAMPLER_TABLE, SCHEDULER_TABLE, find_sampler, find_scheduler,
+                                 recorded_schedule, split_sampler_name)
 
 A1111_VERSION = "v1.10.1"  # what infotext "Version" and info "version" say
-_MASKED_CONTENT = {0: "fill", 2: "latent noise", 3: "latent nothing"}
+MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")  # by inpainting_fill
 
 
 def job_timestamp(now: Optional[datetime.datetime] = None) -> str:
@@ -30,14 +23,11 @@ def job_timestamp(now: Optional[datetime.datetime] = None) -> str:
     return (now or datetime.datetime.now()).strftime("%Y%m%d%H%M%S")
 
 
-def _eta_entry(sampler, eta) -> Optional[tuple[str, float]]:
-    """("Eta", value) / ("Eta DDIM", value) when the sampler takes eta and it differs from A1111's option."""
-    if not sampler.has_eta:
-        return None
-    value = eta if eta is not None else sampler.options["eta"]
-    if value == sampler.options["eta"]:
-        return None
-    return ("Eta DDIM" if sampler.timesteps else "Eta"), value
+def _eta(sampler, eta) -> dict:
+    """{"Eta" or "Eta DDIM": eta} when the sampler takes eta and it differs from A1111's option, else {}."""
+    if "eta" not in sampler.options or eta in (None, sampler.options["eta"]):
+        return {}
+    return {"Eta DDIM" if sampler.timesteps else "Eta": eta}
 
 
 def _extra_params(r, has_mask: bool, extra: Mapping[str, Any]) -> dict:
@@ -55,7 +45,7 @@ def _extra_params(r, has_mask: bool, extra: Mapping[str, Any]) -> dict:
             if q.inpaint_full_res:
                 out["Inpaint area"] = "Only masked"
                 out["Masked area padding"] = q.inpaint_full_res_padding
-            out["Masked content"] = _MASKED_CONTENT.get(q.inpainting_fill)
+            out["Masked content"] = None if q.inpainting_fill == 1 else MASKED_CONTENT[q.inpainting_fill]
     elif hr is not None:
         out["Denoising strength"] = r.strength
         if hr.sampler is not r.sampler:
@@ -76,27 +66,21 @@ def _extra_params(r, has_mask: bool, extra: Mapping[str, Any]) -> dict:
     recorded = recorded_schedule(r.sampler, r.scheduler)
     if recorded is not None:
         out["Schedule type"] = recorded.label
-    eta = _eta_entry(r.sampler, q.eta)
-    if eta is not None:
-        out[eta[0]] = eta[1]
+    out.update(_eta(r.sampler, q.eta))
     if hr is not None:
         hr_recorded = recorded_schedule(hr.sampler, hr.scheduler)
         if hr_recorded is not None and hr_recorded.label != out.get("Schedule type"):
             out["Hires schedule type"] = hr_recorded.label
-        eta = _eta_entry(hr.sampler, q.eta)
-        if eta is not None:
-            out[eta[0]] = eta[1]
+        out.update(_eta(hr.sampler, q.eta))
     return out
 
 
 def create_infotext(r, index: int = 0, *, model: Mapping[str, Any] = {}, extra: Mapping[str, Any] = {},
                     has_mask: Optional[bool] = None) -> str:
-    """Image `index`'s infotext (index over the whole job). `r` is a `sd15.schema.ResolvedRequest`; `model`
-    holds sd_model_name, sd_model_hash (10 hex digits), sd_vae_name, sd_vae_hash; `extra` further entries
-    ("Lora hashes", "TI hashes", "NGMS"); `has_mask`: an inpainting mask was used (default: one was given).
-
-    Layout: prompt, "Negative prompt: ..." when non-empty, then one line of "Key: value" pairs in A1111's
-    order; null values are left out, a value equal to its key is written bare, values are `quote`d."""
+    """Image `index`'s infotext (index over the whole job) of a `sd15.schema.ResolvedRequest`. `model`:
+    sd_model_name, sd_model_hash (10 hex digits), sd_vae_name, sd_vae_hash; `extra`: further entries ("Lora
+    hashes", "NGMS"); `has_mask`: an inpainting mask was used (default: one was given). Null values are left
+    out, a value equal to its key is written bare."""
     q = r.request
     has_mask = q.mask is not None if has_mask is None else has_mask
     eta = q.eta if q.eta is not None else 1.0
@@ -132,15 +116,12 @@ def create_infotext(r, index: int = 0, *, model: Mapping[str, Any] = {}, extra: 
 
 def create_info(r, infotexts: Sequence[str], *, job_timestamp: str, model: Mapping[str, Any] = {},
                 extra: Mapping[str, Any] = {}, has_mask: Optional[bool] = None, index_of_first_image: int = 0) -> dict:
-    """The `info` object of a txt2img/img2img response, keys in A1111's order. `infotexts` are those of the
-    returned images; serialise with `info_json`. The per-image hires prompts are null in
-    `extra_generation_params`, as in A1111 (it stores functions there)."""
+    """The `info` object of a response, keys in A1111's order, for the returned images' `infotexts`. The
+    hires prompts are null in `extra_generation_params`, as in A1111 (it stores functions there)."""
     q = r.request
     has_mask = q.mask is not None if has_mask is None else has_mask
     extra_params = _extra_params(r, has_mask, extra)
-    for key in ("Hires prompt", "Hires negative prompt"):
-        if key in extra_params:
-            extra_params[key] = None
+    extra_params.update({k: None for k in ("Hires prompt", "Hires negative prompt") if k in extra_params})
     n = len(r.seeds)
     return {
         "prompt": q.prompt, "all_prompts": [q.prompt] * n,
@@ -170,15 +151,12 @@ def quote(value: Any) -> Any:
     text = str(value)
     if "," not in text and "\n" not in text and ":" not in text:
         return value
-    try:
-        return json.dumps(value, ensure_ascii=False)
-    except TypeError:
-        return json.dumps(text, ensure_ascii=False)
+    return json.dumps(value, ensure_ascii=False)
 
 
 def unquote(text: str) -> str:
     """Inverse of `quote` for a double-quoted value; anything else (or invalid JSON) is returned unchanged."""
-    if len(text) == 0 or text[0] != '"' or text[-1] != '"':
+    if not (text.startswith('"') and text.endswith('"')):
         return text
     try:
         return json.loads(text)
@@ -192,20 +170,10 @@ def format_hashes(pairs: Iterable[tuple[str, str]]) -> str:
     return ", ".join(f"{name.replace(':', '').replace(',', '')}: {h}" for name, h in pairs)
 
 
-# =============================================================================================
-# Parsing (png-info `parameters`, the `infotext` request field)
-# =============================================================================================
-
 # key: a word character, then one or more word characters, spaces, "-" or "/"; value: a JSON-style
 # double-quoted string, or everything up to the next comma
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
-
-
-def _old_hires_first_pass(width: int, height: int) -> tuple[int, int]:
-    """A1111's old automatic first-pass size: about 512² pixels, rounded up to multiples of 64."""
-    scale = math.sqrt(512 * 512 / (width * height))
-    return math.ceil(scale * width / 64) * 64, math.ceil(scale * height / 64) * 64
 
 
 def _uses_emphasis(prompt: str, negative_prompt: str) -> bool:
@@ -217,27 +185,28 @@ def _uses_emphasis(prompt: str, negative_prompt: str) -> bool:
     return any(w != 1.0 and t != "BREAK" for t, w in parts)
 
 
-def parse_infotext(text: str, *, skip_fields: Iterable[str] = ()) -> dict:
-    """A1111's `parse_generation_parameters` (png-info `parameters`), default options.
+# What A1111's parser fills in for absent keys, in its order
+_PARSE_DEFAULTS = {
+    "Clip skip": "1", "Hires resize-1": 0, "Hires resize-2": 0, "Hires sampler": "Use same sampler",
+    "Hires schedule type": "Use same scheduler", "Hires checkpoint": "Use same checkpoint",
+    "Hires prompt": "", "Hires negative prompt": "", "Mask mode": "Inpaint masked",
+    "Masked content": "original",
+    "Inpaint area": "Whole picture", "Masked area padding": 32, "RNG": "GPU", "Schedule type": "Automatic",
+    "Schedule max sigma": 0, "Schedule min sigma": 0, "Schedule rho": 0, "VAE Encoder": "Full",
+    "VAE Decoder": "Full", "FP8 weight": "Disable"}
 
-    - The last line holds the parameters only when at least 3 "key: value" pairs match on it; otherwise it
-      is part of the prompt. Other lines (each stripped) form the prompt until one starting with
-      "Negative prompt:"; from there on, the negative prompt.
-    - Values are strings; a double-quoted value is JSON-unquoted; a "WxH" value is split into
-      "<Key>-1"/"<Key>-2" ("Size-1": "512"). A key with an empty value is dropped (A1111 skips it).
-    - "Prompt" and "Negative prompt" are added, then A1111's defaults for absent keys and the
-      A1111's version back-compat flags are not produced (nothing here reads them).
-    - Styles are not extracted (no styles are defined); `skip_fields` are removed at the end
-      (A1111's `infotext_skip_pasting`).
-    """
-    res: dict = {}
+
+def parse_infotext(text: str, *, skip_fields: Iterable[str] = ()) -> dict:
+    """A1111's `parse_generation_parameters` (png-info `parameters`) with default options: the last line holds
+    the parameters when at least 3 "key: value" pairs match on it; the lines before are the prompt, then,
+    from one starting with "Negative prompt:", the negative prompt. Values are strings, JSON-unquoted, "WxH"
+    split into "<Key>-1"/"<Key>-2"; empty ones are dropped. Then A1111's defaults for absent keys; no styles
+    are defined, so none are extracted; `skip_fields` go last (A1111's `infotext_skip_pasting`)."""
     *lines, last = text.strip().split("\n")
     if len(_PARAM.findall(last)) < 3:
         lines.append(last)
         last = ""
-
-    prompt = ""
-    negative_prompt = ""
+    prompt = negative_prompt = ""
     in_negative = False
     for line in lines:
         line = line.strip()
@@ -245,115 +214,100 @@ def parse_infotext(text: str, *, skip_fields: Iterable[str] = ()) -> dict:
             in_negative = True
             line = line[len("Negative prompt:"):].strip()
         if in_negative:
-            negative_prompt += ("" if negative_prompt == "" else "\n") + line
+            negative_prompt += ("\n" if negative_prompt else "") + line
         else:
-            prompt += ("" if prompt == "" else "\n") + line
+            prompt += ("\n" if prompt else "") + line
 
+    res: dict = {}
     for key, value in _PARAM.findall(last):
         if value == "":
             continue
         if value[0] == '"' and value[-1] == '"':
             value = unquote(value)
-        m = _SIZE.match(value) if isinstance(value, str) else None
+        m = _SIZE.match(value)
         if m is not None:
-            res[f"{key}-1"] = m.group(1)
-            res[f"{key}-2"] = m.group(2)
+            res[f"{key}-1"], res[f"{key}-2"] = m.groups()
         else:
             res[key] = value
-
-    # A1111 runs its style extraction here ("Apply if any"); with no styles defined it only normalises the
-    # hires prompts: one equal to the first-pass prompt becomes "" (for infotexts newer than v1.8.0-139)
+    # A1111's style extraction, with no styles defined, only does this (infotexts newer than v1.8.0-139)
     if "Hires prompt" in res or "Hires negative prompt" in res:
-        if True:  # as A1111 does for infotexts newer than v1.8.0-139
-            hr_prompt = res.get("Hires prompt", prompt)
-            hr_negative_prompt = res.get("Hires negative prompt", negative_prompt)
-            res["Hires prompt"] = "" if hr_prompt == prompt else hr_prompt
-            res["Hires negative prompt"] = "" if hr_negative_prompt == negative_prompt else hr_negative_prompt
-
+        hr_prompt = res.get("Hires prompt", prompt)
+        hr_negative = res.get("Hires negative prompt", negative_prompt)
+        res["Hires prompt"] = "" if hr_prompt == prompt else hr_prompt
+        res["Hires negative prompt"] = "" if hr_negative == negative_prompt else hr_negative
     res["Prompt"] = prompt
     res["Negative prompt"] = negative_prompt
-
-    res.setdefault("Clip skip", "1")
-    hypernet = res.get("Hypernet")
-    if hypernet is not None:
-        res["Prompt"] += f"<hypernet:{hypernet}:{res.get('Hypernet strength', '1.0')}>"
-    if "Hires resize-1" not in res:
-        res["Hires resize-1"] = 0
-        res["Hires resize-2"] = 0
-    res.setdefault("Hires sampler", "Use same sampler")
-    res.setdefault("Hires schedule type", "Use same scheduler")
-    res.setdefault("Hires checkpoint", "Use same checkpoint")
-    res.setdefault("Hires prompt", "")
-    res.setdefault("Hires negative prompt", "")
-    res.setdefault("Mask mode", "Inpaint masked")
-    res.setdefault("Masked content", "original")
-    res.setdefault("Inpaint area", "Whole picture")
-    res.setdefault("Masked area padding", 32)
-
-    # old "First pass size" infotexts: the first pass becomes Size, the old Size the hires target
-    fw, fh = res.get("First pass size-1"), res.get("First pass size-2")
-    if fw is not None and fh is not None:
-        fw, fh = int(fw), int(fh)
+    if "Hypernet" in res:
+        res["Prompt"] += f"<hypernet:{res['Hypernet']}:{res.get('Hypernet strength', '1.0')}>"
+    for key, value in _PARSE_DEFAULTS.items():
+        res.setdefault(key, value)
+    if "First pass size-1" in res:  # old hires infotexts: the first pass becomes Size, Size the hires target
+        fw, fh = int(res["First pass size-1"]), int(res["First pass size-2"])
         width, height = int(res.get("Size-1", 512)), int(res.get("Size-2", 512))
-        if fw == 0 or fh == 0:
-            fw, fh = _old_hires_first_pass(width, height)
+        if fw == 0 or fh == 0:  # A1111's old automatic first pass: about 512² pixels, multiples of 64
+            scale = math.sqrt(512 * 512 / (width * height))
+            fw, fh = math.ceil(scale * width / 64) * 64, math.ceil(scale * height / 64) * 64
         res["Size-1"], res["Size-2"] = fw, fh
         res["Hires resize-1"], res["Hires resize-2"] = width, height
-
-    res.setdefault("RNG", "GPU")
-    res.setdefault("Schedule type", "Automatic")
-    res.setdefault("Schedule max sigma", 0)
-    res.setdefault("Schedule min sigma", 0)
-    res.setdefault("Schedule rho", 0)
-    res.setdefault("VAE Encoder", "Full")
-    res.setdefault("VAE Decoder", "Full")
-    res.setdefault("FP8 weight", "Disable")
     if "Cache FP16 weight for LoRA" not in res and res["FP8 weight"] != "Disable":
         res["Cache FP16 weight for LoRA"] = False
     if "Emphasis" not in res and _uses_emphasis(prompt, negative_prompt):
         res["Emphasis"] = "Original"
     res.setdefault("Refiner switch by sampling steps", False)
-
     for key in skip_fields:
         res.pop(key, None)
     return res
 
 
-
-
-def sampler_from_infotext(d: Mapping[str, Any]) -> tuple[str, str]:
-    """(sampler, schedule type) a pasted infotext means, as A1111's paste logic reads it: old combined names
-    are split, a missing Schedule type is Automatic, a schedule equal to the sampler's own shows as
-    "Automatic", an unknown sampler becomes A1111's first, "DPM++ 2M"."""
-    return _paste(d.get("Sampler"), d.get("Schedule type"))
-
-
-def hr_sampler_from_infotext(d: Mapping[str, Any]) -> tuple[str, str]:
-    """(hires sampler, hires schedule type) of a pasted infotext: "Use same sampler"/"Use same scheduler"
-    when they equal the first pass's."""
-    hr_sampler = d.get("Hires sampler", "Use same sampler")
-    hr_scheduler = d.get("Hires schedule type", "Use same scheduler")
-    sampler = d.get("Sampler") if hr_sampler == "Use same sampler" else hr_sampler
-    scheduler = d.get("Schedule type") if hr_scheduler == "Use same scheduler" else hr_scheduler
-    try:  # A1111 resolves this pair with the name's suffix winning over the explicit schedule type
-        base, suffix = split_sampler_name(sampler or SAMPLER_TABLE[0].name)
-    except ValueError:
-        base, suffix = sampler, None
-    s, c = _paste(base, suffix or scheduler)
-    return (s if s != d.get("Sampler") else "Use same sampler",
-            c if c != d.get("Schedule type") else "Use same scheduler")
-
-
-def _paste(name: Optional[str], scheduler: Optional[str]) -> tuple[str, str]:
-    """A1111's lenient UI resolution: unknown names fall back (sampler to the first one, scheduler to
-    Automatic), and a scheduler equal to the sampler's default is reported as "Automatic"."""
-    if find_scheduler(scheduler) is None:
-        scheduler = None
+def _value(f, text: Any) -> Any:
+    """An infotext value as schema field `f` takes it; the field's default when it does not convert."""
+    kind = schema.value_type(f)
     try:
-        sampler, sched = resolve_sampler(name or SAMPLER_TABLE[0].name, scheduler)
+        return str(text) == "True" if kind is bool else kind(text)
     except ValueError:
-        sampler, sched = resolve_sampler(SAMPLER_TABLE[0].name, scheduler)
-    label = sched.label
-    if sampler.scheduler == label:
-        label = "Automatic"
-    return sampler.name, label
+        return f.default
+
+
+def _sampler(name: Optional[str]) -> tuple[str, Optional[str]]:
+    """A1111's `get_sampler_and_scheduler` as its paste calls it: (sampler, the schedule suffix of an old
+    combined name such as "DPM++ 2M Karras", which wins over "Schedule type"); an unknown sampler is A1111's
+    first."""
+    try:
+        name, suffix = split_sampler_name(name or SAMPLER_TABLE[0].name)
+    except ValueError:
+        name, suffix = SAMPLER_TABLE[0].name, None
+    return find_sampler(name).name, suffix
+
+
+def _schedule(label: Optional[str]) -> str:
+    """The schedule's name ("Karras" -> "karras"); "automatic" for an unknown one."""
+    return (find_scheduler(label) or SCHEDULER_TABLE[0]).name
+
+
+def request_from_infotext(p: Mapping[str, Any]) -> dict:
+    """The request fields (`sd15.schema` names -> values) a parsed infotext (`parse_infotext`) restores, by
+    A1111's paste rules (its `txt2img/img2img_paste_fields`): each schema field that names infotext keys gets
+    the value, or its default when the infotext has none; then the samplers, the Hires. fix checkbox and the
+    inpainting fields, whose infotext values are words. The schedule stays named where A1111's UI shows
+    "Automatic" for the sampler's own (the same numbers)."""
+    out = {}
+    for f in schema.FIELDS.values():
+        if f.metadata["infotext"]:
+            text = next((p[key] for key in f.metadata["infotext"] if p.get(key) not in (None, "")), None)
+            out[f.name] = f.default if text is None else _value(f, text)
+    out["sampler_name"], suffix = _sampler(p.get("Sampler"))
+    out["scheduler"] = _schedule(suffix or p.get("Schedule type"))
+    out["hr_sampler_name"] = out["hr_scheduler"] = suffix = None
+    if p.get("Hires sampler", "Use same sampler") != "Use same sampler":
+        out["hr_sampler_name"], suffix = _sampler(p["Hires sampler"])
+    if suffix or p.get("Hires schedule type", "Use same scheduler") != "Use same scheduler":
+        out["hr_scheduler"] = _schedule(suffix or p["Hires schedule type"])
+    out["enable_hr"] = "Denoising strength" in p and (
+        "Hires upscale" in p or "Hires upscaler" in p or out["hr_resize_x"] > 0)
+    content = p.get("Masked content")
+    out["inpainting_fill"] = MASKED_CONTENT.index(content) if content in MASKED_CONTENT else 1
+    out["inpaint_full_res"] = p.get("Inpaint area") == "Only masked"
+    padding = p.get("Masked area padding", 32)
+    out["inpaint_full_res_padding"] = _value(schema.FIELDS["inpaint_full_res_padding"], padding)
+    out["inpainting_mask_invert"] = int(p.get("Mask mode") == "Inpaint not masked")
+    return out

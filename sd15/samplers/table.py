@@ -1,24 +1,14 @@
-"""The one sampler table and the one scheduler table, with A1111 v1.10's names and name resolution.
-
-Every other place reads these: the sampling call (`sd15.samplers.sampling.sample`), the request schema
-(`sd15.schema`), the infotext writer and parser, `/sdapi/v1/samplers` and `/sdapi/v1/schedulers`, the CLI.
-References: A1111 `modules/sd_samplers_kdiffusion.py` (samplers_k_diffusion and their options),
-`sd_samplers_timesteps.py`, `sd_samplers_lcm.py`, `sd_schedulers.py`, `sd_samplers.py` (`get_sampler_and_scheduler`).
+"""The one sampler table and the one scheduler table, with A1111 v1.10's names and name resolution;
+sampling, the request schema, the infotext, the server and the CLI all read these. From A1111's
+`sd_samplers_kdiffusion.py`, `sd_samplers_timesteps.py`, `sd_samplers_lcm.py`, `sd_schedulers.py` and
+`sd_samplers.py`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from .kdiffusion import (sample_dpm_2, sample_dpm_2_ancestral, sample_dpm_adaptive, sample_dpm_fast,
-                         sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_2m_sde_heun, sample_dpmpp_2s_ancestral,
-                         sample_dpmpp_3m_sde, sample_dpmpp_sde, sample_euler, sample_euler_ancestral, sample_heun,
-                         sample_lcm, sample_lms, sample_restart)
-from .timesteps import sample_ddim, sample_ddim_cfgpp, sample_plms, sample_unipc
-
-# The sampler a request without one gets: A1111's API default (`sampler_index` "Euler" when `sampler_name` is
-# empty). The library, the server and the CLI all use it.
-DEFAULT_SAMPLER = "Euler"
+DEFAULT_SAMPLER = "Euler"  # A1111's API default (its `sampler_index`) for a request without `sampler_name`
 
 
 @dataclass(frozen=True)
@@ -26,7 +16,7 @@ class Sampler:
     """One A1111 sampler: its name and aliases, the function, and what A1111 decides for it."""
     name: str
     aliases: tuple[str, ...]
-    fn: Callable
+    function: str                        # its name in `kdiffusion`, or in `timesteps` for timestep samplers
     scheduler: Optional[str] = None      # the label "Automatic" means; None = the model's own (Uniform)
     discard_penultimate: bool = False    # schedule for steps + 1, then drop the last non-zero σ
     second_order: bool = False           # prompt-edit schedules count steps × 2
@@ -40,19 +30,18 @@ class Sampler:
     options: dict = field(default_factory=dict, hash=False)  # keyword arguments A1111 passes, with defaults
 
     @property
-    def has_eta(self) -> bool:
-        """The function takes `eta` (infotext "Eta" / "Eta DDIM" when it differs from the option)."""
-        return "eta" in self.options
+    def fn(self) -> Callable:
+        """The sampling function, imported on first use: the table (and the request schema) needs no torch."""
+        from sd15.samplers import kdiffusion, timesteps
+
+        return getattr(timesteps if self.timesteps else kdiffusion, self.function)
 
     def api(self) -> dict:
         """The `/sdapi/v1/samplers` entry (option values are strings, in A1111's order)."""
-        opts = {}
-        if self.scheduler:
-            opts["scheduler"] = self.scheduler.lower()
-        for key, on in (("discard_next_to_last_sigma", self.discard_penultimate), ("uses_ensd", self.uses_ensd),
-                        ("second_order", self.second_order), ("brownian_noise", self.brownian)):
-            if on:
-                opts[key] = "True"
+        opts = {"scheduler": self.scheduler.lower()} if self.scheduler else {}
+        flags = {"discard_next_to_last_sigma": self.discard_penultimate, "uses_ensd": self.uses_ensd,
+                 "second_order": self.second_order, "brownian_noise": self.brownian}
+        opts.update({key: "True" for key, on in flags.items() if on})
         if self.solver_type:
             opts["solver_type"] = self.solver_type
         return {"name": self.name, "aliases": list(self.aliases), "options": opts}
@@ -65,34 +54,37 @@ _ETA_DDIM = {"eta": 0.0}                                                   # opt
 
 # A1111's order (its UI and `/sdapi/v1/samplers`).
 SAMPLER_TABLE: list[Sampler] = [
-    Sampler("DPM++ 2M", ("k_dpmpp_2m",), sample_dpmpp_2m, "Karras"),
-    Sampler("DPM++ SDE", ("k_dpmpp_sde",), sample_dpmpp_sde, "Karras", second_order=True, brownian=True,
+    Sampler("DPM++ 2M", ("k_dpmpp_2m",), "sample_dpmpp_2m", "Karras"),
+    Sampler("DPM++ SDE", ("k_dpmpp_sde",), "sample_dpmpp_sde", "Karras", second_order=True, brownian=True,
             options=_ETA_NOISE),
-    Sampler("DPM++ 2M SDE", ("k_dpmpp_2m_sde",), sample_dpmpp_2m_sde, "Exponential", brownian=True,
+    Sampler("DPM++ 2M SDE", ("k_dpmpp_2m_sde",), "sample_dpmpp_2m_sde", "Exponential", brownian=True,
             options=_ETA_NOISE),
-    Sampler("DPM++ 2M SDE Heun", ("k_dpmpp_2m_sde_heun",), sample_dpmpp_2m_sde_heun, "Exponential", brownian=True,
-            solver_type="heun", options=_ETA_NOISE),
-    Sampler("DPM++ 2S a", ("k_dpmpp_2s_a",), sample_dpmpp_2s_ancestral, "Karras", second_order=True, uses_ensd=True,
-            options=_ETA_NOISE),
-    Sampler("DPM++ 3M SDE", ("k_dpmpp_3m_sde",), sample_dpmpp_3m_sde, "Exponential", discard_penultimate=True,
-            brownian=True, options=_ETA_NOISE),
-    Sampler("Euler a", ("k_euler_a", "k_euler_ancestral"), sample_euler_ancestral, uses_ensd=True,
-            options=_ETA),  # A1111 does not pass s_noise here
-    Sampler("Euler", ("k_euler",), sample_euler, options=_CHURN),
-    Sampler("LMS", ("k_lms",), sample_lms),
-    Sampler("Heun", ("k_heun",), sample_heun, second_order=True, options=_CHURN),
-    Sampler("DPM2", ("k_dpm_2",), sample_dpm_2, "Karras", discard_penultimate=True, second_order=True,
-            options=_CHURN),
-    Sampler("DPM2 a", ("k_dpm_2_a",), sample_dpm_2_ancestral, "Karras", discard_penultimate=True, second_order=True,
+    Sampler("DPM++ 2M SDE Heun", ("k_dpmpp_2m_sde_heun",), "sample_dpmpp_2m_sde_heun", "Exponential",
+            brownian=True, solver_type="heun", options=_ETA_NOISE),
+    Sampler("DPM++ 2S a", ("k_dpmpp_2s_a",), "sample_dpmpp_2s_ancestral", "Karras", second_order=True,
             uses_ensd=True, options=_ETA_NOISE),
-    Sampler("DPM fast", ("k_dpm_fast",), sample_dpm_fast, uses_ensd=True, sigma_range=True, options=_ETA_NOISE),
-    Sampler("DPM adaptive", ("k_dpm_ad",), sample_dpm_adaptive, uses_ensd=True, sigma_range=True, options=_ETA),
-    Sampler("Restart", ("restart",), sample_restart, "Karras", second_order=True),
-    Sampler("DDIM", ("ddim",), sample_ddim, timesteps=True, options=_ETA_DDIM),
-    Sampler("DDIM CFG++", ("ddim_cfgpp",), sample_ddim_cfgpp, timesteps=True, cfgpp=True, options=_ETA_DDIM),
-    Sampler("PLMS", ("plms",), sample_plms, timesteps=True),
-    Sampler("UniPC", ("unipc",), sample_unipc, timesteps=True),
-    Sampler("LCM", ("k_lcm",), sample_lcm, lcm=True),
+    Sampler("DPM++ 3M SDE", ("k_dpmpp_3m_sde",), "sample_dpmpp_3m_sde", "Exponential",
+            discard_penultimate=True, brownian=True, options=_ETA_NOISE),
+    Sampler("Euler a", ("k_euler_a", "k_euler_ancestral"), "sample_euler_ancestral", uses_ensd=True,
+            options=_ETA),  # A1111 does not pass s_noise here
+    Sampler("Euler", ("k_euler",), "sample_euler", options=_CHURN),
+    Sampler("LMS", ("k_lms",), "sample_lms"),
+    Sampler("Heun", ("k_heun",), "sample_heun", second_order=True, options=_CHURN),
+    Sampler("DPM2", ("k_dpm_2",), "sample_dpm_2", "Karras", discard_penultimate=True, second_order=True,
+            options=_CHURN),
+    Sampler("DPM2 a", ("k_dpm_2_a",), "sample_dpm_2_ancestral", "Karras", discard_penultimate=True,
+            second_order=True, uses_ensd=True, options=_ETA_NOISE),
+    Sampler("DPM fast", ("k_dpm_fast",), "sample_dpm_fast", uses_ensd=True, sigma_range=True,
+            options=_ETA_NOISE),
+    Sampler("DPM adaptive", ("k_dpm_ad",), "sample_dpm_adaptive", uses_ensd=True, sigma_range=True,
+            options=_ETA),
+    Sampler("Restart", ("restart",), "sample_restart", "Karras", second_order=True),
+    Sampler("DDIM", ("ddim",), "sample_ddim", timesteps=True, options=_ETA_DDIM),
+    Sampler("DDIM CFG++", ("ddim_cfgpp",), "sample_ddim_cfgpp", timesteps=True, cfgpp=True,
+            options=_ETA_DDIM),
+    Sampler("PLMS", ("plms",), "sample_plms", timesteps=True),
+    Sampler("UniPC", ("unipc",), "sample_unipc", timesteps=True),
+    Sampler("LCM", ("k_lcm",), "sample_lcm", lcm=True),
 ]
 
 
@@ -101,12 +93,12 @@ class Scheduler:
     """One `/sdapi/v1/schedulers` entry. default_rho is -1.0 when the schedule has no ρ."""
     name: str
     label: str
-    aliases: Optional[tuple[str, ...]] = None
+    aliases: tuple[str, ...] = ()
     default_rho: float = -1.0
     need_inner_model: bool = False
 
     def api(self) -> dict:
-        return {"name": self.name, "label": self.label, "aliases": None if self.aliases is None else list(self.aliases),
+        return {"name": self.name, "label": self.label, "aliases": list(self.aliases) or None,
                 "default_rho": self.default_rho, "need_inner_model": self.need_inner_model}
 
 
@@ -127,29 +119,19 @@ SCHEDULER_TABLE: list[Scheduler] = [
 ]
 
 SAMPLER_BY_NAME = {s.name: s for s in SAMPLER_TABLE}
-_SAMPLER_BY_LOWER: dict[str, Sampler] = {}
-for _s in SAMPLER_TABLE:
-    for _n in (_s.name, *_s.aliases):
-        _SAMPLER_BY_LOWER.setdefault(_n.lower(), _s)
+_SAMPLER_BY_LOWER = {n.lower(): s for s in SAMPLER_TABLE for n in (s.name, *s.aliases)}
 _SCHEDULER_EXACT = {**{c.name: c for c in SCHEDULER_TABLE}, **{c.label: c for c in SCHEDULER_TABLE}}
-_SCHEDULER_BY_LOWER: dict[str, Scheduler] = {}
-for _c in SCHEDULER_TABLE:
-    for _n in (_c.name, _c.label, *(_c.aliases or ())):
-        _SCHEDULER_BY_LOWER.setdefault(_n.lower(), _c)
-_SUFFIXES_LONGEST_FIRST = sorted(((o, c) for c in SCHEDULER_TABLE for o in (c.label, c.name, *(c.aliases or ()))),
+_SCHEDULER_BY_LOWER = {n.lower(): c for c in SCHEDULER_TABLE for n in (c.name, c.label, *c.aliases)}
+_SUFFIXES_LONGEST_FIRST = sorted(((o, c) for c in SCHEDULER_TABLE for o in (c.label, c.name, *c.aliases)),
                                  key=lambda oc: -len(oc[0]))
-del _s, _n, _c
 
 
-def find_sampler(name: Optional[str], *, lenient: bool = True) -> Optional[Sampler]:
-    """The sampler called `name`: the exact name (all A1111's API accepts), then, when `lenient`, any case of
-    the name or an alias ("euler A", "k_euler_a"). None when unknown."""
+def find_sampler(name: Optional[str]) -> Optional[Sampler]:
+    """The sampler called `name`: the exact name (all A1111's API accepts), else any case of the name or an
+    alias ("euler A", "k_euler_a"). None when unknown."""
     if name is None:
         return None
-    s = SAMPLER_BY_NAME.get(name)
-    if s is None and lenient:
-        s = _SAMPLER_BY_LOWER.get(name.strip().lower())
-    return s
+    return SAMPLER_BY_NAME.get(name) or _SAMPLER_BY_LOWER.get(name.strip().lower())
 
 
 def find_scheduler(name: Optional[str], *, lenient: bool = True) -> Optional[Scheduler]:
@@ -172,7 +154,7 @@ def split_sampler_name(name: str) -> tuple[str, Optional[str]]:
         return name, None
     base, label = name, None
     for c in SCHEDULER_TABLE:
-        for option in (c.label, c.name, *(c.aliases or ())):
+        for option in (c.label, c.name, *c.aliases):
             if base.endswith(" " + option):
                 base, label = base[:-len(option) - 1], c.label
                 break
@@ -188,11 +170,9 @@ def split_sampler_name(name: str) -> tuple[str, Optional[str]]:
 
 
 def resolve_sampler(name: Optional[str], scheduler: Optional[str] = None) -> tuple[Sampler, Scheduler]:
-    """A1111 v1.10's API resolution of (sampler, scheduler) -> (Sampler, Scheduler).
-
-    `name`: a sampler name or alias, or an old combined name ("DPM++ 2M Karras"); None/"" is DEFAULT_SAMPLER.
-    `scheduler`: a name or label ("karras", "Karras"); None/"" is Automatic. An explicit scheduler wins over
-    a name's suffix. Unknown names raise ValueError naming the valid ones."""
+    """A1111 v1.10's API resolution of a sampler name (or alias, or old combined name; empty: DEFAULT_SAMPLER)
+    and a schedule name or label (empty: Automatic), which wins over the name's suffix. Unknown names raise
+    ValueError naming the valid ones."""
     explicit = None
     if scheduler not in (None, ""):
         explicit = find_scheduler(scheduler)

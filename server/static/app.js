@@ -2,7 +2,7 @@
 // drop / paste of images, and error display. Each feature lives in its own module.
 
 import { $, api, ApiError, dataUrl, onReconnect } from './api.js';
-import { applyParameters, buildRequest, clearMarks, loadLists, markFields, seedTools, sizeTools, tokenCounters } from './form.js';
+import { applyRequest, buildRequest, clearMarks, loadLists, markFields, seedTools, sizeTools, tokenCounters } from './form.js';
 import { setupGallery, showResult } from './gallery.js';
 import { loadHistory, setupHistory, showPngInfo } from './history.js';
 import { hasQueue, interrupt, skip, startJobs, submit } from './jobs.js';
@@ -129,7 +129,7 @@ async function restore(src, toTab) {
     const r = await api('/sdapi/v1/png-info', { method: 'POST', body: { image: src } });
     if (!r.info) { showError('This image carries no generation parameters.'); return; }
     if (toTab || tab === 'history' || tab === 'pnginfo') showTab(toTab || 'txt2img');
-    const notes = applyParameters(r.parameters || {});
+    const notes = applyRequest(r.request, r.parameters);
     status(notes.length ? `Parameters restored; ${notes.join('; ')}` : 'Parameters restored', notes.length ? 'bad' : 'ok');
   } catch (e) { showError(e.message); }
 }

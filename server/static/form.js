@@ -1,14 +1,15 @@
 // The generation form: option lists, reading it into an A1111 request, restoring it from an infotext,
-// token counters, size and seed helpers. Fields carry `data-key` = the A1111 request field (or option).
+// token counters, size and seed helpers. Fields carry `data-key` = the A1111 request field (or option)
+// and, where it has one, `id` = the sd15 schema field name (the keys of png-info's `request`).
 
 import { $, api, el, debounce } from './api.js';
 
 const OPTION_KEYS = ['CLIP_stop_at_last_layers', 'randn_source'];  // sent as override_settings
 const INT_KEYS = new Set(['resize_mode', 'inpainting_fill', 'inpainting_mask_invert']);
-let schedulers = [];  // [{name, label}]
-let samplers = [];    // [{name}]
 
 export function fields() { return [...document.querySelectorAll('#form [data-key]')]; }
+
+function byKey(key) { return document.querySelector(`#form [data-key="${key}"]`); }
 
 function value(input) {
   if (input.type === 'checkbox') return input.checked;
@@ -62,66 +63,18 @@ export function buildRequest(kind, images = {}) {
 
 // --- infotext -> fields ----------------------------------------------------------------------------
 
-function byKey(key) { return document.querySelector(`#form [data-key="${key}"]`); }
-
-function schedulerName(label) {
-  const s = schedulers.find((x) => x.label.toLowerCase() === String(label).toLowerCase()
-    || x.name === String(label).toLowerCase());
-  return s ? s.name : String(label).toLowerCase();
-}
-
-/** Apply png-info's `parameters` (A1111's parsed infotext) to every field it describes.
- *  Returns notes about what could not be applied (e.g. another checkpoint). */
-export function applyParameters(p) {
-  const notes = [];
-  const set = (key, v) => { if (v !== undefined && v !== null && v !== '') setValue(byKey(key), v); };
-  set('prompt', p.Prompt ?? '');
-  set('negative_prompt', p['Negative prompt'] ?? '');
-  if (p.Prompt === '') byKey('prompt').value = '';
-  if (p['Negative prompt'] === '') byKey('negative_prompt').value = '';
-  set('steps', p.Steps);
-  let sampler = p.Sampler;
-  let scheduler = p['Schedule type'];
-  if (sampler && !samplers.some((s) => s.name === sampler)) {  // old combined names: "DPM++ 2M Karras"
-    const hit = schedulers.find((s) => s.label !== 'Automatic' && sampler.endsWith(' ' + s.label));
-    if (hit) {
-      sampler = sampler.slice(0, -hit.label.length - 1);
-      if (!scheduler || scheduler === 'Automatic') scheduler = hit.label;
-    }
-  }
-  set('sampler_name', sampler);
-  set('scheduler', scheduler ? schedulerName(scheduler) : 'automatic');
-  set('cfg_scale', p['CFG scale']);
-  set('seed', p.Seed);
-  set('width', p['Size-1']);
-  set('height', p['Size-2']);
-  set('batch_size', p['Batch size'] ?? 1);
-  set('subseed', p['Variation seed'] ?? -1);
-  set('subseed_strength', p['Variation seed strength'] ?? 0);
-  set('CLIP_stop_at_last_layers', p['Clip skip'] ?? 1);
-  if (p.RNG) set('randn_source', p.RNG);
-  // A1111's rule for the Hires. fix checkbox (png-info fills absent keys with defaults, so test real ones)
-  const hires = 'Denoising strength' in p && ('Hires upscale' in p || 'Hires upscaler' in p || Number(p['Hires resize-1']) > 0);
-  setValue(byKey('enable_hr'), hires);
-  if (hires) {
-    set('hr_scale', p['Hires upscale']);
-    set('hr_upscaler', p['Hires upscaler']);
-    set('hr_second_pass_steps', p['Hires steps'] ?? 0);
-    set('hr_denoising_strength', p['Denoising strength']);
-    $('hires').open = true;
-  } else {
-    set('denoising_strength', p['Denoising strength']);
-  }
-  set('mask_blur', p['Mask blur']);
-  const fills = ['fill', 'original', 'latent noise', 'latent nothing'];
-  if (fills.includes(p['Masked content'])) set('inpainting_fill', fills.indexOf(p['Masked content']));
-  if (p['Inpaint area']) set('inpaint_full_res', p['Inpaint area'] === 'Only masked');
-  set('inpaint_full_res_padding', p['Masked area padding']);
-  if (p['Mask mode']) set('inpainting_mask_invert', p['Mask mode'] === 'Inpaint not masked' ? 1 : 0);
-  if (p['Variation seed strength'] > 0) $('variation').open = true;
+/** Fill the form from png-info's `request` (the request fields an infotext restores, by A1111's paste rules);
+ *  inputs are found by their id, the schema field name. Returns notes (e.g. another checkpoint). */
+export function applyRequest(request, parameters) {
+  const r = { ...request };
+  // the form serves both tabs: a hires pass's strength goes to its own field
+  if (r.enable_hr) [r.hr_denoising_strength, r.denoising_strength] = [r.denoising_strength, null];
+  for (const input of fields()) if (r[input.id] != null) setValue(input, r[input.id]);
+  if (r.enable_hr) $('hires').open = true;
+  if (r.subseed_strength > 0) $('variation').open = true;
   const current = $('checkpoint').value;
-  if (p.Model && !current.startsWith(p.Model)) notes.push(`made with checkpoint "${p.Model}" (loaded: ${current})`);
-  return notes;
+  const model = parameters.Model;
+  return model && !current.startsWith(model) ? [`made with checkpoint "${model}" (loaded: ${current})`] : [];
 }
 
 // --- lists ------------------------------------------------------------------------------------------
@@ -135,8 +88,6 @@ export async function loadLists(options) {
   const [smp, sch, ups, latent] = await Promise.all([
     api('/sdapi/v1/samplers'), api('/sdapi/v1/schedulers'), api('/sdapi/v1/upscalers'),
     api('/sdapi/v1/latent-upscale-modes')]);
-  samplers = smp;
-  schedulers = sch;
   fill($('sampler_name'), smp.map((s) => [s.name, s.name]), smp.some((s) => s.name === 'DPM++ 2M') ? 'DPM++ 2M' : smp[0]?.name);
   fill($('scheduler'), sch.map((s) => [s.name, s.label]), 'automatic');
   const up = [...latent.map((u) => u.name), ...ups.map((u) => u.name).filter((n) => n !== 'None')];
