@@ -1,16 +1,16 @@
 """k-diffusion's samplers (crowsonkb/k-diffusion `sampling.py` @ab527a9, as A1111 v1.10 runs them) and A1111's
 Restart, written from the published algorithms.
 
-`sample_x(model, x, sigmas, *, noise_sampler=None, callback=None, **options) -> x`: `model(x, sigma)` returns the
-denoised x₀ for a [B] σ; `sigmas` is the descending float32 schedule and x starts at noise · sigmas[0];
-`noise_sampler(sigma, sigma_next)` returns fresh unit noise shaped like x (a sampler that adds noise raises
-without one: nothing here draws from the global RNG); `callback` receives k-diffusion's
+`sample_x(model, x, sigmas, *, noise_sampler=None, callback=None, **options) -> x`: `model(x, sigma)`
+returns the denoised x₀ for a [B] σ; `sigmas` is the descending float32 schedule and x starts at
+noise · sigmas[0]; `noise_sampler(sigma, sigma_next)` returns fresh unit noise shaped like x (a sampler that
+adds noise raises without one: nothing here draws from the global RNG); `callback` receives k-diffusion's
 {'x', 'i', 'sigma', 'sigma_hat', 'denoised'} once per step, 'sigma' a 0-d CPU tensor.
 
-The scalar maths runs on 0-d float32 tensors, as in k-diffusion, so the rounding matches; but the schedule is
-copied to the host once per run (`_host`), so a step never reads a device value back (a 0-d CPU tensor enters a
-CUDA kernel as a plain argument). Noise that k-diffusion draws only to multiply by zero (eta = 0, s_churn = 0)
-is not drawn.
+The scalar maths runs on 0-d float32 tensors, as in k-diffusion, so the rounding matches; but the schedule
+is copied to the host once per run (`_host`), so a step never reads a device value back (a 0-d CPU tensor
+enters a CUDA kernel as a plain argument). Noise that k-diffusion draws only to multiply by zero (eta = 0,
+s_churn = 0) is not drawn.
 """
 
 import math
@@ -22,8 +22,8 @@ from .schedules import sigmas_karras
 
 
 def ones_for(model, x):
-    """Ones [B] that turn a σ into the model's input `σ · ones`: on the host for a model with `host_sigma = True`
-    (sd15's CFGDenoiser, which prepares what it needs once per σ), else on x's device as in k-diffusion."""
+    """Ones [B] that turn a σ into the model's input `σ · ones`: on the host for a model with
+    `host_sigma = True` (sd15's CFGDenoiser, which prepares what it needs once per σ), else on x's device."""
     if getattr(getattr(model, "__self__", model), "host_sigma", False):
         return torch.ones(x.shape[0], dtype=x.dtype)
     return x.new_ones([x.shape[0]])
@@ -99,9 +99,9 @@ def _dpm2_step(model, x, denoised, sigma, sigma_next, s_in):
 
 
 @torch.no_grad()
-def _algorithm2(step, model, x, sigmas, noise_sampler, callback, s_churn, s_tmin, s_tmax, s_noise):
-    """Karras et al. (2022) Algorithm 2: churn σ up to σ̂ = σ(1 + γ) with fresh noise (lines 5-7), then `step`
-    from σ̂ to σ_next. A1111 draws the noise every step once churn is on, even where γ = 0."""
+def _alg2(step, model, x, sigmas, noise_sampler, callback, s_churn, s_tmin, s_tmax, s_noise):
+    """Karras et al. (2022) Algorithm 2: churn σ up to σ̂ = σ(1 + γ) with fresh noise (lines 5-7), then
+    `step` from σ̂ to σ_next. A1111 draws the noise every step once churn is on, even where γ = 0."""
     sigmas = _host(sigmas)
     s_in = ones_for(model, x)
     n = len(sigmas) - 1
@@ -123,19 +123,19 @@ def _algorithm2(step, model, x, sigmas, noise_sampler, callback, s_churn, s_tmin
 def sample_euler(model, x, sigmas, *, noise_sampler=None, callback=None,
                  s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
     """Euler steps, Algorithm 2 of Karras et al. (2022)."""
-    return _algorithm2(_euler_step, model, x, sigmas, noise_sampler, callback, s_churn, s_tmin, s_tmax, s_noise)
+    return _alg2(_euler_step, model, x, sigmas, noise_sampler, callback, s_churn, s_tmin, s_tmax, s_noise)
 
 
 def sample_heun(model, x, sigmas, *, noise_sampler=None, callback=None,
                 s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
     """Heun steps (2nd order), Algorithm 2 of Karras et al. (2022)."""
-    return _algorithm2(_heun_step, model, x, sigmas, noise_sampler, callback, s_churn, s_tmin, s_tmax, s_noise)
+    return _alg2(_heun_step, model, x, sigmas, noise_sampler, callback, s_churn, s_tmin, s_tmax, s_noise)
 
 
 def sample_dpm_2(model, x, sigmas, *, noise_sampler=None, callback=None,
                  s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
     """DPM-Solver-2 midpoint steps in log σ (Lu et al. 2022) inside Karras et al.'s Algorithm 2."""
-    return _algorithm2(_dpm2_step, model, x, sigmas, noise_sampler, callback, s_churn, s_tmin, s_tmax, s_noise)
+    return _alg2(_dpm2_step, model, x, sigmas, noise_sampler, callback, s_churn, s_tmin, s_tmax, s_noise)
 
 
 @torch.no_grad()
@@ -422,8 +422,8 @@ def sample_dpm_fast(model, x, sigmas, *, noise_sampler=None, callback=None, eta=
                     sigma_min=None, sigma_max=None, n=None):
     """DPM-Solver-fast (Lu et al. 2022, sec. 3.4): ⌊n/3⌋+1 uniform λ steps of orders 3, …, 3, then 2/1.
 
-    Uses only σ_max, σ_min (see `_lambda_range`) and n = len(sigmas) − 1 unless given (A1111's txt2img passes
-    the model's σ range and the step count). eta defaults to A1111's 1.0 (k-diffusion's is 0).
+    Uses only σ_max, σ_min (see `_lambda_range`) and n = len(sigmas) − 1 unless given (A1111's txt2img
+    passes the model's σ range and the step count). eta defaults to A1111's 1.0 (k-diffusion's is 0).
     """
     t_start, t_end = _lambda_range(sigmas, sigma_min, sigma_max)
     n = len(sigmas) - 1 if n is None else n
