@@ -13,8 +13,8 @@ from torch import nn
 from ..rng import ImageRNG, brownian_noise_sampler
 from .denoiser import CFGDenoiser, EpsDenoiser
 from .schedules import (discrete_sigmas, sigmas_align_your_steps, sigmas_beta, sigmas_ddim, sigmas_exponential,
-                        sigmas_karras, sigmas_kl_optimal, sigmas_normal, sigmas_polyexponential, sigmas_simple,
-                        sigmas_uniform)
+                        sigmas_karras, sigmas_kl_optimal, sigmas_normal, sigmas_polyexponential,
+                        sigmas_simple, sigmas_uniform)
 from .table import SAMPLER_BY_NAME, SCHEDULER_TABLE, find_scheduler
 from .timesteps import ddim_timesteps
 
