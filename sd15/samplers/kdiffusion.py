@@ -498,36 +498,24 @@ def sample_dpm_adaptive(model, x, sigmas, *, noise_sampler=None, callback=None, 
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def sample_restart(model, x, sigmas, *, noise_sampler=None, callback=None, s_noise=1.0, restart_list=None):
-    """Restart sampling (Xu et al. 2023, "Restart Sampling for Improving Generative Processes"): Heun
-    steps on a Karras schedule, jumping back up to σ ≈ 2 with fresh noise after reaching σ ≈ 0.1.
-
-    restart_list = {min σ: [restart steps + 1, restart times, max σ]}; by default A1111's: none below 20
-    steps; else 9 restart steps once (steps // 4 twice from 36 steps), taken out of the main schedule,
-    which is rebuilt as Karras(steps − restart steps · times, sigmas[-2], sigmas[0]).
+def sample_restart(model, x, sigmas, *, noise_sampler=None, callback=None, s_noise=1.0):
+    """Restart sampling (Xu et al. 2023, "Restart Sampling for Improving Generative Processes") with A1111's
+    `restart_list` {0.1: [restart steps + 1, restart times, 2]}: Heun steps on a Karras schedule, jumping back
+    from σ ≈ 0.1 up to σ ≈ 2 with fresh noise. None below 20 steps; else 9 restart steps once (steps // 4
+    twice from 36 steps), taken out of the main schedule, rebuilt as Karras(the rest, sigmas[-2], sigmas[0]).
     """
     s_in = ones_for(model, x)
     sigmas = sigmas.detach().cpu()  # the schedule on the host (one device read)
     steps = len(sigmas) - 1
-    if restart_list is None:
-        restart_list = {}
-        if steps >= 20:
-            restart_steps, restart_times = (steps // 4, 2) if steps >= 36 else (9, 1)
-            main_steps = steps - restart_steps * restart_times
-            sigmas = sigmas_karras(main_steps, sigmas[-2].item(), sigmas[0].item())
-            restart_list = {0.1: [restart_steps + 1, restart_times, 2]}
-    restart_at = {int(torch.argmin((sigmas - key).abs())): value for key, value in restart_list.items()}
-
-    pairs = []  # (σ_from, σ_to) in execution order
-    for i in range(len(sigmas) - 1):
-        pairs.append((sigmas[i], sigmas[i + 1]))
-        if i + 1 in restart_at:
-            restart_steps, restart_times, restart_max = restart_at[i + 1]
-            min_idx, max_idx = i + 1, int(torch.argmin((sigmas - restart_max).abs()))
-            if max_idx < min_idx:
-                sigma_restart = sigmas_karras(restart_steps, sigmas[min_idx].item(), sigmas[max_idx].item())
-                sigma_restart = sigma_restart[:-1]  # without its trailing 0
-                pairs += list(zip(sigma_restart[:-1], sigma_restart[1:])) * restart_times
+    pairs = list(zip(sigmas[:-1], sigmas[1:]))  # (σ_from, σ_to) in execution order
+    if steps >= 20:
+        restart_steps, restart_times = (steps // 4, 2) if steps >= 36 else (9, 1)
+        sigmas = sigmas_karras(steps - restart_steps * restart_times, sigmas[-2].item(), sigmas[0].item())
+        pairs = list(zip(sigmas[:-1], sigmas[1:]))
+        min_idx, max_idx = (int(torch.argmin((sigmas - level).abs())) for level in (0.1, 2))
+        if max_idx < min_idx:  # after the step onto sigmas[min_idx], the restart steps (without their final 0)
+            up = sigmas_karras(restart_steps + 1, sigmas[min_idx].item(), sigmas[max_idx].item())[:-1]
+            pairs[min_idx:min_idx] = list(zip(up[:-1], up[1:])) * restart_times
 
     last_sigma = None
     for step_id, (old_sigma, new_sigma) in enumerate(pairs):

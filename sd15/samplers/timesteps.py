@@ -193,10 +193,6 @@ def sample_unipc(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, cal
         # no corrector on the last step: its latest x₀ estimate is the history's
         denoised = model_x if model_x is not None else model_prev_list[-1]
         report(callback, x, step - 1, sigma_report[step - 1], sigma_report[step - 1], denoised)
-        if step < order:
-            model_prev_list.append(model_x)
-            t_prev_list.append(vec_t)
-        else:  # keep the last `order` points; the corrector's model value is the new history entry
-            t_prev_list = t_prev_list[1:] + [vec_t]
-            model_prev_list = model_prev_list[1:] + [model_x]
+        # the last `order` points; the corrector's model value is the new history entry
+        model_prev_list, t_prev_list = (model_prev_list + [model_x])[-order:], (t_prev_list + [vec_t])[-order:]
     return x
