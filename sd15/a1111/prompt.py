@@ -193,16 +193,11 @@ class _ScheduleParser:
 
 
 def _walk(nodes: list):
+    """Every _Sched and _Alt of the tree."""
     for node in nodes:
-        if isinstance(node, _Sched):
+        if isinstance(node, (_Sched, _Alt)):
             yield node
-            if node.before is not None:
-                yield from _walk(node.before)
-            yield from _walk(node.after)
-        elif isinstance(node, _Alt):
-            yield node
-            for opt in node.options:
-                yield from _walk(opt)
+            yield from _walk([node.before or [], node.after] if isinstance(node, _Sched) else node.options)
         elif isinstance(node, list):
             yield from _walk(node)
 
@@ -225,16 +220,13 @@ def prompt_schedules(prompt: str, steps: int, hires_steps: Optional[int] = None,
                      use_old_scheduling: bool = False) -> list[tuple[int, str]]:
     """[(end_at_step, text)] for one prompt: A1111 `get_learned_conditioning_prompt_schedules`.
 
-    steps: the (first-pass) step count the schedule is built for (A1111 doubles it for second-order
-    samplers; that is the caller's job). hires_steps: set for the hires-fix pass; then, unless
-    use_old_scheduling, the schedule spans hires_steps and N is resolved as
-    `int((N - 1) * hires_steps)` when N has a ".", else `int(N - steps)` (0.5 -> whole hires pass uses
-    "to"; 1.5 -> switch half-way). First pass: `int(N * steps)` with a ".", else `int(N)`.
-    use_old_scheduling: N < 1 is a fraction of steps, else absolute; it always uses `steps` (also in
-    the hires pass, where hires_steps is then ignored).
-    The resolved value is clamped to <= the step count; values >= 1 become switch points; the text
-    at point P uses `from` if P <= N else `to`. Any alternation adds every point 1..steps and picks
-    option (P - 1) % count. An unparseable prompt gives [(steps, prompt)] unchanged.
+    `steps` is the first pass's step count (doubled by the caller for second-order samplers). A number N
+    resolves to int(N · steps) when written with a ".", else int(N); in a hires pass (`hires_steps`) the
+    schedule spans hires_steps and N resolves to int((N − 1) · hires_steps) or int(N − steps).
+    `use_old_scheduling`: N < 1 is a fraction of `steps`, else absolute, in both passes. Resolved values are
+    clamped to the step count, those ≥ 1 become switch points, and the text at point P takes `from` while
+    P ≤ N. An alternation adds every point and picks option (P − 1) % count. An unparseable prompt is
+    used literally.
     """
     if hires_steps is None or use_old_scheduling:
         int_offset, flt_offset, total = 0, 0.0, steps
