@@ -138,36 +138,48 @@ def sample_dpm_2(model, x, sigmas, *, noise_sampler=None, callback=None,
     return _alg2(_dpm2_step, model, x, sigmas, noise_sampler, callback, s_churn, s_tmin, s_tmax, s_noise)
 
 
+def _dpmpp_2s_step(model, x, denoised, sigma, sigma_next, s_in):
+    """DPM-Solver++(2S)'s single-step 2nd-order update in λ (midpoint r = 1/2); an Euler step onto σ = 0."""
+    if sigma_next == 0:
+        return _euler_step(model, x, denoised, sigma, sigma_next, s_in)
+    t, t_next = _t(sigma), _t(sigma_next)
+    h = t_next - t
+    s = t + 0.5 * h
+    x_2 = (_sigma(s) / _sigma(t)) * x - (-h * 0.5).expm1() * denoised
+    denoised_2 = model(x_2, _sigma(s) * s_in)
+    return (_sigma(t_next) / _sigma(t)) * x - (-h).expm1() * denoised_2
+
+
 @torch.no_grad()
+def _ancestral(step, model, x, sigmas, noise_sampler, callback, eta, s_noise, renoise_at_0=True):
+    """Ancestral sampling: `step` from σ down to σ_down, then fresh noise of std σ_up back up to σ_next > 0.
+    Without `renoise_at_0` (DPM2 a) a step that lands on σ_down = 0 (eta > 1 can) gets no noise."""
+    sigmas = _host(sigmas)
+    s_in = ones_for(model, x)
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, sigma * s_in)
+        sigma_down, sigma_up = get_ancestral_step(sigma, sigma_next, eta)
+        report(callback, x, i, sigma, sigma, denoised)
+        x = step(model, x, denoised, sigma, sigma_down, s_in)
+        if eta and (sigma_down > 0 or renoise_at_0 and sigma_next > 0):
+            x = x + _noise(noise_sampler, "eta > 0")(sigma, sigma_next) * s_noise * sigma_up
+    return x
+
+
 def sample_euler_ancestral(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0):
     """Ancestral sampling with Euler steps (Euler a)."""
-    sigmas = _host(sigmas)
-    s_in = ones_for(model, x)
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in)
-        sigma_down, sigma_up = get_ancestral_step(sigma, sigma_next, eta)
-        report(callback, x, i, sigma, sigma, denoised)
-        x = _euler_step(model, x, denoised, sigma, sigma_down, s_in)
-        if sigma_next > 0 and eta:
-            x = x + _noise(noise_sampler, "eta > 0")(sigma, sigma_next) * s_noise * sigma_up
-    return x
+    return _ancestral(_euler_step, model, x, sigmas, noise_sampler, callback, eta, s_noise)
 
 
-@torch.no_grad()
 def sample_dpm_2_ancestral(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0):
     """Ancestral sampling with DPM-Solver-2 midpoint steps (DPM2 a)."""
-    sigmas = _host(sigmas)
-    s_in = ones_for(model, x)
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in)
-        sigma_down, sigma_up = get_ancestral_step(sigma, sigma_next, eta)
-        report(callback, x, i, sigma, sigma, denoised)
-        x = _dpm2_step(model, x, denoised, sigma, sigma_down, s_in)
-        if sigma_down > 0 and eta:  # noise only after midpoint steps (eta > 1 can reach σ_down = 0 early)
-            x = x + _noise(noise_sampler, "eta > 0")(sigma, sigma_next) * s_noise * sigma_up
-    return x
+    return _ancestral(_dpm2_step, model, x, sigmas, noise_sampler, callback, eta, s_noise, renoise_at_0=False)
+
+
+def sample_dpmpp_2s_ancestral(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0):
+    """Ancestral sampling with DPM-Solver++(2S) steps (Lu et al. 2022, arXiv:2211.01095)."""
+    return _ancestral(_dpmpp_2s_step, model, x, sigmas, noise_sampler, callback, eta, s_noise)
 
 
 def _lms_coeff(order, ts, i, j):
@@ -209,30 +221,6 @@ def sample_lms(model, x, sigmas, *, noise_sampler=None, callback=None, order=4):
 # ---------------------------------------------------------------------------------------------
 # DPM-Solver++ family (Lu et al. 2022, arXiv:2211.01095), in λ = −log σ
 # ---------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def sample_dpmpp_2s_ancestral(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0):
-    """Ancestral sampling with DPM-Solver++(2S) single-step second-order steps (midpoint r = 1/2)."""
-    sigmas = _host(sigmas)
-    s_in = ones_for(model, x)
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in)
-        sigma_down, sigma_up = get_ancestral_step(sigma, sigma_next, eta)
-        report(callback, x, i, sigma, sigma, denoised)
-        if sigma_down == 0:
-            x = _euler_step(model, x, denoised, sigma, sigma_down, s_in)
-        else:
-            t, t_next = _t(sigma), _t(sigma_down)
-            h = t_next - t
-            s = t + 0.5 * h
-            x_2 = (_sigma(s) / _sigma(t)) * x - (-h * 0.5).expm1() * denoised
-            denoised_2 = model(x_2, _sigma(s) * s_in)
-            x = (_sigma(t_next) / _sigma(t)) * x - (-h).expm1() * denoised_2
-        if sigma_next > 0 and eta:
-            x = x + _noise(noise_sampler, "eta > 0")(sigma, sigma_next) * s_noise * sigma_up
-    return x
-
 
 @torch.no_grad()
 def sample_dpmpp_sde(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0, r=0.5):
@@ -513,7 +501,7 @@ def sample_restart(model, x, sigmas, *, noise_sampler=None, callback=None, s_noi
         sigmas = sigmas_karras(steps - restart_steps * restart_times, sigmas[-2].item(), sigmas[0].item())
         pairs = list(zip(sigmas[:-1], sigmas[1:]))
         min_idx, max_idx = (int(torch.argmin((sigmas - level).abs())) for level in (0.1, 2))
-        if max_idx < min_idx:  # after the step onto sigmas[min_idx], the restart steps (without their final 0)
+        if max_idx < min_idx:  # after the step onto sigmas[min_idx]: the restart steps without their final 0
             up = sigmas_karras(restart_steps + 1, sigmas[min_idx].item(), sigmas[max_idx].item())[:-1]
             pairs[min_idx:min_idx] = list(zip(up[:-1], up[1:])) * restart_times
 
