@@ -95,7 +95,7 @@ _NUMBER_TAIL = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\.\d+(?:[
 
 @dataclass(eq=False)
 class _Sched:
-    before: Optional[list]   # None for the [to:N] form
+    before: list             # empty for the [to:N] form
     after: list
     number: str              # NUMBER as written
     when: int = 0            # the resolved step, set by prompt_schedules
@@ -183,7 +183,7 @@ class _ScheduleParser:
         if c == ":":
             m = _NUMBER_TAIL.match(self.s, j + 1)
             if m:                                       # [to:N]
-                return _Sched(None, first, m.group(1)), m.end()
+                return _Sched([], first, m.group(1)), m.end()
             second, k = self.prompt(j + 1)
             if self._at(k) == ":":
                 m = _NUMBER_TAIL.match(self.s, k + 1)
@@ -197,7 +197,7 @@ def _walk(nodes: list):
     for node in nodes:
         if isinstance(node, (_Sched, _Alt)):
             yield node
-            yield from _walk([node.before or [], node.after] if isinstance(node, _Sched) else node.options)
+            yield from _walk([node.before, node.after] if isinstance(node, _Sched) else node.options)
         elif isinstance(node, list):
             yield from _walk(node)
 
@@ -208,7 +208,7 @@ def _render(nodes: list, step: int) -> str:
         if isinstance(node, str):
             out.append(node)
         elif isinstance(node, _Sched):
-            out.append(_render((node.before or []) if step <= node.when else node.after, step))
+            out.append(_render(node.before if step <= node.when else node.after, step))
         elif isinstance(node, _Alt):
             out.append(_render(node.options[(step - 1) % len(node.options)], step))
         else:  # emphasis brackets: a flat list kept verbatim
