@@ -70,7 +70,7 @@ def report(callback, x, i, sigma, sigma_hat, denoised):
 
 
 # ---------------------------------------------------------------------------------------------
-# Karras et al. (2022) family
+# Karras et al. (2022) Algorithm 2 (Euler, Heun, DPM2) and the ancestral samplers
 # ---------------------------------------------------------------------------------------------
 
 def _euler_step(model, x, denoised, sigma, sigma_next, s_in):
@@ -294,13 +294,14 @@ def sample_dpmpp_2m_sde(model, x, sigmas, *, noise_sampler=None, callback=None, 
         else:
             h = _t(sigma_next) - _t(sigma)
             eta_h = eta * h
-            x = sigma_next / sigma * (-eta_h).exp() * x + (-h - eta_h).expm1().neg() * denoised
+            one_minus = (-h - eta_h).expm1().neg()  # 1 − e^(−h − ηh)
+            x = sigma_next / sigma * (-eta_h).exp() * x + one_minus * denoised
             if old_denoised is not None:
                 r = h_last / h
                 if solver_type == "heun":
-                    x = x + ((-h - eta_h).expm1().neg() / (-h - eta_h) + 1) * (1 / r) * (denoised - old_denoised)
+                    x = x + (one_minus / (-h - eta_h) + 1) * (1 / r) * (denoised - old_denoised)
                 else:
-                    x = x + 0.5 * (-h - eta_h).expm1().neg() * (1 / r) * (denoised - old_denoised)
+                    x = x + 0.5 * one_minus * (1 / r) * (denoised - old_denoised)
             if eta:
                 noise = _noise(noise_sampler, "eta > 0")(sigma, sigma_next)
                 x = x + noise * sigma_next * (-2 * eta_h).expm1().neg().sqrt() * s_noise
