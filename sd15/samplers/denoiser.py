@@ -106,6 +106,7 @@ class CFGDenoiser(nn.Module):
         self.step = 0  # model calls so far
         self.mask = self.nmask = self.init_latent = None
         self._context = (None, None, None)  # (cond, uncond, cat([cond, uncond])) of the last call
+        self.last_uncond = None  # the uncond rows of the last output (A1111's last_noise_uncond, for CFG++)
 
     def set_mask(self, mask: torch.Tensor, nmask: torch.Tensor, init_latent: torch.Tensor):
         """Inpainting: blend as x·nmask + init_latent·mask, with mask = 1 − latmask (keep) and nmask = latmask."""
@@ -159,6 +160,7 @@ class CFGDenoiser(nn.Module):
         if simple and not skip_uncond and cond.shape[1] == uncond.shape[1] and cond.shape[0] == batch:
             x_out = fn(torch.cat([x, x]), torch.cat([s, s]), self._context_for(cond, uncond))
             denoised_cond, denoised_uncond = x_out[:batch], x_out[batch:]
+            self.last_uncond = denoised_uncond
             weights = [c[0][1] * self.cfg_scale for c in conds_list]
             if all(w == weights[0] for w in weights):
                 scale = weights[0]
@@ -183,7 +185,7 @@ class CFGDenoiser(nn.Module):
             n_cond = cond.shape[0]
             x_out = torch.cat([fn(x_in[:n_cond], s_in[:n_cond], cond), fn(x_in[n_cond:], s_in[n_cond:], uncond)])
         scale = 1.0 if skip_uncond else self.cfg_scale
-        denoised_uncond = x_out[-batch:]
+        denoised_uncond = self.last_uncond = x_out[-batch:]
         denoised = denoised_uncond.clone()
         for i, conds in enumerate(conds_list):
             for row, weight in conds:

@@ -112,31 +112,16 @@ class LCMDenoiser(nn.Module):
         return c_out * x0 + c_skip * x
 
 
-class UncondEps(nn.Module):
-    """The ε model that remembers its last output, so that CFG++ can read the unconditional rows (A1111's
-    `last_noise_uncond`: the last `batch` rows of the guided call)."""
-
-    def __init__(self, inner: EpsDenoiser):
-        super().__init__()
-        self.inner = inner
-        self.alphas_cumprod = inner.alphas_cumprod
-        self.last = None
-
-    def eps(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        self.last = self.inner.eps(x, t, context)
-        return self.last
-
-
 def make_denoiser(sampler: str, unet, alphas_cumprod: torch.Tensor, cond, uncond, cfg_scale: float, *,
                   s_min_uncond: float = 0.0) -> CFGDenoiser:
-    """The guided denoiser `sampler` runs on: CFG over the ε model, LCM's denoiser for LCM, and the
-    remembering ε model with cfg_scale / 12.5 for DDIM CFG++ (A1111's `cond_scale_miltiplier`)."""
+    """The guided denoiser `sampler` runs on: CFG over the ε model, LCM's denoiser for LCM, and
+    cfg_scale / 12.5 for DDIM CFG++ (A1111's `cond_scale_miltiplier`)."""
     entry = SAMPLER_BY_NAME[sampler]
     inner = EpsDenoiser(unet, alphas_cumprod)
     if entry.lcm:
         inner = LCMDenoiser(inner)
     if entry.cfgpp:
-        inner, cfg_scale = UncondEps(inner), cfg_scale / 12.5
+        cfg_scale = cfg_scale / 12.5
     return CFGDenoiser(inner, cond, uncond, cfg_scale, s_min_uncond=s_min_uncond)
 
 
@@ -180,7 +165,7 @@ def sample(name: str, model: CFGDenoiser, rng: ImageRNG, steps: int, *, schedule
             if name == "UniPC":
                 options["img2img"] = True
         if defaults.cfgpp:
-            options["last_noise_uncond"] = lambda: denoiser.last[-len(x):]
+            options["last_noise_uncond"] = lambda: model.last_uncond
         return fn(model.eps, x, timesteps, alphas_cumprod=alphas_cumprod, noise_sampler=rng.noise_sampler(),
                   callback=callback, **options)
 
