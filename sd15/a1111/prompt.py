@@ -38,11 +38,8 @@ def extract_networks(prompt: str) -> tuple[str, list[tuple[str, str, list[str]]]
 
 
 def network_multipliers(args: Sequence[str]) -> tuple[float, float, Optional[int]]:
-    """LoRA multipliers from a tag's args (`<lora:NAME:te[:unet[:dyn]]>`): (te, unet, dyn).
-
-    te defaults to 1.0, unet to te, dyn to None; `te=`, `unet=`, `dyn=` named forms override the
-    positional ones. An arg with one "=" is named, everything else positional.
-    """
+    """LoRA multipliers (te, unet, dyn) from a tag's args (`<lora:NAME:te[:unet[:dyn]]>`): te defaults to 1.0,
+    unet to te, dyn to None; named args (`te=`, `unet=`, `dyn=`, one "=") override positional ones."""
     named = dict(a.split("=") for a in args if a.count("=") == 1)
     positional = [a for a in args if a.count("=") != 1]
     te = float(named.get("te", positional[0] if len(positional) > 0 else 1.0))
@@ -60,12 +57,8 @@ _AND_WEIGHT = re.compile(r"^(.*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$", re
 
 
 def split_and(prompt: str) -> list[tuple[str, float]]:
-    """Split a positive prompt on `\\bAND\\b` into (subprompt, weight) pairs.
-
-    Each piece may end in `:weight` (default 1.0). The weight and trailing whitespace are removed;
-    leading whitespace is kept ("a AND b:0.5" -> [("a", 1.0), (" b", 0.5)]). Empty pieces are kept.
-    A prompt without AND is one piece, so "cat:0.5" alone gets weight 0.5 (as in A1111).
-    """
+    """Split a positive prompt on `\\bAND\\b` into (subprompt, weight) pairs, each piece's `:weight` (default
+    1.0) and trailing whitespace removed: "a AND b:0.5" -> [("a", 1.0), (" b", 0.5)]; "cat:0.5" -> 0.5."""
     pieces = [_AND_WEIGHT.match(piece).groups() for piece in _AND.split(prompt)]  # always matches
     return [(text, 1.0 if weight is None else float(weight)) for text, weight in pieces]
 
@@ -372,14 +365,11 @@ def chunk_tokens(parsed: Sequence[tuple[str, float]], encode: Callable[[str], Se
                  embeddings: Optional[Callable] = None) -> tuple[list[Chunk], int]:
     """A1111 `tokenize_line` after parsing: (fragment, weight) pairs -> (chunks, token_count).
 
-    encode(text) -> token ids without BOS/EOS (called once per fragment). ("BREAK", -1) closes the
-    current chunk. When a chunk is full and the next token is not a comma, the tokens after the last
-    comma move to a new chunk if that comma is within the last `comma_padding_backtrack` tokens
-    (0 disables). An empty prompt gives one chunk (BOS + 76 EOS). token_count is what A1111 reports:
-    75 for every closed chunk except the final one, which counts its real tokens.
-    embeddings: optional textual-inversion hook (see make_embedding_finder); a match is replaced by
-    n_vectors placeholder ids 0 carrying the fragment weight, never split across chunks, and recorded
-    in Chunk.fixes.
+    ("BREAK", -1) closes the chunk. A full chunk whose next token is not a comma moves the tokens after its
+    last comma to a new chunk if that comma is within the last `comma_padding_backtrack` tokens (0: never).
+    token_count is A1111's: 75 per closed chunk, the real tokens of the last one. A textual-inversion match
+    (`embeddings`, see make_embedding_finder) becomes n_vectors placeholder ids 0 with the fragment's weight,
+    never split across chunks, and is recorded in Chunk.fixes.
     """
     chunks: list[Chunk] = []
     cur = Chunk()
