@@ -36,12 +36,13 @@ def _ddim_tables(alphas_cumprod, timesteps):
     return alphas, alphas_prev, ts, (((1 - alphas) / alphas) ** 0.5).unbind()
 
 
-def _ddim_step(x, e_t, a_t, a_prev, sqrt_one_minus_at, sigma_t=0.0, e_dir=None):
+def _ddim_step(x, e_t, a_t, a_prev, sqrt_one_minus_at, sigma_t=None, e_dir=None):
     """DDIM's update (Song et al. 2021, eq. 12) before its noise, on per-step coefficients given as floats:
     (x_prev, the x₀ estimate). `e_dir` (CFG++) replaces ε in the direction pointing to x_prev."""
     a_t, a_prev, sqrt_one_minus_at = (_coeff(v, x) for v in (a_t, a_prev, sqrt_one_minus_at))
     pred_x0 = (x - sqrt_one_minus_at * e_t) / a_t.sqrt()
-    dir_xt = (1.0 - a_prev - sigma_t ** 2).sqrt() * (e_t if e_dir is None else e_dir)
+    dir_coeff = 1.0 - a_prev if sigma_t is None else 1.0 - a_prev - sigma_t ** 2
+    dir_xt = dir_coeff.sqrt() * (e_t if e_dir is None else e_dir)
     return a_prev.sqrt() * pred_x0 + dir_xt, pred_x0
 
 
@@ -53,11 +54,12 @@ def sample_ddim(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, call
     With `last_noise_uncond` (DDIM CFG++), the direction to x_{t-1} uses the unconditional ε of each call."""
     alphas, alphas_prev, ts, sigma_report = _ddim_tables(alphas_cumprod, timesteps)
     sigmas = eta * torch.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))  # float64
-    a_t, a_prev, s_t, one_minus = (v.tolist() for v in (alphas, alphas_prev, sigmas, torch.sqrt(1 - alphas)))
+    a_t, a_prev, s_t, t_f = (v.tolist() for v in (alphas, alphas_prev, sigmas, ts))
+    one_minus = torch.sqrt(1 - alphas).tolist()
     s_in = ones_for(model, x)
-    for i in range(len(ts) - 1):
-        k = len(ts) - 1 - i
-        e_t = model(x, float(ts[k]) * s_in)
+    for i in range(len(t_f) - 1):
+        k = len(t_f) - 1 - i
+        e_t = model(x, t_f[k] * s_in)
         e_dir = None if last_noise_uncond is None else last_noise_uncond()
         sigma_t = _coeff(s_t[k], x)
         x, pred_x0 = _ddim_step(x, e_t, a_t[k], a_prev[k], one_minus[k], sigma_t, e_dir)
@@ -81,15 +83,15 @@ def sample_plms(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, call
     """PLMS, pseudo linear multistep (Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models"):
     a pseudo improved-Euler first step (2 model calls), then Adams-Bashforth on ε of orders 2, 3, 4."""
     alphas, alphas_prev, ts, sigma_report = _ddim_tables(alphas_cumprod, timesteps)
-    a_t, a_prev, one_minus = (v.tolist() for v in (alphas, alphas_prev, torch.sqrt(1 - alphas)))
+    a_t, a_prev, one_minus, t_f = (v.tolist() for v in (alphas, alphas_prev, torch.sqrt(1 - alphas), ts))
     s_in = ones_for(model, x)
     old_eps = []
-    for i in range(len(ts) - 1):
-        k = len(ts) - 1 - i
-        e_t = model(x, float(ts[k]) * s_in)
+    for i in range(len(t_f) - 1):
+        k = len(t_f) - 1 - i
+        e_t = model(x, t_f[k] * s_in)
         if not old_eps:  # pseudo improved Euler
             x_next, _ = _ddim_step(x, e_t, a_t[k], a_prev[k], one_minus[k])
-            e_t_prime = (e_t + model(x_next, float(ts[max(k - 1, 0)]) * s_in)) / 2
+            e_t_prime = (e_t + model(x_next, t_f[max(k - 1, 0)] * s_in)) / 2
         elif len(old_eps) == 1:
             e_t_prime = (3 * e_t - old_eps[-1]) / 2
         elif len(old_eps) == 2:
