@@ -74,6 +74,7 @@ def report(callback, x, i, sigma, sigma_hat, denoised):
 # ---------------------------------------------------------------------------------------------
 
 def _euler_step(model, x, denoised, sigma, sigma_next, s_in):
+    """Euler's step from σ to σ_next. The step functions share one signature, taken by the loops below."""
     return x + to_d(x, sigma, denoised) * (sigma_next - sigma)
 
 
