@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from devicesim import DeviceTensor, count_reads, to_device
-from sd15.samplers.sampling import LCMDenoiser, UncondEps
+from sd15.samplers.sampling import LCMDenoiser
 from sd15.samplers import (A1111_DEFAULTS, SAMPLERS, CFGDenoiser, EpsDenoiser, ddim_timesteps, get_sigmas,
                            sd15_alphas_cumprod)
 
@@ -45,9 +45,8 @@ def run(name, steps, device_fn, device="cpu"):
         guided = LCMDenoiser(inner)
         for key in ("alphas_cumprod", "log_sigmas"):
             setattr(guided, key, device_fn(getattr(guided, key)))
-    elif name == "DDIM CFG++":  # the ε model that keeps its last output (the unconditional rows)
-        guided = UncondEps(inner)
-        options["last_noise_uncond"] = lambda: guided.last[-SHAPE[0]:]
+    elif name == "DDIM CFG++":  # the unconditional rows of the last guided call
+        options["last_noise_uncond"] = lambda: model.last_uncond
     model = CFGDenoiser(guided, cond, uncond, 7.5)
     if "s_tmax" in options:
         options["s_tmax"] = options["s_tmax"] or float("inf")

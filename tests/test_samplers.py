@@ -72,6 +72,7 @@ KD_CASES = [
     ("Euler", "sample_euler", CHURN, "Uniform"),
     ("Euler a", "sample_euler_ancestral", {}, "Uniform"),
     ("Euler a", "sample_euler_ancestral", {"eta": 0.6, "s_noise": 0.9}, "Karras"),
+    ("Euler a", "sample_euler_ancestral", {"eta": 3.0}, "Karras"),  # ... but noise here
     ("LMS", "sample_lms", {}, "Uniform"),
     ("LMS", "sample_lms", {}, "Karras"),
     ("Heun", "sample_heun", {}, "Uniform"),
@@ -80,6 +81,7 @@ KD_CASES = [
     ("DPM2", "sample_dpm_2", CHURN, "Automatic"),
     ("DPM2 a", "sample_dpm_2_ancestral", {}, "Automatic"),
     ("DPM2 a", "sample_dpm_2_ancestral", {"eta": 0.5, "s_noise": 1.1}, "Automatic"),
+    ("DPM2 a", "sample_dpm_2_ancestral", {"eta": 3.0}, "Karras"),  # σ_down = 0 before σ = 0: no noise there
     ("DPM++ 2S a", "sample_dpmpp_2s_ancestral", {}, "Automatic"),
     ("DPM++ 2S a", "sample_dpmpp_2s_ancestral", {"eta": 0.0}, "Automatic"),
     ("DPM++ 2M", "sample_dpmpp_2m", {}, "Automatic"),

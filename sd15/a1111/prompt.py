@@ -1,26 +1,15 @@
 """A1111 prompt syntax: extra-network tags, AND, prompt editing/alternation, emphasis, 75-token chunks.
 
-Behaviour follows AUTOMATIC1111 webui v1.10.1 (its `modules/prompt_parser.py`, `sd_hijack_clip.py`). Order of operations for one positive prompt:
-
-    clean, networks = extract_networks(prompt)        # remove <lora:NAME:...> tags
-    for text, weight in split_and(clean):             # "a AND b :0.5"
-        for end_at_step, sched_text in prompt_schedules(text, steps):    # [a:b:0.5], [a|b]
-            chunks, n_tokens = tokenize_prompt(sched_text, encode)      # (a:1.2), BREAK, 75-token chunks
-
-Pure Python, no torch: every function here works on strings and token-id lists.
+Behaviour follows A1111 v1.10.1 (`modules/prompt_parser.py`, `modules/sd_hijack_clip.py`). One positive
+prompt goes through `extract_networks` (<lora:...> tags), `split_and` ("a AND b :0.5"), `prompt_schedules`
+([a:b:0.5], [a|b]) and `tokenize_prompt` ((a:1.2), BREAK, 75-token chunks). Pure Python: strings and ids.
 """
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence
-
-__all__ = [
-    "BOS", "EOS", "PAD", "COMMA", "CHUNK_LENGTH",
-    "parse_prompt_attention", "prompt_schedules", "schedule_index", "extract_networks",
-    "network_multipliers", "split_and", "Chunk", "chunk_tokens", "tokenize_prompt",
-    "make_embedding_finder",
-]
 
 BOS = 49406       # <|startoftext|>
 EOS = 49407       # <|endoftext|>
@@ -36,12 +25,8 @@ _NETWORK_TAG = re.compile(r"<(\w+):([^>]+)>")
 
 
 def extract_networks(prompt: str) -> tuple[str, list[tuple[str, str, list[str]]]]:
-    """Remove every `<kind:arg1:arg2...>` tag; return (text without tags, [(kind, name, args)]).
-
-    Every tag matching `<(\\w+):([^>]+)>` is removed whatever its kind (lora, lyco, hypernet, ...);
-    the surrounding whitespace is left as it is ("a <lora:x:1> b" -> "a  b"). The tag body is split on
-    ":" into name = first item and args = the remaining raw strings (see `network_multipliers`).
-    """
+    """Remove every `<kind:name:args...>` tag whatever its kind (lora, lyco, hypernet, ...), leaving the
+    whitespace around it ("a <lora:x:1> b" -> "a  b"); return (text, [(kind, name, [raw args])])."""
     found: list[tuple[str, str, list[str]]] = []
 
     def take(m: re.Match) -> str:
@@ -53,19 +38,10 @@ def extract_networks(prompt: str) -> tuple[str, list[tuple[str, str, list[str]]]
 
 
 def network_multipliers(args: Sequence[str]) -> tuple[float, float, Optional[int]]:
-    """LoRA multipliers from a tag's args (`<lora:NAME:te[:unet[:dyn]]>`): (te, unet, dyn).
-
-    te defaults to 1.0, unet to te, dyn to None; `te=`, `unet=`, `dyn=` named forms override the
-    positional ones. An arg with one "=" is named, everything else positional.
-    """
-    positional: list[str] = []
-    named: dict[str, str] = {}
-    for a in args:
-        parts = a.split("=")
-        if len(parts) == 2:
-            named[parts[0]] = parts[1]
-        else:
-            positional.append(a)
+    """LoRA multipliers (te, unet, dyn) from a tag's args (`<lora:NAME:te[:unet[:dyn]]>`): te defaults to 1.0,
+    unet to te, dyn to None; named args (`te=`, `unet=`, `dyn=`, one "=") override positional ones."""
+    named = dict(a.split("=") for a in args if a.count("=") == 1)
+    positional = [a for a in args if a.count("=") != 1]
     te = float(named.get("te", positional[0] if len(positional) > 0 else 1.0))
     unet = float(named.get("unet", positional[1] if len(positional) > 1 else te))
     dyn_s = named.get("dyn", positional[2] if len(positional) > 2 else None)
@@ -81,18 +57,10 @@ _AND_WEIGHT = re.compile(r"^(.*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$", re
 
 
 def split_and(prompt: str) -> list[tuple[str, float]]:
-    """Split a positive prompt on `\\bAND\\b` into (subprompt, weight) pairs.
-
-    Each piece may end in `:weight` (default 1.0). The weight and trailing whitespace are removed;
-    leading whitespace is kept ("a AND b:0.5" -> [("a", 1.0), (" b", 0.5)]). Empty pieces are kept.
-    A prompt without AND is one piece, so "cat:0.5" alone gets weight 0.5 (as in A1111).
-    """
-    out = []
-    for piece in _AND.split(prompt):
-        m = _AND_WEIGHT.match(piece)  # always matches: group 1 may take everything
-        text, weight = m.group(1), m.group(2)
-        out.append((text, float(weight) if weight is not None else 1.0))
-    return out
+    """Split a positive prompt on `\\bAND\\b` into (subprompt, weight) pairs, each piece's `:weight` (default
+    1.0) and trailing whitespace removed: "a AND b:0.5" -> [("a", 1.0), (" b", 0.5)]; "cat:0.5" -> 0.5."""
+    pieces = [_AND_WEIGHT.match(piece).groups() for piece in _AND.split(prompt)]  # always matches
+    return [(text, 1.0 if weight is None else float(weight)) for text, weight in pieces]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,26 +79,19 @@ def split_and(prompt: str) -> list[tuple[str, float]]:
 # scheduled/alternate nodes are resolved. A "|" outside an alternation, a trailing "\" or "\"+newline
 # makes the prompt unparseable, and then the whole prompt is used literally.
 #
-# Inside brackets the grammar is unambiguous (brackets must balance, and the separators ":"/"|" at the
-# bracket's own level decide the form), so recursive descent is deterministic there. At the top level a
-# bracket may also be a stray literal; the structured reading is preferred, and falling back to the stray
-# reading only when the structure does not parse is enough: a structure that parses at position i never
-# makes the rest of the prompt fail where the stray reading would have succeeded (structures are parsed
-# independently of context, so the top level resumes at the same position either way).
+# Inside brackets the separators ":"/"|" at the bracket's own level decide the form, so recursive descent is
+# deterministic there. At the top level a bracket that does not parse as a structure is a stray literal; that
+# fallback is enough, because structures parse independently of what surrounds them.
 
 _NUMBER_TAIL = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?))\s*\]")
 
 
-class _ParseError(Exception):
-    pass
-
-
 @dataclass(eq=False)
 class _Sched:
-    before: Optional[list]   # None for the [to:N] form
+    before: list             # empty for the [to:N] form
     after: list
     number: str              # NUMBER as written
-    when: int = 0            # resolved by _collect_steps
+    when: int = 0            # the resolved step, set by prompt_schedules
 
 
 @dataclass(eq=False)
@@ -145,32 +106,14 @@ class _ScheduleParser:
         self.memo: dict[int, Optional[tuple[object, int]]] = {}
 
     def top(self) -> list:
-        s, n, i = self.s, self.n, 0
-        nodes: list = []
-        while i < n:
-            c = s[i]
-            if c in "[(":
-                r = self.structure(i)
-                if r is not None:
-                    nodes.append(r[0])
-                    i = r[1]
-                else:
-                    nodes.append(c)  # stray
-                    i += 1
-            elif c in "]):":
-                nodes.append(c)      # stray
-                i += 1
-            elif c == "|":
-                raise _ParseError(f"'|' outside an alternation at {i}")
-            elif c == "\\":
-                if i + 1 < n and s[i + 1] != "\n":
-                    nodes.append(s[i:i + 2])
-                    i += 2
-                else:
-                    raise _ParseError(f"dangling backslash at {i}")
-            else:
-                nodes.append(c)
-                i += 1
+        """item* with the stray characters between them; ValueError where the grammar has no reading."""
+        nodes, i = self.prompt(0)
+        while i < self.n:
+            if self.s[i] in "|\\":  # a "|" outside an alternation, or a backslash before a newline or the end
+                raise ValueError(f"unparseable {self.s[i]!r} at {i}")
+            nodes.append(self.s[i])  # a stray [ ] ( ) : kept as text
+            more, i = self.prompt(i + 1)
+            nodes += more
         return nodes
 
     def prompt(self, i: int) -> tuple[list, int]:
@@ -188,13 +131,10 @@ class _ScheduleParser:
                     nodes.append(s[start:i])
                 nodes.append(r[0])
                 i = start = r[1]
-            elif c in "]):|":
+            elif c == "\\" and i + 1 < n and s[i + 1] != "\n":  # an escape: "\\" and the next character
+                i += 2
+            elif c in "]):|\\":
                 break
-            elif c == "\\":
-                if i + 1 < n and s[i + 1] != "\n":
-                    i += 2
-                else:
-                    break
             else:
                 i += 1
         if start < i:
@@ -236,7 +176,7 @@ class _ScheduleParser:
         if c == ":":
             m = _NUMBER_TAIL.match(self.s, j + 1)
             if m:                                       # [to:N]
-                return _Sched(None, first, m.group(1)), m.end()
+                return _Sched([], first, m.group(1)), m.end()
             second, k = self.prompt(j + 1)
             if self._at(k) == ":":
                 m = _NUMBER_TAIL.match(self.s, k + 1)
@@ -246,16 +186,11 @@ class _ScheduleParser:
 
 
 def _walk(nodes: list):
+    """Every _Sched and _Alt of the tree."""
     for node in nodes:
-        if isinstance(node, _Sched):
+        if isinstance(node, (_Sched, _Alt)):
             yield node
-            if node.before is not None:
-                yield from _walk(node.before)
-            yield from _walk(node.after)
-        elif isinstance(node, _Alt):
-            yield node
-            for opt in node.options:
-                yield from _walk(opt)
+            yield from _walk([node.before, node.after] if isinstance(node, _Sched) else node.options)
         elif isinstance(node, list):
             yield from _walk(node)
 
@@ -266,11 +201,7 @@ def _render(nodes: list, step: int) -> str:
         if isinstance(node, str):
             out.append(node)
         elif isinstance(node, _Sched):
-            if step <= node.when:
-                if node.before is not None:
-                    out.append(_render(node.before, step))
-            else:
-                out.append(_render(node.after, step))
+            out.append(_render(node.before if step <= node.when else node.after, step))
         elif isinstance(node, _Alt):
             out.append(_render(node.options[(step - 1) % len(node.options)], step))
         else:  # emphasis brackets: a flat list kept verbatim
@@ -282,16 +213,13 @@ def prompt_schedules(prompt: str, steps: int, hires_steps: Optional[int] = None,
                      use_old_scheduling: bool = False) -> list[tuple[int, str]]:
     """[(end_at_step, text)] for one prompt: A1111 `get_learned_conditioning_prompt_schedules`.
 
-    steps: the (first-pass) step count the schedule is built for (A1111 doubles it for second-order
-    samplers; that is the caller's job). hires_steps: set for the hires-fix pass; then, unless
-    use_old_scheduling, the schedule spans hires_steps and N is resolved as
-    `int((N - 1) * hires_steps)` when N has a ".", else `int(N - steps)` (0.5 -> whole hires pass uses
-    "to"; 1.5 -> switch half-way). First pass: `int(N * steps)` with a ".", else `int(N)`.
-    use_old_scheduling: N < 1 is a fraction of steps, else absolute; it always uses `steps` (also in
-    the hires pass, where hires_steps is then ignored).
-    The resolved value is clamped to <= the step count; values >= 1 become switch points; the text
-    at point P uses `from` if P <= N else `to`. Any alternation adds every point 1..steps and picks
-    option (P - 1) % count. An unparseable prompt gives [(steps, prompt)] unchanged.
+    `steps` is the first pass's step count (doubled by the caller for second-order samplers). A number N
+    resolves to int(N · steps) when written with a ".", else int(N); in a hires pass (`hires_steps`) the
+    schedule spans hires_steps and N resolves to int((N − 1) · hires_steps) or int(N − steps).
+    `use_old_scheduling`: N < 1 is a fraction of `steps`, else absolute, in both passes. Resolved values are
+    clamped to the step count, those ≥ 1 become switch points, and the text at point P takes `from` while
+    P ≤ N. An alternation adds every point and picks option (P − 1) % count. An unparseable prompt is
+    used literally.
     """
     if hires_steps is None or use_old_scheduling:
         int_offset, flt_offset, total = 0, 0.0, steps
@@ -300,7 +228,7 @@ def prompt_schedules(prompt: str, steps: int, hires_steps: Optional[int] = None,
 
     try:
         tree = _ScheduleParser(prompt).top()
-    except (_ParseError, RecursionError):  # RecursionError: absurd bracket nesting; used literally
+    except (ValueError, RecursionError):  # RecursionError: absurd bracket nesting; used literally
         return [(total, prompt)]
 
     points = {total}
@@ -349,9 +277,6 @@ _ATTENTION_TOKEN = re.compile(r"""
 """, re.X)
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
 
-ROUND_MULTIPLIER = 1.1
-SQUARE_MULTIPLIER = 1 / 1.1
-
 
 def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
     """Split a prompt into (fragment, weight) pairs: A1111 `parse_prompt_attention`.
@@ -381,9 +306,9 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
         elif weight is not None and round_open:
             scale(round_open.pop(), float(weight))
         elif tok == ")" and round_open:
-            scale(round_open.pop(), ROUND_MULTIPLIER)
+            scale(round_open.pop(), 1.1)
         elif tok == "]" and square_open:
-            scale(square_open.pop(), SQUARE_MULTIPLIER)
+            scale(square_open.pop(), 1 / 1.1)
         else:
             for k, part in enumerate(_BREAK.split(tok)):
                 if k > 0:
@@ -391,29 +316,16 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
                 res.append([part, 1.0])
 
     for start in round_open:
-        scale(start, ROUND_MULTIPLIER)
+        scale(start, 1.1)
     for start in square_open:
-        scale(start, SQUARE_MULTIPLIER)
-
-    if not res:
-        res = [["", 1.0]]
-
-    merged = [res[0]]
-    for frag in res[1:]:
-        if frag[1] == merged[-1][1]:
-            merged[-1][0] += frag[0]
-        else:
-            merged.append(frag)
-    return [(t, w) for t, w in merged]
+        scale(start, 1 / 1.1)
+    runs = itertools.groupby(res or [["", 1.0]], key=lambda frag: frag[1])  # adjacent equal weights merge
+    return [("".join(text for text, _ in run), weight) for weight, run in runs]
 
 
 # ---------------------------------------------------------------------------------------------
 # Tokens -> 75-token chunks
 # ---------------------------------------------------------------------------------------------
-
-# (tokens, position) -> (embedding, n_vectors, name_length_in_tokens) or None
-EmbeddingFinder = Callable[[Sequence[int], int], Optional[tuple[Any, int, int]]]
-
 
 @dataclass
 class Chunk:
@@ -427,12 +339,10 @@ class Chunk:
     fixes: list[tuple[int, Any]] = field(default_factory=list)
 
 
-def make_embedding_finder(entries: Iterable[tuple[Sequence[int], Any, int]]) -> EmbeddingFinder:
-    """Build an `embeddings` lookup for chunk_tokens from (name_token_ids, embedding, n_vectors).
-
-    Names are indexed by their first token id; the longest name that matches at a position wins
-    (equal lengths: first registered).
-    """
+def make_embedding_finder(entries: Iterable[tuple[Sequence[int], Any, int]]) -> Callable:
+    """The `embeddings` lookup of chunk_tokens, `find(tokens, position) -> (embedding, n_vectors,
+    name length)` or None, from (name_token_ids, embedding, n_vectors): the longest name matching there wins
+    (equal lengths: the first given)."""
     by_first: dict[int, list[tuple[tuple[int, ...], Any, int]]] = {}
     for ids, emb, n_vectors in entries:
         ids = tuple(ids)
@@ -452,18 +362,14 @@ def make_embedding_finder(entries: Iterable[tuple[Sequence[int], Any, int]]) -> 
 
 def chunk_tokens(parsed: Sequence[tuple[str, float]], encode: Callable[[str], Sequence[int]], *,
                  comma_padding_backtrack: int = 20,
-                 embeddings: Optional[EmbeddingFinder] = None,
-                 chunk_length: int = CHUNK_LENGTH) -> tuple[list[Chunk], int]:
+                 embeddings: Optional[Callable] = None) -> tuple[list[Chunk], int]:
     """A1111 `tokenize_line` after parsing: (fragment, weight) pairs -> (chunks, token_count).
 
-    encode(text) -> token ids without BOS/EOS (called once per fragment). ("BREAK", -1) closes the
-    current chunk. When a chunk is full and the next token is not a comma, the tokens after the last
-    comma move to a new chunk if that comma is within the last `comma_padding_backtrack` tokens
-    (0 disables). An empty prompt gives one chunk (BOS + 76 EOS). token_count is what A1111 reports:
-    `chunk_length` for every closed chunk except the final one, which counts its real tokens.
-    embeddings: optional textual-inversion hook (see make_embedding_finder); a match is replaced by
-    n_vectors placeholder ids 0 carrying the fragment weight, never split across chunks, and recorded
-    in Chunk.fixes.
+    ("BREAK", -1) closes the chunk. A full chunk whose next token is not a comma moves the tokens after its
+    last comma to a new chunk if that comma is within the last `comma_padding_backtrack` tokens (0: never).
+    token_count is A1111's: 75 per closed chunk, the real tokens of the last one. A textual-inversion match
+    (`embeddings`, see make_embedding_finder) becomes n_vectors placeholder ids 0 with the fragment's weight,
+    never split across chunks, and is recorded in Chunk.fixes.
     """
     chunks: list[Chunk] = []
     cur = Chunk()
@@ -472,13 +378,10 @@ def chunk_tokens(parsed: Sequence[tuple[str, float]], encode: Callable[[str], Se
 
     def close(is_last: bool = False) -> None:
         nonlocal cur, token_count, last_comma
-        token_count += len(cur.tokens) if is_last else chunk_length
-        pad = chunk_length - len(cur.tokens)
-        if pad > 0:
-            cur.tokens += [PAD] * pad
-            cur.multipliers += [1.0] * pad
-        cur.tokens = [BOS] + cur.tokens + [EOS]
-        cur.multipliers = [1.0] + cur.multipliers + [1.0]
+        token_count += len(cur.tokens) if is_last else CHUNK_LENGTH
+        pad = CHUNK_LENGTH - len(cur.tokens)
+        cur.tokens = [BOS] + cur.tokens + [PAD] * pad + [EOS]
+        cur.multipliers = [1.0] + cur.multipliers + [1.0] * pad + [1.0]
         chunks.append(cur)
         cur = Chunk()
         last_comma = -1
@@ -493,14 +396,14 @@ def chunk_tokens(parsed: Sequence[tuple[str, float]], encode: Callable[[str], Se
             tok = tokens[p]
             if tok == COMMA:
                 last_comma = len(cur.tokens)
-            elif (comma_padding_backtrack != 0 and len(cur.tokens) == chunk_length and last_comma != -1
+            elif (comma_padding_backtrack != 0 and len(cur.tokens) == CHUNK_LENGTH and last_comma != -1
                   and len(cur.tokens) - last_comma <= comma_padding_backtrack):
                 cut = last_comma + 1
                 moved_tokens, moved_mults = cur.tokens[cut:], cur.multipliers[cut:]
                 del cur.tokens[cut:], cur.multipliers[cut:]
                 close()
                 cur.tokens, cur.multipliers = moved_tokens, moved_mults
-            if len(cur.tokens) == chunk_length:
+            if len(cur.tokens) == CHUNK_LENGTH:
                 close()
 
             hit = embeddings(tokens, p) if embeddings is not None else None
@@ -510,7 +413,7 @@ def chunk_tokens(parsed: Sequence[tuple[str, float]], encode: Callable[[str], Se
                 p += 1
                 continue
             emb, n_vectors, name_len = hit
-            if len(cur.tokens) + n_vectors > chunk_length:
+            if len(cur.tokens) + n_vectors > CHUNK_LENGTH:
                 close()
             cur.fixes.append((len(cur.tokens), emb))
             cur.tokens += [0] * n_vectors

@@ -1,29 +1,17 @@
-"""The ε → x₀ wrapper and classifier-free guidance, with A1111's semantics.
+"""The ε → x₀ wrapper and classifier-free guidance, with A1111's semantics (k-diffusion `external.py`
+CompVisDenoiser, A1111 `modules/sd_hijack_unet.py` and `modules/sd_samplers_cfg_denoiser.py`).
 
-References: k-diffusion `external.py` (DiscreteSchedule, DiscreteEpsDDPMDenoiser = CompVisDenoiser),
-A1111 `modules/sd_hijack_unet.py` (x and t cast to the UNet dtype), A1111
-`modules/sd_samplers_cfg_denoiser.py` (CFGDenoiser).
-
-Two call conventions, one per sampler family:
-- k-diffusion samplers call `model(x, sigma) -> denoised x₀` (σ a [B] tensor): `EpsDenoiser.forward`;
-- timestep samplers (DDIM, PLMS, UniPC) call `model(x, t) -> ε` on the raw latent: `EpsDenoiser.eps`.
-`CFGDenoiser` guides either one; its `.forward` is the first convention and its `.eps` the second.
-The UNet is any callable `unet(x, t, context) -> eps`, t a float tensor [B], context [B, 77k, 768].
-
-Nothing here reads a device value back on the host (no `.item()`, no branch on a tensor), so a sampler
-step launches its work without waiting for the GPU. σ (or t) may come as a host (CPU) tensor while x is on
-the GPU, which is what sd15's samplers pass to a model with `host_sigma = True`: then c_in, c_out and t(σ)
-are computed on the host once per σ value and kept on the device (the same float32 operations as the
-device path, so the same numbers on the CPU). The common case,
-one prompt per image, takes a short path: the batch is `cat([x, x])`, the context concatenation is made
-once per (cond, uncond) pair, and the guidance is one vectorised expression (the same float operations
-as the per-image loop of the general case).
+k-diffusion samplers call `model(x, sigma) -> x₀` (`forward`), timestep samplers `model(x, t) -> ε` on the
+raw latent (`eps`); `CFGDenoiser` guides either. The UNet is any `unet(x, t, context) -> eps`. Nothing here
+reads a device value back: a host (CPU) σ, which sd15's samplers pass to a model with `host_sigma = True`,
+has its c_in, c_out and t(σ) made on the host once per σ value and kept on the device (the same float32
+operations).
 """
 
 import torch
 from torch import nn
 
-from .schedules import discrete_sigmas, sigma_to_t, t_to_sigma
+from .schedules import discrete_sigmas, sigma_to_t
 
 
 class EpsDenoiser(nn.Module):
@@ -45,7 +33,7 @@ class EpsDenoiser(nn.Module):
         self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
         self.register_buffer("sigmas", discrete_sigmas(alphas_cumprod), persistent=False)  # ascending, (1000,)
         self.register_buffer("log_sigmas", self.sigmas.log(), persistent=False)
-        self._log_sigmas_host = None  # a CPU copy for host σ, made on first use
+        self._log_sigmas_host = self.log_sigmas.cpu()  # not a buffer: stays on the host
         self._cache = {}  # ("sigma" | "t", device, values...) -> prepared tensors on that device
 
     @property
@@ -55,12 +43,6 @@ class EpsDenoiser(nn.Module):
     @property
     def sigma_max(self) -> float:
         return self.sigmas[-1].item()
-
-    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
-        return sigma_to_t(sigma, self.log_sigmas, self.quantize)
-
-    def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
-        return t_to_sigma(t, self.log_sigmas)
 
     def eps(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """ε(x, t) from the raw UNet, x and t cast to the UNet dtype (the fp16 rounding of t happens here).
@@ -73,22 +55,17 @@ class EpsDenoiser(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if sigma.device.type == "cpu":  # host σ: c_out, c_in and t(σ) are made once per σ value
-            c_out, c_in, t = self._prepared(("sigma", x.device, *sigma.tolist()), lambda: self._scalings(sigma), x.device)
-            return x + self.unet((x * c_in).to(self.unet_dtype), t, context) * c_out  # t: already rounded
-        c_out, c_in, t = self._scalings(sigma)
-        return x + self.eps(x * c_in, t, context) * c_out
+            c_out, c_in, t = self._prepared(("sigma", x.device, *sigma.tolist()),
+                                            lambda: self._scalings(sigma, self._log_sigmas_host), x.device)
+        else:
+            c_out, c_in, t = self._scalings(sigma, self.log_sigmas)
+        return x + self.unet((x * c_in).to(self.unet_dtype), t, context) * c_out
 
-    def _scalings(self, sigma):
-        """k-diffusion's c_out = −σ, c_in = 1/sqrt(σ² + 1) (both (B, 1, 1, 1)) and the UNet's t(σ)."""
+    def _scalings(self, sigma, log_sigmas):
+        """c_out = −σ and c_in = 1/sqrt(σ² + 1) (k-diffusion), (B, 1, 1, 1), and t(σ) in the UNet dtype."""
         c_out = -sigma[:, None, None, None]
         c_in = 1 / (sigma[:, None, None, None] ** 2 + 1.0) ** 0.5
-        if sigma.device.type == "cpu":
-            if self._log_sigmas_host is None:
-                self._log_sigmas_host = self.log_sigmas.cpu()
-            t = sigma_to_t(sigma, self._log_sigmas_host, self.quantize).to(self.unet_dtype).float()
-        else:
-            t = self.sigma_to_t(sigma)
-        return c_out, c_in, t
+        return c_out, c_in, sigma_to_t(sigma, log_sigmas, self.quantize).to(self.unet_dtype).float()
 
     def _prepared(self, key, make, device):
         """Per-value host preparations, moved to `device` once (a job meets each σ once or twice)."""
@@ -105,20 +82,13 @@ class CFGDenoiser(nn.Module):
     out_i = u_i + Σ_j w_ij · cfg_scale · (c_ij − u_i).
 
     `cond` is a tensor [B, 77k, 768] (one prompt per image, weight 1) or a callable
-    `cond(step) -> (tensor [N, 77k, 768], conds_list)`, where conds_list[i] lists (row, weight) pairs of
-    image i (AND-subprompts) and `step` counts model calls (prompt editing). `uncond` is a tensor
-    [B, 77k', 768] or a callable `uncond(step) -> tensor`.
-
-    When cond and uncond have different lengths (long prompts), A1111 by default runs them as two UNet
-    batches; `pad_cond_uncond` instead appends copies of `empty_cond` (the [1, 77, 768] encoding of "")
-    to the shorter one, `pad_cond_uncond_v0` repeats the uncond's last vector or truncates it.
-    `s_min_uncond` (NGMS) drops the uncond on odd calls (every call with `s_min_uncond_all`) once
-    σ (or t, for timestep samplers) is below it, and then returns the first cond's output unguided.
-    `set_mask` enables A1111's inpainting blend with the clean init latent.
-
-    `host_sigma = True` tells sd15's samplers to pass σ (or t) as a host tensor: the inner EpsDenoiser then
-    computes c_in, c_out and t(σ) on the host once per σ value and keeps them on the device, instead of
-    some twenty small device operations per call.
+    `cond(step) -> (tensor [N, 77k, 768], conds_list)`, conds_list[i] the (row, weight) pairs of image i
+    (AND-subprompts), `step` the model calls so far (prompt editing); `uncond` a tensor or `uncond(step)`.
+    Cond and uncond of different lengths run as two UNet batches, unless `pad_cond_uncond` appends copies
+    of `empty_cond` (the [1, 77, 768] encoding of "") to the shorter one or `pad_cond_uncond_v0` repeats
+    the uncond's last vector or truncates it. `s_min_uncond` (NGMS) drops the uncond on odd calls (every
+    call with `s_min_uncond_all`) once σ (or t) is below it, returning the first cond's output unguided.
+    `host_sigma = True` asks sd15's samplers for a host σ (see the module docstring).
     """
 
     host_sigma = True
@@ -136,6 +106,7 @@ class CFGDenoiser(nn.Module):
         self.step = 0  # model calls so far
         self.mask = self.nmask = self.init_latent = None
         self._context = (None, None, None)  # (cond, uncond, cat([cond, uncond])) of the last call
+        self.last_uncond = None  # the uncond rows of the last output (A1111's last_noise_uncond, for CFG++)
 
     def set_mask(self, mask: torch.Tensor, nmask: torch.Tensor, init_latent: torch.Tensor):
         """Inpainting: blend as x·nmask + init_latent·mask, with mask = 1 − latmask (keep) and nmask = latmask."""
@@ -153,14 +124,6 @@ class CFGDenoiser(nn.Module):
         if self.mask is not None:
             x = x * self.nmask + self.init_latent * self.mask
         return self._guided(self.inner.eps, x, t)
-
-    def _conds(self):
-        if callable(self.cond):
-            tensor, conds_list = self.cond(self.step)
-        else:
-            tensor, conds_list = self.cond, [[(i, 1.0)] for i in range(self.cond.shape[0])]
-        uncond = self.uncond(self.step) if callable(self.uncond) else self.uncond
-        return tensor, conds_list, uncond
 
     def _pad(self, cond, uncond):
         if self.pad_cond_uncond_v0:  # repeat the uncond's last token vector, or truncate it
@@ -184,7 +147,11 @@ class CFGDenoiser(nn.Module):
         return self._context[2]
 
     def _guided(self, fn, x, s):
-        cond, conds_list, uncond = self._conds()
+        if callable(self.cond):
+            cond, conds_list = self.cond(self.step)
+        else:
+            cond, conds_list = self.cond, [[(i, 1.0)] for i in range(self.cond.shape[0])]
+        uncond = self.uncond(self.step) if callable(self.uncond) else self.uncond
         batch = len(conds_list)
         # one prompt per image, row i for image i: the batch is [x, x] and the guidance one expression
         simple = all(len(c) == 1 and c[0][0] == i for i, c in enumerate(conds_list))
@@ -193,6 +160,7 @@ class CFGDenoiser(nn.Module):
         if simple and not skip_uncond and cond.shape[1] == uncond.shape[1] and cond.shape[0] == batch:
             x_out = fn(torch.cat([x, x]), torch.cat([s, s]), self._context_for(cond, uncond))
             denoised_cond, denoised_uncond = x_out[:batch], x_out[batch:]
+            self.last_uncond = denoised_uncond
             weights = [c[0][1] * self.cfg_scale for c in conds_list]
             if all(w == weights[0] for w in weights):
                 scale = weights[0]
@@ -206,25 +174,18 @@ class CFGDenoiser(nn.Module):
         # rows: image i repeated once per subprompt, then the B uncond rows
         x_in = torch.cat([x[i:i + 1].expand(n, *x.shape[1:]) for i, n in enumerate(repeats)] + [x])
         s_in = torch.cat([s[i:i + 1].expand(n) for i, n in enumerate(repeats)] + [s])
-
-        if skip_uncond:
-            x_in, s_in = x_in[:-batch], s_in[:-batch]
         if cond.shape[1] != uncond.shape[1]:
             cond, uncond = self._pad(cond, uncond)
-
-        if skip_uncond:
-            x_out = fn(x_in, s_in, cond)
+        if skip_uncond:  # cond rows only: the first cond output stands in for the uncond, and the scale is 1
+            x_out = fn(x_in[:-batch], s_in[:-batch], cond)
+            x_out = torch.cat([x_out, x_out[[c[0][0] for c in conds_list]]])
         elif cond.shape[1] == uncond.shape[1]:
             x_out = fn(x_in, s_in, self._context_for(cond, uncond))
         else:  # different token lengths: cond rows and uncond rows as separate UNet batches
             n_cond = cond.shape[0]
             x_out = torch.cat([fn(x_in[:n_cond], s_in[:n_cond], cond), fn(x_in[n_cond:], s_in[n_cond:], uncond)])
-
-        if skip_uncond:  # the first cond output stands in for the uncond, and the scale becomes 1
-            x_out = torch.cat([x_out, x_out[[c[0][0] for c in conds_list]]])
         scale = 1.0 if skip_uncond else self.cfg_scale
-
-        denoised_uncond = x_out[-batch:]
+        denoised_uncond = self.last_uncond = x_out[-batch:]
         denoised = denoised_uncond.clone()
         for i, conds in enumerate(conds_list):
             for row, weight in conds:

@@ -1,21 +1,16 @@
-"""k-diffusion samplers (crowsonkb/k-diffusion `sampling.py` @ab527a9, as A1111 v1.10 runs them) and
-A1111's Restart sampler, written from the published algorithms.
+"""k-diffusion's samplers (crowsonkb/k-diffusion `sampling.py` @ab527a9, as A1111 v1.10 runs them) and A1111's
+Restart, written from the published algorithms.
 
-Contract: `sample_x(model, x, sigmas, *, noise_sampler=None, callback=None, **options) -> x`
-- `model(x, sigma)` returns the denoised x₀, `sigma` a [B] tensor, on x's device, or on the host (CPU)
-  for a model with `host_sigma = True` (see `ones_for`);
-- `sigmas` is the descending float32 schedule (usually ending in 0), `x` starts at noise · sigmas[0];
-- `noise_sampler(sigma, sigma_next)` returns fresh unit noise shaped like x. Samplers that need noise
-  (eta > 0, s_churn > 0, Restart) raise without one: nothing here draws from the global RNG;
-- `callback(dict)` receives k-diffusion's {'x', 'i', 'sigma', 'sigma_hat', 'denoised'} once per step: 'sigma'
-  is the noise level the step starts from (a 0-d CPU tensor), 'denoised' the x₀ estimate made there.
+`sample_x(model, x, sigmas, *, noise_sampler=None, callback=None, **options) -> x`: `model(x, sigma)`
+returns the denoised x₀ for a [B] σ; `sigmas` is the descending float32 schedule and x starts at
+noise · sigmas[0]; `noise_sampler(sigma, sigma_next)` returns fresh unit noise shaped like x (a sampler that
+adds noise raises without one: nothing here draws from the global RNG); `callback` receives k-diffusion's
+{'x', 'i', 'sigma', 'sigma_hat', 'denoised'} once per step, 'sigma' a 0-d CPU tensor.
 
-All scalar maths runs on 0-d float32 tensors taken from `sigmas`, as in k-diffusion, so the float32
-rounding matches; but those tensors live on the host: each sampler copies the schedule to the CPU once
-(`_host`) and then launches work on the device without ever reading a device value back, so a step makes
-no host-device synchronisation (a 0-d CPU tensor enters a CUDA kernel as a plain argument). Where
-k-diffusion draws noise that is then multiplied by zero (eta = 0, s_churn = 0), the draw is skipped, and
-churn with s_churn = 0 is skipped altogether (σ̂ = σ · 1 exactly).
+The scalar maths runs on 0-d float32 tensors, as in k-diffusion, so the rounding matches; but the schedule
+is copied to the host once per run (`_host`), so a step never reads a device value back (a 0-d CPU tensor
+enters a CUDA kernel as a plain argument). Noise that k-diffusion draws only to multiply by zero (eta = 0,
+s_churn = 0) is not drawn.
 """
 
 import math
@@ -27,16 +22,15 @@ from .schedules import sigmas_karras
 
 
 def ones_for(model, x):
-    """Ones [B] that turn a σ into the model's σ input `σ · ones`: on the host when the model takes a host
-    σ (`host_sigma = True`, as sd15's CFGDenoiser does, which prepares what it needs once per σ), else on
-    x's device as k-diffusion does."""
+    """Ones [B] that turn a σ into the model's input `σ · ones`: on the host for a model with
+    `host_sigma = True` (sd15's CFGDenoiser, which prepares what it needs once per σ), else on x's device."""
     if getattr(getattr(model, "__self__", model), "host_sigma", False):
         return torch.ones(x.shape[0], dtype=x.dtype)
     return x.new_ones([x.shape[0]])
 
 
 def _host(sigmas):
-    """The schedule as host values, a list of 0-d CPU tensors: one device read for the whole run."""
+    """The schedule as a list of 0-d CPU tensors: one device read for the whole run."""
     return list(sigmas.detach().cpu().unbind())
 
 
@@ -69,136 +63,132 @@ def _noise(noise_sampler, who):
     return noise_sampler
 
 
-def _churn(x, sigma, sigma_next, n, noise_sampler, s_churn, s_tmin, s_tmax, s_noise):
-    """Karras et al. (2022) Algorithm 2, lines 5-7: raise σ to σ̂ = σ(1 + γ) by adding fresh noise.
-    A1111 draws the noise every step once churn is on, even where γ = 0. Without churn, σ̂ = σ."""
-    if not s_churn > 0:
-        return x, sigma
-    gamma = min(s_churn / n, 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
-    sigma_hat = sigma * (gamma + 1)
-    eps = _noise(noise_sampler, "s_churn > 0")(sigma, sigma_next) * s_noise
-    if gamma > 0:
-        x = x + eps * (sigma_hat ** 2 - sigma ** 2) ** 0.5
-    return x, sigma_hat
-
-
-def _report(callback, x, i, sigma, sigma_hat, denoised):
+def report(callback, x, i, sigma, sigma_hat, denoised):
+    """The per-step callback of every sampler here and in `timesteps.py`."""
     if callback is not None:
         callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": denoised})
 
 
 # ---------------------------------------------------------------------------------------------
-# Karras et al. (2022) family
+# Karras et al. (2022) Algorithm 2 (Euler, Heun, DPM2) and the ancestral samplers
 # ---------------------------------------------------------------------------------------------
 
+def _euler_step(model, x, denoised, sigma, sigma_next, s_in):
+    """Euler's step from σ to σ_next. The step functions share one signature, taken by the loops below."""
+    return x + to_d(x, sigma, denoised) * (sigma_next - sigma)
+
+
+def _heun_step(model, x, denoised, sigma, sigma_next, s_in):
+    """Heun's 2nd-order step (Karras et al. 2022, Algorithm 2, lines 8-11); an Euler step onto σ = 0."""
+    d, dt = to_d(x, sigma, denoised), sigma_next - sigma
+    if sigma_next == 0:
+        return x + d * dt
+    x_2 = x + d * dt
+    d_2 = to_d(x_2, sigma_next, model(x_2, sigma_next * s_in))
+    return x + (d + d_2) / 2 * dt
+
+
+def _dpm2_step(model, x, denoised, sigma, sigma_next, s_in):
+    """DPM-Solver-2's midpoint step in log σ (Lu et al. 2022); an Euler step onto σ = 0."""
+    d = to_d(x, sigma, denoised)
+    if sigma_next == 0:
+        return x + d * (sigma_next - sigma)
+    sigma_mid = sigma.log().lerp(sigma_next.log(), 0.5).exp()
+    x_2 = x + d * (sigma_mid - sigma)
+    d_2 = to_d(x_2, sigma_mid, model(x_2, sigma_mid * s_in))
+    return x + d_2 * (sigma_next - sigma)
+
+
 @torch.no_grad()
-def sample_euler(model, x, sigmas, *, noise_sampler=None, callback=None,
-                 s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
-    """Euler steps, Algorithm 2 of Karras et al. (2022) (churn γ adds noise before each step)."""
+def _alg2(step, model, x, sigmas, noise_sampler, callback, s_churn, s_tmin, s_tmax, s_noise):
+    """Karras et al. (2022) Algorithm 2: churn σ up to σ̂ = σ(1 + γ) with fresh noise (lines 5-7), then
+    `step` from σ̂ to σ_next. A1111 draws the noise every step once churn is on, even where γ = 0."""
     sigmas = _host(sigmas)
     s_in = ones_for(model, x)
     n = len(sigmas) - 1
     for i in range(n):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        x, sigma_hat = _churn(x, sigma, sigma_next, n, noise_sampler, s_churn, s_tmin, s_tmax, s_noise)
+        sigma_hat = sigma
+        if s_churn > 0:
+            gamma = min(s_churn / n, 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+            sigma_hat = sigma * (gamma + 1)
+            eps = _noise(noise_sampler, "s_churn > 0")(sigma, sigma_next) * s_noise
+            if gamma > 0:
+                x = x + eps * (sigma_hat ** 2 - sigma ** 2) ** 0.5
         denoised = model(x, sigma_hat * s_in)
-        d = to_d(x, sigma_hat, denoised)
-        _report(callback, x, i, sigma, sigma_hat, denoised)
-        x = x + d * (sigma_next - sigma_hat)
+        report(callback, x, i, sigma, sigma_hat, denoised)
+        x = step(model, x, denoised, sigma_hat, sigma_next, s_in)
     return x
 
 
+def sample_euler(model, x, sigmas, *, noise_sampler=None, callback=None,
+                 s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    """Euler steps, Algorithm 2 of Karras et al. (2022)."""
+    return _alg2(_euler_step, model, x, sigmas, noise_sampler, callback, s_churn, s_tmin, s_tmax, s_noise)
+
+
+def sample_heun(model, x, sigmas, *, noise_sampler=None, callback=None,
+                s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    """Heun steps (2nd order), Algorithm 2 of Karras et al. (2022)."""
+    return _alg2(_heun_step, model, x, sigmas, noise_sampler, callback, s_churn, s_tmin, s_tmax, s_noise)
+
+
+def sample_dpm_2(model, x, sigmas, *, noise_sampler=None, callback=None,
+                 s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    """DPM-Solver-2 midpoint steps in log σ (Lu et al. 2022) inside Karras et al.'s Algorithm 2."""
+    return _alg2(_dpm2_step, model, x, sigmas, noise_sampler, callback, s_churn, s_tmin, s_tmax, s_noise)
+
+
+def _dpmpp_2s_step(model, x, denoised, sigma, sigma_next, s_in):
+    """DPM-Solver++(2S)'s single-step 2nd-order update in λ (midpoint r = 1/2); an Euler step onto σ = 0."""
+    if sigma_next == 0:
+        return _euler_step(model, x, denoised, sigma, sigma_next, s_in)
+    t, t_next = _t(sigma), _t(sigma_next)
+    h = t_next - t
+    s = t + 0.5 * h
+    x_2 = (_sigma(s) / _sigma(t)) * x - (-h * 0.5).expm1() * denoised
+    denoised_2 = model(x_2, _sigma(s) * s_in)
+    return (_sigma(t_next) / _sigma(t)) * x - (-h).expm1() * denoised_2
+
+
 @torch.no_grad()
-def sample_euler_ancestral(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0):
-    """Ancestral sampling with Euler steps (Euler a)."""
+def _ancestral(step, model, x, sigmas, noise_sampler, callback, eta, s_noise, renoise_at_0=True):
+    """Ancestral sampling: `step` from σ down to σ_down, then fresh noise of std σ_up back up to σ_next > 0.
+    Without `renoise_at_0` (DPM2 a) a step that lands on σ_down = 0 (eta > 1 can) gets no noise."""
     sigmas = _host(sigmas)
     s_in = ones_for(model, x)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma * s_in)
         sigma_down, sigma_up = get_ancestral_step(sigma, sigma_next, eta)
-        _report(callback, x, i, sigma, sigma, denoised)
-        x = x + to_d(x, sigma, denoised) * (sigma_down - sigma)
-        if sigma_next > 0 and eta:
+        report(callback, x, i, sigma, sigma, denoised)
+        x = step(model, x, denoised, sigma, sigma_down, s_in)
+        if eta and (sigma_down > 0 or renoise_at_0 and sigma_next > 0):
             x = x + _noise(noise_sampler, "eta > 0")(sigma, sigma_next) * s_noise * sigma_up
     return x
 
 
-@torch.no_grad()
-def sample_heun(model, x, sigmas, *, noise_sampler=None, callback=None,
-                s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
-    """Heun steps (2nd order), Algorithm 2 of Karras et al. (2022); an Euler step onto σ = 0."""
-    sigmas = _host(sigmas)
-    s_in = ones_for(model, x)
-    n = len(sigmas) - 1
-    for i in range(n):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        x, sigma_hat = _churn(x, sigma, sigma_next, n, noise_sampler, s_churn, s_tmin, s_tmax, s_noise)
-        denoised = model(x, sigma_hat * s_in)
-        d = to_d(x, sigma_hat, denoised)
-        _report(callback, x, i, sigma, sigma_hat, denoised)
-        dt = sigma_next - sigma_hat
-        if sigma_next == 0:
-            x = x + d * dt
-        else:
-            x_2 = x + d * dt
-            d_2 = to_d(x_2, sigma_next, model(x_2, sigma_next * s_in))
-            x = x + (d + d_2) / 2 * dt
-    return x
+def sample_euler_ancestral(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0):
+    """Ancestral sampling with Euler steps (Euler a)."""
+    return _ancestral(_euler_step, model, x, sigmas, noise_sampler, callback, eta, s_noise)
 
 
-@torch.no_grad()
-def sample_dpm_2(model, x, sigmas, *, noise_sampler=None, callback=None,
-                 s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
-    """DPM-Solver-2-style midpoint steps in log σ (Lu et al. 2022) inside Karras et al.'s Algorithm 2."""
-    sigmas = _host(sigmas)
-    s_in = ones_for(model, x)
-    n = len(sigmas) - 1
-    for i in range(n):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        x, sigma_hat = _churn(x, sigma, sigma_next, n, noise_sampler, s_churn, s_tmin, s_tmax, s_noise)
-        denoised = model(x, sigma_hat * s_in)
-        d = to_d(x, sigma_hat, denoised)
-        _report(callback, x, i, sigma, sigma_hat, denoised)
-        if sigma_next == 0:
-            x = x + d * (sigma_next - sigma_hat)
-        else:
-            sigma_mid = sigma_hat.log().lerp(sigma_next.log(), 0.5).exp()
-            x_2 = x + d * (sigma_mid - sigma_hat)
-            d_2 = to_d(x_2, sigma_mid, model(x_2, sigma_mid * s_in))
-            x = x + d_2 * (sigma_next - sigma_hat)
-    return x
-
-
-@torch.no_grad()
 def sample_dpm_2_ancestral(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0):
     """Ancestral sampling with DPM-Solver-2 midpoint steps (DPM2 a)."""
-    sigmas = _host(sigmas)
-    s_in = ones_for(model, x)
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in)
-        sigma_down, sigma_up = get_ancestral_step(sigma, sigma_next, eta)
-        _report(callback, x, i, sigma, sigma, denoised)
-        d = to_d(x, sigma, denoised)
-        if sigma_down == 0:
-            x = x + d * (sigma_down - sigma)
-        else:
-            sigma_mid = sigma.log().lerp(sigma_down.log(), 0.5).exp()
-            x_2 = x + d * (sigma_mid - sigma)
-            d_2 = to_d(x_2, sigma_mid, model(x_2, sigma_mid * s_in))
-            x = x + d_2 * (sigma_down - sigma)
-            if eta:  # noise only on midpoint steps, i.e. never on the final one
-                x = x + _noise(noise_sampler, "eta > 0")(sigma, sigma_next) * s_noise * sigma_up
-    return x
+    return _ancestral(_dpm2_step, model, x, sigmas, noise_sampler, callback, eta, s_noise, renoise_at_0=False)
+
+
+def sample_dpmpp_2s_ancestral(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0):
+    """Ancestral sampling with DPM-Solver++(2S) steps (Lu et al. 2022, arXiv:2211.01095)."""
+    return _ancestral(_dpmpp_2s_step, model, x, sigmas, noise_sampler, callback, eta, s_noise)
 
 
 def _lms_coeff(order, ts, i, j):
     """∫_{t_i}^{t_i+1} of the Lagrange basis polynomial ℓ_j through t_i, t_i-1, …, t_i-order+1.
 
     The integrand has degree order − 1, so `order`-point Gauss-Legendre quadrature is exact (k-diffusion
-    uses scipy's quad, which is exact on these polynomials up to rounding). The knot differences are
-    float32 subtractions, as in k-diffusion, whose σ array is numpy float32.
+    uses scipy's quad, exact on these polynomials up to rounding). The knot differences are float32
+    subtractions, as in k-diffusion, whose σ array is numpy float32.
     """
     def basis(tau):
         prod = 1.0
@@ -222,7 +212,7 @@ def sample_lms(model, x, sigmas, *, noise_sampler=None, callback=None, order=4):
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in)
         ds = (ds + [to_d(x, sigmas[i], denoised)])[-order:]
-        _report(callback, x, i, sigmas[i], sigmas[i], denoised)
+        report(callback, x, i, sigmas[i], sigmas[i], denoised)
         cur_order = min(i + 1, order)
         coeffs = [_lms_coeff(cur_order, ts, i, j) for j in range(cur_order)]
         x = x + sum(c * d for c, d in zip(coeffs, reversed(ds)))
@@ -234,30 +224,6 @@ def sample_lms(model, x, sigmas, *, noise_sampler=None, callback=None, order=4):
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def sample_dpmpp_2s_ancestral(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0):
-    """Ancestral sampling with DPM-Solver++(2S) single-step second-order steps."""
-    sigmas = _host(sigmas)
-    s_in = ones_for(model, x)
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in)
-        sigma_down, sigma_up = get_ancestral_step(sigma, sigma_next, eta)
-        _report(callback, x, i, sigma, sigma, denoised)
-        if sigma_down == 0:
-            x = x + to_d(x, sigma, denoised) * (sigma_down - sigma)
-        else:
-            t, t_next = _t(sigma), _t(sigma_down)
-            h = t_next - t
-            s = t + 0.5 * h  # midpoint, r = 1/2
-            x_2 = (_sigma(s) / _sigma(t)) * x - (-h * 0.5).expm1() * denoised
-            denoised_2 = model(x_2, _sigma(s) * s_in)
-            x = (_sigma(t_next) / _sigma(t)) * x - (-h).expm1() * denoised_2
-        if sigma_next > 0 and eta:
-            x = x + _noise(noise_sampler, "eta > 0")(sigma, sigma_next) * s_noise * sigma_up
-    return x
-
-
-@torch.no_grad()
 def sample_dpmpp_sde(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0, r=0.5):
     """DPM-Solver++ (stochastic): two SDE sub-steps per step, the second from the data estimate at λ + r·h."""
     sigmas = _host(sigmas)
@@ -265,9 +231,9 @@ def sample_dpmpp_sde(model, x, sigmas, *, noise_sampler=None, callback=None, eta
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma * s_in)
-        _report(callback, x, i, sigma, sigma, denoised)
+        report(callback, x, i, sigma, sigma, denoised)
         if sigma_next == 0:
-            x = x + to_d(x, sigma, denoised) * (sigma_next - sigma)
+            x = _euler_step(model, x, denoised, sigma, sigma_next, s_in)
             continue
         t, t_next = _t(sigma), _t(sigma_next)
         h = t_next - t
@@ -299,15 +265,14 @@ def sample_dpmpp_2m(model, x, sigmas, *, noise_sampler=None, callback=None):
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma * s_in)
-        _report(callback, x, i, sigma, sigma, denoised)
+        report(callback, x, i, sigma, sigma, denoised)
         t, t_next = _t(sigma), _t(sigma_next)
         h = t_next - t
-        if old_denoised is None or sigma_next == 0:
-            x = (_sigma(t_next) / _sigma(t)) * x - (-h).expm1() * denoised
-        else:
+        denoised_d = denoised
+        if old_denoised is not None and sigma_next != 0:
             r = (t - _t(sigmas[i - 1])) / h  # h_last / h
             denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-            x = (_sigma(t_next) / _sigma(t)) * x - (-h).expm1() * denoised_d
+        x = (_sigma(t_next) / _sigma(t)) * x - (-h).expm1() * denoised_d
         old_denoised = denoised
     return x
 
@@ -324,19 +289,20 @@ def sample_dpmpp_2m_sde(model, x, sigmas, *, noise_sampler=None, callback=None, 
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma * s_in)
-        _report(callback, x, i, sigma, sigma, denoised)
+        report(callback, x, i, sigma, sigma, denoised)
         if sigma_next == 0:
             x = denoised
         else:
             h = _t(sigma_next) - _t(sigma)
             eta_h = eta * h
-            x = sigma_next / sigma * (-eta_h).exp() * x + (-h - eta_h).expm1().neg() * denoised
+            one_minus = (-h - eta_h).expm1().neg()  # 1 − e^(−h − ηh)
+            x = sigma_next / sigma * (-eta_h).exp() * x + one_minus * denoised
             if old_denoised is not None:
                 r = h_last / h
                 if solver_type == "heun":
-                    x = x + ((-h - eta_h).expm1().neg() / (-h - eta_h) + 1) * (1 / r) * (denoised - old_denoised)
+                    x = x + (one_minus / (-h - eta_h) + 1) * (1 / r) * (denoised - old_denoised)
                 else:
-                    x = x + 0.5 * (-h - eta_h).expm1().neg() * (1 / r) * (denoised - old_denoised)
+                    x = x + 0.5 * one_minus * (1 / r) * (denoised - old_denoised)
             if eta:
                 noise = _noise(noise_sampler, "eta > 0")(sigma, sigma_next)
                 x = x + noise * sigma_next * (-2 * eta_h).expm1().neg().sqrt() * s_noise
@@ -345,11 +311,9 @@ def sample_dpmpp_2m_sde(model, x, sigmas, *, noise_sampler=None, callback=None, 
     return x
 
 
-@torch.no_grad()
-def sample_dpmpp_2m_sde_heun(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0):
+def sample_dpmpp_2m_sde_heun(model, x, sigmas, **options):
     """DPM-Solver++(2M) SDE with the Heun correction (A1111's "DPM++ 2M SDE Heun")."""
-    return sample_dpmpp_2m_sde(model, x, sigmas, noise_sampler=noise_sampler, callback=callback, eta=eta,
-                               s_noise=s_noise, solver_type="heun")
+    return sample_dpmpp_2m_sde(model, x, sigmas, solver_type="heun", **options)
 
 
 @torch.no_grad()
@@ -361,31 +325,31 @@ def sample_dpmpp_3m_sde(model, x, sigmas, *, noise_sampler=None, callback=None, 
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma * s_in)
-        _report(callback, x, i, sigma, sigma, denoised)
+        report(callback, x, i, sigma, sigma, denoised)
         if sigma_next == 0:
             x = denoised
-        else:
-            h = _t(sigma_next) - _t(sigma)
-            h_eta = h * (eta + 1)
-            x = torch.exp(-h_eta) * x + (-h_eta).expm1().neg() * denoised
-            if h_2 is not None:
-                r0, r1 = h_1 / h, h_2 / h
-                d1_0 = (denoised - denoised_1) / r0
-                d1_1 = (denoised_1 - denoised_2) / r1
-                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
-                d2 = (d1_0 - d1_1) / (r0 + r1)
-                phi_2 = h_eta.neg().expm1() / h_eta + 1
-                phi_3 = phi_2 / h_eta - 0.5
-                x = x + phi_2 * d1 - phi_3 * d2
-            elif h_1 is not None:
-                d = (denoised - denoised_1) / (h_1 / h)
-                phi_2 = h_eta.neg().expm1() / h_eta + 1
-                x = x + phi_2 * d
-            if eta:
-                noise = _noise(noise_sampler, "eta > 0")(sigma, sigma_next)
-                x = x + noise * sigma_next * (-2 * h * eta).expm1().neg().sqrt() * s_noise
-            denoised_1, denoised_2 = denoised, denoised_1
-            h_1, h_2 = h, h_1
+            continue
+        h = _t(sigma_next) - _t(sigma)
+        h_eta = h * (eta + 1)
+        x = torch.exp(-h_eta) * x + (-h_eta).expm1().neg() * denoised
+        if h_2 is not None:
+            r0, r1 = h_1 / h, h_2 / h
+            d1_0 = (denoised - denoised_1) / r0
+            d1_1 = (denoised_1 - denoised_2) / r1
+            d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+            d2 = (d1_0 - d1_1) / (r0 + r1)
+            phi_2 = h_eta.neg().expm1() / h_eta + 1
+            phi_3 = phi_2 / h_eta - 0.5
+            x = x + phi_2 * d1 - phi_3 * d2
+        elif h_1 is not None:
+            d = (denoised - denoised_1) / (h_1 / h)
+            phi_2 = h_eta.neg().expm1() / h_eta + 1
+            x = x + phi_2 * d
+        if eta:
+            noise = _noise(noise_sampler, "eta > 0")(sigma, sigma_next)
+            x = x + noise * sigma_next * (-2 * h * eta).expm1().neg().sqrt() * s_noise
+        denoised_1, denoised_2 = denoised, denoised_1
+        h_1, h_2 = h, h_1
     return x
 
 
@@ -399,9 +363,9 @@ def _dpm_eps(model, x, t):
     return (x - model(x, sigma * ones_for(model, x))) / sigma
 
 
-def _dpm_u1(x, t, h, eps, r1):
-    """First-order predictor at s1 = t + r1·h (shared by the 2nd- and 3rd-order steps)."""
-    return x - _sigma(t + r1 * h) * (r1 * h).expm1() * eps
+def _dpm_eps_r1(model, x, t, h, eps, r1):
+    """ε at s1 = t + r1·h, from the first-order predictor there (shared by the 2nd- and 3rd-order steps)."""
+    return _dpm_eps(model, x - _sigma(t + r1 * h) * (r1 * h).expm1() * eps, t + r1 * h)
 
 
 def _dpm_solver_1(x, t, t_next, eps):
@@ -434,20 +398,25 @@ def _dpm_ancestral(t, t_next, t_end, eta):
     return t_next_, (_sigma(t_next) ** 2 - _sigma(t_next_) ** 2) ** 0.5
 
 
+def _lambda_range(sigmas, sigma_min, sigma_max):
+    """(λ(σ_max), λ(σ_min)), with σ_max = sigmas[0] and σ_min = sigmas[-2] unless given."""
+    sigma_min = float(sigmas[-2]) if sigma_min is None else sigma_min
+    sigma_max = float(sigmas[0]) if sigma_max is None else sigma_max
+    if sigma_min <= 0 or sigma_max <= 0:
+        raise ValueError("sigma_min and sigma_max must not be 0")
+    return _t(torch.tensor(sigma_max)), _t(torch.tensor(sigma_min))
+
+
 @torch.no_grad()
 def sample_dpm_fast(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0,
                     sigma_min=None, sigma_max=None, n=None):
     """DPM-Solver-fast (Lu et al. 2022, sec. 3.4): ⌊n/3⌋+1 uniform λ steps of orders 3, …, 3, then 2/1.
 
-    Uses only σ_max = sigmas[0], σ_min = sigmas[-2] and n = len(sigmas) − 1 unless given (A1111's txt2img
+    Uses only σ_max, σ_min (see `_lambda_range`) and n = len(sigmas) − 1 unless given (A1111's txt2img
     passes the model's σ range and the step count). eta defaults to A1111's 1.0 (k-diffusion's is 0).
     """
-    sigma_min = float(sigmas[-2]) if sigma_min is None else sigma_min
-    sigma_max = float(sigmas[0]) if sigma_max is None else sigma_max
+    t_start, t_end = _lambda_range(sigmas, sigma_min, sigma_max)
     n = len(sigmas) - 1 if n is None else n
-    if sigma_min <= 0 or sigma_max <= 0:
-        raise ValueError("sigma_min and sigma_max must not be 0")
-    t_start, t_end = _t(torch.tensor(sigma_max)), _t(torch.tensor(sigma_min))
     m = math.floor(n / 3) + 1
     ts = torch.linspace(t_start, t_end, m + 1)  # on the host
     orders = [3] * (m - 2) + [2, 1] if n % 3 == 0 else [3] * (m - 1) + [n % 3]
@@ -455,15 +424,13 @@ def sample_dpm_fast(model, x, sigmas, *, noise_sampler=None, callback=None, eta=
         t, t_next = ts[i], ts[i + 1]
         t_next_, su = _dpm_ancestral(t, t_next, t_end, eta)
         eps = _dpm_eps(model, x, t)
-        _report(callback, x, i, _sigma(t), _sigma(t), x - _sigma(t) * eps)
+        report(callback, x, i, _sigma(t), _sigma(t), x - _sigma(t) * eps)
         if order == 1:
             x = _dpm_solver_1(x, t, t_next_, eps)
+        elif order == 2:
+            x = _dpm_solver_2(x, t, t_next_, eps, _dpm_eps_r1(model, x, t, t_next_ - t, eps, 1 / 2), 1 / 2)
         else:
-            h = t_next_ - t
-            r1 = 1 / 2 if order == 2 else 1 / 3
-            eps_r1 = _dpm_eps(model, _dpm_u1(x, t, h, eps, r1), t + r1 * h)
-            x = _dpm_solver_2(x, t, t_next_, eps, eps_r1, r1) if order == 2 else \
-                _dpm_solver_3(model, x, t, t_next_, eps, eps_r1)
+            x = _dpm_solver_3(model, x, t, t_next_, eps, _dpm_eps_r1(model, x, t, t_next_ - t, eps, 1 / 3))
         if eta:
             x = x + su * s_noise * _noise(noise_sampler, "eta > 0")(_sigma(t), _sigma(t_next))
     return x
@@ -480,12 +447,7 @@ def sample_dpm_adaptive(model, x, sigmas, *, noise_sampler=None, callback=None, 
     """
     if order not in (2, 3):
         raise ValueError("order should be 2 or 3")
-    sigma_min = float(sigmas[-2]) if sigma_min is None else sigma_min
-    sigma_max = float(sigmas[0]) if sigma_max is None else sigma_max
-    if sigma_min <= 0 or sigma_max <= 0:
-        raise ValueError("sigma_min and sigma_max must not be 0")
-    t_end = _t(torch.tensor(sigma_min))
-    s = _t(torch.tensor(sigma_max))
+    s, t_end = _lambda_range(sigmas, sigma_min, sigma_max)
     atol, rtol = torch.tensor(atol), torch.tensor(rtol)
     # PID step-size controller on inverse errors: factor = 1 + atan(e0^b1 e1^b2 e2^b3 − 1)
     ctrl_order = 1.5 if eta else order
@@ -497,13 +459,11 @@ def sample_dpm_adaptive(model, x, sigmas, *, noise_sampler=None, callback=None, 
         t_, su = _dpm_ancestral(s, t, t_end, eta)
         eps = _dpm_eps(model, x, s)
         denoised = x - _sigma(s) * eps
-        step = t_ - s
         if order == 2:
             x_low = _dpm_solver_1(x, s, t_, eps)
-            eps_r1 = _dpm_eps(model, _dpm_u1(x, s, step, eps, 1 / 2), s + 1 / 2 * step)
-            x_high = _dpm_solver_2(x, s, t_, eps, eps_r1, 1 / 2)
+            x_high = _dpm_solver_2(x, s, t_, eps, _dpm_eps_r1(model, x, s, t_ - s, eps, 1 / 2), 1 / 2)
         else:  # the 2nd-order estimate uses r1 = 1/3, so both share ε(t + h/3)
-            eps_r1 = _dpm_eps(model, _dpm_u1(x, s, step, eps, 1 / 3), s + 1 / 3 * step)
+            eps_r1 = _dpm_eps_r1(model, x, s, t_ - s, eps, 1 / 3)
             x_low = _dpm_solver_2(x, s, t_, eps, eps_r1, 1 / 3)
             x_high = _dpm_solver_3(model, x, s, t_, eps, eps_r1)
         delta = torch.maximum(atol, rtol * torch.maximum(x_low.abs(), x_prev.abs()))
@@ -513,52 +473,39 @@ def sample_dpm_adaptive(model, x, sigmas, *, noise_sampler=None, callback=None, 
         factor = 1 + math.atan(inv_errs[0] ** b1 * inv_errs[1] ** b2 * inv_errs[2] ** b3 - 1)
         if factor >= accept_safety:
             inv_errs = [inv_errs[0], inv_errs[0], inv_errs[1]]
-            x_prev = x_low
-            x = x_high
+            x_prev, x = x_low, x_high
             if eta:
                 x = x + su * s_noise * _noise(noise_sampler, "eta > 0")(_sigma(s), _sigma(t))
             s = t
         h *= factor
-        _report(callback, x, steps, _sigma(s), _sigma(s), denoised)
+        report(callback, x, steps, _sigma(s), _sigma(s), denoised)
         steps += 1
     return x
 
 
 # ---------------------------------------------------------------------------------------------
-# Restart (Xu et al. 2023), A1111's restart_sampler
+# Restart (Xu et al. 2023), A1111's restart_sampler; LCM (Luo et al. 2023), A1111's sample_lcm
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def sample_restart(model, x, sigmas, *, noise_sampler=None, callback=None, s_noise=1.0, restart_list=None):
-    """Restart sampling (Xu et al. 2023, "Restart Sampling for Improving Generative Processes"): Heun
-    steps on a Karras schedule, jumping back up to σ ≈ 2 with fresh noise after reaching σ ≈ 0.1.
-
-    restart_list = {min σ: [restart steps + 1, restart times, max σ]}; by default A1111's: none below 20
-    steps; else 9 restart steps once (steps // 4 twice from 36 steps), taken out of the main schedule,
-    which is rebuilt as Karras(steps − restart steps · times, sigmas[-2], sigmas[0]).
+def sample_restart(model, x, sigmas, *, noise_sampler=None, callback=None, s_noise=1.0):
+    """Restart sampling (Xu et al. 2023, "Restart Sampling for Improving Generative Processes") with A1111's
+    `restart_list` {0.1: [restart steps + 1, restart times, 2]}: Heun steps on a Karras schedule, jumping back
+    from σ ≈ 0.1 up to σ ≈ 2 with fresh noise. None below 20 steps; else 9 restart steps once (steps // 4
+    twice from 36 steps), taken out of the main schedule, rebuilt as Karras(the rest, sigmas[-2], sigmas[0]).
     """
     s_in = ones_for(model, x)
     sigmas = sigmas.detach().cpu()  # the schedule on the host (one device read)
     steps = len(sigmas) - 1
-    if restart_list is None:
-        restart_list = {}
-        if steps >= 20:
-            restart_steps, restart_times = (steps // 4, 2) if steps >= 36 else (9, 1)
-            main_steps = steps - restart_steps * restart_times
-            sigmas = sigmas_karras(main_steps, sigmas[-2].item(), sigmas[0].item())
-            restart_list = {0.1: [restart_steps + 1, restart_times, 2]}
-    restart_at = {int(torch.argmin((sigmas - key).abs())): value for key, value in restart_list.items()}
-
-    pairs = []  # (σ_from, σ_to) in execution order
-    for i in range(len(sigmas) - 1):
-        pairs.append((sigmas[i], sigmas[i + 1]))
-        if i + 1 in restart_at:
-            restart_steps, restart_times, restart_max = restart_at[i + 1]
-            min_idx, max_idx = i + 1, int(torch.argmin((sigmas - restart_max).abs()))
-            if max_idx < min_idx:
-                sigma_restart = sigmas_karras(restart_steps, sigmas[min_idx].item(), sigmas[max_idx].item())
-                sigma_restart = sigma_restart[:-1]  # without its trailing 0
-                pairs += list(zip(sigma_restart[:-1], sigma_restart[1:])) * restart_times
+    pairs = list(zip(sigmas[:-1], sigmas[1:]))  # (σ_from, σ_to) in execution order
+    if steps >= 20:
+        restart_steps, restart_times = (steps // 4, 2) if steps >= 36 else (9, 1)
+        sigmas = sigmas_karras(steps - restart_steps * restart_times, sigmas[-2].item(), sigmas[0].item())
+        pairs = list(zip(sigmas[:-1], sigmas[1:]))
+        min_idx, max_idx = (int(torch.argmin((sigmas - level).abs())) for level in (0.1, 2))
+        if max_idx < min_idx:  # after the step onto sigmas[min_idx]: the restart steps without their final 0
+            up = sigmas_karras(restart_steps + 1, sigmas[min_idx].item(), sigmas[max_idx].item())[:-1]
+            pairs[min_idx:min_idx] = list(zip(up[:-1], up[1:])) * restart_times
 
     last_sigma = None
     for step_id, (old_sigma, new_sigma) in enumerate(pairs):
@@ -566,22 +513,11 @@ def sample_restart(model, x, sigmas, *, noise_sampler=None, callback=None, s_noi
             noise = _noise(noise_sampler, "Restart")(old_sigma, last_sigma)
             x = x + noise * s_noise * (old_sigma ** 2 - last_sigma ** 2) ** 0.5
         denoised = model(x, old_sigma * s_in)
-        d = to_d(x, old_sigma, denoised)
-        _report(callback, x, step_id, old_sigma, old_sigma, denoised)  # A1111 reports σ_next as 'sigma'
-        dt = new_sigma - old_sigma
-        if new_sigma == 0:
-            x = x + d * dt
-        else:
-            x_2 = x + d * dt
-            d_2 = to_d(x_2, new_sigma, model(x_2, new_sigma * s_in))
-            x = x + (d + d_2) / 2 * dt
+        report(callback, x, step_id, old_sigma, old_sigma, denoised)
+        x = _heun_step(model, x, denoised, old_sigma, new_sigma, s_in)
         last_sigma = new_sigma
     return x
 
-
-# ---------------------------------------------------------------------------------------------
-# Latent consistency models (Luo et al. 2023), as A1111's `sd_samplers_lcm.sample_lcm`
-# ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def sample_lcm(model, x, sigmas, *, noise_sampler=None, callback=None):
@@ -591,7 +527,7 @@ def sample_lcm(model, x, sigmas, *, noise_sampler=None, callback=None):
     s_in = ones_for(model, x)
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in)
-        _report(callback, x, i, sigmas[i], sigmas[i], denoised)
+        report(callback, x, i, sigmas[i], sigmas[i], denoised)
         x = denoised
         if sigmas[i + 1] > 0:
             x = x + sigmas[i + 1] * _noise(noise_sampler, "LCM")(sigmas[i], sigmas[i + 1])

@@ -13,7 +13,7 @@ from torch import nn
 from ..rng import ImageRNG, brownian_noise_sampler
 from .denoiser import CFGDenoiser, EpsDenoiser
 from .schedules import (discrete_sigmas, sigmas_align_your_steps, sigmas_beta, sigmas_ddim, sigmas_exponential,
-                        sigmas_karras, sigmas_kl_optimal, sigmas_normal, sigmas_polyexponential, sigmas_sgm_uniform,
+                        sigmas_karras, sigmas_kl_optimal, sigmas_normal, sigmas_polyexponential,
                         sigmas_simple, sigmas_uniform)
 from .table import SAMPLER_BY_NAME, SCHEDULER_TABLE, find_scheduler
 from .timesteps import ddim_timesteps
@@ -21,15 +21,6 @@ from .timesteps import ddim_timesteps
 SAMPLERS = {name: s.fn for name, s in SAMPLER_BY_NAME.items()}  # A1111 name -> function (public API)
 A1111_DEFAULTS = SAMPLER_BY_NAME                                  # A1111 name -> its table entry
 SCHEDULERS = {c.name: c.label for c in SCHEDULER_TABLE}          # schedule type name -> label
-
-
-def scheduler_name(label: str) -> str:
-    """'Karras' / 'karras' / 'SGMUniform' -> the scheduler's name ('karras', 'sgm_uniform')."""
-    c = find_scheduler(label, lenient=False) or (find_scheduler(label) if label == "SGMUniform" else None)
-    if c is None:
-        raise ValueError(f"unknown scheduler {label!r}")
-    return c.name
-
 
 
 def get_sigmas(scheduler: str, steps: int, alphas_cumprod: torch.Tensor, *, sampler: str = None,
@@ -45,9 +36,12 @@ def get_sigmas(scheduler: str, steps: int, alphas_cumprod: torch.Tensor, *, samp
     entry = SAMPLER_BY_NAME[sampler] if sampler is not None else None
     discard = (entry is not None and entry.discard_penultimate) or always_discard_penultimate
     n = steps + (1 if discard else 0)
-    name = scheduler_name(scheduler or "Automatic")
+    found = find_scheduler(scheduler or "Automatic")
+    if found is None:
+        raise ValueError(f"unknown scheduler {scheduler!r}")
+    name = found.name
     if name == "automatic":
-        name = scheduler_name(entry.scheduler) if entry is not None and entry.scheduler else "uniform"
+        name = find_scheduler(entry.scheduler).name if entry is not None and entry.scheduler else "uniform"
 
     table = discrete_sigmas(alphas_cumprod.cpu())  # ascending σ, (1000,)
     log_sigmas = table.log()
@@ -61,16 +55,14 @@ def get_sigmas(scheduler: str, steps: int, alphas_cumprod: torch.Tensor, *, samp
         sigmas = sigmas_exponential(n, smin, smax)
     elif name == "polyexponential":
         sigmas = sigmas_polyexponential(n, smin, smax, rho=rho or 1.0)
-    elif name == "sgm_uniform":
-        sigmas = sigmas_sgm_uniform(n, smin, smax, log_sigmas)
     elif name == "kl_optimal":
         sigmas = sigmas_kl_optimal(n, smin, smax)
     elif name == "align_your_steps":
         sigmas = sigmas_align_your_steps(n)
     elif name == "simple":
         sigmas = sigmas_simple(n, table)
-    elif name == "normal":
-        sigmas = sigmas_normal(n, smin, smax, log_sigmas)
+    elif name in ("normal", "sgm_uniform"):
+        sigmas = sigmas_normal(n, smin, smax, log_sigmas, sgm=name == "sgm_uniform")
     elif name == "ddim":
         sigmas = sigmas_ddim(n, table)
     else:  # beta
@@ -120,31 +112,16 @@ class LCMDenoiser(nn.Module):
         return c_out * x0 + c_skip * x
 
 
-class UncondEps(nn.Module):
-    """The ε model that remembers its last output, so that CFG++ can read the unconditional rows (A1111's
-    `last_noise_uncond`: the last `batch` rows of the guided call)."""
-
-    def __init__(self, inner: EpsDenoiser):
-        super().__init__()
-        self.inner = inner
-        self.alphas_cumprod = inner.alphas_cumprod
-        self.last = None
-
-    def eps(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        self.last = self.inner.eps(x, t, context)
-        return self.last
-
-
 def make_denoiser(sampler: str, unet, alphas_cumprod: torch.Tensor, cond, uncond, cfg_scale: float, *,
                   s_min_uncond: float = 0.0) -> CFGDenoiser:
-    """The guided denoiser `sampler` runs on: CFG over the ε model, LCM's denoiser for LCM, and the
-    remembering ε model with cfg_scale / 12.5 for DDIM CFG++ (A1111's `cond_scale_miltiplier`)."""
+    """The guided denoiser `sampler` runs on: CFG over the ε model, LCM's denoiser for LCM, and
+    cfg_scale / 12.5 for DDIM CFG++ (A1111's `cond_scale_miltiplier`)."""
     entry = SAMPLER_BY_NAME[sampler]
     inner = EpsDenoiser(unet, alphas_cumprod)
     if entry.lcm:
         inner = LCMDenoiser(inner)
     if entry.cfgpp:
-        inner, cfg_scale = UncondEps(inner), cfg_scale / 12.5
+        cfg_scale = cfg_scale / 12.5
     return CFGDenoiser(inner, cond, uncond, cfg_scale, s_min_uncond=s_min_uncond)
 
 
@@ -188,7 +165,7 @@ def sample(name: str, model: CFGDenoiser, rng: ImageRNG, steps: int, *, schedule
             if name == "UniPC":
                 options["img2img"] = True
         if defaults.cfgpp:
-            options["last_noise_uncond"] = lambda: denoiser.last[-len(x):]
+            options["last_noise_uncond"] = lambda: model.last_uncond
         return fn(model.eps, x, timesteps, alphas_cumprod=alphas_cumprod, noise_sampler=rng.noise_sampler(),
                   callback=callback, **options)
 
@@ -202,13 +179,9 @@ def sample(name: str, model: CFGDenoiser, rng: ImageRNG, steps: int, *, schedule
             options.update(sigma_min=denoiser.sigma_min, sigma_max=denoiser.sigma_max)
             if name == "DPM fast":
                 options["n"] = steps
-    else:
-        sigma_sched = sigmas[steps_total - t_enc - 1:]  # t_enc + 1 steps
+    else:  # t_enc + 1 steps (DPM fast/adaptive: this schedule's σ range and length, their defaults)
+        sigma_sched = sigmas[steps_total - t_enc - 1:]
         x = init_latent + noise * sigma_sched[0]
-        if defaults.sigma_range:
-            options.update(sigma_min=float(sigma_sched[-2]), sigma_max=float(sigma_sched[0]))
-            if name == "DPM fast":
-                options["n"] = len(sigma_sched) - 1
     if defaults.brownian:  # one tree per image seed, spanning the full schedule
         noise_sampler = brownian_noise_sampler(x, sigmas, rng.seeds, source=rng.source)
     else:

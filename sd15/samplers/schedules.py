@@ -1,11 +1,8 @@
-"""Noise schedules: the LDM σ table and A1111 v1.10's twelve "Schedule type"s as plain functions.
+"""The LDM σ table and A1111 v1.10's twelve "Schedule type"s as plain functions (ldm `register_schedule`,
+k-diffusion `external.DiscreteSchedule` and `sampling.get_sigmas_*`, A1111 `modules/sd_schedulers.py`).
 
-References: ldm `make_beta_schedule` / `register_schedule` (ā), k-diffusion `external.DiscreteSchedule`
-(σ table, σ<->t), k-diffusion `sampling.get_sigmas_*` (Karras, exponential, polyexponential),
-A1111 `modules/sd_schedulers.py` (the others).
-
-Every function returns a descending float32 CPU tensor of n+1 values ending in 0, except KL Optimal
-(ends at σ_min, like A1111) and DDIM (its count depends on 1000 // n).
+Each returns a descending float32 CPU tensor of n + 1 values ending in 0, except KL Optimal (it ends at σ_min,
+as in A1111) and DDIM (its length depends on 1000 // n).
 """
 
 import math
@@ -82,19 +79,13 @@ def sigmas_polyexponential(n: int, sigma_min: float, sigma_max: float, rho: floa
     return _append_zero(torch.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min)))
 
 
-def sigmas_sgm_uniform(n: int, sigma_min: float, sigma_max: float, log_sigmas: torch.Tensor) -> torch.Tensor:
-    """SGM's uniform: n+1 evenly spaced timesteps between t(σ_max) and t(σ_min), the last one dropped."""
+def sigmas_normal(n: int, sigma_min: float, sigma_max: float, log_sigmas: torch.Tensor,
+                  sgm: bool = False) -> torch.Tensor:
+    """n evenly spaced timesteps from t(σ_max) to t(σ_min) inclusive (in practice equal to Uniform); SGM
+    Uniform (`sgm`) spaces n + 1 of them and drops the last."""
     start = sigma_to_t(torch.tensor(sigma_max), log_sigmas)
     end = sigma_to_t(torch.tensor(sigma_min), log_sigmas)
-    ts = torch.linspace(start, end, n + 1)[:-1]
-    return torch.tensor([float(t_to_sigma(t, log_sigmas)) for t in ts] + [0.0])
-
-
-def sigmas_normal(n: int, sigma_min: float, sigma_max: float, log_sigmas: torch.Tensor) -> torch.Tensor:
-    """n evenly spaced timesteps from t(σ_max) to t(σ_min) inclusive (in practice equal to Uniform)."""
-    start = sigma_to_t(torch.tensor(sigma_max), log_sigmas)
-    end = sigma_to_t(torch.tensor(sigma_min), log_sigmas)
-    ts = torch.linspace(start, end, n)
+    ts = torch.linspace(start, end, n + 1)[:-1] if sgm else torch.linspace(start, end, n)
     return torch.tensor([float(t_to_sigma(t, log_sigmas)) for t in ts] + [0.0])
 
 
@@ -142,11 +133,8 @@ def sigmas_beta(n: int, sigma_min: float, sigma_max: float, alpha: float = 0.6, 
 # ---------------------------------------------------------------------------------------------
 
 def _betainc(a: float, b: float, x: float) -> float:
-    """Regularised incomplete beta I_x(a, b) by its continued fraction (modified Lentz; Numerical Recipes 6.4)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
+    """Regularised incomplete beta I_x(a, b), 0 < x < 1, by its continued fraction (modified Lentz;
+    Numerical Recipes 6.4)."""
     if x > (a + 1) / (a + b + 2):  # the fraction converges fast only below the mean; use the symmetry
         return 1.0 - _betainc(b, a, 1.0 - x)
     log_front = a * math.log(x) + b * math.log1p(-x) - (math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b))

@@ -1,24 +1,18 @@
 """A1111's timestep samplers: DDIM, PLMS and UniPC (A1111 `modules/sd_samplers_timesteps_impl.py`,
 `modules/models/diffusion/uni_pc/uni_pc.py`).
 
-Contract: `sample_x(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, callback=None, **options)`
-- `model(x, t)` returns the (guided) ε for the *raw* latent x at the float timestep tensor t [B]
-  (`CFGDenoiser.eps` / `EpsDenoiser.eps`), not a k-diffusion denoiser;
-- `timesteps` is the ascending integer grid `ddim_timesteps(steps)` (or its first t_enc entries in img2img);
-- `alphas_cumprod` is the float32 ā table [1000] (`EpsDenoiser.alphas_cumprod`), passed explicitly;
-- x starts at the unscaled noise (txt2img) and these samplers stop at ā[timesteps[0]], not at 0:
-  DDIM makes len(timesteps) − 1 model calls, PLMS len(timesteps), UniPC len(timesteps);
-- `callback(dict)` receives, once per step, the k-diffusion keys: 'sigma' (= 'sigma_hat') is the real noise
-  level σ = sqrt((1 − ā)/ā) the step starts from, as a 0-d CPU tensor, and 'denoised' the latest x₀ estimate.
-
-DDIM and PLMS read their tables (ā, the timestep grid) on the host once and then never read a device value
-back inside the loop: the per-step coefficients are Python floats, as A1111 builds them.
+`sample_x(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, callback=None, **options)`:
+`model(x, t)` returns the guided ε of the *raw* latent at the float timesteps t [B] (`CFGDenoiser.eps`);
+`timesteps` is the ascending grid `ddim_timesteps(steps)` (img2img: its first t_enc entries); x starts at the
+unscaled noise and the samplers stop at ā[timesteps[0]], not at 0. The callback's 'sigma' is the real
+σ = sqrt((1 − ā)/ā) each step starts from. The tables are read on the host once and the per-step
+coefficients are Python floats, as A1111 builds them, so no step reads a device value back.
 """
 
 import torch
 import torch.nn.functional as F
 
-from .kdiffusion import ones_for
+from .kdiffusion import ones_for, report
 
 
 def ddim_timesteps(steps: int) -> torch.Tensor:
@@ -35,12 +29,21 @@ def _coeff(value, x):
 
 
 def _ddim_tables(alphas_cumprod, timesteps):
-    """Host tables (two device reads, none per step): ā_t (float32), ā of the previous timestep (float64),
-    sqrt(1 − ā_t), σ_t = sqrt((1 − ā_t)/ā_t) (float32, the k-diffusion σ of t) and the timesteps."""
+    """Host tables, read once: ā_t (float32), ā of the previous timestep (float64), the timesteps, and the
+    callback's σ_t = sqrt((1 − ā_t)/ā_t) (the k-diffusion σ of t)."""
     ac, ts = alphas_cumprod.detach().cpu(), timesteps.detach().cpu()
-    alphas = ac[ts]                                                           # float32
-    alphas_prev = ac[F.pad(ts[:-1], pad=(1, 0))].double()                     # float64
-    return alphas, alphas_prev, torch.sqrt(1 - alphas), ((1 - alphas) / alphas) ** 0.5, ts
+    alphas, alphas_prev = ac[ts], ac[F.pad(ts[:-1], pad=(1, 0))].double()
+    return alphas, alphas_prev, ts, (((1 - alphas) / alphas) ** 0.5).unbind()
+
+
+def _ddim_step(x, e_t, a_t, a_prev, sqrt_one_minus_at, sigma_t=None, e_dir=None):
+    """DDIM's update (Song et al. 2021, eq. 12) before its noise, on per-step coefficients given as floats:
+    (x_prev, the x₀ estimate). `e_dir` (CFG++) replaces ε in the direction pointing to x_prev."""
+    a_t, a_prev, sqrt_one_minus_at = (_coeff(v, x) for v in (a_t, a_prev, sqrt_one_minus_at))
+    pred_x0 = (x - sqrt_one_minus_at * e_t) / a_t.sqrt()
+    dir_coeff = 1.0 - a_prev if sigma_t is None else 1.0 - a_prev - sigma_t ** 2
+    dir_xt = dir_coeff.sqrt() * (e_t if e_dir is None else e_dir)
+    return a_prev.sqrt() * pred_x0 + dir_xt, pred_x0
 
 
 @torch.no_grad()
@@ -49,63 +52,55 @@ def sample_ddim(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, call
     """DDIM (Song et al. 2021, eq. 12) on LDM's timestep grid, as A1111 ≥ 1.6 runs it: from the top
     timestep down to timesteps[0] (len(timesteps) − 1 model calls; the t=1 -> 0 step is not taken).
     With `last_noise_uncond` (DDIM CFG++), the direction to x_{t-1} uses the unconditional ε of each call."""
-    alphas, alphas_prev, sqrt_one_minus_alphas, sigma_of_t, ts = _ddim_tables(alphas_cumprod, timesteps)
+    alphas, alphas_prev, ts, sigma_report = _ddim_tables(alphas_cumprod, timesteps)
     sigmas = eta * torch.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))  # float64
-    a_t_f, a_prev_f, s_f, one_minus_f = (v.tolist() for v in (alphas, alphas_prev, sigmas, sqrt_one_minus_alphas))
-    t_f, sigma_report = ts.tolist(), sigma_of_t.unbind()
+    a_t, a_prev, s_t, t_f = (v.tolist() for v in (alphas, alphas_prev, sigmas, ts))
+    one_minus = torch.sqrt(1 - alphas).tolist()
     s_in = ones_for(model, x)
     for i in range(len(t_f) - 1):
-        index = len(t_f) - 1 - i
-        e_t = model(x, t_f[index] * s_in)
-        e_dir = e_t if last_noise_uncond is None else last_noise_uncond()
-        a_t, a_prev = _coeff(a_t_f[index], x), _coeff(a_prev_f[index], x)
-        sigma_t, sqrt_one_minus_at = _coeff(s_f[index], x), _coeff(one_minus_f[index], x)
-        pred_x0 = (x - sqrt_one_minus_at * e_t) / a_t.sqrt()
-        dir_xt = (1.0 - a_prev - sigma_t ** 2).sqrt() * e_dir
-        x = a_prev.sqrt() * pred_x0 + dir_xt
+        k = len(t_f) - 1 - i
+        e_t = model(x, t_f[k] * s_in)
+        e_dir = None if last_noise_uncond is None else last_noise_uncond()
+        sigma_t = _coeff(s_t[k], x)
+        x, pred_x0 = _ddim_step(x, e_t, a_t[k], a_prev[k], one_minus[k], sigma_t, e_dir)
         if eta:  # A1111 draws every step; with eta = 0 the draw is multiplied by 0, so we skip it
             if noise_sampler is None:
                 raise ValueError("DDIM with eta > 0 adds noise: pass noise_sampler (sd15.rng.ImageRNG.noise_sampler())")
-            x = x + sigma_t * noise_sampler(ts[index], ts[index - 1])
-        if callback is not None:
-            sigma = sigma_report[index]
-            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": pred_x0})
+            x = x + sigma_t * noise_sampler(ts[k], ts[k - 1])
+        report(callback, x, i, sigma_report[k], sigma_report[k], pred_x0)
     return x
+
+
+def sample_ddim_cfgpp(model, x, timesteps, *, last_noise_uncond, **options):
+    """DDIM CFG++ (Chung et al. 2024, "CFG++: Manifold-constrained Classifier Free Guidance"), as A1111's
+    `ddim_cfgpp`: the x₀ estimate uses the guided ε (guidance scale divided by 12.5 by the caller), the
+    direction to x_{t-1} the unconditional ε, `last_noise_uncond()`, of the same model call."""
+    return sample_ddim(model, x, timesteps, last_noise_uncond=last_noise_uncond, **options)
 
 
 @torch.no_grad()
 def sample_plms(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, callback=None):
     """PLMS, pseudo linear multistep (Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models"):
     a pseudo improved-Euler first step (2 model calls), then Adams-Bashforth on ε of orders 2, 3, 4."""
-    alphas, alphas_prev, sqrt_one_minus_alphas, sigma_of_t, ts = _ddim_tables(alphas_cumprod, timesteps)
-    a_t_f, a_prev_f, one_minus_f = (v.tolist() for v in (alphas, alphas_prev, sqrt_one_minus_alphas))
-    t_f, sigma_report = ts.tolist(), sigma_of_t.unbind()
+    alphas, alphas_prev, ts, sigma_report = _ddim_tables(alphas_cumprod, timesteps)
+    a_t, a_prev, one_minus, t_f = (v.tolist() for v in (alphas, alphas_prev, torch.sqrt(1 - alphas), ts))
     s_in = ones_for(model, x)
-
-    def ddim_step(x, e_t, index):
-        a_t, a_prev = _coeff(a_t_f[index], x), _coeff(a_prev_f[index], x)
-        pred_x0 = (x - _coeff(one_minus_f[index], x) * e_t) / a_t.sqrt()
-        return a_prev.sqrt() * pred_x0 + (1.0 - a_prev).sqrt() * e_t, pred_x0
-
     old_eps = []
     for i in range(len(t_f) - 1):
-        index = len(t_f) - 1 - i
-        e_t = model(x, t_f[index] * s_in)
+        k = len(t_f) - 1 - i
+        e_t = model(x, t_f[k] * s_in)
         if not old_eps:  # pseudo improved Euler
-            x_next, _ = ddim_step(x, e_t, index)
-            e_t_next = model(x_next, t_f[max(index - 1, 0)] * s_in)
-            e_t_prime = (e_t + e_t_next) / 2
+            x_next, _ = _ddim_step(x, e_t, a_t[k], a_prev[k], one_minus[k])
+            e_t_prime = (e_t + model(x_next, t_f[max(k - 1, 0)] * s_in)) / 2
         elif len(old_eps) == 1:
             e_t_prime = (3 * e_t - old_eps[-1]) / 2
         elif len(old_eps) == 2:
             e_t_prime = (23 * e_t - 16 * old_eps[-1] + 5 * old_eps[-2]) / 12
         else:
             e_t_prime = (55 * e_t - 59 * old_eps[-1] + 37 * old_eps[-2] - 9 * old_eps[-3]) / 24
-        x, pred_x0 = ddim_step(x, e_t_prime, index)
+        x, pred_x0 = _ddim_step(x, e_t_prime, a_t[k], a_prev[k], one_minus[k])
         old_eps = (old_eps + [e_t])[-3:]
-        if callback is not None:
-            sigma = sigma_report[index]
-            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": pred_x0})
+        report(callback, x, i, sigma_report[k], sigma_report[k], pred_x0)
     return x
 
 
@@ -124,11 +119,11 @@ def _interp(x, xp, yp):
 
 @torch.no_grad()
 def sample_unipc(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, callback=None, order=3,
-                 variant="bh1", lower_order_final=True, img2img=False):
-    """UniPC multistep predictor-corrector (Zhao et al. 2023, arXiv:2302.04867), data prediction, B(h)
-    variant bh1/bh2, time-uniform steps, as A1111 runs it: len(timesteps) steps from t_T = 1 (img2img:
-    timesteps[-1]/1000 + 1/1000) to t_0 = 1/1000, corrector on every step but the last, whose model
-    evaluation is reused as the next step's history (len(timesteps) model calls, no denoise-to-zero)."""
+                 img2img=False):
+    """UniPC multistep predictor-corrector (Zhao et al. 2023, arXiv:2302.04867), data prediction, B(h) = h
+    (bh1), time-uniform steps, lower orders at the end, as A1111 runs it by default: len(timesteps) steps from
+    t_T = 1 (img2img: timesteps[-1]/1000 + 1/1000) to t_0 = 1/1000, corrector on every step but the last,
+    whose model evaluation is reused as the next step's history (len(timesteps) model calls)."""
     steps = len(timesteps)
     if steps < order:
         raise ValueError(f"UniPC order {order} needs at least {order} steps")
@@ -158,7 +153,7 @@ def sample_unipc(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, cal
         rks = torch.stack(rks + [h.new_ones(())])
         hh = -h[0]  # data prediction
         h_phi_1 = torch.expm1(hh)  # h·φ1(h) = e^h − 1
-        B_h = hh if variant == "bh1" else torch.expm1(hh)
+        B_h = hh  # bh1
         # R = Vandermonde rows rk^(k−1); b_k = φ_k(hh)·k!/B(h),
         # with φ_1 = expm1(hh)/hh − 1 and φ_k+1 = φ_k/hh − 1/(k+1)!
         R, b, h_phi_k, factorial = [], [], h_phi_1 / hh - 1, 1
@@ -195,28 +190,11 @@ def sample_unipc(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, cal
     model_prev_list, t_prev_list = [data_pred(x, vec_t)], [vec_t]
     for step in range(1, steps + 1):
         vec_t = ts[step].expand(batch)
-        if step < order:  # warm-up with increasing order
-            step_order = step
-        else:
-            step_order = min(order, steps + 1 - step) if lower_order_final else order
+        step_order = step if step < order else min(order, steps + 1 - step)  # warm-up, lower order at the end
         x, model_x = bh_update(x, model_prev_list, t_prev_list, vec_t, step_order, use_corrector=step < steps)
-        if callback is not None:  # no corrector on the last step: its latest x₀ estimate is the history's
-            denoised = model_x if model_x is not None else model_prev_list[-1]
-            sigma = sigma_report[step - 1]
-            callback({"x": x, "i": step - 1, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
-        if step < order:
-            model_prev_list.append(model_x)
-            t_prev_list.append(vec_t)
-        else:  # keep the last `order` points; the corrector's model value is the new history entry
-            t_prev_list = t_prev_list[1:] + [vec_t]
-            model_prev_list = model_prev_list[1:] + [model_x]
+        # no corrector on the last step: its latest x₀ estimate is the history's
+        denoised = model_x if model_x is not None else model_prev_list[-1]
+        report(callback, x, step - 1, sigma_report[step - 1], sigma_report[step - 1], denoised)
+        # the last `order` points; the corrector's model value is the new history entry
+        model_prev_list, t_prev_list = (model_prev_list + [model_x])[-order:], (t_prev_list + [vec_t])[-order:]
     return x
-
-
-def sample_ddim_cfgpp(model, x, timesteps, *, alphas_cumprod, last_noise_uncond, noise_sampler=None, callback=None,
-                      eta=0.0):
-    """DDIM CFG++ (Chung et al. 2024, "CFG++: Manifold-constrained Classifier Free Guidance"), as A1111's
-    `ddim_cfgpp`: the x₀ estimate uses the guided ε (guidance scale divided by 12.5 by the caller), the
-    direction to x_{t-1} the unconditional ε, `last_noise_uncond()`, of the same model call."""
-    return sample_ddim(model, x, timesteps, alphas_cumprod=alphas_cumprod, noise_sampler=noise_sampler,
-                       callback=callback, eta=eta, last_noise_uncond=last_noise_uncond)
