@@ -58,7 +58,8 @@ def test_loads_and_reads_schedule(tiny_ckpt):
 
 
 @pytest.mark.parametrize("variant", ["old_clip_prefix", "no_position_ids", "float_position_ids", "no_extras",
-                                     "no_schedule", "full_ema_copies", "ckpt", "ckpt_state_dict", "fp16", "bf16"])
+                                     "no_schedule", "full_ema_copies", "ckpt", "ckpt_state_dict",
+                                     "ckpt_legacy", "fp16", "bf16"])
 def test_real_world_variants(tiny_ckpt, tmp_path, variant):
     sd = load_file(tiny_ckpt)
     expected = _reference_output(tiny_ckpt)
@@ -82,7 +83,8 @@ def test_real_world_variants(tiny_ckpt, tmp_path, variant):
     if variant.startswith("ckpt"):
         name = "m.ckpt"
         path = str(tmp_path / name)
-        torch.save({"state_dict": sd, "global_step": 470000} if variant == "ckpt_state_dict" else sd, path)
+        torch.save({"state_dict": sd, "global_step": 470000} if variant == "ckpt_state_dict" else sd, path,
+                   _use_new_zipfile_serialization=variant != "ckpt_legacy")  # legacy: not memory-mappable
     else:
         path = _write(tmp_path, sd, name)
     m = sd15.load(path, device="cpu")
