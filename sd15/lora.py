@@ -331,13 +331,9 @@ class Loras:
     def refresh(self) -> None:
         """Rescan the folder (names, aliases, metadata)."""
         files = []
-        for name, path in scan_folder(self.directory, (".safetensors", ".pt", ".ckpt")):
+        for name, path, st in scan_folder(self.directory, (".safetensors", ".pt", ".ckpt")):
             meta = read_safetensors_metadata(path)
             alias = meta.get("ss_output_name")
-            try:
-                st = os.stat(path)
-            except OSError:
-                continue
             files.append(LoraFile(name, alias if isinstance(alias, str) and alias else name, path, meta,
                                   st.st_mtime_ns, st.st_size))
         lookup = {}
