@@ -177,14 +177,7 @@ def load_module(module_cls, cfg_cls, entries: dict, *, device, dtype, path: str 
                               f"missing {e})") from None
     with torch.device("meta"):
         module = module_cls(cfg)
-    expected = {k: p.shape for k, p in module.state_dict().items()}
-    missing = [k for k in expected if k not in entries]
-    unexpected = [k for k in entries if k not in expected]
-    wrong = [f"{k} {list(entries[k].shape)} (expected {list(s)})"
-             for k, s in expected.items() if k in entries and entries[k].shape != s]
-    for problem, keys in (("missing", missing), ("unexpected", unexpected), ("wrongly shaped", wrong)):
-        if keys:
-            raise CheckpointError(f"{path}: {len(keys)} {problem} {what} weights: {_first(keys)}")
+    _check_state(module, {k: e.shape for k, e in entries.items()}, what, path)
     state = {}
     for k, e in entries.items():
         t = e.read()
@@ -194,18 +187,24 @@ def load_module(module_cls, cfg_cls, entries: dict, *, device, dtype, path: str 
 
 
 def assign_strict(module, state: dict):
-    """Assign `state`'s tensors (as float32) to `module`, built on the meta device, once its names and shapes are
-    exactly the module's (ValueError naming the first differences) -> the module in eval mode without grads.
-    For the small auxiliary networks (upscalers, preview decoders) that load from a plain state dict."""
-    want = module.state_dict()
-    missing, unexpected = sorted(want.keys() - state.keys()), sorted(state.keys() - want.keys())
-    if missing or unexpected:
-        raise ValueError(f"missing keys {missing[:3]}, unexpected keys {unexpected[:3]}")
-    for k, v in want.items():
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise ValueError(f"{k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")
+    """Assign `state`'s tensors (as float32) to `module`, built on the meta device, once their names and
+    shapes are exactly the module's (else CheckpointError, a ValueError) -> the module in eval mode without
+    grads. For the small auxiliary networks (upscalers, preview decoders) loaded from a plain state dict."""
+    _check_state(module, {k: v.shape for k, v in state.items()}, type(module).__name__)
     module.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
     return module.eval().requires_grad_(False)
+
+
+def _check_state(module, shapes: dict, what: str, path: str = "") -> None:
+    """CheckpointError naming the first missing, unexpected or wrongly shaped weights (`shapes`: name ->
+    shape)."""
+    want = {k: p.shape for k, p in module.state_dict().items()}
+    wrong = [f"{k} {list(shapes[k])} (expected {list(s)})" for k, s in want.items() if shapes.get(k, s) != s]
+    where = f"{path}: " if path else ""
+    missing, unexpected = want.keys() - shapes.keys(), shapes.keys() - want.keys()
+    for problem, keys in (("missing", missing), ("unexpected", unexpected), ("wrongly shaped", wrong)):
+        if keys:
+            raise CheckpointError(f"{where}{len(keys)} {problem} {what} weights: {_first(keys)}")
 
 
 def alphas_cumprod_from(extras: dict) -> torch.Tensor:
