@@ -94,17 +94,10 @@ class LoraFile:
 # ================================================================================================
 
 _PART_SYNONYMS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
-
-# dotted (diffusers / PEFT) suffix -> kohya part
-_DOTTED_PARTS = (
-    (".lora_A.weight", "lora_down.weight"), (".lora_B.weight", "lora_up.weight"),
-    (".lora_down.weight", "lora_down.weight"), (".lora_up.weight", "lora_up.weight"),
-    (".lora_mid.weight", "lora_mid.weight"),
-    (".lora.down.weight", "lora_down.weight"), (".lora.up.weight", "lora_up.weight"),
-    (".lora_linear_layer.down.weight", "lora_down.weight"), (".lora_linear_layer.up.weight", "lora_up.weight"),
-    (".alpha", "alpha"),
-)
-_PROCESSOR = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+# dotted (diffusers / PEFT) parts: .lora_A / .lora_B, .lora_down / .lora_up / .lora_mid, .lora.down /
+# .lora.up, .lora_linear_layer.down / .up (each + ".weight"); and attention-processor LoRAs
+_DOTTED = re.compile(r"(.*)\.lora(?:_linear_layer\.|[._])(A|B|down|up|mid)\.weight")
+_PROCESSOR = re.compile(r"(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight")
 _UNET_ROOTS = ("unet.", "down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "conv_out.",
                "time_embedding.")
 
@@ -121,17 +114,14 @@ def normalize_key(key: str) -> Optional[tuple[str, str]]:
         prefix, k = "lora_te_", k.removeprefix("text_encoder.")
     else:
         return None
-    m = _PROCESSOR.match(k)
-    if m:
-        target = "to_out.0" if m[2] == "to_out" else m[2]
-        path, part = f"{m[1]}.{target}", f"lora_{m[3]}.weight"
+    if m := _PROCESSOR.fullmatch(k):
+        path, part = m[1] + (".to_out.0" if m[2] == "to_out" else f".{m[2]}"), f"lora_{m[3]}.weight"
+    elif m := _DOTTED.fullmatch(k):
+        path, part = m[1], "lora_{}.weight".format({"A": "down", "B": "up"}.get(m[2], m[2]))
+    elif k.endswith(".alpha"):
+        path, part = k.removesuffix(".alpha"), "alpha"
     else:
-        for suffix, part in _DOTTED_PARTS:
-            if k.endswith(suffix):
-                path = k[: -len(suffix)]
-                break
-        else:
-            return None
+        return None
     return prefix + path.replace(".", "_"), part
 
 

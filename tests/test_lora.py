@@ -98,9 +98,15 @@ def test_kohya_names_map_to_ldm_paths():
     ("lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_B.weight",
      ("lora_te_text_model_encoder_layers_0_mlp_fc1", "lora_up.weight")),
     ("lora_unet_conv_in.alpha", ("lora_unet_conv_in", "alpha")),
+    ("text_encoder.text_model.encoder.layers.0.mlp.fc1.alpha",
+     ("lora_te_text_model_encoder_layers_0_mlp_fc1", "alpha")),
+    ("unet.conv_in.lora_mid.weight", ("lora_unet_conv_in", "lora_mid.weight")),
+    ("unet.conv_out.lora_up.weight", ("lora_unet_conv_out", "lora_up.weight")),
 ])
 def test_key_normalisation(key, expected):
     assert L.normalize_key(key)[:2] == expected
+    if "lora" in key:
+        assert L.normalize_key(key.replace("lora", "other")) is None  # the same key without a LoRA part
 
 
 def test_every_standard_sd15_module_resolves_on_the_full_model():
