@@ -103,16 +103,6 @@ class Embedding:
         return self._hash
 
 
-def _as_int(v) -> Optional[int]:
-    if isinstance(v, torch.Tensor) and v.numel() == 1:
-        v = v.item()
-    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-
-
-def _as_str(v) -> Optional[str]:
-    return v if isinstance(v, str) else None
-
-
 def load_embedding_file(path, name: Optional[str] = None, *, expected_width: Optional[int] = None) -> Embedding:
     """Read one embedding file (name defaults to the file stem); `reason` is set when it is unusable on a text
     encoder of width `expected_width`. Raises ValueError (EmbeddingError, CheckpointError) when unreadable."""
@@ -137,8 +127,9 @@ def load_embedding_file(path, name: Optional[str] = None, *, expected_width: Opt
         if not isinstance(params, dict) or len(params) != 1:
             raise EmbeddingError("string_to_param must hold exactly one tensor")
         vec = next(iter(params.values()))
-        meta = dict(step=_as_int(data.get("step")), sd_checkpoint=_as_str(data.get("sd_checkpoint")),
-                    sd_checkpoint_name=_as_str(data.get("sd_checkpoint_name")))
+        meta = {k: data[k] for k in ("sd_checkpoint", "sd_checkpoint_name") if isinstance(data.get(k), str)}
+        if type(data.get("step")) is int:  # as A1111 saves it (the listing shows it as it is)
+            meta["step"] = data["step"]
     elif "clip_l" in data and "clip_g" in data:  # SDXL pair: listed, never usable on SD 1.x
         l, g = data["clip_l"], data["clip_g"]
         if not (isinstance(l, torch.Tensor) and isinstance(g, torch.Tensor)):

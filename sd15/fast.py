@@ -16,6 +16,7 @@ blocks.
 from __future__ import annotations
 
 import functools
+import itertools
 import time
 import warnings
 from typing import Callable
@@ -55,9 +56,7 @@ def channels_last(model):
 # ------------------------------------------------------------------------------------------------
 # torch.compile
 # ------------------------------------------------------------------------------------------------
-# The attention backend is a plain per-thread attribute (`sd15.attention._selection`), which Dynamo reads
-# while tracing and guards on: a different backend (e.g. `with use_attention_backend("chunked")`) gets its
-# own graph instead of silently using the old one, and compiled calls from several threads need no lock.
+# Dynamo guards on the attention backend (a per-thread attribute), so another backend gets its own graph.
 
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
 
@@ -340,16 +339,15 @@ def warmup(model, sizes=((512, 512),), batch_sizes=(1,), *, steps: int = 2, samp
     capture and cuDNN autotuning happen now, with exactly the dtypes, strides and grad mode of real requests
     (one pass is enough). Returns {(width, height, batch): seconds}."""
     times = {}
-    for w, h in sizes:
-        for b in batch_sizes:
-            if model.device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model.txt2img(prompt="warm-up", seed=0, steps=steps, width=w, height=h, batch_size=b,
-                          sampler_name=sampler)
-            if model.device.type == "cuda":
-                torch.cuda.synchronize()
-            times[(w, h, b)] = time.perf_counter() - t0
+    for (w, h), b in itertools.product(sizes, batch_sizes):
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.txt2img(prompt="warm-up", seed=0, steps=steps, width=w, height=h, batch_size=b,
+                      sampler_name=sampler)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        times[(w, h, b)] = time.perf_counter() - t0
     return times
 
 
