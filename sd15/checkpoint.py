@@ -90,20 +90,16 @@ def open_safetensors(path: str) -> dict[str, Entry]:
         if base + end > size:
             raise CheckpointError(f"{path}: file is truncated ({size:,} bytes; tensor {key!r} ends at "
                                   f"{base + end:,}); download it again")
-        entries[key] = Entry(shape, dtype, _reader(path, storage, base + start, nbytes, dtype, shape))
+        entries[key] = Entry(shape, dtype, _reader(storage, base + start, nbytes, dtype, shape))
     return entries
 
 
-def _reader(path, storage, offset, nbytes, dtype, shape):
+def _reader(storage, offset, nbytes, dtype, shape):
     def read() -> torch.Tensor:
-        if offset % dtype.itemsize == 0:  # a view into the mapped file
-            return torch.empty(0, dtype=torch.uint8).set_(storage, offset, (nbytes,)).view(dtype).reshape(shape)
-        buf = torch.empty(nbytes, dtype=torch.uint8)  # unaligned (old writers did not pad the header)
-        with open(path, "rb") as f:
-            f.seek(offset)
-            if nbytes and f.readinto(memoryview(buf.numpy())) != nbytes:
-                raise CheckpointError(f"{path}: file is truncated")
-        return buf.view(dtype).reshape(shape)
+        raw = torch.empty(0, dtype=torch.uint8).set_(storage, offset, (nbytes,))  # a view of the mapping
+        if offset % dtype.itemsize:  # unaligned (old writers did not pad the header): an aligned copy
+            raw = raw.clone()
+        return raw.view(dtype).reshape(shape)
     return read
 
 

@@ -141,6 +141,18 @@ def test_not_a_checkpoint(tmp_path):
     assert "not JSON" in _error(str(p))
 
 
+def test_unaligned_safetensors_data(tmp_path):
+    """Old writers did not pad the header: tensors whose data is not aligned to their dtype still read."""
+    from sd15.checkpoint import open_checkpoint
+
+    t = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    header = json.dumps({"x": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}}).encode()
+    header += b" " * ((1 - 8 - len(header)) % 4)  # data starts at 1 mod 4
+    p = tmp_path / "old.safetensors"
+    p.write_bytes(len(header).to_bytes(8, "little") + header + t.numpy().tobytes())
+    assert (8 + len(header)) % 4 == 1 and torch.equal(open_checkpoint(str(p))["x"].read(), t)
+
+
 def test_truncated(tiny_ckpt, tmp_path):
     data = open(tiny_ckpt, "rb").read()
     p = tmp_path / "cut.safetensors"
