@@ -1,25 +1,16 @@
-"""One attention entry point for every attention site in sd15, with swappable backends.
+"""The one attention entry point of sd15, with swappable backends.
 
-The four call sites (UNet self-attention `attn1`, UNet cross-attention `attn2`, CLIP's causal
-self-attention, the VAE mid-block attention) all call `attention(q, k, v)` with
-q: (B, H, Lq, D) and k, v: (B, H, Lk, D), and get (B, H, Lq, D) back. Scale is D ** -0.5.
+Every attention site (UNet self- and cross-attention, CLIP's causal self-attention, the VAE mid-block) calls
+`attention(q, k, v)` with q: (B, H, Lq, D), k, v: (B, H, Lk, D) and gets (B, H, Lq, D), scale D ** -0.5.
+Backends: "sdpa" (torch's scaled_dot_product_attention, fused kernels on CUDA; the default), "math" (the
+reference, softmax in fp32) and "chunked" (math over slices of the queries, so the score matrix stays under a
+memory budget, for very large images without fused kernels). Any function with `attention_math`'s signature is
+a backend too: that is how attention is captured or replaced without editing the model files.
 
-Backends (a literal dict below):
-  "sdpa"    torch's scaled_dot_product_attention; on CUDA it picks the fused flash /
-            memory-efficient / cuDNN kernels. The default.
-  "math"    the reference: explicit q @ kᵀ, softmax in fp32, @ v. Tests compare against it.
-  "chunked" the math path over slices of the queries, so the (Lq, Lk) score matrix never
-            exceeds a memory budget; for very large images without fused kernels.
-
-Choose per call (`attention(..., backend="math")`), per block of code
-(`with use_attention_backend("math"): ...`), or for the current thread (`set_attention_backend`).
-A backend may also be any callable with the signature of `attention_math`; that is how a
-researcher captures or replaces attention (e.g. to record attention maps) without editing
-the model files. The choice is per thread: it lives in a `threading.local` attribute, so a
-setting made in one thread (one server job) is not seen by another, and every new thread
-starts with "sdpa" whatever its parent chose. A plain attribute is what torch.compile can
-read: a compiled UNet reads it while tracing and guards on it, so a different backend gets
-its own graph, and no thread waits for another.
+Choose per call (`backend=`), per block (`with use_attention_backend("math"): ...`) or with
+`set_attention_backend`. The choice is per thread (a new thread starts with "sdpa"): a plain `threading.local`
+attribute, which torch.compile reads while tracing and guards on, so a different backend gets its own graph
+and no thread waits for another.
 """
 from __future__ import annotations
 
@@ -35,35 +26,27 @@ def attention_sdpa(q, k, v, causal=False):
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
-def attention_math(q, k, v, causal=False):
+def attention_math(q, k, v, causal=False, first_row=0):
+    """The reference. `first_row`: the position of q's first row in the sequence (for slices of causal
+    attention)."""
     scale = q.shape[-1] ** -0.5
     scores = (q @ k.transpose(-2, -1)).float() * scale  # (B, H, Lq, Lk), softmax in fp32
     if causal:
-        lq, lk = scores.shape[-2:]
-        future = torch.ones(lq, lk, dtype=torch.bool, device=q.device).triu(1)
+        future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(1 + first_row)
         scores = scores.masked_fill(future, float("-inf"))
     return scores.softmax(dim=-1).to(v.dtype) @ v  # (B, H, Lq, D)
 
 
-# Largest score matrix (in elements, across B and H) the chunked backend materialises at once:
-# 2**27 fp32 elements = 512 MiB.
+# The largest score matrix (elements, across B and H) the chunked backend builds at once: 512 MiB in fp32.
 CHUNK_ELEMENTS = 2**27
 
 
 def attention_chunked(q, k, v, causal=False):
     b, h, lq, _ = q.shape
-    lk = k.shape[-2]
-    step = max(1, CHUNK_ELEMENTS // max(1, b * h * lk))
-    if step >= lq:
-        return attention_math(q, k, v, causal)
+    step = max(1, CHUNK_ELEMENTS // (b * h * k.shape[-2]))
     out = torch.empty(b, h, lq, v.shape[-1], dtype=v.dtype, device=v.device)
-    scale = q.shape[-1] ** -0.5
     for i in range(0, lq, step):
-        scores = (q[:, :, i:i + step] @ k.transpose(-2, -1)).float() * scale  # (B, H, step, Lk)
-        if causal:
-            rows = torch.arange(i, min(i + step, lq), device=q.device)[:, None]
-            scores = scores.masked_fill(torch.arange(lk, device=q.device)[None, :] > rows, float("-inf"))
-        out[:, :, i:i + step] = scores.softmax(dim=-1).to(v.dtype) @ v
+        out[:, :, i:i + step] = attention_math(q[:, :, i:i + step], k, v, causal, first_row=i)
     return out
 
 
@@ -72,6 +55,7 @@ BACKENDS: dict[str, Callable] = {
     "math": attention_math,
     "chunked": attention_chunked,
 }
+
 
 class _Selection(threading.local):
     """The current thread's backend; the class attribute is what a thread sees before it sets one."""
@@ -84,10 +68,9 @@ _selection = _Selection()
 def _resolve(backend) -> Callable:
     if callable(backend):
         return backend
-    try:
-        return BACKENDS[backend]
-    except KeyError:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {sorted(BACKENDS)}") from None
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {sorted(BACKENDS)}")
+    return BACKENDS[backend]
 
 
 def attention(q, k, v, causal: bool = False, backend=None):
@@ -108,9 +91,8 @@ def get_attention_backend():
 @contextlib.contextmanager
 def use_attention_backend(backend):
     """`with use_attention_backend("math"): ...` runs the block (in this thread) with that backend."""
-    _resolve(backend)
     saved = _selection.backend
-    _selection.backend = backend
+    set_attention_backend(backend)
     try:
         yield
     finally:

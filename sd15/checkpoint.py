@@ -1,17 +1,12 @@
-"""Reading SD 1.x checkpoint files: `.safetensors` directly, `.ckpt`/`.pt` through torch's safe unpickler.
+"""Reading SD 1.x checkpoints: `.safetensors` directly, `.ckpt`/`.pt` through torch's weights-only unpickler.
 
-Nothing here knows the models' internals: the checkpoint's keys, minus one prefix per component, are
-the models' own parameter names. This file only
-  * opens a file lazily (names, shapes and dtypes first; tensor data on request),
-  * fixes the few known real-world quirks (one small named function each),
-  * drops the known non-weight extras, and refuses anything else it does not understand.
+The checkpoint's keys, minus one prefix per component, are the models' own parameter names, so nothing here
+knows the models' internals: it opens a file lazily (names, shapes and dtypes first, data on request), fixes
+the known real-world quirks, drops the known non-weight extras and refuses anything else.
 
-A `.safetensors` file is memory-mapped once (privately: writes to a weight, e.g. a LoRA merge, never reach the
-file) and every tensor is a view into that mapping, so a CPU fp32 load copies nothing and the weights exist once
-in memory, in the page cache; a tensor whose offset is not aligned to its dtype is read with a positioned read
-instead. Casting to another dtype or device copies one tensor at a time. A `.ckpt` is opened with
-`torch.load(mmap=True, weights_only=True)`, which never runs pickled code. Replace checkpoint files by renaming,
-never by rewriting them in place while a model loaded from them is in use.
+A `.safetensors` file is memory-mapped privately (a LoRA merge into a weight never reaches the file) and every
+aligned tensor is a view into the mapping, so a CPU fp32 load copies nothing. Replace checkpoint files by
+renaming, never by rewriting them in place while a model loaded from them is in use.
 """
 from __future__ import annotations
 
@@ -30,16 +25,11 @@ PREFIXES = {
     "text_encoder": "cond_stage_model.transformer.text_model.",
 }
 
-# LDM's DDPM schedule buffers; `alphas_cumprod` is also read (see `alphas_cumprod_from`).
-SCHEDULE_KEYS = (
-    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
-    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
-    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
-)
 # Keys that are in real files but are not weights of the three networks. Anything else left over is an error.
 KNOWN_EXTRA = re.compile(
     r"(model_ema\..*"                          # EMA bookkeeping (decay, num_updates, full EMA copies)
     r"|lvlb_weights|logvar"                    # training-only buffers some files carry
+    r"|betas|\w*alphas_cumprod(_prev)?|posterior_\w+"  # LDM's DDPM schedule buffers (see alphas_cumprod_from)
     r"|first_stage_model\.loss\..*"            # the VAE's training loss (LPIPS, discriminator)
     r"|loss\..*"                               # the same in standalone VAE files
     r"|cond_stage_model\.transformer\.text_model\.embeddings\.position_ids)$"  # arange(77); computed instead
@@ -64,7 +54,8 @@ class Entry:
     read: Callable[[], torch.Tensor]
 
 
-def open_safetensors(path: str) -> dict[str, Entry]:
+def read_header(path: str) -> tuple[dict, int]:
+    """A safetensors file's JSON header (a dict) and the offset where its data starts."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -77,8 +68,13 @@ def open_safetensors(path: str) -> dict[str, Entry]:
             raise CheckpointError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
+    return header, 8 + n
+
+
+def open_safetensors(path: str) -> dict[str, Entry]:
+    header, base = read_header(path)
     header.pop("__metadata__", None)
-    base = 8 + n
+    size = os.path.getsize(path)
     storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)  # maps; reads nothing yet
     entries = {}
     for key, info in header.items():
@@ -94,50 +90,39 @@ def open_safetensors(path: str) -> dict[str, Entry]:
         if base + end > size:
             raise CheckpointError(f"{path}: file is truncated ({size:,} bytes; tensor {key!r} ends at "
                                   f"{base + end:,}); download it again")
-        entries[key] = Entry(shape, dtype, _reader(path, storage, base + start, nbytes, dtype, shape))
+        entries[key] = Entry(shape, dtype, _reader(storage, base + start, nbytes, dtype, shape))
     return entries
 
 
-def _reader(path, storage, offset, nbytes, dtype, shape):
+def _reader(storage, offset, nbytes, dtype, shape):
     def read() -> torch.Tensor:
-        if offset % dtype.itemsize == 0:  # a view into the mapped file
-            return torch.empty(0, dtype=torch.uint8).set_(storage, offset, (nbytes,)).view(dtype).reshape(shape)
-        buf = torch.empty(nbytes, dtype=torch.uint8)  # unaligned (old writers did not pad the header)
-        with open(path, "rb") as f:
-            f.seek(offset)
-            if nbytes and f.readinto(memoryview(buf.numpy())) != nbytes:
-                raise CheckpointError(f"{path}: file is truncated")
-        return buf.view(dtype).reshape(shape)
+        raw = torch.empty(0, dtype=torch.uint8).set_(storage, offset, (nbytes,))  # a view of the mapping
+        if offset % dtype.itemsize:  # unaligned (old writers did not pad the header): an aligned copy
+            raw = raw.clone()
+        return raw.view(dtype).reshape(shape)
     return read
 
 
-def open_pickle(path: str) -> dict[str, Entry]:
-    """A `.ckpt`/`.pt`/`.bin` through torch's weights-only unpickler (no arbitrary code runs)."""
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:  # legacy (pre-zip) files cannot be memory-mapped
-            if "mmap" not in str(e):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+def open_checkpoint(path) -> dict[str, Entry]:
+    """{key: Entry} of a safetensors file, or of a `.ckpt`/`.pt` through torch's weights-only unpickler (no
+    pickled code runs)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04" and magic[:2] != b"\x80\x02":  # neither zip (torch.save) nor legacy pickle
+        return open_safetensors(path)
+    try:  # only zip files can be memory-mapped
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=magic == b"PK\x03\x04")
     except Exception as e:  # the unpickler raises several types for hostile or broken files
-        raise CheckpointError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        first = (str(e).splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {first})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # the wrapper of old Lightning checkpoints
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: not a checkpoint (holds a {type(obj).__name__}, not a dict of tensors)")
     return {k: Entry(v.shape, v.dtype, (lambda v=v: v)) for k, v in obj.items() if isinstance(v, torch.Tensor)}
-
-
-def open_checkpoint(path) -> dict[str, Entry]:
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        magic = f.read(8)
-    if magic[:4] == b"PK\x03\x04" or magic[:2] == b"\x80\x02":  # zip (torch.save) or legacy pickle
-        return open_pickle(path)
-    return open_safetensors(path)
 
 
 # --- known real-world quirks, one function each --------------------------------------------------
@@ -158,7 +143,7 @@ def split_components(entries: dict, path: str = "") -> tuple[dict, dict]:
                 parts[name][key[len(prefix):]] = entry
                 break
         else:
-            if KNOWN_EXTRA.match(key) or key in SCHEDULE_KEYS:
+            if KNOWN_EXTRA.match(key):
                 extras[key] = entry
             else:
                 unknown.append(key)
@@ -188,14 +173,7 @@ def load_module(module_cls, cfg_cls, entries: dict, *, device, dtype, path: str 
                               f"missing {e})") from None
     with torch.device("meta"):
         module = module_cls(cfg)
-    expected = {k: p.shape for k, p in module.state_dict().items()}
-    missing = [k for k in expected if k not in entries]
-    unexpected = [k for k in entries if k not in expected]
-    wrong = [f"{k} {list(entries[k].shape)} (expected {list(s)})"
-             for k, s in expected.items() if k in entries and entries[k].shape != s]
-    for problem, keys in (("missing", missing), ("unexpected", unexpected), ("wrongly shaped", wrong)):
-        if keys:
-            raise CheckpointError(f"{path}: {len(keys)} {problem} {what} weights: {_first(keys)}")
+    _check_state(module, {k: e.shape for k, e in entries.items()}, what, path)
     state = {}
     for k, e in entries.items():
         t = e.read()
@@ -205,32 +183,33 @@ def load_module(module_cls, cfg_cls, entries: dict, *, device, dtype, path: str 
 
 
 def assign_strict(module, state: dict):
-    """Assign `state`'s tensors (as float32) to `module`, built on the meta device, once its names and shapes are
-    exactly the module's (ValueError naming the first differences) -> the module in eval mode without grads.
-    For the small auxiliary networks (upscalers, preview decoders) that load from a plain state dict."""
-    want = module.state_dict()
-    missing, unexpected = sorted(want.keys() - state.keys()), sorted(state.keys() - want.keys())
-    if missing or unexpected:
-        raise ValueError(f"missing keys {missing[:3]}, unexpected keys {unexpected[:3]}")
-    for k, v in want.items():
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise ValueError(f"{k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")
+    """Assign `state`'s tensors (as float32) to `module`, built on the meta device, once their names and
+    shapes are exactly the module's (else CheckpointError, a ValueError) -> the module in eval mode without
+    grads. For the small auxiliary networks (upscalers, preview decoders) loaded from a plain state dict."""
+    _check_state(module, {k: v.shape for k, v in state.items()}, type(module).__name__)
     module.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
     return module.eval().requires_grad_(False)
 
 
-def default_alphas_cumprod() -> torch.Tensor:
-    """SD 1.x's DDPM schedule ("scaled linear"): betas = linspace(√0.00085, √0.012, 1000)², in float64."""
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-    return torch.cumprod(1.0 - betas, dim=0)
+def _check_state(module, shapes: dict, what: str, path: str = "") -> None:
+    """CheckpointError naming the first missing, unexpected or wrongly shaped weights (`shapes`: name ->
+    shape)."""
+    want = {k: p.shape for k, p in module.state_dict().items()}
+    wrong = [f"{k} {list(shapes[k])} (expected {list(s)})" for k, s in want.items() if shapes.get(k, s) != s]
+    where = f"{path}: " if path else ""
+    missing, unexpected = want.keys() - shapes.keys(), shapes.keys() - want.keys()
+    for problem, keys in (("missing", missing), ("unexpected", unexpected), ("wrongly shaped", wrong)):
+        if keys:
+            raise CheckpointError(f"{where}{len(keys)} {problem} {what} weights: {_first(keys)}")
 
 
 def alphas_cumprod_from(extras: dict) -> torch.Tensor:
-    """The file's `alphas_cumprod` (float32, as A1111 uses it); computed when a file does not carry it."""
-    entry = extras.get("alphas_cumprod")
-    if entry is None:
-        return default_alphas_cumprod().float()
-    return entry.read().float()
+    """The file's `alphas_cumprod` (float32, as A1111 uses it), else SD 1.x's DDPM schedule ("scaled linear":
+    betas = linspace(√0.00085, √0.012, 1000)², computed in float64)."""
+    if "alphas_cumprod" in extras:
+        return extras["alphas_cumprod"].read().float()
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0).float()
 
 
 def _first(keys, n=5) -> str:

@@ -58,7 +58,8 @@ def test_loads_and_reads_schedule(tiny_ckpt):
 
 
 @pytest.mark.parametrize("variant", ["old_clip_prefix", "no_position_ids", "float_position_ids", "no_extras",
-                                     "no_schedule", "full_ema_copies", "ckpt", "ckpt_state_dict", "fp16", "bf16"])
+                                     "no_schedule", "full_ema_copies", "ckpt", "ckpt_state_dict",
+                                     "ckpt_legacy", "fp16", "bf16"])
 def test_real_world_variants(tiny_ckpt, tmp_path, variant):
     sd = load_file(tiny_ckpt)
     expected = _reference_output(tiny_ckpt)
@@ -82,7 +83,8 @@ def test_real_world_variants(tiny_ckpt, tmp_path, variant):
     if variant.startswith("ckpt"):
         name = "m.ckpt"
         path = str(tmp_path / name)
-        torch.save({"state_dict": sd, "global_step": 470000} if variant == "ckpt_state_dict" else sd, path)
+        torch.save({"state_dict": sd, "global_step": 470000} if variant == "ckpt_state_dict" else sd, path,
+                   _use_new_zipfile_serialization=variant != "ckpt_legacy")  # legacy: not memory-mappable
     else:
         path = _write(tmp_path, sd, name)
     m = sd15.load(path, device="cpu")
@@ -137,6 +139,18 @@ def test_not_a_checkpoint(tmp_path):
     assert "not a safetensors file" in _error(str(p))
     p.write_bytes(b"\x20\x00\x00\x00\x00\x00\x00\x00" + b"{not json at all, truly not json}")
     assert "not JSON" in _error(str(p))
+
+
+def test_unaligned_safetensors_data(tmp_path):
+    """Old writers did not pad the header: tensors whose data is not aligned to their dtype still read."""
+    from sd15.checkpoint import open_checkpoint
+
+    t = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    header = json.dumps({"x": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}}).encode()
+    header += b" " * ((1 - 8 - len(header)) % 4)  # data starts at 1 mod 4
+    p = tmp_path / "old.safetensors"
+    p.write_bytes(len(header).to_bytes(8, "little") + header + t.numpy().tobytes())
+    assert (8 + len(header)) % 4 == 1 and torch.equal(open_checkpoint(str(p))["x"].read(), t)
 
 
 def test_truncated(tiny_ckpt, tmp_path):

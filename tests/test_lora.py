@@ -98,9 +98,15 @@ def test_kohya_names_map_to_ldm_paths():
     ("lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_B.weight",
      ("lora_te_text_model_encoder_layers_0_mlp_fc1", "lora_up.weight")),
     ("lora_unet_conv_in.alpha", ("lora_unet_conv_in", "alpha")),
+    ("text_encoder.text_model.encoder.layers.0.mlp.fc1.alpha",
+     ("lora_te_text_model_encoder_layers_0_mlp_fc1", "alpha")),
+    ("unet.conv_in.lora_mid.weight", ("lora_unet_conv_in", "lora_mid.weight")),
+    ("unet.conv_out.lora_up.weight", ("lora_unet_conv_out", "lora_up.weight")),
 ])
 def test_key_normalisation(key, expected):
     assert L.normalize_key(key)[:2] == expected
+    if "lora" in key:
+        assert L.normalize_key(key.replace("lora", "other")) is None  # the same key without a LoRA part
 
 
 def test_every_standard_sd15_module_resolves_on_the_full_model():
@@ -252,6 +258,52 @@ def test_loha_lokr_full_and_unsupported(tmp_path):
     assert torch.equal(fc1.weight, w0) and torch.equal(m.unet.conv.weight, c0) and torch.equal(m.unet.conv.bias, b0)
 
 
+def test_lycoris_factorisations_scale_part_and_ignored_keys(tmp_path):
+    """LoKr with a factored w1 and with a Tucker w2, LoHa with Tucker cores, kohya's explicit `scale` part,
+    and a `bundle_emb` key that is ignored; expected deltas by matmul and broadcasting, not einsum or kron."""
+    m = _linear_model()
+    g = torch.Generator().manual_seed(3)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    fc = "lora_te_text_model_encoder_layers_0_mlp_fc1"
+    cv = "lora_unet_conv"
+    a = {f"{fc}.lokr_w1_a": r(2, 1), f"{fc}.lokr_w1_b": r(1, 3), f"{fc}.lokr_w2": r(4, 2),
+         f"{fc}.alpha": torch.tensor(0.5),  # rank 1 (lokr_w1_b): scale 0.5
+         f"{cv}.hada_w1_a": r(2, 6), f"{cv}.hada_w1_b": r(2, 4), f"{cv}.hada_t1": r(2, 2, 3, 3),
+         f"{cv}.hada_w2_a": r(3, 6), f"{cv}.hada_w2_b": r(3, 4), f"{cv}.hada_t2": r(3, 3, 3, 3)}
+    b = {f"{fc}.lora_down.weight": r(2, 6), f"{fc}.lora_up.weight": r(8, 2), f"{fc}.alpha": torch.tensor(1.0),
+         f"{fc}.scale": torch.tensor(0.25),  # wins over alpha / rank
+         f"{cv}.lokr_w1": r(2, 2), f"{cv}.lokr_w2_a": r(2, 3), f"{cv}.lokr_w2_b": r(2, 2),
+         f"{cv}.lokr_t2": r(2, 2, 3, 3), f"{cv}.alpha": torch.tensor(1.0),  # rank 2 (lokr_w2_b): scale 0.5
+         "bundle_emb.thing.string_to_param.*": r(1, 6)}
+    sn.write_lora(str(tmp_path / "a.safetensors"), a)
+    sn.write_lora(str(tmp_path / "b.safetensors"), b)
+    loras = L.Loras(tmp_path)
+    fc1 = m.text_encoder.encoder.layers[0].mlp.fc1
+    w0, c0 = fc1.weight.clone(), m.unet.conv.weight.clone()
+
+    def tucker(core, down, up):  # dW[p, q, k, l] = sum_ij core[i, j, k, l] up[i, p] down[j, q]
+        return (up.T @ core.permute(2, 3, 0, 1) @ down).permute(2, 3, 0, 1)
+
+    def kron(x, y):  # Kronecker product of a matrix x and the first two dimensions of a 4-d y
+        big = x[:, None, :, None, None, None] * y[None, :, None, :]
+        return big.reshape(x.shape[0] * y.shape[0], x.shape[1] * y.shape[1], *y.shape[2:])
+
+    assert loras.activate(m, [(loras.find("a"), L.LoraRequest("a", 2.0, 1.0))]) == []
+    w1 = a[f"{fc}.lokr_w1_a"] @ a[f"{fc}.lokr_w1_b"]
+    d = kron(w1, a[f"{fc}.lokr_w2"][..., None, None])[..., 0, 0]
+    torch.testing.assert_close(fc1.weight, w0 + 2.0 * 0.5 * d)
+    d = tucker(a[f"{cv}.hada_t1"], a[f"{cv}.hada_w1_b"], a[f"{cv}.hada_w1_a"]) * \
+        tucker(a[f"{cv}.hada_t2"], a[f"{cv}.hada_w2_b"], a[f"{cv}.hada_w2_a"])
+    torch.testing.assert_close(m.unet.conv.weight, c0 + d)  # no alpha: scale 1
+    assert loras.activate(m, [(loras.find("b"), L.LoraRequest("b", 1.0, 3.0))]) == []
+    d = b[f"{fc}.lora_up.weight"] @ b[f"{fc}.lora_down.weight"]
+    torch.testing.assert_close(fc1.weight, w0 + 0.25 * d)
+    w2 = tucker(b[f"{cv}.lokr_t2"], b[f"{cv}.lokr_w2_b"], b[f"{cv}.lokr_w2_a"])
+    torch.testing.assert_close(m.unet.conv.weight, c0 + 3.0 * 0.5 * kron(b[f"{cv}.lokr_w1"], w2))
+    loras.restore()
+    assert torch.equal(fc1.weight, w0) and torch.equal(m.unet.conv.weight, c0)
+
+
 # --- through generate() -------------------------------------------------------------------------
 
 def test_tag_equals_hand_merged_checkpoint_and_leaves_no_trace(model, tiny_sd, lora_tensors, tmp_path):
@@ -288,7 +340,7 @@ def test_keep_applied_does_not_remerge_and_a_prompt_without_tag_is_untouched(mod
         a = generate(model, Params(prompt="a dog <lora:style_alias:0.6>", **BASE))  # by its ss_output_name alias
         assert a.warnings == []
         calls = []
-        monkeypatch.setattr(L.LoraModule, "delta", lambda *a, **k: calls.append(1) or (_ for _ in ()).throw(
+        monkeypatch.setattr(L, "delta", lambda *a, **k: calls.append(1) or (_ for _ in ()).throw(
             AssertionError("re-merged")))
         b = generate(model, Params(prompt="a dog <lora:style_alias:0.6>", **BASE))
         assert np.array_equal(pixels(a), pixels(b)) and not calls
