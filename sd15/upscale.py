@@ -1,18 +1,10 @@
 """A1111's pixel upscalers: the list users pick from (hires fix, extras) and how each is applied.
 
-Sources: A1111 v1.10 `modules/upscaler.py` (`Upscaler.upscale`, the None / Lanczos / Nearest upscalers),
-`modules/upscaler_utils.py` (`upscale_with_model`: tiles with overlap, BGR tensors), `modules/images.py`
-(`split_grid`, `combine_grid`, `resize_image`), `modules/esrgan_model.py`, `modules/realesrgan_model.py` (the
-names of the Real-ESRGAN files), `modules/modelloader.py` (`friendly_name`, `load_upscalers`: the list order) and
-`scripts/postprocessing_upscale.py` (extras: upscale by / upscale to with crop).
-
-Names, as A1111 lists them (`/sdapi/v1/upscalers`): "None", "Lanczos", "Nearest" first, then the model upscalers
-sorted by lower-cased name. A file in the `ESRGAN` folder (any depth; `.pth`, `.pt`, `.safetensors`) is listed
-under its file stem (`4x-UltraSharp.pth` -> "4x-UltraSharp", `ESRGAN_4x.pth` -> "ESRGAN_4x"). The `RealESRGAN`
-folder holds Real-ESRGAN's release files, listed under A1111's names (`REALESRGAN_NAMES`). Unlike A1111, nothing is
-ever downloaded: a model upscaler is listed only when its file is present.
-
-Models are loaded on first use and cached (`Upscalers.model`), on the device and dtype the `Upscalers` was given.
+After A1111 v1.10's `modules/upscaler.py` (`Upscaler.upscale`, the None / Lanczos / Nearest upscalers),
+`modules/upscaler_utils.py` (`upscale_with_model`), `modules/images.py` (`split_grid`, `combine_grid`,
+`resize_image`), `modules/realesrgan_model.py` (the Real-ESRGAN names), `modules/modelloader.py` (the list order)
+and `scripts/postprocessing_upscale.py` (extras). A file in the `ESRGAN` folder is listed under its stem, the
+Real-ESRGAN release files under A1111's names; unlike A1111, nothing is downloaded, so only present files are listed.
 """
 from __future__ import annotations
 
@@ -48,8 +40,6 @@ REALESRGAN_NAMES = {
 ESRGAN_TILE = 192
 ESRGAN_TILE_OVERLAP = 8
 
-ESRGAN_EXTENSIONS = (".pth", ".pt", ".safetensors")
-
 
 @dataclass(frozen=True)
 class UpscalerInfo:
@@ -70,24 +60,21 @@ def _natural_key(s: str):
 
 def list_upscalers(esrgan_dir=None, realesrgan_dir=None,
                    realesrgan_enabled: Iterable[str] | None = None) -> list[UpscalerInfo]:
-    """The upscaler list in A1111's order (built-ins first, then by lower-cased name).
+    """The upscaler list in A1111's order: built-ins first, then by lower-cased name (files in natural order).
 
-    `esrgan_dir` / `realesrgan_dir`: folders to scan (None or missing = none). `realesrgan_enabled`: A1111's option
-    `realesrgan_enabled_models` (A1111's default lists only "R-ESRGAN 4x+" and "R-ESRGAN 4x+ Anime6B"); None lists
-    every Real-ESRGAN file present, since nothing here is listed without its file.
+    `realesrgan_enabled`: A1111's option `realesrgan_enabled_models`; None lists every Real-ESRGAN file present.
     """
-    models: list[UpscalerInfo] = []
-    if esrgan_dir and Path(esrgan_dir).is_dir():
-        files = [p for p in Path(esrgan_dir).rglob("*") if p.is_file() and p.suffix.lower() in ESRGAN_EXTENSIONS]
-        for p in sorted(files, key=lambda p: _natural_key(str(p))):
-            models.append(UpscalerInfo(p.stem, "ESRGAN", p, 4))
-    if realesrgan_dir and Path(realesrgan_dir).is_dir():
-        files = sorted((p for p in Path(realesrgan_dir).rglob("*.pth") if p.is_file()),
-                       key=lambda p: _natural_key(str(p)))
-        for name, (stem, scale) in REALESRGAN_NAMES.items():
-            found = [p for p in files if p.name == f"{stem}.pth"]
-            if found and (realesrgan_enabled is None or name in realesrgan_enabled):
-                models.append(UpscalerInfo(name, "RealESRGAN", found[0], scale))
+    def files(folder, pattern):
+        found = Path(folder).rglob(pattern) if folder and Path(folder).is_dir() else []
+        return sorted((p for p in found if p.is_file()), key=lambda p: _natural_key(str(p)))
+
+    models = [UpscalerInfo(p.stem, "ESRGAN", p, 4) for p in files(esrgan_dir, "*")
+              if p.suffix.lower() in (".pth", ".pt", ".safetensors")]
+    realesrgan = files(realesrgan_dir, "*.pth")
+    for name, (stem, scale) in REALESRGAN_NAMES.items():
+        path = next((p for p in realesrgan if p.name == f"{stem}.pth"), None)
+        if path and (realesrgan_enabled is None or name in realesrgan_enabled):
+            models.append(UpscalerInfo(name, "RealESRGAN", path, scale))
     models.sort(key=lambda u: u.name.lower())
     return [UpscalerInfo(n, "builtin") for n in BUILTIN_UPSCALERS] + models
 
@@ -131,14 +118,10 @@ def split_grid(image: Image.Image, tile_w: int = 512, tile_h: int = 512, overlap
     dy = (h - tile_h) / (rows - 1) if rows > 1 else 0
     grid = Grid([], tile_w, tile_h, w, h, overlap)
     for row in range(rows):
-        y = int(row * dy)
-        if y + tile_h >= h:
-            y = h - tile_h
+        y = min(int(row * dy), h - tile_h)  # the last row ends at the border
         row_images = []
         for col in range(cols):
-            x = int(col * dx)
-            if x + tile_w >= w:
-                x = w - tile_w
+            x = min(int(col * dx), w - tile_w)
             row_images.append([x, tile_w, image.crop((x, y, x + tile_w, y + tile_h))])
         grid.tiles.append([y, tile_h, row_images])
     return grid
@@ -229,13 +212,12 @@ class Upscalers:
         self._lock = threading.Lock()
         self.refresh()
 
-    def refresh(self) -> list[UpscalerInfo]:
+    def refresh(self) -> None:
         """Rescan the folders (A1111's refresh); cached models of files that are gone are dropped."""
         self.infos = list_upscalers(self.esrgan_dir, self.realesrgan_dir, self.realesrgan_enabled)
         present = {u.path for u in self.infos}
         with self._lock:
             self._models = {p: m for p, m in self._models.items() if p in present}
-        return self.infos
 
     def names(self) -> list[str]:
         return [u.name for u in self.infos]
@@ -249,20 +231,10 @@ class Upscalers:
     def model(self, name: str) -> torch.nn.Module:
         """The network of a model upscaler, loaded on first use (UpscalerModelError names a bad file)."""
         u = self.info(name)
-        if u.path is None:
-            raise ValueError(f"{name} is not a model upscaler")
         with self._lock:
             if u.path not in self._models:
                 self._models[u.path] = load_upscaler(u.path, self.device, self.dtype)
             return self._models[u.path]
-
-    def _do_upscale(self, image: Image.Image, u: UpscalerInfo, scale: float, interrupted) -> Image.Image:
-        if u.name == "None":
-            return image
-        if u.kind == "builtin":
-            resample = LANCZOS if u.name == "Lanczos" else NEAREST
-            return image.resize((int(image.width * scale), int(image.height * scale)), resample=resample)
-        return upscale_with_model(self.model(u.name), image, self.tile, self.tile_overlap, interrupted)
 
     def upscale(self, image: Image.Image, name: str, scale: float,
                 interrupted: Callable[[], bool] | None = None) -> Image.Image:
@@ -271,13 +243,16 @@ class Upscalers:
         u = self.info(name)
         dest_w, dest_h = int((image.width * scale) // 8 * 8), int((image.height * scale) // 8 * 8)
         for i in range(3):
-            if image.width >= dest_w and image.height >= dest_h and (i > 0 or scale != 1):
-                break
-            if interrupted is not None and interrupted():
+            covered = image.width >= dest_w and image.height >= dest_h and (i > 0 or scale != 1)
+            if covered or name == "None" or (interrupted is not None and interrupted()):
                 break
             before = image.size
-            image = self._do_upscale(image, u, scale, interrupted)
-            if image.size == before:
+            if u.kind == "builtin":
+                size = (int(image.width * scale), int(image.height * scale))
+                image = image.resize(size, resample=LANCZOS if name == "Lanczos" else NEAREST)
+            else:
+                image = upscale_with_model(self.model(name), image, self.tile, self.tile_overlap, interrupted)
+            if image.size == before:  # interrupted, or a scale too small to change the size
                 break
         if image.size != (dest_w, dest_h):
             image = image.resize((dest_w, dest_h), resample=LANCZOS)
@@ -287,7 +262,7 @@ class Upscalers:
                interrupted: Callable[[], bool] | None = None) -> Image.Image:
         """A1111 `resize_image(0, image, width, height, name)`: "None" (or None, or a mode "L" image) is one LANCZOS
         resize; otherwise the upscaler runs when `max(width/W, height/H) > 1`, then LANCZOS to the exact size."""
-        if name is None or name == "None" or image.mode == "L":
+        if name in (None, "None") or image.mode == "L":
             return image.resize((width, height), resample=LANCZOS)
         scale = max(width / image.width, height / image.height)
         if scale > 1.0:
@@ -307,7 +282,3 @@ class Upscalers:
             image = canvas
         return image
 
-
-__all__ = ["BUILTIN_UPSCALERS", "ESRGAN_TILE", "ESRGAN_TILE_OVERLAP", "REALESRGAN_NAMES", "Grid", "UpscalerInfo",
-           "UpscalerModelError", "Upscalers", "combine_grid", "list_upscalers", "split_grid", "upscale_patch",
-           "upscale_with_model"]
