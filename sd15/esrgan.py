@@ -1,14 +1,14 @@
-"""ESRGAN / Real-ESRGAN super-resolution networks (the files of A1111's `models/ESRGAN` and `models/RealESRGAN`).
+"""ESRGAN / Real-ESRGAN super-resolution networks (the files of A1111's `models/ESRGAN`, `models/RealESRGAN`).
 
-- `RRDBNet`: Wang et al. 2018, "ESRGAN" (Residual-in-Residual Dense Blocks, nearest x2 + conv upsampling), with
-  Real-ESRGAN's (Wang et al. 2021) pixel-unshuffle input for its x2 / x1 models: `RealESRGAN_x4plus.pth`,
+- `RRDBNet`: Wang et al. 2018, "ESRGAN" (Residual-in-Residual Dense Blocks, nearest x2 + conv upsampling),
+  with Real-ESRGAN's (Wang et al. 2021) pixel-unshuffle input for its x2 / x1 models: `RealESRGAN_x4plus.pth`,
   `RealESRGAN_x2plus.pth`, `ESRGAN_4x.pth`, `4x-UltraSharp.pth`, ...
 - `SRVGGNetCompact`: Real-ESRGAN's compact net (convs + PReLU, one pixel-shuffle, plus the nearest-upsampled
   input): `realesr-general-x4v3.pth`, `realesr-animevideov3.pth`.
 
-Module names are BasicSR's key names; the original ESRGAN layout (`model.0`, `model.1.sub.N.RDB1.conv1.0`, ...)
-and the 2019 one (`RRDB_trunk`, `trunk_conv`, `upconv1`, `HRconv`) are renamed at load time. The architecture is
-read off the tensor shapes. Images in [0, 1], (B, C, H, W).
+Module names are BasicSR's key names; the original ESRGAN layout (`model.0`, `model.1.sub.N.RDB1.conv1.0`,
+...) and the 2019 one (`RRDB_trunk`, `trunk_conv`, `upconv1`, `HRconv`) are renamed at load time. The
+architecture is read off the tensor shapes. Images in [0, 1], (B, C, H, W).
 """
 from __future__ import annotations
 
@@ -159,15 +159,15 @@ class SRVGGNetCompact(nn.Module):
 # =============================================================================================
 
 def convert_esrgan_keys(sd: dict) -> dict:
-    """Any RRDBNet layout seen in the wild -> the BasicSR key names of `RRDBNet` (unknown keys are kept, for the
-    strict load to name them)."""
+    """Any RRDBNet layout seen in the wild -> the BasicSR key names of `RRDBNet` (unknown keys are kept, for
+    the strict load to name them)."""
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     renames = [(r"RRDB_trunk\.(\d+)\.RDB(\d)\.", r"body.\1.rdb\2."), (r"trunk_conv\.", "conv_body."),
                (r"upconv(\d+)\.", r"conv_up\1."), (r"HRconv\.", "conv_hr."),
                (r"model\.1\.sub\.(\d+)\.RDB(\d)\.conv(\d)\.0\.", r"body.\1.rdb\2.conv\3."),
                (r"model\.1\.sub\.\d+\.", "conv_body.")]
-    # The original layout's other convs are `model.N` in order: conv_first, the x2 upsampling convs, conv_hr and
-    # conv_last (x4: model.0, .3, .6, .8, .10; x2: model.0, .3, .5, .7; x8: model.0, .3, .6, .9, .11, .13).
+    # The original layout's other convs are `model.N` in order: conv_first, the x2 upsampling convs, conv_hr
+    # and conv_last (x4: model.0, 3, 6, 8, 10; x2: model.0, 3, 5, 7; x8: model.0, 3, 6, 9, 11, 13).
     tail = sorted({int(m[1]) for k in sd if (m := re.fullmatch(r"model\.(\d+)\.(weight|bias)", k))})
     names = ["conv_first", *(f"conv_up{i}" for i in range(1, len(tail) - 2)), "conv_hr", "conv_last"]
     renames += [(rf"model\.{n}\.", f"{name}.") for n, name in zip(tail, names)]
@@ -197,8 +197,8 @@ def build_upscaler(sd: dict) -> nn.Module:
 
 
 def load_upscaler(path, device="cpu", dtype=torch.float32) -> nn.Module:
-    """Read an upscaler file (`.pth`/`.pt` through `torch.load(weights_only=True)`, or `.safetensors`). Any failure
-    raises `UpscalerModelError` with a one-line message that names the file."""
+    """Read an upscaler file (`.pth`/`.pt` through `torch.load(weights_only=True)`, or `.safetensors`). Any
+    failure raises `UpscalerModelError` with a one-line message that names the file."""
     path = Path(path)
     try:
         if path.suffix.lower() == ".safetensors":

@@ -1,11 +1,12 @@
 """Live previews of a running generation, as A1111 makes them (`modules/sd_samplers_common.py`
 `samples_to_images_tensor`, `modules/sd_vae_approx.py`, `modules/sd_vae_taesd.py`).
 
-A preview shows the sampler's current x0 estimate (`denoised`), by A1111's `show_progress_type`: "Approx cheap"
-(a fixed 4x3 latent-to-RGB map, one pixel per latent cell, no weights), "Approx NN" (A1111's small conv net,
-`VAE-approx/model.pt`, 2x the latent size), "TAESD" (the tiny decoder, full size) and "Full" (the VAE). Without its
-file "Approx NN" or "TAESD" falls back to "Approx cheap" (A1111 would download it; we never do), so A1111's default
-"Approx NN" gives cheap previews out of the box. Pixels are A1111's `x·0.5 + 0.5`, clamped, `uint8(255·x)`.
+A preview shows the sampler's current x0 estimate (`denoised`), by A1111's `show_progress_type`: "Approx
+cheap" (a fixed 4x3 latent-to-RGB map, one pixel per latent cell, no weights), "Approx NN" (A1111's small conv
+net, `VAE-approx/model.pt`, 2x the latent size), "TAESD" (the tiny decoder, full size) and "Full" (the VAE).
+Without its file "Approx NN" or "TAESD" falls back to "Approx cheap" (A1111 would download it; we never do),
+so A1111's default "Approx NN" gives cheap previews out of the box. Pixels are A1111's `x·0.5 + 0.5`,
+clamped, `uint8(255·x)`.
 """
 from __future__ import annotations
 
@@ -45,13 +46,15 @@ def image_grid(images: list[Image.Image]) -> Image.Image:
 
 class PreviewDecoders:
     """The optional preview networks of a models folder, each loaded once on first use: `taesd_decoder.pth` /
-    `.safetensors` in a folder or its `VAE-taesd` subfolder, and `VAE-approx/model.pt` (A1111's places). A file
-    that fails to load is reported once in `errors` and treated as absent, so a bad file never breaks a generation.
-    """
+    `.safetensors` in a folder or its `VAE-taesd` subfolder, and `VAE-approx/model.pt` (A1111's places). A
+    file that fails to load is reported once in `errors` and treated as absent, so a bad file never breaks a
+    generation."""
 
-    NETS = {"TAESD": (load_taesd_decoder, ("taesd_decoder.pth", "taesd_decoder.safetensors",
-                                           "VAE-taesd/taesd_decoder.pth", "VAE-taesd/taesd_decoder.safetensors")),
-            "Approx NN": (load_vae_approx, ("VAE-approx/model.pt",))}  # kind -> (loader, places in a folder)
+    NETS = {  # kind -> (loader, the file's places in a folder)
+        "TAESD": (load_taesd_decoder, ("taesd_decoder.pth", "taesd_decoder.safetensors",
+                                       "VAE-taesd/taesd_decoder.pth", "VAE-taesd/taesd_decoder.safetensors")),
+        "Approx NN": (load_vae_approx, ("VAE-approx/model.pt",)),
+    }
 
     def __init__(self, *dirs, device="cpu", dtype=torch.float32):
         self.dirs = [Path(d) for d in dirs if d]
@@ -107,7 +110,8 @@ def preview_tensor(model, latent: torch.Tensor, kind: str = "Approx cheap",
     x = latent.to(p.device, p.dtype)
     if kind == "Full":
         return net.decode(x / SCALE_FACTOR).float()
-    return net(x).float() * 2 - 1 if kind == "TAESD" else net(x).float()  # TAESD's [0, 1] -> [-1, 1], as A1111
+    out = net(x).float()
+    return out * 2 - 1 if kind == "TAESD" else out  # TAESD's [0, 1] -> [-1, 1], as A1111
 
 
 def preview(model, denoised_latent: torch.Tensor, kind: str = "Approx cheap", decoders: PreviewDecoders | None = None,

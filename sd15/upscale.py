@@ -2,9 +2,10 @@
 
 After A1111 v1.10's `modules/upscaler.py` (`Upscaler.upscale`, the None / Lanczos / Nearest upscalers),
 `modules/upscaler_utils.py` (`upscale_with_model`), `modules/images.py` (`split_grid`, `combine_grid`,
-`resize_image`), `modules/realesrgan_model.py` (the Real-ESRGAN names), `modules/modelloader.py` (the list order)
-and `scripts/postprocessing_upscale.py` (extras). A file in the `ESRGAN` folder is listed under its stem, the
-Real-ESRGAN release files under A1111's names; unlike A1111, nothing is downloaded, so only present files are listed.
+`resize_image`), `modules/realesrgan_model.py` (the Real-ESRGAN names), `modules/modelloader.py` (the list
+order) and `scripts/postprocessing_upscale.py` (extras). A file in the `ESRGAN` folder is listed under its
+stem, the Real-ESRGAN release files under A1111's names; unlike A1111, nothing is downloaded, so only present
+files are listed.
 """
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ def list_upscalers(esrgan_dir=None, realesrgan_dir=None,
                    realesrgan_enabled: Iterable[str] | None = None) -> list[UpscalerInfo]:
     """The upscaler list in A1111's order: built-ins first, then by lower-cased name (files in natural order).
 
-    `realesrgan_enabled`: A1111's option `realesrgan_enabled_models`; None lists every Real-ESRGAN file present.
+    `realesrgan_enabled`: A1111's option `realesrgan_enabled_models`; None lists every Real-ESRGAN file
+    present.
     """
     def files(folder, pattern):
         found = Path(folder).rglob(pattern) if folder and Path(folder).is_dir() else []

@@ -240,4 +240,5 @@ def test_event_stream_previews_every_n_and_per_batch(live, monkeypatch):
     run_job(url, {**SMALL, "steps": 3, "n_iter": 3}, cap, seen)
     assert [p[1] for p in cap.previews] == [3, 6] and [s["preview_step"] for s in sent] == [3, 6]
     for s in sent:
-        assert np.array_equal(pixels(s["preview"]), np.asarray(preview(None, cap.latents[s["preview_step"] - 1])[0]))
+        want = preview(None, cap.latents[s["preview_step"] - 1])[0]
+        assert np.array_equal(pixels(s["preview"]), np.asarray(want))

@@ -1,13 +1,14 @@
 """TAESD decoder (Tiny AutoEncoder for Stable Diffusion, madebyollin/taesd, MIT licence), read top to bottom.
 
-A 1.22M-parameter stand-in for the SD VAE decoder, for A1111's "TAESD" live previews. It takes the *scaled* latent
-(the sampler's x0, not divided by 0.18215) and returns an image in [0, 1] at 8x the latent size:
+A 1.22M-parameter stand-in for the SD VAE decoder, for A1111's "TAESD" live previews. It takes the *scaled*
+latent (the sampler's x0, not divided by 0.18215) and returns an image in [0, 1] at 8x the latent size:
 
     3·tanh(x/3) -> conv 4->64 -> ReLU -> 3 x [3 Blocks -> nearest x2 -> conv 64->64 (no bias)] -> Block -> conv 64->3
 
 A Block is conv-ReLU-conv-ReLU-conv (3x3, 64 channels) plus the identity, then ReLU. The decoder is one
 `nn.Sequential`, so the module names are the keys of `taesd_decoder.pth` (`1.weight`, `3.conv.0.weight`, ...,
-`19.bias`; index 0 is the clamp); diffusers' `AutoencoderTiny` layout (`decoder.layers.N` = N+1) is accepted too.
+`19.bias`; index 0 is the clamp); diffusers' `AutoencoderTiny` layout (`decoder.layers.N` = N+1) is accepted
+too.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ class Block(nn.Module):
         self.fuse = nn.ReLU()
 
     def forward(self, x):
-        return self.fuse(self.conv(x) + x)  # TAESD's skip is a 1x1 conv only where channels change; never here
+        return self.fuse(self.conv(x) + x)  # TAESD's skip is a 1x1 conv only where channels change; not here
 
 
 class TAESDDecoder(nn.Sequential):
@@ -62,7 +63,7 @@ def load_taesd_decoder(path, device="cpu", dtype=torch.float32) -> TAESDDecoder:
             sd = load_file(str(path))
         else:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
-        if any(k.startswith("decoder.layers.") for k in sd):  # diffusers: no clamp module; encoder keys dropped
+        if any(k.startswith("decoder.layers.") for k in sd):  # diffusers: no clamp module, encoder dropped
             sd = {f"{int(m[1]) + 1}.{m[2]}": v for k, v in sd.items()
                   if (m := re.fullmatch(r"decoder\.layers\.(\d+)\.(.+)", k))}
         with torch.device("meta"):  # no random init: the file's tensors are assigned

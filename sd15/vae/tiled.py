@@ -1,25 +1,26 @@
 """Tiled VAE decoding and encoding: large images without the VAE's full-resolution activations in memory.
 
-The latent-resolution part (post_quant_conv, conv_in, the mid-block with its attention: 16 MiB at 1024x1024) runs
-on the whole latent, exactly as `vae.decode` / `vae.encode`; only the full-resolution part (the up path when
-decoding, the down path when encoding; 256 MiB per fp16 map at 128 channels) is tiled. GroupNorm normalises with
-statistics over the whole image, and tile-local statistics change the result (brighter or darker tiles, seams):
+The latent-resolution part (post_quant_conv, conv_in, the mid-block with its attention: 16 MiB at
+1024x1024) runs on the whole latent, exactly as `vae.decode` / `vae.encode`; only the full-resolution part
+(the up path when decoding, the down path when encoding; 256 MiB per fp16 map at 128 channels) is tiled.
+GroupNorm normalises with statistics over the whole image, and tile-local statistics change the result
+(brighter or darker tiles, seams):
 
-mode="exact" (default) runs the tiled part stage by stage (ResnetBlock, Upsample / Downsample, output head), each
-  over all tiles: a tile is its core (the cores partition the image) plus HALO pixels of context and keeps its
-  core's output. For the j-th GroupNorm of a stage every tile runs up to it (the first j-1 knowing their
-  statistics) and accumulates its input over the core (count, mean, M2 per sample and group, Chan's formula in
-  float64). Result: `vae.decode` up to float rounding (measured rel 2e-6) for about 1.5x the convolutions; memory:
-  one tile's activations plus one stage's input and output maps on `storage` (default the device: about half the
-  untiled peak; "cpu": device memory bounded by the tile size).
+mode="exact" (default) runs the tiled part stage by stage (ResnetBlock, Upsample / Downsample, output
+  head), each over all tiles: a tile is its core (the cores partition the image) plus HALO pixels of context
+  and keeps its core's output. For the j-th GroupNorm of a stage every tile runs up to it (the first j-1
+  knowing their statistics) and accumulates its input over the core (count, mean, M2 per sample and group,
+  Chan's formula in float64). Result: `vae.decode` up to float rounding (measured rel 2e-6) for about 1.5x
+  the convolutions. Memory: one tile's activations plus one stage's input and output maps on `storage`
+  (default the device: about half the untiled peak; "cpu": device memory bounded by the tile size).
 
-mode="blend" runs each tile through the whole tiled part and blends tiles overlapping by `overlap` with linear
-  feathering; `stats_passes` passes over all tiles estimate the GroupNorm statistics (0: tile-local). Memory is
-  independent of the image size but the result deviates (the estimate is exact only for the first GroupNorm;
-  more passes do not converge: worse after 2). Measured deviations are in tests/test_tiled_vae.py.
+mode="blend" runs each tile through the whole tiled part and blends tiles overlapping by `overlap` with
+  linear feathering; `stats_passes` passes over all tiles estimate the GroupNorm statistics (0: tile-local).
+  Memory is independent of the image size but the result deviates (the estimate is exact only for the first
+  GroupNorm; more passes do not converge: worse after 2). Measured deviations are in tests/test_tiled_vae.py.
 
-Decode tiles are in latent pixels (`tile=64` = 512 image pixels), encode tiles in image pixels. A latent (or image)
-that fits in one tile gives exactly `vae.decode` (`vae.encode`).
+Decode tiles are in latent pixels (`tile=64` = 512 image pixels), encode tiles in image pixels. A latent (or
+image) that fits in one tile gives exactly `vae.decode` (`vae.encode`).
 """
 from __future__ import annotations
 
@@ -74,10 +75,10 @@ class _Stop(Exception):
 
 
 class GlobalGroupNorm:
-    """Overrides the forward of the given GroupNorms within the block (instance attribute) so that they accumulate
-    statistics over tile cores and normalise with an estimate. `core` = (y0, y1, x0, x1, th, tw): the running
-    tile's core in its own input coordinates and its input size; an activation of size (ah, aw) maps it by ah/th,
-    aw/tw (exact: the decoder upsamples by 2, the encoder's tiles are multiples of 8)."""
+    """Overrides the forward of the given GroupNorms within the block (instance attribute) so that they
+    accumulate statistics over tile cores and normalise with an estimate. `core` = (y0, y1, x0, x1, th, tw):
+    the running tile's core in its own input coordinates and its input size; an activation of size (ah, aw)
+    maps it by ah/th, aw/tw (exact: the decoder upsamples by 2, the encoder's tiles are multiples of 8)."""
 
     def __init__(self, norms: list[nn.GroupNorm]):
         self.norms = norms
@@ -232,8 +233,8 @@ def _tiled(stages, x, tile: int, overlap: int, align: int, mode: str, storage, s
         cores = [[(a, e) for _, _, a, e in tile_spans(n, tile, 0, align)] for n in (h, w)]
         return _run_stages(stages, x, *cores, storage or x.device)
     if mode == "blend":
-        return _run_blended(stages, x, tile_spans(h, tile, overlap, align), tile_spans(w, tile, overlap, align),
-                            stats_passes)
+        spans = [tile_spans(n, tile, overlap, align) for n in (h, w)]
+        return _run_blended(stages, x, *spans, stats_passes)
     raise ValueError(f"mode must be one of ('exact', 'blend'), got {mode!r}")
 
 
@@ -245,10 +246,9 @@ def _tiled(stages, x, tile: int, overlap: int, align: int, mode: str, storage, s
 @torch.no_grad()
 def tiled_decode(vae, z: torch.Tensor, tile: int = 64, overlap: int = 16, *, mode: str = "exact",
                  storage=None, stats_passes: int = 1) -> torch.Tensor:
-    """`vae.decode(z)` in tiles: raw latent (B, 4, h, w) (sampler output / 0.18215) in the VAE dtype -> image
-    (B, 3, 8h, 8w). `tile`/`overlap` in latent pixels (64/16 = 512/128 image px); `overlap` only for "blend";
-    `storage` (exact: where the full-size stage maps live) and `stats_passes` (blend) as in the module docstring.
-    """
+    """`vae.decode(z)` in tiles: raw latent (B, 4, h, w) (sampler output / 0.18215) in the VAE dtype ->
+    image (B, 3, 8h, 8w). `tile`/`overlap` in latent pixels (64/16 = 512/128 image px); `overlap` only for
+    "blend"; `storage` (exact) and `stats_passes` (blend) as in the module docstring."""
     dec = vae.decoder
     x = dec.mid(dec.conv_in(vae.post_quant_conv(z)))  # (B, 512, h, w): whole latent, exact
     stages = []
