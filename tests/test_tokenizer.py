@@ -143,8 +143,8 @@ def test_constants():
 
 def test_vocab(tok, ref):
     assert len(tok.vocab) == 49408
-    assert tok.tokens == ref.vocab_list
-    assert all(tok.vocab[t] == i for i, t in enumerate(tok.tokens))
+    assert list(tok.vocab) == ref.vocab_list
+    assert list(tok.vocab.values()) == list(range(49408))
     expected = {
         "!": 0, "~": 93, "¡": 94, "ÿ": 187, "Ā": 188, "!</w>": 256, "a</w>": 320, ",</w>": 267, "*</w>": 265,
         "*": 9, "in": 512, "th": 513, "an": 514, "jekyll</w>": 49405,
@@ -297,9 +297,9 @@ def test_corpus_is_not_trivial(ref):
 def test_code_points_pre_tokenize_like_reference(tok, ref):
     """Every code point up to U+33FFF (and the tags/variation selectors), in letter, digit, punctuation and
     contraction contexts, is pre-tokenised like the regex module does (checks Oniguruma's \\p{L}/\\p{N}/\\s)."""
-    from sd15.clip.tokenizer import _pre_tokenizer_text
+    from sd15.clip.tokenizer import _pre_tokenizer_text, _tables
 
-    split = tok._split
+    split = _tables()[2]
     unicode17 = bool(ref.regex.match(r"\p{L}", "\u0c5c"))  # regex >= 2025.9 knows Unicode 17.0
     skip = set()
     if not unicode17:  # an older regex module classes the Unicode 17.0 letters as unassigned; ours as letters
@@ -416,4 +416,4 @@ def test_tokenize_length(tok):
 
 def test_construction_is_shared():
     a, b = Tokenizer(), Tokenizer()
-    assert a.vocab is b.vocab and a._rust is b._rust
+    assert a.vocab is b.vocab

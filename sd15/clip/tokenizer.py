@@ -26,6 +26,7 @@ import functools
 import gzip
 import html
 import importlib.resources
+import itertools
 import re
 from collections.abc import Sequence
 
@@ -43,8 +44,7 @@ PAD = EOS
 CONTEXT_LENGTH = 77  # BOS + 75 tokens + EOS
 VOCAB_SIZE = 49408
 
-BOS_TOKEN = "<|startoftext|>"
-EOS_TOKEN = "<|endoftext|>"
+SPECIAL = {"<|startoftext|>": BOS, "<|endoftext|>": EOS}
 
 _BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 _NUM_MERGES = VOCAB_SIZE - 256 - 256 - 2  # 48,894: merge lines 1 .. 48,894 of the file (line 0 is a header)
@@ -86,9 +86,9 @@ def _pre_tokenizer_text(cleaned: str) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def _tables() -> tuple[list[str], dict[str, int], _RustTokenizer, pre_tokenizers.Split]:
-    """id -> token, token -> id, the Rust tokenizer and its regex pre-tokenizer; built once per process
-    (0.15 s)."""
+def _tables() -> tuple[dict[str, int], _RustTokenizer, pre_tokenizers.Split]:
+    """The vocabulary (token -> id, in id order), the Rust tokenizer and its regex pre-tokenizer; built once
+    per process (0.15 s)."""
     raw = importlib.resources.files("sd15.clip").joinpath(_BPE_FILE).read_bytes()
     lines = gzip.decompress(raw).decode("utf-8").split("\n", _NUM_MERGES + 1)[1 : _NUM_MERGES + 1]
     merges = [tuple(line.split(" ")) for line in lines]
@@ -96,7 +96,7 @@ def _tables() -> tuple[list[str], dict[str, int], _RustTokenizer, pre_tokenizers
     # chr(256 + k), k in byte order (CLIP's bytes_to_unicode).
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     symbols = [*map(chr, printable), *(chr(256 + k) for k in range(256 - len(printable)))]
-    tokens = [*symbols, *(s + "</w>" for s in symbols), *(a + b for a, b in merges), BOS_TOKEN, EOS_TOKEN]
+    tokens = [*symbols, *(s + "</w>" for s in symbols), *(a + b for a, b in merges), *SPECIAL]
     vocab = {t: i for i, t in enumerate(tokens)}
     bpe = models.BPE(vocab=dict(vocab), merges=merges, end_of_word_suffix="</w>", ignore_merges=False)
     rust = _RustTokenizer(bpe)
@@ -104,7 +104,7 @@ def _tables() -> tuple[list[str], dict[str, int], _RustTokenizer, pre_tokenizers
     # No normalizer (the clean-up is done in Python), no post-processor, no added tokens.
     rust.pre_tokenizer = pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False,
                                                                                    use_regex=False)])
-    return tokens, vocab, rust, split
+    return vocab, rust, split
 
 
 class Tokenizer:
@@ -112,45 +112,27 @@ class Tokenizer:
     instance in the process."""
 
     @property
-    def tokens(self) -> list[str]:
-        """id -> token."""
-        return _tables()[0]
-
-    @property
     def vocab(self) -> dict[str, int]:
-        """token -> id, e.g. vocab[",</w>"] == 267; do not mutate."""
-        return _tables()[1]
-
-    @property
-    def _rust(self) -> _RustTokenizer:
-        return _tables()[2]
-
-    @property
-    def _split(self) -> pre_tokenizers.Split:
-        return _tables()[3]
+        """token -> id, in id order, e.g. vocab[",</w>"] == 267; do not mutate."""
+        return _tables()[0]
 
     def encode(self, text: str) -> list[int]:
         """BPE ids of ``text``, without BOS/EOS."""
+        _, rust, split = _tables()
         text = _pre_tokenizer_text(clean_text(text))
         if "<|" not in text:  # no special token possible
-            return self._rust.encode(text, add_special_tokens=False).ids
-        # Special tokens: the pre-tokens that are exactly a special token (the reference BPEs the other case
-        # variants the regex matched, "<|ſtartoftext|>"); the runs between them are BPE'd.
+            return rust.encode(text, add_special_tokens=False).ids
+        # Special tokens are the pre-tokens that are exactly one (the reference BPEs the other case variants
+        # the regex matched, "<|ſtartoftext|>"). The runs between them are BPE'd piece by piece: splitting a
+        # regex match again gives itself.
         ids: list[int] = []
-        run: list[str] = []
-        for piece, _ in self._split.pre_tokenize_str(text):
-            if piece not in (BOS_TOKEN, EOS_TOKEN):
-                run.append(piece)
-                continue
-            ids += self._encode_pieces(run) + [BOS if piece == BOS_TOKEN else EOS]
-            run = []
-        return ids + self._encode_pieces(run)
-
-    def _encode_pieces(self, pieces: list[str]) -> list[int]:
-        # The pieces are regex matches; splitting one again gives itself, so this is the BPE of each.
-        if not pieces:
-            return []
-        return self._rust.encode(pieces, is_pretokenized=True, add_special_tokens=False).ids
+        pieces = (piece for piece, _ in split.pre_tokenize_str(text))
+        for special, run in itertools.groupby(pieces, key=lambda piece: piece in SPECIAL):
+            if special:
+                ids += [SPECIAL[p] for p in run]
+            else:
+                ids += rust.encode(list(run), is_pretokenized=True, add_special_tokens=False).ids
+        return ids
 
     def tokenize(self, texts: str | Sequence[str], length: int = CONTEXT_LENGTH) -> torch.Tensor:
         """LongTensor [B, length]: BOS, the ids truncated to length - 2, EOS, then PAD (= EOS). One window per
