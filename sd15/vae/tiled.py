@@ -83,7 +83,7 @@ class GlobalGroupNorm:
     def __init__(self, norms: list[nn.GroupNorm]):
         self.norms = norms
         self.estimate: dict = {}  # GroupNorm -> (mean, var), each (B, G) float64
-        self.sums: dict = {}  # GroupNorm -> (n, mean, M2) of the pass in progress
+        self.sums: dict = {}  # GroupNorm -> (n, mean, M2) accumulated since the last keep()
         self.collect = False  # every GroupNorm accumulates (mode="blend")
         self.measuring = None  # only this GroupNorm accumulates, then stops the forward (mode="exact")
         self.core = None
@@ -97,19 +97,10 @@ class GlobalGroupNorm:
         for gn in self.norms:
             gn.__dict__.pop("forward", None)
 
-    def start_pass(self, collect: bool) -> None:
-        self.collect, self.sums = collect, {}
-
-    def end_pass(self) -> None:
-        if self.collect:
-            self.estimate = {gn: (mean, m2 / n) for gn, (n, mean, m2) in self.sums.items()}
-
-    def measure(self, gn: nn.GroupNorm | None) -> None:
-        """Start measuring `gn` alone (None: stop, and keep what was measured as its statistics)."""
-        if gn is None and self.measuring is not None:
-            n, mean, m2 = self.sums.pop(self.measuring)
-            self.estimate[self.measuring] = (mean, m2 / n)
-        self.measuring = gn
+    def keep(self) -> None:
+        """What was accumulated becomes those GroupNorms' statistics; the next accumulation starts empty."""
+        self.estimate.update({gn: (mean, m2 / n) for gn, (n, mean, m2) in self.sums.items()})
+        self.sums = {}
 
     def _forward(self, gn: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
         if self.collect or gn is self.measuring:
@@ -168,14 +159,15 @@ def _run_stages(stages, x, cores_y, cores_x, storage):
         norms = _group_norms([stage]) if len(crops) > 1 else []  # one tile: native GroupNorm, = untiled
         with GlobalGroupNorm(norms) as gn:
             for target in norms:  # registration order = execution order (norm1, norm2; norm_out)
-                gn.measure(target)
+                gn.measuring = target
                 for (cy0, cy1, cx0, cx1), (y0, y1, x0, x1) in crops:
                     gn.core = (cy0 - y0, cy1 - y0, cx0 - x0, cx1 - x0, y1 - y0, x1 - x0)
                     try:
                         stage(x[:, :, y0:y1, x0:x1].to(device))
                     except _Stop:
                         pass
-                gn.measure(None)
+                gn.keep()
+            gn.measuring = None
             out = None
             for (cy0, cy1, cx0, cx1), (y0, y1, x0, x1) in crops:
                 y = stage(x[:, :, y0:y1, x0:x1].to(device))
@@ -203,14 +195,14 @@ def _run_blended(stages, x, spans_y, spans_x, stats_passes: int):
     scale = math.prod(s for _, s in stages)
     single = len(spans_y) == 1 and len(spans_x) == 1
     with GlobalGroupNorm([] if single else _group_norms([m for m, _ in stages])) as gn:
+        gn.collect = True
         for _ in range(0 if single else stats_passes):
-            gn.start_pass(collect=True)
             for y0, y1, cy0, cy1 in spans_y:
                 for x0, x1, cx0, cx1 in spans_x:
                     gn.core = (cy0 - y0, cy1 - y0, cx0 - x0, cx1 - x0, y1 - y0, x1 - x0)
                     run(x[:, :, y0:y1, x0:x1])
-            gn.end_pass()
-        gn.start_pass(collect=False)
+            gn.keep()
+        gn.collect = False
         out = None
         weight = torch.zeros(round(h * scale), round(w * scale), device=x.device, dtype=torch.float32)
         for i, (y0, y1, _, _) in enumerate(spans_y):
