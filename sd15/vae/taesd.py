@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from sd15.checkpoint import assign_strict
+from sd15.checkpoint import assign_strict, open_checkpoint
 
 
 def conv(n_in: int, n_out: int, bias: bool = True) -> nn.Conv2d:
@@ -54,15 +54,11 @@ class TAESDDecoder(nn.Sequential):
 
 
 def load_taesd_decoder(path, device="cpu", dtype=torch.float32) -> TAESDDecoder:
-    """Read `taesd_decoder.pth` (`torch.load(weights_only=True)`) or a `.safetensors` file (TAESD's own layout or
-    diffusers' AutoencoderTiny). Raises ValueError with one line naming the file when it is not a TAESD decoder."""
+    """Read `taesd_decoder.pth` or a `.safetensors` file (TAESD's own layout or diffusers' AutoencoderTiny).
+    Raises ValueError with one line naming the file when it is not a TAESD decoder."""
     path = Path(path)
     try:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
-            sd = load_file(str(path))
-        else:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        sd = {k: entry.read() for k, entry in open_checkpoint(path).items()}  # weights only, no pickled code
         if any(k.startswith("decoder.layers.") for k in sd):  # diffusers: no clamp module, encoder dropped
             sd = {f"{int(m[1]) + 1}.{m[2]}": v for k, v in sd.items()
                   if (m := re.fullmatch(r"decoder\.layers\.(\d+)\.(.+)", k))}

@@ -57,11 +57,9 @@ def _feather(spans, i: int, scale: float, device) -> torch.Tensor:
     j = torch.arange(length, device=device, dtype=torch.float32) + 0.5
     w = torch.ones(length, device=device)
     if i > 0:
-        ramp = (spans[i - 1][1] - start) * scale
-        w = w * (j / ramp).clamp(max=1.0)
+        w = w * (j / ((spans[i - 1][1] - start) * scale)).clamp(max=1.0)
     if i < len(spans) - 1:
-        ramp = (end - spans[i + 1][0]) * scale
-        w = w * ((length - j) / ramp).clamp(max=1.0)
+        w = w * ((length - j) / ((end - spans[i + 1][0]) * scale)).clamp(max=1.0)
     return w
 
 
