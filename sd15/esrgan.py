@@ -28,10 +28,6 @@ class UpscalerModelError(ValueError):
     """A file that is not a usable ESRGAN / Real-ESRGAN model; the message names the file."""
 
 
-# =============================================================================================
-# RRDBNet (ESRGAN, Real-ESRGAN)
-# =============================================================================================
-
 @dataclass(frozen=True)
 class RRDBConfig:
     in_ch: int = 3  # image channels (conv_first sees in_ch * unshuffle**2)
@@ -117,10 +113,6 @@ class RRDBNet(nn.Module):
         return out[..., : h * self.cfg.scale, : w * self.cfg.scale]  # drop the padding again
 
 
-# =============================================================================================
-# SRVGGNetCompact (Real-ESRGAN compact models)
-# =============================================================================================
-
 @dataclass(frozen=True)
 class SRVGGConfig:
     in_ch: int = 3
@@ -153,10 +145,6 @@ class SRVGGNetCompact(nn.Module):
         out = F.pixel_shuffle(self.body(x), self.cfg.upscale)  # (B, out_ch, H*s, W*s)
         return out + F.interpolate(x, scale_factor=float(self.cfg.upscale), mode="nearest")  # learns the residual
 
-
-# =============================================================================================
-# Loading
-# =============================================================================================
 
 def convert_esrgan_keys(sd: dict) -> dict:
     """Any RRDBNet layout seen in the wild -> the BasicSR key names of `RRDBNet` (unknown keys are kept, for

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sd15.esrgan import UpscalerModelError, load_upscaler
+from sd15.esrgan import UpscalerModelError, load_upscaler  # noqa: F401 - the error is re-exported to callers
 
 LANCZOS = Image.Resampling.LANCZOS
 NEAREST = Image.Resampling.NEAREST
@@ -81,10 +81,6 @@ def list_upscalers(esrgan_dir=None, realesrgan_dir=None,
     return [UpscalerInfo(n, "builtin") for n in BUILTIN_UPSCALERS] + models
 
 
-# =============================================================================================
-# Tiles (A1111 images.split_grid / combine_grid)
-# =============================================================================================
-
 @dataclass
 class Grid:
     """tiles: rows of `[y, tile_h, [[x, tile_w, tile_image], ...]]`, as A1111's `images.Grid`."""
@@ -110,7 +106,7 @@ class Grid:
 def split_grid(image: Image.Image, tile_w: int = 512, tile_h: int = 512, overlap: int = 64) -> Grid:
     """Cut `image` into tiles of `tile_w x tile_h` that overlap by at least `overlap` pixels, spread evenly; the
     last row/column is pushed back to end at the border. An image smaller than a tile gives one tile at a
-    negative offset (PIL pads the missing part with black), exactly as A1111."""
+    negative offset (PIL pads the missing part with black), exactly as A1111's `images.split_grid`."""
     if not 0 <= overlap < min(tile_w, tile_h):
         raise ValueError(f"tile overlap {overlap} must be at least 0 and less than the tile size {tile_w}x{tile_h}")
     w, h = image.size
@@ -130,8 +126,9 @@ def split_grid(image: Image.Image, tile_w: int = 512, tile_h: int = 512, overlap
 
 
 def combine_grid(grid: Grid) -> Image.Image:
-    """Paste the tiles back; the first `overlap` columns (rows) of every tile but the first are blended over the
-    previous one with a linear ramp 0 -> 255·(overlap-1)/overlap (PIL's 8-bit masked paste)."""
+    """A1111's `images.combine_grid`: the first `overlap` columns (rows) of every tile but the first are
+    blended over the previous one with a linear ramp 0 -> 255·(overlap-1)/overlap (PIL's 8-bit masked
+    paste)."""
     ov = grid.overlap
     ramp = (np.arange(ov, dtype=np.float32) * 255 / max(ov, 1)).astype(np.uint8)
     mask_w = Image.fromarray(np.repeat(ramp[None, :], grid.tile_h, axis=0), "L") if ov else None
@@ -153,10 +150,6 @@ def combine_grid(grid: Grid) -> Image.Image:
     return combined
 
 
-# =============================================================================================
-# Running a model (A1111 upscaler_utils)
-# =============================================================================================
-
 def upscale_patch(model: torch.nn.Module, image: Image.Image) -> Image.Image:
     """One pass of the network over a whole PIL image. A1111 feeds the networks BGR in [0, 1] (ESRGAN was trained on
     OpenCV images) and rounds the clamped output to uint8."""
@@ -172,8 +165,9 @@ def upscale_patch(model: torch.nn.Module, image: Image.Image) -> Image.Image:
 def upscale_with_model(model: torch.nn.Module, image: Image.Image, tile_size: int = ESRGAN_TILE,
                        tile_overlap: int = ESRGAN_TILE_OVERLAP,
                        interrupted: Callable[[], bool] | None = None) -> Image.Image:
-    """One model pass over `image`, in overlapping tiles of `tile_size` (0 = whole image at once). When
-    `interrupted()` turns true between tiles the input image is returned, as A1111 does."""
+    """A1111's `upscaler_utils.upscale_with_model`: one model pass over `image`, in overlapping tiles of
+    `tile_size` (0 = whole image at once). When `interrupted()` turns true between tiles the input image is
+    returned, as A1111 does."""
     if tile_size <= 0:
         return upscale_patch(model, image)
     grid = split_grid(image, tile_size, tile_size, tile_overlap)
@@ -191,10 +185,6 @@ def upscale_with_model(model: torch.nn.Module, image: Image.Image, tile_size: in
     return combine_grid(Grid(rows, grid.tile_w * scale, grid.tile_h * scale, grid.image_w * scale,
                              grid.image_h * scale, grid.overlap * scale))
 
-
-# =============================================================================================
-# The list plus a model cache
-# =============================================================================================
 
 class Upscalers:
     """The upscalers of an ESRGAN / RealESRGAN folder pair, each model loaded once, on `device` in `dtype`.

@@ -63,11 +63,6 @@ def _feather(spans, i: int, scale: float, device) -> torch.Tensor:
     return w
 
 
-# ------------------------------------------------------------------------------------------------
-# GroupNorm with statistics over the whole image
-# ------------------------------------------------------------------------------------------------
-
-
 class _Stop(Exception):
     """Raised by the GroupNorm being measured, to skip the rest of a stage."""
 
@@ -130,10 +125,6 @@ class GlobalGroupNorm:
         total = n0 + n
         self.sums[gn] = (total, mean0 + delta * (n / total), m20 + m2 + delta * delta * (n0 * n / total))
 
-
-# ------------------------------------------------------------------------------------------------
-# The two modes
-# ------------------------------------------------------------------------------------------------
 
 HALO = 2  # input pixels of context per side: a ResnetBlock has two 3x3 convs, Upsample/Downsample one
 
@@ -226,11 +217,6 @@ def _tiled(stages, x, tile: int, overlap: int, align: int, mode: str, storage, s
         spans = [tile_spans(n, tile, overlap, align) for n in (h, w)]
         return _run_blended(stages, x, *spans, stats_passes)
     raise ValueError(f"mode must be one of ('exact', 'blend'), got {mode!r}")
-
-
-# ------------------------------------------------------------------------------------------------
-# Entry points
-# ------------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
