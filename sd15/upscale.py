@@ -194,12 +194,11 @@ class Upscalers:
     """
 
     def __init__(self, esrgan_dir=None, realesrgan_dir=None, *, device="cpu", dtype=torch.float32,
-                 tile: int = ESRGAN_TILE, tile_overlap: int = ESRGAN_TILE_OVERLAP,
-                 realesrgan_enabled: Iterable[str] | None = None):
+                 tile: int = ESRGAN_TILE, tile_overlap: int = ESRGAN_TILE_OVERLAP):
         self.esrgan_dir, self.realesrgan_dir = esrgan_dir, realesrgan_dir
         self.device, self.dtype = torch.device(device), dtype
         self.tile, self.tile_overlap = tile, tile_overlap
-        self.realesrgan_enabled = realesrgan_enabled
+        self.realesrgan_enabled: list[str] | None = None  # A1111 option realesrgan_enabled_models
         self._models: dict[Path, torch.nn.Module] = {}
         self._lock = threading.Lock()
         self.refresh()
