@@ -103,7 +103,7 @@ def preview_tensor(model, latent: torch.Tensor, kind: str = "Approx cheap",
     `model` is the loaded SD model (anything with a `.vae`) or the VAE itself; it is only used for "Full"."""
     kind = effective_preview_type(kind, decoders)
     if kind == "Approx cheap":
-        m = torch.tensor(SD1_CHEAP_COEFFS, device=latent.device)  # (4, 3)
+        m = torch.tensor(SD1_CHEAP_COEFFS, dtype=torch.float32, device=latent.device)  # (4, 3)
         return torch.einsum("blhw,lr->brhw", latent.float(), m)  # rgb[r] = sum_l latent[l]·M[l][r]
     net = getattr(model, "vae", model) if kind == "Full" else decoders.net(kind)
     p = next(net.parameters())
