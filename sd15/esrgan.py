@@ -194,10 +194,8 @@ def load_upscaler(path, device="cpu", dtype=torch.float32) -> nn.Module:
             sd = load_file(str(path))
         else:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
-            for wrapper in ("params_ema", "params", "state_dict"):  # Real-ESRGAN / BasicSR training wrappers
-                if isinstance(sd.get(wrapper), dict):
-                    sd = sd[wrapper]
-                    break
+            wrappers = ("params_ema", "params", "state_dict")  # Real-ESRGAN / BasicSR training wrappers
+            sd = next((sd[w] for w in wrappers if isinstance(sd.get(w), dict)), sd)
         net = build_upscaler(sd)
     except Exception as e:  # noqa: BLE001 - every failure becomes one line naming the file
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -20,12 +20,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sd15.a1111.images import PIXEL_UPSCALERS
 from sd15.esrgan import UpscalerModelError, load_upscaler  # noqa: F401 - the error is re-exported to callers
 
 LANCZOS = Image.Resampling.LANCZOS
 NEAREST = Image.Resampling.NEAREST
-
-BUILTIN_UPSCALERS = ("None", "Lanczos", "Nearest")
 
 #: A1111's names for Real-ESRGAN's release files (modules/realesrgan_model.py): name -> (file stem, scale).
 REALESRGAN_NAMES = {
@@ -78,7 +77,7 @@ def list_upscalers(esrgan_dir=None, realesrgan_dir=None,
         if path and (realesrgan_enabled is None or name in realesrgan_enabled):
             models.append(UpscalerInfo(name, "RealESRGAN", path, scale))
     models.sort(key=lambda u: u.name.lower())
-    return [UpscalerInfo(n, "builtin") for n in BUILTIN_UPSCALERS] + models
+    return [UpscalerInfo(n, "builtin") for n in PIXEL_UPSCALERS] + models
 
 
 @dataclass
