@@ -1,20 +1,12 @@
 """Live previews of a running generation, as A1111 makes them (`modules/sd_samplers_common.py`
-`samples_to_images_tensor` / `single_sample_to_image`, `modules/sd_vae_approx.py`, `modules/sd_vae_taesd.py`).
+`samples_to_images_tensor`, `modules/sd_vae_approx.py`, `modules/sd_vae_taesd.py`).
 
-A preview shows the sampler's current prediction of the final latent (x0, `denoised` in the step callback), not the
-noisy latent. The kinds are A1111's `show_progress_type` choices:
-
-- "Approx cheap": a fixed 4x3 linear map from the SD 1.x latent channels to RGB, one pixel per latent cell (64x64
-  for a 512x512 image); no weights, almost free.
-- "Approx NN": A1111's small conv net (`VAE-approx/model.pt`, 2x the latent size). **Without its weights this
-  falls back to "Approx cheap"** (A1111 would download them; we never download), so A1111's default
-  `show_progress_type = "Approx NN"` gives cheap previews out of the box.
-- "TAESD": the 1.2M-parameter tiny decoder (`taesd_decoder.pth` / `.safetensors`), full size. Without its file it
-  also falls back to "Approx cheap".
-- "Full": the real VAE (`vae.decode(x0 / 0.18215)`), exact but as slow as the final decode.
-
-Every kind yields an image in about [-1, 1] (TAESD's [0, 1] output is mapped by `2x - 1`, as A1111 does), turned
-into 8-bit pixels by A1111's `x·0.5 + 0.5`, clamp to [0, 1], `uint8(255·x)` (truncation).
+A preview shows the sampler's current x0 estimate (`denoised`), by A1111's `show_progress_type`: "Approx
+cheap" (a fixed 4x3 latent-to-RGB map, one pixel per latent cell, no weights), "Approx NN" (A1111's small conv
+net, `VAE-approx/model.pt`, 2x the latent size), "TAESD" (the tiny decoder, full size) and "Full" (the VAE).
+Without its file "Approx NN" or "TAESD" falls back to "Approx cheap" (A1111 would download it; we never do),
+so A1111's default "Approx NN" gives cheap previews out of the box. Pixels are A1111's `x·0.5 + 0.5`,
+clamped, `uint8(255·x)`.
 """
 from __future__ import annotations
 
@@ -41,24 +33,6 @@ SD1_CHEAP_COEFFS = (
 )
 
 
-def approx_cheap_tensor(latent: torch.Tensor) -> torch.Tensor:
-    """(B, 4, h, w) scaled latent -> (B, 3, h, w) image in about [-1, 1]: rgb[r] = sum_l latent[l]·M[l][r]."""
-    m = torch.tensor(SD1_CHEAP_COEFFS, dtype=latent.dtype, device=latent.device)  # (4, 3)
-    return torch.einsum("blhw,lr->brhw", latent, m)
-
-
-def to_images(x: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in about [-1, 1] -> PIL images, A1111's `single_sample_to_image` conversion (truncating)."""
-    x = torch.clamp(x.float() * 0.5 + 0.5, 0.0, 1.0)
-    arr = (255.0 * x.permute(0, 2, 3, 1).cpu().numpy()).astype(np.uint8)  # (B, H, W, 3)
-    return [Image.fromarray(a) for a in arr]
-
-
-def approx_cheap(latent: torch.Tensor) -> list[Image.Image]:
-    """The "Approx cheap" preview of every latent of the batch, one pixel per latent cell."""
-    return to_images(approx_cheap_tensor(latent))
-
-
 def image_grid(images: list[Image.Image]) -> Image.Image:
     """A1111's `images.image_grid` with default options (`n_rows = -1`): round(sqrt(n)) rows, black background."""
     rows = min(max(1, round(math.sqrt(len(images)))), len(images))
@@ -71,14 +45,16 @@ def image_grid(images: list[Image.Image]) -> Image.Image:
 
 
 class PreviewDecoders:
-    """The optional preview networks of a models folder, each loaded once on first use.
+    """The optional preview networks of a models folder, each loaded once on first use: `taesd_decoder.pth` /
+    `.safetensors` in a folder or its `VAE-taesd` subfolder, and `VAE-approx/model.pt` (A1111's places). A
+    file that fails to load is reported once in `errors` and treated as absent, so a bad file never breaks a
+    generation."""
 
-    Looks for `taesd_decoder.pth` / `taesd_decoder.safetensors` in each folder or its `VAE-taesd` subfolder
-    (A1111's place), and `VAE-approx/model.pt` (A1111's place) for "Approx NN". A file that fails
-    to load is reported once in `errors` and treated as absent, so a bad file never breaks a generation.
-    """
-
-    TAESD_NAMES = ("taesd_decoder.pth", "taesd_decoder.safetensors")
+    NETS = {  # kind -> (loader, the file's places in a folder)
+        "TAESD": (load_taesd_decoder, ("taesd_decoder.pth", "taesd_decoder.safetensors",
+                                       "VAE-taesd/taesd_decoder.pth", "VAE-taesd/taesd_decoder.safetensors")),
+        "Approx NN": (load_vae_approx, ("VAE-approx/model.pt",)),
+    }
 
     def __init__(self, *dirs, device="cpu", dtype=torch.float32):
         self.dirs = [Path(d) for d in dirs if d]
@@ -87,45 +63,34 @@ class PreviewDecoders:
         self._cache: dict[str, torch.nn.Module | None] = {}
         self._lock = threading.Lock()
 
-    def _find(self, candidates: list[str]) -> Path | None:
-        for d in self.dirs:
-            for rel in candidates:
-                if (d / rel).is_file():
-                    return d / rel
-        return None
+    def path(self, kind: str) -> Path | None:
+        return next((d / rel for d in self.dirs for rel in self.NETS[kind][1] if (d / rel).is_file()), None)
 
     def taesd_path(self) -> Path | None:
-        return self._find([*self.TAESD_NAMES, *(f"VAE-taesd/{n}" for n in self.TAESD_NAMES)])
+        return self.path("TAESD")
 
     def approx_nn_path(self) -> Path | None:
-        return self._find(["VAE-approx/model.pt"])
+        return self.path("Approx NN")
 
-    def _get(self, kind: str, find, load) -> torch.nn.Module | None:
+    def net(self, kind: str) -> torch.nn.Module | None:
+        """The network of "TAESD" or "Approx NN", or None without a (usable) file."""
         with self._lock:
             if kind not in self._cache:
-                path, net = find(), None
+                path, net = self.path(kind), None
                 if path is not None:
                     try:
-                        net = load(path, self.device, self.dtype)
+                        net = self.NETS[kind][0](path, self.device, self.dtype)
                     except ValueError as e:
                         self.errors[kind] = str(e)
                 self._cache[kind] = net
             return self._cache[kind]
-
-    def taesd(self) -> torch.nn.Module | None:
-        return self._get("TAESD", self.taesd_path, load_taesd_decoder)
-
-    def approx_nn(self) -> torch.nn.Module | None:
-        return self._get("Approx NN", self.approx_nn_path, load_vae_approx)
 
 
 def effective_preview_type(kind: str, decoders: PreviewDecoders | None = None) -> str:
     """The kind that actually runs: "Approx NN" and "TAESD" fall back to "Approx cheap" without their weights."""
     if kind not in PREVIEW_TYPES:
         raise ValueError(f"unknown preview type {kind!r}; choose one of {', '.join(PREVIEW_TYPES)}")
-    if kind == "Approx NN" and (decoders is None or decoders.approx_nn() is None):
-        return "Approx cheap"
-    if kind == "TAESD" and (decoders is None or decoders.taesd() is None):
+    if kind in PreviewDecoders.NETS and (decoders is None or decoders.net(kind) is None):
         return "Approx cheap"
     return kind
 
@@ -138,23 +103,22 @@ def preview_tensor(model, latent: torch.Tensor, kind: str = "Approx cheap",
     `model` is the loaded SD model (anything with a `.vae`) or the VAE itself; it is only used for "Full"."""
     kind = effective_preview_type(kind, decoders)
     if kind == "Approx cheap":
-        return approx_cheap_tensor(latent.float())
-    if kind == "Approx NN":
-        net = decoders.approx_nn()
-        p = next(net.parameters())
-        return net(latent.to(p.device, p.dtype)).float()
-    if kind == "TAESD":
-        net = decoders.taesd()
-        p = next(net.parameters())
-        return net(latent.to(p.device, p.dtype)).float() * 2 - 1
-    vae = getattr(model, "vae", model)
-    p = next(vae.parameters())
-    return vae.decode(latent.to(p.device, p.dtype) / SCALE_FACTOR).float()
+        m = torch.tensor(SD1_CHEAP_COEFFS, dtype=torch.float32, device=latent.device)  # (4, 3)
+        return torch.einsum("blhw,lr->brhw", latent.float(), m)  # rgb[r] = sum_l latent[l]·M[l][r]
+    net = getattr(model, "vae", model) if kind == "Full" else decoders.net(kind)
+    p = next(net.parameters())
+    x = latent.to(p.device, p.dtype)
+    if kind == "Full":
+        return net.decode(x / SCALE_FACTOR).float()
+    out = net(x).float()
+    return out * 2 - 1 if kind == "TAESD" else out  # TAESD's [0, 1] -> [-1, 1], as A1111
 
 
 def preview(model, denoised_latent: torch.Tensor, kind: str = "Approx cheap", decoders: PreviewDecoders | None = None,
             grid: bool = False):
     """Preview images of a batch of x0 latents: a list of PIL images, or one A1111-style grid with `grid=True`
-    (A1111's `show_progress_grid`, default on, shows the whole batch as a grid)."""
-    images = to_images(preview_tensor(model, denoised_latent, kind, decoders))
+    (A1111's `show_progress_grid`). Pixels as A1111's `single_sample_to_image` (truncating)."""
+    x = torch.clamp(preview_tensor(model, denoised_latent, kind, decoders) * 0.5 + 0.5, 0.0, 1.0)
+    arr = (255.0 * x.permute(0, 2, 3, 1).cpu().numpy()).astype(np.uint8)  # (B, H, W, 3)
+    images = [Image.fromarray(a) for a in arr]
     return image_grid(images) if grid else images

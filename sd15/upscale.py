@@ -1,18 +1,11 @@
 """A1111's pixel upscalers: the list users pick from (hires fix, extras) and how each is applied.
 
-Sources: A1111 v1.10 `modules/upscaler.py` (`Upscaler.upscale`, the None / Lanczos / Nearest upscalers),
-`modules/upscaler_utils.py` (`upscale_with_model`: tiles with overlap, BGR tensors), `modules/images.py`
-(`split_grid`, `combine_grid`, `resize_image`), `modules/esrgan_model.py`, `modules/realesrgan_model.py` (the
-names of the Real-ESRGAN files), `modules/modelloader.py` (`friendly_name`, `load_upscalers`: the list order) and
-`scripts/postprocessing_upscale.py` (extras: upscale by / upscale to with crop).
-
-Names, as A1111 lists them (`/sdapi/v1/upscalers`): "None", "Lanczos", "Nearest" first, then the model upscalers
-sorted by lower-cased name. A file in the `ESRGAN` folder (any depth; `.pth`, `.pt`, `.safetensors`) is listed
-under its file stem (`4x-UltraSharp.pth` -> "4x-UltraSharp", `ESRGAN_4x.pth` -> "ESRGAN_4x"). The `RealESRGAN`
-folder holds Real-ESRGAN's release files, listed under A1111's names (`REALESRGAN_NAMES`). Unlike A1111, nothing is
-ever downloaded: a model upscaler is listed only when its file is present.
-
-Models are loaded on first use and cached (`Upscalers.model`), on the device and dtype the `Upscalers` was given.
+After A1111 v1.10's `modules/upscaler.py` (`Upscaler.upscale`, the None / Lanczos / Nearest upscalers),
+`modules/upscaler_utils.py` (`upscale_with_model`), `modules/images.py` (`split_grid`, `combine_grid`,
+`resize_image`), `modules/realesrgan_model.py` (the Real-ESRGAN names), `modules/modelloader.py` (the list
+order) and `scripts/postprocessing_upscale.py` (extras). A file in the `ESRGAN` folder is listed under its
+stem, the Real-ESRGAN release files under A1111's names; unlike A1111, nothing is downloaded, so only present
+files are listed.
 """
 from __future__ import annotations
 
@@ -27,12 +20,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sd15.esrgan import UpscalerModelError, load_upscaler
+from sd15.a1111.images import PIXEL_UPSCALERS
+from sd15.esrgan import UpscalerModelError, load_upscaler  # noqa: F401 - the error is re-exported to callers
 
 LANCZOS = Image.Resampling.LANCZOS
 NEAREST = Image.Resampling.NEAREST
-
-BUILTIN_UPSCALERS = ("None", "Lanczos", "Nearest")
 
 #: A1111's names for Real-ESRGAN's release files (modules/realesrgan_model.py): name -> (file stem, scale).
 REALESRGAN_NAMES = {
@@ -47,8 +39,6 @@ REALESRGAN_NAMES = {
 #: A1111's options `ESRGAN_tile` / `ESRGAN_tile_overlap` (defaults 192 / 8; tile 0 = no tiling).
 ESRGAN_TILE = 192
 ESRGAN_TILE_OVERLAP = 8
-
-ESRGAN_EXTENSIONS = (".pth", ".pt", ".safetensors")
 
 
 @dataclass(frozen=True)
@@ -70,31 +60,25 @@ def _natural_key(s: str):
 
 def list_upscalers(esrgan_dir=None, realesrgan_dir=None,
                    realesrgan_enabled: Iterable[str] | None = None) -> list[UpscalerInfo]:
-    """The upscaler list in A1111's order (built-ins first, then by lower-cased name).
+    """The upscaler list in A1111's order: built-ins first, then by lower-cased name (files in natural order).
 
-    `esrgan_dir` / `realesrgan_dir`: folders to scan (None or missing = none). `realesrgan_enabled`: A1111's option
-    `realesrgan_enabled_models` (A1111's default lists only "R-ESRGAN 4x+" and "R-ESRGAN 4x+ Anime6B"); None lists
-    every Real-ESRGAN file present, since nothing here is listed without its file.
+    `realesrgan_enabled`: A1111's option `realesrgan_enabled_models`; None lists every Real-ESRGAN file
+    present.
     """
-    models: list[UpscalerInfo] = []
-    if esrgan_dir and Path(esrgan_dir).is_dir():
-        files = [p for p in Path(esrgan_dir).rglob("*") if p.is_file() and p.suffix.lower() in ESRGAN_EXTENSIONS]
-        for p in sorted(files, key=lambda p: _natural_key(str(p))):
-            models.append(UpscalerInfo(p.stem, "ESRGAN", p, 4))
-    if realesrgan_dir and Path(realesrgan_dir).is_dir():
-        files = sorted((p for p in Path(realesrgan_dir).rglob("*.pth") if p.is_file()),
-                       key=lambda p: _natural_key(str(p)))
-        for name, (stem, scale) in REALESRGAN_NAMES.items():
-            found = [p for p in files if p.name == f"{stem}.pth"]
-            if found and (realesrgan_enabled is None or name in realesrgan_enabled):
-                models.append(UpscalerInfo(name, "RealESRGAN", found[0], scale))
+    def files(folder, pattern):
+        found = Path(folder).rglob(pattern) if folder and Path(folder).is_dir() else []
+        return sorted((p for p in found if p.is_file()), key=lambda p: _natural_key(str(p)))
+
+    models = [UpscalerInfo(p.stem, "ESRGAN", p, 4) for p in files(esrgan_dir, "*")
+              if p.suffix.lower() in (".pth", ".pt", ".safetensors")]
+    realesrgan = files(realesrgan_dir, "*.pth")
+    for name, (stem, scale) in REALESRGAN_NAMES.items():
+        path = next((p for p in realesrgan if p.name == f"{stem}.pth"), None)
+        if path and (realesrgan_enabled is None or name in realesrgan_enabled):
+            models.append(UpscalerInfo(name, "RealESRGAN", path, scale))
     models.sort(key=lambda u: u.name.lower())
-    return [UpscalerInfo(n, "builtin") for n in BUILTIN_UPSCALERS] + models
+    return [UpscalerInfo(n, "builtin") for n in PIXEL_UPSCALERS] + models
 
-
-# =============================================================================================
-# Tiles (A1111 images.split_grid / combine_grid)
-# =============================================================================================
 
 @dataclass
 class Grid:
@@ -121,7 +105,7 @@ class Grid:
 def split_grid(image: Image.Image, tile_w: int = 512, tile_h: int = 512, overlap: int = 64) -> Grid:
     """Cut `image` into tiles of `tile_w x tile_h` that overlap by at least `overlap` pixels, spread evenly; the
     last row/column is pushed back to end at the border. An image smaller than a tile gives one tile at a
-    negative offset (PIL pads the missing part with black), exactly as A1111."""
+    negative offset (PIL pads the missing part with black), exactly as A1111's `images.split_grid`."""
     if not 0 <= overlap < min(tile_w, tile_h):
         raise ValueError(f"tile overlap {overlap} must be at least 0 and less than the tile size {tile_w}x{tile_h}")
     w, h = image.size
@@ -131,22 +115,19 @@ def split_grid(image: Image.Image, tile_w: int = 512, tile_h: int = 512, overlap
     dy = (h - tile_h) / (rows - 1) if rows > 1 else 0
     grid = Grid([], tile_w, tile_h, w, h, overlap)
     for row in range(rows):
-        y = int(row * dy)
-        if y + tile_h >= h:
-            y = h - tile_h
+        y = min(int(row * dy), h - tile_h)  # the last row ends at the border
         row_images = []
         for col in range(cols):
-            x = int(col * dx)
-            if x + tile_w >= w:
-                x = w - tile_w
+            x = min(int(col * dx), w - tile_w)
             row_images.append([x, tile_w, image.crop((x, y, x + tile_w, y + tile_h))])
         grid.tiles.append([y, tile_h, row_images])
     return grid
 
 
 def combine_grid(grid: Grid) -> Image.Image:
-    """Paste the tiles back; the first `overlap` columns (rows) of every tile but the first are blended over the
-    previous one with a linear ramp 0 -> 255·(overlap-1)/overlap (PIL's 8-bit masked paste)."""
+    """A1111's `images.combine_grid`: the first `overlap` columns (rows) of every tile but the first are
+    blended over the previous one with a linear ramp 0 -> 255·(overlap-1)/overlap (PIL's 8-bit masked
+    paste)."""
     ov = grid.overlap
     ramp = (np.arange(ov, dtype=np.float32) * 255 / max(ov, 1)).astype(np.uint8)
     mask_w = Image.fromarray(np.repeat(ramp[None, :], grid.tile_h, axis=0), "L") if ov else None
@@ -168,10 +149,6 @@ def combine_grid(grid: Grid) -> Image.Image:
     return combined
 
 
-# =============================================================================================
-# Running a model (A1111 upscaler_utils)
-# =============================================================================================
-
 def upscale_patch(model: torch.nn.Module, image: Image.Image) -> Image.Image:
     """One pass of the network over a whole PIL image. A1111 feeds the networks BGR in [0, 1] (ESRGAN was trained on
     OpenCV images) and rounds the clamped output to uint8."""
@@ -187,8 +164,9 @@ def upscale_patch(model: torch.nn.Module, image: Image.Image) -> Image.Image:
 def upscale_with_model(model: torch.nn.Module, image: Image.Image, tile_size: int = ESRGAN_TILE,
                        tile_overlap: int = ESRGAN_TILE_OVERLAP,
                        interrupted: Callable[[], bool] | None = None) -> Image.Image:
-    """One model pass over `image`, in overlapping tiles of `tile_size` (0 = whole image at once). When
-    `interrupted()` turns true between tiles the input image is returned, as A1111 does."""
+    """A1111's `upscaler_utils.upscale_with_model`: one model pass over `image`, in overlapping tiles of
+    `tile_size` (0 = whole image at once). When `interrupted()` turns true between tiles the input image is
+    returned, as A1111 does."""
     if tile_size <= 0:
         return upscale_patch(model, image)
     grid = split_grid(image, tile_size, tile_size, tile_overlap)
@@ -207,10 +185,6 @@ def upscale_with_model(model: torch.nn.Module, image: Image.Image, tile_size: in
                              grid.image_h * scale, grid.overlap * scale))
 
 
-# =============================================================================================
-# The list plus a model cache
-# =============================================================================================
-
 class Upscalers:
     """The upscalers of an ESRGAN / RealESRGAN folder pair, each model loaded once, on `device` in `dtype`.
 
@@ -219,23 +193,21 @@ class Upscalers:
     """
 
     def __init__(self, esrgan_dir=None, realesrgan_dir=None, *, device="cpu", dtype=torch.float32,
-                 tile: int = ESRGAN_TILE, tile_overlap: int = ESRGAN_TILE_OVERLAP,
-                 realesrgan_enabled: Iterable[str] | None = None):
+                 tile: int = ESRGAN_TILE, tile_overlap: int = ESRGAN_TILE_OVERLAP):
         self.esrgan_dir, self.realesrgan_dir = esrgan_dir, realesrgan_dir
         self.device, self.dtype = torch.device(device), dtype
         self.tile, self.tile_overlap = tile, tile_overlap
-        self.realesrgan_enabled = realesrgan_enabled
+        self.realesrgan_enabled: list[str] | None = None  # A1111 option realesrgan_enabled_models
         self._models: dict[Path, torch.nn.Module] = {}
         self._lock = threading.Lock()
         self.refresh()
 
-    def refresh(self) -> list[UpscalerInfo]:
+    def refresh(self) -> None:
         """Rescan the folders (A1111's refresh); cached models of files that are gone are dropped."""
         self.infos = list_upscalers(self.esrgan_dir, self.realesrgan_dir, self.realesrgan_enabled)
         present = {u.path for u in self.infos}
         with self._lock:
             self._models = {p: m for p, m in self._models.items() if p in present}
-        return self.infos
 
     def names(self) -> list[str]:
         return [u.name for u in self.infos]
@@ -249,20 +221,10 @@ class Upscalers:
     def model(self, name: str) -> torch.nn.Module:
         """The network of a model upscaler, loaded on first use (UpscalerModelError names a bad file)."""
         u = self.info(name)
-        if u.path is None:
-            raise ValueError(f"{name} is not a model upscaler")
         with self._lock:
             if u.path not in self._models:
                 self._models[u.path] = load_upscaler(u.path, self.device, self.dtype)
             return self._models[u.path]
-
-    def _do_upscale(self, image: Image.Image, u: UpscalerInfo, scale: float, interrupted) -> Image.Image:
-        if u.name == "None":
-            return image
-        if u.kind == "builtin":
-            resample = LANCZOS if u.name == "Lanczos" else NEAREST
-            return image.resize((int(image.width * scale), int(image.height * scale)), resample=resample)
-        return upscale_with_model(self.model(u.name), image, self.tile, self.tile_overlap, interrupted)
 
     def upscale(self, image: Image.Image, name: str, scale: float,
                 interrupted: Callable[[], bool] | None = None) -> Image.Image:
@@ -271,13 +233,16 @@ class Upscalers:
         u = self.info(name)
         dest_w, dest_h = int((image.width * scale) // 8 * 8), int((image.height * scale) // 8 * 8)
         for i in range(3):
-            if image.width >= dest_w and image.height >= dest_h and (i > 0 or scale != 1):
-                break
-            if interrupted is not None and interrupted():
+            covered = image.width >= dest_w and image.height >= dest_h and (i > 0 or scale != 1)
+            if covered or name == "None" or (interrupted is not None and interrupted()):
                 break
             before = image.size
-            image = self._do_upscale(image, u, scale, interrupted)
-            if image.size == before:
+            if u.kind == "builtin":
+                size = (int(image.width * scale), int(image.height * scale))
+                image = image.resize(size, resample=LANCZOS if name == "Lanczos" else NEAREST)
+            else:
+                image = upscale_with_model(self.model(name), image, self.tile, self.tile_overlap, interrupted)
+            if image.size == before:  # interrupted, or a scale too small to change the size
                 break
         if image.size != (dest_w, dest_h):
             image = image.resize((dest_w, dest_h), resample=LANCZOS)
@@ -287,7 +252,7 @@ class Upscalers:
                interrupted: Callable[[], bool] | None = None) -> Image.Image:
         """A1111 `resize_image(0, image, width, height, name)`: "None" (or None, or a mode "L" image) is one LANCZOS
         resize; otherwise the upscaler runs when `max(width/W, height/H) > 1`, then LANCZOS to the exact size."""
-        if name is None or name == "None" or image.mode == "L":
+        if name in (None, "None") or image.mode == "L":
             return image.resize((width, height), resample=LANCZOS)
         scale = max(width / image.width, height / image.height)
         if scale > 1.0:
@@ -307,7 +272,3 @@ class Upscalers:
             image = canvas
         return image
 
-
-__all__ = ["BUILTIN_UPSCALERS", "ESRGAN_TILE", "ESRGAN_TILE_OVERLAP", "REALESRGAN_NAMES", "Grid", "UpscalerInfo",
-           "UpscalerModelError", "Upscalers", "combine_grid", "list_upscalers", "split_grid", "upscale_patch",
-           "upscale_with_model"]

@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from starlette.testclient import TestClient
 
-from sd15.preview import PreviewDecoders, approx_cheap, image_grid, preview
+from sd15.preview import PreviewDecoders, image_grid, preview
 from sd15.vae.taesd import TAESDDecoder
 from server import runner
 from server.app import Engine, create_app
@@ -92,7 +92,7 @@ def test_progress_preview_is_approx_cheap_of_that_step_and_only_when_polled(fold
         assert cap.reached[3].wait(60)
         shown = client.get("/sdapi/v1/progress").json()["current_image"]
         assert [p[0] for p in cap.previews] == [3]  # decoded once, at the first step after the poll
-        expected = np.asarray(image_grid(approx_cheap(cap.latents[2])))  # the batch of 2 as A1111's grid
+        expected = np.asarray(image_grid(preview(None, cap.latents[2])))  # the batch of 2 as A1111's grid
         assert expected.shape == (8, 16, 3) and np.array_equal(pixels(shown), expected)
         cap.go[3].set()
         wait_done(client, job["id"])
@@ -231,7 +231,7 @@ def test_event_stream_previews_every_n_and_per_batch(live, monkeypatch):
     assert [p[0] for p in cap.previews] == [3, 6]  # every 3 steps of 7
     assert [(s["id"], s["preview_step"]) for s in sent] == [(job_id, 3), (job_id, 6)]
     for s in sent:
-        want = np.asarray(approx_cheap(cap.latents[s["preview_step"] - 1])[0])
+        want = np.asarray(preview(None, cap.latents[s["preview_step"] - 1])[0])
         assert np.array_equal(pixels(s["preview"]), want)
     # -1: one preview per finished batch (the batch's last x0), made when the next batch starts
     sent.clear()
@@ -240,4 +240,5 @@ def test_event_stream_previews_every_n_and_per_batch(live, monkeypatch):
     run_job(url, {**SMALL, "steps": 3, "n_iter": 3}, cap, seen)
     assert [p[1] for p in cap.previews] == [3, 6] and [s["preview_step"] for s in sent] == [3, 6]
     for s in sent:
-        assert np.array_equal(pixels(s["preview"]), np.asarray(approx_cheap(cap.latents[s["preview_step"] - 1])[0]))
+        want = preview(None, cap.latents[s["preview_step"] - 1])[0]
+        assert np.array_equal(pixels(s["preview"]), np.asarray(want))

@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from sd15.preview import (PREVIEW_TYPES, PreviewDecoders, approx_cheap, effective_preview_type, image_grid, preview,
+from sd15.preview import (PREVIEW_TYPES, PreviewDecoders, effective_preview_type, image_grid, preview,
                           preview_tensor)
 from sd15.vae.approx import VAEApprox
-from sd15.vae.taesd import TAESD_PARAMETERS, TAESDDecoder, load_taesd_decoder
+from sd15.vae.taesd import TAESDDecoder, load_taesd_decoder
 from sd15.vae.vae import VAE_TINY, AutoencoderKL
 
 M = [[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]]
@@ -30,7 +30,7 @@ for _u in (7, 12, 17):
 def test_approx_cheap_by_hand():
     g = torch.Generator().manual_seed(0)
     lat = torch.randn(2, 4, 3, 5, generator=g) * 2
-    got = [np.asarray(im) for im in approx_cheap(lat)]
+    got = [np.asarray(im) for im in preview(None, lat)]
     for b in range(2):
         assert got[b].shape == (3, 5, 3)  # one pixel per latent cell
         for y in range(3):
@@ -43,7 +43,7 @@ def test_approx_cheap_by_hand():
 
 
 def test_taesd_parameter_count_and_public_layout(tmp_path):
-    assert sum(p.numel() for p in TAESDDecoder().parameters()) == TAESD_PARAMETERS == 1_222_531
+    assert sum(p.numel() for p in TAESDDecoder().parameters()) == 1_222_531
     assert {k: tuple(v.shape) for k, v in TAESDDecoder().state_dict().items()} == TAESD_KEYS
     g = torch.Generator().manual_seed(1)
     sd = {k: torch.randn(s, generator=g) * 0.05 for k, s in TAESD_KEYS.items()}
@@ -108,16 +108,16 @@ def test_preview_kinds(tmp_path):
         ims = preview(vae, lat, kind, dec)
         assert len(ims) == 2 and ims[0].size == sizes[kind]
     with torch.no_grad():  # TAESD output is mapped from [0, 1] to [-1, 1]; Full divides by the scale factor
-        torch.testing.assert_close(preview_tensor(vae, lat, "TAESD", dec), dec.taesd()(lat) * 2 - 1)
+        torch.testing.assert_close(preview_tensor(vae, lat, "TAESD", dec), dec.net("TAESD")(lat) * 2 - 1)
         torch.testing.assert_close(preview_tensor(vae, lat, "Full", dec), vae.decode(lat / 0.18215))
         nn_out = preview_tensor(vae, lat, "Approx NN", dec)
-        net = dec.approx_nn()
+        net = dec.net("Approx NN")
         x = F.pad(lat.repeat_interleave(2, 2).repeat_interleave(2, 3), (11, 11, 11, 11))
         for i in range(1, 9):
             conv = getattr(net, f"conv{i}")
             x = F.leaky_relu(F.conv2d(x, conv.weight, conv.bias), 0.1)
         torch.testing.assert_close(nn_out, x)
-    assert dec.taesd() is dec.taesd()  # loaded once
+    assert dec.net("TAESD") is dec.net("TAESD")  # loaded once
     grid = preview(vae, lat, "Approx cheap", dec, grid=True)
     assert grid.size == (12, 4)  # 2 images: round(sqrt(2)) = 1 row, 2 columns
 
@@ -129,7 +129,8 @@ def test_fallbacks_without_weights_and_with_a_bad_file(tmp_path):
     assert effective_preview_type("Full", empty) == "Full"
     assert effective_preview_type("Approx NN", None) == "Approx cheap"
     lat = torch.randn(1, 4, 4, 4)
-    assert np.array_equal(np.asarray(preview(None, lat, "TAESD", empty)[0]), np.asarray(approx_cheap(lat)[0]))
+    cheap = preview(None, lat, "Approx cheap")[0]
+    assert np.array_equal(np.asarray(preview(None, lat, "TAESD", empty)[0]), np.asarray(cheap))
     (tmp_path / "taesd_decoder.pth").write_bytes(b"broken")
     bad = PreviewDecoders(tmp_path)
     assert effective_preview_type("TAESD", bad) == "Approx cheap"
@@ -139,7 +140,7 @@ def test_fallbacks_without_weights_and_with_a_bad_file(tmp_path):
 
 
 def test_image_grid_layout():
-    ims = [approx_cheap(torch.full((1, 4, 2, 3), float(i)))[0] for i in range(5)]
+    ims = [preview(None, torch.full((1, 4, 2, 3), float(i)))[0] for i in range(5)]
     g = image_grid(ims)
     assert g.size == (3 * 3, 2 * 2)  # round(sqrt(5)) = 2 rows, 3 columns
     assert np.array_equal(np.asarray(g)[2:4, 3:6], np.asarray(ims[4]))

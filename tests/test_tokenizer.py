@@ -137,24 +137,20 @@ def test_vectors_reference(ref, text, ids):
     assert ref.encode(text) == ids
 
 
-def test_constants(tok):
+def test_constants():
     assert (BOS, EOS, PAD, CONTEXT_LENGTH, VOCAB_SIZE) == (49406, 49407, 49407, 77, 49408)
-    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (49406, 49407, 49407)
-    assert len(tok) == 49408
 
 
 def test_vocab(tok, ref):
     assert len(tok.vocab) == 49408
-    assert tok.tokens == ref.vocab_list
-    assert all(tok.vocab[t] == i for i, t in enumerate(tok.tokens))
+    assert list(tok.vocab) == ref.vocab_list
+    assert list(tok.vocab.values()) == list(range(49408))
     expected = {
         "!": 0, "~": 93, "¡": 94, "ÿ": 187, "Ā": 188, "!</w>": 256, "a</w>": 320, ",</w>": 267, "*</w>": 265,
         "*": 9, "in": 512, "th": 513, "an": 514, "jekyll</w>": 49405,
         "<|startoftext|>": 49406, "<|endoftext|>": 49407,
     }  # fmt: skip
     assert {t: tok.vocab[t] for t in expected} == expected
-    assert tok.token_to_id(",</w>") == 267 and tok.token_to_id("no such token") is None
-    assert tok.id_to_token(320) == "a</w>"
     # Byte 0 is the first non-printable byte: chr(256) = "Ā" (id 188); the space (byte 32) is chr(256 + 32) = "Ġ".
     assert tok.encode(" ") == [] and tok.vocab["Ġ"] == 188 + 32
 
@@ -285,8 +281,6 @@ def test_matches_reference(tok, ref, name):
     mismatches = [(t, tok.encode(t), ref.encode(t)) for t in texts]
     mismatches = [m for m in mismatches if m[1] != m[2]]
     assert not mismatches, mismatches[:3]
-    # The batch path gives the same ids.
-    assert tok.encode_batch(texts) == [ref.encode(t) for t in texts]
 
 
 def test_corpus_is_not_trivial(ref):
@@ -303,9 +297,9 @@ def test_corpus_is_not_trivial(ref):
 def test_code_points_pre_tokenize_like_reference(tok, ref):
     """Every code point up to U+33FFF (and the tags/variation selectors), in letter, digit, punctuation and
     contraction contexts, is pre-tokenised like the regex module does (checks Oniguruma's \\p{L}/\\p{N}/\\s)."""
-    from sd15.clip.tokenizer import _pre_tokenizer_text
+    from sd15.clip.tokenizer import _pre_tokenizer_text, _tables
 
-    split = tok._split
+    split = _tables()[2]
     unicode17 = bool(ref.regex.match(r"\p{L}", "\u0c5c"))  # regex >= 2025.9 knows Unicode 17.0
     skip = set()
     if not unicode17:  # an older regex module classes the Unicode 17.0 letters as unassigned; ours as letters
@@ -375,7 +369,7 @@ def test_matches_transformers(tok, hf_tok):
     assert len(comparable) > 0.6 * len(texts)
     for cat in ("unicode", "emoji", "long", "a1111", "contractions", "fuzz"):
         assert any(_hf_comparable(hf_tok, t) for t in CORPUS[cat]), cat
-    got = tok.encode_batch(comparable)
+    got = [tok.encode(t) for t in comparable]
     want = [hf_tok(t, add_special_tokens=False)["input_ids"] for t in comparable]
     mismatches = [(t, g, w) for t, g, w in zip(comparable, got, want) if g != w]
     assert not mismatches, mismatches[:3]
@@ -396,8 +390,8 @@ def test_tokenize_short(tok):
     assert out[0].tolist() == [49406, 320, 1125, 539, 320, 2368] + [49407] * 71
 
 
-def test_tokenize_empty_and_call(tok):
-    out = tok(["", "a photo of a cat"])
+def test_tokenize_empty(tok):
+    out = tok.tokenize(["", "a photo of a cat"])
     assert out.shape == (2, 77)
     assert out[0].tolist() == [49406] + [49407] * 76
     assert out[1, :7].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407]
@@ -420,13 +414,6 @@ def test_tokenize_length(tok):
         tok.tokenize("a", length=1)
 
 
-def test_decode(tok):
-    assert tok.decode([320, 1125, 539, 320, 2368]) == "a photo of a cat"
-    assert tok.decode(tok.encode("Héllo wörld, 日本語 🎉")) == "héllo wörld , 日本語 🎉"
-    assert tok.decode(tok.tokenize("a cat")[0], skip_special_tokens=True) == "a cat"
-    assert tok.decode([49406, 320, 49407]) == "<|startoftext|> a <|endoftext|>"
-
-
 def test_construction_is_shared():
     a, b = Tokenizer(), Tokenizer()
-    assert a.vocab is b.vocab and a._rust is b._rust
+    assert a.vocab is b.vocab

@@ -28,7 +28,7 @@ class VAEApprox(nn.Module):
     def forward(self, x):
         x = F.interpolate(x, (x.shape[2] * 2, x.shape[3] * 2))  # nearest
         x = F.pad(x, (11, 11, 11, 11))  # the eight valid convs remove 6+4+2*6 = 22 pixels
-        for layer in (self.conv1, self.conv2, self.conv3, self.conv4, self.conv5, self.conv6, self.conv7, self.conv8):
+        for layer in self.children():  # conv1 .. conv8, in order
             x = F.leaky_relu(layer(x), 0.1)
         return x  # (B, 3, 2h, 2w)
 
@@ -37,9 +37,8 @@ def load_vae_approx(path, device="cpu", dtype=torch.float32) -> VAEApprox:
     """Read A1111's `VAE-approx/model.pt` (weights only); ValueError with one line naming the file otherwise."""
     path = Path(path)
     try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
         net = VAEApprox()
-        net.load_state_dict(sd, strict=True)
+        net.load_state_dict(torch.load(str(path), map_location="cpu", weights_only=True), strict=True)
     except Exception as e:  # noqa: BLE001
         msg = " ".join(str(e).split())[:200] or type(e).__name__
         raise ValueError(f"{path.name}: not an Approx NN (VAE-approx) model: {msg}") from e

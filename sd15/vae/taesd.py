@@ -1,17 +1,14 @@
 """TAESD decoder (Tiny AutoEncoder for Stable Diffusion, madebyollin/taesd, MIT licence), read top to bottom.
 
-A 1.22M-parameter stand-in for the SD VAE decoder, used for cheap live previews (A1111's "TAESD" preview type and
-`sd_vae_decode_method`). It takes the *scaled* latent (the sampler's x0, not divided by 0.18215) and returns an
-image in [0, 1] at 8x the latent size:
+A 1.22M-parameter stand-in for the SD VAE decoder, for A1111's "TAESD" live previews. It takes the *scaled*
+latent (the sampler's x0, not divided by 0.18215) and returns an image in [0, 1] at 8x the latent size:
 
     3·tanh(x/3) -> conv 4->64 -> ReLU -> 3 x [3 Blocks -> nearest x2 -> conv 64->64 (no bias)] -> Block -> conv 64->3
 
-A Block is conv-ReLU-conv-ReLU-conv (3x3, 64 channels) plus the identity, then ReLU.
-
-The decoder is one `nn.Sequential`, so the module names are the keys of the public `taesd_decoder.pth` /
-`taesd_decoder.safetensors` (`1.weight`, `3.conv.0.weight`, ..., `7.weight`, ..., `19.bias`; index 0 is the clamp).
-The diffusers `AutoencoderTiny` layout (`decoder.layers.N`, no clamp module, so every index is one lower) is
-accepted too.
+A Block is conv-ReLU-conv-ReLU-conv (3x3, 64 channels) plus the identity, then ReLU. The decoder is one
+`nn.Sequential`, so the module names are the keys of `taesd_decoder.pth` (`1.weight`, `3.conv.0.weight`, ...,
+`19.bias`; index 0 is the clamp); diffusers' `AutoencoderTiny` layout (`decoder.layers.N` = N+1) is accepted
+too.
 """
 from __future__ import annotations
 
@@ -21,9 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from sd15.checkpoint import assign_strict
-
-TAESD_PARAMETERS = 1_222_531
+from sd15.checkpoint import assign_strict, open_checkpoint
 
 
 def conv(n_in: int, n_out: int, bias: bool = True) -> nn.Conv2d:
@@ -41,51 +36,36 @@ class Block(nn.Module):
     def __init__(self, ch: int = 64):
         super().__init__()
         self.conv = nn.Sequential(conv(ch, ch), nn.ReLU(), conv(ch, ch), nn.ReLU(), conv(ch, ch))
-        self.skip = nn.Identity()  # TAESD's skip is a 1x1 conv only when channels change; never in this decoder
         self.fuse = nn.ReLU()
 
     def forward(self, x):
-        return self.fuse(self.conv(x) + self.skip(x))
+        return self.fuse(self.conv(x) + x)  # TAESD's skip is a 1x1 conv only where channels change; not here
 
 
 class TAESDDecoder(nn.Sequential):
     """(B, 4, h, w) scaled latent -> (B, 3, 8h, 8w) image in about [0, 1]."""
 
-    def __init__(self, latent_channels: int = 4):
-        layers: list[nn.Module] = [Clamp(), conv(latent_channels, 64), nn.ReLU()]  # 0, 1, 2
+    def __init__(self):
+        layers: list[nn.Module] = [Clamp(), conv(4, 64), nn.ReLU()]  # 0, 1, 2
         for _ in range(3):  # 3-7, 8-12, 13-17
             layers += [Block(), Block(), Block(), nn.Upsample(scale_factor=2, mode="nearest"), conv(64, 64, bias=False)]
         layers += [Block(), conv(64, 3)]  # 18, 19
         super().__init__(*layers)
 
 
-def _from_diffusers(sd: dict) -> dict:
-    """`decoder.layers.N.rest` (diffusers AutoencoderTiny) -> `N+1.rest`; encoder keys are dropped."""
-    out = {}
-    for k, v in sd.items():
-        if m := re.fullmatch(r"decoder\.layers\.(\d+)\.(.+)", k):
-            out[f"{int(m[1]) + 1}.{m[2]}"] = v
-    return out
-
-
 def load_taesd_decoder(path, device="cpu", dtype=torch.float32) -> TAESDDecoder:
-    """Read `taesd_decoder.pth` (`torch.load(weights_only=True)`) or a `.safetensors` file (TAESD's own layout or
-    diffusers' AutoencoderTiny). Raises ValueError with one line naming the file when it is not a TAESD decoder."""
+    """Read `taesd_decoder.pth` or a `.safetensors` file (TAESD's own layout or diffusers' AutoencoderTiny).
+    Raises ValueError with one line naming the file when it is not a TAESD decoder."""
     path = Path(path)
     try:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
-            sd = load_file(str(path))
-        else:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
-        if not isinstance(sd, dict):
-            raise ValueError("not a state dict")
-        if any(k.startswith("decoder.layers.") for k in sd):
-            sd = _from_diffusers(sd)
-        with torch.device("meta"):
-            net = TAESDDecoder(sd["1.weight"].shape[1] if "1.weight" in sd else 4)
-        assign_strict(net, sd)
+        sd = {k: entry.read() for k, entry in open_checkpoint(path).items()}  # weights only, no pickled code
+        if any(k.startswith("decoder.layers.") for k in sd):  # diffusers: no clamp module, encoder dropped
+            sd = {f"{int(m[1]) + 1}.{m[2]}": v for k, v in sd.items()
+                  if (m := re.fullmatch(r"decoder\.layers\.(\d+)\.(.+)", k))}
+        with torch.device("meta"):  # no random init: the file's tensors are assigned
+            net = TAESDDecoder()
+        net = assign_strict(net, sd)
     except Exception as e:  # noqa: BLE001 - one line naming the file
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"{path.name}: not a TAESD decoder: {msg}") from e
-    return net.eval().requires_grad_(False).to(device=device, dtype=dtype)
+    return net.to(device=device, dtype=dtype)

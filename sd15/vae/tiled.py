@@ -1,40 +1,26 @@
 """Tiled VAE decoding and encoding: large images without the VAE's full-resolution activations in memory.
 
-Where the memory goes: at 1024x1024 the decoder's last levels hold 128-256 channels at full resolution
-(256 MiB per fp16 tensor at 128 channels); the latent-resolution part (post_quant_conv, conv_in and the
-mid-block with its attention, 512 channels at 128x128) is 16 MiB. The encoder is the mirror image.
+The latent-resolution part (post_quant_conv, conv_in, the mid-block with its attention: 16 MiB at
+1024x1024) runs on the whole latent, exactly as `vae.decode` / `vae.encode`; only the full-resolution part
+(the up path when decoding, the down path when encoding; 256 MiB per fp16 map at 128 channels) is tiled.
+GroupNorm normalises with statistics over the whole image, and tile-local statistics change the result
+(brighter or darker tiles, seams):
 
-So both entry points run the latent-resolution part on the *whole* latent, exactly as `vae.decode` /
-`vae.encode` do (global self-attention, exact GroupNorm), and tile only the full-resolution part: the up
-path (`decoder.up`, `norm_out`, `conv_out`) when decoding, the down path (`conv_in`, `encoder.down`) when
-encoding.
+mode="exact" (default) runs the tiled part stage by stage (ResnetBlock, Upsample / Downsample, output
+  head), each over all tiles: a tile is its core (the cores partition the image) plus HALO pixels of context
+  and keeps its core's output. For the j-th GroupNorm of a stage every tile runs up to it (the first j-1
+  knowing their statistics) and accumulates its input over the core (count, mean, M2 per sample and group,
+  Chan's formula in float64). Result: `vae.decode` up to float rounding (measured rel 2e-6) for about 1.5x
+  the convolutions. Memory: one tile's activations plus one stage's input and output maps on `storage`
+  (default the device: about half the untiled peak; "cpu": device memory bounded by the tile size).
 
-GroupNorm is the difficulty: every GroupNorm normalises with statistics over the *whole* image, and a tile
-that computes them over itself changes the result (brighter or darker tiles, seams). Two modes:
+mode="blend" runs each tile through the whole tiled part and blends tiles overlapping by `overlap` with
+  linear feathering; `stats_passes` passes over all tiles estimate the GroupNorm statistics (0: tile-local).
+  Memory is independent of the image size but the result deviates (the estimate is exact only for the first
+  GroupNorm; more passes do not converge: worse after 2). Measured deviations are in tests/test_tiled_vae.py.
 
-mode="exact" (default) runs the tiled part stage by stage (each ResnetBlock, Upsample / Downsample, the
-  output head), each stage over all tiles before the next. A tile is its core (the cores partition the
-  image) plus HALO pixels of context, enough for the stage's convolutions, and keeps only its core's output,
-  so there are no seams to blend. A stage's GroupNorms get exact global statistics from sub-passes: for
-  the j-th GroupNorm every tile runs up to it (the first j-1 already knowing theirs), its input is
-  accumulated over the core (per sample and group: count, mean, M2, combined with Chan's formula in
-  float64), and the tile stops there. Result: `vae.decode` up to float rounding (measured rel 2e-6), for
-  about 1.5x the convolution work. Memory: one tile's activations on the device, plus one stage's input
-  and output maps at full size on `storage` (the device by default: about half the untiled peak;
-  "cpu": device memory bounded by the tile size).
-
-mode="blend" runs every tile through the whole tiled part; tiles overlap by `overlap` and are blended with
-  linear feathering (the weights of overlapping tiles sum to one). GroupNorm statistics are estimated by
-  `stats_passes` passes over all tiles that accumulate each GroupNorm's input over the tile cores (pass 1
-  normalises with tile-local statistics; 0 passes = tile-local statistics, the naive method). Memory is
-  independent of the image size, but the result deviates: the estimate is exact only for the first
-  GroupNorm, and further passes do not converge reliably (each layer's estimate comes from a pass whose
-  earlier layers used other statistics; measured: worse after 2 passes), so `stats_passes` > 1 is not
-  recommended. Measured deviations are in tests/test_tiled_vae.py.
-
-Units: decode tiles are in latent pixels (`tile=64` = 512 image pixels), encode tiles in image pixels
-(`tile=512`), overlaps likewise. A latent (or image) that fits in one tile gives exactly `vae.decode`
-(`vae.encode`).
+Decode tiles are in latent pixels (`tile=64` = 512 image pixels), encode tiles in image pixels. A latent (or
+image) that fits in one tile gives exactly `vae.decode` (`vae.encode`).
 """
 from __future__ import annotations
 
@@ -44,18 +30,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# ------------------------------------------------------------------------------------------------
-# Tiles and blending weights
-# ------------------------------------------------------------------------------------------------
-
 
 def tile_spans(n: int, tile: int, overlap: int, align: int = 1) -> list[tuple[int, int, int, int]]:
-    """Cover [0, n) with tiles of length `tile` overlapping by at least `overlap`, evenly spaced.
-
-    Returns (start, end, core_start, core_end) per tile; the cores partition [0, n), each boundary in the
-    middle of an overlap. Every tile has the same length (good for compiled or graph-captured code), and
-    all positions are multiples of `align` (8 for the encoder, so its stride-2 grid lines up).
-    """
+    """Cover [0, n) with equal tiles of length `tile` overlapping by at least `overlap`, evenly spaced ->
+    (start, end, core_start, core_end) per tile. The cores partition [0, n), each boundary in the middle of an
+    overlap; all positions are multiples of `align` (8 for the encoder, so its stride-2 grid lines up)."""
     if tile <= overlap:
         raise ValueError(f"tile ({tile}) must be larger than overlap ({overlap})")
     if n <= tile:
@@ -78,17 +57,10 @@ def _feather(spans, i: int, scale: float, device) -> torch.Tensor:
     j = torch.arange(length, device=device, dtype=torch.float32) + 0.5
     w = torch.ones(length, device=device)
     if i > 0:
-        ramp = (spans[i - 1][1] - start) * scale
-        w = w * (j / ramp).clamp(max=1.0)
+        w = w * (j / ((spans[i - 1][1] - start) * scale)).clamp(max=1.0)
     if i < len(spans) - 1:
-        ramp = (end - spans[i + 1][0]) * scale
-        w = w * ((length - j) / ramp).clamp(max=1.0)
+        w = w * ((length - j) / ((end - spans[i + 1][0]) * scale)).clamp(max=1.0)
     return w
-
-
-# ------------------------------------------------------------------------------------------------
-# GroupNorm with statistics over the whole image
-# ------------------------------------------------------------------------------------------------
 
 
 class _Stop(Exception):
@@ -96,18 +68,15 @@ class _Stop(Exception):
 
 
 class GlobalGroupNorm:
-    """Context manager that overrides the forward of the given GroupNorm modules (instance attribute,
-    removed on exit) so that they can accumulate statistics over tile cores and normalise with an estimate.
-
-    `core` = (y0, y1, x0, x1, th, tw): the running tile's core in the tile's own input coordinates and the
-    tile's input size; an activation of size (ah, aw) maps it by ah/th, aw/tw (exact: the decoder upsamples
-    by 2, the encoder's tiles are multiples of 8).
-    """
+    """Overrides the forward of the given GroupNorms within the block (instance attribute) so that they
+    accumulate statistics over tile cores and normalise with an estimate. `core` = (y0, y1, x0, x1, th, tw):
+    the running tile's core in its own input coordinates and its input size; an activation of size (ah, aw)
+    maps it by ah/th, aw/tw (exact: the decoder upsamples by 2, the encoder's tiles are multiples of 8)."""
 
     def __init__(self, norms: list[nn.GroupNorm]):
         self.norms = norms
         self.estimate: dict = {}  # GroupNorm -> (mean, var), each (B, G) float64
-        self.sums: dict = {}  # GroupNorm -> (n, mean, M2) of the pass in progress
+        self.sums: dict = {}  # GroupNorm -> (n, mean, M2) accumulated since the last keep()
         self.collect = False  # every GroupNorm accumulates (mode="blend")
         self.measuring = None  # only this GroupNorm accumulates, then stops the forward (mode="exact")
         self.core = None
@@ -121,19 +90,10 @@ class GlobalGroupNorm:
         for gn in self.norms:
             gn.__dict__.pop("forward", None)
 
-    def start_pass(self, collect: bool) -> None:
-        self.collect, self.sums = collect, {}
-
-    def end_pass(self) -> None:
-        if self.collect:
-            self.estimate = {gn: (mean, m2 / n) for gn, (n, mean, m2) in self.sums.items()}
-
-    def measure(self, gn: nn.GroupNorm | None) -> None:
-        """Start measuring `gn` alone (None: stop, and keep what was measured as its statistics)."""
-        if gn is None and self.measuring is not None:
-            n, mean, m2 = self.sums.pop(self.measuring)
-            self.estimate[self.measuring] = (mean, m2 / n)
-        self.measuring = gn
+    def keep(self) -> None:
+        """What was accumulated becomes those GroupNorms' statistics; the next accumulation starts empty."""
+        self.estimate.update({gn: (mean, m2 / n) for gn, (n, mean, m2) in self.sums.items()})
+        self.sums = {}
 
     def _forward(self, gn: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
         if self.collect or gn is self.measuring:
@@ -143,8 +103,7 @@ class GlobalGroupNorm:
         if gn not in self.estimate:
             return type(gn).forward(gn, x)  # tile-local statistics
         mean, var = self.estimate[gn]
-        b, c = x.shape[:2]
-        per_group = c // gn.num_groups
+        per_group = x.shape[1] // gn.num_groups
         inv = torch.rsqrt(var + gn.eps).float().repeat_interleave(per_group, dim=1)  # (B, C)
         a = inv * gn.weight.float()  # (B, C) scale
         shift = gn.bias.float() - mean.float().repeat_interleave(per_group, dim=1) * a  # (B, C)
@@ -167,20 +126,17 @@ class GlobalGroupNorm:
         self.sums[gn] = (total, mean0 + delta * (n / total), m20 + m2 + delta * delta * (n0 * n / total))
 
 
-# ------------------------------------------------------------------------------------------------
-# mode="exact": stage by stage over all tiles
-# ------------------------------------------------------------------------------------------------
-
 HALO = 2  # input pixels of context per side: a ResnetBlock has two 3x3 convs, Upsample/Downsample one
 
 
+def _group_norms(modules) -> list[nn.GroupNorm]:
+    return [m for mod in modules for m in mod.modules() if isinstance(m, nn.GroupNorm)]
+
+
 def _run_stages(stages, x, cores_y, cores_x, storage):
-    """Run `stages` [(module, scale)] one after another over the whole map x (B, C, H, W), each stage tile
-    by tile: crop the tile's core plus HALO pixels, run, keep the output of the core (`scale` = output /
-    input size: 1, 2 for Upsample, 1/2 for Downsample). The crop holds every input pixel the core's outputs
-    depend on, so the result is exact. The stage's GroupNorms get global statistics first: for the j-th,
-    every tile runs up to it, with the statistics of the first j-1 known, accumulates its input over the
-    core and stops. `cores_*` partition x's rows / columns; they scale with the stages."""
+    """mode="exact": run `stages` [(module, scale)] one after another over the whole map x (B, C, H, W), each
+    stage tile by tile: the core plus HALO pixels in, the core's output kept (`scale` = output / input size).
+    The stage's GroupNorms first get global statistics, one after another (see the module docstring)."""
     for stage, scale in stages:
         b, _, h, w = x.shape
         device = next(stage.parameters()).device
@@ -192,14 +148,15 @@ def _run_stages(stages, x, cores_y, cores_x, storage):
         norms = _group_norms([stage]) if len(crops) > 1 else []  # one tile: native GroupNorm, = untiled
         with GlobalGroupNorm(norms) as gn:
             for target in norms:  # registration order = execution order (norm1, norm2; norm_out)
-                gn.measure(target)
+                gn.measuring = target
                 for (cy0, cy1, cx0, cx1), (y0, y1, x0, x1) in crops:
                     gn.core = (cy0 - y0, cy1 - y0, cx0 - x0, cx1 - x0, y1 - y0, x1 - x0)
                     try:
                         stage(x[:, :, y0:y1, x0:x1].to(device))
                     except _Stop:
                         pass
-                gn.measure(None)
+                gn.keep()
+            gn.measuring = None
             out = None
             for (cy0, cy1, cx0, cx1), (y0, y1, x0, x1) in crops:
                 y = stage(x[:, :, y0:y1, x0:x1].to(device))
@@ -215,109 +172,78 @@ def _run_stages(stages, x, cores_y, cores_x, storage):
     return x
 
 
-# ------------------------------------------------------------------------------------------------
-# mode="blend": every tile through the whole tiled part, feathered
-# ------------------------------------------------------------------------------------------------
-
-
-def _run_blended(path, x, spans_y, spans_x, norms, scale: float, out_channels: int, stats_passes: int):
-    """Run `path` over overlapping tiles of x (B, C, H, W) and blend its outputs (`scale` times the tile
-    size) into (B, out_channels, H*scale, W*scale) float32 with linear feathering."""
-    b, _, h, w = x.shape
-    oh, ow = round(h * scale), round(w * scale)
-    single = len(spans_y) == 1 and len(spans_x) == 1
-    with GlobalGroupNorm([] if single else norms) as gn:
-        for _ in range(0 if single else stats_passes):
-            gn.start_pass(collect=True)
-            for y0, y1, cy0, cy1 in spans_y:
-                for x0, x1, cx0, cx1 in spans_x:
-                    gn.core = (cy0 - y0, cy1 - y0, cx0 - x0, cx1 - x0, y1 - y0, x1 - x0)
-                    path(x[:, :, y0:y1, x0:x1])
-            gn.end_pass()
-        gn.start_pass(collect=False)
-        out = torch.zeros(b, out_channels, oh, ow, device=x.device, dtype=torch.float32)
-        weight = torch.zeros(oh, ow, device=x.device, dtype=torch.float32)
-        for i, (y0, y1, _, _) in enumerate(spans_y):
-            wy = _feather(spans_y, i, scale, x.device)
-            for j, (x0, x1, _, _) in enumerate(spans_x):
-                wx = _feather(spans_x, j, scale, x.device)
-                tile_w = wy[:, None] * wx[None, :]  # (th*scale, tw*scale)
-                oy, ox = round(y0 * scale), round(x0 * scale)
-                sl = (slice(oy, oy + tile_w.shape[0]), slice(ox, ox + tile_w.shape[1]))
-                out[:, :, sl[0], sl[1]] += path(x[:, :, y0:y1, x0:x1]).float() * tile_w
-                weight[sl] += tile_w
-    return out / weight
-
-
-def _group_norms(modules) -> list[nn.GroupNorm]:
-    return [m for mod in modules for m in mod.modules() if isinstance(m, nn.GroupNorm)]
-
-
-def _cores(n: int, tile: int, align: int = 1) -> list[tuple[int, int]]:
-    return [(a, e) for _, _, a, e in tile_spans(n, tile, 0, align)]
-
-
-# ------------------------------------------------------------------------------------------------
-# Entry points
-# ------------------------------------------------------------------------------------------------
-
-MODES = ("exact", "blend")
-
-
-def _chain(stages):
-    """The stages run one after another on one crop: the whole up (or down) path of a tile."""
+def _run_blended(stages, x, spans_y, spans_x, stats_passes: int):
+    """mode="blend": run all `stages` on each overlapping tile of x (B, C, H, W) and blend the outputs with
+    linear feathering -> float32, H and W times the product of the stage scales."""
     def run(t):
         for module, _ in stages:
             t = module(t)
         return t
-    return run
+
+    b, _, h, w = x.shape
+    scale = math.prod(s for _, s in stages)
+    single = len(spans_y) == 1 and len(spans_x) == 1
+    with GlobalGroupNorm([] if single else _group_norms([m for m, _ in stages])) as gn:
+        gn.collect = True
+        for _ in range(0 if single else stats_passes):
+            for y0, y1, cy0, cy1 in spans_y:
+                for x0, x1, cx0, cx1 in spans_x:
+                    gn.core = (cy0 - y0, cy1 - y0, cx0 - x0, cx1 - x0, y1 - y0, x1 - x0)
+                    run(x[:, :, y0:y1, x0:x1])
+            gn.keep()
+        gn.collect = False
+        out = None
+        weight = torch.zeros(round(h * scale), round(w * scale), device=x.device, dtype=torch.float32)
+        for i, (y0, y1, _, _) in enumerate(spans_y):
+            wy = _feather(spans_y, i, scale, x.device)
+            for j, (x0, x1, _, _) in enumerate(spans_x):
+                tile_w = wy[:, None] * _feather(spans_x, j, scale, x.device)[None, :]  # (th*scale, tw*scale)
+                y = run(x[:, :, y0:y1, x0:x1]).float() * tile_w
+                if out is None:
+                    out = torch.zeros(b, y.shape[1], *weight.shape, device=x.device, dtype=torch.float32)
+                oy, ox = round(y0 * scale), round(x0 * scale)
+                sl = (slice(oy, oy + tile_w.shape[0]), slice(ox, ox + tile_w.shape[1]))
+                out[:, :, sl[0], sl[1]] += y
+                weight[sl] += tile_w
+    return out / weight
+
+
+def _tiled(stages, x, tile: int, overlap: int, align: int, mode: str, storage, stats_passes: int):
+    h, w = x.shape[-2:]
+    if mode == "exact":
+        cores = [[(a, e) for _, _, a, e in tile_spans(n, tile, 0, align)] for n in (h, w)]
+        return _run_stages(stages, x, *cores, storage or x.device)
+    if mode == "blend":
+        spans = [tile_spans(n, tile, overlap, align) for n in (h, w)]
+        return _run_blended(stages, x, *spans, stats_passes)
+    raise ValueError(f"mode must be one of ('exact', 'blend'), got {mode!r}")
 
 
 @torch.no_grad()
 def tiled_decode(vae, z: torch.Tensor, tile: int = 64, overlap: int = 16, *, mode: str = "exact",
                  storage=None, stats_passes: int = 1) -> torch.Tensor:
-    """`vae.decode(z)` in tiles. z: raw latent (B, 4, h, w) (sampler output / 0.18215) in the VAE dtype ->
-    image (B, 3, 8h, 8w) in the same dtype. `tile`/`overlap` in latent pixels (64/16 = 512/128 image px).
-
-    mode="exact": the up path stage by stage (each ResnetBlock, Upsample, the output head), every stage
-      tile by tile with a HALO-pixel margin and global GroupNorm statistics: equal to `vae.decode` up to
-      float rounding. Holds one stage's input and output maps at full size on `storage` (default: z's
-      device; "cpu" bounds device memory by the tile size). `overlap` is not used.
-    mode="blend": each tile through the whole up path, tiles overlapping by `overlap`, blended with linear
-      feathering; GroupNorm statistics estimated by `stats_passes` passes (0: per tile). Memory independent
-      of the image size, 1 + stats_passes runs of the up path, not exact (see the module docstring).
-    """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    """`vae.decode(z)` in tiles: raw latent (B, 4, h, w) (sampler output / 0.18215) in the VAE dtype ->
+    image (B, 3, 8h, 8w). `tile`/`overlap` in latent pixels (64/16 = 512/128 image px); `overlap` only for
+    "blend"; `storage` (exact) and `stats_passes` (blend) as in the module docstring."""
     dec = vae.decoder
     x = dec.mid(dec.conv_in(vae.post_quant_conv(z)))  # (B, 512, h, w): whole latent, exact
-    h, w = z.shape[-2:]
     stages = []
     for level in reversed(dec.up):  # Decoder.forward after `mid` (sd15/vae/vae.py), lowest resolution first
         stages += [(block, 1) for block in level.block]
         if hasattr(level, "upsample"):
             stages.append((level.upsample, 2))
     stages.append((nn.Sequential(dec.norm_out, nn.SiLU(), dec.conv_out), 1))
-    if mode == "exact":
-        return _run_stages(stages, x, _cores(h, tile), _cores(w, tile), storage or z.device).to(z.device)
-    scale = 2 ** (len(dec.up) - 1)
-    norms = _group_norms(list(dec.up) + [dec.norm_out])
-    out = _run_blended(_chain(stages), x, tile_spans(h, tile, overlap), tile_spans(w, tile, overlap), norms, scale,
-                       dec.conv_out.out_channels, stats_passes)
-    return out.to(z.dtype)
+    return _tiled(stages, x, tile, overlap, 1, mode, storage, stats_passes).to(z.device, z.dtype)
 
 
 @torch.no_grad()
 def tiled_encode(vae, img: torch.Tensor, tile: int = 512, overlap: int = 64, *, mode: str = "exact",
                  storage=None, stats_passes: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """`vae.encode(img)` in tiles. img: (B, 3, H, W) in [-1, 1], H and W multiples of 8 -> (mean, logvar),
-    each (B, 4, H/8, W/8). `tile`/`overlap` in image pixels, rounded down to multiples of 8; `mode`,
-    `storage`, `stats_passes` as in `tiled_decode` (here the down path is tiled)."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    """`vae.encode(img)` in tiles: (B, 3, H, W) in [-1, 1], H and W multiples of 8 -> (mean, logvar), each
+    (B, 4, H/8, W/8). `tile`/`overlap` in image pixels, rounded down to multiples of 8; the rest as in
+    `tiled_decode` (here the down path is tiled)."""
     enc = vae.encoder
     factor = 2 ** (len(enc.down) - 1)
-    tile, overlap = tile // factor * factor, overlap // factor * factor
     h, w = img.shape[-2:]
     if h % factor or w % factor:
         raise ValueError(f"image size {h}x{w} must be a multiple of {factor}")
@@ -326,13 +252,8 @@ def tiled_encode(vae, img: torch.Tensor, tile: int = 512, overlap: int = 64, *, 
         stages += [(block, 1) for block in level.block]
         if hasattr(level, "downsample"):
             stages.append((level.downsample, 0.5))
-    if mode == "exact":
-        feats = _run_stages(stages, img, _cores(h, tile, factor), _cores(w, tile, factor), storage or img.device)
-    else:
-        channels = enc.mid.block_1.conv1.in_channels
-        feats = _run_blended(_chain(stages), img, tile_spans(h, tile, overlap, factor),
-                             tile_spans(w, tile, overlap, factor), _group_norms(enc.down), 1 / factor, channels,
-                             stats_passes)
+    feats = _tiled(stages, img, tile // factor * factor, overlap // factor * factor, factor, mode, storage,
+                   stats_passes)
     hid = enc.conv_out(F.silu(enc.norm_out(enc.mid(feats.to(img.device, img.dtype)))))  # whole, exact
     mean, logvar = vae.quant_conv(hid).chunk(2, dim=1)
     return mean, logvar.clamp(-30.0, 20.0)  # as AutoencoderKL.encode
