@@ -24,7 +24,6 @@ from typing import Optional
 from sd15 import schema
 from sd15.a1111 import images as imgs
 from sd15.a1111 import infotext
-from sd15.samplers import resolve_sampler
 from server.coerce import ValidationError, convert  # pydantic v1 coercion and FastAPI's 422 shape
 from server.options import OPTIONS, READ_ONLY_OPTIONS, options_json, validate as option_value  # noqa: F401
 
@@ -221,22 +220,23 @@ class Limits(schema.Limits):
     max_prompt_chars: int = 20000  # prompt, negative prompt, hires prompts (each)
 
 
-def to_request(req: _GenerationRequest, settings: Optional[dict] = None, init_images=None,
-               mask=None) -> schema.GenerationRequest:
+def to_request(req: _GenerationRequest, settings: Optional[dict] = None, init_images=None, mask=None,
+               sampler=None) -> schema.GenerationRequest:
     """The body as a `sd15.schema.GenerationRequest`: its shared fields as sent, the API's spellings
     (`sampler_index`, "Use same sampler", legacy `firstphase_*`) translated, and the options that change
     the numbers from `settings` (the effective options; None: A1111's defaults). init_images/mask are the
-    decoded PIL images (None: the strings as sent, enough for checking)."""
+    decoded PIL images (None: the strings as sent, enough for checking). `sampler`: the resolved one, which
+    picks the option an empty `eta` means (A1111's `eta_ddim` for the timestep samplers, else
+    `eta_ancestral`); None (before resolving): `eta` stays as sent."""
     settings = {**{k: o.default for k, o in OPTIONS.items()}, **(settings or {})}
     kw = dict(req.shared)
     kw["sampler_name"] = req.sampler_name or req.sampler_index
     for name in ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise", "s_min_uncond", "initial_noise_multiplier"):
         option = name
         if name == "eta":
-            try:
-                option = "eta_ddim" if resolve_sampler(kw["sampler_name"], req.scheduler)[0].timesteps else "eta_ancestral"
-            except ValueError:
-                continue  # resolve() reports the name
+            if sampler is None:
+                continue
+            option = "eta_ddim" if sampler.timesteps else "eta_ancestral"
         if name in schema.FIELDS and kw.get(name) is None and settings[option] != OPTIONS[option].default:
             if name != "initial_noise_multiplier" or req.is_img2img:
                 kw[name] = settings[option]

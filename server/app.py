@@ -245,7 +245,8 @@ class Engine:
         decoded images and the options of this moment, neither of which changes a choice."""
         settings = {**self.options, **prepared.overrides}
         init_images, mask = self.decode_inputs(req)
-        request = dataclasses.replace(prepared.resolved, request=a1111.to_request(req, settings, init_images, mask))
+        request = a1111.to_request(req, settings, init_images, mask, prepared.resolved.sampler)
+        request = dataclasses.replace(prepared.resolved, request=request)
         del init_images, mask
         run = runner.Run("img2img" if req.is_img2img else "txt2img", JobState(), request.n_iter,
                          2 if request.hires else 1)
