@@ -1,12 +1,12 @@
 """JSON values -> field types with pydantic v1's coercion rules, and FastAPI's 422 error shape.
 
-A1111 v1.10 validates request bodies with pydantic 1.x models under FastAPI 0.94, so a client may send `true`
-for an int (-> 1), `7` for a float (-> 7.0), `"7"` or `1.9` for an int (-> 7, 1), `"yes"` for a bool and `12`
-for a str (-> "12"). `coerce` follows pydantic v1's `int_validator`, `float_validator`, `bool_validator`,
-`str_validator`, `list_validator` and `dict_validator` for the types A1111's models use (int, float, bool, str,
-Any, Optional[X], list / List[X], dict / Dict[K, V]), with its error words and type codes. One deliberate
-difference: `convert` refuses NaN and infinities in float fields (pydantic's `allow_inf_nan = False`); stock
-A1111 passes them to the sampler, which returns black images.
+A1111 v1.10 validates request bodies with pydantic 1.x models under FastAPI 0.94, so a client may send
+`true` for an int (-> 1), `7` for a float (-> 7.0), `"7"` or `1.9` for an int (-> 7, 1), `"yes"` for a bool
+and `12` for a str (-> "12"). `coerce` follows pydantic v1's `int_validator`, `float_validator`,
+`bool_validator`, `str_validator`, `list_validator` and `dict_validator` for the types A1111's models use
+(int, float, bool, str, Any, Optional[X], list / List[X], dict / Dict[K, V]), with its error words and type
+codes. One deliberate difference: `convert` refuses NaN and infinities in float fields (pydantic's
+`allow_inf_nan = False`); stock A1111 passes them to the sampler, which returns black images.
 """
 from __future__ import annotations
 
