@@ -179,8 +179,8 @@ def openapi_schema(routes, request_bodies: dict, limits, auth: bool) -> dict:
             if "{job_id}" in route.path:
                 r["404"] = _error("No such job")
             if name == "submit_job":
-                links = {op: {"operationId": f"{op}_{m}", "parameters": {"job_id": "$response.body#/id"}}
-                         for op, m in (("get_job", "get"), ("delete_job", "delete"))}
+                links = {to: {"operationId": f"{to}_{m}", "parameters": {"job_id": "$response.body#/id"}}
+                         for to, m in (("get_job", "get"), ("delete_job", "delete"))}
                 r["202"] = {"description": "Queued", "links": links, "content": _json({
                     "type": "object", "required": ["id", "position"],
                     "properties": {"id": {"type": "string"}, "position": {"type": "integer"}}})}
