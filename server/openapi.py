@@ -10,7 +10,7 @@ import math
 import re
 import typing
 
-from server import a1111
+from server import a1111, options
 
 A1111_ERROR = {"type": "object", "required": ["error", "detail", "body", "errors"], "properties": {
     "error": {"type": "string"}, "detail": {"type": "string"}, "body": {"type": "string"}, "errors": {"type": "string"}}}
@@ -156,7 +156,7 @@ def openapi_schema(routes, request_bodies: dict, limits, auth: bool) -> dict:
     bodies["submit_job"] = {"$ref": "#/components/schemas/JobRequest"}
     bodies["set_options"] = {"type": "object", "additionalProperties": True, "properties": {
         k: {**_json_schema(o.type), **({"enum": list(o.choices)} if o.choices else {}), **_range(o.lo, o.hi)}
-        for k, o in a1111.OPTIONS.items()}}
+        for k, o in options.OPTIONS.items()}}
     paths: dict = {}
     for route in routes:
         if not getattr(route, "include_in_schema", True):

@@ -1,7 +1,7 @@
-"""The web page at `/` (server/static: plain files, no build step) and its helpers under `/sd15/v1`: token counts
-and the history of saved images. Everything the page does goes through HTTP endpoints a script could call too,
-behind the same Basic auth. Static answers carry an ETag and `Cache-Control: no-cache`, so a reload costs one
-304 per file.
+"""The web page at `/` (server/static: plain files, no build step) and its helpers under `/sd15/v1`: token
+counts and the history of saved images. Everything the page does goes through HTTP endpoints a script could
+call too, behind the same Basic auth. Static answers carry an ETag and `Cache-Control: no-cache`, so a reload
+costs one 304 per file.
 """
 from __future__ import annotations
 
