@@ -510,6 +510,12 @@ def test_vae_listing_and_switching(fresh, folders):
     assert client.post(f"{API}/options", json={"sd_vae": "Automatic"}).status_code == 200
     info = txt2img(client, seed=1)["info"]
     assert info["sd_vae_name"] is None and "VAE:" not in info["infotexts"][0]
+    # override_settings: a VAE that is not there and a read-only key are dropped (and logged), the rest applies
+    info = txt2img(client, seed=1, override_settings={"sd_vae": "nope.pt", "sd_checkpoint_hash": "x",
+                                                      "CLIP_stop_at_last_layers": 2})["info"]
+    assert info["sd_vae_name"] is None and "Clip skip: 2" in info["infotexts"][0]
+    info = txt2img(client, seed=1, override_settings={"sd_vae": "tiny-vae.safetensors"})["info"]
+    assert info["sd_vae_name"] == "tiny-vae.safetensors"
 
 
 def test_options_get_and_set(fresh):
