@@ -1,22 +1,18 @@
-"""The A1111 `/sdapi/v1` request and response shapes.
+"""The A1111 `/sdapi/v1` request and response shapes; the endpoints live in server/app.py.
 
-- `Txt2ImgRequest` / `Img2ImgRequest`: the API-only fields of A1111 v1.10's request models (`sampler_index`,
-  `send_images`, `override_settings`, `script_*`, ...); the fields they share with the library are
-  `sd15.schema.GenerationRequest`'s and are read generically (`shared`). `from_json` coerces as A1111's
-  pydantic v1 models do ("7" -> 7, 7 -> 7.0, "true" -> True), answers a wrong type with FastAPI's 422 shape,
-  treats `null` as "not given", and ignores (and logs) unknown fields.
-- `to_request(req, settings, ...)`: the body as a `GenerationRequest`; `check(req, limits)`: its checks.
-- `OPTIONS`: every A1111 `/sdapi/v1/options` key with its default and checks (server/options.py).
-- Error bodies: `ApiError` -> `{"error", "detail", "body", "errors"}`; `ValidationError` -> FastAPI's
-  `{"detail": [{"loc", "msg", "type"}]}`.
-
-Nothing here touches the model; the endpoints live in server/app.py.
+`Txt2ImgRequest` / `Img2ImgRequest` carry the API-only fields of A1111 v1.10's request models
+(`sampler_index`, `send_images`, `override_settings`, `script_*`, ...) as their own fields, and those they
+share with the library (`sd15.schema.GenerationRequest`'s) in `shared`. `from_json` coerces as A1111's
+pydantic v1 models do ("7" -> 7, "true" -> True), answers a wrong type with FastAPI's 422 shape, treats `null`
+as "not given" and ignores (and logs) unknown fields. `ApiError` is answered with A1111's body
+`{"error", "detail", "body", "errors"}`.
 """
 from __future__ import annotations
 
 import base64
 import dataclasses
 import logging
+import time
 import typing
 from dataclasses import dataclass, field
 from typing import Optional
@@ -24,16 +20,11 @@ from typing import Optional
 from sd15 import schema
 from sd15.a1111 import images as imgs
 from sd15.a1111 import infotext
-from sd15.samplers import resolve_sampler
 from server.coerce import ValidationError, convert  # pydantic v1 coercion and FastAPI's 422 shape
-from server.options import OPTIONS, READ_ONLY_OPTIONS, options_json, validate as option_value  # noqa: F401
+from server.options import OPTIONS
 
 log = logging.getLogger("server")
 
-
-# =============================================================================================
-# Errors
-# =============================================================================================
 
 class ApiError(Exception):
     """An error answered with A1111's handler body: `{"error", "detail", "body", "errors"}`."""
@@ -97,10 +88,6 @@ _SCHEMA_HINTS = typing.get_type_hints(schema.GenerationRequest)
 # on the wire: images as base64 strings; tiling may be null (A1111: the `tiling` option decides)
 _API_TYPES = {"init_images": Optional[list[str]], "mask": Optional[str], "tiling": Optional[bool]}
 
-
-# =============================================================================================
-# Requests: the API-only fields; the shared ones are sd15.schema.GenerationRequest's
-# =============================================================================================
 
 @dataclass
 class _GenerationRequest(_Request):
@@ -201,10 +188,6 @@ def merge_infotext(data: dict, names: list[str]) -> dict:
     return out
 
 
-# =============================================================================================
-# Request -> schema, checks
-# =============================================================================================
-
 @dataclass(frozen=True)
 class Limits(schema.Limits):
     """What one request may ask for (generous defaults; `sd15-server --max-*` flags change them)."""
@@ -221,25 +204,25 @@ class Limits(schema.Limits):
     max_prompt_chars: int = 20000  # prompt, negative prompt, hires prompts (each)
 
 
-def to_request(req: _GenerationRequest, settings: Optional[dict] = None, init_images=None,
-               mask=None) -> schema.GenerationRequest:
+def to_request(req: _GenerationRequest, settings: Optional[dict] = None, init_images=None, mask=None,
+               sampler=None) -> schema.GenerationRequest:
     """The body as a `sd15.schema.GenerationRequest`: its shared fields as sent, the API's spellings
-    (`sampler_index`, "Use same sampler", legacy `firstphase_*`) translated, and the options that change
-    the numbers from `settings` (the effective options; None: A1111's defaults). init_images/mask are the
-    decoded PIL images (None: the strings as sent, enough for checking)."""
+    (`sampler_index`, legacy `firstphase_*`) translated, and the options that change the numbers from
+    `settings` (the effective options; None: A1111's defaults). init_images/mask: the decoded PIL images
+    (None: the strings as sent, enough for checking). `sampler`, the one the request resolved to, picks the
+    option an empty `eta` means (A1111: `eta_ddim` for the timestep samplers, else `eta_ancestral`); without
+    it `eta` stays as sent."""
     settings = {**{k: o.default for k, o in OPTIONS.items()}, **(settings or {})}
     kw = dict(req.shared)
     kw["sampler_name"] = req.sampler_name or req.sampler_index
-    for name in ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise", "s_min_uncond", "initial_noise_multiplier"):
-        option = name
-        if name == "eta":
-            try:
-                option = "eta_ddim" if resolve_sampler(kw["sampler_name"], req.scheduler)[0].timesteps else "eta_ancestral"
-            except ValueError:
-                continue  # resolve() reports the name
-        if name in schema.FIELDS and kw.get(name) is None and settings[option] != OPTIONS[option].default:
-            if name != "initial_noise_multiplier" or req.is_img2img:
-                kw[name] = settings[option]
+    option_of = {name: name for name in ("s_churn", "s_tmin", "s_tmax", "s_noise", "s_min_uncond")}
+    if sampler is not None:
+        option_of["eta"] = "eta_ddim" if sampler.timesteps else "eta_ancestral"
+    if req.is_img2img:
+        option_of["initial_noise_multiplier"] = "initial_noise_multiplier"
+    for name, option in option_of.items():  # an option at its default leaves the field empty (A1111's value)
+        if kw.get(name) is None and settings[option] != OPTIONS[option].default:
+            kw[name] = settings[option]
     if isinstance(req, Txt2ImgRequest):
         if req.firstphase_width or req.firstphase_height:  # legacy: width/height are the hires target
             kw.update(width=req.firstphase_width or req.width, height=req.firstphase_height or req.height,
@@ -257,8 +240,9 @@ def check(req: _GenerationRequest, limits: Limits, settings: Optional[dict] = No
           upscalers: Optional[list] = None) -> schema.ResolvedRequest:
     """The request's ranges and limits (`sd15.schema.validate`) and the API-only fields -> ValidationError
     (422); unknown sampler, scheduler or upscaler names -> ApiError 400 (A1111 v1.10 answers 400). Returns
-    the request resolved (`sd15.schema.resolve`) with `settings`, its init images still as sent; `upscalers`:
-    the pixel upscaler names the hires fix may use (None: the built-ins)."""
+    the request resolved (`sd15.schema.resolve`, the one resolution of the request) with `settings`, its init
+    images still as sent and an empty `eta` not yet filled from the options (`to_request` does that with the
+    resolved sampler); `upscalers`: the pixel upscaler names the hires fix may use (None: the built-ins)."""
     problems = []
     if isinstance(req, Txt2ImgRequest):
         for name in ("firstphase_width", "firstphase_height"):
@@ -299,10 +283,6 @@ def decode_image(data: str, name: str, limits: Limits):
         raise ApiError(400, f"{name}: {e}") from None
 
 
-# =============================================================================================
-# Responses
-# =============================================================================================
-
 def image_response(req: _GenerationRequest, result, pnginfo: bool = True) -> dict:
     """txt2img/img2img response: bare base64 PNGs with the infotext chunk, the echo, `info` string."""
     images = []
@@ -315,8 +295,6 @@ def image_response(req: _GenerationRequest, result, pnginfo: bool = True) -> dic
 def progress_json(job, last_timestamp: str, preview: Optional[str]) -> dict:
     """GET /progress. `job` is the running job (None when idle): `.state` (sd15 JobState),
     `.started` (time.time()), `.timestamp`, `.kind`, `.n_iter`, `.passes` (2 with hires)."""
-    import time
-
     if job is None:
         state = dict(skipped=False, interrupted=False, stopping_generation=False, job="", job_count=0,
                      job_timestamp=last_timestamp, job_no=0, sampling_step=0, sampling_steps=0)
@@ -377,15 +355,6 @@ def _exif_user_comment(image) -> Optional[str]:
                                                             and body[0:1] != b"\x00") else "utf-16-be"
         return body.decode(codec, errors="replace").lstrip("\ufeff")
     return body.decode("utf-8", errors="replace").rstrip("\x00")
-
-
-# What A1111 answers on endpoints that have nothing behind them here.
-EMPTY_SHAPES = {
-    "prompt-styles": [],
-    "face-restorers": [],
-    "hypernetworks": [],
-    "extensions": [],
-}
 
 
 def latent_upscale_modes() -> list[dict]:

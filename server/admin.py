@@ -1,28 +1,11 @@
-"""Process control as A1111 has it behind `--api-server-stop`, and a readable API page at `/docs`.
-
-    POST /sdapi/v1/server-kill      exit at once (exit status 0); the request gets no answer, as in A1111
-    POST /sdapi/v1/server-stop      answer "Stopping.", let the running and queued jobs finish, then shut down
-                                    gracefully (exit status 0)
-    POST /sdapi/v1/server-restart   A1111 `modules/restart.py`: only when the environment variable
-                                    SD_WEBUI_RESTART is set (A1111's webui.sh sets it to `tmp/restart`): create the
-                                    file it names (relative to the working directory), then exit at once with
-                                    status 0; the supervisor starts the server again when that file exists.
-                                    Without the variable: 501 and nothing happens.
-
-Without `--api-server-stop` the three answer 404 `{"detail": "Not Found"}`, as A1111's routes do not exist then.
-A supervisor loop in A1111's style (webui.sh):
-
-    export SD_WEBUI_RESTART=tmp/restart
-    while true; do rm -f tmp/restart; sd15-server --api-server-stop ...; [ -f tmp/restart ] || break; done
-
-`GET /docs` renders this server's own `/openapi.json` as one plain HTML page (no scripts, nothing fetched from
-elsewhere): endpoints grouped, every request field with its type, default, range and choices, and an example
-body. It sits behind `--api-auth` like every route.
+"""Process control as A1111 has it behind `--api-server-stop` (server-kill, server-stop, server-restart;
+without the flag they answer 404 as A1111's absent routes do), and `/docs`: this server's `/openapi.json`
+rendered as one plain HTML page (no scripts, nothing fetched from elsewhere), behind `--api-auth` like every
+route.
 """
 from __future__ import annotations
 
 import html
-import inspect
 import json
 import logging
 import os
@@ -38,12 +21,7 @@ from starlette.routing import Route
 log = logging.getLogger("server")
 
 API = "/sdapi/v1"
-RESTART_ENV = "SD_WEBUI_RESTART"
 
-
-# =============================================================================================
-# server-kill / server-stop / server-restart
-# =============================================================================================
 
 def _allowed(request: Request) -> None:
     if not (request.state.engine.config.flags or {}).get("api_server_stop"):
@@ -65,14 +43,15 @@ async def server_kill(request: Request):
 
 
 async def server_restart(request: Request):
-    """Exit so that a supervisor restarts the server (only with --api-server-stop; 501 without SD_WEBUI_RESTART)."""
+    """Exit so that a supervisor restarts the server (only with --api-server-stop). As A1111's
+    `modules/restart.py`: create the file SD_WEBUI_RESTART names (webui.sh: `tmp/restart`) and exit 0; the
+    supervisor loop starts the server again when that file exists. Without SD_WEBUI_RESTART: 501."""
     _allowed(request)
-    marker = os.environ.get(RESTART_ENV)
+    marker = os.environ.get("SD_WEBUI_RESTART")
     if not marker:
         return Response(status_code=501)
     os.makedirs(os.path.dirname(os.path.abspath(marker)), exist_ok=True)
-    with open(marker, "a"):
-        pass
+    open(marker, "a").close()
     log.warning("server-restart: wrote %s, exiting now", marker)
     _exit_now(0)
 
@@ -90,9 +69,7 @@ async def server_stop(request: Request):
     return Response("Stopping.", background=BackgroundTask(stop))
 
 
-# =============================================================================================
-# /docs: the OpenAPI document as HTML
-# =============================================================================================
+# ---- /docs ---------------------------------------------------------------------------------------------
 
 CSS = """
 body { font: 15px/1.45 system-ui, sans-serif; margin: 0 auto; max-width: 1100px; padding: 1em 2em; color: #1d2125; }
@@ -107,15 +84,13 @@ padding: .25em .5em; text-align: left; vertical-align: top; } th { background: #
 pre { background: #f6f8fa; padding: .6em; overflow-x: auto; } .req { color: #cf222e; }
 """
 
-#: Fallback groups for operations without tags: the first keyword found in the path names the group.
+# Operations are grouped by the first keyword found in their path.
 GROUPS = (("Generation", ("txt2img", "img2img")), ("Extras and images", ("extra-", "png-info", "interrogate")),
           ("Progress and control", ("progress", "interrupt", "skip", "server-")),
           ("Options", ("options", "cmd-flags")))
 
 
-def group_of(path: str, op: dict) -> str:
-    if op.get("tags"):
-        return str(op["tags"][0])
+def group_of(path: str) -> str:
     for name, words in GROUPS:
         if any(w in path for w in words):
             return name
@@ -123,13 +98,10 @@ def group_of(path: str, op: dict) -> str:
 
 
 def _resolve(doc: dict, schema: dict) -> dict:
-    while isinstance(schema, dict) and "$ref" in schema:
-        ref = schema["$ref"]
-        node = doc
-        for part in ref.lstrip("#/").split("/"):
-            node = node.get(part, {})
-        schema = node
-    return schema or {}
+    """`schema` with its `$ref` (to `#/components/schemas/<name>`) followed."""
+    while "$ref" in schema:
+        schema = doc["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    return schema
 
 
 def _type(doc: dict, s: dict) -> str:
@@ -139,8 +111,8 @@ def _type(doc: dict, s: dict) -> str:
     t = s.get("type", "any")
     if t == "array":
         t = f"array of {_type(doc, s.get('items', {}))}"
-    elif "anyOf" in s or "oneOf" in s:
-        t = " | ".join(_type(doc, x) for x in s.get("anyOf", s.get("oneOf")))
+    elif "oneOf" in s:
+        t = " | ".join(_type(doc, x) for x in s["oneOf"])
     if s.get("nullable"):
         t += " | null"
     return t
@@ -165,55 +137,43 @@ def _schema_table(doc: dict, schema: dict) -> str:
     required = set(s.get("required", ()))
     rows = []
     for name, p in props.items():
-        p = _resolve(doc, p) if "$ref" in p else p
+        p = _resolve(doc, p)
         default = json.dumps(p["default"]) if "default" in p else ""
         req = ' <span class="req">required</span>' if name in required else ""
-        desc = p.get("description") or p.get("title") or ""
         rows.append(f"<tr><td><code>{html.escape(name)}</code>{req}</td><td>{html.escape(_type(doc, p))}</td>"
-                    f"<td><code>{html.escape(default)}</code></td><td>{html.escape(_limits(p))}</td>"
-                    f"<td>{html.escape(desc)}</td></tr>")
+                    f"<td><code>{html.escape(default)}</code></td><td>{html.escape(_limits(p))}</td></tr>")
     example = {n: p.get("default") for n, p in props.items() if "default" in p or n in required}
-    return ("<table><tr><th>field</th><th>type</th><th>default</th><th>range / choices</th><th></th></tr>"
+    return ("<table><tr><th>field</th><th>type</th><th>default</th><th>range / choices</th></tr>"
             + "".join(rows) + "</table><p>Example body:</p><pre>"
             + html.escape(json.dumps(example, indent=2)) + "</pre>")
 
 
 def _operation(doc: dict, path: str, method: str, op: dict) -> str:
-    parts = [f'<details id="{html.escape(op.get("operationId", method + path))}"><summary>'
+    parts = [f'<details id="{html.escape(op["operationId"])}"><summary>'
              f'<span class="m {method.upper()}">{method.upper()}</span><code>{html.escape(path)}</code>'
-             f'<span class="d">{html.escape(op.get("summary", ""))}</span></summary>']
-    if op.get("description"):
-        parts.append(f"<p>{html.escape(op['description'])}</p>")
+             f'<span class="d">{html.escape(op["summary"])}</span></summary>']
     params = op.get("parameters") or []
     if params:
-        parts.append("<p>Parameters:</p><table><tr><th>name</th><th>in</th><th>type</th><th>default</th></tr>")
-        for prm in params:
-            sch = prm.get("schema", {})
-            parts.append(f"<tr><td><code>{html.escape(prm.get('name', ''))}</code></td>"
-                         f"<td>{html.escape(prm.get('in', ''))}</td><td>{html.escape(_type(doc, sch))}</td>"
-                         f"<td><code>{html.escape(json.dumps(sch['default']) if 'default' in sch else '')}"
-                         f"</code></td></tr>")
+        parts.append("<p>Parameters:</p><table><tr><th>name</th><th>in</th><th>type</th></tr>")
+        parts += [f"<tr><td><code>{html.escape(prm['name'])}</code></td><td>{html.escape(prm['in'])}</td>"
+                  f"<td>{html.escape(_type(doc, prm['schema']))}</td></tr>" for prm in params]
         parts.append("</table>")
     body = op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema")
     if body is not None:
         parts.append(_schema_table(doc, body))
-    codes = ", ".join(f"{c} {r.get('description', '')}" for c, r in op.get("responses", {}).items())
-    if codes:
-        parts.append(f"<p>Responses: {html.escape(codes)}</p>")
-    parts.append("</details>")
-    return "".join(parts)
+    codes = ", ".join(f"{c} {r['description']}" for c, r in op["responses"].items())
+    return "".join(parts) + f"<p>Responses: {html.escape(codes)}</p></details>"
 
 
 def render_docs(doc: dict) -> str:
     """The OpenAPI 3 document `doc` as a self-contained HTML page."""
-    groups: dict[str, list[str]] = {}
-    for path, ops in doc.get("paths", {}).items():
+    groups: dict[str, list[str]] = {name: [] for name, _ in GROUPS}
+    groups.update({"Models and listings": [], "Other": []})
+    for path, ops in doc["paths"].items():
         for method, op in ops.items():
-            groups.setdefault(group_of(path, op), []).append(_operation(doc, path, method, op))
-    order = [name for name, _ in GROUPS] + ["Models and listings", "Other"]
-    groups = dict(sorted(groups.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
-    info = doc.get("info", {})
-    title = html.escape(f"{info.get('title', 'API')} {info.get('version', '')}".strip())
+            groups[group_of(path)].append(_operation(doc, path, method, op))
+    groups = {g: ops for g, ops in groups.items() if ops}
+    title = html.escape(f"{doc['info']['title']} {doc['info']['version']}")
     nav = "".join(f'<a href="#g{i}">{html.escape(g)}</a>' for i, g in enumerate(groups))
     sections = "".join(f'<h2 id="g{i}">{html.escape(g)}</h2>' + "".join(ops)
                        for i, (g, ops) in enumerate(groups.items()))
@@ -225,14 +185,9 @@ def render_docs(doc: dict) -> str:
 
 async def docs(request: Request):
     """A readable page of the API, from /openapi.json."""
-    for route in request.app.routes:  # the document the app serves, wherever it is built
-        if getattr(route, "path", None) == "/openapi.json":
-            response = route.endpoint(request)
-            if inspect.isawaitable(response):
-                response = await response
-            doc = json.loads(response.body)
-            return HTMLResponse(render_docs(doc))
-    raise HTTPException(404)
+    from server.app import openapi
+
+    return HTMLResponse(render_docs(json.loads((await openapi(request)).body)))
 
 
 routes = [

@@ -1,16 +1,10 @@
-"""The A1111-compatible HTTP API (`/sdapi/v1/*`) on Starlette.
-
-    app = create_app(ServerConfig(ckpt_dir="weights"))      # python -m server / TestClient(app)
+"""The A1111-compatible HTTP API (`/sdapi/v1/*`) on Starlette: `create_app(ServerConfig(ckpt_dir="weights"))`.
 
 Plain async endpoints, one `routes` list, and a lifespan that loads the checkpoint once and yields the
-shared `Engine` (read as `request.state.engine`). Generations are jobs in one bounded FIFO queue shared by
-every client (server/jobs.py, run by server/runner.py); they and checkpoint/VAE switches run one at a time
-behind one `anyio.CapacityLimiter(1)` (A1111's queue_lock), while progress, interrupt, skip and the
-listings answer at once.
-
-Errors: `ApiError` -> A1111's body `{"error", "detail", "body", "errors"}`; bad types or ranges -> 422 in
-FastAPI's shape; routing -> `{"detail": "Not Found"}`. Bad input is always a 4xx; anything unexpected inside
-a generation is a 500 with A1111's body, and the server keeps serving.
+shared `Engine`. Generations are jobs of one bounded FIFO queue (server/jobs.py, run by server/runner.py);
+they and model switches run one at a time behind one `anyio.CapacityLimiter(1)` (A1111's queue_lock), while
+progress, interrupt and the listings answer at once. Bad input is a 4xx in A1111's or FastAPI's shape;
+anything unexpected is a 500 with A1111's body, and the server keeps serving.
 """
 from __future__ import annotations
 
@@ -23,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
 import anyio
+import torch
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -37,13 +32,15 @@ from sd15.checkpoint import CheckpointError
 from sd15.pipeline import JobState, generate
 from sd15.samplers.table import samplers_api, schedulers_api
 from sd15.schema import ResolvedRequest
-from server import a1111, admin, extras, inputs, jobs, jobs_api, runner, scripts, ui
+from server import a1111, admin, extras, inputs, jobs, jobs_api, options, runner, scripts, ui
 from server.a1111 import ApiError, Limits, ValidationError
-from server.inputs import read_json
 from server.download import DEFAULT_MODEL
+from server.inputs import read_json
+from server.memory import memory_json
 from server.metrics import Metrics
 from server.middleware import LOOPBACK_HOSTS, BasicAuth, HostCheck, JsonErrors, ProcessTime
 from server.models import Checkpoint, Library, ModelManager
+from server.openapi import openapi_schema
 
 log = logging.getLogger("server")
 
@@ -79,20 +76,14 @@ class Prepared(NamedTuple):
     resolved: ResolvedRequest
 
 
-# =============================================================================================
-# The engine: folders, loaded model, options, GPU queue, running job
-# =============================================================================================
-
 class Engine:
     def __init__(self, config: ServerConfig):
-        import torch
-
         self.config, self.limits = config, config.limits
         self.library = Library(config.ckpt_dir, config.vae_dir, config.lora_dir, config.embeddings_dir,
                                extra_checkpoint=config.ckpt if config.ckpt and os.path.isfile(config.ckpt) else None)
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, None: None}[config.precision]
         self.models = ModelManager(self.library, config.device, dtype, optimize=config.optimize)
-        self.options = {key: opt.default for key, opt in a1111.OPTIONS.items()}
+        self.options = {key: opt.default for key, opt in options.OPTIONS.items()}
         self.job: Optional[runner.Run] = None
         self.last_timestamp = "0"
         self.preview: Optional[str] = None  # base64 PNG of the running job's latest preview
@@ -160,56 +151,40 @@ class Engine:
             values["sd_model_checkpoint"] = checkpoint.title
         loaded = self.models.checkpoint
         values["sd_checkpoint_hash"] = (loaded.sha256 or "") if loaded else ""
-        return a1111.options_json(values)
+        return options.options_json(values)
 
-    def check_options(self, body) -> tuple[dict, Optional[Checkpoint], Optional[str]]:
-        """POSTed options -> (checked values, checkpoint to switch to, VAE choice); nothing is applied, so a
-        bad key or value leaves every option as it was."""
+    def check_options(self, body, *, strict: bool = True) -> dict:
+        """Option values -> checked values, the checkpoint as its title; nothing is applied, so a bad key or
+        value leaves every option as it was. POST /options (`strict`): an unknown key, model or VAE is a 400.
+        `override_settings`: as in A1111, those (and read-only keys) are dropped and logged."""
         if not isinstance(body, dict):
             raise ValidationError.one(None, "value is not a valid dict", "type_error.dict")
-        values, checkpoint, vae = {}, None, None
+        values, lib = {}, self.library
         for key, value in body.items():
-            if key not in a1111.OPTIONS:
+            if key not in options.OPTIONS and strict:
                 raise ApiError(400, f"unknown option {key!r}; GET /sdapi/v1/options lists the options this "
                                     f"server has")
-            if key in a1111.READ_ONLY_OPTIONS:
+            if key not in options.OPTIONS or key in options.READ_ONLY_OPTIONS:
+                if not strict:
+                    log.warning("override_settings: ignoring %r", key)
                 continue
-            value = a1111.option_value(key, value)
+            value, problem = options.validate(key, value), None
             if key == "sd_model_checkpoint":
-                checkpoint = self.library.find_checkpoint(value)
+                checkpoint = lib.find_checkpoint(value)
                 if checkpoint is None:
-                    raise ApiError(400, f"model '{value}' not found; valid: "
-                                        + ", ".join(self.library.checkpoint_titles()))
-                continue
-            if key == "sd_vae":
-                if value not in ("Automatic", "None") and self.library.find_vae(value) is None:
-                    raise ApiError(400, f"VAE '{value}' not found; valid: Automatic, None"
-                                        + "".join(f", {v['model_name']}" for v in self.library.vae_api()))
-                vae = value
-                continue
-            values[key] = value
-        return values, checkpoint, vae
-
-    def check_overrides(self, overrides: dict) -> dict:
-        """`override_settings` -> checked values. As in A1111, a checkpoint that is not an exact alias is
-        dropped; keys this server does not have are ignored (and logged)."""
-        out = {}
-        for key, value in overrides.items():
-            if key not in a1111.OPTIONS or key in a1111.READ_ONLY_OPTIONS:
-                log.warning("override_settings: ignoring %r", key)
-                continue
-            value = a1111.option_value(key, value)
-            if key == "sd_model_checkpoint":
-                checkpoint = self.library.find_checkpoint(value)
-                if checkpoint is None:
-                    log.warning("override_settings: model %r not found; using the current one", value)
-                    continue
-                value = checkpoint.title
-            if key == "sd_vae" and value not in ("Automatic", "None") and self.library.find_vae(value) is None:
-                log.warning("override_settings: VAE %r not found; ignored", value)
-                continue
-            out[key] = value
-        return out
+                    problem = f"model '{value}' not found; valid: " + ", ".join(lib.checkpoint_titles())
+                else:
+                    value = checkpoint.title
+            elif key == "sd_vae" and value not in ("Automatic", "None") and lib.find_vae(value) is None:
+                problem = (f"VAE '{value}' not found; valid: Automatic, None"
+                           + "".join(f", {v['model_name']}" for v in lib.vae_api()))
+            if problem and strict:
+                raise ApiError(400, problem)
+            if problem:
+                log.warning("override_settings: %s; ignored", problem)
+            else:
+                values[key] = value
+        return values
 
     # --- generation ----------------------------------------------------------------------------
 
@@ -218,7 +193,7 @@ class Engine:
         length, and the init images' and mask's headers (format, sides, aspect ratio; no pixel is decoded
         here). The request is resolved here, once (`sd15.schema.resolve`): its sampler, seeds and hires size
         are what the job runs with."""
-        overrides = self.check_overrides(req.override_settings or {})
+        overrides = self.check_options(req.override_settings or {}, strict=False)
         settings = {**self.options, **overrides}
         upscalers = extras.sync_options(self.upscalers, settings).names()
         resolved = a1111.check(req, self.limits, settings, upscalers)
@@ -230,22 +205,18 @@ class Engine:
                 inputs.probe_image(req.mask, "mask", self.limits)
         return Prepared(overrides, resolved)
 
-    def decode_inputs(self, req) -> tuple:
-        """(GPU worker, when the job starts) The init images and mask as PIL images."""
-        if not req.is_img2img:
-            return None, None
-        init_images = [inputs.decode_image(s, f"init_images[{i}]", self.limits, resize_mode=req.resize_mode)
-                       for i, s in enumerate(req.init_images)]
-        mask = inputs.decode_image(req.mask, "mask", self.limits) if req.mask else None
-        return init_images, mask
-
     def run(self, req, prepared: "Prepared", job: Optional[jobs.Job] = None):
         """(GPU worker) One txt2img/img2img job with the options as they are now -> (Result, settings).
         The choices `prepare` made stay (sampler, seeds, hires size); the request is rebuilt with the
         decoded images and the options of this moment, neither of which changes a choice."""
         settings = {**self.options, **prepared.overrides}
-        init_images, mask = self.decode_inputs(req)
-        request = dataclasses.replace(prepared.resolved, request=a1111.to_request(req, settings, init_images, mask))
+        init_images = mask = None
+        if req.is_img2img:  # decoded now, when the job starts: the queue holds only the request bodies
+            init_images = [inputs.decode_image(s, f"init_images[{i}]", self.limits, req.resize_mode)
+                           for i, s in enumerate(req.init_images)]
+            mask = inputs.decode_image(req.mask, "mask", self.limits) if req.mask else None
+        request = a1111.to_request(req, settings, init_images, mask, prepared.resolved.sampler)
+        request = dataclasses.replace(prepared.resolved, request=request)
         del init_images, mask
         run = runner.Run("img2img" if req.is_img2img else "txt2img", JobState(), request.n_iter,
                          2 if request.hires else 1)
@@ -280,17 +251,9 @@ class Engine:
         return [d for d in (lib.ckpt_dir, lib.vae_dir, lib.lora_dir, lib.embeddings_dir, self.config.outdir) if d]
 
 
-# =============================================================================================
-# Request helpers
-# =============================================================================================
-
 def _engine(request: Request) -> Engine:
     return request.state.engine
 
-
-# =============================================================================================
-# Endpoints
-# =============================================================================================
 
 async def txt2img(request: Request):
     """Text to image."""
@@ -329,9 +292,11 @@ async def get_options(request: Request):
 async def set_options(request: Request):
     """Set options; `sd_model_checkpoint` / `sd_vae` switch the model once the running jobs are done."""
     engine = _engine(request)
-    values, checkpoint, vae = engine.check_options(await read_json(request, engine.limits.max_body_bytes))
-    if checkpoint is not None or vae is not None:
+    values = engine.check_options(await read_json(request, engine.limits.max_body_bytes))
+    title, vae = values.pop("sd_model_checkpoint", None), values.pop("sd_vae", None)
+    if title is not None or vae is not None:
         loaded = engine.models.checkpoint
+        checkpoint = engine.library.find_checkpoint(title) if title else None
         target = checkpoint or loaded or engine.library.find_checkpoint(engine.options["sd_model_checkpoint"])
         vae = vae or engine.options["sd_vae"]
         if target is None:
@@ -351,10 +316,10 @@ async def set_options(request: Request):
 async def progress(request: Request):
     """Progress of the running job (global, as in A1111)."""
     engine = _engine(request)
-    skip = request.query_params.get("skip_current_image", "false").lower() in ("1", "true", "yes", "on")
     job = engine.job
+    skip = request.query_params.get("skip_current_image", "false").lower() in ("1", "true", "yes", "on")
     if job is not None and not skip:
-        engine.preview_wanted = True
+        engine.preview_wanted = True  # previews are only made while someone watches
     preview = engine.preview if job is not None and not skip else None
     return JSONResponse(a1111.progress_json(job, engine.last_timestamp, preview))
 
@@ -453,8 +418,6 @@ async def latent_upscale_modes(request: Request):
 
 async def memory(request: Request):
     """RAM and CUDA memory (bytes)."""
-    from server.memory import memory_json
-
     return JSONResponse(memory_json())
 
 
@@ -464,8 +427,9 @@ async def cmd_flags(request: Request):
 
 
 def _empty(name: str):
+    """What A1111 answers on a listing that has nothing behind it here: an empty list."""
     async def endpoint(request: Request):
-        return JSONResponse(a1111.EMPTY_SHAPES[name])
+        return JSONResponse([])
     endpoint.__name__ = name.replace("-", "_")
     endpoint.__doc__ = f"Nothing behind this here: A1111's empty {name} answer."
     return endpoint
@@ -473,8 +437,6 @@ def _empty(name: str):
 
 async def openapi(request: Request):
     """This schema."""
-    from server.openapi import openapi_schema
-
     engine = _engine(request)
     return JSONResponse(openapi_schema(routes + jobs_api.routes, REQUEST_BODIES, engine.limits,
                                        auth=bool(engine.config.api_auth)))
@@ -507,17 +469,14 @@ routes = [
     Route(f"{API}/reload-checkpoint", reload_checkpoint, methods=["POST"]),
     Route(f"{API}/memory", memory, methods=["GET"]),
     *scripts.routes,  # --- scripts hook: /scripts and /script-info (before the empty listings) ---
-    *[Route(f"{API}/{name}", _empty(name), methods=["GET"]) for name in a1111.EMPTY_SHAPES],
+    *[Route(f"{API}/{name}", _empty(name), methods=["GET"])
+      for name in ("prompt-styles", "face-restorers", "hypernetworks", "extensions")],
     Route("/openapi.json", openapi, methods=["GET"], include_in_schema=False),
     *ui.routes,  # the web page at / and its helpers under /sd15/v1
 ]
 REQUEST_BODIES = {txt2img: a1111.Txt2ImgRequest, img2img: a1111.Img2ImgRequest, png_info: a1111.PngInfoRequest,
                   **extras.REQUEST_BODIES}
 
-
-# =============================================================================================
-# Errors and the app
-# =============================================================================================
 
 async def _api_error(request: Request, exc: ApiError):
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)

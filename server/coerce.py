@@ -1,17 +1,12 @@
 """JSON values -> field types with pydantic v1's coercion rules, and FastAPI's 422 error shape.
 
 A1111 v1.10 validates request bodies with pydantic 1.x models under FastAPI 0.94, so a client may send
-`true` for an integer field (-> 1), `7` for a float field (-> 7.0), `"7"` for an integer (-> 7), `1.9`
-for an integer (-> 1, truncated), `1` or `"yes"` for a boolean and `12` or `false` for a string
-(-> "12", "False"). This module reproduces those rules (pydantic v1's `int_validator`, `float_validator`,
-`bool_validator`, `str_validator`, `list_validator`, `dict_validator` and its sequence/mapping handling)
-for the field types the A1111 request models use: int, float, bool, str, Any, Optional[X], list / List[X],
-dict / Dict[K, V]. Errors carry pydantic v1's words and type codes (`value is not a valid integer`,
-`type_error.integer`, ...) at FastAPI's location (`["body", field, index...]`).
-
-One deliberate setting: `convert` rejects NaN and infinities in float fields (pydantic v1's
-`Config.allow_inf_nan = False`, "ensure this value is a finite number"); stock A1111 lets them through
-to the sampler, which then returns black images.
+`true` for an int (-> 1), `7` for a float (-> 7.0), `"7"` or `1.9` for an int (-> 7, 1), `"yes"` for a bool
+and `12` for a str (-> "12"). `coerce` follows pydantic v1's `int_validator`, `float_validator`,
+`bool_validator`, `str_validator`, `list_validator` and `dict_validator` for the types A1111's models use
+(int, float, bool, str, Any, Optional[X], list / List[X], dict / Dict[K, V]), with its error words and type
+codes. One deliberate difference: `convert` refuses NaN and infinities in float fields (pydantic's
+`allow_inf_nan = False`); stock A1111 passes them to the sampler, which returns black images.
 """
 from __future__ import annotations
 
@@ -20,10 +15,6 @@ import decimal
 import types
 import typing
 from typing import Any
-
-# -------------------------------------------------------------------------------------------------
-# Errors
-# -------------------------------------------------------------------------------------------------
 
 
 class ValidationError(Exception):
@@ -57,19 +48,6 @@ def _fail(msg: str, type_: str, path: tuple = ()):
 
 
 NOT_INT = ("value is not a valid integer", "type_error.integer")
-NOT_FLOAT = ("value is not a valid float", "type_error.float")
-NOT_BOOL = ("value could not be parsed to a boolean", "type_error.bool")
-NOT_STR = ("str type expected", "type_error.str")
-NOT_LIST = ("value is not a valid list", "type_error.list")
-NOT_DICT = ("value is not a valid dict", "type_error.dict")
-NOT_NONE = ("none is not an allowed value", "type_error.none.not_allowed")
-NOT_FINITE = ("ensure this value is a finite number", "value_error.number.not_finite_number")
-
-# -------------------------------------------------------------------------------------------------
-# Scalars (pydantic v1's validators, rule for rule)
-# -------------------------------------------------------------------------------------------------
-
-_MAX_STR_INT = 4300  # pydantic v1 refuses longer digit strings before calling int()
 _BOOL_TRUE = {1, "1", "on", "t", "true", "y", "yes"}  # compared after lower(), never stripped;
 _BOOL_FALSE = {0, "0", "off", "f", "false", "n", "no"}  # 1.0 / 0.0 match 1 / 0 as set members
 
@@ -78,7 +56,7 @@ def to_int(v) -> int:
     """bool -> 0/1, float -> truncated (inf/nan fail), str/bytes -> int() (spaces and `_` allowed, "1.0" fails)."""
     if isinstance(v, int) and not isinstance(v, bool):
         return v
-    if isinstance(v, (str, bytes, bytearray)) and len(v) > _MAX_STR_INT:
+    if isinstance(v, (str, bytes, bytearray)) and len(v) > 4300:  # pydantic refuses longer digit strings
         _fail(*NOT_INT)
     try:
         return int(v)
@@ -92,9 +70,9 @@ def to_float(v, allow_inf_nan: bool = True) -> float:
         try:
             v = float(v)
         except (TypeError, ValueError):
-            _fail(*NOT_FLOAT)
+            _fail("value is not a valid float", "type_error.float")
     if not allow_inf_nan and (v != v or v in (float("inf"), float("-inf"))):
-        _fail(*NOT_FINITE)
+        _fail("ensure this value is a finite number", "value_error.number.not_finite_number")
     return v
 
 
@@ -113,7 +91,7 @@ def to_bool(v) -> bool:
             return False
     except TypeError:  # unhashable (list, dict)
         pass
-    _fail(*NOT_BOOL)
+    _fail("value could not be parsed to a boolean", "type_error.bool")
 
 
 def to_str(v) -> str:
@@ -124,39 +102,22 @@ def to_str(v) -> str:
         return str(v)
     if isinstance(v, (bytes, bytearray)):
         return v.decode()
-    _fail(*NOT_STR)
-
-
-def _sequence_like(v) -> bool:
-    return isinstance(v, (list, tuple, set, frozenset, types.GeneratorType, collections.deque))
-
-
-# -------------------------------------------------------------------------------------------------
-# Any field type
-# -------------------------------------------------------------------------------------------------
-
-def _optional_inner(tp):
-    """Optional[X] (Union[X, None], X | None) -> X; anything else -> None."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        rest = [a for a in args if a is not type(None)]
-        if len(rest) == 1 and len(rest) < len(args):
-            return rest[0]
-        raise TypeError(f"unsupported union {tp!r}: only Optional[X] is handled")
-    return None
+    _fail("str type expected", "type_error.str")
 
 
 def coerce(value, tp, *, allow_inf_nan: bool = True, path: tuple = ()):
     """`value` as pydantic v1 validates it for a field of type `tp`; raises Invalid with every problem
     (list items and dict entries are all checked, as pydantic does)."""
-    inner = _optional_inner(tp)
-    if inner is not None:
-        return None if value is None else coerce(value, inner, allow_inf_nan=allow_inf_nan, path=path)
+    origin, args = typing.get_origin(tp) or tp, typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) != 1 or len(rest) == len(args):
+            raise TypeError(f"unsupported union {tp!r}: only Optional[X] is handled")
+        return None if value is None else coerce(value, rest[0], allow_inf_nan=allow_inf_nan, path=path)
     if tp is Any or tp is object:
         return value
     if value is None:
-        _fail(*NOT_NONE, path)
-    origin, args = typing.get_origin(tp) or tp, typing.get_args(tp)
+        _fail("none is not an allowed value", "type_error.none.not_allowed", path)
     try:
         if origin is bool:
             return to_bool(value)
@@ -168,47 +129,35 @@ def coerce(value, tp, *, allow_inf_nan: bool = True, path: tuple = ()):
             return to_str(value)
     except Invalid as e:
         raise Invalid([(path + p, m, t) for p, m, t in e.errors]) from None
+    out, errors = ([] if origin is list else {}), []
     if origin is list:
-        if not _sequence_like(value):
-            _fail(*NOT_LIST, path)
+        if not isinstance(value, (list, tuple, set, frozenset, types.GeneratorType, collections.deque)):
+            _fail("value is not a valid list", "type_error.list", path)
         item = args[0] if args else Any
         if item is Any:
             return list(value)
-        return _collect([(path + (i,), x, item) for i, x in enumerate(value)], allow_inf_nan)
-    if origin is dict:
+        for i, x in enumerate(value):
+            try:
+                out.append(coerce(x, item, allow_inf_nan=allow_inf_nan, path=path + (i,)))
+            except Invalid as e:
+                errors += e.errors
+    elif origin is dict:
         if not isinstance(value, dict):
             try:
                 value = dict(value)
             except (TypeError, ValueError):
-                _fail(*NOT_DICT, path)
+                _fail("value is not a valid dict", "type_error.dict", path)
         key_tp, value_tp = args if args else (Any, Any)
         if key_tp is Any and value_tp is Any:
             return value
-        out, errors = {}, []
         for k, v in value.items():  # a bad key skips its value; a value's location is the key as sent
             try:
                 key = coerce(k, key_tp, allow_inf_nan=allow_inf_nan, path=path + ("__key__",))
-            except Invalid as e:
-                errors += e.errors
-                continue
-            try:
                 out[key] = coerce(v, value_tp, allow_inf_nan=allow_inf_nan, path=path + (k,))
             except Invalid as e:
                 errors += e.errors
-        if errors:
-            raise Invalid(errors)
-        return out
-    raise TypeError(f"unsupported field type {tp!r}")
-
-
-def _collect(items, allow_inf_nan: bool) -> list:
-    """Coerce (path, value, type) triples; every problem is reported together."""
-    out, errors = [], []
-    for path, value, tp in items:
-        try:
-            out.append(coerce(value, tp, allow_inf_nan=allow_inf_nan, path=path))
-        except Invalid as e:
-            errors += e.errors
+    else:
+        raise TypeError(f"unsupported field type {tp!r}")
     if errors:
         raise Invalid(errors)
     return out

@@ -1,23 +1,15 @@
-"""Bounds on what a request may make the server hold or compute, checked before a job queues.
-
-- `check_prompts`: prompt lengths (a 2,000,000-token prompt took 33 s and 3.3 GB on the tiny model).
-- `probe_image`: an init image's or mask's format and size from its header alone (no pixel decoded), with
-  both sides, the pixel count and the aspect ratio bounded (a 1×60,000,000 PNG passes a pixel limit);
-  `decode_image` decodes it when the job starts, with the same bounds.
-- `read_json`: the request body, bounded in size and in the time it may take to arrive, nested at most
-  MAX_JSON_DEPTH deep (deep nesting broke the response's JSON encoder).
-- `public_message`: error text with absolute paths made relative to their folder and without advice that
-  lowers safety (PyTorch's "weights_only=False").
-Every answer is a 4xx (`ApiError` / `ValidationError`).
+"""Bounds on what a request may make the server hold or compute, checked before a job queues; every answer
+is a 4xx. Prompt lengths (a 2,000,000-token prompt took 33 s and 3.3 GB on the tiny model); init images and
+masks probed from their header alone, with both sides, the pixel count and the aspect ratio bounded (a
+1×60,000,000 PNG passes a pixel limit); the JSON body bounded in size, arrival time and nesting depth (deep
+nesting broke the response's JSON encoder); error text without absolute paths.
 """
 from __future__ import annotations
 
-import binascii
 import io
 import json
 import os
 import re
-from typing import Optional
 
 import anyio
 from starlette.concurrency import run_in_threadpool
@@ -31,8 +23,6 @@ MAX_JSON_DEPTH = 32
 # What A1111 reads (it calls Image.open with no list); formats this Pillow does not register are left out
 # (Pillow 13 reads MPO through its JPEG plugin and has no "MPO" entry, so naming it would fail every image).
 FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
-MIN_LATENT_RESIZE_SIDE = 64  # resize_mode 3 encodes the image at its own size: the VAE needs 64 px (8 latent px)
-PROMPT_FIELDS = ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt")
 
 
 def formats() -> list[str]:
@@ -42,7 +32,7 @@ def formats() -> list[str]:
 
 def check_prompts(req, limits: Limits) -> None:
     problems = []
-    for name in PROMPT_FIELDS:
+    for name in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt"):
         value = getattr(req, name, None)
         if isinstance(value, str) and len(value) > limits.max_prompt_chars:
             problems.append(ValidationError.problem(
@@ -52,15 +42,13 @@ def check_prompts(req, limits: Limits) -> None:
         raise ValidationError(problems)
 
 
-async def read_json(request, limit: int, timeout: Optional[float] = None):
-    """The JSON body, at most `limit` bytes (413 beyond), read within `timeout` seconds (408 beyond;
-    default the server's --body-timeout); malformed JSON or JSON nested deeper than MAX_JSON_DEPTH -> 422
-    as FastAPI words it."""
+async def read_json(request, limit: int):
+    """The JSON body, at most `limit` bytes (413 beyond), read within the server's --body-timeout (408
+    beyond); malformed JSON or JSON nested deeper than MAX_JSON_DEPTH -> 422 as FastAPI words it."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"request body is larger than the {limit:,}-byte limit")
-    if timeout is None:
-        timeout = request.state.engine.config.body_timeout
+    timeout = request.state.engine.config.body_timeout
     chunks, size = [], 0
     with anyio.move_on_after(timeout) as scope:
         async for chunk in request.stream():
@@ -100,19 +88,24 @@ def json_depth(value) -> int:
     return depth
 
 
-def _raw(data: str, name: str) -> bytes:
+def probe_image(data: str, name: str, limits: Limits, resize_mode: int = 0) -> tuple[int, int]:
+    """Format and size of a request image from its header -> (width, height); 4xx when it is not an image
+    the server accepts or is out of bounds. Nothing is decoded and nothing is kept."""
     if not isinstance(data, str):
         raise ApiError(400, f"{name}: expected a base64 string")
     if data.strip().startswith(("http://", "https://")):
         raise ApiError(400, f"{name}: image URLs are not fetched by this server; send the image as base64")
     try:
         raw = imgs.decode_base64(data)
-    except (ValueError, binascii.Error) as e:
+    except ValueError as e:  # binascii.Error is one
         raise ApiError(400, f"{name}: {e}") from None
-    return raw
-
-
-def check_size(w: int, h: int, name: str, limits: Limits, resize_mode: int = 0) -> None:
+    try:
+        with Image.open(io.BytesIO(raw), formats=formats()) as im:
+            w, h = im.size
+    except Image.DecompressionBombError as e:
+        raise ApiError(400, f"{name}: image too large: {e}") from None
+    except Exception as e:
+        raise ApiError(400, f"{name}: Invalid encoded image: {e}") from None
     if w <= 0 or h <= 0:
         raise ApiError(400, f"{name}: invalid image size {w}x{h}")
     if w * h > limits.max_image_pixels or max(w, h) > limits.max_image_side:
@@ -121,27 +114,13 @@ def check_size(w: int, h: int, name: str, limits: Limits, resize_mode: int = 0) 
     if max(w, h) / min(w, h) > limits.max_image_aspect:
         raise ApiError(400, f"{name}: image is {w}x{h}; the aspect ratio may be at most "
                             f"{limits.max_image_aspect:g}:1")
-    if resize_mode == 3:  # encoded at its own size before the latent resize
-        if min(w, h) < MIN_LATENT_RESIZE_SIDE:
+    if resize_mode == 3:  # encoded at its own size before the latent resize: the VAE needs 64 px (8 latent)
+        if min(w, h) < 64:
             raise ApiError(400, f"{name}: image is {w}x{h}; resize_mode 3 (latent upscale) needs at least "
-                                f"{MIN_LATENT_RESIZE_SIDE} px a side")
+                                f"64 px a side")
         if w * h > limits.max_pixels:
             raise ApiError(400, f"{name}: image is {w}x{h}; resize_mode 3 encodes it at that size, and the limit "
                                 f"is {limits.max_pixels} pixels")
-
-
-def probe_image(data: str, name: str, limits: Limits, resize_mode: int = 0) -> tuple[int, int]:
-    """Format and size of a request image from its header -> (width, height); 4xx when it is not an image
-    the server accepts or is out of bounds. Nothing is decoded and nothing is kept."""
-    raw = _raw(data, name)
-    try:
-        with Image.open(io.BytesIO(raw), formats=formats()) as im:
-            w, h = im.size
-    except Image.DecompressionBombError as e:
-        raise ApiError(400, f"{name}: image too large: {e}") from None
-    except Exception as e:
-        raise ApiError(400, f"{name}: Invalid encoded image: {e}") from None
-    check_size(w, h, name, limits, resize_mode)
     return w, h
 
 
@@ -150,8 +129,7 @@ def decode_image(data: str, name: str, limits: Limits, resize_mode: int = 0):
     TIFF), with the bounds of `probe_image`."""
     probe_image(data, name, limits, resize_mode)
     try:
-        return imgs.load_image(data, max_pixels=limits.max_image_pixels, mode=None,
-                               formats=formats())
+        return imgs.load_image(data, max_pixels=limits.max_image_pixels, mode=None, formats=formats())
     except ValueError as e:
         raise ApiError(400, f"{name}: {e}") from None
 

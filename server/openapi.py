@@ -10,7 +10,7 @@ import math
 import re
 import typing
 
-from server import a1111
+from server import a1111, options
 
 A1111_ERROR = {"type": "object", "required": ["error", "detail", "body", "errors"], "properties": {
     "error": {"type": "string"}, "detail": {"type": "string"}, "body": {"type": "string"}, "errors": {"type": "string"}}}
@@ -68,9 +68,7 @@ def _api_bounds(limits) -> dict:
     }
 
 
-def _schema_bounds(f) -> dict:
-    """A `sd15.schema` field's own range (what `sd15.schema.validate` checks)."""
-    lo, hi = f.metadata["lo"], f.metadata["hi"]
+def _range(lo, hi) -> dict:
     return {**({"minimum": lo} if lo is not None else {}), **({"maximum": hi} if hi is not None else {})}
 
 
@@ -86,9 +84,6 @@ def _json_schema(tp) -> dict:
     if tp is typing.Any:
         return {}
     return {"type": {int: "integer", float: "number", bool: "boolean", str: "string"}[tp]}
-
-
-_PATH_PARAM = re.compile(r"\{(\w+)(?::\w+)?\}")
 
 
 def _metadata_bounds(metadata) -> dict:
@@ -113,7 +108,7 @@ def dataclass_schema(cls, limits) -> dict:
     if issubclass(cls, a1111._GenerationRequest):
         hints = {**a1111._SCHEMA_HINTS, **a1111._API_TYPES}
         for f in cls.shared_fields():
-            bounds = _schema_bounds(f)
+            bounds = _range(f.metadata["lo"], f.metadata["hi"])
             for key, value in api.get(f.name, {}).items():  # a limit only ever narrows the field's range
                 bounds[key] = min(bounds[key], value) if key == "maximum" and key in bounds else value
             props[f.name] = {**_json_schema(hints[f.name]), **bounds,
@@ -136,11 +131,17 @@ def _json(schema) -> dict:
     return {"application/json": {"schema": schema}}
 
 
-def _error(description: str, schema=None) -> dict:
-    return {"description": description, "content": _json(schema or A1111_ERROR)}
+def _error(description: str) -> dict:
+    return {"description": description, "content": _json(A1111_ERROR)}
 
 
-def openapi_schema(routes, request_bodies: dict, limits, auth: bool, extra_bodies: dict = None) -> dict:
+_PATH_PARAM = re.compile(r"\{(\w+)(?::\w+)?\}")  # Starlette's {name} / {name:converter}
+_RESPONSE_SCHEMAS = {"txt2img": "ImageResponse", "img2img": "ImageResponse", "get_job": "Job",
+                     "delete_job": "Job", "get_queue": "Queue"}
+_RESPONSE_TYPES = {"events": "text/event-stream", "metrics": "text/plain"}
+
+
+def openapi_schema(routes, request_bodies: dict, limits, auth: bool) -> dict:
     """OpenAPI 3.0 of `routes`; `request_bodies`: endpoint -> request dataclass."""
     schemas = {cls.__name__: dataclass_schema(cls, limits) for cls in request_bodies.values()}
     schemas.update(A1111Error=A1111_ERROR, ValidationError=VALIDATION_ERROR, Job=JOB, Queue=QUEUE,
@@ -151,53 +152,39 @@ def openapi_schema(routes, request_bodies: dict, limits, auth: bool, extra_bodie
         "request": {"oneOf": [ref[cls.__name__] for ep, cls in request_bodies.items()
                               if ep.__name__ in ("txt2img", "img2img")]},
         "save": {"type": "boolean", "default": True}}}
-    for name, body in (extra_bodies or {}).items():
-        schemas[name] = body
+    bodies = {ep.__name__: ref[cls.__name__] for ep, cls in request_bodies.items()}
+    bodies["submit_job"] = {"$ref": "#/components/schemas/JobRequest"}
+    bodies["set_options"] = {"type": "object", "additionalProperties": True, "properties": {
+        k: {**_json_schema(o.type), **({"enum": list(o.choices)} if o.choices else {}), **_range(o.lo, o.hi)}
+        for k, o in options.OPTIONS.items()}}
     paths: dict = {}
     for route in routes:
         if not getattr(route, "include_in_schema", True):
             continue
         name = route.endpoint.__name__
         for method in sorted(route.methods - {"HEAD"}):
+            if name in _RESPONSE_TYPES:
+                content = {_RESPONSE_TYPES[name]: {"schema": {"type": "string"}}}
+            else:
+                content = _json(ref[_RESPONSE_SCHEMAS[name]] if name in _RESPONSE_SCHEMAS else {})
+            r = {"200": {"description": "Successful Response", "content": content}}
             op = {"summary": (route.endpoint.__doc__ or "").strip().split("\n")[0],
-                  "operationId": f"{name}_{method.lower()}",
-                  "responses": {"200": {"description": "Successful Response", "content": _json({})}}}
-            body = request_bodies.get(route.endpoint)
-            if body is not None:
-                op["requestBody"] = {"required": True, "content": _json({"$ref": f"#/components/schemas/{body.__name__}"})}
-            elif name == "set_options":
-                op["requestBody"] = {"required": True, "content": _json(
-                    {"type": "object", "additionalProperties": True,
-                     "properties": {k: {**_json_schema(o.type), **({"enum": list(o.choices)} if o.choices else {}),
-                                        **({"minimum": o.lo} if o.lo is not None else {}),
-                                        **({"maximum": o.hi} if o.hi is not None else {})}
-                                    for k, o in a1111.OPTIONS.items()}})}
-            elif name == "submit_job":
-                op["requestBody"] = {"required": True, "content": _json({"$ref": "#/components/schemas/JobRequest"})}
-            params = _PATH_PARAM.findall(route.path)  # Starlette's {name} / {name:converter}
+                  "operationId": f"{name}_{method.lower()}", "responses": r}
+            if name in bodies:
+                op["requestBody"] = {"required": True, "content": _json(bodies[name])}
+            params = _PATH_PARAM.findall(route.path)
             if params:
                 op["parameters"] = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
                                     for p in params]
             if "{job_id}" in route.path:
-                op["responses"]["404"] = _error("No such job")
-            r = op["responses"]
-            if name in ("txt2img", "img2img"):
-                r["200"]["content"] = _json(ref["ImageResponse"])
-            elif name in ("get_job", "delete_job"):
-                r["200"]["content"] = _json(ref["Job"])
-            elif name == "get_queue":
-                r["200"]["content"] = _json(ref["Queue"])
-            elif name == "submit_job":
-                r["202"] = {"description": "Queued", "content": _json({"type": "object", "required": ["id", "position"],
-                            "properties": {"id": {"type": "string"}, "position": {"type": "integer"}}}),
-                            "links": {op_name: {"operationId": f"{op_name}_{m}",
-                                                "parameters": {"job_id": "$response.body#/id"}}
-                                      for op_name, m in (("get_job", "get"), ("delete_job", "delete"))}}
+                r["404"] = _error("No such job")
+            if name == "submit_job":
+                links = {to: {"operationId": f"{to}_{m}", "parameters": {"job_id": "$response.body#/id"}}
+                         for to, m in (("get_job", "get"), ("delete_job", "delete"))}
+                r["202"] = {"description": "Queued", "links": links, "content": _json({
+                    "type": "object", "required": ["id", "position"],
+                    "properties": {"id": {"type": "string"}, "position": {"type": "integer"}}})}
                 del r["200"]
-            elif name == "events":
-                r["200"]["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
-            elif name == "metrics":
-                r["200"]["content"] = {"text/plain": {"schema": {"type": "string"}}}
             if "requestBody" in op:
                 r["400"] = _error("Bad request (unknown name, bad image, ...)")
                 r["408"] = _error("The body was not received in time")

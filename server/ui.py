@@ -1,14 +1,7 @@
-"""The web page at `/` and the page helpers under `/sd15/v1` (token counts, history of saved images).
-
-    GET  /                                  server/static/index.html
-    GET  /static/<file>                     the page's JS modules, CSS and icons
-    POST /sd15/v1/tokens                    {"prompt", "steps"?, "negative"?} -> {"tokens", "chunks", "limit"}
-    GET  /sd15/v1/history?offset&limit      the images saved under the output folder, newest first
-    GET  /sd15/v1/history/file/<path>       one of them
-
-The page is static files with no build step; everything it does goes through HTTP endpoints a script could call
-too. The server's Basic auth middleware covers these routes like every other one. Static answers carry an ETag
-and `Cache-Control: no-cache`, so a reload costs one 304 per file.
+"""The web page at `/` (server/static: plain files, no build step) and its helpers under `/sd15/v1`: token
+counts and the history of saved images. Everything the page does goes through HTTP endpoints a script could
+call too, behind the same Basic auth. Static answers carry an ETag and `Cache-Control: no-cache`, so a reload
+costs one 304 per file.
 """
 from __future__ import annotations
 
@@ -19,12 +12,14 @@ import os
 import threading
 from typing import Optional
 
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from server.a1111 import ApiError, ValidationError
+from server.a1111 import ApiError, ValidationError, png_info
+from server.inputs import read_json
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 PREFIX = "/sd15/v1"
@@ -32,10 +27,6 @@ IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
 TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
          ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png", ".ico": "image/x-icon"}
 
-
-# =============================================================================================
-# Static files
-# =============================================================================================
 
 def _static_response(request: Request, path: str) -> Response:
     """A file under STATIC with a content ETag; 304 when the browser already has it."""
@@ -69,10 +60,6 @@ def _inside(root: str, rel: str) -> Optional[str]:
     path = os.path.realpath(os.path.join(root, rel))
     return path if path.startswith(root + os.sep) else None
 
-
-# =============================================================================================
-# Token counter
-# =============================================================================================
 
 _counters: dict = {}  # embeddings folder -> (tokenizer, embedding database) used while no model is loaded
 _counters_lock = threading.Lock()
@@ -113,8 +100,6 @@ def count_tokens(text: str, steps: int, tokenizer, embeddings=None, positive: bo
 
 async def tokens(request: Request):
     """Count a prompt's tokens as A1111's token counter does: {"prompt", "steps"?, "negative"?}."""
-    from server.app import read_json
-
     engine = request.state.engine
     body = await read_json(request, engine.limits.max_body_bytes)
     if not isinstance(body, dict):
@@ -128,10 +113,6 @@ async def tokens(request: Request):
     return JSONResponse(await run_in_threadpool(count_tokens, text, int(steps), tokenizer, embeddings,
                                                 not body.get("negative", False)))
 
-
-# =============================================================================================
-# History: the images saved under the output folder
-# =============================================================================================
 
 def list_history(outdir: str) -> list[tuple[float, str, str]]:
     """(mtime, path relative to outdir with "/", absolute path) of every saved image, newest first."""
@@ -156,10 +137,6 @@ def list_history(outdir: str) -> list[tuple[float, str, str]]:
 
 def history_item(mtime: float, rel: str, path: str) -> dict:
     """One history entry: the image's size and infotext (its `parameters` chunk), read from the file header."""
-    from PIL import Image
-
-    from server.a1111 import png_info
-
     width = height = None
     text = ""
     try:
@@ -173,14 +150,11 @@ def history_item(mtime: float, rel: str, path: str) -> dict:
 
 
 def _query_int(request: Request, name: str, default: int, lo: int, hi: int) -> int:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
     try:
-        value = int(raw)
+        value = int(request.query_params.get(name, default))
     except ValueError:
-        value = None
-    if value is None or not lo <= value <= hi:
+        value = lo - 1
+    if not lo <= value <= hi:
         raise ValidationError([{"loc": ["query", name], "msg": f"{name} must be an integer from {lo} to {hi}",
                                  "type": "value_error.number"}])
     return value

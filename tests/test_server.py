@@ -471,6 +471,32 @@ def test_override_settings_kept_when_not_restoring(fresh):
     assert client.get(f"{API}/options").json()["eta_noise_seed_delta"] == 31337
 
 
+ETA_OPTIONS = {"eta_ddim": 0.3, "eta_ancestral": 0.7}
+
+
+@pytest.mark.parametrize("body, eta", [
+    ({"sampler_name": "DDIM"}, 0.3), ({"sampler_name": "PLMS"}, 0.3), ({"sampler_name": "UniPC"}, 0.3),
+    ({"sampler_name": "", "sampler_index": "DDIM"}, 0.3), ({"sampler_name": "Euler a"}, 0.7),
+    ({"sampler_name": "DPM++ 2S a", "scheduler": "Karras"}, 0.7), ({"sampler_name": "DDIM", "eta": 0.5}, 0.5),
+])
+def test_empty_eta_means_the_option_of_the_resolved_sampler(body, eta):
+    """A1111: an empty `eta` is `eta_ddim` for DDIM/PLMS/UniPC (the timestep samplers), else `eta_ancestral`;
+    the choice is made from the sampler the request resolved to."""
+    req = a1111.Txt2ImgRequest.from_json(body)
+    resolved = a1111.check(req, Limits(), ETA_OPTIONS)
+    assert resolved.sampler.name == (body["sampler_name"] or body["sampler_index"])
+    assert a1111.to_request(req, ETA_OPTIONS, sampler=resolved.sampler).eta == eta
+
+
+@pytest.mark.parametrize("sampler, option, entry", [
+    ("DDIM", {"eta_ddim": 0.3}, "Eta DDIM: 0.3"), ("Euler a", {"eta_ancestral": 0.7}, "Eta: 0.7"),
+    ("DDIM", {"eta_ancestral": 0.7}, None), ("Euler a", {"eta_ddim": 0.3}, None),
+])
+def test_eta_options_reach_the_sampler(client, sampler, option, entry):
+    text = txt2img(client, seed=1, sampler_name=sampler, override_settings=option)["info"]["infotexts"][0]
+    assert (entry in text) if entry else ("Eta" not in text), text
+
+
 def test_vae_listing_and_switching(fresh, folders):
     client = fresh
     assert client.get(f"{API}/sd-vae").json() == [
@@ -484,6 +510,12 @@ def test_vae_listing_and_switching(fresh, folders):
     assert client.post(f"{API}/options", json={"sd_vae": "Automatic"}).status_code == 200
     info = txt2img(client, seed=1)["info"]
     assert info["sd_vae_name"] is None and "VAE:" not in info["infotexts"][0]
+    # override_settings: a VAE that is not there and a read-only key are dropped (and logged), the rest applies
+    info = txt2img(client, seed=1, override_settings={"sd_vae": "nope.pt", "sd_checkpoint_hash": "x",
+                                                      "CLIP_stop_at_last_layers": 2})["info"]
+    assert info["sd_vae_name"] is None and "Clip skip: 2" in info["infotexts"][0]
+    info = txt2img(client, seed=1, override_settings={"sd_vae": "tiny-vae.safetensors"})["info"]
+    assert info["sd_vae_name"] == "tiny-vae.safetensors"
 
 
 def test_options_get_and_set(fresh):

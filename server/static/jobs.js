@@ -1,29 +1,18 @@
 // Running generations: the job queue (`/sd15/v1/jobs`, `/sd15/v1/queue`) with progress pushed over Server-Sent
-// Events (`/sd15/v1/events`), and the fallbacks for a server without them: polling `/sd15/v1/queue` when the
-// event stream is down, and plain `/sdapi/v1/txt2img|img2img` calls with `/sdapi/v1/progress` polling when
-// the queue endpoints answer 404.
+// Events (`/sd15/v1/events`), and polling `/sd15/v1/queue` while the event stream is down.
 
 import { $, api, el, ApiError, onReconnect } from './api.js';
 import { restoreStage } from './gallery.js';
 
-const state = { queue: false, sse: false, mine: new Map(), direct: 0, running: null, polling: false, ended: new Set() };
+const state = { sse: false, mine: new Map(), running: null, ended: new Set() };
 const STORE = 'sd15-jobs';
 
-export function hasQueue() { return state.queue; }
+export function hasQueue() { return true; }  // every server of this project has the queue (app.js asks)
 
 function remember() { sessionStorage.setItem(STORE, JSON.stringify([...state.mine.keys()])); }
 
-/** Find out what the server offers; reconnect to the jobs this tab submitted before a reload. */
+/** Show the queue; reconnect to the jobs this tab submitted before a reload. */
 export async function startJobs(onResult) {
-  state.onResult = onResult;
-  // The queue endpoints are listed in /openapi.json when the server has them (no 404 probe in the console).
-  try { state.queue = '/sd15/v1/jobs' in (await api('/openapi.json')).paths; } catch (e) { state.queue = false; }
-  $('queue').hidden = !state.queue;
-  if (!state.queue) {  // a job already running (this page reloaded, or another client): show its progress
-    const p = await api('/sdapi/v1/progress?skip_current_image=true').catch(() => null);
-    if (p?.state?.job_count > 0) pollProgress(true);
-    return;
-  }
   const q = await api('/sd15/v1/queue');
   for (const id of JSON.parse(sessionStorage.getItem(STORE) || '[]')) {
     state.mine.set(id, { resolve: onResult, reject: (e) => onResult(null, e) });
@@ -35,15 +24,6 @@ export async function startJobs(onResult) {
 
 /** Submit one txt2img/img2img request; resolves with the A1111 response body (+ `files` when saved). */
 export async function submit(kind, request) {
-  if (!state.queue) {
-    state.direct += 1;
-    pollProgress();
-    try {
-      return await api(`/sdapi/v1/${kind}`, { method: 'POST', body: request });
-    } finally {
-      state.direct -= 1;
-    }
-  }
   const job = await api('/sd15/v1/jobs', { method: 'POST', body: { kind, request, save: true } });
   return new Promise((resolve, reject) => {
     state.mine.set(job.id, { resolve, reject });
@@ -55,11 +35,8 @@ export async function submit(kind, request) {
 }
 
 export async function interrupt() {
-  if (state.queue && state.running) {
-    await api(`/sd15/v1/jobs/${state.running.id}`, { method: 'DELETE', allow404: true });
-  } else {
-    await api('/sdapi/v1/interrupt', { method: 'POST' });
-  }
+  if (state.running) await api(`/sd15/v1/jobs/${state.running.id}`, { method: 'DELETE', allow404: true });
+  else await api('/sdapi/v1/interrupt', { method: 'POST' });  // started before its queue event came
 }
 
 export const skip = () => api('/sdapi/v1/skip', { method: 'POST' });
@@ -104,7 +81,7 @@ function connectEvents() {
 async function pollQueue() {
   if (state.pollingQueue) return;
   state.pollingQueue = true;
-  while (state.queue && !state.sse) {
+  while (!state.sse) {
     try {
       const q = await api('/sd15/v1/queue');
       renderQueue(q);
@@ -115,23 +92,6 @@ async function pollQueue() {
     await new Promise((r) => setTimeout(r, 1000));
   }
   state.pollingQueue = false;
-}
-
-/** Plain A1111 calls: poll /progress while a request is out. */
-async function pollProgress(running = false) {
-  if (state.polling) return;
-  state.polling = true;
-  $('progress').hidden = false;
-  while (state.direct > 0 || running) {
-    await new Promise((r) => setTimeout(r, 500));
-    try {
-      const p = await api('/sdapi/v1/progress');
-      running = p.state?.job_count > 0;
-      if (state.direct > 0 || running) showProgress(p);
-    } catch (e) { /* keep waiting */ }
-  }
-  state.polling = false;
-  $('progress').hidden = true;
 }
 
 /** Progress from an SSE `progress` event or from /sdapi/v1/progress (A1111's shape). */
@@ -169,8 +129,7 @@ export function formatSeconds(s) {
 function renderQueue(q) {
   state.lastQueue = q;
   state.running = q.running;
-  const done = !q.running && state.direct === 0;
-  if (done) $('progress').hidden = true;
+  if (!q.running) $('progress').hidden = true;
   const row = (job, label) => el('li', { class: job.id && state.mine.has(job.id) ? 'mine' : '', 'data-id': job.id },
     el('span', { class: 'pos' }, label),
     el('span', { class: 'what' }, [job.kind, job.summary?.script, job.summary?.prompt || '(empty prompt)']
