@@ -4,6 +4,7 @@ line and metrics. `self` below is the server's `Engine` (server/app.py)."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -15,10 +16,9 @@ from starlette.responses import JSONResponse
 
 from sd15.a1111 import infotext
 from sd15.a1111.images import png_bytes
-from server import a1111, inputs, jobs, outputs, preview
+from server import a1111, inputs, jobs, outputs, preview, scripts
 from server.a1111 import ApiError, ValidationError
-from server.scripts import ScriptError, run_plan
-from server.scripts import serve as scripts_serve
+from server.scripts import ScriptError
 
 log = logging.getLogger("server")
 
@@ -37,18 +37,24 @@ class Run:
 
 
 def prepare(engine, req):
-    """(any thread) Check a request before it queues -> what its job runs with: the checked overrides, or, for
-    a request naming a `script_name`, the script's plan (every generation of it checked as a plain request)."""
+    """(any thread) Check a request before it queues -> what its job runs with: `engine.prepare`'s checked and
+    resolved request, or, for a request naming a `script_name`, the script's plan whose `requests` are its cells
+    as (request, prepared) pairs, each checked and resolved here, once, as a plain request is."""
     if not req.script_name:
         return engine.prepare(req)
+    kind = "img2img" if req.is_img2img else "txt2img"
+    names = [f.name for f in (*req.shared_fields(), *dataclasses.fields(req)) if f.name != "shared"]
+    request = {**{name: getattr(req, name) for name in names}, "infotext": None}  # coerced, infotext merged
     try:
-        plan = scripts_serve.script_plan(engine, req)
+        plan = scripts.plan_script(req.script_name, req.script_args, request, kind, upscale=engine.upscalers.upscale,
+                                   choices=scripts.engine_choices(engine),
+                                   max_megapixels=engine.options.get("img_max_size_mp", 200))
     except ScriptError as e:
         raise ApiError(e.status, str(e)) from None
     except (ValueError, LookupError) as e:
         raise ApiError(400, inputs.public_message(str(e), engine.folders())) from None
-    for cell in plan.requests:
-        engine.prepare(type(req).from_json(cell))
+    cells = [type(req).from_json(cell) for cell in plan.requests]
+    plan.requests = [(cell, engine.prepare(cell)) for cell in cells]
     return plan
 
 
@@ -58,7 +64,7 @@ def execute(self, job: jobs.Job) -> None:  # self: the Engine
     req, prepared = job.request
     try:
         if req.script_name:
-            result, settings = _run_script(self, job, req, prepared)
+            result, settings = _run_script(self, job, prepared)
         else:
             result, settings = self.run(req, prepared, job)
     except ScriptError as e:
@@ -85,23 +91,21 @@ def execute(self, job: jobs.Job) -> None:  # self: the Engine
                                         "(--max-steps); the result holds what was made")
 
 
-def _run_script(self, job: jobs.Job, req, plan) -> tuple:
-    """A script's generations one after another under one job: progress counts over all of them, an
+def _run_script(self, job: jobs.Job, plan) -> tuple:
+    """A script's prepared cells one after another under one job: progress counts over all of them, an
     interrupt stops the script (what was made is combined, A1111 leaves the rest of a grid blank)."""
-    n = len(plan.requests)
-    generate_cell = scripts_serve.cell_generator(self, type(req), job)
-    counter = iter(range(n))
+    counter = iter(range(len(plan.requests)))
     totals = [0, 0.0]  # steps, sampling seconds over all generations
 
-    def generate(cell: dict):
-        job.cell = (next(counter), n)
+    def generate(cell: tuple):
+        job.cell = (next(counter), len(plan.requests))
         try:
-            return generate_cell(cell)
+            return self.run(*cell, job)[0]
         finally:
             totals[0] += job.steps_done
             totals[1] += job.sampling_seconds
     try:
-        result = run_plan(plan, generate)
+        result = scripts.run_plan(plan, generate)
     finally:
         job.steps_done, job.sampling_seconds = totals
     return result, dict(self.options)

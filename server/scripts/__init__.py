@@ -161,12 +161,21 @@ async def get_script_info(request):
     from starlette.responses import JSONResponse
 
     engine = getattr(request.state, "engine", None)
-    choices = {}
-    if engine is not None:
-        from server.scripts.serve import engine_choices
+    return JSONResponse(script_info(engine_choices(engine) if engine is not None else {}))
 
-        choices = engine_choices(engine)
-    return JSONResponse(script_info(choices))
+
+def engine_choices(engine) -> dict:
+    """The names a server's `engine` accepts, for checking script values before anything runs."""
+    from sd15.samplers.table import samplers_api, schedulers_api
+    from server import a1111
+
+    upscalers = engine.upscalers.names()
+    return {"samplers": [s["name"] for s in samplers_api()],
+            "sampler_aliases": {a: s["name"] for s in samplers_api() for a in s["aliases"]},
+            "schedulers": [n for c in schedulers_api() for n in (c["name"], c["label"])],
+            "checkpoints": engine.library.checkpoint_titles(),
+            "vaes": [v["model_name"] for v in engine.library.vae_api()], "upscalers": upscalers,
+            "hr_upscalers": [m["name"] for m in a1111.latent_upscale_modes()] + upscalers}
 
 
 def _routes() -> list:
