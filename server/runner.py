@@ -1,11 +1,16 @@
 """Running one queued job on the GPU worker: the A1111 request -> generation -> response body (+ saved
 files), the sampler callback that carries progress, previews and the per-job limits, and the per-job log
-line and metrics. `self` below is the server's `Engine` (server/app.py)."""
+line and metrics. `self` below is the server's `Engine` (server/app.py). Only the server writes files; the
+library (`sd15/`) writes nothing."""
 from __future__ import annotations
 
 import base64
 import dataclasses
+import datetime
+import itertools
 import logging
+import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -15,12 +20,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from sd15.a1111 import infotext
-from sd15.a1111.images import png_bytes
-from server import a1111, inputs, jobs, outputs, preview, scripts
+from sd15.a1111.images import next_sequence_number, png_bytes
+from server import a1111, inputs, jobs, preview, scripts
 from server.a1111 import ApiError, ValidationError
-from server.scripts import ScriptError
 
 log = logging.getLogger("server")
+_save_lock = threading.Lock()  # file numbering is read-then-write: one writer at a time
 
 
 @dataclass
@@ -49,7 +54,7 @@ def prepare(engine, req):
         plan = scripts.plan_script(req.script_name, req.script_args, request, kind, upscale=engine.upscalers.upscale,
                                    choices=scripts.engine_choices(engine),
                                    max_megapixels=engine.options.get("img_max_size_mp", 200))
-    except ScriptError as e:
+    except scripts.ScriptError as e:
         raise ApiError(e.status, str(e)) from None
     except (ValueError, LookupError) as e:
         raise ApiError(400, inputs.public_message(str(e), engine.folders())) from None
@@ -67,10 +72,12 @@ def execute(self, job: jobs.Job) -> None:  # self: the Engine
             result, settings = _run_script(self, job, prepared)
         else:
             result, settings = self.run(req, prepared, job)
-    except ScriptError as e:
+    except scripts.ScriptError as e:
         raise jobs.JobFailed(e.status, str(e)) from None
-    except (ApiError, ValidationError) as e:
-        raise _job_failed(e) from None
+    except ValidationError as e:
+        raise jobs.JobFailed(422, str(e)) from None
+    except ApiError as e:
+        raise jobs.JobFailed(e.status, e.detail, e.error, e.errors) from None
     except (ValueError, LookupError) as e:  # the pipeline's own checks, a bad checkpoint file
         raise jobs.JobFailed(400, inputs.public_message(str(e), self.folders())) from None
     except jobs.JobFailed:
@@ -112,18 +119,29 @@ def _run_script(self, job: jobs.Job, plan) -> tuple:
 
 
 def _save(self, kind: str, result, pnginfo: bool) -> list:
-    """Save like A1111: a script's grids (the images before `index_of_first_image`) under `<kind>-grids`,
-    the images under `<kind>-images`."""
+    """Save as A1111's `images.save_image` with its default patterns: under the outdir,
+    `<kind>-images/YYYY-MM-DD/NNNNN-SEED.png` (a script's grids, the images before `index_of_first_image`,
+    under `<kind>-grids`), NNNNN counting on from the highest number in that folder, the infotext in the PNG
+    `parameters` chunk. -> the paths relative to the outdir."""
     images, texts = list(result.images), list(result.infotexts)
-    grids = int((getattr(result, "info", None) or {}).get("index_of_first_image", 0) or 0) if result.images else 0
+    grids = int(result.info.get("index_of_first_image") or 0)
     seeds = list(result.seeds)[-len(images):]
     seeds = [seeds[0] if seeds else 0] * (len(images) - len(seeds)) + seeds  # a script's grids carry no seed
-    files = []
-    if grids:
-        files += outputs.save_images(self.config.outdir, f"{kind}-grids", images[:grids], texts[:grids],
-                                     seeds[:grids], pnginfo=pnginfo)
-    return files + outputs.save_images(self.config.outdir, kind, images[grids:], texts[grids:], seeds[grids:],
-                                       pnginfo=pnginfo)
+    day, files = datetime.date.today().isoformat(), []
+    with _save_lock:
+        for at, end, rel in ((0, grids, f"{kind}-grids/{day}"), (grids, len(images), f"{kind}-images/{day}")):
+            folder = os.path.join(self.config.outdir, *rel.split("/"))
+            if at < end:
+                os.makedirs(folder, exist_ok=True)
+            numbers = itertools.count(next_sequence_number(folder))
+            for n, image, text, seed in zip(numbers, images[at:end], texts[at:end], seeds[at:end]):
+                name = f"{n:05d}-{seed}.png"
+                tmp = os.path.join(folder, f".{name}.tmp")
+                with open(tmp, "wb") as f:
+                    f.write(png_bytes(image, text if pnginfo else None))
+                os.replace(tmp, os.path.join(folder, name))  # never a half-written file under the real name
+                files.append(f"{rel}/{name}")
+    return files
 
 
 def make_callback(self, run, job: Optional[jobs.Job], settings: dict):  # self: the Engine
@@ -166,12 +184,6 @@ def make_callback(self, run, job: Optional[jobs.Job], settings: dict):  # self: 
 def _eta(started: float, progress: float) -> float:
     elapsed = time.time() - started
     return elapsed / progress - elapsed if progress > 0 else 0.0
-
-
-def _job_failed(e) -> jobs.JobFailed:
-    if isinstance(e, ValidationError):
-        return jobs.JobFailed(422, str(e))
-    return jobs.JobFailed(e.status, e.detail, e.error, e.errors)
 
 
 def job_summary(req) -> dict:
