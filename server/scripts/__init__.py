@@ -38,9 +38,9 @@ def plan_script(name: str, args: list, request: dict, kind: str, *, upscale: Opt
     combine. Raises ScriptError (4xx) for a bad name, bad arguments or a request the script cannot run.
 
     `choices` (optional) names what is valid here, so that bad values are refused before anything runs:
-    {"samplers": [names], "sampler_aliases": {alias: name}, "schedulers": [...], "checkpoints": [titles],
-    "vaes": [...], "hr_upscalers": [...], "upscalers": [...]} (the last also maps SD upscale's upscaler index
-    to a name). `max_megapixels` bounds an X/Y/Z grid and an SD upscale's image (A1111's img_max_size_mp)."""
+    {"checkpoints": [titles], "vaes": [...], "hr_upscalers": [...], "upscalers": [...]} (the last also maps
+    SD upscale's upscaler index to a name); samplers and schedule types are sd15's. `max_megapixels` bounds
+    an X/Y/Z grid and an SD upscale's image (A1111's img_max_size_mp)."""
     found = [t for t, kinds in TITLES.items() if t.lower() == str(name).strip().lower() and kind in kinds]
     if not found:
         raise ScriptError(f"Script '{name}' not found", 422)
@@ -112,14 +112,10 @@ def _args(title: str, kind: str, choices: dict) -> list:
 
 def engine_choices(engine) -> dict:
     """The names a server's `engine` accepts, for checking script values before anything runs."""
-    from sd15.samplers.table import samplers_api, schedulers_api
     from server import a1111
 
     upscalers = engine.upscalers.names()
-    return {"samplers": [s["name"] for s in samplers_api()],
-            "sampler_aliases": {a: s["name"] for s in samplers_api() for a in s["aliases"]},
-            "schedulers": [n for c in schedulers_api() for n in (c["name"], c["label"])],
-            "checkpoints": engine.library.checkpoint_titles(),
+    return {"checkpoints": engine.library.checkpoint_titles(),
             "vaes": [v["model_name"] for v in engine.library.vae_api()], "upscalers": upscalers,
             "hr_upscalers": [m["name"] for m in a1111.latent_upscale_modes()] + upscalers}
 

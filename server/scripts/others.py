@@ -12,12 +12,13 @@ from typing import Callable, Optional
 from PIL import Image
 
 from sd15.a1111.images import flatten, load_image, png_bytes
+from sd15.samplers.table import find_sampler
 from sd15.schema import fixed_seed
 from sd15.upscale import combine_grid, split_grid
 from server.scripts import grid as g
 from server.scripts.common import Plan, ScriptError, ScriptResult, as_bool, as_float, as_int, base_request, \
     with_params
-from server.scripts.xyz import closest_checkpoint, find_sampler
+from server.scripts.xyz import closest_checkpoint
 
 
 def _merge(results: list, planned: int) -> ScriptResult:
@@ -184,7 +185,7 @@ def plan_prompts_from_file(args: list, request: dict, *, choices: Optional[dict]
                     raise ScriptError(f"{where}: Unknown checkpoint: {value}")
                 req["override_settings"]["sd_model_checkpoint"] = name
             elif tag == "sampler_name":
-                req[tag] = find_sampler(value, choices)
+                req[tag] = getattr(find_sampler(value), "name", None)  # any case, or an alias
                 if req[tag] is None:
                     raise ScriptError(f"{where}: unknown sampler {value!r}")
             elif tag not in _IGNORED_TAGS:

@@ -20,29 +20,18 @@ import os
 import random
 import re
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 from PIL import Image
 
-from sd15.schema import fixed_seed
+from sd15.samplers.table import SAMPLER_TABLE, SCHEDULER_TABLE, find_sampler
+from sd15.schema import RANDN_SOURCES, fixed_seed
 from server.scripts import grid as g
 from server.scripts.common import Plan, ScriptError, ScriptResult, as_bool, as_float, as_int, base_request, \
     with_params
 
 TITLE = "X/Y/Z plot"
-
-
-def _field(name):
-    def apply(req, x, xs):
-        req[name] = x
-    return apply
-
-
-def _override(name):
-    def apply(req, x, xs):
-        req["override_settings"][name] = x
-    return apply
 
 
 def _prompt_sr(req, x, xs):
@@ -77,7 +66,8 @@ def _size(req, x, xs):
 class Axis:
     label: str
     type: object  # int, float, str, or "permutations"
-    apply: Optional[Callable]  # (request, value, all values) -> None; None: not supported here
+    apply: Union[str, Callable, None]  # a request field, "override_settings.<option>", or
+    # (request, value, all values) -> None; None: not supported here
     fmt: str = "label"  # "label" ("Steps: 20") | "value" | "join" | "basename" | "nothing"
     kind: Optional[str] = None  # only in the "txt2img" or "img2img" tab
     cost: float = 0.0  # the costliest axis is the outer loop (a checkpoint switch is slow)
@@ -88,38 +78,39 @@ class Axis:
 #: dropping the other tab's axes). Axes whose setting sd15 does not have are listed but refused.
 AXES = [
     Axis("Nothing", str, lambda req, x, xs: None, fmt="nothing"),
-    Axis("Seed", int, _field("seed")),
-    Axis("Var. seed", int, _field("subseed")),
-    Axis("Var. strength", float, _field("subseed_strength")),
-    Axis("Steps", int, _field("steps")),
-    Axis("Hires steps", int, _field("hr_second_pass_steps"), kind="txt2img"),
-    Axis("CFG Scale", float, _field("cfg_scale")),
+    Axis("Seed", int, "seed"),
+    Axis("Var. seed", int, "subseed"),
+    Axis("Var. strength", float, "subseed_strength"),
+    Axis("Steps", int, "steps"),
+    Axis("Hires steps", int, "hr_second_pass_steps", kind="txt2img"),
+    Axis("CFG Scale", float, "cfg_scale"),
     Axis("Image CFG Scale", float, None, kind="img2img"),
     Axis("Prompt S/R", str, _prompt_sr, fmt="value"),
     Axis("Prompt order", "permutations", _prompt_order, fmt="join"),
-    Axis("Sampler", str, _field("sampler_name"), fmt="value", kind="txt2img", choices="samplers"),
-    Axis("Hires sampler", str, _field("hr_sampler_name"), kind="txt2img", choices="samplers"),
-    Axis("Sampler", str, _field("sampler_name"), fmt="value", kind="img2img", choices="samplers"),
-    Axis("Checkpoint name", str, _override("sd_model_checkpoint"), fmt="basename", cost=1.0, choices="checkpoints"),
-    Axis("Negative Guidance minimum sigma", float, _field("s_min_uncond")),
-    Axis("Sigma Churn", float, _field("s_churn")),
-    Axis("Sigma min", float, _field("s_tmin")),
-    Axis("Sigma max", float, _field("s_tmax")),
-    Axis("Sigma noise", float, _field("s_noise")),
-    Axis("Schedule type", str, _field("scheduler"), choices="schedulers"),
+    Axis("Sampler", str, "sampler_name", fmt="value", kind="txt2img", choices="samplers"),
+    Axis("Hires sampler", str, "hr_sampler_name", kind="txt2img", choices="samplers"),
+    Axis("Sampler", str, "sampler_name", fmt="value", kind="img2img", choices="samplers"),
+    Axis("Checkpoint name", str, "override_settings.sd_model_checkpoint", fmt="basename", cost=1.0,
+         choices="checkpoints"),
+    Axis("Negative Guidance minimum sigma", float, "s_min_uncond"),
+    Axis("Sigma Churn", float, "s_churn"),
+    Axis("Sigma min", float, "s_tmin"),
+    Axis("Sigma max", float, "s_tmax"),
+    Axis("Sigma noise", float, "s_noise"),
+    Axis("Schedule type", str, "scheduler", choices="schedulers"),
     Axis("Schedule min sigma", float, None),
     Axis("Schedule max sigma", float, None),
     Axis("Schedule rho", float, None),
     Axis("Beta schedule alpha", float, None),
     Axis("Beta schedule beta", float, None),
-    Axis("Eta", float, _field("eta")),
-    Axis("Clip skip", int, _override("CLIP_stop_at_last_layers")),
-    Axis("Denoising", float, _field("denoising_strength")),
-    Axis("Initial noise multiplier", float, _field("initial_noise_multiplier")),
+    Axis("Eta", float, "eta"),
+    Axis("Clip skip", int, "override_settings.CLIP_stop_at_last_layers"),
+    Axis("Denoising", float, "denoising_strength"),
+    Axis("Initial noise multiplier", float, "initial_noise_multiplier"),
     Axis("Extra noise", float, None),
-    Axis("Hires upscaler", str, _field("hr_upscaler"), kind="txt2img", choices="hr_upscalers"),
+    Axis("Hires upscaler", str, "hr_upscaler", kind="txt2img", choices="hr_upscalers"),
     Axis("Cond. Image Mask Weight", float, None, kind="img2img"),
-    Axis("VAE", str, _override("sd_vae"), cost=0.7, choices="vaes"),
+    Axis("VAE", str, "override_settings.sd_vae", cost=0.7, choices="vaes"),
     Axis("Styles", str, None),
     Axis("UniPC Order", int, None, cost=0.5),
     Axis("Face restore", str, None, fmt="value"),
@@ -129,13 +120,12 @@ AXES = [
     Axis("SGM noise multiplier", str, None),
     Axis("Refiner checkpoint", str, None, fmt="basename", cost=1.0),
     Axis("Refiner switch at", float, None),
-    Axis("RNG source", str, _override("randn_source"), choices="rng"),
+    Axis("RNG source", str, "override_settings.randn_source", choices="rng"),
     Axis("FP8 mode", str, None, cost=0.9),
     Axis("Size", str, _size),
 ]
 
 DEFAULT_ARGS = [1, "", [], 0, "", [], 0, "", [], True, False, False, False, False, False, False, 0, False]
-RNG_SOURCES = ["GPU", "CPU", "NV"]
 
 
 def axes_for(kind: str) -> list:
@@ -222,31 +212,21 @@ def closest_checkpoint(name: str, titles: list) -> Optional[str]:
     return None
 
 
-def find_sampler(name: str, choices: Optional[dict]) -> Optional[str]:
-    """A sampler name in any case, or an alias (A1111's scripts look names up case-insensitively with the
-    aliases) -> the sampler's name; None when unknown. Without a list of samplers, `name` as it is."""
-    names = (choices or {}).get("samplers")
-    if names is None:
-        return name
-    lowered = {n.lower(): n for n in names}
-    lowered.update({a.lower(): n for a, n in ((choices or {}).get("sampler_aliases") or {}).items()})
-    return lowered.get(name.strip().lower())
-
-
 def _confirm(axis: Axis, values: list, choices: Optional[dict]) -> list:
-    """Check (and canonicalise) the values of an axis that has a list of valid choices."""
-    if axis.choices == "rng":
-        valid = RNG_SOURCES
-    elif axis.choices is None or (choices or {}).get(axis.choices) is None:
+    """Check (and canonicalise) the values of an axis that has a list of valid choices: samplers (any case,
+    aliases), schedule types and RNG sources are sd15's; checkpoints, VAEs and hires upscalers are checked
+    when `choices` names them."""
+    own = {"rng": list(RANDN_SOURCES), "samplers": [s.name for s in SAMPLER_TABLE],
+           "schedulers": [n for c in SCHEDULER_TABLE for n in (c.name, c.label)]}
+    valid = (choices or {}).get(axis.choices) or own.get(axis.choices)
+    if valid is None:
         return values
-    else:
-        valid = list(choices[axis.choices])
     out = []
     for v in values:
         if axis.choices == "checkpoints":
             match = closest_checkpoint(v, valid)
         elif axis.choices == "samplers":
-            match = find_sampler(v, choices)
+            match = getattr(find_sampler(v), "name", None)
         elif axis.choices == "vaes":
             lowered = {c.lower(): c for c in ["Automatic", "None", *valid]}
             match = {"auto": "Automatic"}.get(v.strip().lower()) or lowered.get(v.strip().lower())
@@ -339,7 +319,12 @@ def plan(args: list, request: dict, kind: str, *, choices: Optional[dict], rng: 
     def cell_request(ix, iy, iz) -> dict:
         req = copy.deepcopy(base)
         for (_, axis, _, values, _), i in zip(axes, (ix, iy, iz)):
-            axis.apply(req, values[i], values)
+            if callable(axis.apply):
+                axis.apply(req, values[i], values)
+            elif axis.apply.startswith("override_settings."):
+                req["override_settings"][axis.apply.partition(".")[2]] = values[i]
+            else:
+                req[axis.apply] = values[i]
         xdim, ydim = (len(xs) if vary_x else 1), (len(ys) if vary_y else 1)
         offset = (ix if vary_x else 0) + (iy * xdim if vary_y else 0) + (iz * xdim * ydim if vary_z else 0)
         req["seed"] = (-1 if req.get("seed") is None else req["seed"]) + offset
