@@ -192,17 +192,6 @@ def upscale_step(upscalers: Upscalers, image: Image.Image, req: ExtrasBaseReques
     return result
 
 
-def encode_png(image: Image.Image, text_info: dict | None) -> str:
-    """Bare base64 PNG; every str -> str item of `text_info` becomes a tEXt chunk (A1111 `encode_pil_to_base64`)."""
-    meta = PngInfo() if text_info else None
-    for k, v in (text_info or {}).items():
-        if isinstance(k, str) and isinstance(v, str):
-            meta.add_text(k, v)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=meta)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 def run_extras(upscalers: Upscalers, images: list, req: ExtrasBaseRequest, pnginfo: bool = True) -> tuple:
     """(GPU worker) Every image through the Upscale step -> (base64 PNGs in input order, the `html_info` of
     the last: A1111's `ui_common.plaintext_to_html` of the step's infotext)."""
@@ -213,9 +202,16 @@ def run_extras(upscalers: Upscalers, images: list, req: ExtrasBaseRequest, pngin
         # A1111's postprocessing infotext: `k: v` pairs, values quoted as in generation infotexts
         text = ", ".join(k if k == v else f"{k}: {infotext.quote(v)}" for k, v in info.items()
                          if v is not None)
-        # A1111's `read_info_from_image` as `run_postprocessing` keeps it: the infotext and other text chunks
-        kept = {k: v for k, v in (image.info or {}).items() if k not in IGNORED_INFO_KEYS}
-        outputs.append(encode_png(result, {**kept, "postprocessing": text} if pnginfo else None))
+        # A1111's `encode_pil_to_base64` of `read_info_from_image` as `run_postprocessing` keeps it: every
+        # str -> str item of the input's info but the technical keys, and the step's infotext
+        meta = PngInfo()
+        chunks = {**image.info, "postprocessing": text} if pnginfo else {}
+        for k, v in chunks.items():
+            if isinstance(k, str) and isinstance(v, str) and k not in IGNORED_INFO_KEYS:
+                meta.add_text(k, v)
+        buf = io.BytesIO()
+        result.save(buf, format="PNG", pnginfo=meta)
+        outputs.append(base64.b64encode(buf.getvalue()).decode("ascii"))
     return outputs, "<p>" + "<br>\n".join(html.escape(line) for line in text.split("\n")) + "</p>"
 
 

@@ -159,8 +159,8 @@ def make_callback(self, run, job: Optional[jobs.Job], settings: dict):  # self: 
         run.steps_done += 1
         if job is not None:
             cell, cells = job.cell
-            done = (cell + s.progress()) / cells
-            job.progress = {"progress": done, "eta_relative": _eta(job.started or run.started, done),
+            done, elapsed = (cell + s.progress()) / cells, time.time() - (job.started or run.started)
+            job.progress = {"progress": done, "eta_relative": elapsed / done - elapsed if done > 0 else 0.0,
                             "step": s.sampling_step, "steps": s.sampling_steps,
                             "job_no": cell * s.job_count + s.job_no, "job_count": cells * s.job_count}
             if deadline is not None and time.time() > deadline:
@@ -179,11 +179,6 @@ def make_callback(self, run, job: Optional[jobs.Job], settings: dict):  # self: 
             if job is not None:
                 job.preview, job.preview_step = self.preview, at
     return callback
-
-
-def _eta(started: float, progress: float) -> float:
-    elapsed = time.time() - started
-    return elapsed / progress - elapsed if progress > 0 else 0.0
 
 
 def job_summary(req) -> dict:
