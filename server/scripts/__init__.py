@@ -1,15 +1,12 @@
-"""A1111's selectable scripts over the API: `script_name` + `script_args` on txt2img / img2img.
+"""A1111's selectable scripts over the API (`script_name` + `script_args` on txt2img / img2img), and the
+`/sdapi/v1/scripts` and `/sdapi/v1/script-info` routes that list them.
 
     result = run_script("x/y/z plot", [4, "10,20", [], 6, "5,7", []], request, "txt2img", generate)
 
 A script turns one A1111 request dict into the request dicts it runs (`plan_script`) and their results
 into one response (`Plan.combine`): a grid first where A1111 returns one, then the images, with `info` /
-`infotexts` in A1111's shape. `generate` (request -> sd15 `pipeline.Result`) is injected, so the server and
-tests (with a fake generator) run the same code; `upscale(image, upscaler_name, scale)` likewise for SD
-upscale.
-
-Scripts: "X/Y/Z plot", "Prompt matrix", "Prompts from file or textbox" (txt2img and img2img) and
-"SD upscale" (img2img). `routes` serves `/sdapi/v1/scripts` and `/sdapi/v1/script-info` for them.
+`infotexts` in A1111's shape. `generate` (request -> sd15 `pipeline.Result`) and SD upscale's `upscale`
+are injected, so the server and tests (with a fake generator) run the same code.
 """
 from __future__ import annotations
 
@@ -71,7 +68,10 @@ def run_plan(plan: Plan, generate: Callable) -> ScriptResult:
         results.append(generate(req))
         if results[-1].interrupted:
             break
-    return plan.combine(results)
+    out = plan.combine(results)
+    out.warnings = [w for r in results for w in r.warnings]
+    out.interrupted = len(results) < len(plan.requests) or any(r.interrupted for r in results)
+    return out
 
 
 # =============================================================================================

@@ -39,7 +39,8 @@ class ScriptResult:
 @dataclass
 class Plan:
     """What a script runs: `requests` (A1111 request dicts in run order; the server swaps in its prepared
-    requests) and `combine`: their results (same order; fewer when interrupted) -> the response."""
+    requests) and `combine`: their results (same order; fewer when interrupted) -> the response, to which
+    `run_plan` adds their warnings and whether the run was interrupted."""
     requests: list
     combine: Callable[[list], ScriptResult]
 

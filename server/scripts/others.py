@@ -21,10 +21,9 @@ from server.scripts.common import Plan, ScriptError, ScriptResult, as_bool, as_f
 from server.scripts.xyz import closest_checkpoint
 
 
-def _merge(results: list, planned: int) -> ScriptResult:
+def _merge(results: list) -> ScriptResult:
     """The lists of several generations concatenated, the first one's info with A1111's `all_*` lists."""
-    out = ScriptResult([], [], dict(results[0].info) if results else {},
-                       interrupted=len(results) < planned or any(r.interrupted for r in results))
+    out = ScriptResult([], [], dict(results[0].info) if results else {})
     for r in results:
         out.images += r.images
         out.infotexts += r.infotexts
@@ -32,7 +31,6 @@ def _merge(results: list, planned: int) -> ScriptResult:
         out.subseeds += r.subseeds
         out.prompts += r.prompts
         out.negative_prompts += r.negative_prompts
-        out.warnings += r.warnings
     out.info.update(all_prompts=out.prompts, all_negative_prompts=out.negative_prompts, all_seeds=out.seeds,
                     all_subseeds=out.subseeds, infotexts=out.infotexts, index_of_first_image=0)
     return out
@@ -82,7 +80,7 @@ def plan_prompt_matrix(args: list, request: dict, *, rng: random.Random) -> Plan
         requests.append(req)
 
     def combine(results: list) -> ScriptResult:
-        out = _merge(results, len(requests))
+        out = _merge(results)
         if not out.images:
             raise ScriptError(f"{PROMPT_MATRIX}: no image was generated", 409)
         blank = Image.new(out.images[0].mode, out.images[0].size)  # interrupted: the grid keeps its shape
@@ -196,7 +194,7 @@ def plan_prompts_from_file(args: list, request: dict, *, choices: Optional[dict]
         requests.append(req)
         if as_bool(iterate):
             seed += int(base.get("batch_size") or 1) * int(base.get("n_iter") or 1)
-    return Plan(requests, lambda results: _merge(results, len(requests)))
+    return Plan(requests, _merge)
 
 
 # =============================================================================================
@@ -277,7 +275,5 @@ def plan_sd_upscale(args: list, request: dict, *, upscale: Optional[Callable], c
         info["extra_generation_params"] = {**(info.get("extra_generation_params") or {}), **extra}
         seeds = [base["seed"] + n for n in range(len(outputs))]
         info.update(infotexts=infotexts, index_of_first_image=0, all_seeds=seeds)
-        return ScriptResult(images=outputs, infotexts=infotexts, info=info, seeds=seeds,
-                            warnings=[w for r in results for w in r.warnings],
-                            interrupted=len(results) < len(requests) or any(r.interrupted for r in results))
+        return ScriptResult(images=outputs, infotexts=infotexts, info=info, seeds=seeds)
     return Plan(requests, combine)

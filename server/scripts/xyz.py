@@ -408,6 +408,4 @@ def _combine(results, order, axes, params, draw_legend, include_lone_images, inc
     info.update(all_prompts=prompts, all_seeds=seeds, infotexts=infotexts, index_of_first_image=1)
     return ScriptResult(images=images, infotexts=infotexts, info=info, seeds=seeds, prompts=prompts,
                         subseeds=list(info.get("all_subseeds") or []),
-                        negative_prompts=list(info.get("all_negative_prompts") or []),
-                        warnings=[w for r in results for w in r.warnings],
-                        interrupted=len(results) < len(order) or any(r.interrupted for r in results))
+                        negative_prompts=list(info.get("all_negative_prompts") or []))
