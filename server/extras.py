@@ -252,14 +252,14 @@ async def _extras(request: Request, cls):
 
 
 def _out_size(image: Image.Image, req: ExtrasBaseRequest) -> tuple[int, int]:
+    """The size `upscale_step` will make (sd15's `Upscalers.upscale` rounds down to multiples of 8)."""
     if req.upscaler_1 == "None":
         return image.size
+    if req.resize_mode == 1 and req.upscaling_crop:
+        return req.upscaling_resize_w, req.upscaling_resize_h
+    s = req.upscaling_resize
     if req.resize_mode == 1:
         s = max(req.upscaling_resize_w / image.width, req.upscaling_resize_h / image.height)
-        if req.upscaling_crop:
-            return req.upscaling_resize_w, req.upscaling_resize_h
-    else:
-        s = req.upscaling_resize
     return int(image.width * s) // 8 * 8, int(image.height * s) // 8 * 8
 
 

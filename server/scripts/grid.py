@@ -9,7 +9,7 @@ line until it fits) are A1111's.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -39,8 +39,8 @@ def image_grid(images: list, rows: int) -> Image.Image:
 class GridAnnotation:
     text: str = ""
     is_active: bool = True
-    size: tuple = field(default=(0, 0), repr=False)
-    allowed_width: int = field(default=0, repr=False)
+    size: tuple = (0, 0)  # set when drawn
+    allowed_width: int = 0
 
 
 def draw_grid_annotations(im: Image.Image, width: int, height: int, hor_texts: list, ver_texts: list,
@@ -54,26 +54,26 @@ def draw_grid_annotations(im: Image.Image, width: int, height: int, hor_texts: l
     pad_left = 0 if sum(len(line.text) for lines in ver_texts for line in lines) == 0 else width * 3 // 4
 
     cols, rows = im.width // width, im.height // height
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1), BACKGROUND))
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
 
-    def wrap(text: str, line_length: int) -> list:
-        lines = [""]
-        for word in text.split():
-            line = f"{lines[-1]} {word}".strip()
-            if measure.textlength(line, font=fnt) <= line_length:
-                lines[-1] = line
-            else:
-                lines.append(word)
-        return lines
+    def wrapped(lines: list, allowed_width: int) -> list:
+        """The lines word-wrapped to `allowed_width` pixels, each with its size."""
+        out = []
+        for line in lines:
+            texts = [""]
+            for word in line.text.split():
+                joined = f"{texts[-1]} {word}".strip()
+                if measure.textlength(joined, font=fnt) <= allowed_width:
+                    texts[-1] = joined
+                else:
+                    texts.append(word)
+            for text in texts:
+                x0, y0, x1, y1 = measure.multiline_textbbox((0, 0), text, font=fnt)
+                out.append(GridAnnotation(text, line.is_active, (x1 - x0, y1 - y0), allowed_width))
+        return out
 
-    hor_texts = [list(t) for t in hor_texts]
-    ver_texts = [list(t) for t in ver_texts]
-    for texts, allowed_width in zip(hor_texts + ver_texts, [width] * len(hor_texts) + [pad_left] * len(ver_texts)):
-        wrapped = [GridAnnotation(w, line.is_active) for line in texts for w in wrap(line.text, allowed_width)]
-        texts[:] = wrapped
-        for line in texts:
-            x0, y0, x1, y1 = measure.multiline_textbbox((0, 0), line.text, font=fnt)
-            line.size, line.allowed_width = (x1 - x0, y1 - y0), allowed_width
+    hor_texts = [wrapped(lines, width) for lines in hor_texts]
+    ver_texts = [wrapped(lines, pad_left) for lines in ver_texts]
 
     hor_heights = [sum(line.size[1] + line_spacing for line in lines) - line_spacing for lines in hor_texts]
     ver_heights = [sum(line.size[1] + line_spacing for line in lines) - line_spacing * len(lines)

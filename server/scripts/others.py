@@ -240,8 +240,6 @@ def plan_sd_upscale(args: list, request: dict, *, upscale: Optional[Callable], c
         raise ScriptError(f"{SD_UPSCALE}: the upscaled image would be too large ({megapixels} megapixels; "
                           f"the limit is {max_megapixels})")
     if upscaler != "None":
-        if upscale is None:
-            raise ScriptError(f"{SD_UPSCALE}: no upscaler is available here")
         image = upscale(image, upscaler, scale)
     try:
         tiles = split_grid(image, tile_w=width, tile_h=height, overlap=overlap)
