@@ -16,8 +16,9 @@ from typing import Callable, Optional
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from sd15.pipeline import Result
 from server.scripts import others, xyz
-from server.scripts.common import Plan, ScriptError, ScriptResult
+from server.scripts.common import Plan, ScriptError
 
 #: A1111's titles, in the order A1111 lists them, with the tabs that show them
 TITLES = {
@@ -55,12 +56,12 @@ def plan_script(name: str, args: list, request: dict, kind: str, *, upscale: Opt
 
 def run_script(name: str, args: list, request: dict, kind: str, generate: Callable,
                upscale: Optional[Callable] = None, *, choices: Optional[dict] = None,
-               rng: Optional[random.Random] = None) -> ScriptResult:
+               rng: Optional[random.Random] = None) -> Result:
     """Plan script `name` and run it with `generate`."""
     return run_plan(plan_script(name, args, request, kind, upscale=upscale, choices=choices, rng=rng), generate)
 
 
-def run_plan(plan: Plan, generate: Callable) -> ScriptResult:
+def run_plan(plan: Plan, generate: Callable) -> Result:
     """Generate the plan's requests in order and combine the results. After a result that says it was
     interrupted nothing more is generated (A1111 leaves the remaining grid cells blank)."""
     results = []

@@ -1,13 +1,14 @@
-"""What the four scripts share: the error they raise, their plan and result, the request their generations
-start from (with A1111's `fix_seed`), reading their arguments, and adding script entries to an infotext."""
+"""What the four scripts share: the error they raise, their plan, the request their generations start from
+(with A1111's `fix_seed`), reading their arguments, and adding script entries to an infotext."""
 from __future__ import annotations
 
 import copy
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from sd15.a1111.infotext import quote  # A1111's infotext value quoting
+from sd15.pipeline import Result
 from sd15.schema import fixed_seed
 
 
@@ -21,28 +22,14 @@ class ScriptError(ValueError):
 
 
 @dataclass
-class ScriptResult:
-    """A script's response parts, shaped like sd15's `pipeline.Result` so the server's response builder
-    takes it as it is: `images` (grid first where A1111 returns one), their `infotexts`, and `info` (A1111's
-    keys; `index_of_first_image` is 1 when a grid leads)."""
-    images: list
-    infotexts: list
-    info: dict
-    seeds: list = field(default_factory=list)
-    subseeds: list = field(default_factory=list)
-    prompts: list = field(default_factory=list)
-    negative_prompts: list = field(default_factory=list)
-    warnings: list = field(default_factory=list)
-    interrupted: bool = False
-
-
-@dataclass
 class Plan:
     """What a script runs: `requests` (A1111 request dicts in run order; the server swaps in its prepared
-    requests) and `combine`: their results (same order; fewer when interrupted) -> the response, to which
-    `run_plan` adds their warnings and whether the run was interrupted."""
+    requests) and `combine`: their results (same order; fewer when interrupted) -> the response, an sd15
+    `pipeline.Result` as a generation returns (A1111's `Processed`: a grid first where A1111 returns one,
+    `index_of_first_image` 1 in its info then), to which `run_plan` adds the warnings and whether the run was
+    interrupted."""
     requests: list
-    combine: Callable[[list], ScriptResult]
+    combine: Callable[[list], Result]
 
 
 def base_request(request: dict, rng: Optional[random.Random] = None) -> dict:

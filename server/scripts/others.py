@@ -12,18 +12,20 @@ from typing import Callable, Optional
 from PIL import Image
 
 from sd15.a1111.images import flatten, load_image, png_bytes
+from sd15.pipeline import Result
 from sd15.samplers.table import find_sampler
 from sd15.schema import fixed_seed
 from sd15.upscale import combine_grid, split_grid
 from server.scripts import grid as g
-from server.scripts.common import Plan, ScriptError, ScriptResult, as_bool, as_float, as_int, base_request, \
+from server.scripts.common import Plan, ScriptError, as_bool, as_float, as_int, base_request, \
     with_params
 from server.scripts.xyz import closest_checkpoint
 
 
-def _merge(results: list) -> ScriptResult:
+def _merge(results: list) -> Result:
     """The lists of several generations concatenated, the first one's info with A1111's `all_*` lists."""
-    out = ScriptResult([], [], dict(results[0].info) if results else {})
+    info = dict(results[0].info) if results else {}
+    out = Result(images=[], seeds=[], subseeds=[], infotexts=[], info=info)
     for r in results:
         out.images += r.images
         out.infotexts += r.infotexts
@@ -79,7 +81,7 @@ def plan_prompt_matrix(args: list, request: dict, *, rng: random.Random) -> Plan
                     "subseed": base["subseed"] + i, "batch_size": 1, "n_iter": 1})
         requests.append(req)
 
-    def combine(results: list) -> ScriptResult:
+    def combine(results: list) -> Result:
         out = _merge(results)
         if not out.images:
             raise ScriptError(f"{PROMPT_MATRIX}: no image was generated", 409)
@@ -258,7 +260,7 @@ def plan_sd_upscale(args: list, request: dict, *, upscale: Optional[Callable], c
             spans.append((n, len(batch)))
     extra = {"SD upscale overlap": overlap, "SD upscale upscaler": upscaler}
 
-    def combine(results: list) -> ScriptResult:
+    def combine(results: list) -> Result:
         if not results:
             raise ScriptError(f"{SD_UPSCALE}: no image was generated", 409)
         outputs = []
@@ -273,5 +275,5 @@ def plan_sd_upscale(args: list, request: dict, *, upscale: Optional[Callable], c
         info["extra_generation_params"] = {**(info.get("extra_generation_params") or {}), **extra}
         seeds = [base["seed"] + n for n in range(len(outputs))]
         info.update(infotexts=infotexts, index_of_first_image=0, all_seeds=seeds)
-        return ScriptResult(images=outputs, infotexts=infotexts, info=info, seeds=seeds)
+        return Result(images=outputs, seeds=seeds, subseeds=[], infotexts=infotexts, info=info)
     return Plan(requests, combine)

@@ -25,10 +25,11 @@ from typing import Callable, Optional, Union
 import numpy as np
 from PIL import Image
 
+from sd15.pipeline import Result
 from sd15.samplers.table import SAMPLER_TABLE, SCHEDULER_TABLE, find_sampler
 from sd15.schema import RANDN_SOURCES, fixed_seed
 from server.scripts import grid as g
-from server.scripts.common import Plan, ScriptError, ScriptResult, as_bool, as_float, as_int, base_request, \
+from server.scripts.common import Plan, ScriptError, as_bool, as_float, as_int, base_request, \
     with_params
 
 TITLE = "X/Y/Z plot"
@@ -342,7 +343,7 @@ def plan(args: list, request: dict, kind: str, *, choices: Optional[dict], rng: 
     order = cell_order(x.cost, y.cost, z.cost, len(xs), len(ys), len(zs))
     requests = [cell_request(*c) for c in order]  # every cell is built (and checked) before any runs
 
-    def combine(results: list) -> ScriptResult:
+    def combine(results: list) -> Result:
         return _combine(results, order, axes, (params(True), params(False)), draw_legend, include_lone_images,
                         include_sub_grids, margin)
     return Plan(requests, combine)
@@ -365,7 +366,7 @@ def cell_order(cx: float, cy: float, cz: float, nx: int, ny: int, nz: int) -> li
 
 
 def _combine(results, order, axes, params, draw_legend, include_lone_images, include_sub_grids,
-             margin) -> ScriptResult:
+             margin) -> Result:
     """A1111's `draw_xyz_grid` and what `run` does after it: a grid per Z value, the Z grid of them first,
     the cells (blank where never generated), and A1111's list layout (no prompt / seed for the main grid)."""
     (_, _, _, xs, x_labels), (_, _, _, ys, y_labels), (_, _, _, zs, z_labels) = axes
@@ -406,6 +407,6 @@ def _combine(results, order, axes, params, draw_legend, include_lone_images, inc
 
     info = dict(results[0].info)
     info.update(all_prompts=prompts, all_seeds=seeds, infotexts=infotexts, index_of_first_image=1)
-    return ScriptResult(images=images, infotexts=infotexts, info=info, seeds=seeds, prompts=prompts,
-                        subseeds=list(info.get("all_subseeds") or []),
-                        negative_prompts=list(info.get("all_negative_prompts") or []))
+    return Result(images=images, seeds=seeds, subseeds=list(info.get("all_subseeds") or []),
+                  infotexts=infotexts, info=info, prompts=prompts,
+                  negative_prompts=list(info.get("all_negative_prompts") or []))
