@@ -165,7 +165,7 @@ def plan_prompts_from_file(args: list, request: dict, *, choices: Optional[dict]
     lines = [x for x in (x.strip() for x in text.splitlines()) if x]
     if not lines:
         raise ScriptError(f"{PROMPTS_FROM_FILE}: the list of prompt inputs is empty")
-    seed = base.get("seed")
+    seed = base.get("seed", -1)
     if as_bool(iterate) or as_bool(same_seed):
         seed = fixed_seed(seed, rng)
     checkpoints = (choices or {}).get("checkpoints")
