@@ -87,22 +87,17 @@ class ExtrasBatchImagesRequest(ExtrasBaseRequest):
     @classmethod
     def from_json(cls, data):
         req = super().from_json(data)
-        problems, items = [], []
+        problems = []
         for i, item in enumerate(req.imageList):  # FileData: data and name, both required strings
-            out = {}
             for key in ("data", "name"):
-                if item.get(key) is None:
-                    problems.append(ValidationError.problem(("imageList", i, key), "field required",
-                                                            "value_error.missing"))
-                    continue
                 try:
-                    out[key] = convert("imageList", item[key], str)
+                    if item.get(key) is None:
+                        raise ValidationError.one(None, "field required", "value_error.missing")
+                    item[key] = convert("imageList", item[key], str)
                 except ValidationError as e:
                     problems += [{**p, "loc": ["body", "imageList", i, key]} for p in e.problems]
-            items.append(out)
         if problems:
             raise ValidationError(problems)
-        req.imageList = items
         return req
 
 

@@ -244,20 +244,15 @@ def _confirm(axis: Axis, values: list, choices: Optional[dict]) -> list:
 # =============================================================================================
 
 def _axis(type_arg, options: list, which: str, kind: str) -> Axis:
-    if type_arg is None or type_arg == "":
-        type_arg = 0
-    if isinstance(type_arg, str) and not type_arg.strip().lstrip("-").isdigit():
-        axis = next((a for a in options if a.label.lower() == type_arg.strip().lower()), None)
-        if axis is None:
-            raise ScriptError(f"{TITLE}: unknown {which} type {type_arg!r}; the {kind} axes are: "
-                              + ", ".join(a.label for a in options), 422)
+    """The axis an X/Y/Z type argument names: an index into the tab's axes (A1111's dropdown) or a label."""
+    if isinstance(type_arg, str) and type_arg.strip() and not type_arg.strip().lstrip("-").isdigit():
+        index = next((i for i, a in enumerate(options) if a.label.lower() == type_arg.strip().lower()), -1)
     else:
-        index = as_int(type_arg, f"{TITLE}: {which} type")
-        if not 0 <= index < len(options):
-            raise ScriptError(f"{TITLE}: {which} type {index} is out of range; the {kind} axes are "
-                              f"0-{len(options) - 1}: "
-                              + ", ".join(f"{i} {a.label}" for i, a in enumerate(options)), 422)
-        axis = options[index]
+        index = as_int(type_arg or 0, f"{TITLE}: {which} type")
+    if not 0 <= index < len(options):
+        raise ScriptError(f"{TITLE}: {which} type {type_arg!r} is out of range; the {kind} axes are: "
+                          + ", ".join(f"{i} {a.label}" for i, a in enumerate(options)), 422)
+    axis = options[index]
     if axis.apply is None:
         raise ScriptError(f"{TITLE}: the {which} axis {axis.label!r} is not supported by this server; supported: "
                           + ", ".join(supported_labels(kind)))
