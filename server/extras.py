@@ -1,15 +1,9 @@
-"""A1111's "Extras" over the API: upscaling one or many images (`/extra-single-image`,
-`/extra-batch-images`), the upscaler listings (`/upscalers`, `/realesrgan-models`), and `/interrogate` (a 404
-naming the caption model this server does not have).
-
-What runs is A1111 v1.10's `modules/postprocessing.py` with its Upscale step
-(`scripts/postprocessing_upscale.py`): resize mode 0 scales by `upscaling_resize`, mode 1 scales to cover
-`upscaling_resize_w x upscaling_resize_h` and, with `upscaling_crop`, pastes the result centred on a black canvas
-of exactly that size; `upscaler_2` is computed from the same input and mixed in with
-`Image.blend(first, second, extras_upscaler_2_visibility)`. The output PNG carries the input's text chunks
-plus `postprocessing` (the step's infotext, also the `html_info`). Face restoration is not part of sd15: a
-visibility above 0 is a 422. The upscalers are the files of `<ckpt-dir>/ESRGAN` and `<ckpt-dir>/RealESRGAN`
-(or the folder flags), rescanned on every listing; nothing is downloaded.
+"""A1111's "Extras" over the API: upscaling one or many images (`/extra-single-image`, `/extra-batch-images`:
+A1111 v1.10's `modules/postprocessing.py` with its Upscale step), the upscaler listings (`/upscalers`,
+`/realesrgan-models`), and `/interrogate` (a 404 naming the caption model this server does not have).
+Face restoration is not part of sd15: a visibility above 0 is a 422. The upscalers are the files of
+`<ckpt-dir>/ESRGAN` and `<ckpt-dir>/RealESRGAN` (or the folder flags), rescanned on every listing; nothing is
+downloaded.
 """
 from __future__ import annotations
 
@@ -163,7 +157,10 @@ def sync_options(upscalers: Upscalers, options: dict) -> Upscalers:
 # =============================================================================================
 
 def upscale_step(upscalers: Upscalers, image: Image.Image, req: ExtrasBaseRequest, info: dict) -> Image.Image:
-    """A1111's Upscale postprocessing step on one RGB image; `info` gets its infotext entries."""
+    """A1111's Upscale step (`scripts/postprocessing_upscale.py`) on one RGB image: resize mode 0 scales by
+    `upscaling_resize`, mode 1 to cover `upscaling_resize_w x upscaling_resize_h` (with `upscaling_crop`,
+    centred on a black canvas of that size); `upscaler_2`, from the same input, is mixed in by `Image.blend`
+    with `extras_upscaler_2_visibility`. `info` gets the step's infotext entries."""
     if req.upscaler_1 == "None":
         return image
 
@@ -189,7 +186,8 @@ def upscale_step(upscalers: Upscalers, image: Image.Image, req: ExtrasBaseReques
 
 def run_extras(upscalers: Upscalers, images: list, req: ExtrasBaseRequest, pnginfo: bool = True) -> tuple:
     """(GPU worker) Every image through the Upscale step -> (base64 PNGs in input order, the `html_info` of
-    the last: A1111's `ui_common.plaintext_to_html` of the step's infotext)."""
+    the last: A1111's `ui_common.plaintext_to_html` of the step's infotext). With `pnginfo`, the PNGs carry
+    the input's text chunks and `postprocessing`, the step's infotext."""
     outputs, text = [], ""
     for image in images:
         info: dict = {}
