@@ -16,6 +16,7 @@ from typing import Callable, Optional
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from sd15.a1111.images import LATENT_UPSCALE_MODES
 from sd15.pipeline import Result
 from server.scripts import others, xyz
 from server.scripts.common import Plan, ScriptError
@@ -113,12 +114,10 @@ def _args(title: str, kind: str, choices: dict) -> list:
 
 def engine_choices(engine) -> dict:
     """The names a server's `engine` accepts, for checking script values before anything runs."""
-    from server import a1111
-
     upscalers = engine.upscalers.names()
     return {"checkpoints": engine.library.checkpoint_titles(),
             "vaes": [v["model_name"] for v in engine.library.vae_api()], "upscalers": upscalers,
-            "hr_upscalers": [m["name"] for m in a1111.latent_upscale_modes()] + upscalers}
+            "hr_upscalers": [*LATENT_UPSCALE_MODES, *upscalers]}
 
 
 async def list_scripts(request):
