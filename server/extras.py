@@ -1,23 +1,9 @@
-"""A1111's "Extras" over the API: upscaling one or many images, the upscaler listings, and interrogate.
-
-    POST /sdapi/v1/extra-single-image   {image, resize_mode, upscaling_resize, upscaler_1, ...} -> {image, html_info}
-    POST /sdapi/v1/extra-batch-images   {imageList: [{data, name}], ...}                       -> {images, html_info}
-    GET  /sdapi/v1/upscalers            every upscaler, A1111's names and order (sd15.upscale.list_upscalers)
-    GET  /sdapi/v1/realesrgan-models    the Real-ESRGAN files present, [{name, path, scale}]
-    POST /sdapi/v1/interrogate          always a 404 naming the caption model this server does not have
-
-What runs is A1111 v1.10's `modules/postprocessing.py` (`run_postprocessing`, `run_extras`) with its Upscale
-step (`scripts/postprocessing_upscale.py`): resize mode 0 scales by `upscaling_resize`, mode 1 scales to cover
-`upscaling_resize_w x upscaling_resize_h` and, with `upscaling_crop`, pastes the result centred on a black canvas
-of exactly that size; `upscaler_2` is computed from the same input and mixed in with
-`Image.blend(first, second, extras_upscaler_2_visibility)`. `upscaler_1` "None" makes the call a no-op that still
-returns the image (A1111's tests post only `{image}` this way). The output PNG carries A1111's text chunks: the
-input's own `parameters` and other text info, plus `postprocessing` (the step's infotext, also the `html_info`).
-
-Face restoration (GFPGAN, CodeFormer) is not part of sd15: a visibility above 0 is a 422 naming the field; 0, the
-default, is accepted as A1111 does. The upscalers come from `<ckpt-dir>/ESRGAN` and `<ckpt-dir>/RealESRGAN`
-(`--esrgan-models-path`, `--realesrgan-models-path`), rescanned on every listing; nothing is downloaded. The options
-`ESRGAN_tile`, `ESRGAN_tile_overlap` and `realesrgan_enabled_models` apply when the engine has them.
+"""A1111's "Extras" over the API: upscaling one or many images (`/extra-single-image`, `/extra-batch-images`:
+A1111 v1.10's `modules/postprocessing.py` with its Upscale step), the upscaler listings (`/upscalers`,
+`/realesrgan-models`), and `/interrogate` (a 404 naming the caption model this server does not have).
+Face restoration is not part of sd15: a visibility above 0 is a 422. The upscalers are the files of
+`<ckpt-dir>/ESRGAN` and `<ckpt-dir>/RealESRGAN` (or the folder flags), rescanned on every listing; nothing is
+downloaded.
 """
 from __future__ import annotations
 
@@ -25,7 +11,6 @@ import base64
 import dataclasses
 import html
 import io
-import logging
 import os
 from dataclasses import dataclass, field
 
@@ -37,13 +22,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from sd15.a1111 import infotext
-from sd15.upscale import ESRGAN_TILE, ESRGAN_TILE_OVERLAP, REALESRGAN_NAMES, UpscalerModelError, Upscalers
+from sd15.upscale import ESRGAN_TILE, ESRGAN_TILE_OVERLAP, REALESRGAN_NAMES, Upscalers, list_upscalers
 from server.a1111 import ApiError, _Request, decode_image
 from server.coerce import ValidationError, convert
-
-log = logging.getLogger("server")
-
-API = "/sdapi/v1"
 
 #: A1111's `images.IGNORED_INFO_KEYS`: image info that `read_info_from_image` does not carry over.
 IGNORED_INFO_KEYS = {"jfif", "jfif_version", "jfif_unit", "jfif_density", "dpi", "exif", "loop", "background",
@@ -54,25 +35,21 @@ IGNORED_INFO_KEYS = {"jfif", "jfif_version", "jfif_unit", "jfif_density", "dpi",
 # Requests (A1111 v1.10 `modules/api/models.py`: ExtrasBaseRequest and its two children)
 # =============================================================================================
 
-def _range(**bounds):
-    """Field metadata: pydantic's ge / gt / le / enum, read by `check` (and by anything documenting the schema)."""
-    return bounds
-
-
 @dataclass
 class ExtrasBaseRequest(_Request):
-    resize_mode: int = field(default=0, metadata=_range(enum=(0, 1)))  # 0: scale by, 1: scale to
+    # metadata: pydantic's bounds, checked by `check` and documented by server/openapi.py
+    resize_mode: int = field(default=0, metadata={"enum": (0, 1)})  # 0: scale by, 1: scale to
     show_extras_results: bool = True  # A1111 returns the images of API calls whatever this says
-    gfpgan_visibility: float = field(default=0.0, metadata=_range(ge=0, le=1))
-    codeformer_visibility: float = field(default=0.0, metadata=_range(ge=0, le=1))
-    codeformer_weight: float = field(default=0.0, metadata=_range(ge=0, le=1))
-    upscaling_resize: float = field(default=2.0, metadata=_range(gt=0))
-    upscaling_resize_w: int = field(default=512, metadata=_range(ge=1))
-    upscaling_resize_h: int = field(default=512, metadata=_range(ge=1))
+    gfpgan_visibility: float = field(default=0.0, metadata={"ge": 0, "le": 1})
+    codeformer_visibility: float = field(default=0.0, metadata={"ge": 0, "le": 1})
+    codeformer_weight: float = field(default=0.0, metadata={"ge": 0, "le": 1})
+    upscaling_resize: float = field(default=2.0, metadata={"gt": 0})
+    upscaling_resize_w: int = field(default=512, metadata={"ge": 1})
+    upscaling_resize_h: int = field(default=512, metadata={"ge": 1})
     upscaling_crop: bool = True
     upscaler_1: str = "None"
     upscaler_2: str = "None"
-    extras_upscaler_2_visibility: float = field(default=0.0, metadata=_range(ge=0, le=1))
+    extras_upscaler_2_visibility: float = field(default=0.0, metadata={"ge": 0, "le": 1})
     upscale_first: bool = False  # ignored by A1111 v1.10 too (the step order is a setting)
 
     @classmethod
@@ -104,22 +81,17 @@ class ExtrasBatchImagesRequest(ExtrasBaseRequest):
     @classmethod
     def from_json(cls, data):
         req = super().from_json(data)
-        problems, items = [], []
+        problems = []
         for i, item in enumerate(req.imageList):  # FileData: data and name, both required strings
-            out = {}
             for key in ("data", "name"):
-                if item.get(key) is None:
-                    problems.append(ValidationError.problem(("imageList", i, key), "field required",
-                                                            "value_error.missing"))
-                    continue
                 try:
-                    out[key] = convert("imageList", item[key], str)
+                    if item.get(key) is None:
+                        raise ValidationError.one(None, "field required", "value_error.missing")
+                    item[key] = convert("imageList", item[key], str)
                 except ValidationError as e:
                     problems += [{**p, "loc": ["body", "imageList", i, key]} for p in e.problems]
-            items.append(out)
         if problems:
             raise ValidationError(problems)
-        req.imageList = items
         return req
 
 
@@ -180,111 +152,77 @@ def sync_options(upscalers: Upscalers, options: dict) -> Upscalers:
     return upscalers
 
 
-def _upscalers(request: Request) -> Upscalers:
-    engine = request.state.engine
-    return sync_options(engine.upscalers, engine.options)
-
-
-def resolve(upscalers: Upscalers, name: str) -> None:
-    """An unknown upscaler name -> 400 naming the valid ones (A1111 answers its AssertionError with a 500)."""
-    if name not in upscalers.names():
-        raise ApiError(400, f"could not find upscaler named {name}; valid: {', '.join(upscalers.names())}")
-
-
 # =============================================================================================
 # The work (A1111 run_postprocessing with the Upscale step)
 # =============================================================================================
 
-def read_info(image: Image.Image) -> dict:
-    """A1111 `read_info_from_image` as `run_postprocessing` keeps it: the image's info minus the technical keys,
-    with `parameters` (the infotext) kept."""
-    return {k: v for k, v in (image.info or {}).items() if k not in IGNORED_INFO_KEYS}
-
-
-def upscale_step(upscalers: Upscalers, image: Image.Image, req: ExtrasBaseRequest, info: dict,
-                 interrupted=None) -> Image.Image:
-    """A1111's Upscale postprocessing step on one RGB image; `info` gets its infotext entries."""
+def upscale_step(upscalers: Upscalers, image: Image.Image, req: ExtrasBaseRequest, info: dict) -> Image.Image:
+    """A1111's Upscale step (`scripts/postprocessing_upscale.py`) on one RGB image: resize mode 0 scales by
+    `upscaling_resize`, mode 1 to cover `upscaling_resize_w x upscaling_resize_h` (with `upscaling_crop`,
+    centred on a black canvas of that size); `upscaler_2`, from the same input, is mixed in by `Image.blend`
+    with `extras_upscaler_2_visibility`. `info` gets the step's infotext entries."""
     if req.upscaler_1 == "None":
         return image
-    second = None if req.upscaler_2 == "None" else req.upscaler_2
 
     def one(name):
         if req.resize_mode == 1:
             w, h = req.upscaling_resize_w, req.upscaling_resize_h
             info["Postprocess upscale to"] = f"{w}x{h}"
-            out = upscalers.upscale_to(image, name, w, h, crop=req.upscaling_crop, interrupted=interrupted)
+            out = upscalers.upscale_to(image, name, w, h, crop=req.upscaling_crop)
             if req.upscaling_crop:
                 info["Postprocess crop to"] = f"{out.width}x{out.height}"
             return out
         info["Postprocess upscale by"] = req.upscaling_resize
-        return upscalers.upscale(image, name, req.upscaling_resize, interrupted=interrupted)
+        return upscalers.upscale(image, name, req.upscaling_resize)
 
     result = one(req.upscaler_1)
     info["Postprocess upscaler"] = req.upscaler_1
-    if second is not None and req.extras_upscaler_2_visibility > 0:
-        other = one(second)
-        if other.mode != result.mode:
-            other = other.convert(result.mode)
-        result = Image.blend(result, other, req.extras_upscaler_2_visibility)
-        info["Postprocess upscaler 2"] = second
+    if req.upscaler_2 != "None" and req.extras_upscaler_2_visibility > 0:
+        second = one(req.upscaler_2).convert(result.mode)
+        result = Image.blend(result, second, req.extras_upscaler_2_visibility)
+        info["Postprocess upscaler 2"] = req.upscaler_2
     return result
 
 
-def infotext_of(info: dict) -> str:
-    """A1111's postprocessing infotext: `k: v` pairs joined by ", ", values quoted as in generation infotexts."""
-    return ", ".join(k if k == v else f"{k}: {infotext.quote(v)}" for k, v in info.items() if v is not None)
-
-
-def plaintext_to_html(text: str) -> str:
-    """A1111 `ui_common.plaintext_to_html` (the `html_info` of the response)."""
-    return "<p>" + "<br>\n".join(html.escape(line) for line in text.split("\n")) + "</p>"
-
-
-def encode_png(image: Image.Image, text_info: dict | None) -> str:
-    """Bare base64 PNG; every str -> str item of `text_info` becomes a tEXt chunk (A1111 `encode_pil_to_base64`)."""
-    meta = None
-    if text_info:
-        meta = PngInfo()
-        for k, v in text_info.items():
-            if isinstance(k, str) and isinstance(v, str):
-                meta.add_text(k, v)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=meta)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def run_extras(upscalers: Upscalers, images: list, req: ExtrasBaseRequest, pnginfo: bool = True,
-               state=None) -> tuple[list[str], str]:
-    """(GPU worker) Every image through the Upscale step -> (base64 PNGs in input order, html_info of the last).
-    `state` (sd15 JobState) stops the batch between images (and between model tiles) when interrupted."""
-    interrupted = (lambda: state.interrupted) if state is not None else None
+def run_extras(upscalers: Upscalers, images: list, req: ExtrasBaseRequest, pnginfo: bool = True) -> tuple:
+    """(GPU worker) Every image through the Upscale step -> (base64 PNGs in input order, the `html_info` of
+    the last: A1111's `ui_common.plaintext_to_html` of the step's infotext). With `pnginfo`, the PNGs carry
+    the input's text chunks and `postprocessing`, the step's infotext."""
     outputs, text = [], ""
-    for i, image in enumerate(images):
-        if state is not None:
-            if state.interrupted:
-                break
-            state.job_no = i
+    for image in images:
         info: dict = {}
-        result = upscale_step(upscalers, image.convert("RGB"), req, info, interrupted)
-        text = infotext_of(info)
-        outputs.append(encode_png(result, {**read_info(image), "postprocessing": text} if pnginfo else None))
-    return outputs, plaintext_to_html(text)
+        result = upscale_step(upscalers, image.convert("RGB"), req, info)
+        # A1111's postprocessing infotext: `k: v` pairs, values quoted as in generation infotexts
+        text = ", ".join(k if k == v else f"{k}: {infotext.quote(v)}" for k, v in info.items()
+                         if v is not None)
+        # A1111's `encode_pil_to_base64` of `read_info_from_image` as `run_postprocessing` keeps it: every
+        # str -> str item of the input's info but the technical keys, and the step's infotext
+        meta = PngInfo()
+        chunks = {**image.info, "postprocessing": text} if pnginfo else {}
+        for k, v in chunks.items():
+            if isinstance(k, str) and isinstance(v, str) and k not in IGNORED_INFO_KEYS:
+                meta.add_text(k, v)
+        buf = io.BytesIO()
+        result.save(buf, format="PNG", pnginfo=meta)
+        outputs.append(base64.b64encode(buf.getvalue()).decode("ascii"))
+    return outputs, "<p>" + "<br>\n".join(html.escape(line) for line in text.split("\n")) + "</p>"
 
 
 # =============================================================================================
 # Endpoints
 # =============================================================================================
 
-async def _extras(request: Request, cls, field_name: str):
+async def _extras(request: Request, cls):
     from server.app import read_json  # the app's body reader (size limit, FastAPI's JSON errors)
 
     engine = request.state.engine
     req = cls.from_json(await read_json(request, engine.limits.max_body_bytes))
     upscalers = await run_in_threadpool(sync_options, engine.upscalers, engine.options)
-    resolve(upscalers, req.upscaler_1)
-    if req.upscaler_1 != "None" and req.upscaler_2 != "None":
-        resolve(upscalers, req.upscaler_2)
-    if field_name == "image":
+    for name in [req.upscaler_1] + ([req.upscaler_2] if req.upscaler_1 != "None" else []):
+        if name not in upscalers.names():  # A1111 answers its AssertionError with a 500
+            raise ApiError(400, f"could not find upscaler named {name}; valid: "
+                                + ", ".join(upscalers.names()))
+    if cls is ExtrasSingleImageRequest:
         if not req.image:
             raise ApiError(400, "image not selected")  # A1111: AssertionError, a 500
         sources = [(req.image, "image")]
@@ -297,53 +235,46 @@ async def _extras(request: Request, cls, field_name: str):
             raise ApiError(400, f"the result would be {w}x{h} = {w * h} pixels; the limit is "
                                 f"{engine.limits.max_image_pixels}")
     try:
-        return await engine.on_gpu(_job, engine, upscalers, images, req)
-    except (ApiError, ValidationError):
-        raise
-    except (UpscalerModelError, ValueError) as e:  # a bad model file, an upscaler removed meanwhile
+        outputs, html_info = await engine.on_gpu(run_extras, upscalers, images, req,
+                                                 engine.options.get("enable_pnginfo", True))
+    except ValueError as e:  # a bad model file (UpscalerModelError), an upscaler removed meanwhile
         raise ApiError(400, str(e)) from None
-
-
-def _out_size(image: Image.Image, req: ExtrasBaseRequest) -> tuple[int, int]:
-    if req.upscaler_1 == "None":
-        return image.size
-    if req.resize_mode == 1:
-        s = max(req.upscaling_resize_w / image.width, req.upscaling_resize_h / image.height)
-        if req.upscaling_crop:
-            return req.upscaling_resize_w, req.upscaling_resize_h
-    else:
-        s = req.upscaling_resize
-    return int(image.width * s) // 8 * 8, int(image.height * s) // 8 * 8
-
-
-def _job(engine, upscalers, images, req):
-    """(GPU worker) The extras job -> the response."""
-    outputs, html_info = run_extras(upscalers, images, req, engine.options.get("enable_pnginfo", True))
-    if isinstance(req, ExtrasSingleImageRequest):
+    if cls is ExtrasSingleImageRequest:
         return JSONResponse({"html_info": html_info, "image": outputs[0] if outputs else None})
     return JSONResponse({"html_info": html_info, "images": outputs})
 
 
+def _out_size(image: Image.Image, req: ExtrasBaseRequest) -> tuple[int, int]:
+    """The size `upscale_step` will make (sd15's `Upscalers.upscale` rounds down to multiples of 8)."""
+    if req.upscaler_1 == "None":
+        return image.size
+    if req.resize_mode == 1 and req.upscaling_crop:
+        return req.upscaling_resize_w, req.upscaling_resize_h
+    s = req.upscaling_resize
+    if req.resize_mode == 1:
+        s = max(req.upscaling_resize_w / image.width, req.upscaling_resize_h / image.height)
+    return int(image.width * s) // 8 * 8, int(image.height * s) // 8 * 8
+
+
 async def extra_single_image(request: Request):
     """Upscale one image (A1111's Extras tab)."""
-    return await _extras(request, ExtrasSingleImageRequest, "image")
+    return await _extras(request, ExtrasSingleImageRequest)
 
 
 async def extra_batch_images(request: Request):
     """Upscale a list of images; the answer keeps their order."""
-    return await _extras(request, ExtrasBatchImagesRequest, "imageList")
+    return await _extras(request, ExtrasBatchImagesRequest)
 
 
 async def upscalers_list(request: Request):
     """Pixel upscalers: None, Lanczos, Nearest, then the ESRGAN / RealESRGAN files present."""
-    ups = await run_in_threadpool(_upscalers, request)
+    engine = request.state.engine
+    ups = await run_in_threadpool(sync_options, engine.upscalers, engine.options)
     return JSONResponse([u.as_api() for u in ups.infos])
 
 
 async def realesrgan_models(request: Request):
     """Real-ESRGAN models present in the RealESRGAN folder."""
-    from sd15.upscale import list_upscalers
-
     engine = request.state.engine
     found = {u.name: u for u in await run_in_threadpool(list_upscalers, None, engine.upscalers.realesrgan_dir)}
     return JSONResponse([{"name": name, "path": str(found[name].path), "scale": scale}
@@ -368,11 +299,11 @@ async def interrogate(request: Request):
 
 
 routes = [
-    Route(f"{API}/extra-single-image", extra_single_image, methods=["POST"]),
-    Route(f"{API}/extra-batch-images", extra_batch_images, methods=["POST"]),
-    Route(f"{API}/interrogate", interrogate, methods=["POST"]),
-    Route(f"{API}/upscalers", upscalers_list, methods=["GET"]),
-    Route(f"{API}/realesrgan-models", realesrgan_models, methods=["GET"]),
+    Route("/sdapi/v1/extra-single-image", extra_single_image, methods=["POST"]),
+    Route("/sdapi/v1/extra-batch-images", extra_batch_images, methods=["POST"]),
+    Route("/sdapi/v1/interrogate", interrogate, methods=["POST"]),
+    Route("/sdapi/v1/upscalers", upscalers_list, methods=["GET"]),
+    Route("/sdapi/v1/realesrgan-models", realesrgan_models, methods=["GET"]),
 ]
 REQUEST_BODIES = {extra_single_image: ExtrasSingleImageRequest, extra_batch_images: ExtrasBatchImagesRequest,
                   interrogate: InterrogateRequest}

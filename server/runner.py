@@ -1,10 +1,16 @@
 """Running one queued job on the GPU worker: the A1111 request -> generation -> response body (+ saved
 files), the sampler callback that carries progress, previews and the per-job limits, and the per-job log
-line and metrics. `self` below is the server's `Engine` (server/app.py)."""
+line and metrics. `self` below is the server's `Engine` (server/app.py). Only the server writes files; the
+library (`sd15/`) writes nothing."""
 from __future__ import annotations
 
 import base64
+import dataclasses
+import datetime
+import itertools
 import logging
+import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -14,13 +20,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from sd15.a1111 import infotext
-from sd15.a1111.images import png_bytes
-from server import a1111, inputs, jobs, outputs, preview
+from sd15.a1111.images import next_sequence_number, png_bytes
+from server import a1111, inputs, jobs, preview, scripts
 from server.a1111 import ApiError, ValidationError
-from server.scripts import ScriptError, run_plan
-from server.scripts import serve as scripts_serve
 
 log = logging.getLogger("server")
+_save_lock = threading.Lock()  # file numbering is read-then-write: one writer at a time
 
 
 @dataclass
@@ -37,18 +42,24 @@ class Run:
 
 
 def prepare(engine, req):
-    """(any thread) Check a request before it queues -> what its job runs with: the checked overrides, or, for
-    a request naming a `script_name`, the script's plan (every generation of it checked as a plain request)."""
+    """(any thread) Check a request before it queues -> what its job runs with: `engine.prepare`'s checked and
+    resolved request, or, for a request naming a `script_name`, the script's plan whose `requests` are its cells
+    as (request, prepared) pairs, each checked and resolved here, once, as a plain request is."""
     if not req.script_name:
         return engine.prepare(req)
+    kind = "img2img" if req.is_img2img else "txt2img"
+    names = [f.name for f in (*req.shared_fields(), *dataclasses.fields(req)) if f.name != "shared"]
+    request = {**{name: getattr(req, name) for name in names}, "infotext": None}  # coerced, infotext merged
     try:
-        plan = scripts_serve.script_plan(engine, req)
-    except ScriptError as e:
+        plan = scripts.plan_script(req.script_name, req.script_args, request, kind, upscale=engine.upscalers.upscale,
+                                   choices=scripts.engine_choices(engine),
+                                   max_megapixels=engine.options.get("img_max_size_mp", 200))
+    except scripts.ScriptError as e:
         raise ApiError(e.status, str(e)) from None
     except (ValueError, LookupError) as e:
         raise ApiError(400, inputs.public_message(str(e), engine.folders())) from None
-    for cell in plan.requests:
-        engine.prepare(type(req).from_json(cell))
+    cells = [type(req).from_json(cell) for cell in plan.requests]
+    plan.requests = [(cell, engine.prepare(cell)) for cell in cells]
     return plan
 
 
@@ -58,13 +69,15 @@ def execute(self, job: jobs.Job) -> None:  # self: the Engine
     req, prepared = job.request
     try:
         if req.script_name:
-            result, settings = _run_script(self, job, req, prepared)
+            result, settings = _run_script(self, job, prepared)
         else:
             result, settings = self.run(req, prepared, job)
-    except ScriptError as e:
+    except scripts.ScriptError as e:
         raise jobs.JobFailed(e.status, str(e)) from None
-    except (ApiError, ValidationError) as e:
-        raise _job_failed(e) from None
+    except ValidationError as e:
+        raise jobs.JobFailed(422, str(e)) from None
+    except ApiError as e:
+        raise jobs.JobFailed(e.status, e.detail, e.error, e.errors) from None
     except (ValueError, LookupError) as e:  # the pipeline's own checks, a bad checkpoint file
         raise jobs.JobFailed(400, inputs.public_message(str(e), self.folders())) from None
     except jobs.JobFailed:
@@ -85,41 +98,50 @@ def execute(self, job: jobs.Job) -> None:  # self: the Engine
                                         "(--max-steps); the result holds what was made")
 
 
-def _run_script(self, job: jobs.Job, req, plan) -> tuple:
-    """A script's generations one after another under one job: progress counts over all of them, an
+def _run_script(self, job: jobs.Job, plan) -> tuple:
+    """A script's prepared cells one after another under one job: progress counts over all of them, an
     interrupt stops the script (what was made is combined, A1111 leaves the rest of a grid blank)."""
-    n = len(plan.requests)
-    generate_cell = scripts_serve.cell_generator(self, type(req), job)
-    counter = iter(range(n))
+    counter = iter(range(len(plan.requests)))
     totals = [0, 0.0]  # steps, sampling seconds over all generations
 
-    def generate(cell: dict):
-        job.cell = (next(counter), n)
+    def generate(cell: tuple):
+        job.cell = (next(counter), len(plan.requests))
         try:
-            return generate_cell(cell)
+            return self.run(*cell, job)[0]
         finally:
             totals[0] += job.steps_done
             totals[1] += job.sampling_seconds
     try:
-        result = run_plan(plan, generate)
+        result = scripts.run_plan(plan, generate)
     finally:
         job.steps_done, job.sampling_seconds = totals
     return result, dict(self.options)
 
 
 def _save(self, kind: str, result, pnginfo: bool) -> list:
-    """Save like A1111: a script's grids (the images before `index_of_first_image`) under `<kind>-grids`,
-    the images under `<kind>-images`."""
+    """Save as A1111's `images.save_image` with its default patterns: under the outdir,
+    `<kind>-images/YYYY-MM-DD/NNNNN-SEED.png` (a script's grids, the images before `index_of_first_image`,
+    under `<kind>-grids`), NNNNN counting on from the highest number in that folder, the infotext in the PNG
+    `parameters` chunk. -> the paths relative to the outdir."""
     images, texts = list(result.images), list(result.infotexts)
-    grids = int((getattr(result, "info", None) or {}).get("index_of_first_image", 0) or 0) if result.images else 0
+    grids = int(result.info.get("index_of_first_image") or 0)
     seeds = list(result.seeds)[-len(images):]
     seeds = [seeds[0] if seeds else 0] * (len(images) - len(seeds)) + seeds  # a script's grids carry no seed
-    files = []
-    if grids:
-        files += outputs.save_images(self.config.outdir, f"{kind}-grids", images[:grids], texts[:grids],
-                                     seeds[:grids], pnginfo=pnginfo)
-    return files + outputs.save_images(self.config.outdir, kind, images[grids:], texts[grids:], seeds[grids:],
-                                       pnginfo=pnginfo)
+    day, files = datetime.date.today().isoformat(), []
+    with _save_lock:
+        for at, end, rel in ((0, grids, f"{kind}-grids/{day}"), (grids, len(images), f"{kind}-images/{day}")):
+            folder = os.path.join(self.config.outdir, *rel.split("/"))
+            if at < end:
+                os.makedirs(folder, exist_ok=True)
+            numbers = itertools.count(next_sequence_number(folder))
+            for n, image, text, seed in zip(numbers, images[at:end], texts[at:end], seeds[at:end]):
+                name = f"{n:05d}-{seed}.png"
+                tmp = os.path.join(folder, f".{name}.tmp")
+                with open(tmp, "wb") as f:
+                    f.write(png_bytes(image, text if pnginfo else None))
+                os.replace(tmp, os.path.join(folder, name))  # never a half-written file under the real name
+                files.append(f"{rel}/{name}")
+    return files
 
 
 def make_callback(self, run, job: Optional[jobs.Job], settings: dict):  # self: the Engine
@@ -137,8 +159,8 @@ def make_callback(self, run, job: Optional[jobs.Job], settings: dict):  # self: 
         run.steps_done += 1
         if job is not None:
             cell, cells = job.cell
-            done = (cell + s.progress()) / cells
-            job.progress = {"progress": done, "eta_relative": _eta(job.started or run.started, done),
+            done, elapsed = (cell + s.progress()) / cells, time.time() - (job.started or run.started)
+            job.progress = {"progress": done, "eta_relative": elapsed / done - elapsed if done > 0 else 0.0,
                             "step": s.sampling_step, "steps": s.sampling_steps,
                             "job_no": cell * s.job_count + s.job_no, "job_count": cells * s.job_count}
             if deadline is not None and time.time() > deadline:
@@ -157,17 +179,6 @@ def make_callback(self, run, job: Optional[jobs.Job], settings: dict):  # self: 
             if job is not None:
                 job.preview, job.preview_step = self.preview, at
     return callback
-
-
-def _eta(started: float, progress: float) -> float:
-    elapsed = time.time() - started
-    return elapsed / progress - elapsed if progress > 0 else 0.0
-
-
-def _job_failed(e) -> jobs.JobFailed:
-    if isinstance(e, ValidationError):
-        return jobs.JobFailed(422, str(e))
-    return jobs.JobFailed(e.status, e.detail, e.error, e.errors)
 
 
 def job_summary(req) -> dict:

@@ -292,18 +292,6 @@ def test_flags_and_default_folders(tmp_path):
     assert config_from_args(_parser().parse_args([])).flags["api_server_stop"] is False
 
 
-def test_run_extras_stops_between_images_when_interrupted(direct):
-    from sd15.pipeline import JobState
-    from server.extras import ExtrasBatchImagesRequest, run_extras
-
-    req = ExtrasBatchImagesRequest.from_json({"imageList": [], "upscaler_1": "Nearest"})
-    state = JobState()
-    outputs, _ = run_extras(direct, [image(8, 8), image(8, 8, seed=1)], req, state=state)
-    assert len(outputs) == 2 and state.job_no == 1
-    state.interrupt()
-    assert run_extras(direct, [image(8, 8)], req, state=state) == ([], "<p></p>")
-
-
 def test_webuiapi_extras_on_a_live_server(folders, direct, tmp_path):
     """webuiapi's extras, interrogate and listing methods against `python -m server` with the folder flags."""
     import requests

@@ -99,3 +99,19 @@ def test_interrupted_script_returns_what_was_made(env, monkeypatch):
     assert seen[0]["progress"] == pytest.approx(0.25) and seen[2]["progress"] == pytest.approx(0.5)
     grid = image(job["result"]["images"][0])
     assert grid.shape == (128, 128, 3) and not grid[64:].any()  # the cells never run stay blank
+
+
+def test_each_cell_is_resolved_once(env, monkeypatch):
+    """A script's cells are checked and resolved when the job is planned; the job runs those (issue 11)."""
+    from sd15 import schema
+
+    engine, client = env
+    real, calls = schema.resolve, []
+
+    def resolve(request, **kw):
+        calls.append((request.steps, request.cfg_scale))
+        return real(request, **kw)
+    monkeypatch.setattr(schema, "resolve", resolve)
+    r = client.post("/sdapi/v1/txt2img", json={**SMALL, **XYZ})
+    assert r.status_code == 200, r.text
+    assert sorted(calls) == [(1, 5.0), (1, 9.0), (2, 5.0), (2, 9.0)]  # 4 cells: 4 resolves, not 8

@@ -9,31 +9,29 @@ line until it fits) are A1111's.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from PIL import Image, ImageColor, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont
 
 # A1111's option defaults grid_text_active_color, grid_text_inactive_color, grid_background_color
-TEXT_ACTIVE = "#000000"
-TEXT_INACTIVE = "#999999"
-BACKGROUND = "#ffffff"
+TEXT_ACTIVE = (0, 0, 0)
+TEXT_INACTIVE = (153, 153, 153)
+BACKGROUND = (255, 255, 255)
 
 
 def font(size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=max(1, size))
 
 
-def image_grid(images: list, rows: int, background: str = BACKGROUND) -> Image.Image:
+def image_grid(images: list, rows: int) -> Image.Image:
     """Images in `rows` rows, row-major; every cell is the largest image's size and a smaller image is
     centred in its cell."""
     rows = min(rows, len(images))
     cols = math.ceil(len(images) / rows)
     w, h = map(max, zip(*(im.size for im in images)))
-    grid = Image.new("RGB", (cols * w, rows * h), ImageColor.getcolor(background, "RGB"))
+    grid = Image.new("RGB", (cols * w, rows * h), BACKGROUND)
     for i, im in enumerate(images):
-        dx = 0 if im.width == w else (w - im.width) // 2
-        dy = 0 if im.height == h else (h - im.height) // 2
-        grid.paste(im, (i % cols * w + dx, i // cols * h + dy))
+        grid.paste(im, (i % cols * w + (w - im.width) // 2, i // cols * h + (h - im.height) // 2))
     return grid
 
 
@@ -41,8 +39,8 @@ def image_grid(images: list, rows: int, background: str = BACKGROUND) -> Image.I
 class GridAnnotation:
     text: str = ""
     is_active: bool = True
-    size: tuple = field(default=(0, 0), repr=False)
-    allowed_width: int = field(default=0, repr=False)
+    size: tuple = (0, 0)  # set when drawn
+    allowed_width: int = 0
 
 
 def draw_grid_annotations(im: Image.Image, width: int, height: int, hor_texts: list, ver_texts: list,
@@ -50,40 +48,32 @@ def draw_grid_annotations(im: Image.Image, width: int, height: int, hor_texts: l
     """`im` is a grid of `width`x`height` cells; returns it with a label row on top (one list of
     GridAnnotation lines per column) and a label column on the left (one list per row), the cells spread
     apart by `margin` pixels. Inactive lines are grey and struck through (prompt matrix)."""
-    color_active = ImageColor.getcolor(TEXT_ACTIVE, "RGB")
-    color_inactive = ImageColor.getcolor(TEXT_INACTIVE, "RGB")
-    color_background = ImageColor.getcolor(BACKGROUND, "RGB")
-
     fontsize = (width + height) // 25
     line_spacing = fontsize // 2
     fnt = font(fontsize)
     pad_left = 0 if sum(len(line.text) for lines in ver_texts for line in lines) == 0 else width * 3 // 4
 
     cols, rows = im.width // width, im.height // height
-    if cols != len(hor_texts) or rows != len(ver_texts):
-        raise ValueError(f"grid of {cols}x{rows} cells needs {cols} column and {rows} row labels, "
-                         f"got {len(hor_texts)} and {len(ver_texts)}")
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
 
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1), color_background))
+    def wrapped(lines: list, allowed_width: int) -> list:
+        """The lines word-wrapped to `allowed_width` pixels, each with its size."""
+        out = []
+        for line in lines:
+            texts = [""]
+            for word in line.text.split():
+                joined = f"{texts[-1]} {word}".strip()
+                if measure.textlength(joined, font=fnt) <= allowed_width:
+                    texts[-1] = joined
+                else:
+                    texts.append(word)
+            for text in texts:
+                x0, y0, x1, y1 = measure.multiline_textbbox((0, 0), text, font=fnt)
+                out.append(GridAnnotation(text, line.is_active, (x1 - x0, y1 - y0), allowed_width))
+        return out
 
-    def wrap(text: str, line_length: int) -> list:
-        lines = [""]
-        for word in text.split():
-            line = f"{lines[-1]} {word}".strip()
-            if measure.textlength(line, font=fnt) <= line_length:
-                lines[-1] = line
-            else:
-                lines.append(word)
-        return lines
-
-    hor_texts = [list(t) for t in hor_texts]
-    ver_texts = [list(t) for t in ver_texts]
-    for texts, allowed_width in zip(hor_texts + ver_texts, [width] * len(hor_texts) + [pad_left] * len(ver_texts)):
-        wrapped = [GridAnnotation(w, line.is_active) for line in texts for w in wrap(line.text, allowed_width)]
-        texts[:] = wrapped
-        for line in texts:
-            x0, y0, x1, y1 = measure.multiline_textbbox((0, 0), line.text, font=fnt)
-            line.size, line.allowed_width = (x1 - x0, y1 - y0), allowed_width
+    hor_texts = [wrapped(lines, width) for lines in hor_texts]
+    ver_texts = [wrapped(lines, pad_left) for lines in ver_texts]
 
     hor_heights = [sum(line.size[1] + line_spacing for line in lines) - line_spacing for lines in hor_texts]
     ver_heights = [sum(line.size[1] + line_spacing for line in lines) - line_spacing * len(lines)
@@ -91,7 +81,7 @@ def draw_grid_annotations(im: Image.Image, width: int, height: int, hor_texts: l
     pad_top = 0 if sum(hor_heights) == 0 else max(hor_heights) + line_spacing * 2
 
     result = Image.new("RGB", (im.width + pad_left + margin * (cols - 1), im.height + pad_top + margin * (rows - 1)),
-                       color_background)
+                       BACKGROUND)
     for row in range(rows):
         for col in range(cols):
             cell = im.crop((width * col, height * row, width * (col + 1), height * (row + 1)))
@@ -105,11 +95,11 @@ def draw_grid_annotations(im: Image.Image, width: int, height: int, hor_texts: l
             while d.multiline_textbbox((0, 0), line.text, font=f)[2] > line.allowed_width and size > 1:
                 size -= 1  # shrink a line that does not fit its cell (A1111 does the same)
                 f = font(size)
-            d.multiline_text((x, y + line.size[1] / 2), line.text, font=f,
-                             fill=color_active if line.is_active else color_inactive, anchor="mm", align="center")
+            d.multiline_text((x, y + line.size[1] / 2), line.text, font=f, anchor="mm", align="center",
+                             fill=TEXT_ACTIVE if line.is_active else TEXT_INACTIVE)
             if not line.is_active:
                 d.line((x - line.size[0] // 2, y + line.size[1] // 2, x + line.size[0] // 2, y + line.size[1] // 2),
-                       fill=color_inactive, width=4)
+                       fill=TEXT_INACTIVE, width=4)
             y += line.size[1] + line_spacing
 
     for col in range(cols):

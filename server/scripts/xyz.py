@@ -5,12 +5,10 @@ script_args, in A1111's order (missing trailing ones take A1111's UI defaults):
      z_values_dropdown, draw_legend, include_lone_images, include_sub_grids, no_fixed_seeds,
      vary_seeds_x, vary_seeds_y, vary_seeds_z, margin_size, csv_mode]
 An axis type is an index into the axis list of the tab (`AXES` filtered by txt2img / img2img, as A1111's
-dropdown numbers them); an axis label is accepted too. Axes with a fixed list of choices (Sampler,
-Checkpoint name, Schedule type, ...) read the `*_values_dropdown` list unless `csv_mode` is on, as A1111
-does; here an empty dropdown list falls back to the text values. The older 11-argument layout without the
-dropdowns (which client scripts written for A1111 before v1.3 send) is recognised by its third argument,
-an axis type where the dropdown list would be. Checkboxes given as strings read "False" as false (A1111
-would take any non-empty string as true).
+dropdown numbers them) or an axis label. Axes with a fixed list of choices (Sampler, Checkpoint name, ...)
+read the `*_values_dropdown` list unless `csv_mode` is on or the list is empty. The 11-argument layout
+before A1111 v1.3 (no dropdowns) is recognised by its third argument, an axis type. Checkboxes given as
+strings read "False" as false (A1111 would take any non-empty string as true).
 """
 from __future__ import annotations
 
@@ -22,28 +20,19 @@ import os
 import random
 import re
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 from PIL import Image
 
+from sd15.pipeline import Result
+from sd15.samplers.table import SAMPLER_TABLE, SCHEDULER_TABLE, find_sampler
+from sd15.schema import RANDN_SOURCES, fixed_seed
 from server.scripts import grid as g
-from server.scripts.common import Plan, ScriptError, ScriptResult, as_bool, as_int, fix_seed, fixed_seed, \
+from server.scripts.common import Plan, ScriptError, as_bool, as_float, as_int, base_request, \
     with_params
 
 TITLE = "X/Y/Z plot"
-
-
-def _field(name):
-    def apply(req, x, xs):
-        req[name] = x
-    return apply
-
-
-def _override(name):
-    def apply(req, x, xs):
-        req["override_settings"][name] = x
-    return apply
 
 
 def _prompt_sr(req, x, xs):
@@ -78,53 +67,51 @@ def _size(req, x, xs):
 class Axis:
     label: str
     type: object  # int, float, str, or "permutations"
-    apply: Optional[Callable]  # (request, value, all values) -> None; None: not supported here
+    apply: Union[str, Callable, None]  # a request field, "override_settings.<option>", or
+    # (request, value, all values) -> None; None: not supported here
     fmt: str = "label"  # "label" ("Steps: 20") | "value" | "join" | "basename" | "nothing"
     kind: Optional[str] = None  # only in the "txt2img" or "img2img" tab
     cost: float = 0.0  # the costliest axis is the outer loop (a checkpoint switch is slow)
     choices: Optional[str] = None  # name of the list of valid values in `choices`
-
-    @property
-    def supported(self) -> bool:
-        return self.apply is not None
 
 
 #: A1111 v1.10.1's axis list, in its order (the index an API client sends counts in this order, after
 #: dropping the other tab's axes). Axes whose setting sd15 does not have are listed but refused.
 AXES = [
     Axis("Nothing", str, lambda req, x, xs: None, fmt="nothing"),
-    Axis("Seed", int, _field("seed")),
-    Axis("Var. seed", int, _field("subseed")),
-    Axis("Var. strength", float, _field("subseed_strength")),
-    Axis("Steps", int, _field("steps")),
-    Axis("Hires steps", int, _field("hr_second_pass_steps"), kind="txt2img"),
-    Axis("CFG Scale", float, _field("cfg_scale")),
+    Axis("Seed", int, "seed"),
+    Axis("Var. seed", int, "subseed"),
+    Axis("Var. strength", float, "subseed_strength"),
+    Axis("Steps", int, "steps"),
+    Axis("Hires steps", int, "hr_second_pass_steps", kind="txt2img"),
+    Axis("CFG Scale", float, "cfg_scale"),
     Axis("Image CFG Scale", float, None, kind="img2img"),
     Axis("Prompt S/R", str, _prompt_sr, fmt="value"),
     Axis("Prompt order", "permutations", _prompt_order, fmt="join"),
-    Axis("Sampler", str, _field("sampler_name"), fmt="value", kind="txt2img", choices="samplers"),
-    Axis("Hires sampler", str, _field("hr_sampler_name"), kind="txt2img", choices="samplers"),
-    Axis("Sampler", str, _field("sampler_name"), fmt="value", kind="img2img", choices="samplers"),
-    Axis("Checkpoint name", str, _override("sd_model_checkpoint"), fmt="basename", cost=1.0, choices="checkpoints"),
-    Axis("Negative Guidance minimum sigma", float, _field("s_min_uncond")),
-    Axis("Sigma Churn", float, _field("s_churn")),
-    Axis("Sigma min", float, _field("s_tmin")),
-    Axis("Sigma max", float, _field("s_tmax")),
-    Axis("Sigma noise", float, _field("s_noise")),
-    Axis("Schedule type", str, _field("scheduler"), choices="schedulers"),
+    Axis("Sampler", str, "sampler_name", fmt="value", kind="txt2img", choices="samplers"),
+    Axis("Hires sampler", str, "hr_sampler_name", kind="txt2img", choices="samplers"),
+    Axis("Sampler", str, "sampler_name", fmt="value", kind="img2img", choices="samplers"),
+    Axis("Checkpoint name", str, "override_settings.sd_model_checkpoint", fmt="basename", cost=1.0,
+         choices="checkpoints"),
+    Axis("Negative Guidance minimum sigma", float, "s_min_uncond"),
+    Axis("Sigma Churn", float, "s_churn"),
+    Axis("Sigma min", float, "s_tmin"),
+    Axis("Sigma max", float, "s_tmax"),
+    Axis("Sigma noise", float, "s_noise"),
+    Axis("Schedule type", str, "scheduler", choices="schedulers"),
     Axis("Schedule min sigma", float, None),
     Axis("Schedule max sigma", float, None),
     Axis("Schedule rho", float, None),
     Axis("Beta schedule alpha", float, None),
     Axis("Beta schedule beta", float, None),
-    Axis("Eta", float, _field("eta")),
-    Axis("Clip skip", int, _override("CLIP_stop_at_last_layers")),
-    Axis("Denoising", float, _field("denoising_strength")),
-    Axis("Initial noise multiplier", float, _field("initial_noise_multiplier")),
+    Axis("Eta", float, "eta"),
+    Axis("Clip skip", int, "override_settings.CLIP_stop_at_last_layers"),
+    Axis("Denoising", float, "denoising_strength"),
+    Axis("Initial noise multiplier", float, "initial_noise_multiplier"),
     Axis("Extra noise", float, None),
-    Axis("Hires upscaler", str, _field("hr_upscaler"), kind="txt2img", choices="hr_upscalers"),
+    Axis("Hires upscaler", str, "hr_upscaler", kind="txt2img", choices="hr_upscalers"),
     Axis("Cond. Image Mask Weight", float, None, kind="img2img"),
-    Axis("VAE", str, _override("sd_vae"), cost=0.7, choices="vaes"),
+    Axis("VAE", str, "override_settings.sd_vae", cost=0.7, choices="vaes"),
     Axis("Styles", str, None),
     Axis("UniPC Order", int, None, cost=0.5),
     Axis("Face restore", str, None, fmt="value"),
@@ -134,16 +121,12 @@ AXES = [
     Axis("SGM noise multiplier", str, None),
     Axis("Refiner checkpoint", str, None, fmt="basename", cost=1.0),
     Axis("Refiner switch at", float, None),
-    Axis("RNG source", str, _override("randn_source"), choices="rng"),
+    Axis("RNG source", str, "override_settings.randn_source", choices="rng"),
     Axis("FP8 mode", str, None, cost=0.9),
     Axis("Size", str, _size),
 ]
 
 DEFAULT_ARGS = [1, "", [], 0, "", [], 0, "", [], True, False, False, False, False, False, False, 0, False]
-ARG_LABELS = ["X type", "X values", "X values", "Y type", "Y values", "Y values", "Z type", "Z values", "Z values",
-              "Draw legend", "Include Sub Images", "Include Sub Grids", "Keep -1 for seeds", "Vary seeds for X",
-              "Vary seeds for Y", "Vary seeds for Z", "Grid margins (px)", "Use text inputs instead of dropdowns"]
-RNG_SOURCES = ["GPU", "CPU", "NV"]
 
 
 def axes_for(kind: str) -> list:
@@ -151,28 +134,26 @@ def axes_for(kind: str) -> list:
 
 
 def supported_labels(kind: str) -> list:
-    return [a.label for a in axes_for(kind) if a.supported]
+    return [a.label for a in axes_for(kind) if a.apply is not None]
 
 
 # =============================================================================================
 # Values
 # =============================================================================================
 
-_NUM_INT = r"([+-]?\s*\d+)"
-_NUM_FLOAT = r"([+-]?\s*\d+(?:\.\d*)?)"
-RANGE_INT = re.compile(rf"\s*{_NUM_INT}\s*-\s*{_NUM_INT}(?:\s*\(([+-]\d+)\s*\))?\s*")
-RANGE_FLOAT = re.compile(rf"\s*{_NUM_FLOAT}\s*-\s*{_NUM_FLOAT}(?:\s*\(([+-]\d+(?:\.\d*)?)\s*\))?\s*")
-COUNT_INT = re.compile(rf"\s*{_NUM_INT}\s*-\s*{_NUM_INT}(?:\s*\[(\d+)\s*\])?\s*")
-COUNT_FLOAT = re.compile(rf"\s*{_NUM_FLOAT}\s*-\s*{_NUM_FLOAT}(?:\s*\[(\d+(?:\.\d*)?)\s*\])?\s*")
+def _ranges(number: str, step: str) -> tuple:
+    """A1111's `re_range` (`1-5 (+2)`) and `re_range_count` (`1-10 [5]`) for one number syntax."""
+    return (re.compile(rf"\s*{number}\s*-\s*{number}(?:\s*\(([+-]{step})\s*\))?\s*"),
+            re.compile(rf"\s*{number}\s*-\s*{number}(?:\s*\[({step})\s*\])?\s*"))
+
+
+RANGES = {int: _ranges(r"([+-]?\s*\d+)", r"\d+"),
+          float: _ranges(r"([+-]?\s*\d+(?:\.\d*)?)", r"\d+(?:\.\d*)?")}
 
 
 def split_values(text: str) -> list:
     """A comma-separated list as A1111 reads it: CSV (double quotes protect commas), each value stripped."""
     return [v.strip() for v in itertools.chain.from_iterable(csv.reader(io.StringIO(text), skipinitialspace=True))]
-
-
-def _num(text: str) -> str:
-    return text.replace(" ", "")
 
 
 def parse_values(axis: Axis, values: list) -> list:
@@ -184,56 +165,22 @@ def parse_values(axis: Axis, values: list) -> list:
         return [list(p) for p in itertools.permutations(values)]
     if axis.type not in (int, float):
         return [str(v) for v in values]
-    out = []
-    for val in values:
-        if not isinstance(val, str):
-            out.append(val)
-            continue
-        if val.strip() == "":
-            continue
-        if axis.type is int:
-            m, mc = RANGE_INT.fullmatch(val), COUNT_INT.fullmatch(val)
-            if m:
-                start, end = int(_num(m.group(1))), int(_num(m.group(2)))
-                step = int(m.group(3)) if m.group(3) is not None else 1
-                if step == 0:
-                    raise ScriptError(f"{what} {val!r}: the step must not be 0")
-                out += list(range(start, end + 1, step))
-            elif mc:
-                start, end = int(_num(mc.group(1))), int(_num(mc.group(2)))
-                num = int(mc.group(3)) if mc.group(3) is not None else 1
-                out += [int(x) for x in np.linspace(start, end, num).tolist()]
-            else:
-                out.append(val)
+    kind, out = axis.type, []
+    for val in filter(str.strip, values):
+        m, mc = (r.fullmatch(val) for r in RANGES[kind])
+        if m:
+            start, end = (kind(v.replace(" ", "")) for v in m.groups()[:2])
+            step = kind(m.group(3) or 1)
+            if step == 0:
+                raise ScriptError(f"{what} {val!r}: the step must not be 0")
+            stop = end + (1 if kind is int else step)
+            out += list(range(start, stop, step)) if kind is int else np.arange(start, stop, step).tolist()
+        elif mc:
+            start, end = (kind(v.replace(" ", "")) for v in mc.groups()[:2])
+            out += [kind(x) for x in np.linspace(start, end, int(float(mc.group(3) or 1))).tolist()]
         else:
-            m, mc = RANGE_FLOAT.fullmatch(val), COUNT_FLOAT.fullmatch(val)
-            if m:
-                start, end = float(_num(m.group(1))), float(_num(m.group(2)))
-                step = float(m.group(3)) if m.group(3) is not None else 1.0
-                if step == 0:
-                    raise ScriptError(f"{what} {val!r}: the step must not be 0")
-                out += np.arange(start, end + step, step).tolist()
-            elif mc:
-                start, end = float(_num(mc.group(1))), float(_num(mc.group(2)))
-                num = int(float(mc.group(3))) if mc.group(3) is not None else 1
-                out += np.linspace(start, end, num).tolist()
-            else:
-                out.append(val)
-    if axis.type is int:
-        return [as_int(v, what) for v in out]
-    try:
-        return [float(v) for v in out]
-    except (TypeError, ValueError):
-        bad = next(v for v in out if not _is_float(v))
-        raise ScriptError(f"{what}: {bad!r} is not a number") from None
-
-
-def _is_float(v) -> bool:
-    try:
-        float(v)
-        return True
-    except (TypeError, ValueError):
-        return False
+            out.append(val)
+    return [as_int(v, what) if kind is int else as_float(v, what) for v in out]
 
 
 def format_label(axis: Axis, x) -> str:
@@ -266,33 +213,21 @@ def closest_checkpoint(name: str, titles: list) -> Optional[str]:
     return None
 
 
-def find_sampler(name: str, choices: Optional[dict]) -> Optional[str]:
-    """A sampler name in any case, or an alias (A1111's scripts look names up case-insensitively with the
-    aliases) -> the sampler's name; None when unknown. Without a list of samplers, `name` as it is."""
-    names = (choices or {}).get("samplers")
-    if names is None:
-        return name
-    lowered = {n.lower(): n for n in names}
-    lowered.update({a.lower(): n for a, n in ((choices or {}).get("sampler_aliases") or {}).items()})
-    return lowered.get(name.strip().lower())
-
-
-def _confirm(axis: Axis, values: list, choices: dict) -> list:
-    """Check (and canonicalise) the values of an axis that has a list of valid choices."""
-    if axis.choices is None:
+def _confirm(axis: Axis, values: list, choices: Optional[dict]) -> list:
+    """Check (and canonicalise) the values of an axis that has a list of valid choices: samplers (any case,
+    aliases), schedule types and RNG sources are sd15's; checkpoints, VAEs and hires upscalers are checked
+    when `choices` names them."""
+    own = {"rng": list(RANDN_SOURCES), "samplers": [s.name for s in SAMPLER_TABLE],
+           "schedulers": [n for c in SCHEDULER_TABLE for n in (c.name, c.label)]}
+    valid = (choices or {}).get(axis.choices) or own.get(axis.choices)
+    if valid is None:
         return values
-    if axis.choices == "rng":
-        valid = RNG_SOURCES
-    elif choices is None or choices.get(axis.choices) is None:
-        return values
-    else:
-        valid = list(choices[axis.choices])
     out = []
     for v in values:
         if axis.choices == "checkpoints":
             match = closest_checkpoint(v, valid)
         elif axis.choices == "samplers":
-            match = find_sampler(v, choices)
+            match = getattr(find_sampler(v), "name", None)
         elif axis.choices == "vaes":
             lowered = {c.lower(): c for c in ["Automatic", "None", *valid]}
             match = {"auto": "Automatic"}.get(v.strip().lower()) or lowered.get(v.strip().lower())
@@ -309,31 +244,44 @@ def _confirm(axis: Axis, values: list, choices: dict) -> list:
 # =============================================================================================
 
 def _axis(type_arg, options: list, which: str, kind: str) -> Axis:
-    if type_arg is None or type_arg == "":
-        type_arg = 0
-    if isinstance(type_arg, str) and not type_arg.strip().lstrip("-").isdigit():
-        axis = next((a for a in options if a.label.lower() == type_arg.strip().lower()), None)
-        if axis is None:
-            raise ScriptError(f"{TITLE}: unknown {which} type {type_arg!r}; the {kind} axes are: "
-                              + ", ".join(a.label for a in options), 422)
+    """The axis an X/Y/Z type argument names: an index into the tab's axes (A1111's dropdown) or a label."""
+    if isinstance(type_arg, str) and type_arg.strip() and not type_arg.strip().lstrip("-").isdigit():
+        index = next((i for i, a in enumerate(options) if a.label.lower() == type_arg.strip().lower()), -1)
     else:
-        index = as_int(type_arg, f"{TITLE}: {which} type")
-        if not 0 <= index < len(options):
-            raise ScriptError(f"{TITLE}: {which} type {index} is out of range; the {kind} axes are "
-                              f"0-{len(options) - 1}: "
-                              + ", ".join(f"{i} {a.label}" for i, a in enumerate(options)), 422)
-        axis = options[index]
-    if not axis.supported:
+        index = as_int(type_arg or 0, f"{TITLE}: {which} type")
+    if not 0 <= index < len(options):
+        raise ScriptError(f"{TITLE}: {which} type {type_arg!r} is out of range; the {kind} axes are: "
+                          + ", ".join(f"{i} {a.label}" for i, a in enumerate(options)), 422)
+    axis = options[index]
+    if axis.apply is None:
         raise ScriptError(f"{TITLE}: the {which} axis {axis.label!r} is not supported by this server; supported: "
                           + ", ".join(supported_labels(kind)))
     return axis
 
 
-def plan(args: list, request: dict, kind: str, *, choices: Optional[dict] = None,
-         rng: Optional[random.Random] = None, max_megapixels: float = 200) -> Plan:
+def _axis_values(axis: Axis, text, drop, csv_mode: bool, choices: Optional[dict]) -> tuple:
+    """(values text, values, values as typed) of an axis: its text, or its dropdown list if it has choices."""
+    if axis.label == "Nothing":
+        return "", [0], [0]
+    if isinstance(text, list):  # lenient: a list where A1111 wants the comma-separated text
+        text = ",".join(f'"{v}"' if "," in str(v) else str(v) for v in text)
+    text = "" if text is None else str(text)
+    if axis.choices is not None and not csv_mode and drop:
+        values = [str(v) for v in drop]
+        line = io.StringIO()
+        csv.writer(line).writerow(values)
+        text = line.getvalue().strip()
+    else:
+        values = split_values(text)
+    typed = parse_values(axis, values)
+    if not typed:
+        raise ScriptError(f"{TITLE}: the {axis.label} axis has no values")
+    return text, _confirm(axis, typed, choices), typed
+
+
+def plan(args: list, request: dict, kind: str, *, choices: Optional[dict], rng: random.Random,
+         max_megapixels: float) -> Plan:
     """The cells of the plot as request dicts, in the order A1111 runs them, and the grid builder."""
-    rng = rng or random.Random()
-    args = list(args)
     if len(args) > 2 and not isinstance(args[2], (list, tuple, type(None))):
         # the layout before A1111 v1.3 added the value dropdowns, which old client scripts still send:
         # [x_type, x_values, y_type, y_values, z_type, z_values, draw_legend, include_lone_images,
@@ -342,93 +290,58 @@ def plan(args: list, request: dict, kind: str, *, choices: Optional[dict] = None
         args = [old[0], old[1], [], old[2], old[3], [], old[4], old[5], [], *old[6:10], False, False, False, old[10],
                 True]
     args = args + DEFAULT_ARGS[len(args):]
-    (x_type, x_text, x_drop, y_type, y_text, y_drop, z_type, z_text, z_drop, draw_legend, include_lone_images,
-     include_sub_grids, no_fixed_seeds, vary_x, vary_y, vary_z, margin, csv_mode) = args[:18]
-    flags = (draw_legend, include_lone_images, include_sub_grids, no_fixed_seeds, vary_x, vary_y, vary_z, csv_mode)
-    draw_legend, include_lone_images, include_sub_grids, no_fixed_seeds, vary_x, vary_y, vary_z, csv_mode = map(
-        as_bool, flags)
-    margin = as_int(margin, f"{TITLE}: Grid margins (px)")
+    draw_legend, include_lone_images, include_sub_grids, no_fixed_seeds, vary_x, vary_y, vary_z = map(
+        as_bool, args[9:16])
+    margin, csv_mode = as_int(args[16], f"{TITLE}: Grid margins (px)"), as_bool(args[17])
     if not 0 <= margin <= 500:
         raise ScriptError(f"{TITLE}: Grid margins (px) must be 0-500, not {margin}")
-    options = axes_for(kind)
-    base = dict(request)
-    if not no_fixed_seeds:
-        fix_seed(base, rng)
-
-    def axis_values(axis: Axis, text, drop):
-        if axis.label == "Nothing":
-            return [0], "", [0]
-        if isinstance(text, list):  # lenient: a list where A1111 wants the comma-separated text
-            text = ",".join(f'"{v}"' if "," in str(v) else str(v) for v in text)
-        text = "" if text is None else str(text)
-        if axis.choices is not None and not csv_mode and drop:
-            values = [str(v) for v in drop]
-            text = _csv_line(values)
-        else:
-            values = split_values(text)
-        typed = parse_values(axis, values)
-        if not typed:
-            raise ScriptError(f"{TITLE}: the {axis.label} axis has no values")
-        return _confirm(axis, typed, choices), text, typed  # labels show the values as typed, as A1111's do
-
-    x_opt, y_opt, z_opt = (_axis(t, options, w, kind) for t, w in ((x_type, "X"), (y_type, "Y"), (z_type, "Z")))
-    (xs, x_text, x_typed), (ys, y_text, y_typed), (zs, z_text, z_typed) = (
-        axis_values(a, t, d) for a, t, d in ((x_opt, x_text, x_drop), (y_opt, y_text, y_drop), (z_opt, z_text, z_drop)))
+    base = base_request(request, None if no_fixed_seeds else rng)
+    base.setdefault("prompt", "")
+    base.setdefault("negative_prompt", "")
+    axes = []  # X, Y, Z: (name, axis, values text, values, labels)
+    for which, (type_arg, text, drop) in zip("XYZ", (args[0:3], args[3:6], args[6:9])):
+        axis = _axis(type_arg, axes_for(kind), which, kind)
+        text, values, typed = _axis_values(axis, text, drop, csv_mode, choices)
+        if axis.label in ("Seed", "Var. seed") and not no_fixed_seeds:
+            values = [fixed_seed(v, rng) for v in values]
+        labels = [format_label(axis, v) for v in (typed if axis.choices else values)]  # choices: as typed
+        axes.append((which, axis, text, values, labels))
+    (_, x, _, xs, _), (_, y, _, ys, _), (_, z, _, zs, _) = axes
     width, height = int(base.get("width") or 512), int(base.get("height") or 512)
     grid_mp = round(len(xs) * len(ys) * len(zs) * width * height / 1_000_000)
     if grid_mp >= max_megapixels:
         raise ScriptError(f"{TITLE}: the grid would be too large ({grid_mp} megapixels; the limit is {max_megapixels})")
 
-    if not no_fixed_seeds:
-        def fix(axis, vals):
-            return [fixed_seed(v, rng) for v in vals] if axis.label in ("Seed", "Var. seed") else vals
-        xs, ys, zs = fix(x_opt, xs), fix(y_opt, ys), fix(z_opt, zs)
-
     def cell_request(ix, iy, iz) -> dict:
         req = copy.deepcopy(base)
-        req["script_name"], req["script_args"] = None, []
-        req["override_settings"] = dict(req.get("override_settings") or {})
-        req.setdefault("prompt", "")
-        req.setdefault("negative_prompt", "")
-        for opt, vals, i in ((x_opt, xs, ix), (y_opt, ys, iy), (z_opt, zs, iz)):
-            opt.apply(req, vals[i], vals)
+        for (_, axis, _, values, _), i in zip(axes, (ix, iy, iz)):
+            if callable(axis.apply):
+                axis.apply(req, values[i], values)
+            elif axis.apply.startswith("override_settings."):
+                req["override_settings"][axis.apply.partition(".")[2]] = values[i]
+            else:
+                req[axis.apply] = values[i]
         xdim, ydim = (len(xs) if vary_x else 1), (len(ys) if vary_y else 1)
-        seed = req.get("seed", -1)
-        seed = -1 if seed is None else seed
-        if vary_x:
-            seed += ix
-        if vary_y:
-            seed += iy * xdim
-        if vary_z:
-            seed += iz * xdim * ydim
-        req["seed"] = seed
+        offset = (ix if vary_x else 0) + (iy * xdim if vary_y else 0) + (iz * xdim * ydim if vary_z else 0)
+        req["seed"] = (-1 if req.get("seed") is None else req["seed"]) + offset
         return req
 
-    order = cell_order(x_opt.cost, y_opt.cost, z_opt.cost, len(xs), len(ys), len(zs))
-    requests = [cell_request(*c) for c in order]  # every cell is built (and checked) before any runs
-
-    def params_for(iz_main: bool) -> dict:
+    def params(with_z: bool) -> dict:
         out = {"Script": TITLE}
-        for name, opt, text, vals in (("X", x_opt, x_text, xs), ("Y", y_opt, y_text, ys)) + (
-                (("Z", z_opt, z_text, zs),) if iz_main else ()):
-            if opt.label != "Nothing":
-                out[f"{name} Type"], out[f"{name} Values"] = opt.label, text
-                if opt.label in ("Seed", "Var. seed") and not no_fixed_seeds:
-                    out[f"Fixed {name} Values"] = ", ".join(str(v) for v in vals)
+        for which, axis, text, values, _ in axes[:3 if with_z else 2]:
+            if axis.label != "Nothing":
+                out[f"{which} Type"], out[f"{which} Values"] = axis.label, text
+                if axis.label in ("Seed", "Var. seed") and not no_fixed_seeds:
+                    out[f"Fixed {which} Values"] = ", ".join(str(v) for v in values)
         return out
 
-    def combine(results: list) -> ScriptResult:
-        labels = tuple([format_label(opt, v) for v in (typed if opt.choices else vals)]
-                       for opt, vals, typed in ((x_opt, xs, x_typed), (y_opt, ys, y_typed), (z_opt, zs, z_typed)))
-        return _combine(order, results, (len(xs), len(ys), len(zs)), labels, draw_legend, include_lone_images,
-                        include_sub_grids, margin, params_for, (width, height))
+    order = cell_order(x.cost, y.cost, z.cost, len(xs), len(ys), len(zs))
+    requests = [cell_request(*c) for c in order]  # every cell is built (and checked) before any runs
+
+    def combine(results: list) -> Result:
+        return _combine(results, order, axes, (params(True), params(False)), draw_legend, include_lone_images,
+                        include_sub_grids, margin)
     return Plan(requests, combine)
-
-
-def _csv_line(values: list) -> str:
-    out = io.StringIO()
-    csv.writer(out).writerow(values)
-    return out.getvalue().strip()
 
 
 def cell_order(cx: float, cy: float, cz: float, nx: int, ny: int, nz: int) -> list:
@@ -441,76 +354,54 @@ def cell_order(cx: float, cy: float, cz: float, nx: int, ny: int, nz: int) -> li
         first, second = "y", ("x" if cx > cz else "z")
     elif cz > cx and cz > cy:
         first, second = "z", ("x" if cx > cy else "y")
-    third = ({"x", "y", "z"} - {first, second}).pop()
+    loops = (first, second, ({"x", "y", "z"} - {first, second}).pop())
     sizes = {"x": nx, "y": ny, "z": nz}
-    out = []
-    for a in range(sizes[first]):
-        for b in range(sizes[second]):
-            for c in range(sizes[third]):
-                idx = {first: a, second: b, third: c}
-                out.append((idx["x"], idx["y"], idx["z"]))
-    return out
+    cells = [dict(zip(loops, i)) for i in itertools.product(*(range(sizes[a]) for a in loops))]
+    return [(c["x"], c["y"], c["z"]) for c in cells]
 
 
-def _combine(order, results, dims, labels, draw_legend, include_lone_images, include_sub_grids, margin,
-             params_for, size) -> ScriptResult:
-    nx, ny, nz = dims
-    n = nx * ny * nz
-    images, prompts, seeds, infotexts = [None] * n, [None] * n, [None] * n, [None] * n
-    grid_infotexts = [None] * (1 + nz)
-    first = None
+def _combine(results, order, axes, params, draw_legend, include_lone_images, include_sub_grids,
+             margin) -> Result:
+    """A1111's `draw_xyz_grid` and what `run` does after it: a grid per Z value, the Z grid of them first,
+    the cells (blank where never generated), and A1111's list layout (no prompt / seed for the main grid)."""
+    (_, _, _, xs, x_labels), (_, _, _, ys, y_labels), (_, _, _, zs, z_labels) = axes
+    nx, ny, nz = len(xs), len(ys), len(zs)
+    images, prompts, seeds, infotexts = ([None] * (nx * ny * nz) for _ in range(4))
     for (ix, iy, iz), res in zip(order, results):
-        idx = ix + iy * nx + iz * nx * ny
-        first = first or res
         if res.images:
-            images[idx] = res.images[0]
-            prompts[idx] = (getattr(res, "prompts", None) or res.info.get("all_prompts") or [None])[0]
-            seeds[idx] = res.seeds[0] if res.seeds else None
-            infotexts[idx] = res.infotexts[0] if res.infotexts else ""
-            if ix == 0 and iy == 0:
-                grid_infotexts[1 + iz] = with_params(infotexts[idx], params_for(False))
-                if iz == 0:
-                    grid_infotexts[0] = with_params(infotexts[idx], params_for(True))
-    if first is None or not any(images):
+            idx = ix + iy * nx + iz * nx * ny
+            images[idx], prompts[idx], seeds[idx] = res.images[0], res.prompts[0], res.seeds[0]
+            infotexts[idx] = res.infotexts[0]
+    template = next((im for im in images if im is not None), None)
+    if template is None:
         raise ScriptError(f"{TITLE}: no image was generated", 409)
-    template = next(im for im in images if im is not None)
-    for i, im in enumerate(images):
-        if im is None:  # an interrupted cell: blank, as A1111 leaves it
-            images[i] = Image.new(template.mode, template.size)
+    blank = Image.new(template.mode, template.size)  # an interrupted cell: blank, as A1111 leaves it
+    images = [blank if im is None else im for im in images]
 
-    x_labels, y_labels, z_labels = labels
-    hor = [[g.GridAnnotation(x)] for x in x_labels]
-    ver = [[g.GridAnnotation(y)] for y in y_labels]
-    for i in range(nz):
-        start = i * nx * ny + i
-        cells = images[start:start + nx * ny]
+    starts = [i * nx * ny for i in range(nz)]  # the first cell of each Z value's grid
+    hor, ver = [[g.GridAnnotation(t)] for t in x_labels], [[g.GridAnnotation(t)] for t in y_labels]
+    subs = []
+    for s in starts:
+        cells = images[s:s + nx * ny]
         sub = g.image_grid(cells, rows=ny)
         if draw_legend:
-            w, h = map(max, zip(*(im.size for im in cells)))
-            sub = g.draw_grid_annotations(sub, w, h, hor, ver, margin)
-        images.insert(i, sub)
-        prompts.insert(i, prompts[start])
-        seeds.insert(i, seeds[start])
-        infotexts.insert(i, infotexts[start])
-    z_grid = g.image_grid(images[:nz], rows=1)
+            sub = g.draw_grid_annotations(sub, *map(max, zip(*(im.size for im in cells))), hor, ver, margin)
+        subs.append(sub)
+    z_grid = g.image_grid(subs, rows=1)
     if draw_legend:
-        w, h = map(max, zip(*(im.size for im in images[:nz])))
-        titles = [[g.GridAnnotation(z)] for z in z_labels]
-        z_grid = g.draw_grid_annotations(z_grid, w, h, titles, [[g.GridAnnotation()]])
-    images.insert(0, z_grid)
-    infotexts.insert(0, infotexts[0])  # A1111 inserts no prompt / seed for the main grid
-    infotexts[:1 + nz] = [t if t is not None else infotexts[k] for k, t in enumerate(grid_infotexts)]
-
-    if not include_lone_images:
-        images = images[:nz + 1]
+        z_grid = g.draw_grid_annotations(z_grid, *map(max, zip(*(im.size for im in subs))),
+                                         [[g.GridAnnotation(t)] for t in z_labels], [[g.GridAnnotation()]])
+    heads = [infotexts[0], *(infotexts[s] for s in starts)]  # the cells whose infotexts the grids take
+    grid_params = [params[0], *[params[1]] * nz]
+    grid_texts = [None if t is None else with_params(t, p) for t, p in zip(heads, grid_params)]
+    infotexts = grid_texts + infotexts
+    prompts, seeds = [prompts[s] for s in starts] + prompts, [seeds[s] for s in starts] + seeds
+    images = [z_grid, *subs, *(images if include_lone_images else [])]
     if not include_sub_grids:
-        for _ in range(nz):
-            del images[1], prompts[1], seeds[1], infotexts[1]
+        del images[1:1 + nz], prompts[1:1 + nz], seeds[1:1 + nz], infotexts[1:1 + nz]
 
-    info = dict(first.info)
+    info = dict(results[0].info)
     info.update(all_prompts=prompts, all_seeds=seeds, infotexts=infotexts, index_of_first_image=1)
-    return ScriptResult(images=images, infotexts=infotexts, info=info, seeds=seeds, prompts=prompts,
-                        subseeds=list(info.get("all_subseeds") or []),
-                        negative_prompts=list(info.get("all_negative_prompts") or []),
-                        warnings=[w for r in results for w in getattr(r, "warnings", [])],
-                        interrupted=any(getattr(r, "interrupted", False) for r in results) or len(results) < len(order))
+    return Result(images=images, seeds=seeds, subseeds=list(info.get("all_subseeds") or []),
+                  infotexts=infotexts, info=info, prompts=prompts,
+                  negative_prompts=list(info.get("all_negative_prompts") or []))
