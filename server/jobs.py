@@ -1,17 +1,10 @@
 """The job queue: one FIFO of txt2img/img2img jobs shared by every client, run one at a time on the GPU.
 
-    queue = JobQueue(run=engine.execute, limiter=engine.gpu, max_size=64)
-    job = queue.submit("txt2img", req, summary, source="api", save=False)   # QueueFull -> 503 + Retry-After
-    await job.finished.wait(); job.result                                    # or queue.cancel(job.id)
-
-A job holds the parsed request (base64 images stay encoded: they are decoded by `run` when the job starts,
-so a full queue holds at most `max_size` request bodies, never decoded pixels). `run(job)` executes on a
-worker thread while the GPU limiter is held, the same limiter checkpoint switches queue on, so the order is
-first come first served across both. States: queued -> running -> done | failed | interrupted, or
-queued -> cancelled. Finished jobs are kept (the last `keep`) for GET /sd15/v1/jobs/{id}.
-
-Listeners (the SSE endpoint) get every queue change and every finished job through `listen()`; progress is
-read off the running job by the SSE loop (at most every 250 ms), never pushed from the worker thread.
+A job keeps its parsed request with the images still base64 (decoded when it starts), so a full queue holds
+at most `max_size` request bodies. `run(job)` runs on a worker thread while holding the GPU limiter, the one
+checkpoint switches take too, so both are served first come first served. States: queued -> running -> done
+| failed | interrupted, or queued -> cancelled; the last `keep` finished jobs are remembered. Listeners (the
+event stream) get every queue change and finished job; progress is read off the running job, never pushed.
 """
 from __future__ import annotations
 
@@ -27,8 +20,6 @@ from typing import Any, Callable, Optional
 import anyio
 
 log = logging.getLogger("server")
-
-STATES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 
 
 class QueueFull(Exception):
@@ -107,8 +98,6 @@ class JobQueue:
         self._counter = itertools.count(1)
         self._seconds = collections.deque(maxlen=20)  # recent job durations, for Retry-After
 
-    # --- clients -------------------------------------------------------------------------------
-
     def submit(self, kind: str, request, summary: dict, *, source: str = "api", save: bool = False) -> Job:
         if self.closed:
             raise JobFailed(503, "the server is shutting down; no new jobs are accepted", "ServiceUnavailable")
@@ -127,18 +116,14 @@ class JobQueue:
     def position(self, job: Job) -> Optional[int]:
         if job is self.running:
             return 0
-        try:
+        if job in self.waiting:
             return self.waiting.index(job) + (1 if self.running is not None else 0)
-        except ValueError:
-            return None
+        return None
 
     def cancel(self, job: Job, reason: str = "cancelled") -> None:
         """A queued job is dropped (state cancelled); the running one is interrupted (it returns what it has)."""
         if job.state == "queued":
-            try:
-                self.waiting.remove(job)
-            except ValueError:
-                return
+            self.waiting.remove(job)
             self._finish(job, "cancelled", JobFailed(499 if reason == "client" else 409,
                                                      f"job {job.id} was cancelled before it started"))
         elif job.state == "running":
@@ -151,12 +136,9 @@ class JobQueue:
     def snapshot(self) -> dict:
         """GET /sd15/v1/queue."""
         running = self.running.json(0) if self.running is not None else None
-        offset = 1 if self.running is not None else 0
-        queued = [job.json(i + offset) for i, job in enumerate(self.waiting)]
+        queued = [job.json(self.position(job)) for job in self.waiting]
         recent = [job.json() for job in reversed(list(self.history.values())[-10:])]
         return {"running": running, "queued": queued, "recent": recent, "max_size": self.max_size}
-
-    # --- events --------------------------------------------------------------------------------
 
     def listen(self) -> asyncio.Queue:
         q: asyncio.Queue = asyncio.Queue(maxsize=256)
@@ -179,8 +161,6 @@ class JobQueue:
     def changed(self) -> None:
         if self._listeners:
             self._publish("queue", self.snapshot())
-
-    # --- the worker ----------------------------------------------------------------------------
 
     async def worker(self) -> None:
         """Run the queued jobs one by one, forever (cancelled at shutdown)."""
