@@ -22,6 +22,18 @@ import anyio
 log = logging.getLogger("server")
 
 
+def publish(listeners: set, event: str, data: Callable[[], dict]) -> None:
+    """Hand `(event, data())` to every event stream's inbox (data is made only when someone listens); an inbox
+    that is not read is dropped rather than grown."""
+    if listeners:
+        item = (event, data())
+        for inbox in list(listeners):
+            try:
+                inbox.put_nowait(item)
+            except asyncio.QueueFull:
+                listeners.discard(inbox)
+
+
 class QueueFull(Exception):
     """The queue holds `max_size` jobs already; answered 503 with Retry-After."""
 
@@ -94,7 +106,7 @@ class JobQueue:
         self.jobs: dict[str, Job] = {}  # every job not yet forgotten, by id
         self.closed = False  # shutting down: no new jobs, queued ones failed
         self._wake = asyncio.Event()
-        self._listeners: set[asyncio.Queue] = set()
+        self.listeners: set[asyncio.Queue] = set()  # the event streams' inboxes
         self._counter = itertools.count(1)
         self._seconds = collections.deque(maxlen=20)  # recent job durations, for Retry-After
 
@@ -140,27 +152,11 @@ class JobQueue:
         recent = [job.json() for job in reversed(list(self.history.values())[-10:])]
         return {"running": running, "queued": queued, "recent": recent, "max_size": self.max_size}
 
-    def listen(self) -> asyncio.Queue:
-        q: asyncio.Queue = asyncio.Queue(maxsize=256)
-        self._listeners.add(q)
-        return q
-
     def has_listeners(self) -> bool:
-        return bool(self._listeners)
-
-    def unlisten(self, q: asyncio.Queue) -> None:
-        self._listeners.discard(q)
-
-    def _publish(self, event: str, data: dict) -> None:
-        for q in list(self._listeners):
-            try:
-                q.put_nowait((event, data))
-            except asyncio.QueueFull:  # a listener that does not read: drop it rather than grow
-                self._listeners.discard(q)
+        return bool(self.listeners)
 
     def changed(self) -> None:
-        if self._listeners:
-            self._publish("queue", self.snapshot())
+        publish(self.listeners, "queue", self.snapshot)
 
     async def worker(self) -> None:
         """Run the queued jobs one by one, forever (cancelled at shutdown)."""
@@ -204,7 +200,7 @@ class JobQueue:
         job.finished.set()
         if self.on_finish is not None:
             self.on_finish(job)
-        self._publish("done", job.json())
+        publish(self.listeners, "done", job.json)
         self.changed()
 
     def close(self, reason: str = "the server is shutting down") -> None:

@@ -2,23 +2,18 @@
 
     sd15-server --ray --replicas 2 --ckpt-dir weights          # one machine, one worker per GPU
 
-Each worker is a Ray actor hosting `server.app.create_app(config)` and loading the model once; the ingress
-hands it a request as an in-process ASGI call, so validation, errors and pixels are the single server's by
-construction; of the server this module knows `create_app`, `ServerConfig.api_auth`, `BasicAuth`, the HTTP
-API and, for the event stream, the running job's progress and preview on a worker's engine, nothing else.
-Workers are plain Ray actors, not Serve replicas, because Serve picks a replica itself and the ingress must
-reach a given worker (its job's progress and interrupt, options for a replaced one). The
-ingress (one Ray Serve deployment) owns what must be in one place:
+Each worker (server/ray_worker.py) is a plain Ray actor hosting `create_app(config)` with its model loaded
+once; the ingress hands it each request as an in-process ASGI call, so validation, errors and pixels are the
+single server's by construction. Workers are actors, not Serve replicas, because the ingress must reach a given
+worker (its job's progress and interrupt). The ingress, one Serve deployment, owns what must be in one place:
 
-- the queue: one FIFO for the whole cluster (bounded; 503 with `Retry-After` when full) from which every free
-  worker takes the next job, at most one at a time per worker (a worker's own queue is bounded at one);
-- the options: a POST is applied to every worker (jobs are held back while it is), remembered, and replayed on
-  a worker that was replaced; `override_settings` kept after a job are copied to the other workers;
-- job -> worker: `/sdapi/v1/progress`, `interrupt` and `skip` go to the worker of the oldest running job (what
-  A1111's single queue would call the current job), `/sd15/v1/jobs/{id}` to that job's worker;
-- the event stream `/sd15/v1/events` (server/ray_events.py): the single server's, over every worker;
-- failures: a worker that dies mid-job makes that job fail with a 502 naming the worker, Ray restarts the actor
-  (`max_restarts=-1`), and the options are replayed before it takes another job.
+- the queue: one bounded FIFO (503 with `Retry-After` when full); each free worker takes the next job;
+- the options: a POST reaches every worker while jobs are held back and is replayed on a restarted worker;
+  kept `override_settings` are copied to the other workers;
+- job -> worker: `progress`, `interrupt` and `skip` go to the oldest running job's worker (A1111's current
+  job), `/sd15/v1/jobs/{id}` to that job's; the event stream (server/ray_events.py) covers every worker;
+- failures: a worker that dies mid-job fails that job with a 502 naming it; Ray restarts the actor
+  (`max_restarts=-1`), which is given the options before it takes another job.
 """
 from __future__ import annotations
 
@@ -41,6 +36,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from server import ray_events
+from server.jobs import publish
 from server.ray_worker import STALE, Worker
 
 log = logging.getLogger("server.ray")
@@ -54,14 +50,23 @@ RECENT = 50
 NAMESPACE, WORKER_NAME = "sd15", "sd15-worker-"  # the workers' Ray names: sd15-worker-<ingress>-<index>
 
 
-def _error(status: int, detail: str, error: str, headers: Optional[dict] = None) -> JSONResponse:
-    """A1111's error body."""
-    return JSONResponse({"error": error, "detail": detail, "body": "", "errors": detail}, status, headers=headers)
+def _failure(status: int, error: str, detail: str, headers: Optional[dict] = None) -> tuple:
+    """A reply (status, raw headers, body) with A1111's error body."""
+    raw = [(b"content-type", b"application/json")]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    return status, raw, json.dumps({"error": error, "detail": detail, "body": "", "errors": detail}).encode()
 
 
-# =============================================================================================
-# The ingress: queue, options, job -> worker
-# =============================================================================================
+def _response(reply: tuple, job: Optional[Job] = None) -> Response:
+    """A worker's reply (or `_failure`) as the ingress's response; a job's carries its id and worker."""
+    status, headers, body = reply
+    response = Response(body, status)
+    response.raw_headers = [(k, v) for k, v in headers if k.lower() != b"content-length"] \
+        + [(b"content-length", str(len(body)).encode())]
+    if job is not None:
+        response.raw_headers += [(b"x-sd15-job", job.id.encode()), (b"x-sd15-worker", str(job.worker).encode())]
+    return response
+
 
 @dataclass
 class Slot:
@@ -70,7 +75,7 @@ class Slot:
     incarnation: Optional[str] = None  # None: (re)started and not yet given the options
     pid: Optional[int] = None
     node: Optional[str] = None
-    job: Optional["Job"] = None
+    job: Optional[Job] = None
     restarts: int = -1  # counts the incarnations seen, the first included
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -162,53 +167,36 @@ class Ingress:
             slot.restarts += 1
         slot.incarnation, slot.pid, slot.node = info["incarnation"], info["pid"], info["node"]
 
-    # --- HTTP ----------------------------------------------------------------------------------
-
     async def __call__(self, request: Request) -> Response:
-        path, method = request.url.path, request.method
+        path, method, headers = request.url.path, request.method, request.headers.raw
         if self.auth is not None and method != "OPTIONS":  # the queue is not for strangers
             problem = self.auth.check(request.headers.get("authorization"))
             if problem is not None:
-                return _error(401, problem, "HTTPException", {"WWW-Authenticate": "Basic"})
+                return _response(_failure(401, "HTTPException", problem, {"WWW-Authenticate": "Basic"}))
+        body = await request.body()
         if method == "POST" and path in GENERATE:
-            body = await request.body()
-            job = self._submit(GENERATE[path], path, request.headers.raw, body, "api")
+            job = self._submit(GENERATE[path], path, headers, body, "api")
             if isinstance(job, Response):
                 return job
             try:
                 await job.done.wait()
             except asyncio.CancelledError:  # the client went away: a job still waiting is dropped
-                if job in self.waiting:
-                    self.waiting.remove(job)
-                    job.state, job.finished = "cancelled", time.time()
-                    self._publish("done", job.json())
-                    self._changed()
+                self._cancel(job)
                 raise
-            return self._reply(job.reply, job)
+            return _response(job.reply, job)
         if path.startswith("/sd15/v1/"):
-            own = await self._own(request, path[len("/sd15/v1/"):], method)
+            own = await self._own(path[len("/sd15/v1/"):], method, body)
             if own is not None:
                 return own
         if method == "POST" and path == "/sdapi/v1/options":
-            return await self._set_options(request.headers.raw, await request.body())
+            return await self._set_options(headers, body)
         if method == "POST" and path in BROADCAST:
-            replies = await self._broadcast(method, path, request.headers.raw, await request.body())
-            return self._reply(replies[0][1]) if replies else _error(503, "no worker is up", "Unavailable")
+            replies = await self._broadcast(method, path, headers, body)
+            return _response(replies[0][1] if replies else _failure(503, "Unavailable", "no worker is up"))
         slot = self._pick(request, path)
         if path == "/sdapi/v1/interrupt" and slot.job is not None:
             slot.job.stop = "interrupted"
-        reply = await self._call(slot, method, path, request.url.query.encode(), request.headers.raw,
-                                 await request.body())
-        return self._reply(reply)
-
-    def _reply(self, reply, job: Optional[Job] = None) -> Response:
-        status, headers, body = reply
-        response = Response(body, status)
-        response.raw_headers = [(k, v) for k, v in headers if k.lower() != b"content-length"] \
-            + [(b"content-length", str(len(body)).encode())]
-        if job is not None:
-            response.raw_headers += [(b"x-sd15-job", job.id.encode()), (b"x-sd15-worker", str(job.worker).encode())]
-        return response
+        return _response(await self._call(slot, method, path, request.url.query.encode(), headers, body))
 
     def _pick(self, request: Request, path: str) -> Slot:
         """The worker for a forwarded request: `X-Sd15-Worker: i` pins it; progress/interrupt/skip go to the
@@ -229,14 +217,13 @@ class Ingress:
     async def _call(self, slot: Slot, method, path, query, headers, body) -> tuple:
         """A non-job request to one worker; a dead one answers 502."""
         try:
-            reply = await slot.actor.call.remote(method, path, query, list(headers), body, None)
+            return await slot.actor.call.remote(method, path, query, list(headers), body, None)
         except WORKER_DIED as e:
-            self._replace(slot)
-            return 502, [(b"content-type", b"application/json")], json.dumps(self._died(slot, e)).encode()
-        return reply
+            return self._died(slot, e)
 
-    def _replace(self, slot: Slot) -> None:
-        """A worker died: Ray restarts the actor; give it the options as soon as it is back."""
+    def _died(self, slot: Slot, e: Exception) -> tuple:
+        """A worker died under a request -> the 502 reply. Ray restarts the actor; it is given the options
+        as soon as it is back."""
         slot.incarnation = None
 
         async def resync():
@@ -245,13 +232,9 @@ class Ingress:
             except Exception:  # noqa: BLE001 - the next job tries again
                 log.exception("worker %d: not back yet", slot.index)
         asyncio.get_running_loop().create_task(resync())
-
-    def _died(self, slot: Slot, e: Exception) -> dict:
-        detail = (f"worker {slot.index} (pid {slot.pid}) died while handling this request; the request was not "
-                  f"finished and is not retried; the worker is being restarted: {type(e).__name__}")
-        return {"error": "WorkerDied", "detail": detail, "body": "", "errors": detail}
-
-    # --- queue ---------------------------------------------------------------------------------
+        return _failure(502, "WorkerDied", f"worker {slot.index} (pid {slot.pid}) died while handling this "
+                        f"request; the request was not finished and is not retried; the worker is being "
+                        f"restarted: {type(e).__name__}")
 
     def _submit(self, kind: str, path: str, headers, body: bytes, source: str):
         """Queue a job, or the 503 that says the queue is full."""
@@ -259,12 +242,12 @@ class Ingress:
             busy = len(self.waiting) + len(self.running_jobs())
             mean = sum(self.durations) / len(self.durations) if self.durations else 10.0
             retry = max(1, round(mean * busy / len(self.slots)))
-            return _error(503, f"the queue is full ({self.max_queued} jobs waiting); retry in {retry} s",
-                          "QueueFull", {"Retry-After": str(retry)})
+            return _response(_failure(503, "QueueFull", f"the queue is full ({self.max_queued} jobs waiting); "
+                                      f"retry in {retry} s", {"Retry-After": str(retry)}))
         try:
             request = json.loads(body)
         except ValueError:
-            request = None  # the worker gives the 422
+            request = None  # the worker answers the 422
         request = request if isinstance(request, dict) else {}
         job_id = request.get("force_task_id") or uuid.uuid4().hex[:12]
         if not isinstance(job_id, str) or job_id in self.jobs:
@@ -297,56 +280,56 @@ class Ingress:
 
     async def _run(self, slot: Slot, job: Job) -> None:
         try:
-            for _ in range(2):
+            for _ in range(2):  # a worker restarted since it was last seen is given the options first
                 if slot.incarnation is None:
                     await self._sync(slot)
-                reply = await slot.actor.call.remote("POST", job.path, b"", job.headers, job.body, slot.incarnation)
-                if reply != STALE:
+                job.reply = await slot.actor.call.remote("POST", job.path, b"", job.headers, job.body,
+                                                         slot.incarnation)
+                if job.reply != STALE:
                     break
                 slot.incarnation = None
-            job.reply = reply
-            if reply[0] == 200:
-                job.state = job.stop or "done"
-                await self._keep_overrides(slot, job)
             else:
-                job.state = "failed"
-                try:
-                    detail = _json_body(reply).get("detail", "")
-                except (ValueError, AttributeError, OSError):
-                    detail = ""
-                job.error = {"status": reply[0], "detail": str(detail)}
+                raise RuntimeError(f"worker {slot.index} restarted twice while starting the job")
+            if job.reply[0] == 200:
+                await self._keep_overrides(slot, job)
         except WORKER_DIED as e:
-            self._replace(slot)
-            body = self._died(slot, e)
-            job.state, job.error = "failed", {"status": 502, "detail": body["detail"]}
-            job.reply = 502, [(b"content-type", b"application/json")], json.dumps(body).encode()
+            job.reply = self._died(slot, e)
         except Exception as e:  # noqa: BLE001 - never leave a caller waiting
             log.exception("job %s", job.id)
-            job.state, job.error = "failed", {"status": 500, "detail": f"{type(e).__name__}: {e}"}
-            job.reply = 500, [(b"content-type", b"application/json")], json.dumps(
-                {"error": type(e).__name__, "detail": str(e), "body": "", "errors": str(e)}).encode()
-        finally:
-            job.finished, slot.job = time.time(), None
-            self.durations.append(job.finished - job.started)
-            job.done.set()
-            self._forget_old()
-            self._publish("done", job.json())
-            if not self._pump():
-                self._changed()
-
-    def _forget_old(self) -> None:
-        finished = [j for j in self.jobs.values() if j.finished is not None]
-        for job in sorted(finished, key=lambda j: j.finished)[:-RECENT]:
-            del self.jobs[job.id]
-
-    # --- options: one place, every worker --------------------------------------------------------
+            job.reply = _failure(500, type(e).__name__, str(e))
+        if job.reply[0] == 200:
+            job.state = job.stop or "done"
+        else:
+            try:
+                detail = str(_json_body(job.reply).get("detail", ""))
+            except (ValueError, AttributeError, OSError):
+                detail = ""
+            job.state, job.error = "failed", {"status": job.reply[0], "detail": detail}
+        job.finished, slot.job = time.time(), None
+        self.durations.append(job.finished - job.started)
+        job.done.set()
+        finished = sorted((j for j in self.jobs.values() if j.finished is not None), key=lambda j: j.finished)
+        for old in finished[:-RECENT]:
+            del self.jobs[old.id]
+        publish(self.listeners, "done", job.json)
+        if not self._pump():
+            self._changed()
 
     async def _sync(self, slot: Slot) -> None:
-        """A (re)started worker: wait for its model, give it the options POSTed so far."""
+        """A (re)started worker: wait for its model (Ray may still be restarting it, at most 10 minutes), then
+        give it the options POSTed so far."""
         async with slot.lock:
             if slot.incarnation is not None:
                 return
-            info = await self._ready(slot)
+            deadline = time.time() + 600
+            while True:
+                try:
+                    info = await slot.actor.ready.remote()
+                    break
+                except ray.exceptions.ActorUnavailableError:
+                    if time.time() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
             if self.options_set:
                 body = json.dumps(self.options_set).encode()
                 reply = await slot.actor.call.remote("POST", "/sdapi/v1/options", b"", self.internal_headers, body,
@@ -354,17 +337,6 @@ class Ingress:
                 if reply == STALE or reply[0] != 200:
                     raise RuntimeError(f"worker {slot.index}: replaying the options failed: {reply}")
             self._seen(slot, info)
-
-    async def _ready(self, slot: Slot, patience: float = 600.0) -> dict:
-        """`ready()` of a worker Ray may still be restarting (calls then fail with ActorUnavailableError)."""
-        deadline = time.time() + patience
-        while True:
-            try:
-                return await slot.actor.ready.remote()
-            except ray.exceptions.ActorUnavailableError:
-                if time.time() > deadline:
-                    raise
-                await asyncio.sleep(0.2)
 
     async def _broadcast(self, method: str, path: str, headers, body: bytes) -> list:
         """The same request to every worker, jobs held back meanwhile -> [(slot, reply)]; a worker being
@@ -380,13 +352,12 @@ class Ingress:
         return list(zip(slots, replies))
 
     async def _set_options(self, headers, body: bytes) -> Response:
-        replies = await self._broadcast("POST", "/sdapi/v1/options", headers, body)
+        replies = [r for _, r in await self._broadcast("POST", "/sdapi/v1/options", headers, body)]
         if not replies:
-            return _error(503, "no worker is up", "Unavailable")
-        if any(r[0] == 200 for _, r in replies):
+            return _response(_failure(503, "Unavailable", "no worker is up"))
+        if any(r[0] == 200 for r in replies):
             self.options_set.update(json.loads(body))
-        failed = [(s, r) for s, r in replies if r[0] != 200]
-        return self._reply(failed[0][1] if failed else replies[0][1])
+        return _response(next((r for r in replies if r[0] != 200), replies[0]))
 
     async def _keep_overrides(self, slot: Slot, job: Job) -> None:
         """`override_settings` without `override_settings_restore_afterwards` stay set (A1111): copy the values
@@ -407,9 +378,8 @@ class Ingress:
         await asyncio.gather(*[self._call(s, "POST", "/sdapi/v1/options", b"", self.internal_headers,
                                           json.dumps(kept).encode()) for s in others])
 
-    # --- /sd15/v1: the queue, jobs and workers as the ingress sees them ----------------------------
-
-    async def _own(self, request: Request, rest: str, method: str) -> Optional[Response]:
+    async def _own(self, rest: str, method: str, body: bytes) -> Optional[Response]:
+        """/sd15/v1: the queue, jobs and workers as the ingress sees them; None: not the ingress's own."""
         if rest == "queue" and method == "GET":
             return JSONResponse(self.queue_json())
         if rest == "workers" and method == "GET":
@@ -417,7 +387,7 @@ class Ingress:
                                   "restarts": s.restarts, "job": s.job.id if s.job else None} for s in self.slots])
         if rest == "jobs" and method == "POST":
             try:
-                body = json.loads(await request.body())
+                body = json.loads(body)
                 kind, inner = body["kind"], body["request"]
                 assert kind in ("txt2img", "img2img") and isinstance(inner, dict)
             except (ValueError, KeyError, TypeError, AssertionError):
@@ -437,10 +407,9 @@ class Ingress:
                 return JSONResponse({"detail": "Not Found"}, 404)
             if method == "DELETE":
                 await self._stop(job)
-            out = job.json(self._position(job), result=True)
             if job.state == "running":
-                out["progress"] = await self._progress(job)
-            return JSONResponse(out)
+                await self.refresh(job)
+            return JSONResponse(job.json(self._position(job), result=True))
         return None
 
     def _position(self, job: Job) -> Optional[int]:
@@ -453,50 +422,43 @@ class Ingress:
                 "queued": [j.json(i) for i, j in enumerate(self.waiting)], "recent": [j.json() for j in recent],
                 "max_size": self.max_queued}
 
-    async def _stop(self, job: Job) -> None:
-        """DELETE: a queued job is cancelled, a running one interrupted on its worker."""
+    def _cancel(self, job: Job) -> None:
+        """A job still waiting leaves the queue unrun (409 for whoever waits on it)."""
         if job in self.waiting:
             self.waiting.remove(job)
             job.state, job.finished = "cancelled", time.time()
-            job.reply = 409, [(b"content-type", b"application/json")], json.dumps(
-                {"error": "Cancelled", "detail": "the job was cancelled before it ran", "body": "",
-                 "errors": ""}).encode()
+            job.reply = _failure(409, "Cancelled", "the job was cancelled before it ran")
             job.done.set()
-            self._publish("done", job.json())
+            publish(self.listeners, "done", job.json)
             self._changed()
-        elif job.state == "running":
+
+    async def _stop(self, job: Job) -> None:
+        """DELETE: a queued job is cancelled, a running one interrupted on its worker."""
+        if job.state == "running":
             job.stop = "interrupted"
             await self._call(self.slots[job.worker], "POST", "/sdapi/v1/interrupt", b"", self.internal_headers, b"")
+        else:
+            self._cancel(job)
 
-    async def _progress(self, job: Job) -> Optional[dict]:
-        status, _, body = await self._call(self.slots[job.worker], "GET", "/sdapi/v1/progress",
-                                           b"skip_current_image=true", self.internal_headers, b"")
-        if status != 200:
-            return None
-        p = json.loads(body)
-        state = p.get("state") or {}
-        return {"progress": p.get("progress", 0), "eta_relative": p.get("eta_relative", 0),
-                "step": state.get("sampling_step", 0), "steps": state.get("sampling_steps", 0),
-                "job_no": state.get("job_no", 0), "job_count": state.get("job_count", 0)}
-
-
-    # --- /sd15/v1/events: the single server's event stream over the whole cluster --------------------
-
-    def _publish(self, event: str, data: dict) -> None:
-        for inbox in list(self.listeners):
-            try:
-                inbox.put_nowait((event, data))
-            except asyncio.QueueFull:  # a listener that does not read: dropped rather than grown
-                self.listeners.discard(inbox)
+    async def refresh(self, job: Job) -> None:
+        """The running `job`'s progress and newest preview, asked of its worker (a worker that does not answer
+        within 5 s leaves them as they were)."""
+        slot = self.slots[job.worker]
+        try:
+            p = await asyncio.wait_for(slot.actor.progress.remote(job.preview_key), 5)
+        except Exception:  # noqa: BLE001 - dying or busy: nothing new
+            return
+        if p is None or slot.job is not job:  # idle, or the job finished meanwhile
+            return
+        preview, key = p.pop("preview"), p.pop("key")
+        job.preview_step = p.pop("preview_step")
+        job.progress = p
+        if preview is not None:
+            job.preview, job.preview_key = preview, key
 
     def _changed(self) -> None:
-        if self.listeners:
-            self._publish("queue", self.queue_json())
+        publish(self.listeners, "queue", self.queue_json)
 
-
-# =============================================================================================
-# Starting and stopping
-# =============================================================================================
 
 def deployment(config, workers: int, worker_options: dict, max_queued: int):
     """The bound Serve application: one ingress replica (it holds the queue) that starts the workers."""
