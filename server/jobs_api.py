@@ -93,10 +93,10 @@ def _sse(event: str, data) -> bytes:
 
 
 def event_stream(listeners: set, snapshot, running, closed=lambda: False) -> StreamingResponse:
-    """Server-sent events: `queue` first and on every change (`snapshot()`), `progress` of each `running()` job
-    at most every 250 ms (a preview only when a new one was made), `done` when a job finishes (both published
-    into the stream's inbox in `listeners`), a comment line every 15 s. Ends when `closed()` and nothing is
-    left to send, or when the stream's inbox was dropped for not being read. The Ray ingress serves it too."""
+    """Server-sent events: `queue` first and on every change (`snapshot()`), `progress` of each `running()`
+    job at most every 250 ms (a preview only when a new one was made), `done` when a job finishes (both
+    published into the stream's inbox in `listeners`), a comment line every 15 s. Ends when `closed()` and
+    nothing is left to send, or when the inbox was dropped for not being read. The Ray ingress uses it too."""
     inbox: asyncio.Queue = asyncio.Queue(maxsize=256)
     listeners.add(inbox)
 
@@ -121,7 +121,8 @@ def event_stream(listeners: set, snapshot, running, closed=lambda: False) -> Str
                     if p is None or last_sent.get(job.id) == (p["step"], p["job_no"], job.preview_step):
                         continue
                     new_preview = job.preview is not None and sent_preview.get(job.id) != job.preview_step
-                    yield _sse("progress", {"id": job.id, **p, "preview": job.preview if new_preview else None,
+                    preview = job.preview if new_preview else None
+                    yield _sse("progress", {"id": job.id, **p, "preview": preview,
                                             "preview_step": job.preview_step})
                     if new_preview:
                         sent_preview[job.id] = job.preview_step

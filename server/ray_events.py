@@ -1,6 +1,6 @@
 """`GET /sd15/v1/events` at the Ray ingress (server/ray_serve.py): the single server's event stream
-(`server.jobs_api.event_stream`) over every worker. The ingress publishes `queue` and `done` itself; one poller,
-running while someone listens, asks the worker of each running job for its progress and new previews."""
+(`server.jobs_api.event_stream`) over every worker. The ingress publishes `queue` and `done` itself; one
+poller, running while someone listens, asks the worker of each running job for its progress and previews."""
 from __future__ import annotations
 
 import asyncio

@@ -4,8 +4,9 @@
 
 Each worker (server/ray_worker.py) is a plain Ray actor hosting `create_app(config)` with its model loaded
 once; the ingress hands it each request as an in-process ASGI call, so validation, errors and pixels are the
-single server's by construction. Workers are actors, not Serve replicas, because the ingress must reach a given
-worker (its job's progress and interrupt). The ingress, one Serve deployment, owns what must be in one place:
+single server's by construction. Workers are actors, not Serve replicas, because the ingress must reach a
+given worker (its job's progress and interrupt). The ingress, one Serve deployment, owns what must be in one
+place:
 
 - the queue: one bounded FIFO (503 with `Retry-After` when full); each free worker takes the next job;
 - the options: a POST reaches every worker while jobs are held back and is replayed on a restarted worker;
@@ -64,7 +65,8 @@ def _response(reply: tuple, job: Optional[Job] = None) -> Response:
     response.raw_headers = [(k, v) for k, v in headers if k.lower() != b"content-length"] \
         + [(b"content-length", str(len(body)).encode())]
     if job is not None:
-        response.raw_headers += [(b"x-sd15-job", job.id.encode()), (b"x-sd15-worker", str(job.worker).encode())]
+        response.raw_headers += [(b"x-sd15-job", job.id.encode()),
+                                 (b"x-sd15-worker", str(job.worker).encode())]
     return response
 
 
@@ -127,7 +129,7 @@ def _summary(request: dict) -> dict:
 
 
 class Ingress:
-    """The HTTP face of the cluster (a Ray Serve deployment; see `deployment`)."""
+    """The HTTP face of the cluster: the one replica of a Ray Serve deployment (see `start`)."""
 
     def __init__(self, config, workers: int, worker_options: dict, max_queued: int):
         from server.app import BasicAuth
@@ -242,8 +244,8 @@ class Ingress:
             busy = len(self.waiting) + len(self.running_jobs())
             mean = sum(self.durations) / len(self.durations) if self.durations else 10.0
             retry = max(1, round(mean * busy / len(self.slots)))
-            return _response(_failure(503, "QueueFull", f"the queue is full ({self.max_queued} jobs waiting); "
-                                      f"retry in {retry} s", {"Retry-After": str(retry)}))
+            detail = f"the queue is full ({self.max_queued} jobs waiting); retry in {retry} s"
+            return _response(_failure(503, "QueueFull", detail, {"Retry-After": str(retry)}))
         try:
             request = json.loads(body)
         except ValueError:
@@ -255,17 +257,15 @@ class Ingress:
         job = Job(job_id, kind, path, list(headers), body, source, _summary(request))
         self.jobs[job.id] = job
         self.waiting.append(job)
-        if not self._pump():
-            self._changed()
+        self._pump()
         return job
 
     def running_jobs(self) -> list:
         return sorted((s.job for s in self.slots if s.job is not None), key=lambda j: j.started)
 
-    def _pump(self) -> bool:
-        """Give every free worker the next waiting job (none while options are being applied) -> whether one
-        started (the queue changed and was announced)."""
-        started = False
+    def _pump(self) -> None:
+        """Give every free worker the next waiting job (none while options are being applied); announce the
+        queue."""
         while self.waiting and not self.broadcasting:
             slot = next((s for s in self.slots if s.job is None), None)
             if slot is None:
@@ -273,10 +273,7 @@ class Ingress:
             job = self.waiting.popleft()
             job.state, job.started, job.worker, slot.job = "running", time.time(), slot.index, job
             asyncio.get_running_loop().create_task(self._run(slot, job))
-            started = True
-        if started:
-            self._changed()
-        return started
+        publish(self.listeners, "queue", self.queue_json)
 
     async def _run(self, slot: Slot, job: Job) -> None:
         try:
@@ -312,8 +309,7 @@ class Ingress:
         for old in finished[:-RECENT]:
             del self.jobs[old.id]
         publish(self.listeners, "done", job.json)
-        if not self._pump():
-            self._changed()
+        self._pump()
 
     async def _sync(self, slot: Slot) -> None:
         """A (re)started worker: wait for its model (Ray may still be restarting it, at most 10 minutes), then
@@ -348,7 +344,7 @@ class Ingress:
                 replies = await asyncio.gather(*[self._call(s, method, path, b"", headers, body) for s in slots])
             finally:
                 self.broadcasting = False
-                self._pump()  # announces the queue when a job started
+                self._pump()
         return list(zip(slots, replies))
 
     async def _set_options(self, headers, body: bytes) -> Response:
@@ -430,7 +426,7 @@ class Ingress:
             job.reply = _failure(409, "Cancelled", "the job was cancelled before it ran")
             job.done.set()
             publish(self.listeners, "done", job.json)
-            self._changed()
+            publish(self.listeners, "queue", self.queue_json)
 
     async def _stop(self, job: Job) -> None:
         """DELETE: a queued job is cancelled, a running one interrupted on its worker."""
@@ -456,39 +452,31 @@ class Ingress:
         if preview is not None:
             job.preview, job.preview_key = preview, key
 
-    def _changed(self) -> None:
-        publish(self.listeners, "queue", self.queue_json)
-
-
-def deployment(config, workers: int, worker_options: dict, max_queued: int):
-    """The bound Serve application: one ingress replica (it holds the queue) that starts the workers."""
-    ingress = serve.deployment(Ingress, name="sd15", num_replicas=1, max_ongoing_requests=100_000,
-                               ray_actor_options={"num_cpus": 0})
-    return ingress.bind(config, workers, worker_options, max_queued)
-
 
 def start(config, workers: int, *, host: str = "127.0.0.1", port: int = 7860, worker_cpus: float = 1.0,
-          worker_gpus: Optional[float] = None, max_queued: Optional[int] = None, address: Optional[str] = None,
-          log_to_driver: bool = True):
+          worker_gpus: Optional[float] = None, max_queued: Optional[int] = None,
+          address: Optional[str] = None):
     """Join (`address`, e.g. "auto") or start a Ray cluster and serve the app on host:port; returns once every
     worker has loaded its model. `worker_gpus` None: one GPU per worker when the cluster has GPUs."""
     # folders as absolute paths: a worker runs in Ray's own working directory, maybe on another machine
     folders = {f.name: os.path.abspath(getattr(config, f.name)) for f in dataclasses.fields(config)
                if (f.name.endswith("_dir") or f.name == "outdir") and isinstance(getattr(config, f.name), str)}
-    if getattr(config, "ckpt", None) and os.path.isfile(config.ckpt):
+    if config.ckpt and os.path.isfile(config.ckpt):
         folders["ckpt"] = os.path.abspath(config.ckpt)
     config = dataclasses.replace(config, **folders)
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=log_to_driver)
+        ray.init(address=address, include_dashboard=False)
     if worker_gpus is None:
         worker_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     serve.start(http_options={"host": host, "port": port})
+    ingress = serve.deployment(Ingress, name="sd15", num_replicas=1, max_ongoing_requests=100_000,
+                               ray_actor_options={"num_cpus": 0})  # one replica: it holds the queue
     options = {"num_cpus": worker_cpus, "num_gpus": worker_gpus}
     queued = max_queued if max_queued is not None else 16 * workers
-    serve.run(deployment(config, workers, options, queued), name="sd15", route_prefix="/")
+    serve.run(ingress.bind(config, workers, options, queued), name="sd15", route_prefix="/")
 
 
-def stop(patience: float = 20.0) -> None:
+def stop() -> None:
     """Stop the workers for good, then remove the app and Serve, and leave the Ray cluster (a local one started
     by `start` is shut down). The workers go first and are waited for: one that Ray is restarting at that moment
     would otherwise come back after its owner, the ingress, is gone and outlive the cluster."""
@@ -502,7 +490,7 @@ def stop(patience: float = 20.0) -> None:
                     ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
                 except ValueError:  # gone meanwhile
                     pass
-            deadline = time.time() + patience
+            deadline = time.time() + 20
             while workers() and time.time() < deadline:  # a dead actor's name is released
                 time.sleep(0.1)
         serve.shutdown()
