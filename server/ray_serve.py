@@ -36,8 +36,8 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from server import ray_events
-from server.jobs import publish
+from server import jobs, ray_events
+from server.jobs import JobFailed, publish
 from server.ray_worker import STALE, Worker
 
 log = logging.getLogger("server.ray")
@@ -82,34 +82,16 @@ class Slot:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
-@dataclass
-class Job:
-    id: str
-    kind: str
-    path: str
-    headers: list
-    body: bytes
-    source: str  # "api" | "page"
-    summary: dict
-    created: float = field(default_factory=time.time)
-    state: str = "queued"
-    started: Optional[float] = None
-    finished: Optional[float] = None
+@dataclass(eq=False)
+class Job(jobs.Job):
+    """A job of the ingress: `request` is the HTTP request for a worker, (path, raw headers, body)."""
     worker: Optional[int] = None
-    stop: Optional[str] = None  # "interrupted" when interrupt/DELETE reached it
-    error: Optional[dict] = None
-    reply: Optional[tuple] = None  # (status, raw headers, body)
-    done: asyncio.Event = field(default_factory=asyncio.Event)
-    progress: Optional[dict] = None  # the last progress its worker reported (while someone listens)
-    preview: Optional[str] = None  # base64 PNG of the latest preview, made at `preview_step`
-    preview_step: int = 0
-    preview_key: Optional[list] = None  # the worker's key of that preview: asked for only when newer
+    reply: Optional[tuple] = None  # the worker's answer: (status, raw headers, body)
+    preview_key: Optional[list] = None  # the worker's key of `preview`: asked for only when newer
 
-    def json(self, position: Optional[int] = None, result: bool = False) -> dict:
-        out = {"id": self.id, "kind": self.kind, "state": self.state, "position": position,
-               "created": self.created, "started": self.started, "finished": self.finished, "source": self.source,
-               "summary": self.summary, "progress": self.progress, "error": self.error, "worker": self.worker}
-        if result and self.reply is not None and self.reply[0] == 200:
+    def json(self, position: Optional[int] = None, with_result: bool = False) -> dict:
+        out = {**super().json(position), "worker": self.worker}
+        if with_result and self.reply is not None and self.reply[0] == 200:
             out["result"], out["files"] = _json_body(self.reply), []
         return out
 
@@ -181,7 +163,7 @@ class Ingress:
             if isinstance(job, Response):
                 return job
             try:
-                await job.done.wait()
+                await job.finished.wait()
             except asyncio.CancelledError:  # the client went away: a job still waiting is dropped
                 self._cancel(job)
                 raise
@@ -197,7 +179,7 @@ class Ingress:
             return _response(replies[0][1] if replies else _failure(503, "Unavailable", "no worker is up"))
         slot = self._pick(request, path)
         if path == "/sdapi/v1/interrupt" and slot.job is not None:
-            slot.job.stop = "interrupted"
+            slot.job.stop_reason = "interrupted"
         return _response(await self._call(slot, method, path, request.url.query.encode(), headers, body))
 
     def _pick(self, request: Request, path: str) -> Slot:
@@ -254,7 +236,7 @@ class Ingress:
         job_id = request.get("force_task_id") or uuid.uuid4().hex[:12]
         if not isinstance(job_id, str) or job_id in self.jobs:
             job_id = uuid.uuid4().hex[:12]
-        job = Job(job_id, kind, path, list(headers), body, source, _summary(request))
+        job = Job(job_id, kind, (path, list(headers), body), _summary(request), source)
         self.jobs[job.id] = job
         self.waiting.append(job)
         self._pump()
@@ -280,8 +262,8 @@ class Ingress:
             for _ in range(2):  # a worker restarted since it was last seen is given the options first
                 if slot.incarnation is None:
                     await self._sync(slot)
-                job.reply = await slot.actor.call.remote("POST", job.path, b"", job.headers, job.body,
-                                                         slot.incarnation)
+                path, headers, body = job.request
+                job.reply = await slot.actor.call.remote("POST", path, b"", headers, body, slot.incarnation)
                 if job.reply != STALE:
                     break
                 slot.incarnation = None
@@ -295,17 +277,17 @@ class Ingress:
             log.exception("job %s", job.id)
             job.reply = _failure(500, type(e).__name__, str(e))
         if job.reply[0] == 200:
-            job.state = job.stop or "done"
+            job.state = job.stop_reason or "done"
         else:
             try:
                 detail = str(_json_body(job.reply).get("detail", ""))
             except (ValueError, AttributeError, OSError):
                 detail = ""
-            job.state, job.error = "failed", {"status": job.reply[0], "detail": detail}
-        job.finished, slot.job = time.time(), None
-        self.durations.append(job.finished - job.started)
-        job.done.set()
-        finished = sorted((j for j in self.jobs.values() if j.finished is not None), key=lambda j: j.finished)
+            job.state, job.error = "failed", JobFailed(job.reply[0], detail)
+        job.finished_at, job.request, slot.job = time.time(), None, None
+        self.durations.append(job.finished_at - job.started)
+        job.finished.set()
+        finished = sorted((j for j in self.jobs.values() if j.finished_at), key=lambda j: j.finished_at)
         for old in finished[:-RECENT]:
             del self.jobs[old.id]
         publish(self.listeners, "done", job.json)
@@ -359,7 +341,7 @@ class Ingress:
         """`override_settings` without `override_settings_restore_afterwards` stay set (A1111): copy the values
         the worker kept to the other workers."""
         try:
-            request = json.loads(job.body)
+            request = json.loads(job.request[2])
         except ValueError:
             return
         overrides = request.get("override_settings") or {}
@@ -405,7 +387,7 @@ class Ingress:
                 await self._stop(job)
             if job.state == "running":
                 await self.refresh(job)
-            return JSONResponse(job.json(self._position(job), result=True))
+            return JSONResponse(job.json(self._position(job), with_result=True))
         return None
 
     def _position(self, job: Job) -> Optional[int]:
@@ -413,7 +395,7 @@ class Ingress:
 
     def queue_json(self) -> dict:
         running = self.running_jobs()
-        recent = sorted((j for j in self.jobs.values() if j.finished), key=lambda j: -j.finished)[:10]
+        recent = sorted((j for j in self.jobs.values() if j.finished_at), key=lambda j: -j.finished_at)[:10]
         return {"running": running[0].json(0) if running else None, "active": [j.json(0) for j in running],
                 "queued": [j.json(i) for i, j in enumerate(self.waiting)], "recent": [j.json() for j in recent],
                 "max_size": self.max_queued}
@@ -422,16 +404,16 @@ class Ingress:
         """A job still waiting leaves the queue unrun (409 for whoever waits on it)."""
         if job in self.waiting:
             self.waiting.remove(job)
-            job.state, job.finished = "cancelled", time.time()
+            job.state, job.finished_at, job.request = "cancelled", time.time(), None
             job.reply = _failure(409, "Cancelled", "the job was cancelled before it ran")
-            job.done.set()
+            job.finished.set()
             publish(self.listeners, "done", job.json)
             publish(self.listeners, "queue", self.queue_json)
 
     async def _stop(self, job: Job) -> None:
         """DELETE: a queued job is cancelled, a running one interrupted on its worker."""
         if job.state == "running":
-            job.stop = "interrupted"
+            job.stop_reason = "interrupted"
             await self._call(self.slots[job.worker], "POST", "/sdapi/v1/interrupt", b"", self.internal_headers, b"")
         else:
             self._cancel(job)
