@@ -4,7 +4,7 @@
     GET    /sd15/v1/jobs          every job the server remembers (queued, running, the last finished)
     GET    /sd15/v1/jobs/{id}     the job; finished: with "result" (the A1111 body) and "files"
     DELETE /sd15/v1/jobs/{id}     cancel a queued job / interrupt the running one
-    GET    /sd15/v1/queue         {"running", "queued", "recent", "max_size"}
+    GET    /sd15/v1/queue         {"running", "active", "queued", "recent", "max_size"}
     GET    /sd15/v1/events        text/event-stream: queue, progress (with new previews), done
     GET    /metrics               Prometheus text
 """
@@ -140,8 +140,7 @@ def event_stream(listeners: set, snapshot, running, closed=lambda: False) -> Str
 async def events(request: Request):
     """The event stream of this server's queue."""
     q = request.state.engine.queue
-    return event_stream(q.listeners, q.snapshot, lambda: [q.running] if q.running is not None else [],
-                        lambda: q.closed and q.running is None)
+    return event_stream(q.listeners, q.snapshot, q.running_jobs, lambda: q.closed and q.running is None)
 
 
 async def metrics(request: Request):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import collections
 import dataclasses
 import gzip
 import json
@@ -37,7 +36,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from server import jobs, ray_events
-from server.jobs import JobFailed, publish
+from server.jobs import JobFailed
 from server.ray_worker import STALE, Worker
 
 log = logging.getLogger("server.ray")
@@ -47,7 +46,6 @@ BROADCAST = {"/sdapi/v1/refresh-checkpoints", "/sdapi/v1/refresh-vae", "/sdapi/v
              "/sdapi/v1/refresh-embeddings", "/sdapi/v1/unload-checkpoint", "/sdapi/v1/reload-checkpoint"}
 TO_CURRENT_JOB = {"/sdapi/v1/progress", "/sdapi/v1/interrupt", "/sdapi/v1/skip"}
 WORKER_DIED = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
-RECENT = 50
 NAMESPACE, WORKER_NAME = "sd15", "sd15-worker-"  # the workers' Ray names: sd15-worker-<ingress>-<index>
 
 
@@ -77,7 +75,6 @@ class Slot:
     incarnation: Optional[str] = None  # None: (re)started and not yet given the options
     pid: Optional[int] = None
     node: Optional[str] = None
-    job: Optional[Job] = None
     restarts: int = -1  # counts the incarnations seen, the first included
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -127,15 +124,11 @@ class Ingress:
                       for i in range(workers)]
         for slot, info in zip(self.slots, ray.get([s.actor.ready.remote() for s in self.slots])):
             self._seen(slot, info)  # every model is loaded before the deployment reports healthy
-        self.max_queued = max_queued
-        self.waiting: collections.deque = collections.deque()
-        self.jobs: dict = {}  # id -> Job: queued, running and the last RECENT finished
+        self.queue = jobs.JobQueue(self._run, lanes=workers, max_size=max_queued)  # lane i: worker i
+        self.lanes: list[asyncio.Task] = []  # the queue's worker tasks, started by the first request
         self.options_set: dict = {}  # every option POSTed so far, merged: what a replaced worker is given
         self.options_lock = asyncio.Lock()
-        self.broadcasting = False  # jobs wait while options are being applied everywhere
-        self.durations: collections.deque = collections.deque(maxlen=20)
         self.next_any = 0
-        self.listeners: set = set()  # the event streams' inboxes
         self.poller: Optional[asyncio.Task] = None  # asks the workers for progress while someone listens
 
     def __del__(self):
@@ -152,6 +145,9 @@ class Ingress:
         slot.incarnation, slot.pid, slot.node = info["incarnation"], info["pid"], info["node"]
 
     async def __call__(self, request: Request) -> Response:
+        if not self.lanes:
+            loop = asyncio.get_running_loop()
+            self.lanes = [loop.create_task(self.queue.worker(slot.index)) for slot in self.slots]
         path, method, headers = request.url.path, request.method, request.headers.raw
         if self.auth is not None and method != "OPTIONS":  # the queue is not for strangers
             problem = self.auth.check(request.headers.get("authorization"))
@@ -165,8 +161,11 @@ class Ingress:
             try:
                 await job.finished.wait()
             except asyncio.CancelledError:  # the client went away: a job still waiting is dropped
-                self._cancel(job)
+                if job.state == "queued":
+                    self.queue.cancel(job, "client")
                 raise
+            if job.reply is None:  # cancelled before it ran, or the ingress failed it
+                job.reply = _failure(job.error.status, job.error.error, job.error.detail or job.error.errors)
             return _response(job.reply, job)
         if path.startswith("/sd15/v1/"):
             own = await self._own(path[len("/sd15/v1/"):], method, body)
@@ -178,8 +177,8 @@ class Ingress:
             replies = await self._broadcast(method, path, headers, body)
             return _response(replies[0][1] if replies else _failure(503, "Unavailable", "no worker is up"))
         slot = self._pick(request, path)
-        if path == "/sdapi/v1/interrupt" and slot.job is not None:
-            slot.job.stop_reason = "interrupted"
+        if path == "/sdapi/v1/interrupt" and slot.index in self.queue.active:
+            self.queue.active[slot.index].stop_reason = "interrupted"
         return _response(await self._call(slot, method, path, request.url.query.encode(), headers, body))
 
     def _pick(self, request: Request, path: str) -> Slot:
@@ -188,9 +187,8 @@ class Ingress:
         pinned = request.headers.get("x-sd15-worker", "")
         if pinned.isdigit() and int(pinned) < len(self.slots):
             return self.slots[int(pinned)]
-        running = self.running_jobs()
-        if path in TO_CURRENT_JOB and running:
-            return self.slots[running[0].worker]
+        if path in TO_CURRENT_JOB and self.queue.running is not None:
+            return self.slots[self.queue.running.worker]
         n = len(self.slots)
         for k in range(1, n + 1):  # the next worker that is up, else the next one
             slot = self.slots[(self.next_any + k) % n]
@@ -222,42 +220,23 @@ class Ingress:
 
     def _submit(self, kind: str, path: str, headers, body: bytes, source: str):
         """Queue a job, or the 503 that says the queue is full."""
-        if len(self.waiting) >= self.max_queued:
-            busy = len(self.waiting) + len(self.running_jobs())
-            mean = sum(self.durations) / len(self.durations) if self.durations else 10.0
-            retry = max(1, round(mean * busy / len(self.slots)))
-            detail = f"the queue is full ({self.max_queued} jobs waiting); retry in {retry} s"
-            return _response(_failure(503, "QueueFull", detail, {"Retry-After": str(retry)}))
         try:
             request = json.loads(body)
         except ValueError:
             request = None  # the worker answers the 422
         request = request if isinstance(request, dict) else {}
-        job_id = request.get("force_task_id") or uuid.uuid4().hex[:12]
-        if not isinstance(job_id, str) or job_id in self.jobs:
+        job_id = request.get("force_task_id")
+        if not job_id or not isinstance(job_id, str) or job_id in self.queue.jobs:
             job_id = uuid.uuid4().hex[:12]
-        job = Job(job_id, kind, (path, list(headers), body), _summary(request), source)
-        self.jobs[job.id] = job
-        self.waiting.append(job)
-        self._pump()
-        return job
+        try:
+            return self.queue.put(Job(job_id, kind, (path, list(headers), body), _summary(request), source))
+        except jobs.QueueFull as e:
+            return _response(_failure(503, "QueueFull", str(e), {"Retry-After": str(e.retry_after)}))
 
-    def running_jobs(self) -> list:
-        return sorted((s.job for s in self.slots if s.job is not None), key=lambda j: j.started)
-
-    def _pump(self) -> None:
-        """Give every free worker the next waiting job (none while options are being applied); announce the
-        queue."""
-        while self.waiting and not self.broadcasting:
-            slot = next((s for s in self.slots if s.job is None), None)
-            if slot is None:
-                break
-            job = self.waiting.popleft()
-            job.state, job.started, job.worker, slot.job = "running", time.time(), slot.index, job
-            asyncio.get_running_loop().create_task(self._run(slot, job))
-        publish(self.listeners, "queue", self.queue_json)
-
-    async def _run(self, slot: Slot, job: Job) -> None:
+    async def _run(self, job: Job, lane: int) -> None:
+        """The queue's `run`: `job` on worker `lane`, whose reply goes to the client as it is; a reply that is
+        not a 200, or a worker that died, fails the job."""
+        slot, job.worker = self.slots[lane], lane
         try:
             for _ in range(2):  # a worker restarted since it was last seen is given the options first
                 if slot.incarnation is None:
@@ -268,30 +247,16 @@ class Ingress:
                     break
                 slot.incarnation = None
             else:
-                raise RuntimeError(f"worker {slot.index} restarted twice while starting the job")
-            if job.reply[0] == 200:
-                await self._keep_overrides(slot, job)
+                raise RuntimeError(f"worker {lane} restarted twice while starting the job")
         except WORKER_DIED as e:
             job.reply = self._died(slot, e)
-        except Exception as e:  # noqa: BLE001 - never leave a caller waiting
-            log.exception("job %s", job.id)
-            job.reply = _failure(500, type(e).__name__, str(e))
-        if job.reply[0] == 200:
-            job.state = job.stop_reason or "done"
-        else:
+        if job.reply[0] != 200:
             try:
                 detail = str(_json_body(job.reply).get("detail", ""))
             except (ValueError, AttributeError, OSError):
                 detail = ""
-            job.state, job.error = "failed", JobFailed(job.reply[0], detail)
-        job.finished_at, job.request, slot.job = time.time(), None, None
-        self.durations.append(job.finished_at - job.started)
-        job.finished.set()
-        finished = sorted((j for j in self.jobs.values() if j.finished_at), key=lambda j: j.finished_at)
-        for old in finished[:-RECENT]:
-            del self.jobs[old.id]
-        publish(self.listeners, "done", job.json)
-        self._pump()
+            raise JobFailed(job.reply[0], detail)
+        await self._keep_overrides(slot, job)
 
     async def _sync(self, slot: Slot) -> None:
         """A (re)started worker: wait for its model (Ray may still be restarting it, at most 10 minutes), then
@@ -320,13 +285,12 @@ class Ingress:
         """The same request to every worker, jobs held back meanwhile -> [(slot, reply)]; a worker being
         restarted is skipped (it gets the options when it is back)."""
         async with self.options_lock:
-            self.broadcasting = True
+            self.queue.paused = True
             try:
                 slots = [s for s in self.slots if s.incarnation is not None]
                 replies = await asyncio.gather(*[self._call(s, method, path, b"", headers, body) for s in slots])
             finally:
-                self.broadcasting = False
-                self._pump()
+                self.queue.resume()
         return list(zip(slots, replies))
 
     async def _set_options(self, headers, body: bytes) -> Response:
@@ -359,10 +323,11 @@ class Ingress:
     async def _own(self, rest: str, method: str, body: bytes) -> Optional[Response]:
         """/sd15/v1: the queue, jobs and workers as the ingress sees them; None: not the ingress's own."""
         if rest == "queue" and method == "GET":
-            return JSONResponse(self.queue_json())
+            return JSONResponse(self.queue.snapshot())
         if rest == "workers" and method == "GET":
+            active = {lane: job.id for lane, job in self.queue.active.items()}
             return JSONResponse([{"index": s.index, "pid": s.pid, "node": s.node, "up": s.incarnation is not None,
-                                  "restarts": s.restarts, "job": s.job.id if s.job else None} for s in self.slots])
+                                  "restarts": s.restarts, "job": active.get(s.index)} for s in self.slots])
         if rest == "jobs" and method == "POST":
             try:
                 body = json.loads(body)
@@ -376,39 +341,19 @@ class Ingress:
             job = self._submit(kind, f"/sdapi/v1/{kind}", self.internal_headers, json.dumps(inner).encode(), "page")
             if isinstance(job, Response):
                 return job
-            return JSONResponse({"id": job.id, "position": self._position(job)}, 202)
+            return JSONResponse({"id": job.id, "position": self.queue.position(job)}, 202)
         if rest == "events" and method == "GET":
             return ray_events.stream(self)
         if rest.startswith("jobs/") and method in ("GET", "DELETE"):
-            job = self.jobs.get(rest[len("jobs/"):])
+            job = self.queue.get(rest[len("jobs/"):])
             if job is None:
                 return JSONResponse({"detail": "Not Found"}, 404)
             if method == "DELETE":
                 await self._stop(job)
             if job.state == "running":
                 await self.refresh(job)
-            return JSONResponse(job.json(self._position(job), with_result=True))
+            return JSONResponse(job.json(self.queue.position(job), with_result=True))
         return None
-
-    def _position(self, job: Job) -> Optional[int]:
-        return list(self.waiting).index(job) if job in self.waiting else (0 if job.state == "running" else None)
-
-    def queue_json(self) -> dict:
-        running = self.running_jobs()
-        recent = sorted((j for j in self.jobs.values() if j.finished_at), key=lambda j: -j.finished_at)[:10]
-        return {"running": running[0].json(0) if running else None, "active": [j.json(0) for j in running],
-                "queued": [j.json(i) for i, j in enumerate(self.waiting)], "recent": [j.json() for j in recent],
-                "max_size": self.max_queued}
-
-    def _cancel(self, job: Job) -> None:
-        """A job still waiting leaves the queue unrun (409 for whoever waits on it)."""
-        if job in self.waiting:
-            self.waiting.remove(job)
-            job.state, job.finished_at, job.request = "cancelled", time.time(), None
-            job.reply = _failure(409, "Cancelled", "the job was cancelled before it ran")
-            job.finished.set()
-            publish(self.listeners, "done", job.json)
-            publish(self.listeners, "queue", self.queue_json)
 
     async def _stop(self, job: Job) -> None:
         """DELETE: a queued job is cancelled, a running one interrupted on its worker."""
@@ -416,7 +361,7 @@ class Ingress:
             job.stop_reason = "interrupted"
             await self._call(self.slots[job.worker], "POST", "/sdapi/v1/interrupt", b"", self.internal_headers, b"")
         else:
-            self._cancel(job)
+            self.queue.cancel(job)
 
     async def refresh(self, job: Job) -> None:
         """The running `job`'s progress and newest preview, asked of its worker (a worker that does not answer
@@ -426,7 +371,7 @@ class Ingress:
             p = await asyncio.wait_for(slot.actor.progress.remote(job.preview_key), 5)
         except Exception:  # noqa: BLE001 - dying or busy: nothing new
             return
-        if p is None or slot.job is not job:  # idle, or the job finished meanwhile
+        if p is None or self.queue.active.get(job.worker) is not job:  # idle, or the job finished meanwhile
             return
         preview, key = p.pop("preview"), p.pop("key")
         job.preview_step = p.pop("preview_step")
