@@ -1,10 +1,11 @@
-"""The job queue: one FIFO of txt2img/img2img jobs shared by every client, run one at a time on the GPU.
+"""The job queue: one FIFO of txt2img/img2img jobs shared by every client, run in order by its lanes (the
+single server has one, on the GPU; the Ray ingress one per worker).
 
 A job keeps its parsed request with the images still base64 (decoded when it starts), so a full queue holds
-at most `max_size` request bodies. `run(job)` runs on a worker thread while holding the GPU limiter, the one
-checkpoint switches take too, so both are served first come first served. States: queued -> running -> done
-| failed | interrupted, or queued -> cancelled; the last `keep` finished jobs are remembered. Listeners (the
-event stream) get every queue change and finished job; progress is read off the running job, never pushed.
+at most `max_size` request bodies. The single server runs a job on a worker thread holding the GPU limiter,
+the one checkpoint switches take too, so both are served first come first served. States: queued -> running
+-> done | failed | interrupted, or queued -> cancelled; the last `keep` finished jobs are remembered.
+Listeners (the event streams) get every queue change and finished job; progress is read off running jobs.
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ log = logging.getLogger("server")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
-def error_body(status: int, detail: str, error: str = "HTTPException", errors: str = "") -> bytes:
+def error_body(detail: str, error: str = "HTTPException", errors: str = "") -> bytes:
     return json.dumps({"error": error, "detail": detail, "body": "", "errors": errors}).encode()
 
 
@@ -53,7 +53,7 @@ class JsonErrors:
         except asyncio.CancelledError:  # uvicorn cancels open requests on a forced shutdown
             if not started:
                 try:
-                    body = error_body(503, "the server is shutting down", "ServiceUnavailable")
+                    body = error_body("the server is shutting down", "ServiceUnavailable")
                     await send_json(send_counted, 503, body, {"Connection": "close"})
                 except Exception:  # the connection is gone too
                     pass
@@ -62,7 +62,7 @@ class JsonErrors:
             if started:
                 raise
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
-            await send_json(send_counted, 500, error_body(500, "", type(e).__name__, str(e)))
+            await send_json(send_counted, 500, error_body("", type(e).__name__, str(e)))
 
 
 def host_name(host_header: str) -> str:
@@ -104,7 +104,7 @@ class HostCheck:
         if scope["type"] == "http" and not self.ok(Headers(scope=scope).get("host")):
             self.metrics.rejected["host"] += 1
             await send_json(send, 421, error_body(
-                421, "Host header not allowed; start the server with --allowed-hosts to add this name"))
+                "Host header not allowed; start the server with --allowed-hosts to add this name"))
             return
         await self.app(scope, receive, send)
 
@@ -121,7 +121,7 @@ class BasicAuth:
         if scope["type"] == "http":
             problem = self.check(Headers(scope=scope).get("authorization"))
             if problem is not None:
-                await send_json(send, 401, error_body(401, problem), {"WWW-Authenticate": "Basic"})
+                await send_json(send, 401, error_body(problem), {"WWW-Authenticate": "Basic"})
                 return
         await self.app(scope, receive, send)
 

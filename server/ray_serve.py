@@ -37,6 +37,7 @@ from starlette.responses import JSONResponse, Response
 
 from server import jobs, ray_events
 from server.jobs import JobFailed
+from server.middleware import BasicAuth, error_body
 from server.ray_worker import STALE, Worker
 
 log = logging.getLogger("server.ray")
@@ -53,7 +54,7 @@ def _failure(status: int, error: str, detail: str, headers: Optional[dict] = Non
     """A reply (status, raw headers, body) with A1111's error body."""
     raw = [(b"content-type", b"application/json")]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    return status, raw, json.dumps({"error": error, "detail": detail, "body": "", "errors": detail}).encode()
+    return status, raw, error_body(detail, error, detail)
 
 
 def _response(reply: tuple, job: Optional[Job] = None) -> Response:
@@ -111,8 +112,6 @@ class Ingress:
     """The HTTP face of the cluster: the one replica of a Ray Serve deployment (see `start`)."""
 
     def __init__(self, config, workers: int, worker_options: dict, max_queued: int):
-        from server.app import BasicAuth
-
         self.auth = BasicAuth(None, config.api_auth) if config.api_auth else None
         auth = [(b"authorization", b"Basic " + base64.b64encode(":".join(config.api_auth[0]).encode()))] \
             if config.api_auth else []
