@@ -347,20 +347,16 @@ class Ingress:
             job = self.queue.get(rest[len("jobs/"):])
             if job is None:
                 return JSONResponse({"detail": "Not Found"}, 404)
-            if method == "DELETE":
-                await self._stop(job)
+            if method == "DELETE" and job.state == "running":  # interrupted on its worker
+                job.stop_reason = "interrupted"
+                slot = self.slots[job.worker]
+                await self._call(slot, "POST", "/sdapi/v1/interrupt", b"", self.internal_headers, b"")
+            elif method == "DELETE":
+                self.queue.cancel(job)
             if job.state == "running":
                 await self.refresh(job)
             return JSONResponse(job.json(self.queue.position(job), with_result=True))
         return None
-
-    async def _stop(self, job: Job) -> None:
-        """DELETE: a queued job is cancelled, a running one interrupted on its worker."""
-        if job.state == "running":
-            job.stop_reason = "interrupted"
-            await self._call(self.slots[job.worker], "POST", "/sdapi/v1/interrupt", b"", self.internal_headers, b"")
-        else:
-            self.queue.cancel(job)
 
     async def refresh(self, job: Job) -> None:
         """The running `job`'s progress and newest preview, asked of its worker (a worker that does not answer
