@@ -368,9 +368,7 @@ class Ingress:
             return
         if p is None or self.queue.active.get(job.worker) is not job:  # idle, or the job finished meanwhile
             return
-        preview, key = p.pop("preview"), p.pop("key")
-        job.preview_step = p.pop("preview_step")
-        job.progress = p
+        job.progress, job.preview_step, preview, key = p
         if preview is not None:
             job.preview, job.preview_key = preview, key
 

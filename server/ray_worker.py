@@ -72,17 +72,15 @@ class Worker:
         await self.app(scope, receive, send)
         return start.get("status", 500), list(start.get("headers", [])), b"".join(chunks)
 
-    async def progress(self, seen: Optional[list]) -> Optional[dict]:
-        """The running job's progress (the single server's job `progress` object) with `preview_step`, `key`
-        ([its id here, preview_step]) and `preview` when the latest one is not `seen` (a key); None when idle.
-        Asking makes the next due preview be made, as a /sdapi/v1/progress poll does (previews are decoded only
-        while someone looks)."""
+    async def progress(self, seen: Optional[list]) -> Optional[tuple]:
+        """The running job's (progress, preview_step, preview, key): the single server's job `progress` object,
+        the preview when its key ([job id here, preview_step]) is not `seen`, else None; None when idle.
+        Asking makes the next due preview be made, as a /sdapi/v1/progress poll does (previews are decoded
+        only while someone looks)."""
         engine = self.state.get("engine")
         job = engine.queue.running if engine is not None else None
         if job is None or job.progress is None:
             return None
         engine.preview_wanted = True
         key = [job.id, job.preview_step]
-        new = job.preview is not None and key != seen
-        return {**job.progress, "preview": job.preview if new else None, "preview_step": job.preview_step,
-                "key": key}
+        return job.progress, job.preview_step, job.preview if key != seen else None, key
