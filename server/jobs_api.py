@@ -14,6 +14,7 @@ import asyncio
 import json
 import time
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
@@ -37,8 +38,7 @@ def _job(request: Request):
 
 async def submit_job(request: Request):
     """Queue a txt2img/img2img job; answers at once with its id and place in the queue."""
-    from server.app import read_json
-    from starlette.concurrency import run_in_threadpool
+    from server.app import read_json  # (app imports this module)
 
     engine = request.state.engine
     body = await read_json(request, engine.limits.max_body_bytes)
@@ -146,8 +146,7 @@ async def events(request: Request):
 async def metrics(request: Request):
     """Prometheus metrics."""
     engine = request.state.engine
-    q = engine.queue
-    text = engine.metrics.render(len(q.waiting), 1 if q.running is not None else 0, q.max_size)
+    text = engine.metrics.render(len(engine.queue.waiting), len(engine.queue.active), engine.queue.max_size)
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
 
