@@ -199,10 +199,9 @@ class ModelManager:
         try:
             log.info("loading %s%s", checkpoint.name, f" with VAE {os.path.basename(vae)}" if vae else "")
             checkpoint.sha256 = hashing.cached_hash(checkpoint.path)  # hashed once, then cached beside the file
-            vae_sha256 = hashing.cached_hash(vae) if vae else None
+            self.vae_sha256 = hashing.cached_hash(vae) if vae else None
             self.model = sd15.load(checkpoint.path, vae=vae, device=self.device, dtype=self.dtype,
                                    lora_dir=self.library.lora_dir, embeddings_dir=self.library.embeddings_dir)
-            self.vae_sha256 = vae_sha256
             if self.model.device.type == "cpu":
                 self.model.alphas_cumprod = self.model.alphas_cumprod.clone()
                 _own_memory(self.model.unet, self.model.vae, self.model.text_encoder)
