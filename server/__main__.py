@@ -98,12 +98,12 @@ def config_from_args(args):
                  max_body_bytes=int(args.max_body_mb * 2**20) if args.max_body_mb else None,
                  max_prompt_chars=args.max_prompt_chars)
     limits = Limits(**{name: value for name, value in given.items() if value})
-    for name in ("queue_size", "max_connections", "max_prompt_chars"):
+    for name in ("queue_size", "max_connections", "max_prompt_chars", "replicas"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     origins = [o for o in (args.cors_allow_origins or "").split(",") if o]
-    flags = {k: v for k, v in vars(args).items()}
+    flags = dict(vars(args))
     flags.update(api=True, nowebui=True, api_auth="<set>" if args.api_auth else None)  # never show credentials
     return ServerConfig(
         ckpt_dir=args.ckpt_dir, ckpt=args.ckpt,
@@ -120,7 +120,7 @@ def config_from_args(args):
 
 def ensure_checkpoint(config, no_download: bool) -> None:
     """A1111's first run: no checkpoint at all (and none named by --ckpt) -> download the default one."""
-    from server.download import DEFAULT_MODEL, fetch_default_checkpoint
+    from server.download import DEFAULT_MODEL, DEFAULT_URL, fetch_default_checkpoint
     from server.models import Library
 
     if config.ckpt and config.ckpt != DEFAULT_MODEL:
@@ -128,8 +128,6 @@ def ensure_checkpoint(config, no_download: bool) -> None:
     if Library(config.ckpt_dir, config.vae_dir, config.lora_dir, config.embeddings_dir).checkpoints:
         return
     if no_download:
-        from server.download import DEFAULT_URL
-
         raise FileNotFoundError(f"no checkpoint in {os.path.abspath(config.ckpt_dir)}; download {DEFAULT_URL} "
                                 f"into it (or run without --no-download)")
     print(f"sd15-server: no checkpoint in {os.path.abspath(config.ckpt_dir)}; downloading {DEFAULT_MODEL}",
@@ -163,7 +161,13 @@ def main(argv=None) -> int:
         config = config_from_args(args)
         ensure_checkpoint(config, args.no_download)
         if args.ray:
-            return _main_ray(config, args)
+            try:
+                from server import ray_serve
+            except ImportError as e:
+                print(f'sd15-server: error: --ray needs Ray Serve ({e}); pip install "sd15[ray]"',
+                      file=sys.stderr)
+                return 2
+            return ray_serve.main(config, args)
         engine = Engine(config)
         engine.start()  # a bad file is reported here, before the port opens
     except KeyboardInterrupt:
@@ -173,9 +177,8 @@ def main(argv=None) -> int:
         print(f"sd15-server: error: {e}", file=sys.stderr)
         return 2
     host = args.server_name or ("0.0.0.0" if args.listen else "127.0.0.1")
-    log = logging.getLogger("server")
     for line in startup_warnings(host, config):
-        log.warning("%s", line)
+        logging.getLogger("server").warning("%s", line)
     print(f"sd15-server: {engine.models.model!r}", file=sys.stderr)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     print(f"sd15-server: page and API at http://{shown}:{args.port}/ (API docs: /openapi.json)", file=sys.stderr)
@@ -193,18 +196,6 @@ def main(argv=None) -> int:
         sys.stderr.flush()
         os._exit(1)  # a thread still in the sampler must not keep the process alive
     return 0
-
-
-def _main_ray(config, args) -> int:
-    """The same server on Ray Serve (server/ray_serve.py); Ray is an optional extra."""
-    if args.replicas < 1:
-        raise ValueError("--replicas must be at least 1")
-    try:
-        from server import ray_serve
-    except ImportError as e:
-        print(f'sd15-server: error: --ray needs Ray Serve ({e}); pip install "sd15[ray]"', file=sys.stderr)
-        return 2
-    return ray_serve.main(config, args)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,8 @@
 """First run with an empty checkpoint folder: fetch the default SD 1.5 checkpoint, as A1111 does.
 
-Plain `urllib` (no extra dependency). The file is written as `<name>.partial` and renamed to its final name
-only after its sha256 matched, so a corrupt or half-written file never sits under the real name. Running
-again resumes a partial file with an HTTP Range request (a server that ignores Range restarts it).
+Plain `urllib`. The file is written as `<name>.partial` and renamed only after its sha256 matched, so a
+corrupt or half-written file never sits under the real name; running again resumes it with a Range request.
 `SD15_MODEL_URL` / `SD15_MODEL_SHA256` point at a mirror (and let tests use a local server).
-Nothing here runs at import.
 """
 from __future__ import annotations
 
@@ -30,16 +28,7 @@ class DownloadError(RuntimeError):
 def model_source() -> tuple[str, str]:
     """(url, sha256) of the default checkpoint, after the SD15_MODEL_URL / SD15_MODEL_SHA256 overrides."""
     url = os.environ.get("SD15_MODEL_URL") or DEFAULT_URL
-    sha256 = (os.environ.get("SD15_MODEL_SHA256") or DEFAULT_SHA256).strip().lower()
-    return url, sha256
-
-
-def _sha256_of(path: str) -> "hashlib._Hash":
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
-    return h
+    return url, (os.environ.get("SD15_MODEL_SHA256") or DEFAULT_SHA256).strip().lower()
 
 
 def download(url: str, dest: str, sha256: str, *, progress: bool = True, timeout: float = 60.0) -> str:
@@ -49,9 +38,10 @@ def download(url: str, dest: str, sha256: str, *, progress: bool = True, timeout
     folder = os.path.dirname(os.path.abspath(dest))
     part = dest + ".partial"
     offset = os.path.getsize(part) if os.path.isfile(part) else 0
-    h = _sha256_of(part) if offset else hashlib.sha256()
-    headers = {"User-Agent": "sd15-server"}
+    h, headers = hashlib.sha256(), {"User-Agent": "sd15-server"}
     if offset:
+        with open(part, "rb") as f:
+            h = hashlib.file_digest(f, "sha256")
         headers["Range"] = f"bytes={offset}-"
     manual = (f"download {url} yourself and save it as {dest} (or put any SD 1.x checkpoint in {folder}); "
               f"SD15_MODEL_URL can point to a mirror")
@@ -66,12 +56,9 @@ def download(url: str, dest: str, sha256: str, *, progress: bool = True, timeout
         raise DownloadError(f"could not download {url} ({reason}); {manual}") from None
 
     with resp:
-        mode = "wb"
-        if offset and resp.status == 206:
-            m = re.match(r"bytes (\d+)-", resp.headers.get("Content-Range", ""))
-            if m and int(m.group(1)) == offset:
-                mode = "ab"
-        if mode == "wb":  # a fresh start: the server sent the whole file
+        m = re.match(r"bytes (\d+)-", resp.headers.get("Content-Range", ""))
+        resumed = offset > 0 and resp.status == 206 and m is not None and int(m.group(1)) == offset
+        if not resumed:  # a fresh start: the server sent the whole file
             offset, h = 0, hashlib.sha256()
         length = resp.headers.get("Content-Length")
         total = offset + int(length) if length and length.isdigit() else None
@@ -82,9 +69,9 @@ def download(url: str, dest: str, sha256: str, *, progress: bool = True, timeout
                                     f"({(total - offset) / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free)")
         os.makedirs(folder, exist_ok=True)  # only now: a download that fails to start leaves no folder behind
         try:
-            with open(part, mode) as f, tqdm(total=total, initial=offset, unit="B", unit_scale=True,
-                                             unit_divisor=1024, desc=os.path.basename(dest),
-                                             disable=not progress) as bar:
+            with open(part, "ab" if resumed else "wb") as f, \
+                    tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+                         desc=os.path.basename(dest), disable=not progress) as bar:
                 for chunk in iter(lambda: resp.read(CHUNK), b""):
                     f.write(chunk)
                     h.update(chunk)

@@ -1,17 +1,11 @@
-"""The job queue: one FIFO of txt2img/img2img jobs shared by every client, run one at a time on the GPU.
+"""The job queue: one FIFO of txt2img/img2img jobs shared by every client, run in order by its lanes (the
+single server has one, on the GPU; the Ray ingress one per worker).
 
-    queue = JobQueue(run=engine.execute, limiter=engine.gpu, max_size=64)
-    job = queue.submit("txt2img", req, summary, source="api", save=False)   # QueueFull -> 503 + Retry-After
-    await job.finished.wait(); job.result                                    # or queue.cancel(job.id)
-
-A job holds the parsed request (base64 images stay encoded: they are decoded by `run` when the job starts,
-so a full queue holds at most `max_size` request bodies, never decoded pixels). `run(job)` executes on a
-worker thread while the GPU limiter is held, the same limiter checkpoint switches queue on, so the order is
-first come first served across both. States: queued -> running -> done | failed | interrupted, or
-queued -> cancelled. Finished jobs are kept (the last `keep`) for GET /sd15/v1/jobs/{id}.
-
-Listeners (the SSE endpoint) get every queue change and every finished job through `listen()`; progress is
-read off the running job by the SSE loop (at most every 250 ms), never pushed from the worker thread.
+A job keeps its parsed request with the images still base64 (decoded when it starts), so a full queue holds
+at most `max_size` request bodies. The single server runs a job on a worker thread holding the GPU limiter,
+the one checkpoint switches take too, so both are served first come first served. States: queued -> running
+-> done | failed | interrupted, or queued -> cancelled; the last `keep` finished jobs are remembered.
+Listeners (the event streams) get every queue change and finished job; progress is read off running jobs.
 """
 from __future__ import annotations
 
@@ -28,7 +22,17 @@ import anyio
 
 log = logging.getLogger("server")
 
-STATES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
+
+def publish(listeners: set, event: str, data: Callable[[], dict]) -> None:
+    """Hand `(event, data())` to every event stream's inbox (data is made only when someone listens); an inbox
+    that is not read is dropped rather than grown."""
+    if listeners:
+        item = (event, data())
+        for inbox in list(listeners):
+            try:
+                inbox.put_nowait(item)
+            except asyncio.QueueFull:
+                listeners.discard(inbox)
 
 
 class QueueFull(Exception):
@@ -91,30 +95,35 @@ class Job:
 
 
 class JobQueue:
-    """FIFO of jobs, bounded at `max_size` waiting jobs; one worker task runs them in order."""
+    """FIFO of jobs, bounded at `max_size` waiting jobs, run in order by `worker(lane)` tasks, one job at a
+    time each. `run(job)` runs on a worker thread holding `limiter` (the single server: one lane, the GPU);
+    without a limiter, `await run(job, lane)` (the Ray ingress: one lane per worker process)."""
 
-    def __init__(self, run: Callable[[Job], None], limiter: anyio.CapacityLimiter, *, max_size: int = 64,
-                 keep: int = 50, on_finish: Optional[Callable[[Job], None]] = None):
-        self.run, self.limiter, self.max_size, self.keep = run, limiter, max_size, keep
+    def __init__(self, run: Callable, limiter: Optional[anyio.CapacityLimiter] = None, *, lanes: int = 1,
+                 max_size: int = 64, keep: int = 50, on_finish: Optional[Callable[[Job], None]] = None):
+        self.run, self.limiter, self.lanes, self.max_size, self.keep = run, limiter, lanes, max_size, keep
         self.on_finish = on_finish
         self.waiting: collections.deque[Job] = collections.deque()
-        self.running: Optional[Job] = None
+        self.active: dict[int, Job] = {}  # lane -> the job it runs
         self.history: collections.OrderedDict[str, Job] = collections.OrderedDict()  # finished, oldest first
         self.jobs: dict[str, Job] = {}  # every job not yet forgotten, by id
         self.closed = False  # shutting down: no new jobs, queued ones failed
+        self.paused = False  # no job starts (the Ray ingress applies options to every worker meanwhile)
         self._wake = asyncio.Event()
-        self._listeners: set[asyncio.Queue] = set()
+        self.listeners: set[asyncio.Queue] = set()  # the event streams' inboxes
         self._counter = itertools.count(1)
         self._seconds = collections.deque(maxlen=20)  # recent job durations, for Retry-After
 
-    # --- clients -------------------------------------------------------------------------------
-
     def submit(self, kind: str, request, summary: dict, *, source: str = "api", save: bool = False) -> Job:
+        job_id = f"{next(self._counter):06d}-{secrets.token_hex(4)}"
+        return self.put(Job(job_id, kind, request, summary, source, save))
+
+    def put(self, job: Job) -> Job:
+        """Queue `job`; QueueFull when `max_size` jobs wait already."""
         if self.closed:
             raise JobFailed(503, "the server is shutting down; no new jobs are accepted", "ServiceUnavailable")
         if len(self.waiting) >= self.max_size:
             raise QueueFull(self.max_size, self.retry_after())
-        job = Job(f"{next(self._counter):06d}-{secrets.token_hex(4)}", kind, request, summary, source, save)
         self.waiting.append(job)
         self.jobs[job.id] = job
         self._wake.set()
@@ -124,21 +133,26 @@ class JobQueue:
     def get(self, job_id: str) -> Optional[Job]:
         return self.jobs.get(job_id)
 
+    @property
+    def running(self) -> Optional[Job]:
+        """The oldest running job (the single server's only one; A1111's current job)."""
+        return min(self.active.values(), key=lambda j: j.started, default=None)
+
+    def running_jobs(self) -> list[Job]:
+        return sorted(self.active.values(), key=lambda j: j.started)
+
     def position(self, job: Job) -> Optional[int]:
-        if job is self.running:
+        """0 for a running job, then the waiting ones from len(active) on."""
+        if job.state == "running":
             return 0
-        try:
-            return self.waiting.index(job) + (1 if self.running is not None else 0)
-        except ValueError:
-            return None
+        if job in self.waiting:
+            return self.waiting.index(job) + len(self.active)
+        return None
 
     def cancel(self, job: Job, reason: str = "cancelled") -> None:
         """A queued job is dropped (state cancelled); the running one is interrupted (it returns what it has)."""
         if job.state == "queued":
-            try:
-                self.waiting.remove(job)
-            except ValueError:
-                return
+            self.waiting.remove(job)
             self._finish(job, "cancelled", JobFailed(499 if reason == "client" else 409,
                                                      f"job {job.id} was cancelled before it started"))
         elif job.state == "running":
@@ -146,54 +160,41 @@ class JobQueue:
 
     def retry_after(self) -> int:
         per_job = sum(self._seconds) / len(self._seconds) if self._seconds else 5.0
-        return max(1, min(3600, int(per_job * (len(self.waiting) + 1) / 2 + 0.999)))
+        return max(1, min(3600, int(per_job * (len(self.waiting) + 1) / 2 / self.lanes + 0.999)))
 
     def snapshot(self) -> dict:
-        """GET /sd15/v1/queue."""
-        running = self.running.json(0) if self.running is not None else None
-        offset = 1 if self.running is not None else 0
-        queued = [job.json(i + offset) for i, job in enumerate(self.waiting)]
+        """GET /sd15/v1/queue: "running" is the oldest of the "active" jobs."""
+        active = [job.json(0) for job in self.running_jobs()]
+        queued = [job.json(self.position(job)) for job in self.waiting]
         recent = [job.json() for job in reversed(list(self.history.values())[-10:])]
-        return {"running": running, "queued": queued, "recent": recent, "max_size": self.max_size}
-
-    # --- events --------------------------------------------------------------------------------
-
-    def listen(self) -> asyncio.Queue:
-        q: asyncio.Queue = asyncio.Queue(maxsize=256)
-        self._listeners.add(q)
-        return q
+        return {"running": active[0] if active else None, "active": active, "queued": queued,
+                "recent": recent, "max_size": self.max_size}
 
     def has_listeners(self) -> bool:
-        return bool(self._listeners)
-
-    def unlisten(self, q: asyncio.Queue) -> None:
-        self._listeners.discard(q)
-
-    def _publish(self, event: str, data: dict) -> None:
-        for q in list(self._listeners):
-            try:
-                q.put_nowait((event, data))
-            except asyncio.QueueFull:  # a listener that does not read: drop it rather than grow
-                self._listeners.discard(q)
+        return bool(self.listeners)
 
     def changed(self) -> None:
-        if self._listeners:
-            self._publish("queue", self.snapshot())
+        publish(self.listeners, "queue", self.snapshot)
 
-    # --- the worker ----------------------------------------------------------------------------
+    def resume(self) -> None:
+        self.paused = False
+        self._wake.set()
 
-    async def worker(self) -> None:
-        """Run the queued jobs one by one, forever (cancelled at shutdown)."""
+    async def worker(self, lane: int = 0) -> None:
+        """Run queued jobs one by one in `lane`, forever (cancelled at shutdown)."""
         while True:
-            while not self.waiting:
+            while not self.waiting or self.paused:
                 self._wake.clear()
                 await self._wake.wait()
             job = self.waiting.popleft()
-            self.running, job.state, job.started = job, "running", time.time()
+            self.active[lane], job.state, job.started = job, "running", time.time()
             self.changed()
             try:
-                async with self.limiter:  # model switches queue on the same limiter
-                    await anyio.to_thread.run_sync(self.run, job, abandon_on_cancel=True)
+                if self.limiter is None:
+                    await self.run(job, lane)
+                else:
+                    async with self.limiter:  # model switches queue on the same limiter
+                        await anyio.to_thread.run_sync(self.run, job, abandon_on_cancel=True)
             except JobFailed as e:
                 self._finish(job, "failed", e)
             except Exception as e:  # a bug or out of memory in the job: a JSON 500, and the server goes on
@@ -208,7 +209,7 @@ class JobQueue:
                 if job.state == "running":  # cancelled while running (forced shutdown)
                     self._finish(job, "failed", JobFailed(503, "the server shut down while the job ran",
                                                           "ServiceUnavailable"))
-                self.running = None
+                del self.active[lane]
                 self.changed()
 
     def _finish(self, job: Job, state: str, error: Optional[JobFailed]) -> None:
@@ -224,7 +225,7 @@ class JobQueue:
         job.finished.set()
         if self.on_finish is not None:
             self.on_finish(job)
-        self._publish("done", job.json())
+        publish(self.listeners, "done", job.json)
         self.changed()
 
     def close(self, reason: str = "the server is shutting down") -> None:

@@ -4,7 +4,7 @@
     GET    /sd15/v1/jobs          every job the server remembers (queued, running, the last finished)
     GET    /sd15/v1/jobs/{id}     the job; finished: with "result" (the A1111 body) and "files"
     DELETE /sd15/v1/jobs/{id}     cancel a queued job / interrupt the running one
-    GET    /sd15/v1/queue         {"running", "queued", "recent", "max_size"}
+    GET    /sd15/v1/queue         {"running", "active", "queued", "recent", "max_size"}
     GET    /sd15/v1/events        text/event-stream: queue, progress (with new previews), done
     GET    /metrics               Prometheus text
 """
@@ -14,6 +14,7 @@ import asyncio
 import json
 import time
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
@@ -26,24 +27,20 @@ PROGRESS_EVERY = 0.25  # seconds between progress events
 PING_EVERY = 15.0
 
 
-def _engine(request: Request):
-    return request.state.engine
-
-
 def _job(request: Request):
-    job = _engine(request).queue.get(request.path_params["job_id"])
+    queue = request.state.engine.queue
+    job = queue.get(request.path_params["job_id"])
     if job is None:
         raise ApiError(404, f"no job {request.path_params['job_id']!r} (finished jobs are kept for the last "
-                            f"{_engine(request).queue.keep})", error="NotFound")
+                            f"{queue.keep})", error="NotFound")
     return job
 
 
 async def submit_job(request: Request):
     """Queue a txt2img/img2img job; answers at once with its id and place in the queue."""
-    from server.app import read_json
-    from starlette.concurrency import run_in_threadpool
+    from server.app import read_json  # (app imports this module)
 
-    engine = _engine(request)
+    engine = request.state.engine
     body = await read_json(request, engine.limits.max_body_bytes)
     if not isinstance(body, dict):
         raise ValidationError.one(None, "value is not a valid dict", "type_error.dict")
@@ -66,7 +63,7 @@ async def submit_job(request: Request):
 
 async def list_jobs(request: Request):
     """Every job the server remembers, newest first."""
-    q = _engine(request).queue
+    q = request.state.engine.queue
     jobs = sorted(q.jobs.values(), key=lambda j: j.created, reverse=True)
     return JSONResponse([j.json(q.position(j)) for j in jobs])
 
@@ -74,74 +71,82 @@ async def list_jobs(request: Request):
 async def get_job(request: Request):
     """One job; a finished one carries its result and saved files."""
     job = _job(request)
-    q = _engine(request).queue
+    q = request.state.engine.queue
     return JSONResponse(job.json(q.position(job), with_result=job.finished.is_set()))
 
 
 async def delete_job(request: Request):
     """Cancel a queued job or interrupt the running one."""
     job = _job(request)
-    q = _engine(request).queue
+    q = request.state.engine.queue
     q.cancel(job, "cancelled")
     return JSONResponse(job.json(q.position(job)))
 
 
 async def get_queue(request: Request):
     """The running job, the queued ones, the last finished ones."""
-    return JSONResponse(_engine(request).queue.snapshot())
+    return JSONResponse(request.state.engine.queue.snapshot())
 
 
 def _sse(event: str, data) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-async def events(request: Request):
-    """Server-sent events: `queue` on every change (first, at once), `progress` while a job runs (a preview
-    only when a new one was made), `done` when a job finishes; a comment line every 15 s."""
-    engine = _engine(request)
-    q = engine.queue
-    inbox = q.listen()
+def event_stream(listeners: set, snapshot, running, closed=lambda: False) -> StreamingResponse:
+    """Server-sent events: `queue` first and on every change (`snapshot()`), `progress` of each `running()`
+    job at most every 250 ms (a preview only when a new one was made), `done` when a job finishes (both
+    published into the stream's inbox in `listeners`), a comment line every 15 s. Ends when `closed()` and
+    nothing is left to send, or when the inbox was dropped for not being read. The Ray ingress uses it too."""
+    inbox: asyncio.Queue = asyncio.Queue(maxsize=256)
+    listeners.add(inbox)
 
     async def stream():
         try:
-            yield _sse("queue", q.snapshot())
-            last_ping, last_sent, sent_preview = time.monotonic(), None, None
-            while True:
+            yield _sse("queue", snapshot())
+            last_ping = last_progress = time.monotonic()
+            last_sent, sent_preview = {}, {}  # job id -> what was sent of it
+            while inbox in listeners:
+                wait = max(0.0, last_progress + PROGRESS_EVERY - time.monotonic())
                 try:
-                    event, data = await asyncio.wait_for(inbox.get(), PROGRESS_EVERY)
+                    event, data = await asyncio.wait_for(inbox.get(), wait)
                     yield _sse(event, data)
                     continue
                 except asyncio.TimeoutError:
                     pass
-                if q.closed and q.running is None:
+                if closed():
                     return
-                job = q.running
-                if job is not None and job.progress is not None:
+                last_progress = time.monotonic()
+                for job in running():
                     p = job.progress
-                    key = (job.id, p["step"], p["job_no"], job.preview_step)
-                    if key != last_sent:
-                        new_preview = job.preview is not None and (job.id, job.preview_step) != sent_preview
-                        yield _sse("progress", {"id": job.id, **p,
-                                                "preview": job.preview if new_preview else None,
-                                                "preview_step": job.preview_step})
-                        if new_preview:
-                            sent_preview = (job.id, job.preview_step)
-                        last_sent = key
+                    if p is None or last_sent.get(job.id) == (p["step"], p["job_no"], job.preview_step):
+                        continue
+                    new_preview = job.preview is not None and sent_preview.get(job.id) != job.preview_step
+                    preview = job.preview if new_preview else None
+                    yield _sse("progress", {"id": job.id, **p, "preview": preview,
+                                            "preview_step": job.preview_step})
+                    if new_preview:
+                        sent_preview[job.id] = job.preview_step
+                    last_sent[job.id] = (p["step"], p["job_no"], job.preview_step)
                 if time.monotonic() - last_ping > PING_EVERY:
                     last_ping = time.monotonic()
                     yield b": ping\n\n"
-        finally:
-            q.unlisten(inbox)
+        finally:  # the client left or did not read
+            listeners.discard(inbox)
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+async def events(request: Request):
+    """The event stream of this server's queue."""
+    q = request.state.engine.queue
+    return event_stream(q.listeners, q.snapshot, q.running_jobs, lambda: q.closed and q.running is None)
+
+
 async def metrics(request: Request):
     """Prometheus metrics."""
-    engine = _engine(request)
-    q = engine.queue
-    text = engine.metrics.render(len(q.waiting), 1 if q.running is not None else 0, q.max_size)
+    engine = request.state.engine
+    text = engine.metrics.render(len(engine.queue.waiting), len(engine.queue.active), engine.queue.max_size)
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
 

@@ -19,11 +19,9 @@ def memory_json() -> dict:
         return {"ram": ram, "cuda": {"error": "unavailable"}}
     free, total = torch.cuda.mem_get_info()
     s = torch.cuda.memory_stats()
-
-    def pair(name):
-        return {"current": s.get(f"{name}.all.current", 0), "peak": s.get(f"{name}.all.peak", 0)}
-    cuda = {"system": {"free": free, "used": total - free, "total": total}, "active": pair("active_bytes"),
-            "allocated": pair("allocated_bytes"), "reserved": pair("reserved_bytes"),
-            "inactive": pair("inactive_split_bytes"),
-            "events": {"retries": s.get("num_alloc_retries", 0), "oom": s.get("num_ooms", 0)}}
+    cuda = {"system": {"free": free, "used": total - free, "total": total}}
+    for name, key in [("active", "active_bytes"), ("allocated", "allocated_bytes"),
+                      ("reserved", "reserved_bytes"), ("inactive", "inactive_split_bytes")]:
+        cuda[name] = {"current": s.get(f"{key}.all.current", 0), "peak": s.get(f"{key}.all.peak", 0)}
+    cuda["events"] = {"retries": s.get("num_alloc_retries", 0), "oom": s.get("num_ooms", 0)}
     return {"ram": ram, "cuda": cuda}

@@ -3,16 +3,23 @@ responses by status. Plain counters kept in one object; no client library (runti
 from __future__ import annotations
 
 import collections
+import math
 import threading
 
-SECONDS_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, float("inf"))
+SECONDS_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, math.inf)
+
+
+def _metric(name: str, kind: str, text: str, samples: dict) -> list[str]:
+    """One metric's lines; `samples`: {what follows the name (labels, a histogram's suffix): value}."""
+    return [f"# HELP sd15_{name} {text}", f"# TYPE sd15_{name} {kind}",
+            *(f"sd15_{name}{key} {value}" for key, value in samples.items())]
 
 
 class Metrics:
     def __init__(self):
         self.lock = threading.Lock()
         self.jobs = collections.Counter()  # (kind, state) -> count
-        self.job_seconds = collections.Counter()  # bucket upper bound -> count (cumulative at render)
+        self.job_seconds = collections.Counter()  # bucket upper bound -> jobs that took at most that long
         self.job_seconds_sum = 0.0
         self.job_seconds_count = 0
         self.steps_total = 0
@@ -29,10 +36,7 @@ class Metrics:
             if seconds is not None:
                 self.job_seconds_sum += seconds
                 self.job_seconds_count += 1
-                for b in SECONDS_BUCKETS:
-                    if seconds <= b:
-                        self.job_seconds[b] += 1
-                        break
+                self.job_seconds.update(b for b in SECONDS_BUCKETS if seconds <= b)
             if steps and sampling_seconds > 0:
                 self.steps_total += steps
                 self.sampling_seconds += sampling_seconds
@@ -40,36 +44,29 @@ class Metrics:
 
     def render(self, queue_depth: int, running: int, queue_max: int) -> str:
         with self.lock:
+            buckets = {f'_bucket{{le="{"+Inf" if b == math.inf else repr(b)}"}}': self.job_seconds[b]
+                       for b in SECONDS_BUCKETS}
             lines = [
-                "# HELP sd15_queue_depth Jobs waiting in the queue.", "# TYPE sd15_queue_depth gauge",
-                f"sd15_queue_depth {queue_depth}",
-                "# HELP sd15_queue_max_size Largest number of waiting jobs (--queue-size).",
-                "# TYPE sd15_queue_max_size gauge", f"sd15_queue_max_size {queue_max}",
-                "# HELP sd15_jobs_running Jobs running now (0 or 1).", "# TYPE sd15_jobs_running gauge",
-                f"sd15_jobs_running {running}",
-                "# HELP sd15_jobs_total Finished jobs by kind and result.", "# TYPE sd15_jobs_total counter",
+                *_metric("queue_depth", "gauge", "Jobs waiting in the queue.", {"": queue_depth}),
+                *_metric("queue_max_size", "gauge", "Largest number of waiting jobs (--queue-size).",
+                         {"": queue_max}),
+                *_metric("jobs_running", "gauge", "Jobs running now (0 or 1).", {"": running}),
+                *_metric("jobs_total", "counter", "Finished jobs by kind and result.",
+                         {f'{{kind="{k}",result="{s}"}}': n for (k, s), n in sorted(self.jobs.items())}),
+                *_metric("job_seconds", "histogram", "Wall time of a job from start to finish.",
+                         {**buckets, "_sum": f"{self.job_seconds_sum:.6f}",
+                          "_count": self.job_seconds_count}),
+                *_metric("sampling_steps_total", "counter", "Sampler steps run.", {"": self.steps_total}),
+                *_metric("sampling_seconds_total", "counter", "Seconds spent sampling.",
+                         {"": f"{self.sampling_seconds:.6f}"}),
+                *_metric("iterations_per_second", "gauge", "Sampler steps per second of the last job.",
+                         {"": f"{self.last_its:.6f}"}),
+                *_metric("model_loads_total", "counter", "Checkpoint loads by result.",
+                         {f'{{result="{r}"}}': n for r, n in sorted(self.model_loads.items())}),
+                *_metric("http_responses_total", "counter", "HTTP responses by status.",
+                         {f'{{status="{s}"}}': n for s, n in sorted(self.responses.items())}),
+                *_metric("rejected_total", "counter",
+                         "Requests or connections refused before any work, by reason.",
+                         {f'{{reason="{r}"}}': n for r, n in sorted(self.rejected.items())}),
             ]
-            lines += [f'sd15_jobs_total{{kind="{k}",result="{s}"}} {n}' for (k, s), n in sorted(self.jobs.items())]
-            lines += ["# HELP sd15_job_seconds Wall time of a job from start to finish.",
-                      "# TYPE sd15_job_seconds histogram"]
-            cumulative = 0
-            for b in SECONDS_BUCKETS:
-                cumulative += self.job_seconds[b]
-                le = "+Inf" if b == float("inf") else repr(float(b))
-                lines.append(f'sd15_job_seconds_bucket{{le="{le}"}} {cumulative}')
-            lines += [f"sd15_job_seconds_sum {self.job_seconds_sum:.6f}", f"sd15_job_seconds_count {self.job_seconds_count}",
-                      "# HELP sd15_sampling_steps_total Sampler steps run.", "# TYPE sd15_sampling_steps_total counter",
-                      f"sd15_sampling_steps_total {self.steps_total}",
-                      "# HELP sd15_sampling_seconds_total Seconds spent sampling.",
-                      "# TYPE sd15_sampling_seconds_total counter", f"sd15_sampling_seconds_total {self.sampling_seconds:.6f}",
-                      "# HELP sd15_iterations_per_second Sampler steps per second of the last job.",
-                      "# TYPE sd15_iterations_per_second gauge", f"sd15_iterations_per_second {self.last_its:.6f}",
-                      "# HELP sd15_model_loads_total Checkpoint loads by result.", "# TYPE sd15_model_loads_total counter"]
-            lines += [f'sd15_model_loads_total{{result="{r}"}} {n}' for r, n in sorted(self.model_loads.items())]
-            lines += ["# HELP sd15_http_responses_total HTTP responses by status.",
-                      "# TYPE sd15_http_responses_total counter"]
-            lines += [f'sd15_http_responses_total{{status="{s}"}} {n}' for s, n in sorted(self.responses.items())]
-            lines += ["# HELP sd15_rejected_total Requests or connections refused before any work, by reason.",
-                      "# TYPE sd15_rejected_total counter"]
-            lines += [f'sd15_rejected_total{{reason="{r}"}} {n}' for r, n in sorted(self.rejected.items())]
         return "\n".join(lines) + "\n"

@@ -1,12 +1,5 @@
-"""ASGI middleware of the server, outermost first as `create_app` stacks them:
-
-- `JsonErrors`: whatever escapes the app (a bug, a task cancelled by a forced shutdown) is answered with a
-  JSON body in A1111's error shape instead of the server's plain-text 500, and every status is counted for
-  /metrics.
-- `HostCheck`: the `Host` header must name this server (loopback names by default, `--allowed-hosts`),
-  so a page on another site cannot drive a local server through DNS rebinding.
-- CORS (Starlette's), then `BasicAuth` (`--api-auth`), GZip and `ProcessTime`.
-"""
+"""ASGI middleware of the server, outermost first as `create_app` stacks them: `JsonErrors`, `HostCheck`,
+CORS (Starlette's), `BasicAuth` (`--api-auth`), GZip and `ProcessTime`."""
 from __future__ import annotations
 
 import asyncio
@@ -26,7 +19,7 @@ log = logging.getLogger("server")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
-def error_body(status: int, detail: str, error: str = "HTTPException", errors: str = "") -> bytes:
+def error_body(detail: str, error: str = "HTTPException", errors: str = "") -> bytes:
     return json.dumps({"error": error, "detail": detail, "body": "", "errors": errors}).encode()
 
 
@@ -38,10 +31,10 @@ async def send_json(send, status: int, body: bytes, headers: Optional[dict] = No
 
 
 class JsonErrors:
-    """Outermost: an exception or a cancellation before the response started -> a JSON 500/503 in A1111's
-    shape; counts responses by status in `metrics`."""
+    """Whatever escapes the app before the response started (a bug, a request cancelled by a forced
+    shutdown) -> a JSON 500/503 in A1111's shape, not a plain-text 500; counts responses by status."""
 
-    def __init__(self, app, metrics=None):
+    def __init__(self, app, metrics):
         self.app, self.metrics = app, metrics
 
     async def __call__(self, scope, receive, send):
@@ -53,26 +46,23 @@ class JsonErrors:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                if self.metrics is not None:
-                    self.metrics.responses[message["status"]] += 1
+                self.metrics.responses[message["status"]] += 1
             await send(message)
         try:
             await self.app(scope, receive, send_counted)
         except asyncio.CancelledError:  # uvicorn cancels open requests on a forced shutdown
             if not started:
                 try:
-                    await send_counted({"type": "http.response.start", "status": 503, "headers": [
-                        (b"content-type", b"application/json"), (b"connection", b"close")]})
-                    await send({"type": "http.response.body",
-                                "body": error_body(503, "the server is shutting down", "ServiceUnavailable")})
-                except Exception:
+                    body = error_body("the server is shutting down", "ServiceUnavailable")
+                    await send_json(send_counted, 503, body, {"Connection": "close"})
+                except Exception:  # the connection is gone too
                     pass
             raise
         except Exception as e:
             if started:
                 raise
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
-            await send_json(send_counted, 500, error_body(500, "", type(e).__name__, str(e)))
+            await send_json(send_counted, 500, error_body("", type(e).__name__, str(e)))
 
 
 def host_name(host_header: str) -> str:
@@ -86,14 +76,13 @@ def host_name(host_header: str) -> str:
 
 
 class HostCheck:
-    """Refuse requests whose Host header is not in `allowed` (421 in A1111's error shape). `"*"` allows any;
-    IP addresses are always allowed when `allow_ips` (a client that connects by address cannot be a
-    rebinding page, whose Host is a name)."""
+    """Refuse requests whose Host header is not in `allowed` (421 in A1111's error shape), so that a page on
+    another site cannot drive a local server through DNS rebinding. `"*"` allows any name, "*.example.com"
+    its subdomains; IP addresses are always allowed (a rebinding page's Host is a name)."""
 
-    def __init__(self, app, allowed, allow_ips: bool = True, metrics=None):
-        self.app = app
+    def __init__(self, app, allowed, metrics):
+        self.app, self.metrics = app, metrics
         self.allowed = {a.strip().lower().rstrip(".") for a in allowed}
-        self.allow_ips, self.metrics = allow_ips, metrics
 
     def ok(self, host_header: Optional[str]) -> bool:
         if "*" in self.allowed:
@@ -105,20 +94,17 @@ class HostCheck:
             return True
         if any(a.startswith("*.") and name.endswith(a[1:]) for a in self.allowed):
             return True
-        if self.allow_ips:
-            try:
-                ipaddress.ip_address(name)
-                return True
-            except ValueError:
-                pass
-        return False
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            return False
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and not self.ok(Headers(scope=scope).get("host")):
-            if self.metrics is not None:
-                self.metrics.rejected["host"] += 1
+            self.metrics.rejected["host"] += 1
             await send_json(send, 421, error_body(
-                421, "Host header not allowed; start the server with --allowed-hosts to add this name"))
+                "Host header not allowed; start the server with --allowed-hosts to add this name"))
             return
         await self.app(scope, receive, send)
 
@@ -135,7 +121,7 @@ class BasicAuth:
         if scope["type"] == "http":
             problem = self.check(Headers(scope=scope).get("authorization"))
             if problem is not None:
-                await send_json(send, 401, error_body(401, problem), {"WWW-Authenticate": "Basic"})
+                await send_json(send, 401, error_body(problem), {"WWW-Authenticate": "Basic"})
                 return
         await self.app(scope, receive, send)
 

@@ -1,13 +1,8 @@
-"""The model folders and the one loaded model.
-
-- `Library`: what is in --ckpt-dir / --vae-dir / --lora-dir / --embeddings-dir, in A1111's list shapes.
-  Checkpoint titles carry A1111's short hash once the sha256 is known; hashes are remembered beside the files
-  (`sd15.hashing.cached_hash`), so a 4 GB checkpoint is hashed once, when it is first loaded.
-- `find_checkpoint(name)`: A1111's exact alias table (title, name, stem, model_name, hashes, ...). Request
-  strings are only ever compared with listed files; they are never joined into a path, so no name can reach
-  outside its folder.
-- `ModelManager`: the loaded `sd15.StableDiffusion`, and switching checkpoint or VAE. Its loading methods run
-  on the server's GPU worker, under the GPU lock.
+"""The model folders (`Library`: --ckpt-dir, --vae-dir, --lora-dir, --embeddings-dir in A1111's list
+shapes) and the one loaded model (`ModelManager`, whose loading runs on the server's GPU worker). Checkpoint
+titles carry A1111's short hash once the file was hashed (when first loaded; the hash is cached beside the
+file). A name in a request is only ever compared with the listed files, never joined into a path, so it
+cannot reach outside its folder.
 """
 from __future__ import annotations
 
@@ -71,8 +66,8 @@ class Checkpoint:
         return f"{self.name} [{self.short_hash}]" if self.sha256 else self.name
 
     def aliases(self) -> set[str]:
-        """Every string `sd_model_checkpoint` may name this checkpoint by (A1111's table), plus the
-        absolute `filename` that sd-models lists."""
+        """Every string `sd_model_checkpoint` may name this checkpoint by (A1111's table), plus the absolute
+        `filename` that sd-models lists."""
         names = {self.title, self.name, self.stem, self.model_name, self.path, self.legacy_hash,
                  f"{self.name} [{self.legacy_hash}]"}
         if self.sha256:
@@ -98,8 +93,8 @@ _TITLE = re.compile(r"^(.*) \[[0-9a-f]{8,10}\]$")
 
 
 class Library:
-    """Listings of the model folders. `refresh_*` rescan; the lists are replaced whole (safe to read
-    from other threads meanwhile)."""
+    """Listings of the model folders; `refresh_*` rescan, replacing the lists whole (so other threads may read
+    them meanwhile)."""
 
     def __init__(self, ckpt_dir: str, vae_dir: Optional[str] = None, lora_dir: Optional[str] = None,
                  embeddings_dir: Optional[str] = None, extra_checkpoint: Optional[str] = None):
@@ -109,8 +104,6 @@ class Library:
         self.vaes: list[tuple[str, str]] = []
         self.refresh_checkpoints()
         self.refresh_vae()
-
-    # --- checkpoints ---------------------------------------------------------------------------
 
     def refresh_checkpoints(self) -> None:
         files = scan(self.ckpt_dir, CHECKPOINT_EXTS, skip_dirs=(self.vae_dir, self.lora_dir, self.embeddings_dir))
@@ -136,8 +129,6 @@ class Library:
 
     def checkpoint_titles(self) -> list[str]:
         return [c.title for c in self.checkpoints]
-
-    # --- VAEs ----------------------------------------------------------------------------------
 
     def refresh_vae(self) -> None:
         self.vaes = scan(self.vae_dir, VAE_EXTS)
@@ -167,8 +158,6 @@ class Library:
                               + "".join(f", {os.path.basename(r)}" for _, r in self.vaes))
         return path
 
-    # --- LoRA and embeddings: listed by the same code that loads them (sd15.lora, sd15.embeddings) ----------
-
     def loras_api(self, model=None) -> list[dict]:
         loras = model.loras if model is not None else Loras(self.lora_dir)
         loras.refresh()
@@ -192,14 +181,10 @@ class ModelManager:
         self.loads = collections.Counter()  # "ok" / "failed" -> count (for /metrics)
 
     def load(self, checkpoint: Checkpoint, vae: Optional[str] = None) -> None:
-        """Load `checkpoint` (+ an external VAE file). The new file's header is checked first, with the old
-        model still loaded, so a bad file leaves the old model in memory untouched. Then the old model is
-        released, so two models never share the memory; should the new one still fail, the old one is read
-        again and the error re-raised.
-
-        The loaded model does not depend on its files afterwards: the hashes are computed now and kept
-        (`infotext_hashes()` hands them to `generate()`), and on the CPU the weights are copied out
-        of the memory-mapped file, so moving, changing or deleting the file does not touch the model."""
+        """Load `checkpoint` (+ an external VAE file). A bad header leaves the old model untouched; otherwise
+        the old model is released first (two never share the memory) and read again should the new one fail.
+        The model does not depend on its files afterwards: the hashes are kept, and on the CPU the weights
+        are copied out of the memory-mapped file."""
         import sd15
 
         try:
@@ -210,16 +195,16 @@ class ModelManager:
             self.loads["failed"] += 1
             raise
         previous = (self.checkpoint, self.vae) if self.model is not None else None
-        self._release()
+        self.unload()
         try:
             log.info("loading %s%s", checkpoint.name, f" with VAE {os.path.basename(vae)}" if vae else "")
             checkpoint.sha256 = hashing.cached_hash(checkpoint.path)  # hashed once, then cached beside the file
-            vae_sha256 = hashing.cached_hash(vae) if vae else None
+            self.vae_sha256 = hashing.cached_hash(vae) if vae else None
             self.model = sd15.load(checkpoint.path, vae=vae, device=self.device, dtype=self.dtype,
                                    lora_dir=self.library.lora_dir, embeddings_dir=self.library.embeddings_dir)
-            self.vae_sha256 = vae_sha256
             if self.model.device.type == "cpu":
-                _own_memory(self.model)
+                self.model.alphas_cumprod = self.model.alphas_cumprod.clone()
+                _own_memory(self.model.unet, self.model.vae, self.model.text_encoder)
             if self.optimize and self.model.device.type == "cuda":
                 from sd15 import fast
 
@@ -227,7 +212,7 @@ class ModelManager:
                 fast.warmup(self.model, sizes=[(512, 512)], batch_sizes=[1])
         except BaseException:
             self.loads["failed"] += 1
-            self._release()
+            self.unload()
             if previous is not None and previous[0].path != checkpoint.path:
                 try:
                     self.load(*previous)
@@ -243,8 +228,12 @@ class ModelManager:
         return dict(model_hash=self.checkpoint.short_hash if self.checkpoint else None,
                     vae_hash=hashing.short_hash(self.vae_sha256) if self.vae and self.vae_sha256 else None)
 
-    def set_vae(self, vae: Optional[str]) -> None:
-        """Swap only the VAE: an external file, or (None) the checkpoint's own VAE read again from it."""
+    def ensure(self, checkpoint: Checkpoint, vae: Optional[str]) -> None:
+        """Make `checkpoint` with `vae` the loaded model, loading only what differs: a VAE alone is swapped
+        for the external file, or (None) the checkpoint's own VAE read again from it."""
+        if self.model is None or self.checkpoint.path != checkpoint.path:
+            self.load(checkpoint, vae)
+            return
         if vae == self.vae:
             return
         _check_header(vae or self.checkpoint.path, vae=True)
@@ -255,26 +244,13 @@ class ModelManager:
             _own_memory(self.model.vae)
         self.vae, self.vae_sha256 = vae, vae_sha256
 
-    def ensure(self, checkpoint: Checkpoint, vae: Optional[str]) -> None:
-        """Make `checkpoint` with `vae` the loaded model, loading only what differs."""
-        if self.model is None or self.checkpoint.path != checkpoint.path:
-            self.load(checkpoint, vae)
-        else:
-            self.set_vae(vae)
-
     def unload(self) -> None:
-        self._release()
+        import torch
 
-    def _release(self) -> None:
         self.model, self.checkpoint, self.vae, self.vae_sha256 = None, None, None, None
         gc.collect()
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except Exception:
-            pass
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def _check_header(path: str, vae: bool = False) -> None:
@@ -289,16 +265,11 @@ def _check_header(path: str, vae: bool = False) -> None:
         ck.split_components(ck.fix_old_clip_prefix(entries), path)
 
 
-def _own_memory(module) -> None:
+def _own_memory(*modules) -> None:
     """Copy every weight into memory of its own (sd15.load maps the file and uses it in place on the CPU;
     a file changed or truncated under a running server would then change or crash the model)."""
     import torch
 
-    modules = [module] if isinstance(module, torch.nn.Module) else [module.unet, module.vae, module.text_encoder]
-    if not isinstance(module, torch.nn.Module):  # plain tensors of the model (alphas_cumprod)
-        for name, value in list(vars(module).items()):
-            if isinstance(value, torch.Tensor):
-                setattr(module, name, value.clone())
     with torch.no_grad():
         for m in modules:
             for t in [*m.parameters(), *m.buffers()]:

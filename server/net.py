@@ -1,15 +1,6 @@
-"""Serving over TCP with uvicorn, hardened: a header read timeout, a connection limit, floods logged once,
-and a shutdown that finishes the running job within a grace period.
-
-- `guarded_protocol(header_timeout, max_connections)`: uvicorn's h11 protocol, plus (a) a connection that has
-  not sent a complete request head within `header_timeout` seconds is closed (uvicorn itself only times out
-  idle keep-alive connections), (b) beyond `max_connections` open connections a new one is closed at once,
-  before any work (uvicorn's own `limit_concurrency` answers with a plain-text 503 instead).
-  The body read timeout is in the app (`read_json`).
-- `FloodLog`: the first event of a kind is logged, repeats within a minute only counted and summed up once.
-- `Server`: uvicorn's server whose first SIGINT/SIGTERM closes the job queue (queued jobs fail with 503 at
-  once), lets the running job finish for `grace` seconds and then interrupts it; a second signal is a forced
-  quit (`forced` is then True and `python -m server` exits with status 1).
+"""Serving over TCP with uvicorn, hardened: a header read timeout and a connection limit
+(`guarded_protocol`), floods logged once a minute (`flood_log`), and a shutdown that lets the running job
+finish (`Server`). The body read timeout is in the app (`read_json`).
 """
 from __future__ import annotations
 
@@ -23,25 +14,20 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 log = logging.getLogger("server")
 
 
-class FloodLog:
-    """Log the first `what` at once, then at most one summary line per `every` seconds."""
-
-    def __init__(self, every: float = 60.0):
-        self.every, self.seen = every, {}  # what -> [first time of the window, suppressed count]
-
-    def __call__(self, what: str, message: str, *args) -> None:
-        now = time.monotonic()
-        entry = self.seen.get(what)
-        if entry is None or now - entry[0] > self.every:
-            if entry is not None and entry[1]:
-                log.warning("%s: %d more in the last %.0f s", what, entry[1], now - entry[0])
-            self.seen[what] = [now, 0]
-            log.warning(message, *args)
-        else:
-            entry[1] += 1
+_floods: dict = {}  # what -> [start of its minute, events not logged since]
 
 
-flood_log = FloodLog()
+def flood_log(what: str, message: str, *args) -> None:
+    """Log the first `what` at once, then at most one summary line a minute."""
+    now = time.monotonic()
+    entry = _floods.get(what)
+    if entry is None or now - entry[0] > 60:
+        if entry is not None and entry[1]:
+            log.warning("%s: %d more in the last %.0f s", what, entry[1], now - entry[0])
+        _floods[what] = [now, 0]
+        log.warning(message, *args)
+    else:
+        entry[1] += 1
 
 
 def loop_exception_handler(loop, context) -> None:
@@ -50,16 +36,18 @@ def loop_exception_handler(loop, context) -> None:
     flood_log(str(context.get("message")), "asyncio: %s (%s)", context.get("message"), context.get("exception"))
 
 
-def guarded_protocol(header_timeout: float, max_connections: int, metrics=None):
-    """A uvicorn HTTP protocol class with a header timeout and a connection limit (see the module doc)."""
+def guarded_protocol(header_timeout: float, max_connections: int, metrics):
+    """uvicorn's h11 protocol, plus: a connection that has not sent a complete request head within
+    `header_timeout` seconds is closed (uvicorn only times out idle keep-alive connections), and beyond
+    `max_connections` open connections a new one is closed at once, before any work (uvicorn's own
+    `limit_concurrency` answers with a plain-text 503 instead)."""
 
     class GuardedH11Protocol(H11Protocol):
         _head_timer = None
 
         def connection_made(self, transport) -> None:
             if len(self.server_state.connections) >= max_connections:
-                if metrics is not None:
-                    metrics.rejected["connections"] += 1
+                metrics.rejected["connections"] += 1
                 flood_log("connection limit", "more than %d open connections: closing new ones "
                                               "(--max-connections)", max_connections)
                 transport.abort()
@@ -84,8 +72,7 @@ def guarded_protocol(header_timeout: float, max_connections: int, metrics=None):
                 self.transport.close()
 
         def data_received(self, data: bytes) -> None:
-            idle = self.cycle is None or self.cycle.response_complete
-            if idle:
+            if self.cycle is None or self.cycle.response_complete:
                 self._arm()  # a new request head is starting: it must be complete in time
             super().data_received(data)
             if self.cycle is not None and not self.cycle.response_complete:
@@ -101,12 +88,14 @@ def guarded_protocol(header_timeout: float, max_connections: int, metrics=None):
 
 
 class Server(uvicorn.Server):
-    """uvicorn.Server with the job queue's graceful shutdown (see the module doc)."""
+    """uvicorn's server whose first SIGINT/SIGTERM closes the job queue (queued jobs fail with 503 at once)
+    and lets the running job finish for `grace` seconds before interrupting it; a second signal is a forced
+    quit (`forced` is then True and `python -m server` exits with status 1)."""
 
     def __init__(self, config: uvicorn.Config, engine, grace: float):
         super().__init__(config)
         self.engine, self.grace, self.forced, self._loop = engine, grace, False, None
-        self._drain_task = None
+        self._drain_task = None  # held so that it is not collected while it runs
 
     async def serve(self, sockets=None) -> None:
         with self.capture_signals():

@@ -21,32 +21,27 @@ class Worker:
         self.index, self.incarnation = index, uuid.uuid4().hex  # a new one each time Ray restarts the actor
         self.app, self.state = create_app(config), {}
         self.started: Optional[asyncio.Future] = None
-        self.lifespan_events: asyncio.Queue = asyncio.Queue()
 
     async def ready(self) -> dict:
-        """Run the app's startup (loads the model) once; -> who this worker is."""
+        """Start the app once (its lifespan loads the model); -> who this worker is."""
         if self.started is None:
             self.started = asyncio.get_running_loop().create_future()
-            scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": self.state}
-
-            async def send(message):
-                if message["type"].startswith("lifespan.startup") and not self.started.done():
-                    self.started.set_result(message)
-
-            async def run():
-                try:
-                    await self.app(scope, self.lifespan_events.get, send)
-                except BaseException as e:  # an app without lifespan support, or a startup that raised
-                    if not self.started.done():
-                        self.started.set_result({"type": "lifespan.startup.failed", "message": repr(e)})
-
-            asyncio.get_running_loop().create_task(run())
-            await self.lifespan_events.put({"type": "lifespan.startup"})
-        message = await self.started
-        if message["type"] == "lifespan.startup.failed":
-            raise RuntimeError(f"worker {self.index}: the server did not start: {message.get('message', '')}")
+            asyncio.get_running_loop().create_task(self._lifespan())
+        await self.started
         return {"index": self.index, "incarnation": self.incarnation, "pid": os.getpid(),
                 "node": ray.get_runtime_context().get_node_id()}
+
+    async def _lifespan(self) -> None:
+        """The app's lifespan, held open in a task of its own for the life of the actor."""
+        try:
+            async with self.app.router.lifespan_context(self.app) as state:
+                self.state = state
+                self.started.set_result(None)
+                await asyncio.Future()
+        except Exception as e:  # a startup that raised: every ready() says so
+            if not self.started.done():
+                error = RuntimeError(f"worker {self.index}: the server did not start: {e!r}")
+                self.started.set_exception(error)
 
     async def call(self, method: str, path: str, query: bytes, headers: list, body: bytes,
                    incarnation: Optional[str]):
@@ -77,17 +72,15 @@ class Worker:
         await self.app(scope, receive, send)
         return start.get("status", 500), list(start.get("headers", [])), b"".join(chunks)
 
-    async def progress(self, seen: Optional[list]) -> Optional[dict]:
-        """The running job's progress (the single server's job `progress` object) with `preview_step`, `key`
-        ([its id here, preview_step]) and `preview` when the latest one is not `seen` (a key); None when idle.
-        Asking makes the next due preview be made, as a /sdapi/v1/progress poll does (previews are decoded only
-        while someone looks)."""
+    async def progress(self, seen: Optional[list]) -> Optional[tuple]:
+        """The running job's (progress, preview_step, preview, key): the single server's job `progress` object,
+        the preview when its key ([job id here, preview_step]) is not `seen`, else None; None when idle.
+        Asking makes the next due preview be made, as a /sdapi/v1/progress poll does (previews are decoded
+        only while someone looks)."""
         engine = self.state.get("engine")
-        job = engine.queue.running if engine is not None and engine.queue is not None else None
+        job = engine.queue.running if engine is not None else None
         if job is None or job.progress is None:
             return None
         engine.preview_wanted = True
         key = [job.id, job.preview_step]
-        new = job.preview is not None and key != seen
-        return {**job.progress, "preview": job.preview if new else None, "preview_step": job.preview_step,
-                "key": key}
+        return job.progress, job.preview_step, job.preview if key != seen else None, key

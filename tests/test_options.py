@@ -46,7 +46,7 @@ def test_table_has_every_a1111_key_with_its_default():
     d = options.defaults()
     for key, value in KNOWN.items():
         assert d[key] == value and type(d[key]) is type(value), key
-    assert TODAY <= options.HONOURED <= set(options.OPTIONS)
+    assert TODAY <= set(options.OPTIONS)
 
 
 def test_types_follow_the_default_except_where_stated():
@@ -110,7 +110,7 @@ def test_unknown_key_is_a_400_naming_it():
 def test_read_only_keys():
     assert {"sd_checkpoint_hash", "api_enable_requests", "api_forbid_local_requests", "api_useragent",
             "sd_vae_explanation", "hypertile_explanation"} <= options.READ_ONLY_OPTIONS
-    assert not options.READ_ONLY_OPTIONS & (options.HONOURED - {"sd_checkpoint_hash"})
+    assert not options.READ_ONLY_OPTIONS & (TODAY - {"sd_checkpoint_hash"})
 
 
 def test_defaults_are_fresh_copies():
