@@ -21,7 +21,6 @@ import torch
 from PIL import Image
 
 from sd15.a1111.images import PIXEL_UPSCALERS
-from sd15.esrgan import UpscalerModelError, load_upscaler  # noqa: F401 - the error is re-exported to callers
 
 LANCZOS = Image.Resampling.LANCZOS
 NEAREST = Image.Resampling.NEAREST

@@ -260,6 +260,13 @@ def png_bytes(image: Image.Image, text: str | None = None) -> bytes:
     return buf.getvalue()
 
 
+def next_sequence_number(folder: str) -> int:
+    """A1111's `get_next_sequence_number`: one more than the largest leading number of the names in `folder`."""
+    taken = [int(m.group(1)) for name in (os.listdir(folder) if os.path.isdir(folder) else [])
+             if (m := re.match(r"(\d+)", name))]
+    return max(taken, default=-1) + 1
+
+
 SAVE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # file extension -> format
 
 
@@ -272,9 +279,7 @@ def save_images(images: list, texts: list, seeds: list[int], out: str) -> list[s
     if ext.lower() in SAVE_FORMATS and not os.path.isdir(out):
         paths = [out] if len(seeds) == 1 else [f"{stem}-{i}{ext}" for i in range(len(seeds))]
     else:
-        taken = [int(m.group(1)) for name in (os.listdir(out) if os.path.isdir(out) else [])
-                 if (m := re.match(r"(\d+)", name))]
-        start = max(taken, default=-1) + 1  # A1111 `get_next_sequence_number`
+        start = next_sequence_number(out)
         paths = [os.path.join(out, f"{start + i:05d}-{seed}.png") for i, seed in enumerate(seeds)]
     for image, text, path in zip(images, texts, paths):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
