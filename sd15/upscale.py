@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from sd15.a1111.images import PIXEL_UPSCALERS
+from sd15.esrgan import load_upscaler
 
 LANCZOS = Image.Resampling.LANCZOS
 NEAREST = Image.Resampling.NEAREST
