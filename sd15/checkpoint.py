@@ -156,7 +156,7 @@ def split_components(entries: dict, path: str = "") -> tuple[dict, dict]:
     return parts, extras
 
 
-def vae_entries(entries: dict, path: str = "") -> dict:
+def vae_entries(entries: dict) -> dict:
     """A standalone VAE file (no prefix) or a full checkpoint's `first_stage_model.*`, minus EMA and loss keys."""
     prefix = PREFIXES["vae"]
     if any(k.startswith(prefix) for k in entries):

@@ -90,7 +90,7 @@ def load_vae(path, *, device=None, dtype=None) -> AutoencoderKL:
     """A standalone VAE file (e.g. vae-ft-mse-840000-ema-pruned.safetensors)."""
     device, dtype = _device_and_dtype(device, dtype)
     path = os.fspath(path)
-    entries = ckpt.vae_entries(ckpt.open_checkpoint(path), path)
+    entries = ckpt.vae_entries(ckpt.open_checkpoint(path))
     return ckpt.load_module(AutoencoderKL, VAEConfig, entries, device=device, dtype=dtype, path=path, what="VAE")
 
 

@@ -66,12 +66,6 @@ class PreviewDecoders:
     def path(self, kind: str) -> Path | None:
         return next((d / rel for d in self.dirs for rel in self.NETS[kind][1] if (d / rel).is_file()), None)
 
-    def taesd_path(self) -> Path | None:
-        return self.path("TAESD")
-
-    def approx_nn_path(self) -> Path | None:
-        return self.path("Approx NN")
-
     def net(self, kind: str) -> torch.nn.Module | None:
         """The network of "TAESD" or "Approx NN", or None without a (usable) file."""
         with self._lock:

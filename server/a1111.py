@@ -21,7 +21,7 @@ from sd15 import schema
 from sd15.a1111 import images as imgs
 from sd15.a1111 import infotext
 from server.coerce import ValidationError, convert  # pydantic v1 coercion and FastAPI's 422 shape
-from server.options import OPTIONS
+from server.options import OPTIONS, defaults
 
 log = logging.getLogger("server")
 
@@ -177,8 +177,8 @@ def merge_infotext(data: dict, names: list[str]) -> dict:
         value = parsed.get(key)
         if name in names and out.get(name) is None and value not in (None, "") and value not in _USE_SAME:
             out[name] = value
-    if "enable_hr" in names and out.get("enable_hr") is None and "Hires upscale" in parsed:
-        out["enable_hr"] = True
+    if "enable_hr" in names and out.get("enable_hr") is None and infotext.request_from_infotext(parsed)["enable_hr"]:
+        out["enable_hr"] = True  # A1111's paste rule for the Hires. fix checkbox
     overrides = dict(out.get("override_settings") or {})
     for key, option in _INFOTEXT_SETTINGS.items():
         if key in parsed and option not in overrides:
@@ -212,7 +212,7 @@ def to_request(req: _GenerationRequest, settings: Optional[dict] = None, init_im
     (None: the strings as sent, enough for checking). `sampler`, the one the request resolved to, picks the
     option an empty `eta` means (A1111: `eta_ddim` for the timestep samplers, else `eta_ancestral`); without
     it `eta` stays as sent."""
-    settings = {**{k: o.default for k, o in OPTIONS.items()}, **(settings or {})}
+    settings = {**defaults(), **(settings or {})}
     kw = dict(req.shared)
     kw["sampler_name"] = req.sampler_name or req.sampler_index
     option_of = {name: name for name in ("s_churn", "s_tmin", "s_tmax", "s_noise", "s_min_uncond")}

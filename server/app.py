@@ -83,7 +83,7 @@ class Engine:
                                extra_checkpoint=config.ckpt if config.ckpt and os.path.isfile(config.ckpt) else None)
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, None: None}[config.precision]
         self.models = ModelManager(self.library, config.device, dtype, optimize=config.optimize)
-        self.options = {key: opt.default for key, opt in options.OPTIONS.items()}
+        self.options = options.defaults()  # fresh copies: a list option is never shared with the table
         self.job: Optional[runner.Run] = None
         self.last_timestamp = "0"
         self.preview: Optional[str] = None  # base64 PNG of the running job's latest preview

@@ -259,7 +259,7 @@ def _check_header(path: str, vae: bool = False) -> None:
 
     entries = ck.open_checkpoint(path)
     if vae:
-        if not ck.vae_entries(entries, path):
+        if not ck.vae_entries(entries):
             raise ck.CheckpointError(f"{path}: no VAE weights")
     else:
         ck.split_components(ck.fix_old_clip_prefix(entries), path)

@@ -27,8 +27,9 @@ JOB = {"type": "object", "required": ["id", "kind", "state", "created", "source"
     "source": {"type": "string", "enum": ["page", "api"]}, "summary": {"type": "object"},
     "progress": {"type": "object", "nullable": True}, "error": {"type": "object", "nullable": True},
     "result": {"type": "object", "nullable": True}, "files": {"type": "array", "items": {"type": "string"}}}}
-QUEUE = {"type": "object", "required": ["running", "queued", "recent", "max_size"], "properties": {
-    "running": {**JOB, "nullable": True}, "queued": {"type": "array", "items": JOB},
+QUEUE = {"type": "object", "required": ["running", "active", "queued", "recent", "max_size"], "properties": {
+    "running": {**JOB, "nullable": True}, "active": {"type": "array", "items": JOB},
+    "queued": {"type": "array", "items": JOB},
     "recent": {"type": "array", "items": JOB}, "max_size": {"type": "integer"}}}
 IMAGE_RESPONSE = {"type": "object", "required": ["images", "parameters", "info"], "properties": {
     "images": {"type": "array", "items": {"type": "string"}}, "parameters": {"type": "object"},

@@ -24,8 +24,7 @@ def make_preview(model, denoised, settings: dict, folder: str):
     are loaded once per device; a file added later is picked up (the cache key holds the files found), a bad
     file is logged once and treated as absent."""
     probe = lib.PreviewDecoders(folder)
-    key = (os.path.abspath(folder), str(model.device), model.dtype, probe.taesd_path(),
-           probe.approx_nn_path())
+    key = (os.path.abspath(folder), str(model.device), model.dtype, probe.path("TAESD"), probe.path("Approx NN"))
     found = _decoders.setdefault(key, lib.PreviewDecoders(folder, device=model.device, dtype=model.dtype))
     kind = lib.effective_preview_type(settings.get("show_progress_type", "Approx NN"), found)
     for what, error in found.errors.items():

@@ -48,10 +48,6 @@ def server(tmp_path_factory):
         live.stop(timeout=20)
 
 
-def has_jobs(url) -> bool:
-    return "/sd15/v1/jobs" in requests.get(f"{url}/openapi.json", auth=AUTH).json()["paths"]
-
-
 @pytest.fixture
 def browser(server):
     options = webdriver.ChromeOptions()
@@ -465,11 +461,9 @@ def test_lost_connection_banner_recovers(server, browser):
     WebDriverWait(browser, 15).until(lambda d: not d.find_element(By.ID, "banner").is_displayed())
 
 
-# --- after the server's job queue lands (`/sd15/v1/jobs`) ------------------------------------------------
+# --- the job queue (`/sd15/v1/jobs`) -------------------------------------------------------------------
 
 def test_queue_of_three_with_one_cancelled(server, browser):
-    if not has_jobs(server):
-        pytest.skip("the server has no /sd15/v1/jobs yet (job queue not merged)")
     open_page(browser, server)
     WebDriverWait(browser, 10).until(lambda d: not d.find_element(By.ID, "queue").get_attribute("hidden"))
     for key, value in {**SMALL, "steps": 30, "seed": 21}.items():
@@ -490,8 +484,6 @@ def test_queue_of_three_with_one_cancelled(server, browser):
 
 
 def test_history_lists_saved_files(server, browser):
-    if not has_jobs(server):
-        pytest.skip("the server has no /sd15/v1/jobs yet (saving from the page not merged)")
     open_page(browser, server)
     browser.find_element(By.ID, "prompt").send_keys("a saved image")
     for key, value in {**SMALL, "seed": 31}.items():
@@ -521,8 +513,6 @@ def test_history_lists_saved_files(server, browser):
 def test_reload_during_own_job_reconnects_and_fetches_its_result(server, browser):
     """A job submitted from the page survives a reload: the page finds it in the queue, shows its progress and
     fetches its result when it is done; another client's API request shows in the queue."""
-    if not has_jobs(server):
-        pytest.skip("the server has no /sd15/v1/jobs yet")
     import threading
 
     open_page(browser, server)

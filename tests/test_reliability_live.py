@@ -131,7 +131,9 @@ def test_disconnected_clients_waste_no_job(server):
     jobs = {j["summary"]["steps"]: j for j in server.get("/sd15/v1/jobs").json()}
     states = [j["state"] for j in server.get("/sd15/v1/jobs").json() if j["summary"]["steps"] == 2]
     assert states == ["cancelled"] * 5
-    assert jobs[1000]["state"] == "interrupted" and jobs[1000]["progress"]["step"] < 1000
+    assert jobs[1000]["state"] == "interrupted"
+    # a loaded machine may interrupt the job before its first step reports progress (progress is then None)
+    assert (jobs[1000]["progress"] or {"step": 0})["step"] < 1000
 
 
 def test_header_and_body_timeouts(server):

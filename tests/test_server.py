@@ -242,6 +242,19 @@ def test_infotext_field_fills_unset_fields(client):
     assert info["sampler_name"] == "Euler a" and info["cfg_scale"] == 9.0  # set fields win
 
 
+def test_infotext_field_sets_hires_by_a1111s_checkbox_rule():
+    """A1111 ticks Hires. fix from an infotext only with "Denoising strength" and one of the hires keys."""
+    from server.a1111 import Txt2ImgRequest
+    base = "a dog\nSteps: 2, Sampler: Euler a, Seed: 7, Size: 64x64"
+    cases = {", Denoising strength: 0.5, Hires resize: 96x96, Hires upscaler: Latent": True,
+             ", Denoising strength: 0.5, Hires upscale: 1.5": True,
+             ", Hires upscale: 1.5": False,  # no strength: A1111 leaves the checkbox off
+             ", Denoising strength: 0.5": False}
+    for extra, expected in cases.items():
+        assert Txt2ImgRequest.from_json({"infotext": base + extra}).enable_hr is expected, extra
+    assert Txt2ImgRequest.from_json({"infotext": base + ", Hires upscale: 1.5", "enable_hr": True}).enable_hr
+
+
 def test_img2img(client):
     data_url = "data:image/png;base64," + png_b64((80, 72))
     r = client.post(f"{API}/img2img", json={"init_images": [data_url], "denoising_strength": 0.5, "seed": 9,

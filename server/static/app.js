@@ -5,7 +5,7 @@ import { $, api, ApiError, dataUrl, onReconnect } from './api.js';
 import { applyRequest, buildRequest, clearMarks, loadLists, markFields, seedTools, sizeTools, tokenCounters } from './form.js';
 import { setupGallery, showResult } from './gallery.js';
 import { loadHistory, setupHistory, showPngInfo } from './history.js';
-import { hasQueue, interrupt, skip, startJobs, submit } from './jobs.js';
+import { interrupt, skip, startJobs, submit } from './jobs.js';
 import { setupKeyedit } from './keyedit.js';
 import { initImage, maskImage, setInit, setInitFromBlob, setupMask, undoStroke } from './mask.js';
 import { setupNetworks } from './networks.js';
@@ -118,7 +118,7 @@ async function generate() {
 }
 
 function updateButtons() {
-  $('generate').textContent = pending > 0 && hasQueue() ? `Generate (${pending} waiting)` : 'Generate';
+  $('generate').textContent = pending > 0 ? `Generate (${pending} waiting)` : 'Generate';
   document.body.classList.toggle('busy', pending > 0);
 }
 

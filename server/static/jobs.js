@@ -7,8 +7,6 @@ import { restoreStage } from './gallery.js';
 const state = { sse: false, mine: new Map(), running: null, ended: new Set() };
 const STORE = 'sd15-jobs';
 
-export function hasQueue() { return true; }  // every server of this project has the queue (app.js asks)
-
 function remember() { sessionStorage.setItem(STORE, JSON.stringify([...state.mine.keys()])); }
 
 /** Show the queue; reconnect to the jobs this tab submitted before a reload. */
