@@ -193,9 +193,9 @@ def _sample(model, r: ResolvedRequest, cond, sampler, scheduler, steps: int, rng
         return init_latent  # A1111's denoiser stops at its first call (a hires pass after a skip)
     try:
         return sample(sampler.name, denoiser, rng, steps, scheduler=scheduler.label, init_latent=init_latent,
-                      denoising_strength=r.strength, fix_steps=fix_steps, eta=r.eta, s_churn=r.s_churn,
-                      s_tmin=r.s_tmin, s_tmax=r.s_tmax, s_noise=r.s_noise, initial_noise_multiplier=noise_multiplier,
-                      callback=on_step)
+                      denoising_strength=r.strength, fix_steps=fix_steps, eta=r.eta_of(sampler),
+                      s_churn=r.s_churn, s_tmin=r.s_tmin, s_tmax=r.s_tmax, s_noise=r.s_noise,
+                      initial_noise_multiplier=noise_multiplier, callback=on_step)
     except Interrupted:  # A1111 keeps the last denoised estimate
         if state.current_latent is None:  # txt2img stopped before its first step finished
             return torch.zeros(len(rng.seeds), *rng.shape, device=rng.device)

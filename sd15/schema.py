@@ -49,7 +49,8 @@ class GenerationRequest:
         infotext=('Schedule type',))
     steps: int = _f(50, "sampling", "sampling steps", 1, infotext=('Steps',))
     cfg_scale: float = _f(7.0, "sampling", "classifier-free guidance scale", -100.0, 100.0, infotext=('CFG scale',))
-    eta: Optional[float] = _f(None, "sampling", "noise of ancestral samplers and DDIM; empty: A1111's", 0.0, 1000.0,
+    eta: Optional[float] = _f(None, "sampling", "noise of ancestral samplers and DDIM; empty: eta_ddim for "
+                                                "DDIM, else eta_ancestral", 0.0, 1000.0,
         infotext=('Eta', 'Eta DDIM'))
     s_churn: Optional[float] = _f(None, "sampling", "", 0.0, 1000.0)
     s_tmin: Optional[float] = _f(None, "sampling", "", 0.0, 1000.0)
@@ -96,6 +97,9 @@ class GenerationRequest:
     randn_source: str = _f("GPU", "settings", "GPU, CPU or NV: where A1111 would draw the noise", infotext=('RNG',))
     eta_noise_seed_delta: int = _f(0, "settings", "ENSD", 0, 2**32 - 1, infotext=('ENSD',))
     clip_skip: int = _f(1, "settings", "CLIP_stop_at_last_layers", 1, 12, infotext=('Clip skip',))
+    eta_ddim: float = _f(0.0, "settings", "A1111's option: DDIM's eta when eta is empty", 0.0, 1000.0)
+    eta_ancestral: float = _f(1.0, "settings", "A1111's option: the ancestral and SDE samplers' eta when "
+                                               "eta is empty", 0.0, 1000.0)
 
     @property
     def is_img2img(self) -> bool:
@@ -266,6 +270,15 @@ class ResolvedRequest:
     @property
     def is_img2img(self) -> bool:
         return self.request.is_img2img
+
+    def eta_of(self, sampler: Sampler) -> float:
+        """The eta a pass with `sampler` runs with, as A1111's `Sampler.initialize` decides it per sampler:
+        the request's `eta`, else the option of the sampler's kind (`eta_ddim` for the timestep samplers,
+        `eta_ancestral` for the others). Read from the request, so a job run with the options of its moment
+        (the server rebuilds the request) takes theirs."""
+        if self.request.eta is not None:
+            return self.request.eta
+        return self.request.eta_ddim if sampler.timesteps else self.request.eta_ancestral
 
     def __getattr__(self, name):      # the request's own fields read through: r.prompt, r.steps, ...
         if name in FIELDS:

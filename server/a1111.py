@@ -159,7 +159,7 @@ class PngInfoRequest(_Request):
 
 # The options behind the schema's "settings" fields (A1111 reads them from its options, not the request)
 SETTING_OPTIONS = {"clip_skip": "CLIP_stop_at_last_layers", "eta_noise_seed_delta": "eta_noise_seed_delta",
-                   "randn_source": "randn_source"}
+                   "randn_source": "randn_source", "eta_ddim": "eta_ddim", "eta_ancestral": "eta_ancestral"}
 # The `infotext` request field (v1.8+): infotext keys -> request fields the client did not set (from the schema)
 _INFOTEXT_FIELDS = {key: f.name for f in schema.FIELDS.values() if f.name not in SETTING_OPTIONS
                     for key in f.metadata["infotext"]}
@@ -204,20 +204,16 @@ class Limits(schema.Limits):
     max_prompt_chars: int = 20000  # prompt, negative prompt, hires prompts (each)
 
 
-def to_request(req: _GenerationRequest, settings: Optional[dict] = None, init_images=None, mask=None,
-               sampler=None) -> schema.GenerationRequest:
+def to_request(req: _GenerationRequest, settings: Optional[dict] = None, init_images=None,
+               mask=None) -> schema.GenerationRequest:
     """The body as a `sd15.schema.GenerationRequest`: its shared fields as sent, the API's spellings
     (`sampler_index`, legacy `firstphase_*`) translated, and the options that change the numbers from
     `settings` (the effective options; None: A1111's defaults). init_images/mask: the decoded PIL images
-    (None: the strings as sent, enough for checking). `sampler`, the one the request resolved to, picks the
-    option an empty `eta` means (A1111: `eta_ddim` for the timestep samplers, else `eta_ancestral`); without
-    it `eta` stays as sent."""
+    (None: the strings as sent, enough for checking)."""
     settings = {**defaults(), **(settings or {})}
     kw = dict(req.shared)
     kw["sampler_name"] = req.sampler_name or req.sampler_index
     option_of = {name: name for name in ("s_churn", "s_tmin", "s_tmax", "s_noise", "s_min_uncond")}
-    if sampler is not None:
-        option_of["eta"] = "eta_ddim" if sampler.timesteps else "eta_ancestral"
     if req.is_img2img:
         option_of["initial_noise_multiplier"] = "initial_noise_multiplier"
     for name, option in option_of.items():  # an option at its default leaves the field empty (A1111's value)
@@ -241,8 +237,8 @@ def check(req: _GenerationRequest, limits: Limits, settings: Optional[dict] = No
     """The request's ranges and limits (`sd15.schema.validate`) and the API-only fields -> ValidationError
     (422); unknown sampler, scheduler or upscaler names -> ApiError 400 (A1111 v1.10 answers 400). Returns
     the request resolved (`sd15.schema.resolve`, the one resolution of the request) with `settings`, its init
-    images still as sent and an empty `eta` not yet filled from the options (`to_request` does that with the
-    resolved sampler); `upscalers`: the pixel upscaler names the hires fix may use (None: the built-ins)."""
+    images still as sent; `upscalers`: the pixel upscaler names the hires fix may use (None: the
+    built-ins)."""
     problems = []
     if isinstance(req, Txt2ImgRequest):
         for name in ("firstphase_width", "firstphase_height"):

@@ -215,7 +215,7 @@ class Engine:
             init_images = [inputs.decode_image(s, f"init_images[{i}]", self.limits, req.resize_mode)
                            for i, s in enumerate(req.init_images)]
             mask = inputs.decode_image(req.mask, "mask", self.limits) if req.mask else None
-        request = a1111.to_request(req, settings, init_images, mask, prepared.resolved.sampler)
+        request = a1111.to_request(req, settings, init_images, mask)
         request = dataclasses.replace(prepared.resolved, request=request)
         del init_images, mask
         run = runner.Run("img2img" if req.is_img2img else "txt2img", JobState(), request.n_iter,

@@ -501,6 +501,34 @@ def test_hires_sampler_eta_recorded():
     assert list(extra_generation_params(p))[-1] == "Eta"
 
 
+@pytest.mark.parametrize("sampler, options, entry", [
+    ("Euler a", {"eta_ancestral": 0.6}, "Eta: 0.6"), ("Euler a", {"eta_ddim": 0.3}, None),
+    ("DDIM", {"eta_ddim": 0.3}, "Eta DDIM: 0.3"), ("DDIM", {"eta_ancestral": 0.6}, None),
+    ("UniPC", {"eta_ddim": 0.3}, None), ("Euler", {"eta_ancestral": 0.6}, None)])
+def test_eta_options_entries(sampler, options, entry):
+    line = params_line(job(sampler_name=sampler, **options))
+    if entry is None:
+        assert "Eta" not in line
+    else:
+        assert f", {entry}, Version" in line
+
+
+def test_hires_passes_record_their_own_eta_option():
+    """A1111: each pass's sampler takes the option of its kind and writes its own entry (`Eta DDIM` while
+    the first pass samples, `Eta` while the hires pass does)."""
+    p = hires(sampler_name="DDIM", hr_sampler_name="Euler a", eta_ddim=0.3, eta_ancestral=0.6)
+    assert params_line(p) == (
+        "Steps: 20, Sampler: DDIM, Schedule type: Automatic, CFG scale: 7.0, Seed: 123, Size: 512x512, "
+        "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Denoising strength: 0.7, "
+        "Hires sampler: Euler a, Hires upscale: 2.0, Hires upscaler: Latent, Eta DDIM: 0.3, Eta: 0.6, "
+        "Version: v1.10.1")
+
+
+def test_ensd_follows_the_eta_option():
+    line = params_line(job(sampler_name="Euler a", eta_ancestral=0.0, eta_noise_seed_delta=31337))
+    assert "ENSD" not in line and "Eta: 0.0" in line
+
+
 # =============================================================================================
 # Quoting
 # =============================================================================================

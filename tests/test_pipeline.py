@@ -210,6 +210,28 @@ def test_hires_fix(model):
     assert px.images[0].size == (96, 80)
 
 
+def test_each_pass_takes_the_eta_option_of_its_sampler(model, monkeypatch):
+    """A1111 decides an empty eta per sampler (`Sampler.initialize`): a DDIM first pass takes `eta_ddim`,
+    an Euler a hires pass `eta_ancestral`; each pass's infotext entry follows."""
+    from sd15.samplers import kdiffusion, timesteps
+
+    seen = []
+    for module, name in ((timesteps, "sample_ddim"), (kdiffusion, "sample_euler_ancestral")):
+        def wrapped(*args, _fn=getattr(module, name), _name=name, **kw):
+            seen.append((_name, kw["eta"]))
+            return _fn(*args, **kw)
+        monkeypatch.setattr(module, name, wrapped)
+    kw = dict(prompt="a tree", seed=1, steps=2, sampler_name="DDIM", enable_hr=True,
+              hr_sampler_name="Euler a", hr_scale=1.5, denoising_strength=0.5, **SIZE)
+    r = generate(model, Params(eta_ddim=0.3, eta_ancestral=0.6, **kw))
+    assert seen == [("sample_ddim", 0.3), ("sample_euler_ancestral", 0.6)]
+    assert r.infotexts[0].endswith(", Eta DDIM: 0.3, Eta: 0.6, Version: v1.10.1")
+    seen.clear()
+    r = generate(model, Params(eta=0.45, eta_ddim=0.3, eta_ancestral=0.6, **kw))  # an explicit eta wins
+    assert seen == [("sample_ddim", 0.45), ("sample_euler_ancestral", 0.45)]
+    assert r.infotexts[0].endswith(", Eta DDIM: 0.45, Eta: 0.45, Version: v1.10.1")
+
+
 # --- hooks and control ------------------------------------------------------------------------------
 
 def test_callback_attention_capture_and_latents(model):

@@ -49,13 +49,28 @@ def test_resolve_makes_every_choice_once():
         resolve(GenerationRequest(enable_hr=True, hr_upscaler="Bogus"))
 
 
+@pytest.mark.parametrize("request_kw, first, hires", [
+    ({}, 0.0, 1.0),  # A1111's option defaults
+    ({"eta_ddim": 0.3, "eta_ancestral": 0.6}, 0.3, 0.6),
+    ({"eta_ddim": 0.3, "eta_ancestral": 0.6, "eta": 0.45}, 0.45, 0.45),  # the request's eta wins
+])
+def test_each_pass_takes_the_eta_of_its_samplers_kind(request_kw, first, hires):
+    r = resolve(GenerationRequest(sampler_name="DDIM", enable_hr=True, hr_sampler_name="Euler a",
+                                  **request_kw))
+    assert (r.eta_of(r.sampler), r.eta_of(r.hires.sampler)) == (first, hires)
+    with pytest.raises(RequestError) as e:
+        validate(GenerationRequest(eta_ddim=-0.1, eta_ancestral=1000.5))
+    assert [p[0] for p in e.value.problems] == ["eta_ddim", "eta_ancestral"]
+
+
 def test_model_methods_show_the_schema_fields():
     t2i = inspect.signature(sd15.StableDiffusion.txt2img).parameters
     i2i = inspect.signature(sd15.StableDiffusion.img2img).parameters
     assert t2i["steps"].default == 50 and t2i["sampler_name"].default is None and "enable_hr" in t2i
     assert "init_images" not in t2i and "mask" not in t2i
     assert i2i["init_images"].default is inspect.Parameter.empty and "mask" in i2i and "enable_hr" not in i2i
-    for name in ("prompt", "seed", "clip_skip", "randn_source", "denoising_strength"):
+    for name in ("prompt", "seed", "clip_skip", "randn_source", "denoising_strength", "eta_ddim",
+                 "eta_ancestral"):
         assert name in t2i and name in i2i
 
 

@@ -498,7 +498,7 @@ def test_empty_eta_means_the_option_of_the_resolved_sampler(body, eta):
     req = a1111.Txt2ImgRequest.from_json(body)
     resolved = a1111.check(req, Limits(), ETA_OPTIONS)
     assert resolved.sampler.name == (body["sampler_name"] or body["sampler_index"])
-    assert a1111.to_request(req, ETA_OPTIONS, sampler=resolved.sampler).eta == eta
+    assert resolved.eta_of(resolved.sampler) == eta
 
 
 @pytest.mark.parametrize("sampler, option, entry", [
@@ -508,6 +508,16 @@ def test_empty_eta_means_the_option_of_the_resolved_sampler(body, eta):
 def test_eta_options_reach_the_sampler(client, sampler, option, entry):
     text = txt2img(client, seed=1, sampler_name=sampler, override_settings=option)["info"]["infotexts"][0]
     assert (entry in text) if entry else ("Eta" not in text), text
+
+
+def test_hires_pass_takes_its_own_eta_option(fresh):
+    """A DDIM first pass takes `eta_ddim`, an Euler a hires pass `eta_ancestral` (set with POST /options)."""
+    client = fresh
+    assert client.post(f"{API}/options", json={"eta_ddim": 0.3, "eta_ancestral": 0.6}).status_code == 200
+    info = txt2img(client, seed=1, sampler_name="DDIM", enable_hr=True, hr_sampler_name="Euler a",
+                   hr_scale=1.5, denoising_strength=0.5)["info"]
+    assert info["infotexts"][0].endswith(", Eta DDIM: 0.3, Eta: 0.6, Version: v1.10.1")
+    assert (info["extra_generation_params"]["Eta DDIM"], info["extra_generation_params"]["Eta"]) == (0.3, 0.6)
 
 
 def test_vae_listing_and_switching(fresh, folders):

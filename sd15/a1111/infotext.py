@@ -23,9 +23,11 @@ def job_timestamp(now: Optional[datetime.datetime] = None) -> str:
     return (now or datetime.datetime.now()).strftime("%Y%m%d%H%M%S")
 
 
-def _eta(sampler, eta) -> dict:
-    """{"Eta" or "Eta DDIM": eta} when the sampler takes eta and it differs from A1111's option, else {}."""
-    if "eta" not in sampler.options or eta in (None, sampler.options["eta"]):
+def _eta(r, sampler) -> dict:
+    """A pass's {"Eta" or "Eta DDIM": eta} when its sampler takes eta and runs with another than its default
+    (A1111's `eta_infotext_field`, `eta_default`), else {}."""
+    eta = r.eta_of(sampler)
+    if "eta" not in sampler.options or eta == sampler.options["eta"]:
         return {}
     return {"Eta DDIM" if sampler.timesteps else "Eta": eta}
 
@@ -66,12 +68,12 @@ def _extra_params(r, has_mask: bool, extra: Mapping[str, Any]) -> dict:
     recorded = recorded_schedule(r.sampler, r.scheduler)
     if recorded is not None:
         out["Schedule type"] = recorded.label
-    out.update(_eta(r.sampler, q.eta))
+    out.update(_eta(r, r.sampler))
     if hr is not None:
         hr_recorded = recorded_schedule(hr.sampler, hr.scheduler)
         if hr_recorded is not None and hr_recorded.label != out.get("Schedule type"):
             out["Hires schedule type"] = hr_recorded.label
-        out.update(_eta(hr.sampler, q.eta))
+        out.update(_eta(r, hr.sampler))
     return out
 
 
@@ -83,8 +85,8 @@ def create_infotext(r, index: int = 0, *, model: Mapping[str, Any] = {}, extra: 
     out, a value equal to its key is written bare."""
     q = r.request
     has_mask = q.mask is not None if has_mask is None else has_mask
-    eta = q.eta if q.eta is not None else 1.0
     variation = q.subseed_strength != 0
+    eta = r.eta_of(r.sampler)
     later = _extra_params(r, has_mask, extra)
     entries = {
         "Steps": q.steps,
