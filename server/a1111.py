@@ -237,8 +237,7 @@ def check(req: _GenerationRequest, limits: Limits, settings: Optional[dict] = No
     """The request's ranges and limits (`sd15.schema.validate`) and the API-only fields -> ValidationError
     (422); unknown sampler, scheduler or upscaler names -> ApiError 400 (A1111 v1.10 answers 400). Returns
     the request resolved (`sd15.schema.resolve`, the one resolution of the request) with `settings`, its init
-    images still as sent; `upscalers`: the pixel upscaler names the hires fix may use (None: the
-    built-ins)."""
+    images still as sent; `upscalers`: the pixel upscalers the hires fix may use (None: the built-ins)."""
     problems = []
     if isinstance(req, Txt2ImgRequest):
         for name in ("firstphase_width", "firstphase_height"):
