@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from sd15.a1111 import infotext
+from sd15.schema import range_problem
 from sd15.upscale import ESRGAN_TILE, ESRGAN_TILE_OVERLAP, REALESRGAN_NAMES, Upscalers, list_upscalers
 from server.a1111 import ApiError, _Request, decode_image
 from server.coerce import ValidationError, convert
@@ -109,12 +110,8 @@ def check(req: ExtrasBaseRequest) -> None:
         value, m = getattr(req, f.name), f.metadata
         if "gt" in m and not value > m["gt"]:
             problems.append((f.name, f"ensure this value is greater than {m['gt']}", "value_error.number.not_gt"))
-        elif "ge" in m and not value >= m["ge"]:
-            problems.append((f.name, f"ensure this value is greater than or equal to {m['ge']}",
-                             "value_error.number.not_ge"))
-        elif "le" in m and not value <= m["le"]:
-            problems.append((f.name, f"ensure this value is less than or equal to {m['le']}",
-                             "value_error.number.not_le"))
+        elif problem := range_problem(f.name, value, m.get("ge"), m.get("le")):
+            problems.append(problem)
     for name in ("gfpgan_visibility", "codeformer_visibility"):
         if not problems and getattr(req, name) > 0:
             problems.append((name, "face restoration (GFPGAN, CodeFormer) is not supported by this server; "
