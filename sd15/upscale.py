@@ -20,11 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sd15.a1111.images import PIXEL_UPSCALERS
+from sd15.a1111.images import LANCZOS, NEAREST, PIXEL_UPSCALERS
 from sd15.esrgan import load_upscaler
-
-LANCZOS = Image.Resampling.LANCZOS
-NEAREST = Image.Resampling.NEAREST
 
 #: A1111's names for Real-ESRGAN's release files (modules/realesrgan_model.py): name -> (file stem, scale).
 REALESRGAN_NAMES = {
