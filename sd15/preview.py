@@ -34,8 +34,8 @@ SD1_CHEAP_COEFFS = (
 
 
 def image_grid(images: list[Image.Image], rows: int | None = None, background="black") -> Image.Image:
-    """A1111's `images.image_grid`: the images row-major in `rows` rows (None: A1111's default, round(sqrt(n))),
-    each cell the largest image's size with a smaller image centred in it, on `background`."""
+    """A1111's `images.image_grid`: the images row-major in `rows` rows (None: A1111's default,
+    round(sqrt(n))), each cell the largest image's size (a smaller image centred in it), on `background`."""
     rows = min(rows or max(1, round(math.sqrt(len(images)))), len(images))
     cols = math.ceil(len(images) / rows)
     w, h = map(max, zip(*(im.size for im in images)))
