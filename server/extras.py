@@ -23,7 +23,8 @@ from starlette.routing import Route
 
 from sd15.a1111 import infotext
 from sd15.schema import range_problem
-from sd15.upscale import ESRGAN_TILE, ESRGAN_TILE_OVERLAP, REALESRGAN_NAMES, Upscalers, list_upscalers
+from sd15.upscale import (ESRGAN_TILE, ESRGAN_TILE_OVERLAP, REALESRGAN_NAMES, Upscalers, list_upscalers,
+                          upscaled_size)
 from server.a1111 import ApiError, _Request, decode_image
 from server.coerce import ValidationError, convert
 
@@ -242,7 +243,7 @@ async def _extras(request: Request, cls):
 
 
 def _out_size(image: Image.Image, req: ExtrasBaseRequest) -> tuple[int, int]:
-    """The size `upscale_step` will make (sd15's `Upscalers.upscale` rounds down to multiples of 8)."""
+    """The size `upscale_step` will make."""
     if req.upscaler_1 == "None":
         return image.size
     if req.resize_mode == 1 and req.upscaling_crop:
@@ -250,7 +251,7 @@ def _out_size(image: Image.Image, req: ExtrasBaseRequest) -> tuple[int, int]:
     s = req.upscaling_resize
     if req.resize_mode == 1:
         s = max(req.upscaling_resize_w / image.width, req.upscaling_resize_h / image.height)
-    return int(image.width * s) // 8 * 8, int(image.height * s) // 8 * 8
+    return upscaled_size(image.width, image.height, s)
 
 
 async def extra_single_image(request: Request):
