@@ -104,8 +104,8 @@ def _reader(storage, offset, nbytes, dtype, shape):
 
 
 def open_checkpoint(path) -> dict[str, Entry]:
-    """{key: Entry} of a safetensors file, or of a `.ckpt`/`.pt` through torch's weights-only unpickler (no
-    pickled code runs)."""
+    """{key: Entry} of a safetensors file, or of a `.ckpt`/`.pt`/`.pth` through torch's weights-only unpickler
+    (no pickled code runs)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
@@ -118,8 +118,9 @@ def open_checkpoint(path) -> dict[str, Entry]:
     except Exception as e:  # the unpickler raises several types for hostile or broken files
         first = (str(e).splitlines() or [""])[0]
         raise CheckpointError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {first})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]  # the wrapper of old Lightning checkpoints
+    wrappers = ("params_ema", "params", "state_dict")  # Real-ESRGAN / BasicSR releases, old Lightning files
+    if isinstance(obj, dict):
+        obj = next((obj[w] for w in wrappers if isinstance(obj.get(w), dict)), obj)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: not a checkpoint (holds a {type(obj).__name__}, not a dict of tensors)")
     return {k: Entry(v.shape, v.dtype, (lambda v=v: v)) for k, v in obj.items() if isinstance(v, torch.Tensor)}

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sd15.checkpoint import assign_strict
+from sd15.checkpoint import assign_strict, open_checkpoint
 
 
 class UpscalerModelError(ValueError):
@@ -185,18 +185,11 @@ def build_upscaler(sd: dict) -> nn.Module:
 
 
 def load_upscaler(path, device="cpu", dtype=torch.float32) -> nn.Module:
-    """Read an upscaler file (`.pth`/`.pt` through `torch.load(weights_only=True)`, or `.safetensors`). Any
-    failure raises `UpscalerModelError` with a one-line message that names the file."""
+    """Read an upscaler file (`sd15.checkpoint.open_checkpoint`: weights only). Any failure raises
+    `UpscalerModelError` with a one-line message that names the file."""
     path = Path(path)
     try:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
-            sd = load_file(str(path))
-        else:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
-            wrappers = ("params_ema", "params", "state_dict")  # Real-ESRGAN / BasicSR training wrappers
-            sd = next((sd[w] for w in wrappers if isinstance(sd.get(w), dict)), sd)
-        net = build_upscaler(sd)
+        net = build_upscaler({k: entry.read() for k, entry in open_checkpoint(path).items()})
     except Exception as e:  # noqa: BLE001 - every failure becomes one line naming the file
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UpscalerModelError(f"{path.name}: cannot load upscaler model: {msg}") from e

@@ -33,14 +33,15 @@ SD1_CHEAP_COEFFS = (
 )
 
 
-def image_grid(images: list[Image.Image]) -> Image.Image:
-    """A1111's `images.image_grid` with default options (`n_rows = -1`): round(sqrt(n)) rows, black background."""
-    rows = min(max(1, round(math.sqrt(len(images)))), len(images))
+def image_grid(images: list[Image.Image], rows: int | None = None, background="black") -> Image.Image:
+    """A1111's `images.image_grid`: the images row-major in `rows` rows (None: A1111's default,
+    round(sqrt(n))), each cell the largest image's size (a smaller image centred in it), on `background`."""
+    rows = min(rows or max(1, round(math.sqrt(len(images)))), len(images))
     cols = math.ceil(len(images) / rows)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "black")
+    w, h = map(max, zip(*(im.size for im in images)))
+    grid = Image.new("RGB", (cols * w, rows * h), background)
     for i, im in enumerate(images):
-        grid.paste(im, (i % cols * w, i // cols * h))
+        grid.paste(im, (i % cols * w + (w - im.width) // 2, i // cols * h + (h - im.height) // 2))
     return grid
 
 

@@ -159,18 +159,27 @@ class Limits:
     max_images: Optional[int] = None   # batch_size × n_iter
 
 
+def range_problem(name, value, lo=None, hi=None) -> Optional[tuple[str, str, str]]:
+    """Pydantic v1's `(field, message, type)` for a number below `lo` or above `hi`, else None (also for
+    what is not a number: other checks name its type)."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if lo is not None and value < lo:
+        return name, f"ensure this value is greater than or equal to {lo}", "value_error.number.not_ge"
+    if hi is not None and value > hi:
+        return name, f"ensure this value is less than or equal to {hi}", "value_error.number.not_le"
+    return None
+
+
 def validate(req: GenerationRequest, limits: Limits = Limits()) -> None:
     """The one range check of a request: every field's range, the limits, and what only makes sense
     together. Raises RequestError listing every problem."""
     problems = []
 
     def check(name, value, lo=None, hi=None):
-        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-            return
-        if lo is not None and value < lo:
-            problems.append((name, f"ensure this value is greater than or equal to {lo}", "value_error.number.not_ge"))
-        elif hi is not None and value > hi:
-            problems.append((name, f"ensure this value is less than or equal to {hi}", "value_error.number.not_le"))
+        problem = range_problem(name, value, lo, hi)
+        if problem:
+            problems.append(problem)
 
     groups = {"prompt", "seeds", "sampling", "size", "settings", "img2img" if req.is_img2img else "hires"}
     for f in FIELDS.values():

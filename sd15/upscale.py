@@ -20,11 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sd15.a1111.images import PIXEL_UPSCALERS
+from sd15.a1111.images import LANCZOS, NEAREST, PIXEL_UPSCALERS
 from sd15.esrgan import load_upscaler
-
-LANCZOS = Image.Resampling.LANCZOS
-NEAREST = Image.Resampling.NEAREST
 
 #: A1111's names for Real-ESRGAN's release files (modules/realesrgan_model.py): name -> (file stem, scale).
 REALESRGAN_NAMES = {
@@ -185,6 +182,11 @@ def upscale_with_model(model: torch.nn.Module, image: Image.Image, tile_size: in
                              grid.image_h * scale, grid.overlap * scale))
 
 
+def upscaled_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """The size A1111's `Upscaler.upscale` ends at: the scaled size rounded down to multiples of 8."""
+    return int(width * scale) // 8 * 8, int(height * scale) // 8 * 8
+
+
 class Upscalers:
     """The upscalers of an ESRGAN / RealESRGAN folder pair, each model loaded once, on `device` in `dtype`.
 
@@ -229,9 +231,9 @@ class Upscalers:
     def upscale(self, image: Image.Image, name: str, scale: float,
                 interrupted: Callable[[], bool] | None = None) -> Image.Image:
         """A1111 `Upscaler.upscale`: run the upscaler (a x4 net up to three times) until the image covers
-        `dest = (int(W·scale)//8·8, int(H·scale)//8·8)`, then LANCZOS to `dest` if the size differs."""
+        `dest = upscaled_size(W, H, scale)`, then LANCZOS to `dest` if the size differs."""
         u = self.info(name)
-        dest_w, dest_h = int((image.width * scale) // 8 * 8), int((image.height * scale) // 8 * 8)
+        dest_w, dest_h = upscaled_size(image.width, image.height, scale)
         for i in range(3):
             covered = image.width >= dest_w and image.height >= dest_h and (i > 0 or scale != 1)
             if covered or name == "None" or (interrupted is not None and interrupted()):

@@ -22,7 +22,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from sd15.a1111 import infotext
-from sd15.upscale import ESRGAN_TILE, ESRGAN_TILE_OVERLAP, REALESRGAN_NAMES, Upscalers, list_upscalers
+from sd15.schema import range_problem
+from sd15.upscale import (ESRGAN_TILE, ESRGAN_TILE_OVERLAP, REALESRGAN_NAMES, Upscalers, list_upscalers,
+                          upscaled_size)
 from server.a1111 import ApiError, _Request, decode_image
 from server.coerce import ValidationError, convert
 
@@ -109,12 +111,8 @@ def check(req: ExtrasBaseRequest) -> None:
         value, m = getattr(req, f.name), f.metadata
         if "gt" in m and not value > m["gt"]:
             problems.append((f.name, f"ensure this value is greater than {m['gt']}", "value_error.number.not_gt"))
-        elif "ge" in m and not value >= m["ge"]:
-            problems.append((f.name, f"ensure this value is greater than or equal to {m['ge']}",
-                             "value_error.number.not_ge"))
-        elif "le" in m and not value <= m["le"]:
-            problems.append((f.name, f"ensure this value is less than or equal to {m['le']}",
-                             "value_error.number.not_le"))
+        elif problem := range_problem(f.name, value, m.get("ge"), m.get("le")):
+            problems.append(problem)
     for name in ("gfpgan_visibility", "codeformer_visibility"):
         if not problems and getattr(req, name) > 0:
             problems.append((name, "face restoration (GFPGAN, CodeFormer) is not supported by this server; "
@@ -245,7 +243,7 @@ async def _extras(request: Request, cls):
 
 
 def _out_size(image: Image.Image, req: ExtrasBaseRequest) -> tuple[int, int]:
-    """The size `upscale_step` will make (sd15's `Upscalers.upscale` rounds down to multiples of 8)."""
+    """The size `upscale_step` will make."""
     if req.upscaler_1 == "None":
         return image.size
     if req.resize_mode == 1 and req.upscaling_crop:
@@ -253,7 +251,7 @@ def _out_size(image: Image.Image, req: ExtrasBaseRequest) -> tuple[int, int]:
     s = req.upscaling_resize
     if req.resize_mode == 1:
         s = max(req.upscaling_resize_w / image.width, req.upscaling_resize_h / image.height)
-    return int(image.width * s) // 8 * 8, int(image.height * s) // 8 * 8
+    return upscaled_size(image.width, image.height, s)
 
 
 async def extra_single_image(request: Request):

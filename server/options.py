@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from sd15.a1111.conditioning import EMPHASIS_MODES
+from sd15.schema import range_problem
 from server.coerce import ValidationError, convert
 
 HTML = object()  # an HTML explanation entry of A1111's settings page: no value of its own (shown as "")
@@ -385,12 +386,9 @@ def validate(key: str, value):
     if opt is None:
         raise ApiError(400, f"unknown option {key!r}; GET /sdapi/v1/options lists the options this server has")
     value = convert(key, value, opt.type)
-    if opt.lo is not None and value < opt.lo:
-        raise ValidationError.one(key, f"ensure this value is greater than or equal to {opt.lo}",
-                                  "value_error.number.not_ge")
-    if opt.hi is not None and value > opt.hi:
-        raise ValidationError.one(key, f"ensure this value is less than or equal to {opt.hi}",
-                                  "value_error.number.not_le")
+    problem = range_problem(key, value, opt.lo, opt.hi)
+    if problem:
+        raise ValidationError.one(*problem)
     if opt.choices is not None and value not in opt.choices:
         raise ValidationError.one(key, f"must be one of: {', '.join(map(str, opt.choices))}")
     return value

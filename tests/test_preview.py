@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import save_file
 
 from sd15.preview import (PREVIEW_TYPES, PreviewDecoders, effective_preview_type, image_grid, preview,
@@ -145,6 +146,14 @@ def test_image_grid_layout():
     assert g.size == (3 * 3, 2 * 2)  # round(sqrt(5)) = 2 rows, 3 columns
     assert np.array_equal(np.asarray(g)[2:4, 3:6], np.asarray(ims[4]))
     assert np.asarray(g)[2:4, 6:9].max() == 0  # the empty spot stays black
+
+
+def test_image_grid_centres_smaller_images_on_the_background():  # the scripts' grids: rows given, white
+    big, small = Image.new("RGB", (4, 2), (10, 20, 30)), Image.new("RGB", (2, 1), (200, 0, 0))
+    a = np.asarray(image_grid([big, small, small], rows=1, background=(255, 255, 255)))
+    assert a.shape == (2, 12, 3)
+    assert (a[:, :4] == (10, 20, 30)).all()
+    assert (a[0, 5:7] == (200, 0, 0)).all() and (a[1, 4:8] == 255).all() and (a[0, [4, 7]] == 255).all()
 
 
 @pytest.mark.gpu

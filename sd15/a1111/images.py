@@ -146,33 +146,6 @@ def tensor_to_pil(x: torch.Tensor) -> list[Image.Image]:
 PIXEL_UPSCALERS = ("None", "Lanczos", "Nearest")  # the built-in ones; ESRGAN models are `sd15.upscale`'s
 
 
-def _upscaler_upscale(im: Image.Image, scale: float, upscaler: str) -> Image.Image:
-    """A1111 `Upscaler.upscale` of "Lanczos"/"Nearest": unless the image already covers
-    `dest = (int(W·s)//8·8, int(H·s)//8·8)`, one resize to `(int(W·s), int(H·s))`; then LANCZOS to
-    `dest`."""
-    dest_w, dest_h = int((im.width * scale) // 8 * 8), int((im.height * scale) // 8 * 8)
-    if not (im.width >= dest_w and im.height >= dest_h and scale != 1):
-        resample = LANCZOS if upscaler == "Lanczos" else NEAREST
-        im = im.resize((int(im.width * scale), int(im.height * scale)), resample=resample)
-    if im.width != dest_w or im.height != dest_h:
-        im = im.resize((dest_w, dest_h), resample=LANCZOS)
-    return im
-
-
-def _resize(im: Image.Image, w: int, h: int, upscaler: str | None) -> Image.Image:
-    """The inner `resize(im, w, h)` of A1111 `resize_image`."""
-    if upscaler is None or upscaler == "None" or im.mode == "L":
-        return im.resize((w, h), resample=LANCZOS)
-    if upscaler not in PIXEL_UPSCALERS:
-        raise ValueError(f"could not find upscaler named {upscaler}")
-    scale = max(w / im.width, h / im.height)
-    if scale > 1.0:
-        im = _upscaler_upscale(im, scale, upscaler)
-    if im.width != w or im.height != h:
-        im = im.resize((w, h), resample=LANCZOS)
-    return im
-
-
 def resize_geometry(resize_mode: int, src_w: int, src_h: int, width: int, height: int):
     """Where `resize_image` puts the source: resized to `sw × sh`, pasted at `(x, y)` of the result
     (negative: cropped), and `fill` None or `("rows" | "columns", band)`, the edge bands mode 2 stretches.
@@ -195,11 +168,14 @@ def resize_image(resize_mode: int, image: Image.Image, width: int, height: int,
     RGB canvas, so an "L" image comes back RGB. Mode 2 fills the bars by resizing a zero-height (zero-width)
     edge box with Pillow's bicubic, which weighs the two edge rows 1.125 / -0.125 rather than copying one;
     bands of size 0 are skipped (A1111 would raise). `upscaler` "Lanczos"/"Nearest" runs A1111's Upscaler
-    when enlarging RGB; None and "None" resize with LANCZOS."""
+    (`sd15.upscale.Upscalers.resize`) when enlarging RGB; None and "None" resize with LANCZOS."""
+    from sd15.upscale import Upscalers  # (it imports this module)
+
+    resize = Upscalers().resize
     if resize_mode == 0:
-        return _resize(image, width, height, upscaler)
+        return resize(image, upscaler, width, height)
     sw, sh, x, y, fill = resize_geometry(resize_mode, image.width, image.height, width, height)
-    resized = _resize(image, sw, sh, upscaler)
+    resized = resize(image, upscaler, sw, sh)
     res = Image.new("RGB", (width, height))
     res.paste(resized, box=(x, y))
     if fill is not None and fill[1] > 0:

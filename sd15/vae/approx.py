@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sd15.checkpoint import assign_strict, open_checkpoint
+
 
 class VAEApprox(nn.Module):
     def __init__(self):
@@ -37,9 +39,10 @@ def load_vae_approx(path, device="cpu", dtype=torch.float32) -> VAEApprox:
     """Read A1111's `VAE-approx/model.pt` (weights only); ValueError with one line naming the file otherwise."""
     path = Path(path)
     try:
-        net = VAEApprox()
-        net.load_state_dict(torch.load(str(path), map_location="cpu", weights_only=True), strict=True)
+        with torch.device("meta"):  # no random init: the file's tensors are assigned
+            net = VAEApprox()
+        net = assign_strict(net, {k: entry.read() for k, entry in open_checkpoint(path).items()})
     except Exception as e:  # noqa: BLE001
         msg = " ".join(str(e).split())[:200] or type(e).__name__
         raise ValueError(f"{path.name}: not an Approx NN (VAE-approx) model: {msg}") from e
-    return net.eval().requires_grad_(False).to(device=device, dtype=dtype)
+    return net.to(device=device, dtype=dtype)

@@ -1,6 +1,6 @@
-"""Grids of images the way A1111's `modules/images.py` draws them: `image_grid`, `draw_grid_annotations`
-(axis labels on top and on the left) and `draw_prompt_matrix`. SD upscale's overlapping tiles are
-`sd15.upscale.split_grid` / `combine_grid`.
+"""Grid labels the way A1111's `modules/images.py` draws them: `draw_grid_annotations` (axis labels on top
+and on the left) and `draw_prompt_matrix`. The grid itself is `sd15.preview.image_grid` (on `BACKGROUND`);
+SD upscale's overlapping tiles are `sd15.upscale.split_grid` / `combine_grid`.
 
 Text uses Pillow's built-in scalable font (`ImageFont.load_default(size)`) instead of A1111's Roboto, so
 the label pixels differ from A1111's while the layout rules (font size, paddings, wrapping, shrinking a
@@ -21,18 +21,6 @@ BACKGROUND = (255, 255, 255)
 
 def font(size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=max(1, size))
-
-
-def image_grid(images: list, rows: int) -> Image.Image:
-    """Images in `rows` rows, row-major; every cell is the largest image's size and a smaller image is
-    centred in its cell."""
-    rows = min(rows, len(images))
-    cols = math.ceil(len(images) / rows)
-    w, h = map(max, zip(*(im.size for im in images)))
-    grid = Image.new("RGB", (cols * w, rows * h), BACKGROUND)
-    for i, im in enumerate(images):
-        grid.paste(im, (i % cols * w + (w - im.width) // 2, i // cols * h + (h - im.height) // 2))
-    return grid
 
 
 @dataclass

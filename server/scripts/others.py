@@ -13,6 +13,7 @@ from PIL import Image
 
 from sd15.a1111.images import flatten, load_image, png_bytes
 from sd15.pipeline import Result
+from sd15.preview import image_grid
 from sd15.samplers.table import find_sampler
 from sd15.schema import fixed_seed
 from sd15.upscale import combine_grid, split_grid
@@ -87,7 +88,7 @@ def plan_prompt_matrix(args: list, request: dict, *, rng: random.Random) -> Plan
             raise ScriptError(f"{PROMPT_MATRIX}: no image was generated", 409)
         blank = Image.new(out.images[0].mode, out.images[0].size)  # interrupted: the grid keeps its shape
         cells = out.images + [blank] * (len(prompts) - len(out.images))
-        grid = g.image_grid(cells, rows=1 << ((len(parts) - 1) // 2))
+        grid = image_grid(cells, 1 << ((len(parts) - 1) // 2), g.BACKGROUND)
         out.images = [g.draw_prompt_matrix(grid, blank.width, blank.height, parts, margin), *cells]
         out.infotexts.insert(0, out.infotexts[0])
         out.info["index_of_first_image"] = 1

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from sd15.pipeline import Result
+from sd15.preview import image_grid
 from sd15.samplers.table import SAMPLER_TABLE, SCHEDULER_TABLE, find_sampler
 from sd15.schema import RANDN_SOURCES, fixed_seed
 from server.scripts import grid as g
@@ -383,11 +384,11 @@ def _combine(results, order, axes, params, draw_legend, include_lone_images, inc
     subs = []
     for s in starts:
         cells = images[s:s + nx * ny]
-        sub = g.image_grid(cells, rows=ny)
+        sub = image_grid(cells, ny, g.BACKGROUND)
         if draw_legend:
             sub = g.draw_grid_annotations(sub, *map(max, zip(*(im.size for im in cells))), hor, ver, margin)
         subs.append(sub)
-    z_grid = g.image_grid(subs, rows=1)
+    z_grid = image_grid(subs, 1, g.BACKGROUND)
     if draw_legend:
         z_grid = g.draw_grid_annotations(z_grid, *map(max, zip(*(im.size for im in subs))),
                                          [[g.GridAnnotation(t)] for t in z_labels], [[g.GridAnnotation()]])
