@@ -50,8 +50,7 @@ class GenerationRequest:
     steps: int = _f(50, "sampling", "sampling steps", 1, infotext=('Steps',))
     cfg_scale: float = _f(7.0, "sampling", "classifier-free guidance scale", -100.0, 100.0, infotext=('CFG scale',))
     eta: Optional[float] = _f(None, "sampling", "noise of ancestral samplers and DDIM; empty: eta_ddim for "
-                                                "DDIM, else eta_ancestral", 0.0, 1000.0,
-        infotext=('Eta', 'Eta DDIM'))
+                                                "DDIM, else eta_ancestral", 0.0, 1000.0)
     s_churn: Optional[float] = _f(None, "sampling", "", 0.0, 1000.0)
     s_tmin: Optional[float] = _f(None, "sampling", "", 0.0, 1000.0)
     s_tmax: Optional[float] = _f(None, "sampling", "", 0.0, 1000.0)
@@ -97,9 +96,10 @@ class GenerationRequest:
     randn_source: str = _f("GPU", "settings", "GPU, CPU or NV: where A1111 would draw the noise", infotext=('RNG',))
     eta_noise_seed_delta: int = _f(0, "settings", "ENSD", 0, 2**32 - 1, infotext=('ENSD',))
     clip_skip: int = _f(1, "settings", "CLIP_stop_at_last_layers", 1, 12, infotext=('Clip skip',))
-    eta_ddim: float = _f(0.0, "settings", "A1111's option: DDIM's eta when eta is empty", 0.0, 1000.0)
+    eta_ddim: float = _f(0.0, "settings", "A1111's option: DDIM's eta when eta is empty", 0.0, 1000.0,
+                         infotext=('Eta DDIM',))
     eta_ancestral: float = _f(1.0, "settings", "A1111's option: the ancestral and SDE samplers' eta when "
-                                               "eta is empty", 0.0, 1000.0)
+                                               "eta is empty", 0.0, 1000.0, infotext=('Eta',))
 
     @property
     def is_img2img(self) -> bool:

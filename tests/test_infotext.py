@@ -729,12 +729,12 @@ def test_parse_fp8_cache_default_and_skip_fields():
 BARE_REQUEST = {
     "prompt": "p", "negative_prompt": "", "seed": -1, "subseed": -1, "subseed_strength": 0,
     "seed_resize_from_h": -1, "seed_resize_from_w": -1, "sampler_name": "DPM++ 2M", "scheduler": "automatic",
-    "steps": 50, "cfg_scale": 7.0, "eta": None, "tiling": False, "width": 512, "height": 512,
+    "steps": 50, "cfg_scale": 7.0, "tiling": False, "width": 512, "height": 512,
     "denoising_strength": None, "mask_blur": None, "inpainting_fill": 1, "inpaint_full_res": False,
     "inpaint_full_res_padding": 32, "inpainting_mask_invert": 0, "enable_hr": False, "hr_scale": 2.0,
     "hr_upscaler": None, "hr_second_pass_steps": 0, "hr_resize_x": 0, "hr_resize_y": 0,
     "hr_sampler_name": None, "hr_scheduler": None, "hr_prompt": "", "hr_negative_prompt": "",
-    "randn_source": "GPU", "eta_noise_seed_delta": 0, "clip_skip": 1}
+    "randn_source": "GPU", "eta_noise_seed_delta": 0, "clip_skip": 1, "eta_ddim": 0.0, "eta_ancestral": 1.0}
 
 PASTED = [  # (infotext as A1111 wrote it, the request fields A1111's paste gives)
     ("p\nModel: x, Model hash: 0123456789, Version: v1.10.1", {}),
@@ -766,7 +766,7 @@ PASTED = [  # (infotext as A1111 wrote it, the request fields A1111's paste give
       "width": 640, "height": 448, "subseed": 99, "subseed_strength": 0.3, "seed_resize_from_w": 512,
       "seed_resize_from_h": 384, "denoising_strength": 0.55, "eta_noise_seed_delta": 31337, "enable_hr": True,
       "hr_resize_x": 1280, "hr_resize_y": 896, "hr_sampler_name": "DPM++ SDE", "hr_scheduler": "exponential",
-      "hr_prompt": "a photo, detailed", "eta": 0.9, "tiling": True}),
+      "hr_prompt": "a photo, detailed", "eta_ancestral": 0.9, "tiling": True}),
     # a strength without hires keys is img2img's; an unknown sampler is A1111's first; bad numbers keep
     # their defaults
     ("p\nSteps: many, Sampler: Euler Dy, Schedule type: Weird, Seed: 7, Denoising strength: 0.3, "

@@ -242,6 +242,16 @@ def test_infotext_field_fills_unset_fields(client):
     assert info["sampler_name"] == "Euler a" and info["cfg_scale"] == 9.0  # set fields win
 
 
+def test_infotext_field_eta_entries_are_the_eta_options(client):
+    """A1111 reads `Eta` as the eta_ancestral option and `Eta DDIM` as eta_ddim (override_settings), not as
+    the request's eta: each applies only to a sampler of its kind."""
+    text = "a dog\nSteps: 2, Sampler: Euler a, Seed: 7, Size: 64x64"
+    def line(extra):
+        return txt2img(client, infotext=text + extra, steps=None, width=None, height=None)["info"]["infotexts"][0]
+    assert "Eta: 0.6" in line(", Eta: 0.6")
+    assert "Eta" not in line(", Eta DDIM: 0.3")  # DDIM's option does not reach Euler a
+
+
 def test_infotext_field_sets_hires_by_a1111s_checkbox_rule():
     """A1111 ticks Hires. fix from an infotext only with "Denoising strength" and one of the hires keys."""
     from server.a1111 import Txt2ImgRequest
