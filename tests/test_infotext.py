@@ -529,6 +529,17 @@ def test_ensd_follows_the_eta_option():
     assert "ENSD" not in line and "Eta: 0.0" in line
 
 
+@pytest.mark.parametrize("first, hr_sampler, shown", [
+    ("Euler a", "DDIM", False),     # Euler a uses ENSD, but the hires sampler's eta (DDIM: 0) is the one read
+    ("Euler a", "Euler", True),     # Euler has no eta option: A1111's eta_ancestral (1) is read
+    ("Euler a", "Euler a", True), ("DDIM", "Euler a", False)])  # DDIM never uses ENSD
+def test_ensd_reads_the_eta_of_the_last_pass(first, hr_sampler, shown):
+    """A1111's `is_sampler_using_eta_noise_seed_delta` takes `uses_ensd` from the first pass's sampler and the
+    eta from `p.sampler`, which after a hires pass is the hires sampler."""
+    line = params_line(hires(sampler_name=first, hr_sampler_name=hr_sampler, eta_noise_seed_delta=31337))
+    assert ("ENSD: 31337" in line) is shown
+
+
 # =============================================================================================
 # Quoting
 # =============================================================================================

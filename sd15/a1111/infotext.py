@@ -86,7 +86,9 @@ def create_infotext(r, index: int = 0, *, model: Mapping[str, Any] = {}, extra: 
     q = r.request
     has_mask = q.mask is not None if has_mask is None else has_mask
     variation = q.subseed_strength != 0
-    eta = r.eta_of(r.sampler)
+    # A1111's `is_sampler_using_eta_noise_seed_delta`: the first pass's sampler decides whether ENSD applies, the
+    # eta of the last sampler that ran (the hires pass's, when there was one) whether it was used
+    eta = r.eta_of(r.hires.sampler if r.hires is not None else r.sampler)
     later = _extra_params(r, has_mask, extra)
     entries = {
         "Steps": q.steps,
