@@ -200,6 +200,26 @@ def test_img2img_and_inpainting(model):
     assert "Masked content: fill" in inp.infotexts[0] and "Inpaint area" not in inp.infotexts[0]
 
 
+def test_latent_noise_fill_is_a1111s_plain_draw(model, monkeypatch):
+    """A1111 fills "latent noise" with `create_random_tensors(shape, all_seeds[:batch])`: the first batch's seeds,
+    without the request's variation seed or seed resize."""
+    from PIL import Image
+
+    import sd15.pipeline as pipeline
+    from sd15.rng import ImageRNG
+
+    drawn, real = [], pipeline.InitImages
+    monkeypatch.setattr(pipeline, "InitImages", lambda r, encode, noise: real(
+        r, encode, lambda shape: drawn.append(noise(shape)) or drawn[-1]))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    generate(model, Params(init_images=[Image.new("RGB", (64, 64), (90, 40, 200))], mask=mask, inpainting_fill=2,
+                           seed=11, batch_size=2, n_iter=2, steps=1, subseed=5, subseed_strength=0.5,
+                           seed_resize_from_w=96, seed_resize_from_h=96, randn_source="CPU", **SIZE))
+    # with a variation seed every image keeps the seed 11 (A1111's all_seeds) and the subseeds count up
+    assert len(drawn) == 1 and torch.equal(drawn[0], ImageRNG((4, 8, 8), [11, 11], source="cpu").first())
+
+
 def test_hires_fix(model):
     r = generate(model, Params(prompt="a tree", seed=1, steps=3, enable_hr=True, hr_scale=2.0,
                                denoising_strength=0.5, **SIZE))
