@@ -111,10 +111,11 @@ def _generate(model, r: ResolvedRequest, job: Job, state: JobState, callback, mo
               upscalers) -> Result:
     B, passes = r.batch_size, 2 if r.hires else 1
     init, img2img = None, {}
-    if r.is_img2img:  # the image side, once; "latent noise" is A1111's `create_random_tensors(shape, seeds)`
-        # for the first batch's seeds: no variation seed, no seed resize
-        init = InitImages(r, encode=partial(encode_images, model, job=job), noise=lambda shape: ImageRNG(
-            shape, r.seeds[:B], source=r.randn_source.lower(), device=model.device).first())
+    if r.is_img2img:  # the image side, once
+        def latent_noise(shape):  # "latent noise": A1111's `create_random_tensors(shape, all_seeds[:B])`, with
+            # no variation seed and no seed resize
+            return ImageRNG(shape, r.seeds[:B], source=r.randn_source.lower(), device=model.device).first()
+        init = InitImages(r, encode=partial(encode_images, model, job=job), noise=latent_noise)
         img2img = dict(init_latent=init.latent, mask=init.mask, nmask=init.nmask,
                        noise_multiplier=r.initial_noise_multiplier)
     state.job_count = r.n_iter * passes
