@@ -290,7 +290,8 @@ def image_response(req: _GenerationRequest, result, pnginfo: bool, settings: dic
     images = []
     if req.send_images:
         for image, text in zip(result.images, result.infotexts):
-            data = imgs.encode_image(image, {"parameters": text} if pnginfo else None, **image_format(settings))
+            info = {"parameters": text} if pnginfo else None
+            data = imgs.encode_image(image, info, **image_format(settings))
             images.append(base64.b64encode(data).decode("ascii"))
     return {"images": images, "parameters": req.echo(), "info": infotext.info_json(result.info)}
 

@@ -195,7 +195,8 @@ def run_extras(upscalers: Upscalers, images: list, req: ExtrasBaseRequest, setti
                          if v is not None)
         # what A1111's `run_postprocessing` keeps of `read_info_from_image`: the input's info but the
         # technical keys, and the step's infotext
-        chunks = {k: v for k, v in {**image.info, "postprocessing": text}.items() if k not in IGNORED_INFO_KEYS}
+        chunks = {k: v for k, v in {**image.info, "postprocessing": text}.items()
+                  if k not in IGNORED_INFO_KEYS}
         data = encode_image(result, chunks if settings["enable_pnginfo"] else None, **image_format(settings))
         outputs.append(base64.b64encode(data).decode("ascii"))
     return outputs, "<p>" + "<br>\n".join(html.escape(line) for line in text.split("\n")) + "</p>"

@@ -121,9 +121,10 @@ def _run_script(self, job: jobs.Job, plan) -> tuple:
 
 def _save(self, kind: str, result, settings: dict) -> list:
     """Save as A1111's `images.save_image` with its default patterns and the job's options (override_settings
-    included): under the outdir, `<kind>-images/YYYY-MM-DD/NNNNN-SEED.<samples_format>` (a script's grids, the
-    images before `index_of_first_image`, under `<kind>-grids` in `grid_format`), NNNNN counting on from the
-    highest number in that folder, with the infotext (`enable_pnginfo`). -> the paths relative to the outdir."""
+    included): under the outdir, `<kind>-images/YYYY-MM-DD/NNNNN-SEED.<samples_format>` (a script's grids,
+    the images before `index_of_first_image`, under `<kind>-grids` in `grid_format`), NNNNN counting on from
+    the highest number in that folder, with the infotext (`enable_pnginfo`). -> the paths relative to the
+    outdir."""
     images, texts = list(result.images), list(result.infotexts)
     grids = int(result.info.get("index_of_first_image") or 0)
     seeds = list(result.seeds)[-len(images):]

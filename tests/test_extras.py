@@ -173,15 +173,18 @@ def test_samples_format_encodes_the_results(client):
     meta = PngInfo()
     meta.add_text("parameters", "a cat\nSteps: 20, Seed: 1")
     src = image(16, 16, seed=4)
-    assert client.post(f"{API}/options", json={"samples_format": "webp", "webp_lossless": True}).status_code == 200
+    opts = {"samples_format": "webp", "webp_lossless": True}
+    assert client.post(f"{API}/options", json=opts).status_code == 200
     try:
         body = {"upscaler_1": "Nearest", "upscaling_resize": 2}
         one = decode(post(client, {**body, "image": b64(src, meta)}).json()["image"])
-        [batch] = post(client, {**body, "imageList": [{"data": b64(src), "name": "a"}]}, batch=True).json()["images"]
+        listed = {**body, "imageList": [{"data": b64(src), "name": "a"}]}
+        [batch] = post(client, listed, batch=True).json()["images"]
     finally:
         client.post(f"{API}/options", json={"samples_format": "png", "webp_lossless": False})
     assert one.format == decode(batch).format == "WEBP"
-    assert one.getexif().get_ifd(0x8769)[0x9286] == b"UNICODE\0" + "a cat\nSteps: 20, Seed: 1".encode("utf-16-be")
+    comment = one.getexif().get_ifd(0x8769)[0x9286]
+    assert comment == b"UNICODE\0" + "a cat\nSteps: 20, Seed: 1".encode("utf-16-be")
     assert same(one, src.resize((32, 32), resample=Image.Resampling.NEAREST)) and same(decode(batch), one)
 
 

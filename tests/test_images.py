@@ -652,7 +652,10 @@ def test_png_is_the_parameters_chunk_byte_for_byte():
     assert I.png_bytes(im) == png_bytes(im, pnginfo=PngInfo())  # no text: no chunk
 
 
-@pytest.mark.parametrize("fmt, magic", [("jpg", b"\xff\xd8\xff"), ("jpeg", b"\xff\xd8\xff"), ("webp", b"RIFF")])
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+@pytest.mark.parametrize("fmt, magic", [("jpg", JPEG_MAGIC), ("jpeg", JPEG_MAGIC), ("webp", b"RIFF")])
 def test_jpeg_and_webp_carry_the_infotext_as_exif_user_comment(fmt, magic):
     data = I.encode_image(noise(), {"parameters": INFOTEXT, "other": "x"}, fmt)
     assert data.startswith(magic) and (fmt != "webp" or data[8:12] == b"WEBP")
@@ -674,7 +677,8 @@ def test_webp_lossless_round_trips_pixels_and_lossy_does_not():
 
 
 def test_rgba_is_saved_as_rgb_in_jpeg():
-    with Image.open(io.BytesIO(I.encode_image(Image.new("RGBA", (8, 8), (10, 200, 30, 0)), None, "jpg"))) as out:
+    data = I.encode_image(Image.new("RGBA", (8, 8), (10, 200, 30, 0)), None, "jpg")
+    with Image.open(io.BytesIO(data)) as out:
         assert out.mode == "RGB" and out.format == "JPEG"
 
 

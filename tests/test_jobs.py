@@ -107,11 +107,13 @@ def test_saved_files_and_images_follow_the_options(engine_client):
     engine, client = engine_client
 
     def run(seed, **kw):
-        r = client.post(f"{API}/txt2img", json={"prompt": "x", "seed": seed, "save_images": True, **SMALL, **kw})
+        body = {"prompt": "x", "seed": seed, "save_images": True, **SMALL, **kw}
+        r = client.post(f"{API}/txt2img", json=body)
         assert r.status_code == 200, r.text
         [path] = client.get(f"{JOBS}/jobs/{r.headers['x-sd15-job']}").json()["files"]
         data = open(os.path.join(engine.config.outdir, path), "rb").read()
-        return path, data, base64.b64decode(r.json()["images"][0]), json.loads(r.json()["info"])["infotexts"][0]
+        answer = r.json()
+        return path, data, base64.b64decode(answer["images"][0]), json.loads(answer["info"])["infotexts"][0]
 
     path, data, answer, text = run(31, override_settings={"samples_format": "webp", "webp_lossless": True})
     assert path.endswith("-31.webp") and data[:4] == b"RIFF" and answer[:4] == b"\x89PNG"

@@ -67,9 +67,9 @@ def test_saved_grid_follows_grid_format(env):
         client.post("/sdapi/v1/options", json={"grid_format": "png", "webp_lossless": False})
     [path] = job["files"]
     assert path.startswith("txt2img-grids/") and path.endswith("-42.webp")
-    grid = Image.open(f"{engine.config.outdir}/{path}")
-    assert grid.format == "WEBP" and np.array_equal(np.asarray(grid.convert("RGB")), image(job["result"]["images"][0]))
-    assert Image.open(io.BytesIO(base64.b64decode(job["result"]["images"][0]))).format == "PNG"  # samples_format
+    grid, answer = Image.open(f"{engine.config.outdir}/{path}"), job["result"]["images"][0]
+    assert grid.format == "WEBP" and np.array_equal(np.asarray(grid.convert("RGB")), image(answer))
+    assert Image.open(io.BytesIO(base64.b64decode(answer))).format == "PNG"  # the response: samples_format
 
 
 def test_api_script_request_is_a_queued_cancellable_job(env):

@@ -233,10 +233,10 @@ IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
 def encode_image(image: Image.Image, info: dict | None = None, fmt: str = "png", quality: int = 80,
                  lossless: bool = False) -> bytes:
     """File bytes of `image` in the `samples_format` `fmt`, as A1111's `api.encode_pil_to_base64` and
-    `images.save_image` write them. `info` is A1111's `image.info`, the infotext under `parameters`: PNG writes
-    each str item as a tEXt chunk; JPEG and WebP, of RGB, write `parameters` as EXIF UserComment ("UNICODE\\0" +
-    UTF-16-BE, as A1111's piexif does) with `quality` (`opts.jpeg_quality`, WebP's too) and WebP `lossless`
-    (`opts.webp_lossless`)."""
+    `images.save_image` write them. `info` is A1111's `image.info`, the infotext under `parameters`: PNG
+    writes each str item as a tEXt chunk; JPEG and WebP, of RGB, write `parameters` as EXIF UserComment
+    ("UNICODE\\0" + UTF-16-BE, as A1111's piexif does) with `quality` (`opts.jpeg_quality`, WebP's too) and
+    WebP `lossless` (`opts.webp_lossless`)."""
     info, buf = info or {}, io.BytesIO()
     if IMAGE_FORMATS[fmt] == "PNG":
         meta = PngInfo()
