@@ -278,12 +278,21 @@ def decode_image(data: str, name: str, limits: Limits):
         raise ApiError(400, f"{name}: {e}") from None
 
 
-def image_response(req: _GenerationRequest, result, pnginfo: bool = True) -> dict:
-    """txt2img/img2img response: bare base64 PNGs with the infotext chunk, the echo, `info` string."""
+def image_format(settings: dict) -> dict:
+    """`sd15.a1111.images.encode_image`'s format arguments from A1111's options."""
+    return {"fmt": settings["samples_format"], "quality": settings["jpeg_quality"],
+            "lossless": settings["webp_lossless"]}
+
+
+def image_response(req: _GenerationRequest, result, pnginfo: bool, settings: dict) -> dict:
+    """txt2img/img2img response: bare base64 images in the options' `samples_format` with the infotext
+    (`pnginfo`), the echo, `info` string."""
     images = []
     if req.send_images:
         for image, text in zip(result.images, result.infotexts):
-            images.append(base64.b64encode(imgs.png_bytes(image, text if pnginfo else None)).decode("ascii"))
+            info = {"parameters": text} if pnginfo else None
+            data = imgs.encode_image(image, info, **image_format(settings))
+            images.append(base64.b64encode(data).decode("ascii"))
     return {"images": images, "parameters": req.echo(), "info": infotext.info_json(result.info)}
 
 

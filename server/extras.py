@@ -10,22 +10,21 @@ from __future__ import annotations
 import base64
 import dataclasses
 import html
-import io
 import os
 from dataclasses import dataclass, field
 
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from sd15.a1111 import infotext
+from sd15.a1111.images import encode_image
 from sd15.schema import range_problem
 from sd15.upscale import (ESRGAN_TILE, ESRGAN_TILE_OVERLAP, REALESRGAN_NAMES, Upscalers, list_upscalers,
                           upscaled_size)
-from server.a1111 import ApiError, _Request, decode_image
+from server.a1111 import ApiError, _Request, decode_image, image_format
 from server.coerce import ValidationError, convert
 
 #: A1111's `images.IGNORED_INFO_KEYS`: image info that `read_info_from_image` does not carry over.
@@ -182,10 +181,11 @@ def upscale_step(upscalers: Upscalers, image: Image.Image, req: ExtrasBaseReques
     return result
 
 
-def run_extras(upscalers: Upscalers, images: list, req: ExtrasBaseRequest, pnginfo: bool = True) -> tuple:
-    """(GPU worker) Every image through the Upscale step -> (base64 PNGs in input order, the `html_info` of
-    the last: A1111's `ui_common.plaintext_to_html` of the step's infotext). With `pnginfo`, the PNGs carry
-    the input's text chunks and `postprocessing`, the step's infotext."""
+def run_extras(upscalers: Upscalers, images: list, req: ExtrasBaseRequest, settings: dict) -> tuple:
+    """(GPU worker) Every image through the Upscale step -> (base64 images in input order, the `html_info` of
+    the last: A1111's `ui_common.plaintext_to_html` of the step's infotext). As A1111's `encode_pil_to_base64`
+    in `samples_format`; with `enable_pnginfo`, PNGs carry the input's text chunks and `postprocessing`, the
+    step's infotext, and JPEG / WebP the input's `parameters`."""
     outputs, text = [], ""
     for image in images:
         info: dict = {}
@@ -193,16 +193,12 @@ def run_extras(upscalers: Upscalers, images: list, req: ExtrasBaseRequest, pngin
         # A1111's postprocessing infotext: `k: v` pairs, values quoted as in generation infotexts
         text = ", ".join(k if k == v else f"{k}: {infotext.quote(v)}" for k, v in info.items()
                          if v is not None)
-        # A1111's `encode_pil_to_base64` of `read_info_from_image` as `run_postprocessing` keeps it: every
-        # str -> str item of the input's info but the technical keys, and the step's infotext
-        meta = PngInfo()
-        chunks = {**image.info, "postprocessing": text} if pnginfo else {}
-        for k, v in chunks.items():
-            if isinstance(k, str) and isinstance(v, str) and k not in IGNORED_INFO_KEYS:
-                meta.add_text(k, v)
-        buf = io.BytesIO()
-        result.save(buf, format="PNG", pnginfo=meta)
-        outputs.append(base64.b64encode(buf.getvalue()).decode("ascii"))
+        # what A1111's `run_postprocessing` keeps of `read_info_from_image`: the input's info but the
+        # technical keys, and the step's infotext
+        chunks = {k: v for k, v in {**image.info, "postprocessing": text}.items()
+                  if k not in IGNORED_INFO_KEYS}
+        data = encode_image(result, chunks if settings["enable_pnginfo"] else None, **image_format(settings))
+        outputs.append(base64.b64encode(data).decode("ascii"))
     return outputs, "<p>" + "<br>\n".join(html.escape(line) for line in text.split("\n")) + "</p>"
 
 
@@ -233,8 +229,7 @@ async def _extras(request: Request, cls):
             raise ApiError(400, f"the result would be {w}x{h} = {w * h} pixels; the limit is "
                                 f"{engine.limits.max_image_pixels}")
     try:
-        outputs, html_info = await engine.on_gpu(run_extras, upscalers, images, req,
-                                                 engine.options.get("enable_pnginfo", True))
+        outputs, html_info = await engine.on_gpu(run_extras, upscalers, images, req, engine.options)
     except ValueError as e:  # a bad model file (UpscalerModelError), an upscaler removed meanwhile
         raise ApiError(400, str(e)) from None
     if cls is ExtrasSingleImageRequest:

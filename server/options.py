@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from sd15.a1111.conditioning import EMPHASIS_MODES
+from sd15.a1111.images import IMAGE_FORMATS
 from sd15.schema import range_problem
 from server.coerce import ValidationError, convert
 
@@ -32,12 +33,12 @@ class Option:
 
 _TABLE = {
     "samples_save": True,
-    "samples_format": Option("png", str, choices=("png",)),  # jpg / webp join once responses encode them
+    "samples_format": Option("png", str, choices=tuple(IMAGE_FORMATS)),  # what A1111's API can encode
     "samples_filename_pattern": "",
     "save_images_add_number": True,
     "save_images_replace_action": "Replace",
     "grid_save": True,
-    "grid_format": "png",
+    "grid_format": Option("png", str, choices=tuple(IMAGE_FORMATS)),
     "grid_extended_filename": False,
     "grid_only_if_multiple": True,
     "grid_prevent_empty_spots": False,
@@ -52,7 +53,7 @@ _TABLE = {
     "save_images_before_color_correction": False,
     "save_mask": False,
     "save_mask_composite": False,
-    "jpeg_quality": Option(80, int, 1, 100),  # checked, not used yet (PNG only)
+    "jpeg_quality": Option(80, int, 1, 100),
     "webp_lossless": False,
     "export_for_4chan": True,
     "img_downscale_threshold": 4.0,

@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from sd15.a1111 import infotext
-from sd15.a1111.images import next_sequence_number, png_bytes
+from sd15.a1111.images import encode_image, next_sequence_number, png_bytes
 from server import a1111, inputs, jobs, preview, scripts
 from server.a1111 import ApiError, ValidationError
 
@@ -88,8 +88,9 @@ def execute(self, job: jobs.Job) -> None:  # self: the Engine
     for warning in result.warnings:
         log.warning("%s", warning)
     if job.save and self.config.save and result.images:
-        job.files = _save(self, job.kind, result, settings["enable_pnginfo"])
-    job.result = a1111.image_response(req, result, settings["enable_pnginfo"])
+        job.files = _save(self, job.kind, result, settings)
+    # A1111 encodes the response after `process_images` has restored the options override_settings changed
+    job.result = a1111.image_response(req, result, settings["enable_pnginfo"], self.options)
     if job.stop_reason == "timeout":
         job.error = jobs.JobFailed(504, f"the job ran longer than {self.config.max_job_seconds:g} s "
                                         f"(--max-job-seconds) and was stopped; the result holds what was made")
@@ -118,27 +119,31 @@ def _run_script(self, job: jobs.Job, plan) -> tuple:
     return result, dict(self.options)
 
 
-def _save(self, kind: str, result, pnginfo: bool) -> list:
-    """Save as A1111's `images.save_image` with its default patterns: under the outdir,
-    `<kind>-images/YYYY-MM-DD/NNNNN-SEED.png` (a script's grids, the images before `index_of_first_image`,
-    under `<kind>-grids`), NNNNN counting on from the highest number in that folder, the infotext in the PNG
-    `parameters` chunk. -> the paths relative to the outdir."""
+def _save(self, kind: str, result, settings: dict) -> list:
+    """Save as A1111's `images.save_image` with its default patterns and the job's options (override_settings
+    included): under the outdir, `<kind>-images/YYYY-MM-DD/NNNNN-SEED.<samples_format>` (a script's grids,
+    the images before `index_of_first_image`, under `<kind>-grids` in `grid_format`), NNNNN counting on from
+    the highest number in that folder, with the infotext (`enable_pnginfo`). -> the paths relative to the
+    outdir."""
     images, texts = list(result.images), list(result.infotexts)
     grids = int(result.info.get("index_of_first_image") or 0)
     seeds = list(result.seeds)[-len(images):]
     seeds = [seeds[0] if seeds else 0] * (len(images) - len(seeds)) + seeds  # a script's grids carry no seed
     day, files = datetime.date.today().isoformat(), []
+    fmt, pnginfo = a1111.image_format(settings), settings["enable_pnginfo"]
+    parts = ((0, grids, f"{kind}-grids/{day}", {**fmt, "fmt": settings["grid_format"]}),
+             (grids, len(images), f"{kind}-images/{day}", fmt))
     with _save_lock:
-        for at, end, rel in ((0, grids, f"{kind}-grids/{day}"), (grids, len(images), f"{kind}-images/{day}")):
+        for at, end, rel, encoding in parts:
             folder = os.path.join(self.config.outdir, *rel.split("/"))
             if at < end:
                 os.makedirs(folder, exist_ok=True)
             numbers = itertools.count(next_sequence_number(folder))
             for n, image, text, seed in zip(numbers, images[at:end], texts[at:end], seeds[at:end]):
-                name = f"{n:05d}-{seed}.png"
+                name = f"{n:05d}-{seed}.{encoding['fmt']}"
                 tmp = os.path.join(folder, f".{name}.tmp")
                 with open(tmp, "wb") as f:
-                    f.write(png_bytes(image, text if pnginfo else None))
+                    f.write(encode_image(image, {"parameters": text} if pnginfo else None, **encoding))
                 os.replace(tmp, os.path.join(folder, name))  # never a half-written file under the real name
                 files.append(f"{rel}/{name}")
     return files

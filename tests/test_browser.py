@@ -180,6 +180,27 @@ def test_generate_with_ctrl_enter_matches_the_api(server, browser):
     assert field(browser, "inpaint") is True
 
 
+def test_result_in_webp_is_shown_and_named_as_webp(server, browser):
+    """`samples_format` webp: the page shows the image as WebP, downloads it as .webp, and reuses its
+    parameters from the EXIF UserComment."""
+    options = f"{server}/sdapi/v1/options"
+    assert requests.post(options, json={"samples_format": "webp"}, auth=AUTH, timeout=30).status_code == 200
+    try:
+        open_page(browser, server)
+        browser.find_element(By.ID, "prompt").send_keys("a fox")
+        for key, value in {**SMALL, "seed": 77}.items():
+            set_field(browser, key, value)
+        browser.find_element(By.ID, "generate").click()
+        src = wait_result(browser)
+        assert src.startswith("data:image/webp;base64,") and data_url_image(src).format == "WEBP"
+        assert browser.find_element(By.ID, "download").get_attribute("download") == "77.webp"
+        set_field(browser, "steps", 9)
+        browser.find_element(By.ID, "reuse").click()
+        WebDriverWait(browser, 20).until(lambda d: field(d, "steps") == "2" and field(d, "seed") == "77")
+    finally:
+        requests.post(options, json={"samples_format": "png"}, auth=AUTH, timeout=30)
+
+
 INFOTEXT = ("a castle on a hill, (sunset:1.2)\nNegative prompt: blurry, low quality\n"
             "Steps: 27, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 9.5, Seed: 424242, Size: 512x768, "
             "Model hash: 0123456789, Model: v1-5-pruned-emaonly, Variation seed: 99, Variation seed strength: 0.3, "

@@ -167,6 +167,27 @@ def test_input_text_info_is_kept_and_postprocessing_added(client):
     assert same(out, src.resize((32, 32), resample=Image.Resampling.NEAREST))
 
 
+def test_samples_format_encodes_the_results(client):
+    """A1111's `encode_pil_to_base64`: WebP (lossless here, so the pixels can be compared) with the input's
+    `parameters` as EXIF UserComment; the batch's images too."""
+    meta = PngInfo()
+    meta.add_text("parameters", "a cat\nSteps: 20, Seed: 1")
+    src = image(16, 16, seed=4)
+    opts = {"samples_format": "webp", "webp_lossless": True}
+    assert client.post(f"{API}/options", json=opts).status_code == 200
+    try:
+        body = {"upscaler_1": "Nearest", "upscaling_resize": 2}
+        one = decode(post(client, {**body, "image": b64(src, meta)}).json()["image"])
+        listed = {**body, "imageList": [{"data": b64(src), "name": "a"}]}
+        [batch] = post(client, listed, batch=True).json()["images"]
+    finally:
+        client.post(f"{API}/options", json={"samples_format": "png", "webp_lossless": False})
+    assert one.format == decode(batch).format == "WEBP"
+    comment = one.getexif().get_ifd(0x8769)[0x9286]
+    assert comment == b"UNICODE\0" + "a cat\nSteps: 20, Seed: 1".encode("utf-16-be")
+    assert same(one, src.resize((32, 32), resample=Image.Resampling.NEAREST)) and same(decode(batch), one)
+
+
 def test_rgba_input_drops_alpha_as_a1111(client):
     src = image(16, 16, seed=5, mode="RGBA")
     out = decode(post(client, {"image": b64(src)}).json()["image"])

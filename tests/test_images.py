@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from sd15.a1111 import images as I
 from sd15.a1111 import inpaint as M
@@ -623,3 +624,67 @@ def test_init_images_masked_content_and_blend(fill, expected):
     assert init.blend(torch.full((1, 4, 1, 2), 7.0))[0, :, 0].tolist() == [[expected[0], 7.0]] * 4
 
 
+
+
+# =============================================================================================
+# image files and API images in A1111's `samples_format` (api.encode_pil_to_base64, images.save_image)
+# =============================================================================================
+
+INFOTEXT = "a cat, ünïcode ✓\nSteps: 20, Sampler: Euler a, Seed: 1"
+
+
+def noise(seed=0, w=64, h=48):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def user_comment(data: bytes) -> str:
+    with Image.open(io.BytesIO(data)) as im:
+        raw = im.getexif().get_ifd(0x8769)[0x9286]
+    assert raw[:8] == b"UNICODE\0"  # piexif's `UserComment.dump(..., encoding="unicode")`: UTF-16-BE
+    return raw[8:].decode("utf-16-be")
+
+
+def test_png_is_the_parameters_chunk_byte_for_byte():
+    im, meta = noise(), PngInfo()
+    meta.add_text("parameters", INFOTEXT)
+    assert I.encode_image(im, {"parameters": INFOTEXT}) == png_bytes(im, pnginfo=meta)
+    assert I.png_bytes(im, INFOTEXT) == png_bytes(im, pnginfo=meta)
+    assert I.png_bytes(im) == png_bytes(im, pnginfo=PngInfo())  # no text: no chunk
+
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+@pytest.mark.parametrize("fmt, magic", [("jpg", JPEG_MAGIC), ("jpeg", JPEG_MAGIC), ("webp", b"RIFF")])
+def test_jpeg_and_webp_carry_the_infotext_as_exif_user_comment(fmt, magic):
+    data = I.encode_image(noise(), {"parameters": INFOTEXT, "other": "x"}, fmt)
+    assert data.startswith(magic) and (fmt != "webp" or data[8:12] == b"WEBP")
+    assert user_comment(data) == INFOTEXT
+    assert user_comment(I.encode_image(noise(), None, fmt)) == ""  # A1111 writes `parameters or ""`
+
+
+@pytest.mark.parametrize("fmt", ["jpg", "webp"])
+def test_quality_is_used(fmt):
+    low, high = (I.encode_image(noise(), None, fmt, quality=q) for q in (30, 95))
+    assert len(low) < len(high)
+
+
+def test_webp_lossless_round_trips_pixels_and_lossy_does_not():
+    im = noise()
+    for lossless in (True, False):
+        with Image.open(io.BytesIO(I.encode_image(im, None, "webp", quality=80, lossless=lossless))) as out:
+            assert np.array_equal(arr(out.convert("RGB")), arr(im)) == lossless
+
+
+def test_rgba_is_saved_as_rgb_in_jpeg():
+    data = I.encode_image(Image.new("RGBA", (8, 8), (10, 200, 30, 0)), None, "jpg")
+    with Image.open(io.BytesIO(data)) as out:
+        assert out.mode == "RGB" and out.format == "JPEG"
+
+
+def test_save_images_extension_picks_the_format(tmp_path):
+    paths = I.save_images([noise(1), noise(2)], ["one", "two"], [5, 6], str(tmp_path / "x.JPG"))
+    assert paths == [str(tmp_path / "x-0.JPG"), str(tmp_path / "x-1.JPG")]
+    data = open(paths[1], "rb").read()
+    assert data == I.encode_image(noise(2), {"parameters": "two"}, "jpg", quality=80)
+    assert user_comment(data) == "two"

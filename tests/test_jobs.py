@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import datetime
+import io
 import json
 import os
 import threading
 import time
 
+import numpy as np
 import pytest
 from PIL import Image
 from starlette.testclient import TestClient
@@ -97,6 +99,35 @@ def test_page_job_lifecycle_and_saving(engine_client):
     before = os.listdir(os.path.join(engine.config.outdir, "txt2img-images", day))
     assert client.post(f"{API}/txt2img", json={"prompt": "x", "seed": 9, **SMALL}).status_code == 200
     assert os.listdir(os.path.join(engine.config.outdir, "txt2img-images", day)) == before
+
+
+def test_saved_files_and_images_follow_the_options(engine_client):
+    """A1111 saves inside `process_images`, with override_settings applied, and encodes the response after it
+    has restored the options (unless `override_settings_restore_afterwards` is false)."""
+    engine, client = engine_client
+
+    def run(seed, **kw):
+        body = {"prompt": "x", "seed": seed, "save_images": True, **SMALL, **kw}
+        r = client.post(f"{API}/txt2img", json=body)
+        assert r.status_code == 200, r.text
+        [path] = client.get(f"{JOBS}/jobs/{r.headers['x-sd15-job']}").json()["files"]
+        data = open(os.path.join(engine.config.outdir, path), "rb").read()
+        answer = r.json()
+        return path, data, base64.b64decode(answer["images"][0]), json.loads(answer["info"])["infotexts"][0]
+
+    path, data, answer, text = run(31, override_settings={"samples_format": "webp", "webp_lossless": True})
+    assert path.endswith("-31.webp") and data[:4] == b"RIFF" and answer[:4] == b"\x89PNG"
+    with Image.open(io.BytesIO(data)) as saved, Image.open(io.BytesIO(answer)) as png:
+        assert np.array_equal(np.asarray(saved.convert("RGB")), np.asarray(png.convert("RGB")))
+        assert saved.getexif().get_ifd(0x8769)[0x9286] == b"UNICODE\0" + text.encode("utf-16-be")
+    assert run(32)[0].endswith("-32.png")  # the override was for that request only
+    try:
+        path, data, answer, _ = run(33, override_settings={"samples_format": "jpg"},
+                                    override_settings_restore_afterwards=False)
+        assert path.endswith("-33.jpg") and data[:3] == answer[:3] == b"\xff\xd8\xff"
+        assert client.get(f"{API}/options").json()["samples_format"] == "jpg"
+    finally:
+        assert client.post(f"{API}/options", json={"samples_format": "png"}).status_code == 200
 
 
 def test_no_save_writes_nothing(folders, tmp_path):

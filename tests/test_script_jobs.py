@@ -56,6 +56,22 @@ def test_page_job_runs_a_script_and_saves_the_grid(env):
     assert bad.status_code == 400 and "not an integer" in bad.json()["detail"]
 
 
+def test_saved_grid_follows_grid_format(env):
+    engine, client = env
+    opts = {"grid_format": "webp", "webp_lossless": True}
+    assert client.post("/sdapi/v1/options", json=opts).status_code == 200
+    try:
+        job = wait_state(client, client.post("/sd15/v1/jobs", json={
+            "kind": "txt2img", "request": {**SMALL, **XYZ}}).json()["id"])
+    finally:
+        client.post("/sdapi/v1/options", json={"grid_format": "png", "webp_lossless": False})
+    [path] = job["files"]
+    assert path.startswith("txt2img-grids/") and path.endswith("-42.webp")
+    grid, answer = Image.open(f"{engine.config.outdir}/{path}"), job["result"]["images"][0]
+    assert grid.format == "WEBP" and np.array_equal(np.asarray(grid.convert("RGB")), image(answer))
+    assert Image.open(io.BytesIO(base64.b64decode(answer))).format == "PNG"  # the response: samples_format
+
+
 def test_api_script_request_is_a_queued_cancellable_job(env):
     engine, client = env
     out = {}

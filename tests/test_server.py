@@ -16,6 +16,7 @@ import threading
 import time
 import zlib
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -707,6 +708,32 @@ def test_png_info_reads_jpeg_exif_user_comment(client):
     assert out["info"] == "a cat\nSteps: 20, Sampler: Euler, Seed: 9" and out["parameters"]["Seed"] == "9"
 
 
+def decoded(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def test_samples_format_encodes_the_images_with_the_infotext(fresh):
+    png = txt2img(fresh, prompt="a cat", seed=5)
+    assert decoded(png["images"][0]).format == "PNG"
+    pixels = np.asarray(decoded(png["images"][0]).convert("RGB"))
+    sizes = {}
+    for fmt, quality, lossless, kind in [("jpg", 30, False, "JPEG"), ("jpeg", 95, False, "JPEG"),
+                                         ("webp", 80, True, "WEBP"), ("webp", 80, False, "WEBP")]:
+        opts = {"samples_format": fmt, "jpeg_quality": quality, "webp_lossless": lossless}
+        assert fresh.post(f"{API}/options", json=opts).status_code == 200
+        body = txt2img(fresh, prompt="a cat", seed=5)
+        image = decoded(body["images"][0])
+        assert image.format == kind
+        sizes[fmt, quality, lossless] = len(base64.b64decode(body["images"][0]))
+        if kind == "WEBP":  # lossless keeps every pixel, lossy does not
+            assert np.array_equal(np.asarray(image.convert("RGB")), pixels) == lossless
+        out = fresh.post(f"{API}/png-info", json={"image": body["images"][0]}).json()
+        assert out["info"] == body["info"]["infotexts"][0] == png["info"]["infotexts"][0]
+    assert sizes["jpg", 30, False] < sizes["jpeg", 95, False]
+    r = fresh.post(f"{API}/options", json={"samples_format": "gif"})
+    assert r.status_code == 422 and "must be one of: png, jpg, jpeg, webp" in r.text
+
+
 def test_openapi(client):
     schema = client.get("/openapi.json").json()
     assert schema["openapi"].startswith("3.")
@@ -755,7 +782,7 @@ BAD = [
     (I, {"init_images": [png_b64()], "inpainting_fill": 4}, 422),
     (P, {}, 422), (P, {"image": "zzz"}, 400), (P, {"image": png_claiming(100000, 100000)}, 400), (P, {"image": 5}, 400),
     (O, {"nope": 1}, 400), (O, {"CLIP_stop_at_last_layers": "x"}, 422), (O, {"CLIP_stop_at_last_layers": 13}, 422),
-    (O, {"randn_source": "XYZ"}, 422), (O, {"samples_format": "jpg"}, 422), (O, {"sd_vae": "../../x"}, 400),
+    (O, {"randn_source": "XYZ"}, 422), (O, {"samples_format": "gif"}, 422), (O, {"sd_vae": "../../x"}, 400),
     (O, {"sd_model_checkpoint": 5}, 400), (O, ["sd_model_checkpoint"], 422), (O, {"eta_noise_seed_delta": -1}, 422),
 ]
 

@@ -226,14 +226,35 @@ def upscale_latent(z: torch.Tensor, mode_name: str, width: int, height: int) -> 
     return F.interpolate(z, size=(height // 8, width // 8), mode=mode, antialias=antialias)
 
 
+# A1111's `samples_format` values -> Pillow's format names
+IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
+
+
+def encode_image(image: Image.Image, info: dict | None = None, fmt: str = "png", quality: int = 80,
+                 lossless: bool = False) -> bytes:
+    """File bytes of `image` in the `samples_format` `fmt`, as A1111's `api.encode_pil_to_base64` and
+    `images.save_image` write them. `info` is A1111's `image.info`, the infotext under `parameters`: PNG
+    writes each str item as a tEXt chunk; JPEG and WebP, of RGB, write `parameters` as EXIF UserComment
+    ("UNICODE\\0" + UTF-16-BE, as A1111's piexif does) with `quality` (`opts.jpeg_quality`, WebP's too) and
+    WebP `lossless` (`opts.webp_lossless`)."""
+    info, buf = info or {}, io.BytesIO()
+    if IMAGE_FORMATS[fmt] == "PNG":
+        meta = PngInfo()
+        for key, value in info.items():
+            if isinstance(key, str) and isinstance(value, str):
+                meta.add_text(key, value)
+        image.save(buf, format="PNG", pnginfo=meta)
+        return buf.getvalue()
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + (info.get("parameters") or "").encode("utf-16-be")
+    options = {"lossless": lossless} if IMAGE_FORMATS[fmt] == "WEBP" else {}
+    image.convert("RGB").save(buf, format=IMAGE_FORMATS[fmt], exif=exif.tobytes(), quality=quality, **options)
+    return buf.getvalue()
+
+
 def png_bytes(image: Image.Image, text: str | None = None) -> bytes:
     """PNG bytes carrying the infotext as A1111's `parameters` tEXt chunk."""
-    meta = PngInfo()
-    if text:
-        meta.add_text("parameters", text)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=meta)
-    return buf.getvalue()
+    return encode_image(image, {"parameters": text} if text else None)
 
 
 def next_sequence_number(folder: str) -> int:
@@ -243,14 +264,14 @@ def next_sequence_number(folder: str) -> int:
     return max(taken, default=-1) + 1
 
 
-SAVE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # file extension -> format
+SAVE_FORMATS = tuple(f".{name}" for name in IMAGE_FORMATS)  # the file extensions `save_images` writes
 
 
 def save_images(images: list, texts: list, seeds: list[int], out: str) -> list[str]:
     """Write `images` with their infotexts (A1111 `images.save_image`) -> the paths written. `out` with a
     `SAVE_FORMATS` extension is a file name (several images: `name-0.png`, ...), anything else a folder
-    (created if missing) of `NNNNN-SEED.png` files numbered after those already there. JPEG and WebP carry
-    the infotext as EXIF UserComment ("UNICODE" + UTF-16-BE, as A1111's piexif writes it)."""
+    (created if missing) of `NNNNN-SEED.png` files numbered after those already there; the extension picks
+    the format (`encode_image`, A1111's default quality 80)."""
     stem, ext = os.path.splitext(out)
     if ext.lower() in SAVE_FORMATS and not os.path.isdir(out):
         paths = [out] if len(seeds) == 1 else [f"{stem}-{i}{ext}" for i in range(len(seeds))]
@@ -259,16 +280,6 @@ def save_images(images: list, texts: list, seeds: list[int], out: str) -> list[s
         paths = [os.path.join(out, f"{start + i:05d}-{seed}.png") for i, seed in enumerate(seeds)]
     for image, text, path in zip(images, texts, paths):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        fmt = SAVE_FORMATS[os.path.splitext(path)[1].lower()]
-        if fmt == "PNG":
-            data = png_bytes(image, text)
-        else:
-            exif = Image.Exif()
-            if text:
-                exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + text.encode("utf-16-be")  # Exif UserComment
-            buf = io.BytesIO()
-            image.convert("RGB").save(buf, format=fmt, exif=exif.tobytes(), quality=80)  # opts.jpeg_quality
-            data = buf.getvalue()
         with open(path, "wb") as f:
-            f.write(data)
+            f.write(encode_image(image, {"parameters": text}, os.path.splitext(path)[1][1:].lower()))
     return paths

@@ -19,16 +19,27 @@ export function setupGallery(handlers) {
   $('viewer-reuse').addEventListener('click', () => { $('viewer').close(); actions.reuse($('viewer-image').src); });
 }
 
+// The images come in A1111's `samples_format` option: [type, file extension] by the base64 of the magic bytes
+const FORMATS = { iVBOR: ['png', 'png'], '/9j/': ['jpeg', 'jpg'], UklGR: ['webp', 'webp'] };
+
+function imageFormat(b64) {
+  const head = Object.keys(FORMATS).find((h) => b64.startsWith(h));
+  return FORMATS[head || 'iVBOR'];
+}
+
 /** Show an A1111 txt2img/img2img response. Returns {seed, subseed} of the first image. */
 export function showResult(resp) {
   let info = {};
   try { info = typeof resp.info === 'string' ? JSON.parse(resp.info) : resp.info || {}; } catch (e) { /* keep {} */ }
   const texts = info.infotexts || [];
-  items = (resp.images || []).map((b64, i) => ({
-    src: `data:image/png;base64,${b64}`,
-    infotext: texts[i] ?? texts[0] ?? '',
-    name: `${String(info.all_seeds?.[i] ?? info.seed ?? 'image')}.png`,
-  }));
+  items = (resp.images || []).map((b64, i) => {
+    const [type, ext] = imageFormat(b64);
+    return {
+      src: `data:image/${type};base64,${b64}`,
+      infotext: texts[i] ?? texts[0] ?? '',
+      name: `${String(info.all_seeds?.[i] ?? info.seed ?? 'image')}.${ext}`,
+    };
+  });
   $('gallery').replaceChildren(...items.map((item, i) => el('button', {
     type: 'button', role: 'listitem', class: 'thumb', 'aria-label': `Image ${i + 1}`,
     onclick: () => select(i),
