@@ -128,8 +128,8 @@ def _generate(model, r: ResolvedRequest, job: Job, state: JobState, callback, mo
         seeds, subseeds = r.seeds[it * B:(it + 1) * B], r.subseeds[it * B:(it + 1) * B]
         rng = _image_rng(model, r, (4, r.height // 8, r.width // 8), seeds, subseeds)
         job.networks.first_pass()  # merge the prompt's LoRAs (nothing to do when they already are)
-        cond = batch_conditioning(model, [job.prompt] * B, [r.negative_prompt] * B,
-                                  _schedule_steps(r.sampler, r.steps), **job.encode)
+        cond = job.conditioning([job.prompt] * B, [r.negative_prompt] * B,
+                                _schedule_steps(r.sampler, r.steps))
         x = _sample(model, r, cond, r.sampler, r.scheduler, r.steps, rng, state, callback, **img2img)
         if init is not None:
             x = init.blend(x)
@@ -146,7 +146,8 @@ def _generate(model, r: ResolvedRequest, job: Job, state: JobState, callback, mo
     state.job_no = state.job_count
     state.skipped = False
 
-    extra = {**job.networks.infotext_params(), **({"NGMS": r.s_min_uncond} if r.s_min_uncond else {})}
+    extra = {**job.networks.infotext_params(), **job.emphasis_params,
+             **({"NGMS": r.s_min_uncond} if r.s_min_uncond else {})}
     info_kw = dict(model=_model_entries(model, model_hash, vae_hash), extra=extra,
                    has_mask=init is not None and init.mask is not None)
     texts = [infotext.create_infotext(r, i, **info_kw) for i in kept]
@@ -222,7 +223,7 @@ def _hires_pass(model, job: Job, r: ResolvedRequest, x, seeds, subseeds, state, 
     z = imgs.truncate_latent(z, hr.truncate_x, hr.truncate_y)  # crop to the requested aspect ratio, centrally
     B = r.batch_size
     steps = dict(steps=_schedule_steps(r.sampler, r.steps), hires_steps=_schedule_steps(hr.sampler, hr.steps))
-    cond = batch_conditioning(model, [job.hr_prompt] * B, [hr.negative_prompt] * B, **steps, **job.encode)
+    cond = job.conditioning([job.hr_prompt] * B, [hr.negative_prompt] * B, **steps)
     rng = _image_rng(model, r, tuple(z.shape[1:]), seeds, subseeds)  # a new RNG at the hires shape
     return _sample(model, r, cond, hr.sampler, hr.scheduler, hr.steps, rng, state, callback, init_latent=z,
                    fix_steps=True)
@@ -302,7 +303,7 @@ class Job:
     the LoRAs merged for it (restored bit for bit when its `with` block ends), the textual-inversion
     embeddings its prompts matched, the conditioning cache (`encode`: the text options of
     `batch_conditioning`), and an fp32 copy of a half-precision VAE made only when a decode overflows.
-    `tiling`: a seamless-tiling job."""
+    `tiling`: a seamless-tiling job; `emphasis_params`: the infotext's "Emphasis" entry, once written."""
 
     def __init__(self, model, r: ResolvedRequest):
         self.model = model
@@ -311,7 +312,18 @@ class Job:
         self.prompt, networks = extract_networks(r.prompt)
         self.hr_prompt, hr_networks = extract_networks(r.hires.prompt) if r.hires else (self.prompt, None)
         self.networks = NetworkJob(model, networks, hr_networks)
-        self.encode = dict(cache={}, clip_skip=r.clip_skip, **self.networks.text_hooks())
+        self.encode = dict(cache={}, clip_skip=r.clip_skip, emphasis=r.emphasis, **self.networks.text_hooks())
+        self.emphasis_params: dict[str, str] = {}
+
+    def conditioning(self, prompts: list[str], negative_prompts: list[str], steps: int, **kw):
+        """`batch_conditioning` with this job's text options. Notes "Emphasis" as A1111's
+        `FrozenCLIPEmbedderWithCustomWordsBase.forward` does: a mode other than "Original" and an encoded text
+        (a prompt schedule's, after AND splitting) with "(" or "[" in it."""
+        cond, uncond = batch_conditioning(self.model, prompts, negative_prompts, steps, **kw, **self.encode)
+        texts = [text for s in cond.scheduled + uncond.scheduled for _, text in s.schedule]
+        if self.encode["emphasis"] != "Original" and any("(" in t or "[" in t for t in texts):
+            self.emphasis_params["Emphasis"] = self.encode["emphasis"]
+        return cond, uncond
 
     def vae_fp32(self):
         if self._vae_fp32 is None:

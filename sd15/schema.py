@@ -19,6 +19,7 @@ from sd15.samplers.table import DEFAULT_SAMPLER, Sampler, Scheduler, resolve_sam
 DEFAULT_DENOISING_STRENGTH = 0.75  # img2img's API default, also what a hires pass without a strength uses
 DEFAULT_HR_UPSCALER = "Latent"
 RANDN_SOURCES = ("GPU", "CPU", "NV")
+EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")  # A1111's `modules/sd_emphasis.py` options
 MAX_SEED = 2**63 - 1  # seeds are signed 64-bit here; A1111 draws random ones below 2**32
 
 
@@ -100,6 +101,9 @@ class GenerationRequest:
                          infotext=('Eta DDIM',))
     eta_ancestral: float = _f(1.0, "settings", "A1111's option: the ancestral and SDE samplers' eta when "
                                                "eta is empty", 0.0, 1000.0, infotext=('Eta',))
+    emphasis: str = _f("Original", "settings", "A1111's option: (word:1.2) weights with the mean restored "
+                                               "(Original), without (No norm), parsed but unweighted (Ignore), "
+                                               "or not parsed (None)", infotext=('Emphasis',))
 
     @property
     def is_img2img(self) -> bool:
@@ -193,6 +197,8 @@ def validate(req: GenerationRequest, limits: Limits = Limits()) -> None:
         problems.append(("n_iter", f"batch_size × n_iter must be at most {limits.max_images}", "value_error"))
     if req.randn_source not in RANDN_SOURCES:
         problems.append(("randn_source", f"must be one of {', '.join(RANDN_SOURCES)}", "value_error"))
+    if req.emphasis not in EMPHASIS_MODES:
+        problems.append(("emphasis", f"must be one of {', '.join(EMPHASIS_MODES)}", "value_error"))
     if req.is_img2img:
         if not req.init_images:
             problems.append(("init_images", "img2img needs init_images", "value_error"))

@@ -159,7 +159,8 @@ class PngInfoRequest(_Request):
 
 # The options behind the schema's "settings" fields (A1111 reads them from its options, not the request)
 SETTING_OPTIONS = {"clip_skip": "CLIP_stop_at_last_layers", "eta_noise_seed_delta": "eta_noise_seed_delta",
-                   "randn_source": "randn_source", "eta_ddim": "eta_ddim", "eta_ancestral": "eta_ancestral"}
+                   "randn_source": "randn_source", "eta_ddim": "eta_ddim", "eta_ancestral": "eta_ancestral",
+                   "emphasis": "emphasis"}
 # The `infotext` request field (v1.8+): infotext keys -> request fields the client did not set (from the schema)
 _INFOTEXT_FIELDS = {key: f.name for f in schema.FIELDS.values() if f.name not in SETTING_OPTIONS
                     for key in f.metadata["infotext"]}

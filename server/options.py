@@ -14,9 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from sd15.a1111.conditioning import EMPHASIS_MODES
 from sd15.a1111.images import IMAGE_FORMATS
-from sd15.schema import range_problem
+from sd15.schema import EMPHASIS_MODES, range_problem
 from server.coerce import ValidationError, convert
 
 HTML = object()  # an HTML explanation entry of A1111's settings page: no value of its own (shown as "")
@@ -136,7 +135,7 @@ _TABLE = {
     "sd_checkpoint_cache": 0,
     "sd_unet": "Automatic",
     "enable_quantization": False,
-    "emphasis": Option("Original", str, choices=EMPHASIS_MODES),  # checked; sd15 has A1111's "Original" only
+    "emphasis": Option("Original", str, choices=EMPHASIS_MODES),
     "enable_batch_seeds": True,
     "comma_padding_backtrack": 20,
     "sdxl_clip_l_skip": False,

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from sd15.a1111.prompt import empty_chunk, prompt_schedules, schedule_index, split_and, tokenize_prompt
-
-EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")
+from sd15.schema import EMPHASIS_MODES
 
 
 @torch.no_grad()
