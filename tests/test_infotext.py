@@ -745,7 +745,8 @@ BARE_REQUEST = {
     "inpaint_full_res_padding": 32, "inpainting_mask_invert": 0, "enable_hr": False, "hr_scale": 2.0,
     "hr_upscaler": None, "hr_second_pass_steps": 0, "hr_resize_x": 0, "hr_resize_y": 0,
     "hr_sampler_name": None, "hr_scheduler": None, "hr_prompt": "", "hr_negative_prompt": "",
-    "randn_source": "GPU", "eta_noise_seed_delta": 0, "clip_skip": 1, "eta_ddim": 0.0, "eta_ancestral": 1.0}
+    "randn_source": "GPU", "eta_noise_seed_delta": 0, "clip_skip": 1, "eta_ddim": 0.0, "eta_ancestral": 1.0,
+    "emphasis": "Original"}
 
 PASTED = [  # (infotext as A1111 wrote it, the request fields A1111's paste gives)
     ("p\nModel: x, Model hash: 0123456789, Version: v1.10.1", {}),
@@ -785,11 +786,14 @@ PASTED = [  # (infotext as A1111 wrote it, the request fields A1111's paste give
      {"seed": 7, "denoising_strength": 0.3, "hr_prompt": "q", "hr_scheduler": "beta"}),
     ("p\nSteps: 9, Sampler: euler a, Schedule type: sgmuniform, Seed: 8",
      {"steps": 9, "sampler_name": "Euler a", "scheduler": "sgm_uniform", "seed": 8}),
+    # A1111's sd_hijack_clip writes the emphasis mode when it is not "Original"
+    ("a (cat:1.2)\nSteps: 9, Sampler: Euler, Seed: 8, Emphasis: No norm, Version: v1.10.1",
+     {"prompt": "a (cat:1.2)", "steps": 9, "sampler_name": "Euler", "seed": 8, "emphasis": "No norm"}),
 ]
 
 
 @pytest.mark.parametrize("text, changed", PASTED,
-                         ids=["bare", "hires", "inpaint", "old-names", "odd", "lenient"])
+                         ids=["bare", "hires", "inpaint", "old-names", "odd", "lenient", "emphasis"])
 def test_request_from_infotext(text, changed):
     assert set(changed) <= set(BARE_REQUEST)
     request = it.request_from_infotext(parse_infotext(text))

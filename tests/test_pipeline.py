@@ -17,6 +17,7 @@ from sd15 import hashing
 from sd15.attention import attention_math, use_attention_backend
 from sd15.a1111.conditioning import encode_texts
 from sd15.pipeline import JobState, generate
+from sd15.schema import EMPHASIS_MODES
 from sd15.schema import GenerationRequest as Params
 
 SIZE = dict(width=64, height=64)
@@ -172,6 +173,51 @@ def test_emphasis_and_mean_restoration(model):
     expected = plain * w
     expected = expected * (plain.mean() / expected.mean())
     assert torch.allclose(z, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", EMPHASIS_MODES)
+def test_emphasis_option_encodes_every_prompt(model, monkeypatch, mode):
+    """The request's `emphasis` (A1111's `opts.emphasis`) encodes the prompt, the negative prompt and both
+    hires prompts: what reaches the denoiser is `encode_texts(..., emphasis=mode)` of each."""
+    import sd15.pipeline as pipeline
+
+    seen = []
+
+    def spy(name, unet, alphas, cond, uncond, *args, **kw):
+        seen.extend([cond(0)[0], uncond(0)])
+        return real(name, unet, alphas, cond, uncond, *args, **kw)
+
+    real = pipeline.make_denoiser
+    monkeypatch.setattr(pipeline, "make_denoiser", spy)
+    texts = ["a (red:1.5) cat", "(ugly:1.3) dog", "a ((tall)) tree", "blurry (dark:0.7)"]
+    generate(model, Params(prompt=texts[0], negative_prompt=texts[1], hr_prompt=texts[2],
+                           hr_negative_prompt=texts[3], enable_hr=True, hr_scale=1.5, denoising_strength=0.5,
+                           seed=1, steps=2, emphasis=mode, **SIZE))
+    assert len(seen) == 4
+    for got, text in zip(seen, texts):
+        assert torch.allclose(got, encode_texts(model, [text], emphasis=mode), rtol=0, atol=1e-6), text
+
+
+def test_emphasis_modes_differ_and_are_written_as_a1111_does(model, tiny_ckpt):
+    """"No norm" leaves out the mean restoration; A1111's `sd_hijack_clip` writes "Emphasis" (before the
+    sampler's entries) only for a mode other than "Original" and an encoded text with "(" or "["."""
+    original, no_norm = (encode_texts(model, ["a (word:1.5) cat"], emphasis=m)
+                         for m in ("Original", "No norm"))
+    assert not torch.allclose(original, no_norm, rtol=0, atol=1e-4)
+    h = hashing.model_hash(tiny_ckpt)[:10]
+    kw = dict(prompt="a (word:1.5) cat", seed=5, steps=2, sampler_name="Euler a", eta_ancestral=0.5, **SIZE)
+    r = generate(model, Params(emphasis="No norm", **kw), model_hash=h)
+    assert r.infotexts[0].split("\n")[1] == (
+        f"Steps: 2, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7.0, Seed: 5, Size: 64x64, "
+        f"Model hash: {h}, Model: tiny, Emphasis: No norm, Eta: 0.5, Version: v1.10.1")
+    assert not np.array_equal(pixels(r), pixels(generate(model, Params(**kw))))
+    assert "Emphasis" not in generate(model, Params(**kw)).infotexts[0]  # Original
+    for prompt in ("a cat", "a [cat:dog:0.5]"):  # prompt editing is expanded first: no bracket is encoded
+        r = generate(model, Params(**{**kw, "prompt": prompt}, emphasis="Ignore"))
+        assert "Emphasis" not in r.infotexts[0]
+    r = generate(model, Params(**{**kw, "prompt": "a cat", "negative_prompt": "[ugly]"}, emphasis="None"))
+    assert ", Emphasis: None, Eta: 0.5, " in r.infotexts[0]
+    assert r.info["extra_generation_params"]["Emphasis"] == "None"
 
 
 def test_long_prompt_and_break_make_more_chunks(model):

@@ -531,6 +531,32 @@ def test_hires_pass_takes_its_own_eta_option(fresh):
     assert (info["extra_generation_params"]["Eta DDIM"], info["extra_generation_params"]["Eta"]) == (0.3, 0.6)
 
 
+def test_emphasis_option_changes_the_image_and_is_written(fresh):
+    """A1111's `emphasis` option (set with POST /options, override_settings or the `infotext` field) encodes
+    the prompt; the infotext names a mode other than "Original" when a prompt has "(" or "["; a bad mode is a
+    422 naming the modes."""
+    client = fresh
+    kw = dict(seed=3, prompt="a (cat:1.5)", sampler_name="Euler a")
+
+    def pixels(**more):
+        body = txt2img(client, **kw, **more)
+        return np.asarray(decode(body["images"][0])), body["info"]["infotexts"][0]
+
+    original, text = pixels()
+    assert "Emphasis" not in text
+    assert client.post(f"{API}/options", json={"emphasis": "No norm"}).status_code == 200
+    no_norm, text = pixels()
+    assert not np.array_equal(no_norm, original) and ", Emphasis: No norm, " in text
+    assert np.array_equal(pixels(override_settings={"emphasis": "Original"})[0], original)
+    assert client.post(f"{API}/options", json={"emphasis": "Original"}).status_code == 200
+    assert np.array_equal(pixels(override_settings={"emphasis": "No norm"})[0], no_norm)
+    assert np.array_equal(pixels(infotext="a (cat:1.5)\nSteps: 2, Seed: 3, Emphasis: No norm")[0], no_norm)
+    r = client.post(f"{API}/options", json={"emphasis": "Loud"})
+    assert r.status_code == 422 and "must be one of: Original, No norm, Ignore, None" in r.text, r.text
+    r = client.post(f"{API}/txt2img", json={**SMALL, "override_settings": {"emphasis": "Loud"}})
+    assert r.status_code == 422 and "must be one of: Original, No norm, Ignore, None" in r.text, r.text
+
+
 def test_vae_listing_and_switching(fresh, folders):
     client = fresh
     assert client.get(f"{API}/sd-vae").json() == [
