@@ -15,9 +15,10 @@ from sd15.schema import GenerationRequest, RequestError, resolve, validate
 
 def test_validate_lists_every_problem_with_its_field():
     with pytest.raises(RequestError) as e:
-        validate(GenerationRequest(steps=0, width=4, cfg_scale=200.0, randn_source="XPU"))
+        validate(GenerationRequest(steps=0, width=4, cfg_scale=200.0, randn_source="XPU", emphasis="Loud"))
     names = [name for name, _, _ in e.value.problems]
-    assert sorted(names) == ["cfg_scale", "randn_source", "steps", "width"]  # each once
+    assert sorted(names) == ["cfg_scale", "emphasis", "randn_source", "steps", "width"]  # each once
+    assert ("emphasis", "must be one of Original, No norm, Ignore, None", "value_error") in e.value.problems
     assert ("steps", "ensure this value is greater than or equal to 1", "value_error.number.not_ge") in e.value.problems
     assert isinstance(e.value, ValueError)  # the CLI's one-line exit 2
 
@@ -70,7 +71,7 @@ def test_model_methods_show_the_schema_fields():
     assert "init_images" not in t2i and "mask" not in t2i
     assert i2i["init_images"].default is inspect.Parameter.empty and "mask" in i2i and "enable_hr" not in i2i
     for name in ("prompt", "seed", "clip_skip", "randn_source", "denoising_strength", "eta_ddim",
-                 "eta_ancestral"):
+                 "eta_ancestral", "emphasis"):
         assert name in t2i and name in i2i
 
 
