@@ -33,7 +33,7 @@ def _flag(name: str) -> str:
 
 def _add_schema_options(parser, *groups: str) -> None:
     """One option per schema field of `groups` (`--field-name`, the schema's default and help)."""
-    from sd15.schema import RANDN_SOURCES, fields_of, value_type
+    from sd15.schema import EMPHASIS_MODES, RANDN_SOURCES, fields_of, value_type
 
     for f in fields_of(*groups):
         flags = [_flag(f.name), *(["--sampler"] if f.name == "sampler_name" else [])]
@@ -43,9 +43,16 @@ def _add_schema_options(parser, *groups: str) -> None:
             parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
                                 help=help_)
         elif kind is not None:
-            choices = RANDN_SOURCES if f.name == "randn_source" else None
+            choices = {"randn_source": RANDN_SOURCES, "emphasis": EMPHASIS_MODES}.get(f.name)
             parser.add_argument(*flags, dest=f.name, type=kind, default=f.default, choices=choices,
                                 help=help_)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (no usage block), exit status 2 as before."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _parser(commands=("txt2img", "img2img")) -> argparse.ArgumentParser:
@@ -54,7 +61,7 @@ def _parser(commands=("txt2img", "img2img")) -> argparse.ArgumentParser:
     from sd15 import __version__
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    ap = argparse.ArgumentParser(prog="sd15", description="Stable Diffusion 1.5 in plain PyTorch (A1111-compatible).")
+    ap = _Parser(prog="sd15", description="Stable Diffusion 1.5 in plain PyTorch (A1111-compatible).")
     ap.add_argument("--version", action="version", version=f"sd15 {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     for name, text in COMMANDS.items():

@@ -140,6 +140,21 @@ def test_bad_input_one_line_exit_2(tiny_ckpt, tmp_path, capsys, no_load, command
     assert err == f"sd15: error: {message.format(tmp=tmp_path)}\n"
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["txt2img", "--ckpt", "x", "--emphasis", "Bad"], "sd15 txt2img: error: argument --emphasis: invalid choice: "
+     "'Bad' (choose from 'Original', 'No norm', 'Ignore', 'None')"),
+    (["txt2img", "--ckpt", "x", "--steps", "abc"], "sd15 txt2img: error: argument --steps: invalid int value: 'abc'"),
+    (["txt2img"], "sd15 txt2img: error: the following arguments are required: --ckpt"),
+    (["bogus"], "sd15: error: argument {txt2img,img2img,samplers,schedulers,upscalers}: invalid choice: 'bogus' "
+     "(choose from 'txt2img', 'img2img', 'samplers', 'schedulers', 'upscalers')")])
+def test_argument_errors_are_one_line_exit_2(capsys, argv, message):
+    """argparse's own errors (bad choice or type, missing flag, unknown command) are one line too, no usage."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == "" and err == message + "\n"
+
+
 def test_unknown_sampler(tiny_ckpt, tmp_path, capsys, no_load):
     code, _, err = _run(capsys, "txt2img", "--ckpt", tiny_ckpt, "--sampler", "Eulerish", "--out", tmp_path)
     assert code == 2 and err.count("\n") == 1
