@@ -78,6 +78,21 @@ def wait_done(client, job_id, timeout=60):
     return job
 
 
+def preview_after_step_one(client, monkeypatch, request: dict):
+    """Run `request` as a job held after its 1st and 2nd sampler steps; the step-1 preview asked for at step 1
+    is the one `/progress` shows at step 2 -> (the shown pixels, the Capture)."""
+    cap = Capture(monkeypatch, hold=(1, 2))
+    job = client.post("/sd15/v1/jobs", json={"kind": "txt2img", "save": False, "request": request}).json()
+    assert cap.reached[1].wait(60)
+    client.get("/sdapi/v1/progress")
+    cap.go[1].set()
+    assert cap.reached[2].wait(60)
+    shown = pixels(client.get("/sdapi/v1/progress").json()["current_image"])
+    cap.go[2].set()
+    wait_done(client, job["id"])
+    return shown, cap
+
+
 def test_progress_preview_is_approx_cheap_of_that_step_and_only_when_polled(folders, monkeypatch):
     with TestClient(create_app(make_config(folders))) as client:
         assert client.post("/sdapi/v1/options", json={"show_progress_type": "Approx cheap",
@@ -120,16 +135,7 @@ def test_taesd_from_the_models_folder(folders, monkeypatch):
     try:
         with TestClient(create_app(make_config(folders))) as client:
             client.post("/sdapi/v1/options", json={"show_progress_type": "TAESD", "show_progress_every_n_steps": 1})
-            cap = Capture(monkeypatch, hold=(1, 2))
-            job = client.post("/sd15/v1/jobs", json={"kind": "txt2img", "save": False,
-                                                     "request": {**SMALL, "steps": 3}}).json()
-            assert cap.reached[1].wait(60)
-            client.get("/sdapi/v1/progress")
-            cap.go[1].set()
-            assert cap.reached[2].wait(60)
-            shown = pixels(client.get("/sdapi/v1/progress").json()["current_image"])
-            cap.go[2].set()
-            wait_done(client, job["id"])
+            shown, cap = preview_after_step_one(client, monkeypatch, {**SMALL, "steps": 3})
         want = np.asarray(preview(None, cap.latents[1], "TAESD", PreviewDecoders(folders["ckpt_dir"]), grid=True))
         assert shown.shape == (64, 64, 3) and np.array_equal(shown, want)  # full size: not the 8x8 cheap one
     finally:
@@ -144,16 +150,7 @@ def test_full_preview_is_the_vae_decode(folders, monkeypatch):
     with TestClient(create_app(engine.config, engine)) as client:
         client.post("/sdapi/v1/options", json={"show_progress_type": "Full", "show_progress_every_n_steps": 1,
                                                "show_progress_grid": False})
-        cap = Capture(monkeypatch, hold=(1, 2))
-        job = client.post("/sd15/v1/jobs", json={"kind": "txt2img", "save": False,
-                                                 "request": {**SMALL, "steps": 3, "batch_size": 2}}).json()
-        assert cap.reached[1].wait(60)
-        client.get("/sdapi/v1/progress")
-        cap.go[1].set()
-        assert cap.reached[2].wait(60)
-        shown = pixels(client.get("/sdapi/v1/progress").json()["current_image"])
-        cap.go[2].set()
-        wait_done(client, job["id"])
+        shown, cap = preview_after_step_one(client, monkeypatch, {**SMALL, "steps": 3, "batch_size": 2})
         want = np.asarray(preview(engine.models.model, cap.latents[1][:1], "Full")[0])
     assert shown.shape == (64, 64, 3) and np.array_equal(shown, want)  # the first image only: no grid
 
