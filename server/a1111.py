@@ -161,25 +161,19 @@ class PngInfoRequest(_Request):
 SETTING_OPTIONS = {"clip_skip": "CLIP_stop_at_last_layers", "eta_noise_seed_delta": "eta_noise_seed_delta",
                    "randn_source": "randn_source", "eta_ddim": "eta_ddim", "eta_ancestral": "eta_ancestral",
                    "emphasis": "emphasis"}
-# The `infotext` request field (v1.8+): infotext keys -> request fields the client did not set (from the schema)
-_INFOTEXT_FIELDS = {key: f.name for f in schema.FIELDS.values() if f.name not in SETTING_OPTIONS
-                    for key in f.metadata["infotext"]}
-# ... and infotext keys that are settings: they go into override_settings unless already there
+# Infotext keys that are settings: the `infotext` request field puts them into override_settings
 _INFOTEXT_SETTINGS = {key: SETTING_OPTIONS[name] for name in SETTING_OPTIONS
                       for key in schema.FIELDS[name].metadata["infotext"]}
-_USE_SAME = {"Use same sampler", "Use same scheduler", "Use same checkpoint"}
 
 
 def merge_infotext(data: dict, names: list[str]) -> dict:
-    """Fill fields (and settings) that `data` does not set from its `infotext` string, as A1111 does."""
+    """Fill the fields `data` does not set with those its `infotext` string names, and the settings it names
+    into override_settings unless set there (A1111 v1.10's `apply_infotext`)."""
     parsed = infotext.parse_infotext(data["infotext"])
     out = dict(data)
-    for key, name in _INFOTEXT_FIELDS.items():
-        value = parsed.get(key)
-        if name in names and out.get(name) is None and value not in (None, "") and value not in _USE_SAME:
+    for name, value in infotext.request_from_infotext(parsed, named_only=True).items():
+        if name in names and out.get(name) is None:
             out[name] = value
-    if "enable_hr" in names and out.get("enable_hr") is None and infotext.request_from_infotext(parsed)["enable_hr"]:
-        out["enable_hr"] = True  # A1111's paste rule for the Hires. fix checkbox
     overrides = dict(out.get("override_settings") or {})
     for key, option in _INFOTEXT_SETTINGS.items():
         if key in parsed and option not in overrides:

@@ -801,6 +801,20 @@ def test_request_from_infotext(text, changed):
     GenerationRequest(**request)  # every key is a schema field
 
 
+def test_request_from_infotext_named_only():
+    """A1111's `infotext` request field: the fields the infotext names (a parser fill-in such as "Inpaint
+    area: Whole picture" is not named), and those A1111's paste functions always set."""
+    always = {"sampler_name": "DPM++ 2M", "scheduler": "automatic", "hr_sampler_name": None,
+              "hr_scheduler": None, "enable_hr": False}
+    assert it.request_from_infotext(parse_infotext(PASTED[0][0]), named_only=True) == {
+        "prompt": "p", "negative_prompt": "", **always}
+    assert it.request_from_infotext(parse_infotext(PASTED[2][0]), named_only=True) == {
+        **always, "prompt": "a cat on a sofa", "negative_prompt": "blurry", "seed": 42,
+        "sampler_name": "Euler a", "steps": 30, "cfg_scale": 7.5, "width": 512, "height": 512,
+        "denoising_strength": 0.75, "mask_blur": 8, "randn_source": "CPU", "inpainting_fill": 2,
+        "inpaint_full_res": True, "inpaint_full_res_padding": 16, "inpainting_mask_invert": 1}
+
+
 # =============================================================================================
 # Sampler / scheduler name resolution
 # =============================================================================================

@@ -266,6 +266,44 @@ def test_infotext_field_sets_hires_by_a1111s_checkbox_rule():
     assert Txt2ImgRequest.from_json({"infotext": base + ", Hires upscale: 1.5", "enable_hr": True}).enable_hr
 
 
+def test_infotext_field_restores_what_a1111s_paste_gives():
+    """Each field the body leaves empty takes the value A1111's paste gives, typed: samplers split from an old
+    combined name, an unknown or missing sampler is A1111's first, "Use same sampler" leaves the hires one
+    empty; fields the infotext does not name stay unset."""
+    from server.a1111 import Txt2ImgRequest
+    def shared(text, **body):
+        return Txt2ImgRequest.from_json({"infotext": text, **body}).shared
+    got = shared("a dog\nSteps: 2, Sampler: DPM++ 2M Karras, CFG scale: 5, Seed: 77, Size: 64x48, "
+                 "Tiling: True, Hires sampler: Use same sampler, Hires schedule type: Use same scheduler")
+    assert got == {"prompt": "a dog", "negative_prompt": "", "seed": 77, "sampler_name": "DPM++ 2M",
+                   "scheduler": "karras", "steps": 2, "cfg_scale": 5.0, "tiling": True, "width": 64,
+                   "height": 48, "enable_hr": False}
+    assert [type(got[k]) for k in ("steps", "cfg_scale", "seed")] == [int, float, int]
+    got = shared("a dog\nSteps: 2, Sampler: Euler Dy, Seed: 7, Hires sampler: DPM++ SDE Exponential, "
+                 "Denoising strength: 0.4, Hires upscale: 1.5", steps=3)
+    assert (got["sampler_name"], got["scheduler"], got["steps"]) == ("DPM++ 2M", "automatic", 3)
+    assert (got["hr_sampler_name"], got["hr_scheduler"], got["hr_scale"]) == ("DPM++ SDE", "exponential", 1.5)
+    got = shared("a dog\nSteps: 2, Seed: 7, Size: 64x64")  # no Sampler: A1111's paste gives its first
+    assert got["sampler_name"] == "DPM++ 2M"
+    assert "hr_scale" not in got and "hr_resize_x" not in got and "denoising_strength" not in got
+
+
+def test_infotext_field_restores_the_inpainting_words_it_names():
+    """img2img: "Inpaint area", "Masked area padding", "Masked content", "Mask mode" are words; when the
+    infotext does not name them, the API's defaults stay (not the parser's fill-ins)."""
+    from server.a1111 import Img2ImgRequest
+    base = "a cat\nSteps: 2, Sampler: Euler a, Seed: 7, Size: 64x64, Denoising strength: 0.6, Mask blur: 8"
+    req = Img2ImgRequest.from_json({"init_images": ["x"], "infotext": base + ", Inpaint area: Only masked, "
+                                    "Masked area padding: 16, Masked content: latent noise, Mask mode: "
+                                    "Inpaint not masked"})
+    assert (req.inpaint_full_res, req.inpaint_full_res_padding, req.inpainting_fill) == (True, 16, 2)
+    assert (req.inpainting_mask_invert, req.mask_blur, req.denoising_strength) == (1, 8, 0.6)
+    req = Img2ImgRequest.from_json({"init_images": ["x"], "infotext": base, "inpainting_fill": 3})
+    assert (req.inpaint_full_res, req.inpaint_full_res_padding, req.inpainting_fill) == (True, 0, 3)
+    assert req.inpainting_mask_invert == 0 and "inpaint_full_res" not in req.shared
+    assert "enable_hr" not in req.shared  # not an img2img field
+
+
 def test_img2img(client):
     data_url = "data:image/png;base64," + png_b64((80, 72))
     r = client.post(f"{API}/img2img", json={"init_images": [data_url], "denoising_strength": 0.5, "seed": 9,

@@ -288,12 +288,21 @@ def _schedule(label: Optional[str]) -> str:
     return (find_scheduler(label) or SCHEDULER_TABLE[0]).name
 
 
-def request_from_infotext(p: Mapping[str, Any]) -> dict:
+# The request fields A1111's paste functions always set (its `get_sampler_from_infotext` & co.), and the
+# inpainting fields, whose infotext values are words, with their keys
+_ALWAYS_PASTED = ("sampler_name", "scheduler", "hr_sampler_name", "hr_scheduler", "enable_hr")
+_WORD_KEYS = {"inpainting_fill": "Masked content", "inpaint_full_res": "Inpaint area",
+              "inpaint_full_res_padding": "Masked area padding", "inpainting_mask_invert": "Mask mode"}
+
+
+def request_from_infotext(p: Mapping[str, Any], *, named_only: bool = False) -> dict:
     """The request fields (`sd15.schema` names -> values) a parsed infotext (`parse_infotext`) restores, by
     A1111's paste rules (its `txt2img/img2img_paste_fields`): each schema field that names infotext keys gets
     the value, or its default when the infotext has none; then the samplers, the Hires. fix checkbox and the
-    inpainting fields, whose infotext values are words. The schedule stays named where A1111's UI shows
-    "Automatic" for the sampler's own (the same numbers)."""
+    inpainting fields. The schedule stays named where A1111's UI shows "Automatic" for the sampler's own (the
+    same numbers). `named_only`: only the fields whose keys the infotext names (a key at the value the parser
+    fills in for an absent one counts as absent) and those A1111's paste functions always set, as A1111's
+    `infotext` request field fills them (`modules/api/api.py`: `apply_infotext`)."""
     out = {}
     for f in schema.FIELDS.values():
         if f.metadata["infotext"]:
@@ -314,4 +323,8 @@ def request_from_infotext(p: Mapping[str, Any]) -> dict:
     padding = p.get("Masked area padding", 32)
     out["inpaint_full_res_padding"] = _value(schema.FIELDS["inpaint_full_res_padding"], padding)
     out["inpainting_mask_invert"] = int(p.get("Mask mode") == "Inpaint not masked")
-    return out
+    if not named_only:
+        return out
+    named = {key for key, value in p.items() if key not in _PARSE_DEFAULTS or value != _PARSE_DEFAULTS[key]}
+    return {name: value for name, value in out.items() if name in _ALWAYS_PASTED
+            or named.intersection(schema.FIELDS[name].metadata["infotext"] or (_WORD_KEYS[name],))}
