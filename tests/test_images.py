@@ -379,6 +379,19 @@ def test_resize_image_with_upscaler_uses_it_only_for_rgb():
     assert arr(I.resize_image(0, gray, 8, 8, "Nearest")).tolist() == arr(gray.resize((8, 8), I.LANCZOS)).tolist()
 
 
+def test_resize_image_builds_no_upscaler_list(monkeypatch):
+    """The built-ins resize without an `Upscalers` (no folder scan per call); a model name needs one."""
+    import sd15.upscale
+    def no_list(*args, **kwargs):
+        raise AssertionError("Upscalers built")
+    monkeypatch.setattr(sd15.upscale.Upscalers, "__init__", no_list)
+    im = _checker(4, 4)
+    for name in (None, "None", "Lanczos", "Nearest"):
+        assert I.resize_image(1, im, 10, 6, name).size == (10, 6)
+    with pytest.raises(ValueError, match="could not find upscaler named R-ESRGAN 4x\\+"):
+        I.resize_image(0, im, 8, 8, "R-ESRGAN 4x+")
+
+
 # =============================================================================================
 # inpainting: binary mask, blur
 # =============================================================================================

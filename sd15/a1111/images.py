@@ -168,10 +168,9 @@ def resize_image(resize_mode: int, image: Image.Image, width: int, height: int,
     RGB canvas, so an "L" image comes back RGB. Mode 2 fills the bars by resizing a zero-height (zero-width)
     edge box with Pillow's bicubic, which weighs the two edge rows 1.125 / -0.125 rather than copying one;
     bands of size 0 are skipped (A1111 would raise). `upscaler` "Lanczos"/"Nearest" runs A1111's Upscaler
-    (`sd15.upscale.Upscalers.resize`) when enlarging RGB; None and "None" resize with LANCZOS."""
-    from sd15.upscale import Upscalers  # (it imports this module)
+    (`sd15.upscale.resize`) when enlarging RGB; None and "None" resize with LANCZOS."""
+    from sd15.upscale import resize  # here: it imports this module, and torch
 
-    resize = Upscalers().resize
     if resize_mode == 0:
         return resize(image, upscaler, width, height)
     sw, sh, x, y, fill = resize_geometry(resize_mode, image.width, image.height, width, height)
