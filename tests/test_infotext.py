@@ -473,6 +473,25 @@ def test_img2img_noise_multiplier_and_eta_order():
     assert "Noise multiplier" not in params_line(job(initial_noise_multiplier=0.9))  # txt2img: not used
 
 
+def test_ngms_follows_the_first_pass_schedule_and_eta():
+    """A1111's CFG denoiser adds "NGMS" at the first step that skips the uncond: after the entries added at
+    init (hires), the caller's (networks, emphasis) and the first pass's schedule and eta; before a hires
+    sampler's own eta."""
+    extra = {"Lora hashes": "a: 0123456789ab", "Emphasis": "No norm", "NGMS": 2.0}
+    p = hires(sampler_name="Euler a", scheduler="Karras", hr_scale=1.5, eta=0.8, eta_noise_seed_delta=31337,
+              hr_sampler_name="DDIM", eta_ddim=0.3, extra_generation_params=extra)
+    assert params_line(p) == (
+        "Steps: 20, Sampler: Euler a, Schedule type: Karras, CFG scale: 7.0, Seed: 123, Size: 512x512, "
+        "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Denoising strength: 0.7, ENSD: 31337, "
+        "Hires sampler: DDIM, Hires upscale: 1.5, Hires upscaler: Latent, "
+        'Lora hashes: "a: 0123456789ab", Emphasis: No norm, Eta: 0.8, NGMS: 2.0, Eta DDIM: 0.8, '
+        "Version: v1.10.1")
+    assert list(extra_generation_params(p))[-4:] == ["Schedule type", "Eta", "NGMS", "Eta DDIM"]
+    p = job(is_img2img=True, denoising_strength=0.5, initial_noise_multiplier=0.9, extra_generation_params=extra)
+    assert params_line(p).endswith('Denoising strength: 0.5, Lora hashes: "a: 0123456789ab", Emphasis: No norm, '
+                                   "Noise multiplier: 0.9, NGMS: 2.0, Version: v1.10.1")
+
+
 def test_no_mask_entries_without_mask():
     line = params_line(job(is_img2img=True, denoising_strength=0.75, inpainting_mask_invert=1))
     assert "Mask" not in line and "Inpaint" not in line

@@ -16,6 +16,9 @@ from sd15.samplers.table import (SAMPLER_TABLE, SCHEDULER_TABLE, find_sampler, f
 
 A1111_VERSION = "v1.10.1"  # what infotext "Version" and info "version" say
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")  # by inpainting_fill
+# Caller entries that A1111's CFG denoiser adds at the first step that skips the uncond (its
+# `sd_samplers_cfg_denoiser.py`): after the first pass's schedule and eta
+_DENOISER_KEYS = ("NGMS",)
 
 
 def job_timestamp(now: Optional[datetime.datetime] = None) -> str:
@@ -34,7 +37,8 @@ def _eta(r, sampler) -> dict:
 
 def _extra_params(r, has_mask: bool, extra: Mapping[str, Any]) -> dict:
     """A1111's `p.extra_generation_params` at the end of a job, in insertion order: the entries added at init
-    (strength, mask, hires), the caller's (extra networks, NGMS), then those added while sampling."""
+    (strength, mask, hires), the caller's (extra networks, emphasis), then those added while sampling (the
+    first pass's noise multiplier, schedule and eta, the caller's NGMS, then the hires pass's)."""
     q, hr = r.request, r.hires
     out: dict = {}
     if q.is_img2img:
@@ -62,13 +66,14 @@ def _extra_params(r, has_mask: bool, extra: Mapping[str, Any]) -> dict:
         if q.hr_second_pass_steps:
             out["Hires steps"] = q.hr_second_pass_steps
         out["Hires upscaler"] = hr.upscaler
-    out.update(extra)
+    out.update({k: v for k, v in extra.items() if k not in _DENOISER_KEYS})
     if q.is_img2img and q.initial_noise_multiplier not in (None, 1.0):
         out["Noise multiplier"] = q.initial_noise_multiplier
     recorded = recorded_schedule(r.sampler, r.scheduler)
     if recorded is not None:
         out["Schedule type"] = recorded.label
     out.update(_eta(r, r.sampler))
+    out.update({k: v for k, v in extra.items() if k in _DENOISER_KEYS})
     if hr is not None:
         hr_recorded = recorded_schedule(hr.sampler, hr.scheduler)
         if hr_recorded is not None and hr_recorded.label != out.get("Schedule type"):
@@ -81,8 +86,8 @@ def create_infotext(r, index: int = 0, *, model: Mapping[str, Any] = {}, extra: 
                     has_mask: Optional[bool] = None) -> str:
     """Image `index`'s infotext (index over the whole job) of a `sd15.schema.ResolvedRequest`. `model`:
     sd_model_name, sd_model_hash (10 hex digits), sd_vae_name, sd_vae_hash; `extra`: further entries ("Lora
-    hashes", "NGMS"); `has_mask`: an inpainting mask was used (default: one was given). Null values are left
-    out, a value equal to its key is written bare."""
+    hashes", "Emphasis", "NGMS"); `has_mask`: an inpainting mask was used (default: one was given). Null
+    values are left out, a value equal to its key is written bare."""
     q = r.request
     has_mask = q.mask is not None if has_mask is None else has_mask
     variation = q.subseed_strength != 0
