@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse
 
 from sd15.a1111 import infotext
 from sd15.a1111.images import encode_image, next_sequence_number, png_bytes
+from sd15.schema import RequestError
 from server import a1111, inputs, jobs, preview, scripts
 from server.a1111 import ApiError, ValidationError
 
@@ -74,7 +75,7 @@ def execute(self, job: jobs.Job) -> None:  # self: the Engine
             result, settings = self.run(req, prepared, job)
     except scripts.ScriptError as e:
         raise jobs.JobFailed(e.status, str(e)) from None
-    except ValidationError as e:
+    except (ValidationError, RequestError) as e:  # RequestError: what only the decoded images show
         raise jobs.JobFailed(422, str(e)) from None
     except ApiError as e:
         raise jobs.JobFailed(e.status, e.detail, e.error, e.errors) from None
