@@ -24,7 +24,7 @@ from sd15.a1111.images import encode_image
 from sd15.schema import range_problem
 from sd15.upscale import (ESRGAN_TILE, ESRGAN_TILE_OVERLAP, REALESRGAN_NAMES, Upscalers, list_upscalers,
                           upscaled_size)
-from server.a1111 import ApiError, _Request, decode_image, image_format
+from server.a1111 import ApiError, _exif_user_comment, _Request, decode_image, image_format
 from server.coerce import ValidationError, convert
 
 #: A1111's `images.IGNORED_INFO_KEYS`: image info that `read_info_from_image` does not carry over.
@@ -184,8 +184,8 @@ def upscale_step(upscalers: Upscalers, image: Image.Image, req: ExtrasBaseReques
 def run_extras(upscalers: Upscalers, images: list, req: ExtrasBaseRequest, settings: dict) -> tuple:
     """(GPU worker) Every image through the Upscale step -> (base64 images in input order, the `html_info` of
     the last: A1111's `ui_common.plaintext_to_html` of the step's infotext). As A1111's `encode_pil_to_base64`
-    in `samples_format`; with `enable_pnginfo`, PNGs carry the input's text chunks and `postprocessing`, the
-    step's infotext, and JPEG / WebP the input's `parameters`."""
+    in `samples_format`; with `enable_pnginfo`, PNGs carry the input's text chunks, its infotext as `parameters`
+    and `postprocessing`, the step's infotext; JPEG / WebP carry the input's infotext."""
     outputs, text = [], ""
     for image in images:
         info: dict = {}
@@ -194,9 +194,11 @@ def run_extras(upscalers: Upscalers, images: list, req: ExtrasBaseRequest, setti
         text = ", ".join(k if k == v else f"{k}: {infotext.quote(v)}" for k, v in info.items()
                          if v is not None)
         # what A1111's `run_postprocessing` keeps of `read_info_from_image`: the input's info but the
-        # technical keys, and the step's infotext
-        chunks = {k: v for k, v in {**image.info, "postprocessing": text}.items()
-                  if k not in IGNORED_INFO_KEYS}
+        # technical keys, its infotext (EXIF UserComment, else the PNG's `parameters`), the step's infotext
+        chunks = {k: v for k, v in image.info.items() if k not in IGNORED_INFO_KEYS and k != "parameters"}
+        if parameters := _exif_user_comment(image) or image.info.get("parameters"):
+            chunks["parameters"] = parameters
+        chunks["postprocessing"] = text
         data = encode_image(result, chunks if settings["enable_pnginfo"] else None, **image_format(settings))
         outputs.append(base64.b64encode(data).decode("ascii"))
     return outputs, "<p>" + "<br>\n".join(html.escape(line) for line in text.split("\n")) + "</p>"

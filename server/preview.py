@@ -4,7 +4,8 @@ latent-to-RGB matrix), "Approx NN" (`<ckpt-dir>/VAE-approx/model.pt`), "TAESD"
 (`taesd_decoder.pth|.safetensors` in `<ckpt-dir>` or `<ckpt-dir>/VAE-taesd`; never downloaded) or "Full" (the
 loaded VAE); a kind whose file is missing falls back to "Approx cheap", so A1111's default ("Approx NN") works
 out of the box. `show_progress_grid`: the whole batch as one grid (A1111's default), else the first image.
-Every `live_preview_content` shows the CFG-combined estimate: the CFG denoiser hands the callback only that.
+`live_preview_content` picks the CFG denoiser's estimate shown: the prompt's, the negative prompt's or the
+guided one (`CFGDenoiser.preview_latent`, chosen in server/runner.py's callback).
 """
 from __future__ import annotations
 

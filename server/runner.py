@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse
 
 from sd15.a1111 import infotext
 from sd15.a1111.images import encode_image, next_sequence_number, png_bytes
+from sd15.schema import RequestError
 from server import a1111, inputs, jobs, preview, scripts
 from server.a1111 import ApiError, ValidationError
 
@@ -74,7 +75,7 @@ def execute(self, job: jobs.Job) -> None:  # self: the Engine
             result, settings = self.run(req, prepared, job)
     except scripts.ScriptError as e:
         raise jobs.JobFailed(e.status, str(e)) from None
-    except ValidationError as e:
+    except (ValidationError, RequestError) as e:  # RequestError: what only the decoded images show
         raise jobs.JobFailed(422, str(e)) from None
     except ApiError as e:
         raise jobs.JobFailed(e.status, e.detail, e.error, e.errors) from None
@@ -157,7 +158,7 @@ def make_callback(self, run, job: Optional[jobs.Job], settings: dict):  # self: 
     as one job."""
     every = settings["show_progress_every_n_steps"] if settings["live_previews_enable"] else 0
     deadline = run.started + self.config.max_job_seconds if self.config.max_job_seconds else None
-    batch = {"job_no": None, "latent": None}  # the batch of the last step and its last x0 (for every = -1)
+    batch = {"job_no": None, "latent": None}  # the batch of the last step and its last x0s (for every = -1)
 
     def callback(step, sigma, x, denoised):
         s = run.state
@@ -173,12 +174,16 @@ def make_callback(self, run, job: Optional[jobs.Job], settings: dict):  # self: 
             if step + 1 > max(self.limits.max_steps, 2 * s.sampling_steps):
                 job.interrupt("limit")
         new_batch = batch["job_no"] is not None and batch["job_no"] != s.job_no
-        latent = batch["latent"] if new_batch else denoised  # -1: the finished batch's last x0
-        batch["job_no"], batch["latent"] = s.job_no, denoised
+        # the running CFG denoiser's x0 by `live_preview_content` (`CFGDenoiser.preview_latent`), where given
+        now = (getattr(s, "preview_latent", None), denoised)
+        estimates, latent = batch["latent"] if new_batch else now  # -1: the finished batch's last x0
+        batch["job_no"], batch["latent"] = s.job_no, now
         wanted = self.preview_wanted or (self.queue is not None and self.queue.has_listeners())
         if wanted and preview.due(every, run.steps_done, run.preview_at, new_batch):
             at = run.steps_done - 1 if every == -1 else run.steps_done
             run.preview_at, self.preview_wanted = run.steps_done, False
+            if estimates is not None:
+                latent = estimates(settings["live_preview_content"])
             image = preview.make_preview(self.models.model, latent, settings, self.config.ckpt_dir)
             self.preview = base64.b64encode(png_bytes(image)).decode("ascii")
             if job is not None:

@@ -241,3 +241,47 @@ def test_inpainting_blend_after_denoising_for_kdiffusion_and_before_for_timestep
     model.eps(X, S)
     blended = X * (1 - keep) + init * keep
     assert torch.equal(inner.calls[1][1], torch.cat([blended, blended]))  # timestep samplers: blended input
+
+
+def test_preview_latent_is_the_live_preview_content_of_the_last_call():
+    """A1111's `live_preview_content`: each image's first cond row, the uncond rows (the cond's when NGMS
+    skipped them) or the guided result after the inpainting blend; the sampler's numbers are untouched."""
+    init = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(10))
+    keep = (torch.arange(9).reshape(3, 3) % 2).float().expand(2, 4, 3, 3)
+    inner = make_inner()
+    model = CFGDenoiser(inner, COND, UNCOND, 7.0, s_min_uncond=3.0)
+    model.set_mask(keep, 1 - keep, init)
+    out = model(X, S)
+    ref = rows(*inner.calls[0][1:])  # the UNet batch's outputs: 2 cond rows, 2 uncond rows
+    assert torch.equal(model.preview_latent("Prompt"), ref[:2]) and torch.equal(model.preview_latent(), ref[:2])
+    assert torch.equal(model.preview_latent("Negative prompt"), ref[2:])
+    assert torch.equal(model.preview_latent("Combined"), out) and not torch.equal(out, ref[:2])
+    model(X, S)  # σ = 2 < 3 on an odd call: the uncond is skipped, its rows are the cond's
+    ref = rows(*inner.calls[1][1:])
+    assert torch.equal(model.preview_latent("Negative prompt"), ref) and torch.equal(model.preview_latent(), ref)
+
+    tensor = torch.randn(3, 77, 8, generator=torch.Generator().manual_seed(7))
+    inner = make_inner()
+    model = CFGDenoiser(inner, lambda step: (tensor, [[(0, 1.0), (1, 0.5)], [(2, 0.8)]]), UNCOND, 5.0)
+    out = model(X, S)
+    ref = rows(*inner.calls[0][1:])  # rows: image 0's two subprompts, image 1's, then 2 uncond rows
+    assert torch.equal(model.preview_latent("Prompt"), ref[[0, 2]])
+    assert torch.equal(model.preview_latent("Negative prompt"), ref[3:])
+    assert torch.equal(model.preview_latent("Combined"), out)
+
+
+def test_preview_latent_of_timestep_samplers_is_x0_from_eps():
+    """A1111's `CFGDenoiserTimesteps.get_pred_x0`: x₀ = (x − sqrt(1 − ā_t)·ε) / sqrt(ā_t), t truncated, x the
+    blended model input."""
+    init = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(10))
+    keep = (torch.arange(9).reshape(3, 3) % 2).float().expand(2, 4, 3, 3)
+    inner = make_inner()
+    inner.alphas_cumprod = AC
+    model = CFGDenoiser(inner, COND, UNCOND, 7.0)
+    model.set_mask(keep, 1 - keep, init)
+    eps = model.eps(X, torch.tensor([951.7, 951.7]))
+    _, x_in, t_in, ctx = inner.calls[0]
+    e = x_in * ctx.mean(dim=(1, 2))[:, None, None, None] - t_in[:, None, None, None]
+    x, a = X * (1 - keep) + init * keep, AC[951]
+    for content, want in [("Prompt", e[:2]), ("Negative prompt", e[2:]), ("Combined", eps)]:
+        assert torch.equal(model.preview_latent(content), (x - (1 - a).sqrt() * want) / a.sqrt())

@@ -16,6 +16,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from starlette.testclient import TestClient
 
+from sd15.a1111.images import encode_image
 from sd15.esrgan import SRVGGConfig, SRVGGNetCompact
 from sd15.upscale import Upscalers
 from server.app import create_app
@@ -165,6 +166,18 @@ def test_input_text_info_is_kept_and_postprocessing_added(client):
     assert out.info["parameters"] == "a cat\nSteps: 20, Seed: 1" and out.info["Comment"] == "hello"
     assert out.info["postprocessing"] == "Postprocess upscale by: 2.0, Postprocess upscaler: Nearest"
     assert same(out, src.resize((32, 32), resample=Image.Resampling.NEAREST))
+
+
+@pytest.mark.parametrize("fmt", ["jpg", "webp"])
+def test_jpeg_and_webp_input_infotext_from_exif_user_comment(client, fmt):
+    """A1111's `read_info_from_image`: a JPEG / WebP input's infotext is its EXIF UserComment (as our own
+    answers carry it), passed on as a PNG's `parameters` is."""
+    text = "a cat\nSteps: 20, Seed: 1, Model: \u00e9t\u00e9"
+    data = base64.b64encode(encode_image(image(16, 16, seed=4), {"parameters": text}, fmt)).decode()
+    out = decode(post(client, {"image": data, "upscaler_1": "Nearest", "upscaling_resize": 2}).json()["image"])
+    assert out.format == "PNG" and out.info["parameters"] == text
+    assert out.info["postprocessing"] == "Postprocess upscale by: 2.0, Postprocess upscaler: Nearest"
+    assert not {"exif", "jfif", "jfif_version", "dpi"} & set(out.info)
 
 
 def test_samples_format_encodes_the_results(client):

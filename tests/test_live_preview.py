@@ -1,8 +1,8 @@
 """Live previews of the server (server/preview.py through server/runner.py's sampler callback), on the tiny
 checkpoint: the preview in /sdapi/v1/progress and over the event stream is sd15.preview's picture of the
 denoised latent of that step (captured by wrapping the sampler callback), previews are made only while someone
-looks, `live_previews_enable` and `show_progress_every_n_steps` (N and -1) are honoured, TAESD is used when its
-file is in the models folder."""
+looks, `live_previews_enable`, `show_progress_every_n_steps` (N and -1) and `live_preview_content` are honoured,
+TAESD is used when its file is in the models folder."""
 from __future__ import annotations
 
 import base64
@@ -18,6 +18,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from starlette.testclient import TestClient
 
+from sd15.pipeline import JobState
 from sd15.preview import PreviewDecoders, image_grid, preview
 from sd15.vae.taesd import TAESDDecoder
 from server import runner
@@ -26,6 +27,8 @@ from test_server import make_config, write_model_folders
 
 REAL_CALLBACK = runner.make_callback
 SMALL = {"width": 64, "height": 64, "prompt": "a cat", "seed": 5}
+COMBINED = {"live_preview_content": "Combined"}  # the guided x0: the sampler callback's `denoised`
+CONTENTS = ("Prompt", "Negative prompt", "Combined")
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +42,12 @@ def pixels(b64: str) -> np.ndarray:
 
 
 class Capture:
-    """Wraps the engine's sampler callback: records each step's denoised latent and the job's preview after
-    it, and can hold the worker after given steps until the test lets it go."""
+    """Wraps the engine's sampler callback: records each step's denoised latent, the CFG denoiser's estimates
+    by `live_preview_content` and the job's preview after it, and can hold the worker after given steps until
+    the test lets it go."""
 
     def __init__(self, monkeypatch, hold=()):
-        self.latents, self.previews, self.hold = [], [], set(hold)
+        self.latents, self.estimates, self.previews, self.hold = [], [], [], set(hold)
         self.reached = {s: threading.Event() for s in self.hold}
         self.go = {s: threading.Event() for s in self.hold}
         self.after_preview = None  # called (step) after a step that made a new preview
@@ -56,6 +60,8 @@ class Capture:
                 before = job.preview if job is not None else engine.preview
                 inner(step, sigma, x, denoised)
                 self.latents.append(denoised.detach().clone())
+                if getattr(run.state, "preview_latent", None) is not None:
+                    self.estimates.append({c: run.state.preview_latent(c).clone() for c in CONTENTS})
                 now = job.preview if job is not None else engine.preview
                 n = len(self.latents)
                 if now is not before and now is not None:
@@ -96,7 +102,7 @@ def preview_after_step_one(client, monkeypatch, request: dict):
 def test_progress_preview_is_approx_cheap_of_that_step_and_only_when_polled(folders, monkeypatch):
     with TestClient(create_app(make_config(folders))) as client:
         assert client.post("/sdapi/v1/options", json={"show_progress_type": "Approx cheap",
-                                                      "show_progress_every_n_steps": 1}).status_code == 200
+                                                      "show_progress_every_n_steps": 1, **COMBINED}).status_code == 200
         cap = Capture(monkeypatch, hold=(2, 3))
         job = client.post("/sd15/v1/jobs", json={"kind": "txt2img", "save": False,
                                                  "request": {**SMALL, "steps": 5, "batch_size": 2}}).json()
@@ -134,7 +140,8 @@ def test_taesd_from_the_models_folder(folders, monkeypatch):
               f"{folders['ckpt_dir']}/taesd_decoder.safetensors")
     try:
         with TestClient(create_app(make_config(folders))) as client:
-            client.post("/sdapi/v1/options", json={"show_progress_type": "TAESD", "show_progress_every_n_steps": 1})
+            client.post("/sdapi/v1/options", json={"show_progress_type": "TAESD", "show_progress_every_n_steps": 1,
+                                                   **COMBINED})
             shown, cap = preview_after_step_one(client, monkeypatch, {**SMALL, "steps": 3})
         want = np.asarray(preview(None, cap.latents[1], "TAESD", PreviewDecoders(folders["ckpt_dir"]), grid=True))
         assert shown.shape == (64, 64, 3) and np.array_equal(shown, want)  # full size: not the 8x8 cheap one
@@ -149,10 +156,29 @@ def test_full_preview_is_the_vae_decode(folders, monkeypatch):
     engine.start()
     with TestClient(create_app(engine.config, engine)) as client:
         client.post("/sdapi/v1/options", json={"show_progress_type": "Full", "show_progress_every_n_steps": 1,
-                                               "show_progress_grid": False})
+                                               "show_progress_grid": False, **COMBINED})
         shown, cap = preview_after_step_one(client, monkeypatch, {**SMALL, "steps": 3, "batch_size": 2})
         want = np.asarray(preview(engine.models.model, cap.latents[1][:1], "Full")[0])
     assert shown.shape == (64, 64, 3) and np.array_equal(shown, want)  # the first image only: no grid
+
+
+@pytest.mark.skipif(not hasattr(JobState(), "preview_latent"),
+                    reason="sd15/pipeline.py does not hand JobState the CFG denoiser's preview_latent")
+def test_live_preview_content_picks_the_cfg_denoisers_estimate(folders, monkeypatch):
+    """A1111's `live_preview_content`: the prompt's x0, the negative prompt's, or the guided one (the sampler
+    callback's `denoised`); which rows each is, is tested on CFGDenoiser."""
+    shown = {}
+    with TestClient(create_app(make_config(folders))) as client:
+        for content in CONTENTS:
+            client.post("/sdapi/v1/options", json={"show_progress_type": "Approx cheap",
+                                                   "show_progress_every_n_steps": 1, "live_preview_content": content})
+            shown[content], cap = preview_after_step_one(client, monkeypatch, {**SMALL, "steps": 3,
+                                                                               "negative_prompt": "a dog"})
+            x0 = cap.estimates[1]
+            assert np.array_equal(shown[content], np.asarray(preview(None, x0[content], grid=True)))
+    assert torch.equal(x0["Combined"], cap.latents[1])
+    assert not np.array_equal(shown["Prompt"], shown["Negative prompt"])
+    assert not np.array_equal(shown["Prompt"], shown["Combined"])
 
 
 @pytest.fixture
@@ -222,7 +248,7 @@ def test_event_stream_previews_every_n_and_per_batch(live, monkeypatch):
 
     url, engine, sent, seen = live
     requests.post(f"{url}/sdapi/v1/options", json={"show_progress_type": "Approx cheap",
-                                                   "show_progress_every_n_steps": 3})
+                                                   "show_progress_every_n_steps": 3, **COMBINED})
     cap = Capture(monkeypatch)
     job_id = run_job(url, {**SMALL, "steps": 7}, cap, seen)
     assert [p[0] for p in cap.previews] == [3, 6]  # every 3 steps of 7

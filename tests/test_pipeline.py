@@ -246,6 +246,31 @@ def test_img2img_and_inpainting(model):
     assert "Masked content: fill" in inp.infotexts[0] and "Inpaint area" not in inp.infotexts[0]
 
 
+def test_latent_resize_mode_with_a_mask_as_a1111(model):
+    """Resize mode 3 with a whole-picture mask, as A1111's img2img `init`: the answer has the requested size and
+    the init image's overlay (its own size) is pasted unscaled at the top left; masked content but "original"
+    fails in A1111 (`masking.fill` of images of two sizes): a RequestError."""
+    from PIL import Image
+
+    from sd15.a1111.images import tensor_to_pil
+    from sd15.pipeline import decode_latents
+    from sd15.schema import RequestError
+
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))  # redraw the left half
+    kw = dict(prompt="a", seed=1, steps=2, init_images=[init], mask=mask, mask_blur=0, resize_mode=3,
+              inpaint_full_res=False, width=128, height=96, denoising_strength=0.5)
+    r = generate(model, Params(inpainting_fill=1, **kw))
+    out, sample = np.asarray(r.images[0]), np.asarray(tensor_to_pil(decode_latents(model, r.latents))[0])
+    assert out.shape == (96, 128, 3) and r.latents.shape == (1, 4, 12, 16)
+    assert np.array_equal(out[:, 64:], sample[:, 64:]) and np.array_equal(out[64:], sample[64:])  # no overlay
+    assert np.array_equal(out[:, :24], sample[:, :24])  # the redrawn part
+    assert np.array_equal(out[:64, 40:64], np.asarray(init)[:, 40:64])  # the kept part: the init, unscaled
+    with pytest.raises(RequestError, match="inpainting_fill: resize_mode 3 with a mask"):
+        generate(model, Params(inpainting_fill=0, **kw))
+
+
 def test_latent_noise_fill_is_a1111s_plain_draw(model, monkeypatch):
     """A1111 fills "latent noise" with `create_random_tensors(shape, all_seeds[:batch])`: the first batch's seeds,
     without the request's variation seed or seed resize."""

@@ -15,7 +15,7 @@ from starlette.testclient import TestClient
 import synthetic
 from server import inputs
 from server.app import Engine, create_app
-from test_server import make_config, png_b64, write_model_folders
+from test_server import decode, make_config, png_b64, write_model_folders
 
 API = "/sdapi/v1"
 SMALL = {"width": 64, "height": 64, "steps": 2}
@@ -77,6 +77,16 @@ def test_image_bounds(client, size, field, extra):
 def test_resize_mode_3_smallest_accepted(client):
     r = client.post(f"{API}/img2img", json={"init_images": [png_b64((64, 100))], "resize_mode": 3, "seed": 1, **SMALL})
     assert r.status_code == 200
+
+
+def test_resize_mode_3_with_a_mask_fill_and_another_size_is_a_422(client):
+    """A1111 fails in `masking.fill` (an init image and a mask of two sizes): a 422 that says what works."""
+    body = {"init_images": [png_b64((64, 64))], "mask": png_b64((64, 64), color=255, mode="L"), "resize_mode": 3,
+            "inpaint_full_res": False, "seed": 1, **SMALL, "width": 96}
+    r = client.post(f"{API}/img2img", json=body)
+    assert r.status_code == 422 and "send inpainting_fill 1" in r.json()["detail"], r.text
+    r = client.post(f"{API}/img2img", json={**body, "inpainting_fill": 1})
+    assert r.status_code == 200 and decode(r.json()["images"][0]).size == (96, 64)
 
 
 # --- D9: nesting; D11: prompt length ------------------------------------------------------------

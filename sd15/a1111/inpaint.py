@@ -12,6 +12,7 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 
 from sd15.a1111.images import flatten, load_image, pil_to_unit_tensor, resize_image, upscale_latent
+from sd15.schema import RequestError
 
 
 class InitImages:
@@ -265,7 +266,9 @@ def prepare_init_image(image: Image.Image, width: int, height: int, resize_mode:
     `inpaint` is `prepare_inpaint_mask`'s dict of a (non-blank) mask, None for plain img2img. The image is
     flattened onto `background`, resized to `width × height` (unless "Only masked" or resize mode 3), its
     overlay made, then cropped to the "Only masked" region and resized, and pre-filled (`fill_masked`) unless
-    `inpainting_fill` is 1."""
+    `inpainting_fill` is 1. Resize mode 3 keeps the image's size, so its overlay is pasted unscaled at the
+    top left of the result (as A1111); a fill then needs the image at `width × height`, else A1111's
+    `masking.fill` fails ("images do not match"): a RequestError here."""
     image = flatten(image, background)
     crop = inpaint["crop_region"] if inpaint else None
     if crop is None and resize_mode != 3:
@@ -279,6 +282,11 @@ def prepare_init_image(image: Image.Image, width: int, height: int, resize_mode:
     if crop is not None:
         image = resize_image(2, image.crop(crop), width, height)
     if inpainting_fill != 1:
+        if image.size != (width, height):
+            raise RequestError([("inpainting_fill", f"resize_mode 3 with a mask: masked content other than 1 "
+                                 f"(original) needs init images of {width}x{height}, this one is {image.width}x"
+                                 f"{image.height} (A1111 fails there); send inpainting_fill 1 or another "
+                                 "resize_mode", "value_error")])
         image = fill_masked(image, inpaint["image_mask"])
     return image, overlay, mfo
 

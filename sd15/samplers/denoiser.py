@@ -106,6 +106,7 @@ class CFGDenoiser(nn.Module):
         self.step = 0  # model calls so far
         self.mask = self.nmask = self.init_latent = None
         self._context = (None, None, None)  # (cond, uncond, cat([cond, uncond])) of the last call
+        self._last = None  # (x_out, first cond rows, result, (x, t) for ε) of the last call: `preview_latent`
         self.last_uncond = None  # the uncond rows of the last output (A1111's last_noise_uncond, for CFG++)
 
     def set_mask(self, mask: torch.Tensor, nmask: torch.Tensor, init_latent: torch.Tensor):
@@ -114,16 +115,32 @@ class CFGDenoiser(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """Guided x₀ for k-diffusion samplers (the inpainting blend is applied to the result)."""
-        denoised = self._guided(self.inner, x, sigma)
+        denoised, x_out, first = self._guided(self.inner, x, sigma)
         if self.mask is not None:
             denoised = denoised * self.nmask + self.init_latent * self.mask
+        self._last = (x_out, first, denoised, None)
         return denoised
 
     def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Guided ε for timestep samplers (the inpainting blend is applied to the model input only)."""
         if self.mask is not None:
             x = x * self.nmask + self.init_latent * self.mask
-        return self._guided(self.inner.eps, x, t)
+        eps, x_out, first = self._guided(self.inner.eps, x, t)
+        self._last = (x_out, first, eps, (x, t))
+        return eps
+
+    def preview_latent(self, content: str = "Prompt") -> torch.Tensor:
+        """The last call's x₀ estimate that A1111's live preview shows, by its `live_preview_content` (A1111's
+        `CFGDenoiser.forward`): "Prompt" each image's first cond row, "Negative prompt" the uncond rows (the
+        cond's where NGMS skipped them), "Combined" the guided result (after the k-diffusion inpainting blend).
+        Timestep samplers' ε becomes x₀ at the integer part of t, as A1111's `get_pred_x0`."""
+        x_out, first, combined, eps_at = self._last
+        out = {"Prompt": x_out[first], "Negative prompt": x_out[-len(first):], "Combined": combined}[content]
+        if eps_at is None:
+            return out
+        x, t = eps_at
+        a = self.inner.alphas_cumprod[t.long().to(x.device)][:, None, None, None]  # (B, 1, 1, 1)
+        return (x - (1 - a).sqrt() * out) / a.sqrt()
 
     def _pad(self, cond, uncond):
         if self.pad_cond_uncond_v0:  # repeat the uncond's last token vector, or truncate it
@@ -152,7 +169,7 @@ class CFGDenoiser(nn.Module):
         else:
             cond, conds_list = self.cond, [[(i, 1.0)] for i in range(self.cond.shape[0])]
         uncond = self.uncond(self.step) if callable(self.uncond) else self.uncond
-        batch = len(conds_list)
+        batch, first = len(conds_list), [c[0][0] for c in conds_list]  # each image's first cond row
         # one prompt per image, row i for image i: the batch is [x, x] and the guidance one expression
         simple = all(len(c) == 1 and c[0][0] == i for i, c in enumerate(conds_list))
         below = 0 < self.s_min_uncond and s[0] < self.s_min_uncond
@@ -168,7 +185,7 @@ class CFGDenoiser(nn.Module):
                 scale = torch.tensor(weights, dtype=x_out.dtype).to(x_out.device, non_blocking=True)
                 scale = scale.view(-1, *[1] * (x_out.dim() - 1))  # per-image weights (B, 1, 1, 1)
             self.step += 1
-            return denoised_uncond + (denoised_cond - denoised_uncond) * scale
+            return denoised_uncond + (denoised_cond - denoised_uncond) * scale, x_out, first
 
         repeats = [len(c) for c in conds_list]
         # rows: image i repeated once per subprompt, then the B uncond rows
@@ -178,7 +195,7 @@ class CFGDenoiser(nn.Module):
             cond, uncond = self._pad(cond, uncond)
         if skip_uncond:  # cond rows only: the first cond output stands in for the uncond, and the scale is 1
             x_out = fn(x_in[:-batch], s_in[:-batch], cond)
-            x_out = torch.cat([x_out, x_out[[c[0][0] for c in conds_list]]])
+            x_out = torch.cat([x_out, x_out[first]])
         elif cond.shape[1] == uncond.shape[1]:
             x_out = fn(x_in, s_in, self._context_for(cond, uncond))
         else:  # different token lengths: cond rows and uncond rows as separate UNet batches
@@ -191,4 +208,4 @@ class CFGDenoiser(nn.Module):
             for row, weight in conds:
                 denoised[i] += (x_out[row] - denoised_uncond[i]) * (weight * scale)
         self.step += 1
-        return denoised
+        return denoised, x_out, first
