@@ -68,6 +68,7 @@ class JobState:
         self.sampling_step = 0
         self.sampling_steps = 0
         self.current_latent = None
+        self.preview_latent = None  # content -> the running sampler's x0 for a live preview (CFGDenoiser)
 
     def interrupt(self):
         self.interrupted = True
@@ -180,6 +181,7 @@ def _sample(model, r: ResolvedRequest, cond, sampler, scheduler, steps: int, rng
     denoiser = make_denoiser(sampler.name, model.unet, model.alphas_cumprod.to(model.device), *cond,
                              r.cfg_scale, s_min_uncond=r.s_min_uncond or 0.0)
     denoiser.set_mask(mask, nmask, init_latent)
+    state.preview_latent = denoiser.preview_latent
 
     def on_step(d):
         state.sampling_step = d["i"] + 1

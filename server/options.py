@@ -279,7 +279,6 @@ _TABLE = {
     "show_progress_every_n_steps": Option(10, int, -1, 1000),
     "show_progress_type": Option("Approx NN", str, choices=("Full", "Approx NN", "Approx cheap", "TAESD")),
     "live_preview_allow_lowvram_full": False,
-    # checked, not used: previews show the CFG-combined x0 whatever it says
     "live_preview_content": Option("Prompt", str, choices=("Combined", "Prompt", "Negative prompt")),
     "live_preview_refresh_period": 1000,
     "live_preview_fast_interrupt": False,

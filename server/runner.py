@@ -174,8 +174,8 @@ def make_callback(self, run, job: Optional[jobs.Job], settings: dict):  # self: 
             if step + 1 > max(self.limits.max_steps, 2 * s.sampling_steps):
                 job.interrupt("limit")
         new_batch = batch["job_no"] is not None and batch["job_no"] != s.job_no
-        # the running CFG denoiser's x0 by `live_preview_content` (`CFGDenoiser.preview_latent`), where given
-        now = (getattr(s, "preview_latent", None), denoised)
+        # the running CFG denoiser's x0 by `live_preview_content` (`CFGDenoiser.preview_latent`)
+        now = (s.preview_latent, denoised)
         estimates, latent = batch["latent"] if new_batch else now  # -1: the finished batch's last x0
         batch["job_no"], batch["latent"] = s.job_no, now
         wanted = self.preview_wanted or (self.queue is not None and self.queue.has_listeners())

@@ -18,7 +18,6 @@ from PIL import Image
 from safetensors.torch import save_file
 from starlette.testclient import TestClient
 
-from sd15.pipeline import JobState
 from sd15.preview import PreviewDecoders, image_grid, preview
 from sd15.vae.taesd import TAESDDecoder
 from server import runner
@@ -162,8 +161,6 @@ def test_full_preview_is_the_vae_decode(folders, monkeypatch):
     assert shown.shape == (64, 64, 3) and np.array_equal(shown, want)  # the first image only: no grid
 
 
-@pytest.mark.skipif(not hasattr(JobState(), "preview_latent"),
-                    reason="sd15/pipeline.py does not hand JobState the CFG denoiser's preview_latent")
 def test_live_preview_content_picks_the_cfg_denoisers_estimate(folders, monkeypatch):
     """A1111's `live_preview_content`: the prompt's x0, the negative prompt's, or the guided one (the sampler
     callback's `denoised`); which rows each is, is tested on CFGDenoiser."""
