@@ -1,16 +1,11 @@
-"""k-diffusion's samplers (crowsonkb/k-diffusion `sampling.py` @ab527a9, as A1111 v1.10 runs them) and A1111's
-Restart, written from the published algorithms.
+"""k-diffusion's samplers (crowsonkb/k-diffusion `sampling.py` @ab527a9, with the options A1111 v1.10 passes)
+and A1111's Restart, written from the published algorithms.
 
-`sample_x(model, x, sigmas, *, noise_sampler=None, callback=None, **options) -> x`: `model(x, sigma)`
-returns the denoised x₀ for a [B] σ; `sigmas` is the descending float32 schedule and x starts at
-noise · sigmas[0]; `noise_sampler(sigma, sigma_next)` returns fresh unit noise shaped like x (a sampler that
-adds noise raises without one: nothing here draws from the global RNG); `callback` receives k-diffusion's
-{'x', 'i', 'sigma', 'sigma_hat', 'denoised'} once per step, 'sigma' a 0-d CPU tensor.
-
-The scalar maths runs on 0-d float32 tensors, as in k-diffusion, so the rounding matches; but the schedule
-is copied to the host once per run (`_host`), so a step never reads a device value back (a 0-d CPU tensor
-enters a CUDA kernel as a plain argument). Noise that k-diffusion draws only to multiply by zero (eta = 0,
-s_churn = 0) is not drawn.
+`sample_x(model, x, sigmas, *, noise_sampler=None, callback=None, **options) -> x`: `model(x, sigma)` returns
+the denoised x₀ for a [B] σ; x starts at noise · sigmas[0]; `noise_sampler(sigma, sigma_next)` returns fresh
+unit noise shaped like x (nothing here draws from the global RNG); `callback` gets k-diffusion's dict per step.
+The scalar maths runs on 0-d float32 CPU tensors (`_host`: one device read per run), so the rounding matches
+k-diffusion's and no step waits for the device. Noise that k-diffusion only multiplies by zero is not drawn.
 """
 
 import math
@@ -224,8 +219,9 @@ def sample_lms(model, x, sigmas, *, noise_sampler=None, callback=None, order=4):
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def sample_dpmpp_sde(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0, r=0.5):
-    """DPM-Solver++ (stochastic): two SDE sub-steps per step, the second from the data estimate at λ + r·h."""
+def sample_dpmpp_sde(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0):
+    """DPM-Solver++ (stochastic): two SDE sub-steps per step, the second from the data estimate at the midpoint
+    λ + h/2 (k-diffusion's r = 1/2, whose blend (1 − 1/2r)·D + 1/2r·D₂ is then D₂ alone)."""
     sigmas = _host(sigmas)
     s_in = ones_for(model, x)
     for i in range(len(sigmas) - 1):
@@ -237,8 +233,7 @@ def sample_dpmpp_sde(model, x, sigmas, *, noise_sampler=None, callback=None, eta
             continue
         t, t_next = _t(sigma), _t(sigma_next)
         h = t_next - t
-        s = t + h * r
-        fac = 1 / (2 * r)
+        s = t + h * 0.5
         # step 1: to λ = s, with ancestral noise
         sd, su = get_ancestral_step(_sigma(t), _sigma(s), eta)
         s_ = _t(sd)
@@ -246,11 +241,10 @@ def sample_dpmpp_sde(model, x, sigmas, *, noise_sampler=None, callback=None, eta
         if eta:  # the tree is queried at the float32 σ = exp(−λ), which is what fixes the noise
             x_2 = x_2 + _noise(noise_sampler, "eta > 0")(_sigma(t), _sigma(s)) * s_noise * su
         denoised_2 = model(x_2, _sigma(s) * s_in)
-        # step 2: to λ = t_next, from a blend of both data estimates
+        # step 2: to λ = t_next, from the midpoint's data estimate
         sd, su = get_ancestral_step(_sigma(t), _sigma(t_next), eta)
         t_next_ = _t(sd)
-        denoised_d = (1 - fac) * denoised + fac * denoised_2
-        x = (_sigma(t_next_) / _sigma(t)) * x - (t - t_next_).expm1() * denoised_d
+        x = (_sigma(t_next_) / _sigma(t)) * x - (t - t_next_).expm1() * denoised_2
         if eta:
             x = x + noise_sampler(_sigma(t), _sigma(t_next)) * s_noise * su
     return x
@@ -280,9 +274,7 @@ def sample_dpmpp_2m(model, x, sigmas, *, noise_sampler=None, callback=None):
 @torch.no_grad()
 def sample_dpmpp_2m_sde(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0,
                         solver_type="midpoint"):
-    """DPM-Solver++(2M) SDE, with the midpoint or Heun second-order correction."""
-    if solver_type not in ("midpoint", "heun"):
-        raise ValueError("solver_type must be 'midpoint' or 'heun'")
+    """DPM-Solver++(2M) SDE, with the midpoint or (solver_type "heun") Heun second-order correction."""
     sigmas = _host(sigmas)
     s_in = ones_for(model, x)
     old_denoised, h_last = None, None
@@ -368,11 +360,6 @@ def _dpm_eps_r1(model, x, t, h, eps, r1):
     return _dpm_eps(model, x - _sigma(t + r1 * h) * (r1 * h).expm1() * eps, t + r1 * h)
 
 
-def _dpm_solver_1(x, t, t_next, eps):
-    """DPM-Solver-1 (= DDIM) step."""
-    return x - _sigma(t_next) * (t_next - t).expm1() * eps
-
-
 def _dpm_solver_2(x, t, t_next, eps, eps_r1, r1):
     """DPM-Solver-2 step (Algorithm 1), given ε at t and at t + r1·h."""
     h = t_next - t
@@ -402,8 +389,6 @@ def _lambda_range(sigmas, sigma_min, sigma_max):
     """(λ(σ_max), λ(σ_min)), with σ_max = sigmas[0] and σ_min = sigmas[-2] unless given."""
     sigma_min = float(sigmas[-2]) if sigma_min is None else sigma_min
     sigma_max = float(sigmas[0]) if sigma_max is None else sigma_max
-    if sigma_min <= 0 or sigma_max <= 0:
-        raise ValueError("sigma_min and sigma_max must not be 0")
     return _t(torch.tensor(sigma_max)), _t(torch.tensor(sigma_min))
 
 
@@ -426,7 +411,7 @@ def sample_dpm_fast(model, x, sigmas, *, noise_sampler=None, callback=None, eta=
         eps = _dpm_eps(model, x, t)
         report(callback, x, i, _sigma(t), _sigma(t), x - _sigma(t) * eps)
         if order == 1:
-            x = _dpm_solver_1(x, t, t_next_, eps)
+            x = x - _sigma(t_next_) * (t_next_ - t).expm1() * eps  # DPM-Solver-1 (= DDIM)
         elif order == 2:
             x = _dpm_solver_2(x, t, t_next_, eps, _dpm_eps_r1(model, x, t, t_next_ - t, eps, 1 / 2), 1 / 2)
         else:
@@ -438,41 +423,27 @@ def sample_dpm_fast(model, x, sigmas, *, noise_sampler=None, callback=None, eta=
 
 @torch.no_grad()
 def sample_dpm_adaptive(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0,
-                        sigma_min=None, sigma_max=None, order=3, rtol=0.05, atol=0.0078, h_init=0.05,
-                        pcoeff=0.0, icoeff=1.0, dcoeff=0.0, accept_safety=0.81):
-    """DPM-Solver-12/23 with adaptive step size (Lu et al. 2022, sec. 3.4; PID control after Söderlind 2003).
-
-    An embedded lower-order solution estimates the error; a step is accepted when the PID factor is
-    ≥ accept_safety, and h is rescaled by that factor either way.
+                        sigma_min=None, sigma_max=None):
+    """DPM-Solver-23 with adaptive step size (Lu et al. 2022, sec. 3.4) and k-diffusion's defaults, which A1111
+    keeps: the embedded 2nd-order solution estimates the error (rtol 0.05, atol 0.0078); h starts at 0.05 and
+    is rescaled by the integral controller's factor 1 + atan(err⁻¹^(1/order) − 1), accepting a step at ≥ 0.81.
     """
-    if order not in (2, 3):
-        raise ValueError("order should be 2 or 3")
     s, t_end = _lambda_range(sigmas, sigma_min, sigma_max)
-    atol, rtol = torch.tensor(atol), torch.tensor(rtol)
-    # PID step-size controller on inverse errors: factor = 1 + atan(e0^b1 e1^b2 e2^b3 − 1)
-    ctrl_order = 1.5 if eta else order
-    b1, b2, b3 = (pcoeff + icoeff + dcoeff) / ctrl_order, -(pcoeff + 2 * dcoeff) / ctrl_order, dcoeff / ctrl_order
-    h, inv_errs = abs(h_init), []
-    x_prev, steps = x, 0
+    atol, rtol = torch.tensor(0.0078), torch.tensor(0.05)
+    ctrl_order = 1.5 if eta else 3  # the SDE's order when noise is added
+    h, x_prev, steps = 0.05, x, 0
     while s < t_end - 1e-5:
         t = torch.minimum(t_end, s + h)
         t_, su = _dpm_ancestral(s, t, t_end, eta)
         eps = _dpm_eps(model, x, s)
         denoised = x - _sigma(s) * eps
-        if order == 2:
-            x_low = _dpm_solver_1(x, s, t_, eps)
-            x_high = _dpm_solver_2(x, s, t_, eps, _dpm_eps_r1(model, x, s, t_ - s, eps, 1 / 2), 1 / 2)
-        else:  # the 2nd-order estimate uses r1 = 1/3, so both share ε(t + h/3)
-            eps_r1 = _dpm_eps_r1(model, x, s, t_ - s, eps, 1 / 3)
-            x_low = _dpm_solver_2(x, s, t_, eps, eps_r1, 1 / 3)
-            x_high = _dpm_solver_3(model, x, s, t_, eps, eps_r1)
+        eps_r1 = _dpm_eps_r1(model, x, s, t_ - s, eps, 1 / 3)  # the 2nd-order estimate also uses r1 = 1/3
+        x_low = _dpm_solver_2(x, s, t_, eps, eps_r1, 1 / 3)
+        x_high = _dpm_solver_3(model, x, s, t_, eps, eps_r1)
         delta = torch.maximum(atol, rtol * torch.maximum(x_low.abs(), x_prev.abs()))
         error = torch.linalg.norm((x_low - x_high) / delta) / x.numel() ** 0.5
-        inv_err = 1 / (float(error) + 1e-8)
-        inv_errs = [inv_err, inv_err, inv_err] if not inv_errs else [inv_err] + inv_errs[1:]
-        factor = 1 + math.atan(inv_errs[0] ** b1 * inv_errs[1] ** b2 * inv_errs[2] ** b3 - 1)
-        if factor >= accept_safety:
-            inv_errs = [inv_errs[0], inv_errs[0], inv_errs[1]]
+        factor = 1 + math.atan((1 / (float(error) + 1e-8)) ** (1 / ctrl_order) - 1)
+        if factor >= 0.81:
             x_prev, x = x_low, x_high
             if eta:
                 x = x + su * s_noise * _noise(noise_sampler, "eta > 0")(_sigma(s), _sigma(t))
