@@ -51,7 +51,7 @@ def _sigma(t):
     return t.neg().exp()
 
 
-def _noise(noise_sampler, who):
+def need_noise(noise_sampler, who):
     if noise_sampler is None:
         raise ValueError(f"{who} adds noise: pass noise_sampler (sd15.rng.ImageRNG.noise_sampler() "
                          "or sd15.rng.brownian_noise_sampler)")
@@ -107,7 +107,7 @@ def _alg2(step, model, x, sigmas, noise_sampler, callback, s_churn, s_tmin, s_tm
         if s_churn > 0:
             gamma = min(s_churn / n, 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
             sigma_hat = sigma * (gamma + 1)
-            eps = _noise(noise_sampler, "s_churn > 0")(sigma, sigma_next) * s_noise
+            eps = need_noise(noise_sampler, "s_churn > 0")(sigma, sigma_next) * s_noise
             if gamma > 0:
                 x = x + eps * (sigma_hat ** 2 - sigma ** 2) ** 0.5
         denoised = model(x, sigma_hat * s_in)
@@ -159,7 +159,7 @@ def _ancestral(step, model, x, sigmas, noise_sampler, callback, eta, s_noise, re
         report(callback, x, i, sigma, sigma, denoised)
         x = step(model, x, denoised, sigma, sigma_down, s_in)
         if eta and (sigma_down > 0 or renoise_at_0 and sigma_next > 0):
-            x = x + _noise(noise_sampler, "eta > 0")(sigma, sigma_next) * s_noise * sigma_up
+            x = x + need_noise(noise_sampler, "eta > 0")(sigma, sigma_next) * s_noise * sigma_up
     return x
 
 
@@ -239,7 +239,7 @@ def sample_dpmpp_sde(model, x, sigmas, *, noise_sampler=None, callback=None, eta
         s_ = _t(sd)
         x_2 = (_sigma(s_) / _sigma(t)) * x - (t - s_).expm1() * denoised
         if eta:  # the tree is queried at the float32 σ = exp(−λ), which is what fixes the noise
-            x_2 = x_2 + _noise(noise_sampler, "eta > 0")(_sigma(t), _sigma(s)) * s_noise * su
+            x_2 = x_2 + need_noise(noise_sampler, "eta > 0")(_sigma(t), _sigma(s)) * s_noise * su
         denoised_2 = model(x_2, _sigma(s) * s_in)
         # step 2: to λ = t_next, from the midpoint's data estimate
         sd, su = get_ancestral_step(_sigma(t), _sigma(t_next), eta)
@@ -296,7 +296,7 @@ def sample_dpmpp_2m_sde(model, x, sigmas, *, noise_sampler=None, callback=None, 
                 else:
                     x = x + 0.5 * one_minus * (1 / r) * (denoised - old_denoised)
             if eta:
-                noise = _noise(noise_sampler, "eta > 0")(sigma, sigma_next)
+                noise = need_noise(noise_sampler, "eta > 0")(sigma, sigma_next)
                 x = x + noise * sigma_next * (-2 * eta_h).expm1().neg().sqrt() * s_noise
             h_last = h
         old_denoised = denoised
@@ -338,7 +338,7 @@ def sample_dpmpp_3m_sde(model, x, sigmas, *, noise_sampler=None, callback=None, 
             phi_2 = h_eta.neg().expm1() / h_eta + 1
             x = x + phi_2 * d
         if eta:
-            noise = _noise(noise_sampler, "eta > 0")(sigma, sigma_next)
+            noise = need_noise(noise_sampler, "eta > 0")(sigma, sigma_next)
             x = x + noise * sigma_next * (-2 * h * eta).expm1().neg().sqrt() * s_noise
         denoised_1, denoised_2 = denoised, denoised_1
         h_1, h_2 = h, h_1
@@ -417,7 +417,7 @@ def sample_dpm_fast(model, x, sigmas, *, noise_sampler=None, callback=None, eta=
         else:
             x = _dpm_solver_3(model, x, t, t_next_, eps, _dpm_eps_r1(model, x, t, t_next_ - t, eps, 1 / 3))
         if eta:
-            x = x + su * s_noise * _noise(noise_sampler, "eta > 0")(_sigma(t), _sigma(t_next))
+            x = x + su * s_noise * need_noise(noise_sampler, "eta > 0")(_sigma(t), _sigma(t_next))
     return x
 
 
@@ -446,7 +446,7 @@ def sample_dpm_adaptive(model, x, sigmas, *, noise_sampler=None, callback=None, 
         if factor >= 0.81:
             x_prev, x = x_low, x_high
             if eta:
-                x = x + su * s_noise * _noise(noise_sampler, "eta > 0")(_sigma(s), _sigma(t))
+                x = x + su * s_noise * need_noise(noise_sampler, "eta > 0")(_sigma(s), _sigma(t))
             s = t
         h *= factor
         report(callback, x, steps, _sigma(s), _sigma(s), denoised)
@@ -481,7 +481,7 @@ def sample_restart(model, x, sigmas, *, noise_sampler=None, callback=None, s_noi
     last_sigma = None
     for step_id, (old_sigma, new_sigma) in enumerate(pairs):
         if last_sigma is not None and last_sigma < old_sigma:  # restart: renoise from σ_last up to σ_old
-            noise = _noise(noise_sampler, "Restart")(old_sigma, last_sigma)
+            noise = need_noise(noise_sampler, "Restart")(old_sigma, last_sigma)
             x = x + noise * s_noise * (old_sigma ** 2 - last_sigma ** 2) ** 0.5
         denoised = model(x, old_sigma * s_in)
         report(callback, x, step_id, old_sigma, old_sigma, denoised)
@@ -501,5 +501,5 @@ def sample_lcm(model, x, sigmas, *, noise_sampler=None, callback=None):
         report(callback, x, i, sigmas[i], sigmas[i], denoised)
         x = denoised
         if sigmas[i + 1] > 0:
-            x = x + sigmas[i + 1] * _noise(noise_sampler, "LCM")(sigmas[i], sigmas[i + 1])
+            x = x + sigmas[i + 1] * need_noise(noise_sampler, "LCM")(sigmas[i], sigmas[i + 1])
     return x

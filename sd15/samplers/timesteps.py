@@ -1,18 +1,16 @@
 """A1111's timestep samplers: DDIM, PLMS and UniPC (A1111 `modules/sd_samplers_timesteps_impl.py`,
 `modules/models/diffusion/uni_pc/uni_pc.py`).
 
-`sample_x(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, callback=None, **options)`:
-`model(x, t)` returns the guided ε of the *raw* latent at the float timesteps t [B] (`CFGDenoiser.eps`);
-`timesteps` is the ascending grid `ddim_timesteps(steps)` (img2img: its first t_enc entries); x starts at the
-unscaled noise and the samplers stop at ā[timesteps[0]], not at 0. The callback's 'sigma' is the real
-σ = sqrt((1 − ā)/ā) each step starts from. The tables are read on the host once and the per-step
-coefficients are Python floats, as A1111 builds them, so no step reads a device value back.
+`sample_x(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, callback=None, **options)`: `model(x, t)`
+is the guided ε of the raw latent (`CFGDenoiser.eps`); `timesteps` the ascending `ddim_timesteps(steps)` (img2img:
+its first t_enc); x starts at the unscaled noise and ends at ā[timesteps[0]], not at 0. The callback's 'sigma'
+is σ = sqrt((1 − ā)/ā) of each step's start. Per-step coefficients are Python floats, as A1111 builds them.
 """
 
 import torch
 import torch.nn.functional as F
 
-from .kdiffusion import ones_for, report
+from .kdiffusion import need_noise, ones_for, report
 
 
 def ddim_timesteps(steps: int) -> torch.Tensor:
@@ -64,9 +62,7 @@ def sample_ddim(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, call
         sigma_t = _coeff(s_t[k], x)
         x, pred_x0 = _ddim_step(x, e_t, a_t[k], a_prev[k], one_minus[k], sigma_t, e_dir)
         if eta:  # A1111 draws every step; with eta = 0 the draw is multiplied by 0, so we skip it
-            if noise_sampler is None:
-                raise ValueError("DDIM with eta > 0 adds noise: pass noise_sampler (sd15.rng.ImageRNG.noise_sampler())")
-            x = x + sigma_t * noise_sampler(ts[k], ts[k - 1])
+            x = x + sigma_t * need_noise(noise_sampler, "DDIM with eta > 0")(ts[k], ts[k - 1])
         report(callback, x, i, sigma_report[k], sigma_report[k], pred_x0)
     return x
 
@@ -151,15 +147,14 @@ def sample_unipc(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, cal
             rks.append(rk)
             D1s.append((model_prev_list[-(i + 1)] - model_prev_0) / rk)
         rks = torch.stack(rks + [h.new_ones(())])
-        hh = -h[0]  # data prediction
+        hh = -h[0]  # data prediction; also B(h), the bh1 variant
         h_phi_1 = torch.expm1(hh)  # h·φ1(h) = e^h − 1
-        B_h = hh  # bh1
         # R = Vandermonde rows rk^(k−1); b_k = φ_k(hh)·k!/B(h),
         # with φ_1 = expm1(hh)/hh − 1 and φ_k+1 = φ_k/hh − 1/(k+1)!
         R, b, h_phi_k, factorial = [], [], h_phi_1 / hh - 1, 1
         for k in range(1, order + 1):
             R.append(torch.pow(rks, k - 1))
-            b.append(h_phi_k * factorial / B_h)
+            b.append(h_phi_k * factorial / hh)
             factorial *= k + 1
             h_phi_k = h_phi_k / hh - 1 / factorial
         R, b = torch.stack(R), torch.stack(b)
@@ -171,12 +166,12 @@ def sample_unipc(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, cal
         x_t_ = ((sigma_t / sigma_prev_0)[:, None, None, None] * x
                 - (alpha_t * h_phi_1)[:, None, None, None] * model_prev_0)  # first-order (DDIM) part
         pred_res = torch.einsum("k,bkchw->bchw", rhos_p, D1s) if len(D1s) else 0
-        x_t = x_t_ - (alpha_t * B_h)[:, None, None, None] * pred_res
+        x_t = x_t_ - (alpha_t * hh)[:, None, None, None] * pred_res
         model_t = None
         if use_corrector:
             model_t = data_pred(x_t, t)
             corr_res = torch.einsum("k,bkchw->bchw", rhos_c[:-1], D1s) if len(D1s) else 0
-            x_t = x_t_ - (alpha_t * B_h)[:, None, None, None] * (corr_res + rhos_c[-1] * (model_t - model_prev_0))
+            x_t = x_t_ - (alpha_t * hh)[:, None, None, None] * (corr_res + rhos_c[-1] * (model_t - model_prev_0))
         return x_t, model_t
 
     t_T = float(timesteps[-1]) / 1000 + 1 / 1000 if img2img else 1.0
