@@ -3,7 +3,7 @@ and A1111's Restart, written from the published algorithms.
 
 `sample_x(model, x, sigmas, *, noise_sampler=None, callback=None, **options) -> x`: `model(x, sigma)` returns
 the denoised x₀ for a [B] σ; x starts at noise · sigmas[0]; `noise_sampler(sigma, sigma_next)` returns fresh
-unit noise shaped like x (nothing here draws from the global RNG); `callback` gets k-diffusion's dict per step.
+unit noise shaped like x (nothing here draws from the global RNG); `callback` gets k-diffusion's dict.
 The scalar maths runs on 0-d float32 CPU tensors (`_host`: one device read per run), so the rounding matches
 k-diffusion's and no step waits for the device. Noise that k-diffusion only multiplies by zero is not drawn.
 """
