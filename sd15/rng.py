@@ -1,18 +1,14 @@
-"""Seeded noise exactly as AUTOMATIC1111's webui (v1.10) draws it.
+"""Seeded noise exactly as A1111 v1.10 draws it (`modules/rng.py`, `modules/rng_philox.py`, the per-image
+Brownian trees of `modules/sd_samplers_common.py` over torchsde's `BrownianInterval`).
 
-References: A1111 `modules/rng.py` (ImageRNG, slerp), `modules/rng_philox.py` (the "NV" source),
-`modules/sd_samplers_common.py` (per-image Brownian trees), torchsde `_brownian/brownian_interval.py`
-(the tree), numpy `SeedSequence`.
-
-Three sources (`randn_source` in A1111):
-- "cpu": `torch.randn` from a CPU `torch.Generator` (mt19937), moved to `device` afterwards;
-- "gpu": `torch.randn` on `device` (CUDA Philox there); on a CPU device this *is* "cpu", as in A1111;
-- "nv":  A1111's numpy emulation of CUDA's Philox4x32-10 + Box-Muller, bit-exact on any device.
-
-Nothing here touches the global torch RNG (A1111 calls `torch.manual_seed` as a side effect; we don't).
+The sources (A1111's `randn_source`): "cpu" draws from a CPU `torch.Generator` and moves the result to the
+device; "gpu" draws on the device (on a CPU device that is "cpu", as in A1111); "nv" is A1111's numpy
+Philox4x32-10 + Box-Muller, CUDA's numbers on any device. The global torch RNG is never touched.
 """
 
+import functools
 import math
+import operator
 from collections import OrderedDict
 
 import numpy as np
@@ -55,8 +51,6 @@ class Generator:
     """One seeded stream of normal draws; `.randn(shape)` returns successive draws like A1111's generators."""
 
     def __init__(self, seed: int, source: str = "gpu", device="cpu"):
-        if source not in ("cpu", "gpu", "nv"):
-            raise ValueError(f"unknown noise source {source!r}; expected 'cpu', 'gpu' or 'nv'")
         self.seed, self.source, self.device = int(seed), source, torch.device(device)
         self.offset = 0  # NV: one counter step per randn call, whatever its size
         if source != "nv":
@@ -189,27 +183,22 @@ def brownian_tree(t0: float, t1: float, entropy: int, shape, *, source="gpu", de
             cache.popitem(last=False)
         return m, w_left, w_right
 
+    def pieces(a, b, key, depth, w, qa, qb):
+        if (qa, qb) == (a, b):
+            yield w
+            return
+        m, w_left, w_right = children(a, b, key, depth, w)
+        if qa < m:
+            yield from pieces(a, m, 2 * key, depth + 1, w_left, qa, min(qb, m))
+        if qb > m:
+            yield from pieces(m, b, 2 * key + 1, depth + 1, w_right, max(qa, m), qb)
+
     def increment(lo: float, hi: float) -> torch.Tensor:
         lo = min(max(round(float(lo), 6), start), end)
         hi = min(max(round(float(hi), 6), start), end)
         if lo >= hi:
             return torch.zeros(shape, device=device)
-        total = None
-        stack = [(start, end, 0, 0, root_w, lo, hi)]  # depth-first, left child first
-        while stack:
-            a, b, key, depth, w, qa, qb = stack.pop()
-            if qa == a and qb == b:
-                total = w if total is None else total + w
-                continue
-            m, w_left, w_right = children(a, b, key, depth, w)
-            if qb <= m:
-                stack.append((a, m, 2 * key, depth + 1, w_left, qa, qb))
-            elif qa >= m:
-                stack.append((m, b, 2 * key + 1, depth + 1, w_right, qa, qb))
-            else:  # straddles the midpoint: right half pushed first so the left half is summed first
-                stack.append((m, b, 2 * key + 1, depth + 1, w_right, m, qb))
-                stack.append((a, m, 2 * key, depth + 1, w_left, qa, m))
-        return total
+        return functools.reduce(operator.add, pieces(start, end, 0, 0, root_w, lo, hi))
 
     return increment
 
