@@ -138,15 +138,10 @@ def sample_unipc(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, cal
     def bh_update(x, model_prev_list, t_prev_list, t, order, use_corrector):
         """One UniPC step to t: predictor from the history, then corrector with the model at the prediction."""
         t_prev_0, model_prev_0 = t_prev_list[-1], model_prev_list[-1]
-        lambda_prev_0, lambda_t = lambda_of(t_prev_0), lambda_of(t)
-        sigma_prev_0, sigma_t = sigma_of(t_prev_0), sigma_of(t)
-        alpha_t = torch.exp(log_alpha(t))
-        h = lambda_t - lambda_prev_0
-        rks, D1s = [], []
-        for i in range(1, order):
-            rk = ((lambda_of(t_prev_list[-(i + 1)]) - lambda_prev_0) / h)[0]
-            rks.append(rk)
-            D1s.append((model_prev_list[-(i + 1)] - model_prev_0) / rk)
+        lambda_prev_0 = lambda_of(t_prev_0)
+        h = lambda_of(t) - lambda_prev_0
+        rks = [((lambda_of(t_prev) - lambda_prev_0) / h)[0] for t_prev in reversed(t_prev_list[-order:-1])]
+        D1s = [(m - model_prev_0) / rk for m, rk in zip(reversed(model_prev_list[-order:-1]), rks)]
         rks = torch.stack(rks + [h.new_ones(())])
         hh = -h[0]  # data prediction; also B(h), the bh1 variant
         h_phi_1 = torch.expm1(hh)  # h·φ1(h) = e^h − 1
@@ -159,21 +154,21 @@ def sample_unipc(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, cal
             factorial *= k + 1
             h_phi_k = h_phi_k / hh - 1 / factorial
         R, b = torch.stack(R), torch.stack(b)
+
+        alpha_t = torch.exp(log_alpha(t))
+        scale = (alpha_t * hh)[:, None, None, None]
+        x_t = x_t_ = ((sigma_of(t) / sigma_of(t_prev_0))[:, None, None, None] * x
+                      - (alpha_t * h_phi_1)[:, None, None, None] * model_prev_0)  # first-order (DDIM) part
         if D1s:
             D1s = torch.stack(D1s, dim=1)  # (B, order − 1, C, H, W)
             rhos_p = b.new_full((1,), 0.5) if order == 2 else _solve(R[:-1, :-1], b[:-1])
+            x_t = x_t_ - scale * torch.einsum("k,bkchw->bchw", rhos_p, D1s)
+        if not use_corrector:
+            return x_t, None
+        model_t = data_pred(x_t, t)
         rhos_c = b.new_full((1,), 0.5) if order == 1 else _solve(R, b)
-
-        x_t_ = ((sigma_t / sigma_prev_0)[:, None, None, None] * x
-                - (alpha_t * h_phi_1)[:, None, None, None] * model_prev_0)  # first-order (DDIM) part
-        pred_res = torch.einsum("k,bkchw->bchw", rhos_p, D1s) if len(D1s) else 0
-        x_t = x_t_ - (alpha_t * hh)[:, None, None, None] * pred_res
-        model_t = None
-        if use_corrector:
-            model_t = data_pred(x_t, t)
-            corr_res = torch.einsum("k,bkchw->bchw", rhos_c[:-1], D1s) if len(D1s) else 0
-            x_t = x_t_ - (alpha_t * hh)[:, None, None, None] * (corr_res + rhos_c[-1] * (model_t - model_prev_0))
-        return x_t, model_t
+        corr_res = torch.einsum("k,bkchw->bchw", rhos_c[:-1], D1s) if order > 1 else 0
+        return x_t_ - scale * (corr_res + rhos_c[-1] * (model_t - model_prev_0)), model_t
 
     t_T = float(timesteps[-1]) / 1000 + 1 / 1000 if img2img else 1.0
     ts_host = torch.linspace(t_T, 1.0 / 1000, steps + 1)  # time_uniform
