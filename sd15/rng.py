@@ -113,10 +113,7 @@ class ImageRNG:
             noise_shape = (C, int(self.seed_resize_from_h) // 8, int(self.seed_resize_from_w) // 8)
         xs = []
         for i, (seed, gen) in enumerate(zip(self.seeds, self.generators)):
-            if noise_shape != self.shape:
-                noise = self._fresh_randn(seed, noise_shape)
-            else:
-                noise = gen.randn(self.shape)
+            noise = self._fresh_randn(seed, noise_shape) if noise_shape != self.shape else gen.randn(self.shape)
             if self.subseeds is not None and self.subseed_strength != 0:
                 sub = self._fresh_randn(self.subseeds[i] if i < len(self.subseeds) else 0, noise_shape)
                 noise = slerp(self.subseed_strength, noise, sub)
@@ -124,9 +121,8 @@ class ImageRNG:
                 # paste the centre of the seed-sized noise into the centre of a full-size draw
                 big = gen.randn(self.shape)
                 dx, dy = (W - noise_shape[2]) // 2, (H - noise_shape[1]) // 2
-                w = noise_shape[2] if dx >= 0 else noise_shape[2] + 2 * dx
-                h = noise_shape[1] if dy >= 0 else noise_shape[1] + 2 * dy
                 tx, ty, sx, sy = max(dx, 0), max(dy, 0), max(-dx, 0), max(-dy, 0)
+                w, h = noise_shape[2] - 2 * sx, noise_shape[1] - 2 * sy
                 big[:, ty:ty + h, tx:tx + w] = noise[:, sy:sy + h, sx:sx + w]
                 noise = big
             xs.append(noise)

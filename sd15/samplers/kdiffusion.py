@@ -76,9 +76,9 @@ def _euler_step(model, x, denoised, sigma, sigma_next, s_in):
 def _heun_step(model, x, denoised, sigma, sigma_next, s_in):
     """Heun's 2nd-order step (Karras et al. 2022, Algorithm 2, lines 8-11); an Euler step onto σ = 0."""
     d, dt = to_d(x, sigma, denoised), sigma_next - sigma
-    if sigma_next == 0:
-        return x + d * dt
     x_2 = x + d * dt
+    if sigma_next == 0:
+        return x_2
     d_2 = to_d(x_2, sigma_next, model(x_2, sigma_next * s_in))
     return x + (d + d_2) / 2 * dt
 
@@ -395,11 +395,8 @@ def _lambda_range(sigmas, sigma_min, sigma_max):
 @torch.no_grad()
 def sample_dpm_fast(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0,
                     sigma_min=None, sigma_max=None, n=None):
-    """DPM-Solver-fast (Lu et al. 2022, sec. 3.4): ⌊n/3⌋+1 uniform λ steps of orders 3, …, 3, then 2/1.
-
-    Uses only σ_max, σ_min (see `_lambda_range`) and n = len(sigmas) − 1 unless given (A1111's txt2img
-    passes the model's σ range and the step count). eta defaults to A1111's 1.0 (k-diffusion's is 0).
-    """
+    """DPM-Solver-fast (Lu et al. 2022, sec. 3.4): ⌊n/3⌋+1 uniform λ steps of orders 3, …, 3, then 2/1, from
+    σ_max to σ_min (`_lambda_range`); n = len(sigmas) − 1 unless given (A1111's txt2img passes the step count)."""
     t_start, t_end = _lambda_range(sigmas, sigma_min, sigma_max)
     n = len(sigmas) - 1 if n is None else n
     m = math.floor(n / 3) + 1
