@@ -120,15 +120,13 @@ class Tokenizer:
                 ids += rust.encode(list(run), is_pretokenized=True, add_special_tokens=False).ids
         return ids
 
-    def tokenize(self, texts: str | Sequence[str], length: int = CONTEXT_LENGTH) -> torch.Tensor:
-        """LongTensor [B, length]: BOS, the ids truncated to length - 2, EOS, then PAD (= EOS). One window per
-        text, as diffusers does; A1111's 75-token chunking is in `sd15.a1111.prompt`."""
-        if length < 2:
-            raise ValueError("length must be >= 2 (BOS and EOS)")
+    def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """LongTensor [B, 77]: BOS, the ids truncated to 75, EOS, then PAD (= EOS). One window per text, as
+        diffusers does; A1111's 75-token chunking is in `sd15.a1111.prompt`."""
         if isinstance(texts, str):
             texts = [texts]
-        out = torch.full((len(texts), length), PAD, dtype=torch.long)
+        out = torch.full((len(texts), CONTEXT_LENGTH), PAD, dtype=torch.long)
         for row, text in enumerate(texts):
-            seq = [BOS, *self.encode(text)[: length - 2], EOS]
+            seq = [BOS, *self.encode(text)[: CONTEXT_LENGTH - 2], EOS]
             out[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         return out
