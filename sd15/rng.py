@@ -111,13 +111,14 @@ class ImageRNG:
         noise_shape = self.shape
         if self.seed_resize_from_h > 0 and self.seed_resize_from_w > 0:
             noise_shape = (C, int(self.seed_resize_from_h) // 8, int(self.seed_resize_from_w) // 8)
+        resized = noise_shape != self.shape
         xs = []
         for i, (seed, gen) in enumerate(zip(self.seeds, self.generators)):
-            noise = self._fresh_randn(seed, noise_shape) if noise_shape != self.shape else gen.randn(self.shape)
+            noise = self._fresh_randn(seed, noise_shape) if resized else gen.randn(self.shape)
             if self.subseeds is not None and self.subseed_strength != 0:
                 sub = self._fresh_randn(self.subseeds[i] if i < len(self.subseeds) else 0, noise_shape)
                 noise = slerp(self.subseed_strength, noise, sub)
-            if noise_shape != self.shape:
+            if resized:
                 # paste the centre of the seed-sized noise into the centre of a full-size draw
                 big = gen.randn(self.shape)
                 dx, dy = (W - noise_shape[2]) // 2, (H - noise_shape[1]) // 2

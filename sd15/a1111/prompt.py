@@ -252,8 +252,8 @@ def prompt_schedules(prompt: str, steps: int, hires_steps: Optional[int] = None,
 
 
 def schedule_index(schedule: Sequence[tuple[int, str]], step: int) -> int:
-    """Index of the schedule entry used at 0-based model call `step`: the first with step <= end; past the last
-    end, entry 0 (an A1111 quirk)."""
+    """Index of the schedule entry used at 0-based model call `step`: the first with step <= end; past the
+    last end, entry 0 (an A1111 quirk)."""
     return next((k for k, (end_at_step, _) in enumerate(schedule) if step <= end_at_step), 0)
 
 

@@ -220,8 +220,8 @@ def sample_lms(model, x, sigmas, *, noise_sampler=None, callback=None, order=4):
 
 @torch.no_grad()
 def sample_dpmpp_sde(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0):
-    """DPM-Solver++ (stochastic): two SDE sub-steps per step, the second from the data estimate at the midpoint
-    λ + h/2 (k-diffusion's r = 1/2, whose blend (1 − 1/2r)·D + 1/2r·D₂ is then D₂ alone)."""
+    """DPM-Solver++ (stochastic): two SDE sub-steps per step, the second from the data estimate at the
+    midpoint λ + h/2 (k-diffusion's r = 1/2, whose blend (1 − 1/2r)·D + 1/2r·D₂ is then D₂ alone)."""
     sigmas = _host(sigmas)
     s_in = ones_for(model, x)
     for i in range(len(sigmas) - 1):
@@ -396,7 +396,7 @@ def _lambda_range(sigmas, sigma_min, sigma_max):
 def sample_dpm_fast(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0,
                     sigma_min=None, sigma_max=None, n=None):
     """DPM-Solver-fast (Lu et al. 2022, sec. 3.4): ⌊n/3⌋+1 uniform λ steps of orders 3, …, 3, then 2/1, from
-    σ_max to σ_min (`_lambda_range`); n = len(sigmas) − 1 unless given (A1111's txt2img passes the step count)."""
+    σ_max to σ_min (`_lambda_range`); n = len(sigmas) − 1 unless given (A1111's txt2img passes steps)."""
     t_start, t_end = _lambda_range(sigmas, sigma_min, sigma_max)
     n = len(sigmas) - 1 if n is None else n
     m = math.floor(n / 3) + 1
@@ -421,9 +421,10 @@ def sample_dpm_fast(model, x, sigmas, *, noise_sampler=None, callback=None, eta=
 @torch.no_grad()
 def sample_dpm_adaptive(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0,
                         sigma_min=None, sigma_max=None):
-    """DPM-Solver-23 with adaptive step size (Lu et al. 2022, sec. 3.4) and k-diffusion's defaults, which A1111
-    keeps: the embedded 2nd-order solution estimates the error (rtol 0.05, atol 0.0078); h starts at 0.05 and
-    is rescaled by the integral controller's factor 1 + atan(err⁻¹^(1/order) − 1), accepting a step at ≥ 0.81.
+    """DPM-Solver-23 with adaptive step size (Lu et al. 2022, sec. 3.4) and k-diffusion's defaults, which
+    A1111 keeps: the embedded 2nd-order solution estimates the error (rtol 0.05, atol 0.0078); h starts at
+    0.05 and is rescaled by the integral controller's factor 1 + atan(err⁻¹^(1/order) − 1), accepting a step
+    at ≥ 0.81.
     """
     s, t_end = _lambda_range(sigmas, sigma_min, sigma_max)
     atol, rtol = torch.tensor(0.0078), torch.tensor(0.05)

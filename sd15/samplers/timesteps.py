@@ -3,9 +3,9 @@
 
 `sample_x(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, callback=None, **options)`:
 `model(x, t)` is the guided ε of the raw latent (`CFGDenoiser.eps`); `timesteps` the ascending
-`ddim_timesteps(steps)` (img2img: its first t_enc); x starts at the unscaled noise and ends at ā[timesteps[0]],
-not at 0. The callback's 'sigma' is σ = sqrt((1 − ā)/ā) of each step's start. Per-step coefficients are
-Python floats, as A1111 builds them.
+`ddim_timesteps(steps)` (img2img: its first t_enc); x starts at the unscaled noise and ends at
+ā[timesteps[0]], not at 0. The callback's 'sigma' is σ = sqrt((1 − ā)/ā) of each step's start. Per-step
+coefficients are Python floats, as A1111 builds them.
 """
 
 import torch
