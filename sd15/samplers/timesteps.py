@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .kdiffusion import need_noise, ones_for, report
+from .schedules import discrete_sigmas
 
 
 def ddim_timesteps(steps: int) -> torch.Tensor:
@@ -32,7 +33,7 @@ def _ddim_tables(alphas_cumprod, timesteps):
     callback's σ_t = sqrt((1 − ā_t)/ā_t) (the k-diffusion σ of t)."""
     ac, ts = alphas_cumprod.detach().cpu(), timesteps.detach().cpu()
     alphas, alphas_prev = ac[ts], ac[F.pad(ts[:-1], pad=(1, 0))].double()
-    return alphas, alphas_prev, ts, (((1 - alphas) / alphas) ** 0.5).unbind()
+    return alphas, alphas_prev, ts, discrete_sigmas(alphas).unbind()
 
 
 def _ddim_step(x, e_t, a_t, a_prev, sqrt_one_minus_at, sigma_t=None, e_dir=None):
@@ -176,11 +177,10 @@ def sample_unipc(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, cal
     # the callback's σ = σ_t / α_t of each step's start, on the host
     log_alpha_host = _interp(ts_host, t_array.cpu(), log_alpha_array.cpu())
     sigma_report = (torch.sqrt(1.0 - torch.exp(2.0 * log_alpha_host)) / torch.exp(log_alpha_host)).unbind()
-    batch = x.shape[0]
-    vec_t = ts[0].expand(batch)
+    vec_t = ts[0].expand(x.shape[0])
     model_prev_list, t_prev_list = [data_pred(x, vec_t)], [vec_t]
     for step in range(1, steps + 1):
-        vec_t = ts[step].expand(batch)
+        vec_t = ts[step].expand(x.shape[0])
         step_order = step if step < order else min(order, steps + 1 - step)  # warm-up, lower order at the end
         x, model_x = bh_update(x, model_prev_list, t_prev_list, vec_t, step_order, use_corrector=step < steps)
         # no corrector on the last step: its latest x₀ estimate is the history's
