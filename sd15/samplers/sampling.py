@@ -131,7 +131,6 @@ def sample(name: str, model: CFGDenoiser, rng: ImageRNG, steps: int, *, schedule
     blend with the init latent is the caller's.
     """
     defaults = SAMPLER_BY_NAME[name]
-    fn = defaults.fn
     denoiser = model.inner
     given = {"eta": eta, "s_churn": s_churn, "s_tmin": s_tmin, "s_tmax": s_tmax, "s_noise": s_noise}
     options = {k: (v if given[k] is None else given[k]) for k, v in defaults.options.items()}
@@ -156,8 +155,8 @@ def sample(name: str, model: CFGDenoiser, rng: ImageRNG, steps: int, *, schedule
                 options["img2img"] = True
         if defaults.cfgpp:
             options["last_noise_uncond"] = lambda: model.last_uncond
-        return fn(model.eps, x, timesteps, alphas_cumprod=alphas_cumprod, noise_sampler=rng.noise_sampler(),
-                  callback=callback, **options)
+        return defaults.fn(model.eps, x, timesteps, alphas_cumprod=alphas_cumprod,
+                           noise_sampler=rng.noise_sampler(), callback=callback, **options)
 
     # LCM's schedules are made on its own 50-entry table (k-diffusion's DiscreteSchedule of LCMCompVisDenoiser)
     sigmas = get_sigmas(scheduler, steps_total, denoiser.alphas_cumprod, sampler=name, **schedule_options)
@@ -176,4 +175,4 @@ def sample(name: str, model: CFGDenoiser, rng: ImageRNG, steps: int, *, schedule
         noise_sampler = brownian_noise_sampler(x, sigmas, rng.seeds, source=rng.source)
     else:
         noise_sampler = rng.noise_sampler()
-    return fn(model, x, sigma_sched, noise_sampler=noise_sampler, callback=callback, **options)
+    return defaults.fn(model, x, sigma_sched, noise_sampler=noise_sampler, callback=callback, **options)
