@@ -195,18 +195,14 @@ def _walk(nodes: list):
             yield from _walk(node)
 
 
-def _render(nodes: list, step: int) -> str:
-    out = []
-    for node in nodes:
-        if isinstance(node, str):
-            out.append(node)
-        elif isinstance(node, _Sched):
-            out.append(_render(node.before if step <= node.when else node.after, step))
-        elif isinstance(node, _Alt):
-            out.append(_render(node.options[(step - 1) % len(node.options)], step))
-        else:  # emphasis brackets: a flat list kept verbatim
-            out.append(_render(node, step))
-    return "".join(out)
+def _render(node, step: int) -> str:
+    if isinstance(node, str):
+        return node
+    if isinstance(node, _Sched):
+        return _render(node.before if step <= node.when else node.after, step)
+    if isinstance(node, _Alt):
+        return _render(node.options[(step - 1) % len(node.options)], step)
+    return "".join(_render(n, step) for n in node)  # a node list (emphasis brackets: kept verbatim)
 
 
 def prompt_schedules(prompt: str, steps: int, hires_steps: Optional[int] = None,

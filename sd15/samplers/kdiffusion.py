@@ -186,11 +186,8 @@ def _lms_coeff(order, ts, i, j):
     subtractions, as in k-diffusion, whose σ array is numpy float32.
     """
     def basis(tau):
-        prod = 1.0
-        for k in range(order):
-            if k != j:
-                prod *= (tau - float(ts[i - k])) / float(ts[i - j] - ts[i - k])
-        return prod
+        return math.prod((tau - float(ts[i - k])) / float(ts[i - j] - ts[i - k])
+                         for k in range(order) if k != j)
     nodes, weights = np.polynomial.legendre.leggauss(order)
     a, b = float(ts[i]), float(ts[i + 1])
     half, mid = (b - a) / 2, (a + b) / 2
