@@ -100,12 +100,10 @@ def _alg2(step, model, x, sigmas, noise_sampler, callback, s_churn, s_tmin, s_tm
     `step` from σ̂ to σ_next. A1111 draws the noise every step once churn is on, even where γ = 0."""
     sigmas = _host(sigmas)
     s_in = ones_for(model, x)
-    n = len(sigmas) - 1
-    for i in range(n):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         sigma_hat = sigma
         if s_churn > 0:
-            gamma = min(s_churn / n, 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+            gamma = min(s_churn / (len(sigmas) - 1), 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
             sigma_hat = sigma * (gamma + 1)
             eps = need_noise(noise_sampler, "s_churn > 0")(sigma, sigma_next) * s_noise
             if gamma > 0:
@@ -152,8 +150,7 @@ def _ancestral(step, model, x, sigmas, noise_sampler, callback, eta, s_noise, re
     Without `renoise_at_0` (DPM2 a) a step that lands on σ_down = 0 (eta > 1 can) gets no noise."""
     sigmas = _host(sigmas)
     s_in = ones_for(model, x)
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         denoised = model(x, sigma * s_in)
         sigma_down, sigma_up = get_ancestral_step(sigma, sigma_next, eta)
         report(callback, x, i, sigma, sigma, denoised)
@@ -221,8 +218,7 @@ def sample_dpmpp_sde(model, x, sigmas, *, noise_sampler=None, callback=None, eta
     midpoint λ + h/2 (k-diffusion's r = 1/2, whose blend (1 − 1/2r)·D + 1/2r·D₂ is then D₂ alone)."""
     sigmas = _host(sigmas)
     s_in = ones_for(model, x)
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         denoised = model(x, sigma * s_in)
         report(callback, x, i, sigma, sigma, denoised)
         if sigma_next == 0:
@@ -253,8 +249,7 @@ def sample_dpmpp_2m(model, x, sigmas, *, noise_sampler=None, callback=None):
     sigmas = _host(sigmas)
     s_in = ones_for(model, x)
     old_denoised = None
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         denoised = model(x, sigma * s_in)
         report(callback, x, i, sigma, sigma, denoised)
         t, t_next = _t(sigma), _t(sigma_next)
@@ -275,8 +270,7 @@ def sample_dpmpp_2m_sde(model, x, sigmas, *, noise_sampler=None, callback=None, 
     sigmas = _host(sigmas)
     s_in = ones_for(model, x)
     old_denoised, h_last = None, None
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         denoised = model(x, sigma * s_in)
         report(callback, x, i, sigma, sigma, denoised)
         if sigma_next == 0:
@@ -311,8 +305,7 @@ def sample_dpmpp_3m_sde(model, x, sigmas, *, noise_sampler=None, callback=None, 
     sigmas = _host(sigmas)
     s_in = ones_for(model, x)
     denoised_1, denoised_2, h_1, h_2 = None, None, None, None
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         denoised = model(x, sigma * s_in)
         report(callback, x, i, sigma, sigma, denoised)
         if sigma_next == 0:
@@ -491,10 +484,10 @@ def sample_lcm(model, x, sigmas, *, noise_sampler=None, callback=None):
     `model` is the LCM denoiser (`sd15.samplers.sampling.LCMDenoiser` under CFG)."""
     sigmas = _host(sigmas)
     s_in = ones_for(model, x)
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * s_in)
-        report(callback, x, i, sigmas[i], sigmas[i], denoised)
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        denoised = model(x, sigma * s_in)
+        report(callback, x, i, sigma, sigma, denoised)
         x = denoised
-        if sigmas[i + 1] > 0:
-            x = x + sigmas[i + 1] * need_noise(noise_sampler, "LCM")(sigmas[i], sigmas[i + 1])
+        if sigma_next > 0:
+            x = x + sigma_next * need_noise(noise_sampler, "LCM")(sigma, sigma_next)
     return x

@@ -57,8 +57,7 @@ def sample_ddim(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, call
     a_t, a_prev, s_t, t_f = (v.tolist() for v in (alphas, alphas_prev, sigmas, ts))
     one_minus = torch.sqrt(1 - alphas).tolist()
     s_in = ones_for(model, x)
-    for i in range(len(t_f) - 1):
-        k = len(t_f) - 1 - i
+    for i, k in enumerate(range(len(t_f) - 1, 0, -1)):  # from the top timestep down to timesteps[1]
         e_t = model(x, t_f[k] * s_in)
         e_dir = None if last_noise_uncond is None else last_noise_uncond()
         sigma_t = _coeff(s_t[k], x)
@@ -84,8 +83,7 @@ def sample_plms(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, call
     a_t, a_prev, one_minus, t_f = (v.tolist() for v in (alphas, alphas_prev, torch.sqrt(1 - alphas), ts))
     s_in = ones_for(model, x)
     old_eps = []
-    for i in range(len(t_f) - 1):
-        k = len(t_f) - 1 - i
+    for i, k in enumerate(range(len(t_f) - 1, 0, -1)):  # from the top timestep down to timesteps[1]
         e_t = model(x, t_f[k] * s_in)
         if not old_eps:  # pseudo improved Euler
             x_next, _ = _ddim_step(x, e_t, a_t[k], a_prev[k], one_minus[k])
