@@ -392,8 +392,7 @@ def sample_dpm_fast(model, x, sigmas, *, noise_sampler=None, callback=None, eta=
     m = math.floor(n / 3) + 1
     ts = torch.linspace(t_start, t_end, m + 1)  # on the host
     orders = [3] * (m - 2) + [2, 1] if n % 3 == 0 else [3] * (m - 1) + [n % 3]
-    for i, order in enumerate(orders):
-        t, t_next = ts[i], ts[i + 1]
+    for i, (order, t, t_next) in enumerate(zip(orders, ts[:-1], ts[1:])):
         t_next_, su = _dpm_ancestral(t, t_next, t_end, eta)
         eps = _dpm_eps(model, x, t)
         report(callback, x, i, _sigma(t), _sigma(t), x - _sigma(t) * eps)
