@@ -172,8 +172,7 @@ class _ScheduleParser:
                 options.append(opt)
             if self._at(j) == "]":
                 return _Alt(options), j + 1
-            return None
-        if c == ":":
+        elif c == ":":
             m = _NUMBER_TAIL.match(self.s, j + 1)
             if m:                                       # [to:N]
                 return _Sched([], first, m.group(1)), m.end()
