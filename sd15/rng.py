@@ -1,18 +1,14 @@
-"""Seeded noise exactly as AUTOMATIC1111's webui (v1.10) draws it.
+"""Seeded noise exactly as A1111 v1.10 draws it (`modules/rng.py`, `modules/rng_philox.py`, the per-image
+Brownian trees of `modules/sd_samplers_common.py` over torchsde's `BrownianInterval`).
 
-References: A1111 `modules/rng.py` (ImageRNG, slerp), `modules/rng_philox.py` (the "NV" source),
-`modules/sd_samplers_common.py` (per-image Brownian trees), torchsde `_brownian/brownian_interval.py`
-(the tree), numpy `SeedSequence`.
-
-Three sources (`randn_source` in A1111):
-- "cpu": `torch.randn` from a CPU `torch.Generator` (mt19937), moved to `device` afterwards;
-- "gpu": `torch.randn` on `device` (CUDA Philox there); on a CPU device this *is* "cpu", as in A1111;
-- "nv":  A1111's numpy emulation of CUDA's Philox4x32-10 + Box-Muller, bit-exact on any device.
-
-Nothing here touches the global torch RNG (A1111 calls `torch.manual_seed` as a side effect; we don't).
+The sources (A1111's `randn_source`): "cpu" draws from a CPU `torch.Generator` and moves the result to the
+device; "gpu" draws on the device (on a CPU device that is "cpu", as in A1111); "nv" is A1111's numpy
+Philox4x32-10 + Box-Muller, CUDA's numbers on any device. The global torch RNG is never touched.
 """
 
+import functools
 import math
+import operator
 from collections import OrderedDict
 
 import numpy as np
@@ -55,8 +51,6 @@ class Generator:
     """One seeded stream of normal draws; `.randn(shape)` returns successive draws like A1111's generators."""
 
     def __init__(self, seed: int, source: str = "gpu", device="cpu"):
-        if source not in ("cpu", "gpu", "nv"):
-            raise ValueError(f"unknown noise source {source!r}; expected 'cpu', 'gpu' or 'nv'")
         self.seed, self.source, self.device = int(seed), source, torch.device(device)
         self.offset = 0  # NV: one counter step per randn call, whatever its size
         if source != "nv":
@@ -117,22 +111,19 @@ class ImageRNG:
         noise_shape = self.shape
         if self.seed_resize_from_h > 0 and self.seed_resize_from_w > 0:
             noise_shape = (C, int(self.seed_resize_from_h) // 8, int(self.seed_resize_from_w) // 8)
+        resized = noise_shape != self.shape
         xs = []
         for i, (seed, gen) in enumerate(zip(self.seeds, self.generators)):
-            if noise_shape != self.shape:
-                noise = self._fresh_randn(seed, noise_shape)
-            else:
-                noise = gen.randn(self.shape)
+            noise = self._fresh_randn(seed, noise_shape) if resized else gen.randn(self.shape)
             if self.subseeds is not None and self.subseed_strength != 0:
                 sub = self._fresh_randn(self.subseeds[i] if i < len(self.subseeds) else 0, noise_shape)
                 noise = slerp(self.subseed_strength, noise, sub)
-            if noise_shape != self.shape:
+            if resized:
                 # paste the centre of the seed-sized noise into the centre of a full-size draw
                 big = gen.randn(self.shape)
                 dx, dy = (W - noise_shape[2]) // 2, (H - noise_shape[1]) // 2
-                w = noise_shape[2] if dx >= 0 else noise_shape[2] + 2 * dx
-                h = noise_shape[1] if dy >= 0 else noise_shape[1] + 2 * dy
                 tx, ty, sx, sy = max(dx, 0), max(dy, 0), max(-dx, 0), max(-dy, 0)
+                w, h = noise_shape[2] - 2 * sx, noise_shape[1] - 2 * sy
                 big[:, ty:ty + h, tx:tx + w] = noise[:, sy:sy + h, sx:sx + w]
                 noise = big
             xs.append(noise)
@@ -189,27 +180,22 @@ def brownian_tree(t0: float, t1: float, entropy: int, shape, *, source="gpu", de
             cache.popitem(last=False)
         return m, w_left, w_right
 
+    def pieces(a, b, key, depth, w, qa, qb):
+        if (qa, qb) == (a, b):
+            yield w
+            return
+        m, w_left, w_right = children(a, b, key, depth, w)
+        if qa < m:
+            yield from pieces(a, m, 2 * key, depth + 1, w_left, qa, min(qb, m))
+        if qb > m:
+            yield from pieces(m, b, 2 * key + 1, depth + 1, w_right, max(qa, m), qb)
+
     def increment(lo: float, hi: float) -> torch.Tensor:
         lo = min(max(round(float(lo), 6), start), end)
         hi = min(max(round(float(hi), 6), start), end)
         if lo >= hi:
             return torch.zeros(shape, device=device)
-        total = None
-        stack = [(start, end, 0, 0, root_w, lo, hi)]  # depth-first, left child first
-        while stack:
-            a, b, key, depth, w, qa, qb = stack.pop()
-            if qa == a and qb == b:
-                total = w if total is None else total + w
-                continue
-            m, w_left, w_right = children(a, b, key, depth, w)
-            if qb <= m:
-                stack.append((a, m, 2 * key, depth + 1, w_left, qa, qb))
-            elif qa >= m:
-                stack.append((m, b, 2 * key + 1, depth + 1, w_right, qa, qb))
-            else:  # straddles the midpoint: right half pushed first so the left half is summed first
-                stack.append((m, b, 2 * key + 1, depth + 1, w_right, m, qb))
-                stack.append((a, m, 2 * key, depth + 1, w_left, qa, m))
-        return total
+        return functools.reduce(operator.add, pieces(start, end, 0, 0, root_w, lo, hi))
 
     return increment
 

@@ -87,7 +87,7 @@ KD_CASES = [
     ("DPM++ 2M", "sample_dpmpp_2m", {}, "Automatic"),
     ("DPM++ 2M", "sample_dpmpp_2m", {}, "Beta"),
     ("DPM++ SDE", "sample_dpmpp_sde", {}, "Automatic"),
-    ("DPM++ SDE", "sample_dpmpp_sde", {"eta": 0.7, "s_noise": 0.95, "r": 0.4}, "Exponential"),
+    ("DPM++ SDE", "sample_dpmpp_sde", {"eta": 0.7, "s_noise": 0.95}, "Exponential"),
     ("DPM++ 2M SDE", "sample_dpmpp_2m_sde", {}, "Automatic"),
     ("DPM++ 2M SDE", "sample_dpmpp_2m_sde", {"eta": 0.5, "solver_type": "heun"}, "Karras"),
     ("DPM++ 2M SDE Heun", "sample_dpmpp_2m_sde", {}, "Automatic"),
@@ -135,16 +135,15 @@ def test_dpm_fast_matches_kdiffusion(kd, n):
         assert rel_err(ours, ref) <= TOL
 
 
-@pytest.mark.parametrize("order,eta,pid", [(3, 1.0, {}), (3, 0.0, {}), (2, 1.0, {}),
-                                           (3, 1.0, {"pcoeff": 0.3, "icoeff": 0.6, "dcoeff": 0.2, "rtol": 0.01})])
-def test_dpm_adaptive_matches_kdiffusion(kd, order, eta, pid):
+@pytest.mark.parametrize("eta", [1.0, 0.0])
+def test_dpm_adaptive_matches_kdiffusion(kd, eta):
     sigmas = get_sigmas("Uniform", 10, AC)
     x = start(sigmas, seed=6)
     smin, smax = sigmas[-2].item(), sigmas[0].item()
     model_ref, model_ours = counted(toy_denoiser), counted(toy_denoiser)
-    ref = run_kd(kd, "sample_dpm_adaptive", model_ref, x, smin, smax, draw=None, order=order, eta=eta,
-                 noise_sampler=noise_stream(7), **pid)
-    ours = SAMPLERS["DPM adaptive"](model_ours, x, sigmas, noise_sampler=noise_stream(7), order=order, eta=eta, **pid)
+    ref = run_kd(kd, "sample_dpm_adaptive", model_ref, x, smin, smax, draw=None, eta=eta,
+                 noise_sampler=noise_stream(7))
+    ours = SAMPLERS["DPM adaptive"](model_ours, x, sigmas, noise_sampler=noise_stream(7), eta=eta)
     assert len(model_ours.calls) == len(model_ref.calls)
     assert rel_err(ours, ref) <= TOL
 

@@ -407,13 +407,6 @@ def test_tokenize_truncates_to_75(tok, ref):
     assert tok.tokenize("a " * 74)[0].tolist() == [49406] + [320] * 74 + [49407, 49407]
 
 
-def test_tokenize_length(tok):
-    assert tok.tokenize("a photo of a cat", length=5)[0].tolist() == [49406, 320, 1125, 539, 49407]
-    assert tok.tokenize("a", length=2)[0].tolist() == [49406, 49407]
-    with pytest.raises(ValueError):
-        tok.tokenize("a", length=1)
-
-
 def test_construction_is_shared():
     a, b = Tokenizer(), Tokenizer()
     assert a.vocab is b.vocab

@@ -1,10 +1,7 @@
-"""Prompts -> CLIP conditioning tensors, the way A1111 builds them.
-
-For each prompt: network tags are stripped (by the caller), the text is split on AND (positive prompts only),
-every subprompt is expanded into a prompt schedule (prompt editing / alternation), and the texts of one
-schedule are encoded *together*: 75-token chunks in 77-token windows, each chunk position through the text
-encoder as one batch, emphasis weights multiplied onto the hidden states, then the "Original" mean
-restoration over that whole chunk batch. Chunks are concatenated along the sequence: (77·k, 768).
+"""Prompts -> CLIP conditioning tensors, as A1111 builds them (`modules/prompt_parser.py`,
+`modules/sd_hijack_clip.py`): positive prompts split on AND, each subprompt expanded into its prompt schedule,
+and the texts of one schedule encoded together: 75-token chunks in 77-token windows, emphasis weights on the
+hidden states, then the "Original" mean restoration over that chunk batch; chunks concatenate to (77·k, 768).
 """
 from __future__ import annotations
 
@@ -13,7 +10,6 @@ from dataclasses import dataclass
 import torch
 
 from sd15.a1111.prompt import empty_chunk, prompt_schedules, schedule_index, split_and, tokenize_prompt
-from sd15.schema import EMPHASIS_MODES
 
 
 @torch.no_grad()
@@ -33,8 +29,6 @@ def encode_groups(model, groups: list[list[str]], *, clip_skip: int = 1, emphasi
     text-encoder forward per chunk position: each group keeps its own chunk count (its shorter texts padded
     with empty chunks) and its own emphasis mean, exactly as when encoded alone; only the forward is shared.
     Returns one (N_g, 77·k_g, 768) tensor per group."""
-    if emphasis not in EMPHASIS_MODES:
-        raise ValueError(f"unknown emphasis mode {emphasis!r}; choose one of {', '.join(EMPHASIS_MODES)}")
     if embed_fn is None and embeddings is None and getattr(model, "embeddings", None) is not None:
         embeddings, embed_fn = model.embeddings.hooks(model, {})
     chunked = [[tokenize_prompt(t, model.tokenizer.encode, emphasis=emphasis, embeddings=embeddings)[0] for t in texts]
@@ -49,10 +43,7 @@ def encode_groups(model, groups: list[list[str]], *, clip_skip: int = 1, emphasi
         tokens = torch.tensor([c.tokens for c in chunks], device=device)  # (R, 77), all live groups' rows
         embeds = embed_fn(tokens, chunks) if embed_fn is not None else None
         z_all = model.text_encoder(tokens, clip_skip=clip_skip, inputs_embeds=embeds)  # (R, 77, 768)
-        start = 0
-        for g, group_rows in zip(live, rows):
-            z = z_all[start:start + len(group_rows)]
-            start += len(group_rows)
+        for g, group_rows, z in zip(live, rows, z_all.split([len(r) for r in rows])):
             if emphasis in ("Original", "No norm"):
                 w = torch.tensor([c.multipliers for c in group_rows], device=device, dtype=z.dtype)[:, :, None]
                 mean_before = z.mean()  # (N_g, 77, 1) weights; the mean is over this group's chunk batch

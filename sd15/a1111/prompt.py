@@ -172,8 +172,7 @@ class _ScheduleParser:
                 options.append(opt)
             if self._at(j) == "]":
                 return _Alt(options), j + 1
-            return None
-        if c == ":":
+        elif c == ":":
             m = _NUMBER_TAIL.match(self.s, j + 1)
             if m:                                       # [to:N]
                 return _Sched([], first, m.group(1)), m.end()
@@ -195,18 +194,14 @@ def _walk(nodes: list):
             yield from _walk(node)
 
 
-def _render(nodes: list, step: int) -> str:
-    out = []
-    for node in nodes:
-        if isinstance(node, str):
-            out.append(node)
-        elif isinstance(node, _Sched):
-            out.append(_render(node.before if step <= node.when else node.after, step))
-        elif isinstance(node, _Alt):
-            out.append(_render(node.options[(step - 1) % len(node.options)], step))
-        else:  # emphasis brackets: a flat list kept verbatim
-            out.append(_render(node, step))
-    return "".join(out)
+def _render(node, step: int) -> str:
+    if isinstance(node, str):
+        return node
+    if isinstance(node, _Sched):
+        return _render(node.before if step <= node.when else node.after, step)
+    if isinstance(node, _Alt):
+        return _render(node.options[(step - 1) % len(node.options)], step)
+    return "".join(_render(n, step) for n in node)  # a node list (emphasis brackets: kept verbatim)
 
 
 def prompt_schedules(prompt: str, steps: int, hires_steps: Optional[int] = None,
@@ -252,14 +247,9 @@ def prompt_schedules(prompt: str, steps: int, hires_steps: Optional[int] = None,
 
 
 def schedule_index(schedule: Sequence[tuple[int, str]], step: int) -> int:
-    """Index of the schedule entry used at 0-based model call `step`: the first with step <= end.
-
-    A1111 quirk: if no entry qualifies (step past the last end), entry 0 is used.
-    """
-    for k, (end_at_step, _) in enumerate(schedule):
-        if step <= end_at_step:
-            return k
-    return 0
+    """Index of the schedule entry used at 0-based model call `step`: the first with step <= end; past the
+    last end, entry 0 (an A1111 quirk)."""
+    return next((k for k, (end_at_step, _) in enumerate(schedule) if step <= end_at_step), 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,12 +334,9 @@ def make_embedding_finder(entries: Iterable[tuple[Sequence[int], Any, int]]) -> 
     name length)` or None, from (name_token_ids, embedding, n_vectors): the longest name matching there wins
     (equal lengths: the first given)."""
     by_first: dict[int, list[tuple[tuple[int, ...], Any, int]]] = {}
-    for ids, emb, n_vectors in entries:
-        ids = tuple(ids)
+    for ids, emb, n_vectors in sorted(entries, key=lambda e: -len(e[0])):  # longest first, else as given
         if ids:
-            by_first.setdefault(ids[0], []).append((ids, emb, int(n_vectors)))
-    for lst in by_first.values():
-        lst.sort(key=lambda e: len(e[0]), reverse=True)
+            by_first.setdefault(ids[0], []).append((tuple(ids), emb, int(n_vectors)))
 
     def find(tokens: Sequence[int], position: int):
         for ids, emb, n_vectors in by_first.get(tokens[position], ()):

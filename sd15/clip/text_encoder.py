@@ -1,14 +1,9 @@
-"""The CLIP ViT-L/14 text tower that conditions SD 1.5 (123M parameters), read top to bottom.
-
-Mirrors the Hugging Face `transformers` CLIPTextModel layout that LDM's FrozenCLIPEmbedder wraps
-(`openai/clip-vit-large-patch14`). Paper: Radford et al. 2021, "Learning Transferable Visual Models
-From Natural Language Supervision".
-
-Checkpoint prefix: `cond_stage_model.transformer.text_model.`; attribute names are the key names.
-Old checkpoints lack the `text_model.` part; `sd15.checkpoint` handles that quirk.
-
-SD 1.5 sizes: vocabulary 49408, context 77, width 768, 12 layers, 12 heads of 64, MLP 3072,
-quick_gelu, pre-norm, causal attention. Output: the hidden states after `final_layer_norm`.
+"""The CLIP ViT-L/14 text tower that conditions SD 1.5 (Radford et al. 2021, "Learning Transferable Visual
+Models From Natural Language Supervision"), in the layout of `transformers`' CLIPTextModel that LDM's
+FrozenCLIPEmbedder wraps: attribute names are the checkpoint keys under
+`cond_stage_model.transformer.text_model.` (`sd15.checkpoint` handles old checkpoints without `text_model.`).
+SD 1.5: 49408 tokens, 77 positions, width 768, 12 pre-norm layers of 12 causal heads, MLP 3072 with
+quick_gelu; output after `final_layer_norm`.
 """
 from __future__ import annotations
 
@@ -119,11 +114,8 @@ class CLIPTextModel(nn.Module):
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, tokens: torch.Tensor | None = None, clip_skip: int = 1, inputs_embeds=None) -> torch.Tensor:
-        """tokens: (B, 77) ids -> (B, 77, 768).
-
-        clip_skip=n stops after layer (num_layers - n + 1), i.e. takes the n-th hidden state from the end,
-        and then applies final_layer_norm, as A1111's "Clip skip" does (n=1: the normal output).
-        """
+        """tokens: (B, 77) ids -> (B, 77, 768). A1111's "Clip skip" n takes the n-th hidden state from the end
+        (n = 1: the last), then final_layer_norm."""
         n_layers = len(self.encoder.layers)
         if not 1 <= clip_skip <= n_layers:
             raise ValueError(f"clip_skip must be between 1 and {n_layers}, got {clip_skip}")

@@ -1,23 +1,9 @@
-"""CLIP byte-level BPE tokenizer, as used by SD 1.5's text encoder (openai/clip-vit-large-patch14).
-
-The ids match OpenAI's reference CLIP tokenizer (``simple_tokenizer.py``):
-
-1. clean-up, in Python: ``ftfy.fix_text``, ``html.unescape`` twice, ``strip``, whitespace runs -> one space,
-   ``strip``, ``lower``;
-2. pre-tokenisation with the CLIP regex (case-insensitive): the special tokens, English contractions, letter
-   runs, *single* digits, runs of other non-space characters; whitespace is dropped;
-3. per pre-token: UTF-8 bytes -> byte symbols, ``</w>`` on the last one, BPE merges by rank.
-
-Steps 2 and 3 run in the ``tokenizers`` library (a ``Split`` pre-tokenizer with the regex, ``ByteLevel`` for the
-byte-to-symbol mapping, a ``BPE`` model with ``end_of_word_suffix="</w>"``). Its regex engine (Oniguruma) was
-checked against the Python ``regex`` module (which the reference uses) on every code point; the three
-differences (``'ſ``, U+0345, Unicode 17) are corrected at ``_PATTERN`` and ``_pre_tokenizer_text``.
-
-Special tokens in the text (``<|startoftext|>``, ``<|endoftext|>``) are ids 49406/49407 where the reference's
-regex matches them as a whole, i.e. not inside a punctuation run (``"!<|endoftext|>"`` is ordinary BPE).
-
-The BPE data is OpenAI's ``bpe_simple_vocab_16e6.txt.gz`` (MIT, license beside it). Vocabulary: 256 byte symbols,
-the same with ``</w>``, the first 48,894 merges' concatenations, then the two special tokens: 49,408 ids.
+"""CLIP's byte-level BPE tokenizer (openai/clip-vit-large-patch14), with the ids of OpenAI's
+`simple_tokenizer.py`: the clean-up (ftfy, HTML unescape, whitespace, lower case) runs in Python, the CLIP
+regex pre-tokenisation and the BPE merges in the `tokenizers` library. Its regex engine (Oniguruma), checked
+against the reference's `regex` module on every code point, differs in three places (`'ſ`, U+0345, Unicode
+17), corrected at `_PATTERN` and `_pre_tokenizer_text`. The BPE data is OpenAI's
+`bpe_simple_vocab_16e6.txt.gz` (MIT, license beside it).
 """
 
 from __future__ import annotations
@@ -134,15 +120,13 @@ class Tokenizer:
                 ids += rust.encode(list(run), is_pretokenized=True, add_special_tokens=False).ids
         return ids
 
-    def tokenize(self, texts: str | Sequence[str], length: int = CONTEXT_LENGTH) -> torch.Tensor:
-        """LongTensor [B, length]: BOS, the ids truncated to length - 2, EOS, then PAD (= EOS). One window per
-        text, as diffusers does; A1111's 75-token chunking is in `sd15.a1111.prompt`."""
-        if length < 2:
-            raise ValueError("length must be >= 2 (BOS and EOS)")
+    def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """LongTensor [B, 77]: BOS, the ids truncated to 75, EOS, then PAD (= EOS). One window per text, as
+        diffusers does; A1111's 75-token chunking is in `sd15.a1111.prompt`."""
         if isinstance(texts, str):
             texts = [texts]
-        out = torch.full((len(texts), length), PAD, dtype=torch.long)
+        out = torch.full((len(texts), CONTEXT_LENGTH), PAD, dtype=torch.long)
         for row, text in enumerate(texts):
-            seq = [BOS, *self.encode(text)[: length - 2], EOS]
+            seq = [BOS, *self.encode(text)[: CONTEXT_LENGTH - 2], EOS]
             out[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         return out

@@ -1,16 +1,11 @@
-"""k-diffusion's samplers (crowsonkb/k-diffusion `sampling.py` @ab527a9, as A1111 v1.10 runs them) and A1111's
-Restart, written from the published algorithms.
+"""k-diffusion's samplers (crowsonkb/k-diffusion `sampling.py` @ab527a9, with the options A1111 v1.10 passes)
+and A1111's Restart, written from the published algorithms.
 
-`sample_x(model, x, sigmas, *, noise_sampler=None, callback=None, **options) -> x`: `model(x, sigma)`
-returns the denoised x₀ for a [B] σ; `sigmas` is the descending float32 schedule and x starts at
-noise · sigmas[0]; `noise_sampler(sigma, sigma_next)` returns fresh unit noise shaped like x (a sampler that
-adds noise raises without one: nothing here draws from the global RNG); `callback` receives k-diffusion's
-{'x', 'i', 'sigma', 'sigma_hat', 'denoised'} once per step, 'sigma' a 0-d CPU tensor.
-
-The scalar maths runs on 0-d float32 tensors, as in k-diffusion, so the rounding matches; but the schedule
-is copied to the host once per run (`_host`), so a step never reads a device value back (a 0-d CPU tensor
-enters a CUDA kernel as a plain argument). Noise that k-diffusion draws only to multiply by zero (eta = 0,
-s_churn = 0) is not drawn.
+`sample_x(model, x, sigmas, *, noise_sampler=None, callback=None, **options) -> x`: `model(x, sigma)` returns
+the denoised x₀ for a [B] σ; x starts at noise · sigmas[0]; `noise_sampler(sigma, sigma_next)` returns fresh
+unit noise shaped like x (nothing here draws from the global RNG); `callback` gets k-diffusion's dict.
+The scalar maths runs on 0-d float32 CPU tensors (`_host`: one device read per run), so the rounding matches
+k-diffusion's and no step waits for the device. Noise that k-diffusion only multiplies by zero is not drawn.
 """
 
 import math
@@ -56,7 +51,7 @@ def _sigma(t):
     return t.neg().exp()
 
 
-def _noise(noise_sampler, who):
+def need_noise(noise_sampler, who):
     if noise_sampler is None:
         raise ValueError(f"{who} adds noise: pass noise_sampler (sd15.rng.ImageRNG.noise_sampler() "
                          "or sd15.rng.brownian_noise_sampler)")
@@ -81,9 +76,9 @@ def _euler_step(model, x, denoised, sigma, sigma_next, s_in):
 def _heun_step(model, x, denoised, sigma, sigma_next, s_in):
     """Heun's 2nd-order step (Karras et al. 2022, Algorithm 2, lines 8-11); an Euler step onto σ = 0."""
     d, dt = to_d(x, sigma, denoised), sigma_next - sigma
-    if sigma_next == 0:
-        return x + d * dt
     x_2 = x + d * dt
+    if sigma_next == 0:
+        return x_2
     d_2 = to_d(x_2, sigma_next, model(x_2, sigma_next * s_in))
     return x + (d + d_2) / 2 * dt
 
@@ -105,14 +100,12 @@ def _alg2(step, model, x, sigmas, noise_sampler, callback, s_churn, s_tmin, s_tm
     `step` from σ̂ to σ_next. A1111 draws the noise every step once churn is on, even where γ = 0."""
     sigmas = _host(sigmas)
     s_in = ones_for(model, x)
-    n = len(sigmas) - 1
-    for i in range(n):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         sigma_hat = sigma
         if s_churn > 0:
-            gamma = min(s_churn / n, 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+            gamma = min(s_churn / (len(sigmas) - 1), 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
             sigma_hat = sigma * (gamma + 1)
-            eps = _noise(noise_sampler, "s_churn > 0")(sigma, sigma_next) * s_noise
+            eps = need_noise(noise_sampler, "s_churn > 0")(sigma, sigma_next) * s_noise
             if gamma > 0:
                 x = x + eps * (sigma_hat ** 2 - sigma ** 2) ** 0.5
         denoised = model(x, sigma_hat * s_in)
@@ -157,14 +150,13 @@ def _ancestral(step, model, x, sigmas, noise_sampler, callback, eta, s_noise, re
     Without `renoise_at_0` (DPM2 a) a step that lands on σ_down = 0 (eta > 1 can) gets no noise."""
     sigmas = _host(sigmas)
     s_in = ones_for(model, x)
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         denoised = model(x, sigma * s_in)
         sigma_down, sigma_up = get_ancestral_step(sigma, sigma_next, eta)
         report(callback, x, i, sigma, sigma, denoised)
         x = step(model, x, denoised, sigma, sigma_down, s_in)
         if eta and (sigma_down > 0 or renoise_at_0 and sigma_next > 0):
-            x = x + _noise(noise_sampler, "eta > 0")(sigma, sigma_next) * s_noise * sigma_up
+            x = x + need_noise(noise_sampler, "eta > 0")(sigma, sigma_next) * s_noise * sigma_up
     return x
 
 
@@ -191,11 +183,8 @@ def _lms_coeff(order, ts, i, j):
     subtractions, as in k-diffusion, whose σ array is numpy float32.
     """
     def basis(tau):
-        prod = 1.0
-        for k in range(order):
-            if k != j:
-                prod *= (tau - float(ts[i - k])) / float(ts[i - j] - ts[i - k])
-        return prod
+        return math.prod((tau - float(ts[i - k])) / float(ts[i - j] - ts[i - k])
+                         for k in range(order) if k != j)
     nodes, weights = np.polynomial.legendre.leggauss(order)
     a, b = float(ts[i]), float(ts[i + 1])
     half, mid = (b - a) / 2, (a + b) / 2
@@ -224,12 +213,12 @@ def sample_lms(model, x, sigmas, *, noise_sampler=None, callback=None, order=4):
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def sample_dpmpp_sde(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0, r=0.5):
-    """DPM-Solver++ (stochastic): two SDE sub-steps per step, the second from the data estimate at λ + r·h."""
+def sample_dpmpp_sde(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0):
+    """DPM-Solver++ (stochastic): two SDE sub-steps per step, the second from the data estimate at the
+    midpoint λ + h/2 (k-diffusion's r = 1/2, whose blend (1 − 1/2r)·D + 1/2r·D₂ is then D₂ alone)."""
     sigmas = _host(sigmas)
     s_in = ones_for(model, x)
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         denoised = model(x, sigma * s_in)
         report(callback, x, i, sigma, sigma, denoised)
         if sigma_next == 0:
@@ -237,20 +226,18 @@ def sample_dpmpp_sde(model, x, sigmas, *, noise_sampler=None, callback=None, eta
             continue
         t, t_next = _t(sigma), _t(sigma_next)
         h = t_next - t
-        s = t + h * r
-        fac = 1 / (2 * r)
+        s = t + h * 0.5
         # step 1: to λ = s, with ancestral noise
         sd, su = get_ancestral_step(_sigma(t), _sigma(s), eta)
         s_ = _t(sd)
         x_2 = (_sigma(s_) / _sigma(t)) * x - (t - s_).expm1() * denoised
         if eta:  # the tree is queried at the float32 σ = exp(−λ), which is what fixes the noise
-            x_2 = x_2 + _noise(noise_sampler, "eta > 0")(_sigma(t), _sigma(s)) * s_noise * su
+            x_2 = x_2 + need_noise(noise_sampler, "eta > 0")(_sigma(t), _sigma(s)) * s_noise * su
         denoised_2 = model(x_2, _sigma(s) * s_in)
-        # step 2: to λ = t_next, from a blend of both data estimates
+        # step 2: to λ = t_next, from the midpoint's data estimate
         sd, su = get_ancestral_step(_sigma(t), _sigma(t_next), eta)
         t_next_ = _t(sd)
-        denoised_d = (1 - fac) * denoised + fac * denoised_2
-        x = (_sigma(t_next_) / _sigma(t)) * x - (t - t_next_).expm1() * denoised_d
+        x = (_sigma(t_next_) / _sigma(t)) * x - (t - t_next_).expm1() * denoised_2
         if eta:
             x = x + noise_sampler(_sigma(t), _sigma(t_next)) * s_noise * su
     return x
@@ -262,8 +249,7 @@ def sample_dpmpp_2m(model, x, sigmas, *, noise_sampler=None, callback=None):
     sigmas = _host(sigmas)
     s_in = ones_for(model, x)
     old_denoised = None
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         denoised = model(x, sigma * s_in)
         report(callback, x, i, sigma, sigma, denoised)
         t, t_next = _t(sigma), _t(sigma_next)
@@ -280,14 +266,11 @@ def sample_dpmpp_2m(model, x, sigmas, *, noise_sampler=None, callback=None):
 @torch.no_grad()
 def sample_dpmpp_2m_sde(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0,
                         solver_type="midpoint"):
-    """DPM-Solver++(2M) SDE, with the midpoint or Heun second-order correction."""
-    if solver_type not in ("midpoint", "heun"):
-        raise ValueError("solver_type must be 'midpoint' or 'heun'")
+    """DPM-Solver++(2M) SDE, with the midpoint or (solver_type "heun") Heun second-order correction."""
     sigmas = _host(sigmas)
     s_in = ones_for(model, x)
     old_denoised, h_last = None, None
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         denoised = model(x, sigma * s_in)
         report(callback, x, i, sigma, sigma, denoised)
         if sigma_next == 0:
@@ -304,7 +287,7 @@ def sample_dpmpp_2m_sde(model, x, sigmas, *, noise_sampler=None, callback=None, 
                 else:
                     x = x + 0.5 * one_minus * (1 / r) * (denoised - old_denoised)
             if eta:
-                noise = _noise(noise_sampler, "eta > 0")(sigma, sigma_next)
+                noise = need_noise(noise_sampler, "eta > 0")(sigma, sigma_next)
                 x = x + noise * sigma_next * (-2 * eta_h).expm1().neg().sqrt() * s_noise
             h_last = h
         old_denoised = denoised
@@ -322,8 +305,7 @@ def sample_dpmpp_3m_sde(model, x, sigmas, *, noise_sampler=None, callback=None, 
     sigmas = _host(sigmas)
     s_in = ones_for(model, x)
     denoised_1, denoised_2, h_1, h_2 = None, None, None, None
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         denoised = model(x, sigma * s_in)
         report(callback, x, i, sigma, sigma, denoised)
         if sigma_next == 0:
@@ -346,7 +328,7 @@ def sample_dpmpp_3m_sde(model, x, sigmas, *, noise_sampler=None, callback=None, 
             phi_2 = h_eta.neg().expm1() / h_eta + 1
             x = x + phi_2 * d
         if eta:
-            noise = _noise(noise_sampler, "eta > 0")(sigma, sigma_next)
+            noise = need_noise(noise_sampler, "eta > 0")(sigma, sigma_next)
             x = x + noise * sigma_next * (-2 * h * eta).expm1().neg().sqrt() * s_noise
         denoised_1, denoised_2 = denoised, denoised_1
         h_1, h_2 = h, h_1
@@ -366,11 +348,6 @@ def _dpm_eps(model, x, t):
 def _dpm_eps_r1(model, x, t, h, eps, r1):
     """ε at s1 = t + r1·h, from the first-order predictor there (shared by the 2nd- and 3rd-order steps)."""
     return _dpm_eps(model, x - _sigma(t + r1 * h) * (r1 * h).expm1() * eps, t + r1 * h)
-
-
-def _dpm_solver_1(x, t, t_next, eps):
-    """DPM-Solver-1 (= DDIM) step."""
-    return x - _sigma(t_next) * (t_next - t).expm1() * eps
 
 
 def _dpm_solver_2(x, t, t_next, eps, eps_r1, r1):
@@ -402,80 +379,61 @@ def _lambda_range(sigmas, sigma_min, sigma_max):
     """(λ(σ_max), λ(σ_min)), with σ_max = sigmas[0] and σ_min = sigmas[-2] unless given."""
     sigma_min = float(sigmas[-2]) if sigma_min is None else sigma_min
     sigma_max = float(sigmas[0]) if sigma_max is None else sigma_max
-    if sigma_min <= 0 or sigma_max <= 0:
-        raise ValueError("sigma_min and sigma_max must not be 0")
     return _t(torch.tensor(sigma_max)), _t(torch.tensor(sigma_min))
 
 
 @torch.no_grad()
 def sample_dpm_fast(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0,
                     sigma_min=None, sigma_max=None, n=None):
-    """DPM-Solver-fast (Lu et al. 2022, sec. 3.4): ⌊n/3⌋+1 uniform λ steps of orders 3, …, 3, then 2/1.
-
-    Uses only σ_max, σ_min (see `_lambda_range`) and n = len(sigmas) − 1 unless given (A1111's txt2img
-    passes the model's σ range and the step count). eta defaults to A1111's 1.0 (k-diffusion's is 0).
-    """
+    """DPM-Solver-fast (Lu et al. 2022, sec. 3.4): ⌊n/3⌋+1 uniform λ steps of orders 3, …, 3, then 2/1, from
+    σ_max to σ_min (`_lambda_range`); n = len(sigmas) − 1 unless given (A1111's txt2img passes steps)."""
     t_start, t_end = _lambda_range(sigmas, sigma_min, sigma_max)
     n = len(sigmas) - 1 if n is None else n
     m = math.floor(n / 3) + 1
     ts = torch.linspace(t_start, t_end, m + 1)  # on the host
     orders = [3] * (m - 2) + [2, 1] if n % 3 == 0 else [3] * (m - 1) + [n % 3]
-    for i, order in enumerate(orders):
-        t, t_next = ts[i], ts[i + 1]
+    for i, (order, t, t_next) in enumerate(zip(orders, ts[:-1], ts[1:])):
         t_next_, su = _dpm_ancestral(t, t_next, t_end, eta)
         eps = _dpm_eps(model, x, t)
         report(callback, x, i, _sigma(t), _sigma(t), x - _sigma(t) * eps)
         if order == 1:
-            x = _dpm_solver_1(x, t, t_next_, eps)
+            x = x - _sigma(t_next_) * (t_next_ - t).expm1() * eps  # DPM-Solver-1 (= DDIM)
         elif order == 2:
             x = _dpm_solver_2(x, t, t_next_, eps, _dpm_eps_r1(model, x, t, t_next_ - t, eps, 1 / 2), 1 / 2)
         else:
             x = _dpm_solver_3(model, x, t, t_next_, eps, _dpm_eps_r1(model, x, t, t_next_ - t, eps, 1 / 3))
         if eta:
-            x = x + su * s_noise * _noise(noise_sampler, "eta > 0")(_sigma(t), _sigma(t_next))
+            x = x + su * s_noise * need_noise(noise_sampler, "eta > 0")(_sigma(t), _sigma(t_next))
     return x
 
 
 @torch.no_grad()
 def sample_dpm_adaptive(model, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0,
-                        sigma_min=None, sigma_max=None, order=3, rtol=0.05, atol=0.0078, h_init=0.05,
-                        pcoeff=0.0, icoeff=1.0, dcoeff=0.0, accept_safety=0.81):
-    """DPM-Solver-12/23 with adaptive step size (Lu et al. 2022, sec. 3.4; PID control after Söderlind 2003).
-
-    An embedded lower-order solution estimates the error; a step is accepted when the PID factor is
-    ≥ accept_safety, and h is rescaled by that factor either way.
+                        sigma_min=None, sigma_max=None):
+    """DPM-Solver-23 with adaptive step size (Lu et al. 2022, sec. 3.4) and k-diffusion's defaults, which
+    A1111 keeps: the embedded 2nd-order solution estimates the error (rtol 0.05, atol 0.0078); h starts at
+    0.05 and is rescaled by the integral controller's factor 1 + atan(err⁻¹^(1/order) − 1), accepting a step
+    at ≥ 0.81.
     """
-    if order not in (2, 3):
-        raise ValueError("order should be 2 or 3")
     s, t_end = _lambda_range(sigmas, sigma_min, sigma_max)
-    atol, rtol = torch.tensor(atol), torch.tensor(rtol)
-    # PID step-size controller on inverse errors: factor = 1 + atan(e0^b1 e1^b2 e2^b3 − 1)
-    ctrl_order = 1.5 if eta else order
-    b1, b2, b3 = (pcoeff + icoeff + dcoeff) / ctrl_order, -(pcoeff + 2 * dcoeff) / ctrl_order, dcoeff / ctrl_order
-    h, inv_errs = abs(h_init), []
-    x_prev, steps = x, 0
+    atol, rtol = torch.tensor(0.0078), torch.tensor(0.05)
+    ctrl_order = 1.5 if eta else 3  # the SDE's order when noise is added
+    h, x_prev, steps = 0.05, x, 0
     while s < t_end - 1e-5:
         t = torch.minimum(t_end, s + h)
         t_, su = _dpm_ancestral(s, t, t_end, eta)
         eps = _dpm_eps(model, x, s)
         denoised = x - _sigma(s) * eps
-        if order == 2:
-            x_low = _dpm_solver_1(x, s, t_, eps)
-            x_high = _dpm_solver_2(x, s, t_, eps, _dpm_eps_r1(model, x, s, t_ - s, eps, 1 / 2), 1 / 2)
-        else:  # the 2nd-order estimate uses r1 = 1/3, so both share ε(t + h/3)
-            eps_r1 = _dpm_eps_r1(model, x, s, t_ - s, eps, 1 / 3)
-            x_low = _dpm_solver_2(x, s, t_, eps, eps_r1, 1 / 3)
-            x_high = _dpm_solver_3(model, x, s, t_, eps, eps_r1)
+        eps_r1 = _dpm_eps_r1(model, x, s, t_ - s, eps, 1 / 3)  # the 2nd-order estimate also uses r1 = 1/3
+        x_low = _dpm_solver_2(x, s, t_, eps, eps_r1, 1 / 3)
+        x_high = _dpm_solver_3(model, x, s, t_, eps, eps_r1)
         delta = torch.maximum(atol, rtol * torch.maximum(x_low.abs(), x_prev.abs()))
         error = torch.linalg.norm((x_low - x_high) / delta) / x.numel() ** 0.5
-        inv_err = 1 / (float(error) + 1e-8)
-        inv_errs = [inv_err, inv_err, inv_err] if not inv_errs else [inv_err] + inv_errs[1:]
-        factor = 1 + math.atan(inv_errs[0] ** b1 * inv_errs[1] ** b2 * inv_errs[2] ** b3 - 1)
-        if factor >= accept_safety:
-            inv_errs = [inv_errs[0], inv_errs[0], inv_errs[1]]
+        factor = 1 + math.atan((1 / (float(error) + 1e-8)) ** (1 / ctrl_order) - 1)
+        if factor >= 0.81:
             x_prev, x = x_low, x_high
             if eta:
-                x = x + su * s_noise * _noise(noise_sampler, "eta > 0")(_sigma(s), _sigma(t))
+                x = x + su * s_noise * need_noise(noise_sampler, "eta > 0")(_sigma(s), _sigma(t))
             s = t
         h *= factor
         report(callback, x, steps, _sigma(s), _sigma(s), denoised)
@@ -510,7 +468,7 @@ def sample_restart(model, x, sigmas, *, noise_sampler=None, callback=None, s_noi
     last_sigma = None
     for step_id, (old_sigma, new_sigma) in enumerate(pairs):
         if last_sigma is not None and last_sigma < old_sigma:  # restart: renoise from σ_last up to σ_old
-            noise = _noise(noise_sampler, "Restart")(old_sigma, last_sigma)
+            noise = need_noise(noise_sampler, "Restart")(old_sigma, last_sigma)
             x = x + noise * s_noise * (old_sigma ** 2 - last_sigma ** 2) ** 0.5
         denoised = model(x, old_sigma * s_in)
         report(callback, x, step_id, old_sigma, old_sigma, denoised)
@@ -525,10 +483,10 @@ def sample_lcm(model, x, sigmas, *, noise_sampler=None, callback=None):
     `model` is the LCM denoiser (`sd15.samplers.sampling.LCMDenoiser` under CFG)."""
     sigmas = _host(sigmas)
     s_in = ones_for(model, x)
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * s_in)
-        report(callback, x, i, sigmas[i], sigmas[i], denoised)
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        denoised = model(x, sigma * s_in)
+        report(callback, x, i, sigma, sigma, denoised)
         x = denoised
-        if sigmas[i + 1] > 0:
-            x = x + sigmas[i + 1] * _noise(noise_sampler, "LCM")(sigmas[i], sigmas[i + 1])
+        if sigma_next > 0:
+            x = x + sigma_next * need_noise(noise_sampler, "LCM")(sigma, sigma_next)
     return x

@@ -1,8 +1,6 @@
-"""How A1111 v1.10 runs one sampler over one batch (txt2img, img2img): σ schedule, noise, options, denoiser.
-
-References: A1111 `modules/sd_samplers_kdiffusion.py` (`get_sigmas`, `sample`, `sample_img2img`),
-`sd_samplers_timesteps.py`, `sd_samplers_lcm.py`, `sd_samplers_common.py` (`setup_img2img_steps`,
-`create_noise_sampler`, `Sampler.initialize`), `sd_schedulers.py`.
+"""How A1111 v1.10 runs one sampler over one batch (txt2img, img2img): σ schedule, noise, options, denoiser
+(A1111 `modules/sd_samplers_kdiffusion.py`, `sd_samplers_timesteps.py`, `sd_samplers_lcm.py`,
+`sd_samplers_common.py`, `sd_schedulers.py`).
 """
 
 import math
@@ -14,13 +12,12 @@ from ..rng import ImageRNG, brownian_noise_sampler
 from .denoiser import CFGDenoiser, EpsDenoiser
 from .schedules import (discrete_sigmas, sigmas_align_your_steps, sigmas_beta, sigmas_ddim, sigmas_exponential,
                         sigmas_karras, sigmas_kl_optimal, sigmas_normal, sigmas_polyexponential,
-                        sigmas_simple, sigmas_uniform)
-from .table import SAMPLER_BY_NAME, SCHEDULER_TABLE, find_scheduler
+                        sigmas_simple, sigmas_uniform, sigma_to_t)
+from .table import SAMPLER_BY_NAME, find_scheduler
 from .timesteps import ddim_timesteps
 
 SAMPLERS = {name: s.fn for name, s in SAMPLER_BY_NAME.items()}  # A1111 name -> function (public API)
 A1111_DEFAULTS = SAMPLER_BY_NAME                                  # A1111 name -> its table entry
-SCHEDULERS = {c.name: c.label for c in SCHEDULER_TABLE}          # schedule type name -> label
 
 
 def get_sigmas(scheduler: str, steps: int, alphas_cumprod: torch.Tensor, *, sampler: str = None,
@@ -96,15 +93,10 @@ class LCMDenoiser(nn.Module):
         self.register_buffer("alphas_cumprod", inner.alphas_cumprod[self.SKIP - 1::self.SKIP], persistent=False)
         self.register_buffer("log_sigmas", discrete_sigmas(self.alphas_cumprod).log(), persistent=False)  # (50,)
 
-    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
-        """The nearest of the 50 timesteps (an integer tensor)."""
-        index = (sigma.log() - self.log_sigmas[:, None]).abs().argmin(dim=0).view(sigma.shape)
-        return index * self.SKIP + (self.SKIP - 1)
-
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         sigma = sigma.to(x.device, non_blocking=True)  # a host σ (CFGDenoiser.host_sigma) joins x's device
         s = sigma[:, None, None, None]                                        # (B, 1, 1, 1)
-        t = self.sigma_to_t(sigma)
+        t = sigma_to_t(sigma, self.log_sigmas, quantize=True) * self.SKIP + (self.SKIP - 1)  # nearest of 50
         x0 = x - s * self.inner.eps(x / (s ** 2 + 1.0) ** 0.5, t, context)
         st = t[:, None, None, None] * 10.0                                    # (B, 1, 1, 1)
         c_skip = 0.25 / (st ** 2 + 0.25)
@@ -133,15 +125,12 @@ def sample(name: str, model: CFGDenoiser, rng: ImageRNG, steps: int, *, schedule
            **schedule_options) -> torch.Tensor:
     """Run A1111's sampler `name` for one batch: txt2img, or img2img/hires when `init_latent` is given.
 
-    `model` is the CFGDenoiser over an EpsDenoiser; `rng` the batch's ImageRNG, whose first draw is the
-    initial noise and whose later draws are the in-sampler noise. Unset eta/s_* take A1111's defaults
-    (eta 1 for k-diffusion samplers, 0 for DDIM); A1111 passes each only to the samplers listed in
-    the sampler table. `initial_noise_multiplier` scales the img2img noise (A1111 option, default 1; the
-    hires pass does not apply it). `schedule_options` go to `get_sigmas` (sigma_min, sigma_max, rho, beta_*).
-    The final inpainting blend of the samples with the init latent is the caller's.
+    `rng`'s first draw is the initial noise, its later draws the in-sampler noise. Unset eta/s_* take the
+    table's defaults, and only the samplers the table lists them for get them. `initial_noise_multiplier`
+    scales the img2img noise (A1111 option); `schedule_options` go to `get_sigmas`. The final inpainting
+    blend with the init latent is the caller's.
     """
     defaults = SAMPLER_BY_NAME[name]
-    fn = defaults.fn
     denoiser = model.inner
     given = {"eta": eta, "s_churn": s_churn, "s_tmin": s_tmin, "s_tmax": s_tmax, "s_noise": s_noise}
     options = {k: (v if given[k] is None else given[k]) for k, v in defaults.options.items()}
@@ -166,8 +155,8 @@ def sample(name: str, model: CFGDenoiser, rng: ImageRNG, steps: int, *, schedule
                 options["img2img"] = True
         if defaults.cfgpp:
             options["last_noise_uncond"] = lambda: model.last_uncond
-        return fn(model.eps, x, timesteps, alphas_cumprod=alphas_cumprod, noise_sampler=rng.noise_sampler(),
-                  callback=callback, **options)
+        return defaults.fn(model.eps, x, timesteps, alphas_cumprod=alphas_cumprod,
+                           noise_sampler=rng.noise_sampler(), callback=callback, **options)
 
     # LCM's schedules are made on its own 50-entry table (k-diffusion's DiscreteSchedule of LCMCompVisDenoiser)
     sigmas = get_sigmas(scheduler, steps_total, denoiser.alphas_cumprod, sampler=name, **schedule_options)
@@ -186,4 +175,4 @@ def sample(name: str, model: CFGDenoiser, rng: ImageRNG, steps: int, *, schedule
         noise_sampler = brownian_noise_sampler(x, sigmas, rng.seeds, source=rng.source)
     else:
         noise_sampler = rng.noise_sampler()
-    return fn(model, x, sigma_sched, noise_sampler=noise_sampler, callback=callback, **options)
+    return defaults.fn(model, x, sigma_sched, noise_sampler=noise_sampler, callback=callback, **options)

@@ -120,29 +120,21 @@ SCHEDULER_TABLE: list[Scheduler] = [
 
 SAMPLER_BY_NAME = {s.name: s for s in SAMPLER_TABLE}
 _SAMPLER_BY_LOWER = {n.lower(): s for s in SAMPLER_TABLE for n in (s.name, *s.aliases)}
-_SCHEDULER_EXACT = {**{c.name: c for c in SCHEDULER_TABLE}, **{c.label: c for c in SCHEDULER_TABLE}}
 _SCHEDULER_BY_LOWER = {n.lower(): c for c in SCHEDULER_TABLE for n in (c.name, c.label, *c.aliases)}
 _SUFFIXES_LONGEST_FIRST = sorted(((o, c) for c in SCHEDULER_TABLE for o in (c.label, c.name, *c.aliases)),
                                  key=lambda oc: -len(oc[0]))
 
 
 def find_sampler(name: Optional[str]) -> Optional[Sampler]:
-    """The sampler called `name`: the exact name (all A1111's API accepts), else any case of the name or an
+    """The sampler called `name`: the exact name (all A1111's API accepts), or any case of the name or an
     alias ("euler A", "k_euler_a"). None when unknown."""
-    if name is None:
-        return None
-    return SAMPLER_BY_NAME.get(name) or _SAMPLER_BY_LOWER.get(name.strip().lower())
+    return None if name is None else _SAMPLER_BY_LOWER.get(name.strip().lower())
 
 
-def find_scheduler(name: Optional[str], *, lenient: bool = True) -> Optional[Scheduler]:
-    """The scheduler called `name`: its name or label exactly, then, when `lenient`, any case of its name,
-    label or alias ("SGMUniform", "KARRAS"). None when unknown."""
-    if name is None:
-        return None
-    c = _SCHEDULER_EXACT.get(name)
-    if c is None and lenient:
-        c = _SCHEDULER_BY_LOWER.get(name.strip().lower())
-    return c
+def find_scheduler(name: Optional[str]) -> Optional[Scheduler]:
+    """The scheduler called `name`: any case of its name, label or alias ("karras", "SGMUniform"). None when
+    unknown."""
+    return None if name is None else _SCHEDULER_BY_LOWER.get(name.strip().lower())
 
 
 def split_sampler_name(name: str) -> tuple[str, Optional[str]]:
@@ -180,7 +172,7 @@ def resolve_sampler(name: Optional[str], scheduler: Optional[str] = None) -> tup
             valid = ", ".join(f"{c.name} ({c.label})" for c in SCHEDULER_TABLE)
             raise ValueError(f"Unknown scheduler {scheduler!r}. Valid schedulers: {valid}")
     base, suffix = split_sampler_name(name or DEFAULT_SAMPLER)
-    return find_sampler(base), explicit or _SCHEDULER_EXACT[suffix or "Automatic"]
+    return find_sampler(base), explicit or find_scheduler(suffix or "Automatic")
 
 
 def recorded_schedule(sampler: Sampler, scheduler: Scheduler) -> Optional[Scheduler]:
@@ -189,7 +181,7 @@ def recorded_schedule(sampler: Sampler, scheduler: Scheduler) -> Optional[Schedu
     if sampler.timesteps:
         return None
     if scheduler.name == "automatic":
-        return _SCHEDULER_EXACT[sampler.scheduler] if sampler.scheduler else None
+        return find_scheduler(sampler.scheduler)
     return scheduler
 
 

@@ -2,17 +2,17 @@
 `modules/models/diffusion/uni_pc/uni_pc.py`).
 
 `sample_x(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, callback=None, **options)`:
-`model(x, t)` returns the guided ε of the *raw* latent at the float timesteps t [B] (`CFGDenoiser.eps`);
-`timesteps` is the ascending grid `ddim_timesteps(steps)` (img2img: its first t_enc entries); x starts at the
-unscaled noise and the samplers stop at ā[timesteps[0]], not at 0. The callback's 'sigma' is the real
-σ = sqrt((1 − ā)/ā) each step starts from. The tables are read on the host once and the per-step
-coefficients are Python floats, as A1111 builds them, so no step reads a device value back.
+`model(x, t)` is the guided ε of the raw latent (`CFGDenoiser.eps`); `timesteps` the ascending
+`ddim_timesteps(steps)` (img2img: its first t_enc); x starts at the unscaled noise and ends at
+ā[timesteps[0]], not at 0. The callback's 'sigma' is σ = sqrt((1 − ā)/ā) of each step's start. Per-step
+coefficients are Python floats, as A1111 builds them.
 """
 
 import torch
 import torch.nn.functional as F
 
-from .kdiffusion import ones_for, report
+from .kdiffusion import need_noise, ones_for, report
+from .schedules import discrete_sigmas
 
 
 def ddim_timesteps(steps: int) -> torch.Tensor:
@@ -33,7 +33,7 @@ def _ddim_tables(alphas_cumprod, timesteps):
     callback's σ_t = sqrt((1 − ā_t)/ā_t) (the k-diffusion σ of t)."""
     ac, ts = alphas_cumprod.detach().cpu(), timesteps.detach().cpu()
     alphas, alphas_prev = ac[ts], ac[F.pad(ts[:-1], pad=(1, 0))].double()
-    return alphas, alphas_prev, ts, (((1 - alphas) / alphas) ** 0.5).unbind()
+    return alphas, alphas_prev, ts, discrete_sigmas(alphas).unbind()
 
 
 def _ddim_step(x, e_t, a_t, a_prev, sqrt_one_minus_at, sigma_t=None, e_dir=None):
@@ -57,16 +57,13 @@ def sample_ddim(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, call
     a_t, a_prev, s_t, t_f = (v.tolist() for v in (alphas, alphas_prev, sigmas, ts))
     one_minus = torch.sqrt(1 - alphas).tolist()
     s_in = ones_for(model, x)
-    for i in range(len(t_f) - 1):
-        k = len(t_f) - 1 - i
+    for i, k in enumerate(range(len(t_f) - 1, 0, -1)):  # from the top timestep down to timesteps[1]
         e_t = model(x, t_f[k] * s_in)
         e_dir = None if last_noise_uncond is None else last_noise_uncond()
         sigma_t = _coeff(s_t[k], x)
         x, pred_x0 = _ddim_step(x, e_t, a_t[k], a_prev[k], one_minus[k], sigma_t, e_dir)
         if eta:  # A1111 draws every step; with eta = 0 the draw is multiplied by 0, so we skip it
-            if noise_sampler is None:
-                raise ValueError("DDIM with eta > 0 adds noise: pass noise_sampler (sd15.rng.ImageRNG.noise_sampler())")
-            x = x + sigma_t * noise_sampler(ts[k], ts[k - 1])
+            x = x + sigma_t * need_noise(noise_sampler, "DDIM with eta > 0")(ts[k], ts[k - 1])
         report(callback, x, i, sigma_report[k], sigma_report[k], pred_x0)
     return x
 
@@ -86,8 +83,7 @@ def sample_plms(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, call
     a_t, a_prev, one_minus, t_f = (v.tolist() for v in (alphas, alphas_prev, torch.sqrt(1 - alphas), ts))
     s_in = ones_for(model, x)
     old_eps = []
-    for i in range(len(t_f) - 1):
-        k = len(t_f) - 1 - i
+    for i, k in enumerate(range(len(t_f) - 1, 0, -1)):  # from the top timestep down to timesteps[1]
         e_t = model(x, t_f[k] * s_in)
         if not old_eps:  # pseudo improved Euler
             x_next, _ = _ddim_step(x, e_t, a_t[k], a_prev[k], one_minus[k])
@@ -141,43 +137,37 @@ def sample_unipc(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, cal
     def bh_update(x, model_prev_list, t_prev_list, t, order, use_corrector):
         """One UniPC step to t: predictor from the history, then corrector with the model at the prediction."""
         t_prev_0, model_prev_0 = t_prev_list[-1], model_prev_list[-1]
-        lambda_prev_0, lambda_t = lambda_of(t_prev_0), lambda_of(t)
-        sigma_prev_0, sigma_t = sigma_of(t_prev_0), sigma_of(t)
-        alpha_t = torch.exp(log_alpha(t))
-        h = lambda_t - lambda_prev_0
-        rks, D1s = [], []
-        for i in range(1, order):
-            rk = ((lambda_of(t_prev_list[-(i + 1)]) - lambda_prev_0) / h)[0]
-            rks.append(rk)
-            D1s.append((model_prev_list[-(i + 1)] - model_prev_0) / rk)
+        lambda_prev_0 = lambda_of(t_prev_0)
+        h = lambda_of(t) - lambda_prev_0
+        rks = [((lambda_of(t_prev) - lambda_prev_0) / h)[0] for t_prev in reversed(t_prev_list[-order:-1])]
+        D1s = [(m - model_prev_0) / rk for m, rk in zip(reversed(model_prev_list[-order:-1]), rks)]
         rks = torch.stack(rks + [h.new_ones(())])
-        hh = -h[0]  # data prediction
+        hh = -h[0]  # data prediction; also B(h), the bh1 variant
         h_phi_1 = torch.expm1(hh)  # h·φ1(h) = e^h − 1
-        B_h = hh  # bh1
         # R = Vandermonde rows rk^(k−1); b_k = φ_k(hh)·k!/B(h),
         # with φ_1 = expm1(hh)/hh − 1 and φ_k+1 = φ_k/hh − 1/(k+1)!
         R, b, h_phi_k, factorial = [], [], h_phi_1 / hh - 1, 1
         for k in range(1, order + 1):
             R.append(torch.pow(rks, k - 1))
-            b.append(h_phi_k * factorial / B_h)
+            b.append(h_phi_k * factorial / hh)
             factorial *= k + 1
             h_phi_k = h_phi_k / hh - 1 / factorial
         R, b = torch.stack(R), torch.stack(b)
+
+        alpha_t = torch.exp(log_alpha(t))
+        scale = (alpha_t * hh)[:, None, None, None]
+        x_t = x_t_ = ((sigma_of(t) / sigma_of(t_prev_0))[:, None, None, None] * x
+                      - (alpha_t * h_phi_1)[:, None, None, None] * model_prev_0)  # first-order (DDIM) part
         if D1s:
             D1s = torch.stack(D1s, dim=1)  # (B, order − 1, C, H, W)
             rhos_p = b.new_full((1,), 0.5) if order == 2 else _solve(R[:-1, :-1], b[:-1])
+            x_t = x_t_ - scale * torch.einsum("k,bkchw->bchw", rhos_p, D1s)
+        if not use_corrector:
+            return x_t, None
+        model_t = data_pred(x_t, t)
         rhos_c = b.new_full((1,), 0.5) if order == 1 else _solve(R, b)
-
-        x_t_ = ((sigma_t / sigma_prev_0)[:, None, None, None] * x
-                - (alpha_t * h_phi_1)[:, None, None, None] * model_prev_0)  # first-order (DDIM) part
-        pred_res = torch.einsum("k,bkchw->bchw", rhos_p, D1s) if len(D1s) else 0
-        x_t = x_t_ - (alpha_t * B_h)[:, None, None, None] * pred_res
-        model_t = None
-        if use_corrector:
-            model_t = data_pred(x_t, t)
-            corr_res = torch.einsum("k,bkchw->bchw", rhos_c[:-1], D1s) if len(D1s) else 0
-            x_t = x_t_ - (alpha_t * B_h)[:, None, None, None] * (corr_res + rhos_c[-1] * (model_t - model_prev_0))
-        return x_t, model_t
+        corr_res = torch.einsum("k,bkchw->bchw", rhos_c[:-1], D1s) if order > 1 else 0
+        return x_t_ - scale * (corr_res + rhos_c[-1] * (model_t - model_prev_0)), model_t
 
     t_T = float(timesteps[-1]) / 1000 + 1 / 1000 if img2img else 1.0
     ts_host = torch.linspace(t_T, 1.0 / 1000, steps + 1)  # time_uniform
@@ -185,11 +175,10 @@ def sample_unipc(model, x, timesteps, *, alphas_cumprod, noise_sampler=None, cal
     # the callback's σ = σ_t / α_t of each step's start, on the host
     log_alpha_host = _interp(ts_host, t_array.cpu(), log_alpha_array.cpu())
     sigma_report = (torch.sqrt(1.0 - torch.exp(2.0 * log_alpha_host)) / torch.exp(log_alpha_host)).unbind()
-    batch = x.shape[0]
-    vec_t = ts[0].expand(batch)
+    vec_t = ts[0].expand(x.shape[0])
     model_prev_list, t_prev_list = [data_pred(x, vec_t)], [vec_t]
     for step in range(1, steps + 1):
-        vec_t = ts[step].expand(batch)
+        vec_t = ts[step].expand(x.shape[0])
         step_order = step if step < order else min(order, steps + 1 - step)  # warm-up, lower order at the end
         x, model_x = bh_update(x, model_prev_list, t_prev_list, vec_t, step_order, use_corrector=step < steps)
         # no corrector on the last step: its latest x₀ estimate is the history's
