@@ -1,23 +1,11 @@
-"""LoRA and LyCORIS networks (LoHa, LoKr, full diff) merged into the weights for `<lora:...>` prompt tags.
+"""LoRA and LyCORIS networks merged into the weights for `<lora:NAME:te[:unet[:dyn]]>` prompt tags, after
+A1111's `extensions-builtin/Lora`. NAME is a file stem under the LoRA folder or its `ss_output_name` alias.
 
-Written from the documented behaviour of A1111's `extensions-builtin/Lora`. A tag
-`<lora:NAME:te[:unet[:dyn]]>` names the stem of a `.safetensors`, `.pt` or `.ckpt` file under the LoRA
-folder, or its `ss_output_name` metadata alias. Key layouts:
-
-* kohya: `lora_unet_<diffusers path with _>.<part>` / `lora_te_<transformers path with _>.<part>` with parts
-  `lora_down.weight`, `lora_up.weight` (or `lora_A` / `lora_B`), `alpha`, `scale`, `lora_mid.weight` (LoCon
-  Tucker); `lora_unet_<LDM path with _>` and `lora_te1_` too.
-* diffusers / PEFT: `unet.<dotted path>.lora_A.weight` / `lora_B.weight`, `text_encoder.…`, an optional
-  `base_model.model.` prefix, the older `.lora.down/.up`, `.lora_linear_layer.down/.up` and attention
-  processor names (`…processor.to_q_lora.down.weight`); `alpha` entries, else `lora_alpha` of
-  `lora_adapter_metadata`.
-* LyCORIS: LoHa `hada_*`, LoKr `lokr_*`, full `diff` / `diff_b`. DoRA, IA3, OFT, GLoRA and norm modules are
-  reported as unsupported and left out; other keys (e.g. `bundle_emb.*` embeddings) are ignored.
-
-Per target weight W: W' = W + Σ mult · scale · dW in fp32, cast back to W's dtype, with dW = up @ down (convs
-flattened; an einsum over the core with `lora_mid`), scale = alpha / rank (or the file's `scale`), mult = the
-tag's `te` or `unet`; `dyn=N` keeps the first N ranks. Touched tensors are backed up first, so `restore()`
-gives back the weights bit for bit.
+Layouts: kohya (`lora_unet_*` / `lora_te_*` with diffusers or LDM module paths), diffusers / PEFT
+(`unet.….lora_A.weight`, attention-processor LoRAs, `lora_alpha` in `lora_adapter_metadata`) and LyCORIS (LoHa,
+LoKr, full `diff`); DoRA, IA3, OFT, GLoRA and norm modules are reported as unsupported. Per weight W:
+W' = W + Σ mult · scale · dW in fp32, cast back to W's dtype, scale = alpha / rank (or the file's `scale`);
+`dyn=N` keeps the first N ranks. Touched tensors are backed up first, so `restore()` is bit-exact.
 """
 from __future__ import annotations
 
@@ -255,9 +243,10 @@ def _peft_alphas(metadata: dict) -> dict[str, float]:
     return out
 
 
-def parse_lora(path: str) -> dict[str, dict[str, torch.Tensor]]:
+@functools.lru_cache(maxsize=4)
+def parse_lora(path: str, mtime_ns: int, size: int) -> dict[str, dict[str, torch.Tensor]]:
     """Read a LoRA file (safetensors directly, pickles through the weights-only unpickler) -> {kohya module
-    name: {kohya part: tensor as stored}}."""
+    name: {kohya part: tensor as stored}}, cached per version of the file (`mtime_ns`, `size`)."""
     modules, ignored = {}, []
     try:
         entries = open_checkpoint(path)
@@ -279,12 +268,6 @@ def parse_lora(path: str) -> dict[str, dict[str, torch.Tensor]]:
             if module.startswith(prefix):
                 parts.setdefault("alpha", torch.tensor(alpha))
     return modules
-
-
-@functools.lru_cache(maxsize=4)
-def _parse_cached(path: str, mtime_ns: int, size: int) -> dict:
-    """`parse_lora`, cached per version of a file."""
-    return parse_lora(path)
 
 
 # ================================================================================================
@@ -375,7 +358,7 @@ class Loras:
             for i, (lora, req) in enumerate(requests):
                 try:
                     st = os.stat(lora.path)
-                    modules = _parse_cached(lora.path, st.st_mtime_ns, st.st_size)
+                    modules = parse_lora(lora.path, st.st_mtime_ns, st.st_size)
                 except (OSError, LoraError) as e:
                     warnings.append(f"LoRA {req.name} could not be loaded: {e}")
                     continue
