@@ -277,7 +277,7 @@ def decode_latents(model, latents: torch.Tensor, job: Optional[Job] = None) -> t
 
 
 @torch.no_grad()
-def encode_images(model, pixels: torch.Tensor, job: Optional[Job] = None) -> torch.Tensor:
+def encode_images(model, pixels: torch.Tensor, job: Job) -> torch.Tensor:
     """Images (B, 3, H, W) in [0, 1] -> latents (B, 4, H/8, W/8) * 0.18215, one image at a time. A1111 samples
     the posterior with the global CPU generator; the VAE's logvar is tiny, so we take the mean, which makes
     img2img reproducible. Large images are encoded in tiles."""
@@ -286,7 +286,7 @@ def encode_images(model, pixels: torch.Tensor, job: Optional[Job] = None) -> tor
     for img in pixels:
         x = img[None].to(model.device, vae_dtype) * 2 - 1
         big = x.shape[-2] * x.shape[-1] > TILED_VAE_LATENT_PIXELS * 64
-        if big and x.shape[-2] % 8 == 0 == x.shape[-1] % 8 and not (job is not None and job.tiling):
+        if big and x.shape[-2] % 8 == 0 == x.shape[-1] % 8 and not job.tiling:
             mean, _ = tiled_encode(model.vae, x)
         else:
             mean, _ = model.vae.encode(x)
