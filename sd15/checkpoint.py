@@ -15,6 +15,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -183,13 +184,27 @@ def load_module(module_cls, cfg_cls, entries: dict, *, device, dtype, path: str 
     return module.eval().requires_grad_(False)
 
 
-def assign_strict(module, state: dict):
-    """Assign `state`'s tensors (as float32) to `module`, built on the meta device, once their names and
-    shapes are exactly the module's (else CheckpointError, a ValueError) -> the module in eval mode without
-    grads. For the small auxiliary networks (upscalers, preview decoders) loaded from a plain state dict."""
-    _check_state(module, {k: v.shape for k, v in state.items()}, type(module).__name__)
+def assign_strict(module_cls, state: dict, *args):
+    """`module_cls(*args)`, built on the meta device, with `state`'s tensors (as float32) assigned once their
+    names and shapes are exactly the module's (else CheckpointError) -> the module in eval mode without grads.
+    For the small auxiliary networks (upscalers, preview decoders) loaded from a plain state dict."""
+    with torch.device("meta"):  # no random init: the file's tensors are assigned
+        module = module_cls(*args)
+    _check_state(module, {k: v.shape for k, v in state.items()}, module_cls.__name__)
     module.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
     return module.eval().requires_grad_(False)
+
+
+def load_network_file(path, build: Callable, what: str, device, dtype, error: type = ValueError):
+    """`build(the file's state dict)` (weights only) on `device` in `dtype`. Any failure raises `error` with
+    one line naming the file: "NAME: what: reason"."""
+    path = Path(path)
+    try:
+        net = build({k: entry.read() for k, entry in open_checkpoint(path).items()})
+    except Exception as e:  # noqa: BLE001 - every failure becomes one line naming the file
+        msg = " ".join(str(e).split())[:200] or type(e).__name__
+        raise error(f"{path.name}: {what}: {msg}") from e
+    return net.to(device=device, dtype=dtype)
 
 
 def _check_state(module, shapes: dict, what: str, path: str = "") -> None:
