@@ -43,11 +43,6 @@ def channels_last(model):
     return model
 
 
-# ------------------------------------------------------------------------------------------------
-# torch.compile
-# ------------------------------------------------------------------------------------------------
-# Dynamo guards on the attention backend (a per-thread attribute), so another backend gets its own graph.
-
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
 
 
@@ -70,7 +65,8 @@ def compile_unet(model, *, mode: str | None = None, dynamic: bool | None = None,
                  backend: str | Callable = "inductor"):
     """torch.compile the UNet forward in place. Returns the model. `dynamic=None` (torch's automatic dynamic
     shapes): a static graph for the first (warmed-up) shape, then one shape-polymorphic graph for all others.
-    Latents are not padded to size buckets: that would change the convs' borders and so the images."""
+    Latents are not padded to size buckets: that would change the convs' borders and so the images. Dynamo
+    guards on the attention backend (a per-thread attribute), so another backend gets its own graph."""
     unet = model.unet
     if isinstance(unet.__dict__.get("forward"), CUDAGraphRunner):
         raise ValueError("compile_unet must come before cuda_graphs (the graph runner wraps the compiled forward)")
@@ -86,11 +82,6 @@ def compile_vae_decode(model, **compile_kw):
     compile_kw.setdefault("fullgraph", True)
     vae.decode = _Compiled(type(vae).decode.__get__(vae), **compile_kw)
     return model
-
-
-# ------------------------------------------------------------------------------------------------
-# CUDA graphs
-# ------------------------------------------------------------------------------------------------
 
 
 class CUDAGraphRunner:
@@ -171,11 +162,6 @@ def reset(model):
     model.unet.__dict__.pop("forward", None)
     model.vae.__dict__.pop("decode", None)
     return model
-
-
-# ------------------------------------------------------------------------------------------------
-# Offload (small GPUs)
-# ------------------------------------------------------------------------------------------------
 
 
 def _blocks(module: nn.Module) -> list[nn.Module]:
@@ -266,11 +252,6 @@ def disable_offload(model, device=None):
         net.to(model.device)
     model._offloader = None
     return model
-
-
-# ------------------------------------------------------------------------------------------------
-# Warm-up and the convenience entry point
-# ------------------------------------------------------------------------------------------------
 
 
 def warmup(model, sizes=((512, 512),), batch_sizes=(1,), *, steps: int = 2) -> dict:

@@ -77,10 +77,6 @@ class LoraFile:
         return self._hash
 
 
-# ================================================================================================
-# Key names
-# ================================================================================================
-
 _PART_SYNONYMS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
 # dotted (diffusers / PEFT) parts: .lora_A / .lora_B, .lora_down / .lora_up / .lora_mid, .lora.down /
 # .lora.up, .lora_linear_layer.down / .up (each + ".weight"); and attention-processor LoRAs
@@ -164,10 +160,6 @@ def model_lookup(model) -> dict[str, tuple[str, str, torch.nn.Module]]:
                 out[prefix + name.replace(".", "_")] = (comp, name, mod)
     return out
 
-
-# ================================================================================================
-# Parsing and the maths
-# ================================================================================================
 
 UNSUPPORTED_PARTS = {"dora_scale": "DoRA", "on_input": "IA3", "w_norm": "norm", "b_norm": "norm",
                      "a1.weight": "GLoRA", "oft_blocks": "OFT", "oft_diag": "OFT"}
@@ -269,10 +261,6 @@ def parse_lora(path: str, mtime_ns: int, size: int) -> dict[str, dict[str, torch
                 parts.setdefault("alpha", torch.tensor(alpha))
     return modules
 
-
-# ================================================================================================
-# Applying to a model
-# ================================================================================================
 
 class LoraRequest(NamedTuple):
     """One `<lora:...>` tag: the name as written, the text-encoder and UNet multipliers, dyn (ranks kept)."""

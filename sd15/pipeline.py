@@ -86,10 +86,6 @@ class Interrupted(Exception):
     """Raised between sampler steps to stop sampling; the pipeline keeps the last denoised estimate."""
 
 
-# ------------------------------------------------------------------------------------------------
-# Generation
-# ------------------------------------------------------------------------------------------------
-
 def generate(model, request: GenerationRequest | ResolvedRequest, *, state: Optional[JobState] = None,
              callback: Optional[Callable] = None, model_hash: Optional[str] = None,
              vae_hash: Optional[str] = None, upscalers=None) -> Result:
@@ -239,10 +235,6 @@ def _model_entries(model, model_hash, vae_hash) -> dict:
     return out
 
 
-# ------------------------------------------------------------------------------------------------
-# VAE
-# ------------------------------------------------------------------------------------------------
-
 # Above this many latent pixels (1024 x 1024 images) the VAE runs in tiles (sd15.vae.tiled, exact mode: the same
 # result up to float rounding, with memory bounded by the tile size).
 TILED_VAE_LATENT_PIXELS = 128 * 128
@@ -293,10 +285,6 @@ def encode_images(model, pixels: torch.Tensor, job: Job) -> torch.Tensor:
         out.append(mean.float() * SCALE_FACTOR)
     return torch.cat(out)
 
-
-# ------------------------------------------------------------------------------------------------
-# The job: what one generate() call owns
-# ------------------------------------------------------------------------------------------------
 
 class Job:
     """The state of one generation that must not live on the model: the prompts without their network tags,
