@@ -20,6 +20,7 @@ from functools import partial
 from typing import Any, Callable, Optional
 
 import torch
+import torch.nn as nn
 
 from sd15.a1111 import images as imgs
 from sd15.a1111 import infotext
@@ -30,7 +31,6 @@ from sd15.lora import LORA_KINDS, LoraRequest
 from sd15.rng import ImageRNG
 from sd15.samplers import make_denoiser, sample
 from sd15.schema import GenerationRequest, ResolvedRequest, resolve, validate
-from sd15.tiling import circular_padding
 from sd15.vae.tiled import tiled_decode, tiled_encode
 from sd15.vae.vae import SCALE_FACTOR
 
@@ -409,11 +409,25 @@ class NetworkJob:
 
 
 @contextmanager
+def circular_padding(*modules: nn.Module):
+    """A1111's "Tiling" (`modules/sd_hijack.py`, `apply_circular`): within the block every `nn.Conv2d` under
+    `modules` pads circularly, so the image wraps around and tiles like a texture. Convs without padding, and
+    the explicit zero pad of the VAE encoder's stride-2 downsampling, are unaffected (as in A1111)."""
+    saved = {m: m.padding_mode for mod in modules for m in mod.modules() if isinstance(m, nn.Conv2d)}
+    try:
+        for conv in saved:
+            conv.padding_mode = "circular"  # Conv2d.forward then pads with F.pad(mode="circular"), padding=0 conv
+        yield
+    finally:
+        for conv, mode in saved.items():
+            conv.padding_mode = mode
+
+
+@contextmanager
 def seamless(model, enabled: bool = True):
-    """A1111's "Tiling": every Conv2d of the UNet and the VAE pads circularly inside the block
-    (`sd15.tiling.circular_padding`). A compiled or CUDA-graph forward installed by `sd15.fast` (an instance
-    attribute shadowing the class method) was traced with zero padding and would replay it, so the eager
-    class methods run inside the block; the installed ones are put back afterwards."""
+    """`circular_padding` of the UNet and the VAE. A compiled or CUDA-graph forward installed by `sd15.fast`
+    (an instance attribute shadowing the class method) was traced with zero padding and would replay it, so
+    the eager class methods run inside the block; the installed ones are put back afterwards."""
     if not enabled:
         yield
         return
