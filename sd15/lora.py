@@ -150,14 +150,14 @@ def ldm_candidates(module: str) -> list[str]:
     return ["diffusion_model_" + c for c in out + [rest]]  # `rest` itself: `lora_unet_<LDM path>` files
 
 
-def model_lookup(model) -> dict[str, tuple[str, str, torch.nn.Module]]:
-    """{LDM path with "_": (component "unet"/"te", module path, module)} for the weight-carrying modules."""
+def model_lookup(model) -> dict[str, tuple[str, torch.nn.Module]]:
+    """{LDM path with "_": (component "unet"/"te", module)} for the weight-carrying modules."""
     out = {}
     for comp, net, prefix in (("unet", model.unet, "diffusion_model_"),
                               ("te", model.text_encoder, "transformer_text_model_")):
         for name, mod in net.named_modules():
             if name and isinstance(getattr(mod, "weight", None), torch.Tensor):
-                out[prefix + name.replace(".", "_")] = (comp, name, mod)
+                out[prefix + name.replace(".", "_")] = (comp, mod)
     return out
 
 
@@ -277,13 +277,13 @@ class Loras:
     `keep_applied` (A1111's behaviour) networks stay merged after a job until a job asks for another set (a
     prompt without tags restores them); by default every job restores them.
     """
+    keep_applied = False
 
-    def __init__(self, directory=None, *, keep_applied: bool = False):
+    def __init__(self, directory=None):
         self.directory = directory
-        self.keep_applied = keep_applied
         self._files: Optional[list[LoraFile]] = None
         self._lookup: dict[str, LoraFile] = {}  # names, then aliases
-        self._backups: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> (parameter, original)
+        self._backups: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, original)
         self._applied_key: tuple = ()
         self._applied_warnings: list[str] = []
         self.applied: list[tuple[LoraFile, LoraRequest]] = []
@@ -320,9 +320,9 @@ class Loras:
     def restore(self) -> None:
         """Copy every backed-up tensor back (bit-identical to before the networks were applied)."""
         with self._lock, torch.no_grad():
-            for param, original in self._backups.values():
+            for param, original in self._backups:
                 param.copy_(original)
-            self._backups = {}
+            self._backups = []
             self._applied_key = ()
             self._applied_warnings = []
             self.applied = []
@@ -341,7 +341,7 @@ class Loras:
             lookup = model_lookup(model)
             # per target module: the contributions of every requested network (merged one target at a time,
             # so only one fp32 delta exists at once)
-            contributions: dict[tuple, tuple[torch.nn.Module, list]] = {}
+            contributions: dict[torch.nn.Module, list] = {}
             loaded, bad = [], {}
             for i, (lora, req) in enumerate(requests):
                 try:
@@ -361,11 +361,10 @@ class Loras:
                         unsupported[kind] += 1
                     else:
                         matched += 1
-                        comp, name, mod = target
+                        comp, mod = target
                         mult = req.te if comp == "te" else req.unet
                         if mult != 0:
-                            todo = contributions.setdefault((comp, name), (mod, []))[1]
-                            todo.append((i, module, parts, mult, req.dyn))
+                            contributions.setdefault(mod, []).append((i, module, parts, mult, req.dyn))
                 if unmatched:
                     log.info("LoRA %s: %d modules match nothing in this model, e.g. %s", req.name, len(unmatched),
                              unmatched[0])
@@ -375,7 +374,7 @@ class Loras:
                     warnings.append(f"LoRA {req.name}: none of its {len(modules)} modules matches this model "
                                     "(is it an SD 1.x LoRA?)")
             with torch.no_grad():
-                for (comp, name), (mod, items) in contributions.items():
+                for mod, items in contributions.items():
                     weight, bias = mod.weight, getattr(mod, "bias", None)
                     dw_sum = db_sum = None
                     for i, module, parts, mult, dyn in items:
@@ -389,10 +388,10 @@ class Loras:
                         if db is not None and isinstance(bias, torch.Tensor) and db.numel() == bias.numel():
                             db = db.reshape(bias.shape) * mult
                             db_sum = db if db_sum is None else db_sum.add_(db)
-                    for part, param, d in (("weight", weight, dw_sum), ("bias", bias, db_sum)):
+                    for param, d in ((weight, dw_sum), (bias, db_sum)):
                         if d is not None:
                             original = param.detach().clone()
-                            self._backups[(comp, name, part)] = (param, original)
+                            self._backups.append((param, original))
                             param.copy_((original.float() + d).to(param.dtype))
             for i, problems in sorted(bad.items()):
                 warnings.append(f"LoRA {requests[i][1].name}: {len(problems)} module(s) do not fit this model and "

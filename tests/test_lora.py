@@ -136,7 +136,7 @@ def test_every_standard_sd15_module_resolves_on_the_full_model():
     missing = [n for n in names + conv if not any(c in lookup for c in L.ldm_candidates(n))]
     assert not missing
     # a few shapes: GEGLU proj is [8C, C]; attn2 k takes the 768-wide context; the last upsampler is 640 wide
-    get = lambda n: next(lookup[c] for c in L.ldm_candidates(n) if c in lookup)[2].weight.shape  # noqa: E731
+    get = lambda n: next(lookup[c] for c in L.ldm_candidates(n) if c in lookup)[1].weight.shape  # noqa: E731
     assert get("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_0_proj") == (2560, 320)
     assert get("lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn2_to_k") == (320, 768)
     assert get("lora_unet_up_blocks_2_upsamplers_0_conv") == (640, 640, 3, 3)
