@@ -167,31 +167,28 @@ def vae_entries(entries: dict) -> dict:
 
 
 def load_module(module_cls, cfg_cls, entries: dict, *, device, dtype, path: str = "", what: str = ""):
-    """Build `module_cls(cfg)` on the meta device and assign the file's tensors: no random init, no copies."""
+    """`module_cls(cfg)` with the file's tensors, `cfg` read off their shapes (`cfg_cls.from_state_dict`)."""
     try:
         cfg = cfg_cls.from_state_dict(entries)
     except (KeyError, ValueError, IndexError, ZeroDivisionError) as e:
         raise CheckpointError(f"{path}: the {what} weights are incomplete (cannot read the architecture: "
                               f"missing {e})") from None
+    return assign_strict(module_cls, entries, cfg, device=device, dtype=dtype, what=what, path=path)
+
+
+def assign_strict(module_cls, state: dict, *args, device="cpu", dtype=torch.float32, what: str = "",
+                  path: str = ""):
+    """`module_cls(*args)`, built on the meta device (no random init, no copies), with the tensors of `state`
+    (tensors, or `Entry`s read one at a time) assigned on `device`, floats in `dtype`, once their names and
+    shapes are exactly the module's (else CheckpointError) -> the module in eval mode without grads."""
     with torch.device("meta"):
-        module = module_cls(cfg)
-    _check_state(module, {k: e.shape for k, e in entries.items()}, what, path)
-    state = {}
-    for k, e in entries.items():
-        t = e.read()
-        state[k] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-    module.load_state_dict(state, strict=True, assign=True)
-    return module.eval().requires_grad_(False)
-
-
-def assign_strict(module_cls, state: dict, *args):
-    """`module_cls(*args)`, built on the meta device, with `state`'s tensors (as float32) assigned once their
-    names and shapes are exactly the module's (else CheckpointError) -> the module in eval mode without grads.
-    For the small auxiliary networks (upscalers, preview decoders) loaded from a plain state dict."""
-    with torch.device("meta"):  # no random init: the file's tensors are assigned
         module = module_cls(*args)
-    _check_state(module, {k: v.shape for k, v in state.items()}, module_cls.__name__)
-    module.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
+    _check_state(module, {k: v.shape for k, v in state.items()}, what or module_cls.__name__, path)
+    tensors = {}
+    for k, v in state.items():
+        t = v.read() if isinstance(v, Entry) else v
+        tensors[k] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    module.load_state_dict(tensors, strict=True, assign=True)
     return module.eval().requires_grad_(False)
 
 
