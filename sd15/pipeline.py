@@ -123,7 +123,7 @@ def _generate(model, r: ResolvedRequest, job: Job, state: JobState, callback, mo
         state.job_no = it * passes
         seeds, subseeds = r.seeds[it * B:(it + 1) * B], r.subseeds[it * B:(it + 1) * B]
         rng = _image_rng(model, r, (4, r.height // 8, r.width // 8), seeds, subseeds)
-        job.networks.first_pass()  # merge the prompt's LoRAs (nothing to do when they already are)
+        job.networks.activate()  # merge the prompt's LoRAs (nothing to do when they already are)
         cond = job.conditioning([job.prompt] * B, [r.negative_prompt] * B,
                                 _schedule_steps(r.sampler, r.steps))
         x = _sample(model, r, cond, r.sampler, r.scheduler, r.steps, rng, state, callback, **img2img)
@@ -131,7 +131,7 @@ def _generate(model, r: ResolvedRequest, job: Job, state: JobState, callback, mo
             x = init.blend(x)
         if r.hires and not state.interrupted:  # after a skip too: A1111 upscales what the first pass has
             state.job_no += 1
-            job.networks.hires_pass()  # the hires prompt's LoRAs
+            job.networks.activate(hires=True)  # the hires prompt's LoRAs
             x = _hires_pass(model, job, r, x, seeds, subseeds, state, callback, upscalers)
         latents.append(x)
         batch_images = imgs.tensor_to_pil(decode_latents(model, x, job))
@@ -328,7 +328,7 @@ class Job:
 class NetworkJob:
     """The extra networks of one `generate()` call: the LoRA tags of the prompt (`networks`, from
     `sd15.a1111.prompt.extract_networks`) and of the hires prompt (`hr_networks`; None: the same), merged by
-    `first_pass()` / `hires_pass()` (a no-op when they already are) and restored by `finish()` (unless
+    `activate(hires)` (a no-op when they already are) and restored by `finish()` (unless
     `model.loras.keep_applied`); the textual-inversion embeddings its prompts match (`text_hooks()`); their
     infotext hashes (`infotext_params()`), and `warnings` (unknown names, unsupported modules, ...)."""
 
@@ -376,22 +376,15 @@ class NetworkJob:
             self._warn("Networks not found: " + ", ".join(missing))
         return out
 
-    def _activate(self, requests) -> None:
+    def activate(self, hires: bool = False) -> None:
+        """Merge the LoRAs of the prompt, or of the hires prompt."""
         if self.loras is None:
             return
-        for w in self.loras.activate(self.model, requests):
+        for w in self.loras.activate(self.model, self.hr if hires else self.first):
             self._warn(w)
         for lora, req in self.loras.applied:  # the ones that could be read
-            if req.name not in self._hashes:
-                h = lora.shorthash()
-                if h:
-                    self._hashes[req.name] = h
-
-    def first_pass(self) -> None:
-        self._activate(self.first)
-
-    def hires_pass(self) -> None:
-        self._activate(self.hr)
+            if req.name not in self._hashes and (h := lora.shorthash()):
+                self._hashes[req.name] = h
 
     def finish(self) -> None:
         if self.loras is not None:
