@@ -199,7 +199,7 @@ def load_network_file(path, build: Callable, what: str, device, dtype, error: ty
     try:
         net = build({k: entry.read() for k, entry in open_checkpoint(path).items()})
     except Exception as e:  # noqa: BLE001 - every failure becomes one line naming the file
-        msg = " ".join(str(e).split())[:200] or type(e).__name__
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise error(f"{path.name}: {what}: {msg}") from e
     return net.to(device=device, dtype=dtype)
 
