@@ -1,8 +1,8 @@
 """The one attention entry point of sd15, with swappable backends.
 
-Every attention site (UNet, CLIP, the VAE mid-block) calls `attention(q, k, v)`: q (B, H, Lq, D), k, v
-(B, H, Lk, D) -> (B, H, Lq, D), scale D ** -0.5. Backends: "sdpa" (torch's fused kernels; the default), "math"
-(the reference, softmax in fp32), "chunked" (math over query slices, bounding the score matrix's memory) or any
+Every attention site (UNet, CLIP, the VAE mid-block) calls `attention(q, k, v)`: q (B, H, Lq, D), k, v (B, H,
+Lk, D) -> (B, H, Lq, D), scale D ** -0.5. Backends: "sdpa" (torch's fused kernels; the default), "math" (the
+reference, softmax in fp32), "chunked" (math over query slices, bounding the score matrix's memory) or any
 function with `attention_math`'s signature, which is how attention is captured or replaced without editing the
 model files. The choice is per call, per block or per thread: a `threading.local` attribute, which
 torch.compile guards on, so another backend gets its own graph and no thread waits for another.

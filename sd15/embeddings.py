@@ -1,9 +1,9 @@
-"""Textual-inversion embeddings, as A1111 users have them: every `.pt`, `.bin` or `.safetensors` file under the
-embeddings folder (recursively), the trigger word being its file stem. Formats: A1111's `string_to_param` (also
-as an old ParameterDict), kohya's `emb_params`, or any file of exactly one `[n, width]` / `[width]` tensor; SDXL
-`clip_l` + `clip_g` pairs and embeddings of another width are listed as skipped. Pickles are opened weights-only.
-In a prompt a name becomes n placeholder tokens (`sd15.a1111.prompt.chunk_tokens`), which the `hooks()`
-embed_fn overwrites with the vectors before the position embeddings are added.
+"""Textual-inversion embeddings, as A1111 users have them: every `.pt`, `.bin` or `.safetensors` file under
+the embeddings folder (recursively), the trigger word being its file stem. Formats: A1111's `string_to_param`
+(also as an old ParameterDict), kohya's `emb_params`, or any file of exactly one `[n, width]` / `[width]`
+tensor; SDXL `clip_l` + `clip_g` pairs and embeddings of another width are listed as skipped. Pickles are
+opened weights-only. In a prompt a name becomes n placeholder tokens (`sd15.a1111.prompt.chunk_tokens`), which
+the `hooks()` embed_fn overwrites with the vectors before the position embeddings are added.
 """
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 A1111's `extensions-builtin/Lora`. NAME is a file stem under the LoRA folder or its `ss_output_name` alias.
 
 Layouts: kohya (`lora_unet_*` / `lora_te_*` with diffusers or LDM module paths), diffusers / PEFT
-(`unet.….lora_A.weight`, attention-processor LoRAs, `lora_alpha` in `lora_adapter_metadata`) and LyCORIS (LoHa,
-LoKr, full `diff`); DoRA, IA3, OFT, GLoRA and norm modules are reported as unsupported. Per weight W:
+(`unet.….lora_A.weight`, attention-processor LoRAs, `lora_alpha` in `lora_adapter_metadata`) and LyCORIS
+(LoHa, LoKr, full `diff`); DoRA, IA3, OFT, GLoRA and norm modules are reported as unsupported. Per weight W:
 W' = W + Σ mult · scale · dW in fp32, cast back to W's dtype, scale = alpha / rank (or the file's `scale`);
 `dyn=N` keeps the first N ranks. Touched tensors are backed up first, so `restore()` is bit-exact.
 """

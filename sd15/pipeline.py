@@ -409,7 +409,7 @@ def circular_padding(*modules: nn.Module):
     saved = {m: m.padding_mode for mod in modules for m in mod.modules() if isinstance(m, nn.Conv2d)}
     try:
         for conv in saved:
-            conv.padding_mode = "circular"  # Conv2d.forward then pads with F.pad(mode="circular"), padding=0 conv
+            conv.padding_mode = "circular"  # Conv2d.forward: F.pad(mode="circular"), then a padding=0 conv
         yield
     finally:
         for conv, mode in saved.items():

@@ -135,14 +135,6 @@ def signature(*groups: str, extra: tuple = ()) -> inspect.Signature:
     return inspect.Signature([*params, *extra])
 
 
-def from_kwargs(**kw) -> GenerationRequest:
-    """A request from keyword arguments; unknown names raise TypeError listing them."""
-    unknown = sorted(set(kw) - set(FIELDS))
-    if unknown:
-        raise TypeError(f"unknown generation parameter(s): {', '.join(unknown)}")
-    return GenerationRequest(**kw)
-
-
 class RequestError(ValueError):
     """A request that cannot run: `problems` is a list of `(field, message, kind)`; kind is a pydantic-style
     error type ("value_error.number.not_ge", ...). The server answers 422, the CLI one line and exit 2."""
@@ -287,8 +279,8 @@ class ResolvedRequest:
         return self.request.is_img2img
 
     def eta_of(self, sampler: Sampler) -> float:
-        """The eta of a pass with `sampler` (A1111's `Sampler.initialize`): the request's `eta`, else `eta_ddim`
-        for the timestep samplers and `eta_ancestral` for the others."""
+        """The eta of a pass with `sampler` (A1111's `Sampler.initialize`): the request's `eta`, else
+        `eta_ddim` for the timestep samplers and `eta_ancestral` for the others."""
         if self.request.eta is not None:
             return self.request.eta
         return self.request.eta_ddim if sampler.timesteps else self.request.eta_ancestral

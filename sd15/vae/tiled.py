@@ -6,13 +6,13 @@ path when encoding; 256 MiB per fp16 map at 1024x1024) is tiled. GroupNorm norma
 whole image, and tile-local statistics make brighter or darker tiles and seams:
 
 mode="exact" (default) runs the tiled part stage by stage (ResnetBlock, Up/Downsample, output head), each over
-  all tiles (a core of a partition plus HALO pixels of context). Before each GroupNorm runs, its statistics are
-  accumulated over the tile cores (Chan's formula in float64). Result: `vae.decode` up to float rounding
+  all tiles (a core of a partition plus HALO pixels of context). Before each GroupNorm runs, its statistics
+  are accumulated over the tile cores (Chan's formula in float64). Result: `vae.decode` up to float rounding
   (measured rel 2e-6) for about 1.5x the convolutions; one stage's input and output maps live on `storage`
   (default the device; "cpu" bounds device memory by the tile size).
 mode="blend" runs each tile through the whole tiled part and feathers tiles overlapping by `overlap`;
-  `stats_passes` passes over all tiles estimate the GroupNorm statistics (0: tile-local). Memory is independent
-  of the image size but the result deviates (more passes do not converge: worse after 2).
+  `stats_passes` passes over all tiles estimate the GroupNorm statistics (0: tile-local). Memory is
+  independent of the image size but the result deviates (more passes do not converge: worse after 2).
 
 Decode tiles are in latent pixels (`tile=64` = 512 image pixels), encode tiles in image pixels. An input that
 fits in one tile gives exactly `vae.decode` (`vae.encode`).
