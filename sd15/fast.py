@@ -75,12 +75,11 @@ def compile_unet(model, *, mode: str | None = None, dynamic: bool | None = None,
     return model
 
 
-def compile_vae_decode(model, **compile_kw):
-    """torch.compile `vae.decode` (options as `compile_unet`'s). Tiled decoding calls the decoder's parts
-    directly and stays eager. Returns the model."""
+def compile_vae_decode(model, *, mode: str | None = None):
+    """torch.compile `vae.decode`. Tiled decoding calls the decoder's parts directly and stays eager. Returns
+    the model."""
     vae = model.vae
-    compile_kw.setdefault("fullgraph", True)
-    vae.decode = _Compiled(type(vae).decode.__get__(vae), **compile_kw)
+    vae.decode = _Compiled(type(vae).decode.__get__(vae), mode=mode, fullgraph=True)
     return model
 
 
