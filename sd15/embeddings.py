@@ -202,10 +202,6 @@ class EmbeddingDatabase:
         if self._signature is None:
             self.refresh()
 
-    def get(self, name: str) -> Optional[Embedding]:
-        self._ensure()
-        return self.loaded.get(name)
-
     def api_listing(self) -> dict:
         """`GET /sdapi/v1/embeddings`: {"loaded": {name: item}, "skipped": {name: item}}."""
         self._ensure()
