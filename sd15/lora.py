@@ -400,8 +400,3 @@ class Loras:
             self._applied_warnings = list(warnings)
             self.applied = loaded
             return warnings
-
-    def finish_job(self) -> None:
-        """End of a generation job: restore the weights unless `keep_applied`."""
-        if not self.keep_applied:
-            self.restore()

@@ -387,8 +387,8 @@ class NetworkJob:
                 self._hashes[req.name] = h
 
     def finish(self) -> None:
-        if self.loras is not None:
-            self.loras.finish_job()
+        if self.loras is not None and not self.loras.keep_applied:
+            self.loras.restore()
 
     def infotext_params(self) -> dict[str, Any]:
         """"Lora hashes" (names as written in the tags) and "TI hashes" (embeddings the prompts matched)."""
