@@ -1,8 +1,4 @@
-"""The `sd15` command: txt2img and img2img from the shell, and the lists of samplers, schedulers and upscalers.
-
-    sd15 txt2img --ckpt weights/v1-5-pruned-emaonly.safetensors --prompt "a cat" --out cat.png
-    sd15 img2img --ckpt ... --init cat.png --denoising-strength 0.6 --prompt "a tiger" --out out/
-    sd15 samplers | schedulers | upscalers
+"""The `sd15` command: `sd15 txt2img|img2img --ckpt FILE ...`, and `sd15 samplers|schedulers|upscalers` lists.
 
 Every argument is checked before the model loads (and before torch is imported); bad input is one line on
 stderr and exit code 2. Ctrl-C stops sampling, saves what was made and exits 130.

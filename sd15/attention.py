@@ -1,16 +1,11 @@
 """The one attention entry point of sd15, with swappable backends.
 
-Every attention site (UNet self- and cross-attention, CLIP's causal self-attention, the VAE mid-block) calls
-`attention(q, k, v)` with q: (B, H, Lq, D), k, v: (B, H, Lk, D) and gets (B, H, Lq, D), scale D ** -0.5.
-Backends: "sdpa" (torch's scaled_dot_product_attention, fused kernels on CUDA; the default), "math" (the
-reference, softmax in fp32) and "chunked" (math over slices of the queries, so the score matrix stays under a
-memory budget, for very large images without fused kernels). Any function with `attention_math`'s signature is
-a backend too: that is how attention is captured or replaced without editing the model files.
-
-Choose per call (`backend=`), per block (`with use_attention_backend("math"): ...`) or with
-`set_attention_backend`. The choice is per thread (a new thread starts with "sdpa"): a plain `threading.local`
-attribute, which torch.compile reads while tracing and guards on, so a different backend gets its own graph
-and no thread waits for another.
+Every attention site (UNet, CLIP, the VAE mid-block) calls `attention(q, k, v)`: q (B, H, Lq, D), k, v (B, H,
+Lk, D) -> (B, H, Lq, D), scale D ** -0.5. Backends: "sdpa" (torch's fused kernels; the default), "math" (the
+reference, softmax in fp32), "chunked" (math over query slices, bounding the score matrix's memory) or any
+function with `attention_math`'s signature, which is how attention is captured or replaced without editing the
+model files. The choice is per call, per block or per thread: a `threading.local` attribute, which
+torch.compile guards on, so another backend gets its own graph and no thread waits for another.
 """
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -166,30 +167,41 @@ def vae_entries(entries: dict) -> dict:
 
 
 def load_module(module_cls, cfg_cls, entries: dict, *, device, dtype, path: str = "", what: str = ""):
-    """Build `module_cls(cfg)` on the meta device and assign the file's tensors: no random init, no copies."""
+    """`module_cls(cfg)` with the file's tensors, `cfg` read off their shapes (`cfg_cls.from_state_dict`)."""
     try:
         cfg = cfg_cls.from_state_dict(entries)
     except (KeyError, ValueError, IndexError, ZeroDivisionError) as e:
         raise CheckpointError(f"{path}: the {what} weights are incomplete (cannot read the architecture: "
                               f"missing {e})") from None
+    return assign_strict(module_cls, entries, cfg, device=device, dtype=dtype, what=what, path=path)
+
+
+def assign_strict(module_cls, state: dict, *args, device="cpu", dtype=torch.float32, what: str = "",
+                  path: str = ""):
+    """`module_cls(*args)`, built on the meta device (no random init, no copies), with the tensors of `state`
+    (tensors, or `Entry`s read one at a time) assigned on `device`, floats in `dtype`, once their names and
+    shapes are exactly the module's (else CheckpointError) -> the module in eval mode without grads."""
     with torch.device("meta"):
-        module = module_cls(cfg)
-    _check_state(module, {k: e.shape for k, e in entries.items()}, what, path)
-    state = {}
-    for k, e in entries.items():
-        t = e.read()
-        state[k] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-    module.load_state_dict(state, strict=True, assign=True)
+        module = module_cls(*args)
+    _check_state(module, {k: v.shape for k, v in state.items()}, what or module_cls.__name__, path)
+    tensors = {}
+    for k, v in state.items():
+        t = v.read() if isinstance(v, Entry) else v
+        tensors[k] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    module.load_state_dict(tensors, strict=True, assign=True)
     return module.eval().requires_grad_(False)
 
 
-def assign_strict(module, state: dict):
-    """Assign `state`'s tensors (as float32) to `module`, built on the meta device, once their names and
-    shapes are exactly the module's (else CheckpointError, a ValueError) -> the module in eval mode without
-    grads. For the small auxiliary networks (upscalers, preview decoders) loaded from a plain state dict."""
-    _check_state(module, {k: v.shape for k, v in state.items()}, type(module).__name__)
-    module.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
-    return module.eval().requires_grad_(False)
+def load_network_file(path, build: Callable, what: str, device, dtype, error: type = ValueError):
+    """`build(the file's state dict)` (weights only) on `device` in `dtype`. Any failure raises `error` with
+    one line naming the file: "NAME: what: reason"."""
+    path = Path(path)
+    try:
+        net = build({k: entry.read() for k, entry in open_checkpoint(path).items()})
+    except Exception as e:  # noqa: BLE001 - every failure becomes one line naming the file
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise error(f"{path.name}: {what}: {msg}") from e
+    return net.to(device=device, dtype=dtype)
 
 
 def _check_state(module, shapes: dict, what: str, path: str = "") -> None:

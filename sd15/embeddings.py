@@ -1,16 +1,9 @@
-"""Textual-inversion embeddings, as A1111 users have them.
-
-The embeddings folder is scanned recursively and the trigger word is the file name without its extension (any
-name stored inside is ignored). Formats: A1111 / original TI `.pt` or `.bin` (`string_to_param` =
-`{"*": Tensor[n, 768]}`, also as an old `torch.nn.ParameterDict`, with optional `step`, `sd_checkpoint`,
-`sd_checkpoint_name`); `.safetensors` (kohya's `emb_params`) or any file of exactly one `[n, 768]` or `[768]`
-tensor (diffusers' `{"<token>": Tensor[768]}`); SDXL `clip_l` + `clip_g` pairs are listed as skipped (width
-2048), as is any embedding whose width is not the text encoder's. Pickles are opened with
-`torch.load(weights_only=True)` only, so a file with code in it is refused.
-
-In a prompt a name becomes n placeholder tokens that count toward the 75-token chunk and never straddle two
-chunks (`sd15.a1111.prompt.chunk_tokens`); `encode_texts` then writes the vectors over those token embeddings
-before the position embeddings are added (`EmbeddingDatabase.hooks`).
+"""Textual-inversion embeddings, as A1111 users have them: every `.pt`, `.bin` or `.safetensors` file under
+the embeddings folder (recursively), the trigger word being its file stem. Formats: A1111's `string_to_param`
+(also as an old ParameterDict), kohya's `emb_params`, or any file of exactly one `[n, width]` / `[width]`
+tensor; SDXL `clip_l` + `clip_g` pairs and embeddings of another width are listed as skipped. Pickles are
+opened weights-only. In a prompt a name becomes n placeholder tokens (`sd15.a1111.prompt.chunk_tokens`), which
+the `hooks()` embed_fn overwrites with the vectors before the position embeddings are added.
 """
 from __future__ import annotations
 
@@ -208,10 +201,6 @@ class EmbeddingDatabase:
     def _ensure(self) -> None:
         if self._signature is None:
             self.refresh()
-
-    def get(self, name: str) -> Optional[Embedding]:
-        self._ensure()
-        return self.loaded.get(name)
 
     def api_listing(self) -> dict:
         """`GET /sdapi/v1/embeddings`: {"loaded": {name: item}, "skipped": {name: item}}."""

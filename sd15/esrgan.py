@@ -15,13 +15,12 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sd15.checkpoint import assign_strict, open_checkpoint
+from sd15.checkpoint import assign_strict, load_network_file
 
 
 class UpscalerModelError(ValueError):
@@ -179,18 +178,10 @@ def build_upscaler(sd: dict) -> nn.Module:
         cls, cfg = SRVGGNetCompact, SRVGGConfig.from_state_dict(sd)
     else:
         raise ValueError("not an ESRGAN, Real-ESRGAN or SRVGGNetCompact model")
-    with torch.device("meta"):  # no random init: the file's tensors are assigned below
-        net = cls(cfg)
-    return assign_strict(net, sd)
+    return assign_strict(cls, sd, cfg)
 
 
 def load_upscaler(path, device="cpu", dtype=torch.float32) -> nn.Module:
-    """Read an upscaler file (`sd15.checkpoint.open_checkpoint`: weights only). Any failure raises
-    `UpscalerModelError` with a one-line message that names the file."""
-    path = Path(path)
-    try:
-        net = build_upscaler({k: entry.read() for k, entry in open_checkpoint(path).items()})
-    except Exception as e:  # noqa: BLE001 - every failure becomes one line naming the file
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UpscalerModelError(f"{path.name}: cannot load upscaler model: {msg}") from e
-    return net.to(device=device, dtype=dtype)
+    """Read an upscaler file (weights only); UpscalerModelError with one line naming the file otherwise."""
+    return load_network_file(path, build_upscaler, "cannot load upscaler model", device, dtype,
+                             UpscalerModelError)

@@ -1,21 +1,11 @@
-"""Opt-in speed and memory transforms for a loaded `StableDiffusion`, applied from outside the model code.
-
-The model files stay plain (the gpt-fast split): everything here changes a built model in place and is undone
-by `reset(model)` / `disable_offload(model)`:
-
-    import sd15, sd15.fast as fast
-    model = sd15.load(path)                       # fp16 on CUDA
-    fast.optimize(model)                          # TF32, channels_last, torch.compile, CUDA graphs (on CUDA)
-    fast.warmup(model, sizes=[(512, 512)])        # compile / capture the common shapes before serving
+"""Opt-in speed and memory transforms of a loaded model, applied from outside the model code (the gpt-fast
+split): `optimize(model)` then `warmup(model)`, undone by `reset(model)` / `disable_offload(model)`.
 
 A compiled or graph-captured forward is an instance attribute (`unet.forward`, `vae.decode`) shadowing the
-class method, so module types, parameter names and state_dict keys do not change (LoRA merging by key keeps
-working; under CUDA graphs weights must be changed in place). Offload uses forward hooks on the top-level
-blocks.
+class method, so parameter names and state_dict keys do not change and LoRA merging by key keeps working.
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import time
 import warnings
@@ -27,11 +17,11 @@ import torch.nn as nn
 from sd15 import attention as attn
 
 
-def enable_tf32(enabled: bool = True) -> None:
+def enable_tf32() -> None:
     """Let fp32 matmuls and convs use TF32 tensor cores (Ampere and newer; process-global). TF32's relative
     error, ~3e-4, is well inside the fp16 tolerance."""
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    torch.backends.cudnn.allow_tf32 = enabled
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
 
 
 def inductor_flags() -> None:
@@ -53,11 +43,6 @@ def channels_last(model):
     return model
 
 
-# ------------------------------------------------------------------------------------------------
-# torch.compile
-# ------------------------------------------------------------------------------------------------
-# Dynamo guards on the attention backend (a per-thread attribute), so another backend gets its own graph.
-
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
 
 
@@ -76,54 +61,37 @@ class _Compiled:
         return self.compiled(*args, **kwargs)
 
 
-def compile_unet(model, *, mode: str | None = None, dynamic: bool | None = None, fullgraph: bool = True,
+def compile_unet(model, *, mode: str | None = None, dynamic: bool | None = None,
                  backend: str | Callable = "inductor"):
-    """torch.compile the UNet forward (in place; `reset(model)` undoes it). Returns the model.
-
-    `mode` is torch.compile's; under `cuda_graphs(model)` use one without CUDA graphs. `dynamic=None` (torch's
-    automatic dynamic shapes) compiles a static graph for the first shape (the fastest kernels, for the
-    warmed-up 512x512) and at the first other shape one shape-polymorphic graph for all others: two compiles
-    in all. False: one static graph per (batch, height, width), eager past torch._dynamo's recompile_limit.
-    True: one shape-polymorphic graph. (Padding latents to size buckets would change the convs' borders and
-    the attention token set, so the images would differ.)
-    """
+    """torch.compile the UNet forward in place. Returns the model. `dynamic=None` (torch's automatic dynamic
+    shapes): a static graph for the first (warmed-up) shape, then one shape-polymorphic graph for all others.
+    Latents are not padded to size buckets: that would change the convs' borders and so the images. Dynamo
+    guards on the attention backend (a per-thread attribute), so another backend gets its own graph."""
     unet = model.unet
     if isinstance(unet.__dict__.get("forward"), CUDAGraphRunner):
         raise ValueError("compile_unet must come before cuda_graphs (the graph runner wraps the compiled forward)")
-    unet.forward = _Compiled(type(unet).forward.__get__(unet), mode=mode, dynamic=dynamic, fullgraph=fullgraph,
+    unet.forward = _Compiled(type(unet).forward.__get__(unet), mode=mode, dynamic=dynamic, fullgraph=True,
                              backend=backend)
     return model
 
 
-def compile_vae_decode(model, **compile_kw):
-    """torch.compile `vae.decode` (options as `compile_unet`'s). Tiled decoding calls the decoder's parts
-    directly and stays eager. Returns the model."""
+def compile_vae_decode(model, *, mode: str | None = None):
+    """torch.compile `vae.decode`. Tiled decoding calls the decoder's parts directly and stays eager. Returns
+    the model."""
     vae = model.vae
-    compile_kw.setdefault("fullgraph", True)
-    vae.decode = _Compiled(type(vae).decode.__get__(vae), **compile_kw)
+    vae.decode = _Compiled(type(vae).decode.__get__(vae), mode=mode, fullgraph=True)
     return model
 
 
-# ------------------------------------------------------------------------------------------------
-# CUDA graphs
-# ------------------------------------------------------------------------------------------------
-
-
 class CUDAGraphRunner:
-    """Replays a captured CUDA graph of `fn(*tensors)` per input signature (the tensors' shapes, dtypes,
-    strides and device, the attention backend, inference mode).
+    """Replays a captured CUDA graph of `fn(*tensors)` per input signature (shapes, dtypes, strides, device,
+    attention backend, inference mode); calls with grad, on the CPU, with keyword arguments or with a callable
+    attention backend run eagerly. The graph reads the weights at their captured addresses: change them in
+    place (as LoRA merging does); after replacing or moving them, `reset()`. The graphs share one memory
+    pool, safe as they run one at a time on one stream."""
 
-    A new signature is warmed up on a side stream (running any torch.compile of `fn`), then captured; a call
-    copies its inputs into the static buffers, replays and returns a clone of the static output, so results
-    survive the next call. The graph reads the weights at their captured addresses: change them in place (as
-    LoRA merging does); after replacing or moving them, `reset()`. Calls with grad, on the CPU, with keyword
-    arguments or with a callable attention backend run eagerly. The graphs share one memory pool, which is
-    safe as they run one at a time on one stream.
-    """
-
-    def __init__(self, fn: Callable, warmup_iters: int = 2):
+    def __init__(self, fn: Callable):
         self.fn = fn
-        self.warmup_iters = warmup_iters
         self.graphs: dict = {}
         self.failed: dict = {}  # signature -> why its capture failed; those calls run eagerly, not re-captured
         self.pool = None
@@ -163,7 +131,7 @@ class CUDAGraphRunner:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside the capture: cuDNN/cuBLAS setup, compilation
-            for _ in range(self.warmup_iters):
+            for _ in range(2):
                 self.fn(*static_in)
         torch.cuda.current_stream().wait_stream(side)
         if self.pool is None:
@@ -193,11 +161,6 @@ def reset(model):
     model.unet.__dict__.pop("forward", None)
     model.vae.__dict__.pop("decode", None)
     return model
-
-
-# ------------------------------------------------------------------------------------------------
-# Offload (small GPUs)
-# ------------------------------------------------------------------------------------------------
 
 
 def _blocks(module: nn.Module) -> list[nn.Module]:
@@ -290,51 +253,7 @@ def disable_offload(model, device=None):
     return model
 
 
-# ------------------------------------------------------------------------------------------------
-# Attention policy for large images
-# ------------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=None)
-def fused_attention_available(device, dtype, head_dims: tuple[int, ...] = (40, 80, 160)) -> bool:
-    """Whether torch's SDPA has a kernel that never builds the (Lq, Lk) score matrix (flash, memory-efficient
-    or cuDNN on CUDA; flash on the CPU) for every head size (the UNet's by default), tried once (cached) with
-    contiguous inputs; the call site must also pass a contiguous last dimension."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    device = torch.device(device)
-    kernels = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-    if device.type == "cuda":
-        kernels.append(SDPBackend.CUDNN_ATTENTION)
-    try:
-        with sdpa_kernel(kernels):
-            for d in head_dims:
-                q = torch.randn(1, 1, 64, d, device=device, dtype=dtype)
-                torch.nn.functional.scaled_dot_product_attention(q, q, q)
-    except RuntimeError:
-        return False
-    return True
-
-
-def attention_backend_for(device, dtype, height: int, width: int, *, batch: int = 2, heads: int = 8,
-                          head_dims: tuple[int, ...] = (40, 80, 160), budget_bytes: int = 1 << 30) -> str:
-    """The `sd15.attention` backend for a height x width image (defaults: the UNet with CFG; the VAE's
-    mid-block: batch=1, heads=1, head_dims=(512,)): "sdpa" when torch has a fused kernel for the head sizes
-    (memory linear in the token count) or when the math fallback's largest score matrix, batch * heads * N²
-    fp32 values with N = (height/8) * (width/8), fits in `budget_bytes`; otherwise "chunked", which bounds it.
-    """
-    if fused_attention_available(device, dtype, head_dims):
-        return "sdpa"
-    n = (height // 8) * (width // 8)
-    return "sdpa" if batch * heads * n * n * 4 <= budget_bytes else "chunked"
-
-
-# ------------------------------------------------------------------------------------------------
-# Warm-up and the convenience entry point
-# ------------------------------------------------------------------------------------------------
-
-
-def warmup(model, sizes=((512, 512),), batch_sizes=(1,), *, steps: int = 2, sampler: str = "Euler") -> dict:
+def warmup(model, sizes=((512, 512),), batch_sizes=(1,), *, steps: int = 2) -> dict:
     """Run a short `model.txt2img` for every (width, height) x batch size, so that compilation, CUDA-graph
     capture and cuDNN autotuning happen now, with exactly the dtypes, strides and grad mode of real requests
     (one pass is enough). Returns {(width, height, batch): seconds}."""
@@ -344,19 +263,18 @@ def warmup(model, sizes=((512, 512),), batch_sizes=(1,), *, steps: int = 2, samp
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         model.txt2img(prompt="warm-up", seed=0, steps=steps, width=w, height=h, batch_size=b,
-                      sampler_name=sampler)
+                      sampler_name="Euler")
         if model.device.type == "cuda":
             torch.cuda.synchronize()
         times[(w, h, b)] = time.perf_counter() - t0
     return times
 
 
-_channels_last, _cuda_graphs = channels_last, cuda_graphs  # optimize()'s keyword arguments shadow these names
+_cuda_graphs = cuda_graphs  # optimize()'s keyword argument shadows the name
 
 
-def optimize(model, *, compile: bool | None = None, channels_last: bool | None = None,
-             cuda_graphs: bool | None = None, offload: bool | str = False, tf32: bool = True, mode: str | None = None,
-             dynamic: bool | None = None, vae: bool = True):
+def optimize(model, *, compile: bool | None = None, cuda_graphs: bool | None = None,
+             offload: bool | str = False, mode: str | None = None, vae: bool = True):
     """The usual fast path in one call. Returns the model.
 
     On CUDA: TF32, the diffusers Inductor flags, channels_last, torch.compile of the UNet (and of `vae.decode`
@@ -380,16 +298,15 @@ def optimize(model, *, compile: bool | None = None, channels_last: bool | None =
     if inductor_graphs and cuda_graphs:
         raise ValueError(f"compile mode {mode!r} captures CUDA graphs itself; pass cuda_graphs=False, or use "
                          "mode='max-autotune-no-cudagraphs' with sd15's graph runner")
-    if tf32 and on_cuda:
+    if on_cuda:
         enable_tf32()
-    if (on_cuda and compile) if channels_last is None else channels_last:
-        _channels_last(model)
     if compile:
         if on_cuda:
+            channels_last(model)
             inductor_flags()
-        compile_unet(model, mode=mode or "default", dynamic=dynamic)
+        compile_unet(model, mode=mode or "default")
         if vae:
-            compile_vae_decode(model, mode=mode or "default", dynamic=dynamic)
+            compile_vae_decode(model, mode=mode or "default")
     if (on_cuda and not inductor_graphs) if cuda_graphs is None else cuda_graphs:
         _cuda_graphs(model)
     return model

@@ -82,14 +82,11 @@ def _write_cache(cache_path: str, files: dict) -> None:
                 os.unlink(tmp)
 
 
-def cached_hash(path: str | os.PathLike, kind: str = "sha256", *, compute: bool = True) -> Optional[str]:
-    """`model_hash` (kind "sha256") or `addnet_hash` (kind "addnet") of `path`, remembered in
-    `<dir>/.sd15-hashes.json` under the file's name with its size and mtime (ns), either of which changing
-    means hashing again; a corrupt cache counts as empty. With `compute=False` only a cached value (or None),
-    e.g. to list checkpoints without hashing them (A1111 titles carry the hash only once it is known)."""
-    hasher = {"sha256": model_hash, "addnet": addnet_hash}.get(kind)  # looked up per call (patchable)
-    if hasher is None:
-        raise ValueError(f"unknown hash kind {kind!r} (sha256, addnet)")
+def cached_hash(path: str | os.PathLike, *, compute: bool = True) -> Optional[str]:
+    """`model_hash(path)`, remembered in `<dir>/.sd15-hashes.json` under the file's name with its size and
+    mtime (ns), either of which changing means hashing again; a corrupt cache counts as empty. With
+    `compute=False` only a cached value (or None), e.g. to list checkpoints without hashing them (A1111 titles
+    carry the hash only once it is known)."""
     path = os.fspath(path)
     st = os.stat(path)
     cache_path = os.path.join(os.path.dirname(os.path.abspath(path)), HASH_CACHE_NAME)
@@ -100,19 +97,19 @@ def cached_hash(path: str | os.PathLike, kind: str = "sha256", *, compute: bool 
 
     with _cache_lock:
         entry = _read_cache(cache_path).get(key)
-    if entry is not None and fresh(entry) and isinstance(entry.get(kind), str):
-        return entry[kind]
+    if entry is not None and fresh(entry) and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
     if not compute:
         return None
 
-    value = hasher(path)
+    value = model_hash(path)
 
     with _cache_lock:
         files = _read_cache(cache_path)  # re-read: another process may have added entries meanwhile
         entry = files.get(key)
         if entry is None or not fresh(entry):
             entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        entry[kind] = value
+        entry["sha256"] = value
         files[key] = entry
         _write_cache(cache_path, files)
     return value

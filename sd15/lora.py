@@ -1,23 +1,11 @@
-"""LoRA and LyCORIS networks (LoHa, LoKr, full diff) merged into the weights for `<lora:...>` prompt tags.
+"""LoRA and LyCORIS networks merged into the weights for `<lora:NAME:te[:unet[:dyn]]>` prompt tags, after
+A1111's `extensions-builtin/Lora`. NAME is a file stem under the LoRA folder or its `ss_output_name` alias.
 
-Written from the documented behaviour of A1111's `extensions-builtin/Lora`. A tag
-`<lora:NAME:te[:unet[:dyn]]>` names the stem of a `.safetensors`, `.pt` or `.ckpt` file under the LoRA
-folder, or its `ss_output_name` metadata alias. Key layouts:
-
-* kohya: `lora_unet_<diffusers path with _>.<part>` / `lora_te_<transformers path with _>.<part>` with parts
-  `lora_down.weight`, `lora_up.weight` (or `lora_A` / `lora_B`), `alpha`, `scale`, `lora_mid.weight` (LoCon
-  Tucker); `lora_unet_<LDM path with _>` and `lora_te1_` too.
-* diffusers / PEFT: `unet.<dotted path>.lora_A.weight` / `lora_B.weight`, `text_encoder.…`, an optional
-  `base_model.model.` prefix, the older `.lora.down/.up`, `.lora_linear_layer.down/.up` and attention
-  processor names (`…processor.to_q_lora.down.weight`); `alpha` entries, else `lora_alpha` of
-  `lora_adapter_metadata`.
-* LyCORIS: LoHa `hada_*`, LoKr `lokr_*`, full `diff` / `diff_b`. DoRA, IA3, OFT, GLoRA and norm modules are
-  reported as unsupported and left out; other keys (e.g. `bundle_emb.*` embeddings) are ignored.
-
-Per target weight W: W' = W + Σ mult · scale · dW in fp32, cast back to W's dtype, with dW = up @ down (convs
-flattened; an einsum over the core with `lora_mid`), scale = alpha / rank (or the file's `scale`), mult = the
-tag's `te` or `unet`; `dyn=N` keeps the first N ranks. Touched tensors are backed up first, so `restore()`
-gives back the weights bit for bit.
+Layouts: kohya (`lora_unet_*` / `lora_te_*` with diffusers or LDM module paths), diffusers / PEFT
+(`unet.….lora_A.weight`, attention-processor LoRAs, `lora_alpha` in `lora_adapter_metadata`) and LyCORIS
+(LoHa, LoKr, full `diff`); DoRA, IA3, OFT, GLoRA and norm modules are reported as unsupported. Per weight W:
+W' = W + Σ mult · scale · dW in fp32, cast back to W's dtype, scale = alpha / rank (or the file's `scale`);
+`dyn=N` keeps the first N ranks. Touched tensors are backed up first, so `restore()` is bit-exact.
 """
 from __future__ import annotations
 
@@ -88,10 +76,6 @@ class LoraFile:
             self._hash = h[:12]
         return self._hash
 
-
-# ================================================================================================
-# Key names
-# ================================================================================================
 
 _PART_SYNONYMS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
 # dotted (diffusers / PEFT) parts: .lora_A / .lora_B, .lora_down / .lora_up / .lora_mid, .lora.down /
@@ -166,20 +150,16 @@ def ldm_candidates(module: str) -> list[str]:
     return ["diffusion_model_" + c for c in out + [rest]]  # `rest` itself: `lora_unet_<LDM path>` files
 
 
-def model_lookup(model) -> dict[str, tuple[str, str, torch.nn.Module]]:
-    """{LDM path with "_": (component "unet"/"te", module path, module)} for the weight-carrying modules."""
+def model_lookup(model) -> dict[str, tuple[str, torch.nn.Module]]:
+    """{LDM path with "_": (component "unet"/"te", module)} for the weight-carrying modules."""
     out = {}
     for comp, net, prefix in (("unet", model.unet, "diffusion_model_"),
                               ("te", model.text_encoder, "transformer_text_model_")):
         for name, mod in net.named_modules():
             if name and isinstance(getattr(mod, "weight", None), torch.Tensor):
-                out[prefix + name.replace(".", "_")] = (comp, name, mod)
+                out[prefix + name.replace(".", "_")] = (comp, mod)
     return out
 
-
-# ================================================================================================
-# Parsing and the maths
-# ================================================================================================
 
 UNSUPPORTED_PARTS = {"dora_scale": "DoRA", "on_input": "IA3", "w_norm": "norm", "b_norm": "norm",
                      "a1.weight": "GLoRA", "oft_blocks": "OFT", "oft_diag": "OFT"}
@@ -255,9 +235,10 @@ def _peft_alphas(metadata: dict) -> dict[str, float]:
     return out
 
 
-def parse_lora(path: str) -> dict[str, dict[str, torch.Tensor]]:
+@functools.lru_cache(maxsize=4)
+def parse_lora(path: str, mtime_ns: int, size: int) -> dict[str, dict[str, torch.Tensor]]:
     """Read a LoRA file (safetensors directly, pickles through the weights-only unpickler) -> {kohya module
-    name: {kohya part: tensor as stored}}."""
+    name: {kohya part: tensor as stored}}, cached per version of the file (`mtime_ns`, `size`)."""
     modules, ignored = {}, []
     try:
         entries = open_checkpoint(path)
@@ -281,16 +262,6 @@ def parse_lora(path: str) -> dict[str, dict[str, torch.Tensor]]:
     return modules
 
 
-@functools.lru_cache(maxsize=4)
-def _parse_cached(path: str, mtime_ns: int, size: int) -> dict:
-    """`parse_lora`, cached per version of a file."""
-    return parse_lora(path)
-
-
-# ================================================================================================
-# Applying to a model
-# ================================================================================================
-
 class LoraRequest(NamedTuple):
     """One `<lora:...>` tag: the name as written, the text-encoder and UNet multipliers, dyn (ranks kept)."""
     name: str
@@ -306,13 +277,13 @@ class Loras:
     `keep_applied` (A1111's behaviour) networks stay merged after a job until a job asks for another set (a
     prompt without tags restores them); by default every job restores them.
     """
+    keep_applied = False
 
-    def __init__(self, directory=None, *, keep_applied: bool = False):
+    def __init__(self, directory=None):
         self.directory = directory
-        self.keep_applied = keep_applied
         self._files: Optional[list[LoraFile]] = None
         self._lookup: dict[str, LoraFile] = {}  # names, then aliases
-        self._backups: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> (parameter, original)
+        self._backups: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, original)
         self._applied_key: tuple = ()
         self._applied_warnings: list[str] = []
         self.applied: list[tuple[LoraFile, LoraRequest]] = []
@@ -349,9 +320,9 @@ class Loras:
     def restore(self) -> None:
         """Copy every backed-up tensor back (bit-identical to before the networks were applied)."""
         with self._lock, torch.no_grad():
-            for param, original in self._backups.values():
+            for param, original in self._backups:
                 param.copy_(original)
-            self._backups = {}
+            self._backups = []
             self._applied_key = ()
             self._applied_warnings = []
             self.applied = []
@@ -370,12 +341,12 @@ class Loras:
             lookup = model_lookup(model)
             # per target module: the contributions of every requested network (merged one target at a time,
             # so only one fp32 delta exists at once)
-            contributions: dict[tuple, tuple[torch.nn.Module, list]] = {}
+            contributions: dict[torch.nn.Module, list] = {}
             loaded, bad = [], {}
             for i, (lora, req) in enumerate(requests):
                 try:
                     st = os.stat(lora.path)
-                    modules = _parse_cached(lora.path, st.st_mtime_ns, st.st_size)
+                    modules = parse_lora(lora.path, st.st_mtime_ns, st.st_size)
                 except (OSError, LoraError) as e:
                     warnings.append(f"LoRA {req.name} could not be loaded: {e}")
                     continue
@@ -390,11 +361,10 @@ class Loras:
                         unsupported[kind] += 1
                     else:
                         matched += 1
-                        comp, name, mod = target
+                        comp, mod = target
                         mult = req.te if comp == "te" else req.unet
                         if mult != 0:
-                            todo = contributions.setdefault((comp, name), (mod, []))[1]
-                            todo.append((i, module, parts, mult, req.dyn))
+                            contributions.setdefault(mod, []).append((i, module, parts, mult, req.dyn))
                 if unmatched:
                     log.info("LoRA %s: %d modules match nothing in this model, e.g. %s", req.name, len(unmatched),
                              unmatched[0])
@@ -404,7 +374,7 @@ class Loras:
                     warnings.append(f"LoRA {req.name}: none of its {len(modules)} modules matches this model "
                                     "(is it an SD 1.x LoRA?)")
             with torch.no_grad():
-                for (comp, name), (mod, items) in contributions.items():
+                for mod, items in contributions.items():
                     weight, bias = mod.weight, getattr(mod, "bias", None)
                     dw_sum = db_sum = None
                     for i, module, parts, mult, dyn in items:
@@ -418,10 +388,10 @@ class Loras:
                         if db is not None and isinstance(bias, torch.Tensor) and db.numel() == bias.numel():
                             db = db.reshape(bias.shape) * mult
                             db_sum = db if db_sum is None else db_sum.add_(db)
-                    for part, param, d in (("weight", weight, dw_sum), ("bias", bias, db_sum)):
+                    for param, d in ((weight, dw_sum), (bias, db_sum)):
                         if d is not None:
                             original = param.detach().clone()
-                            self._backups[(comp, name, part)] = (param, original)
+                            self._backups.append((param, original))
                             param.copy_((original.float() + d).to(param.dtype))
             for i, problems in sorted(bad.items()):
                 warnings.append(f"LoRA {requests[i][1].name}: {len(problems)} module(s) do not fit this model and "
@@ -430,8 +400,3 @@ class Loras:
             self._applied_warnings = list(warnings)
             self.applied = loaded
             return warnings
-
-    def finish_job(self) -> None:
-        """End of a generation job: restore the weights unless `keep_applied`."""
-        if not self.keep_applied:
-            self.restore()

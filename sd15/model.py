@@ -12,7 +12,7 @@ from sd15.clip.tokenizer import Tokenizer
 from sd15.embeddings import EmbeddingDatabase
 from sd15.lora import Loras
 from sd15.pipeline import generate
-from sd15.schema import from_kwargs, signature
+from sd15.schema import GenerationRequest, signature
 from sd15.unet.unet import UNetConfig, UNetModel
 from sd15.vae.vae import AutoencoderKL, VAEConfig
 
@@ -53,13 +53,13 @@ class StableDiffusion:
         `model_hash` / `vae_hash`: short hashes for the infotext (`sd15.hashing`)."""
         if request.get("init_images") is not None:
             raise TypeError("txt2img takes no init_images; use img2img")
-        return generate(self, from_kwargs(**request), state=state, callback=callback, model_hash=model_hash,
-                        vae_hash=vae_hash)
+        return generate(self, GenerationRequest(**request), state=state, callback=callback,
+                        model_hash=model_hash, vae_hash=vae_hash)
 
     def img2img(self, *, init_images, state=None, callback=None, model_hash=None, vae_hash=None, **request):
         """A1111 img2img / inpainting (`mask=`): `init_images` are PIL images or base64 strings, the other
         keyword arguments `sd15.schema.GenerationRequest` fields -> `sd15.pipeline.Result`."""
-        return generate(self, from_kwargs(init_images=list(init_images), **request), state=state,
+        return generate(self, GenerationRequest(init_images=list(init_images), **request), state=state,
                         callback=callback, model_hash=model_hash, vae_hash=vae_hash)
 
     def load_vae(self, path) -> None:

@@ -20,6 +20,7 @@ from functools import partial
 from typing import Any, Callable, Optional
 
 import torch
+import torch.nn as nn
 
 from sd15.a1111 import images as imgs
 from sd15.a1111 import infotext
@@ -30,7 +31,6 @@ from sd15.lora import LORA_KINDS, LoraRequest
 from sd15.rng import ImageRNG
 from sd15.samplers import make_denoiser, sample
 from sd15.schema import GenerationRequest, ResolvedRequest, resolve, validate
-from sd15.tiling import circular_padding
 from sd15.vae.tiled import tiled_decode, tiled_encode
 from sd15.vae.vae import SCALE_FACTOR
 
@@ -87,10 +87,6 @@ class Interrupted(Exception):
     """Raised between sampler steps to stop sampling; the pipeline keeps the last denoised estimate."""
 
 
-# ------------------------------------------------------------------------------------------------
-# Generation
-# ------------------------------------------------------------------------------------------------
-
 def generate(model, request: GenerationRequest | ResolvedRequest, *, state: Optional[JobState] = None,
              callback: Optional[Callable] = None, model_hash: Optional[str] = None,
              vae_hash: Optional[str] = None, upscalers=None) -> Result:
@@ -128,7 +124,7 @@ def _generate(model, r: ResolvedRequest, job: Job, state: JobState, callback, mo
         state.job_no = it * passes
         seeds, subseeds = r.seeds[it * B:(it + 1) * B], r.subseeds[it * B:(it + 1) * B]
         rng = _image_rng(model, r, (4, r.height // 8, r.width // 8), seeds, subseeds)
-        job.networks.first_pass()  # merge the prompt's LoRAs (nothing to do when they already are)
+        job.networks.activate()  # merge the prompt's LoRAs (nothing to do when they already are)
         cond = job.conditioning([job.prompt] * B, [r.negative_prompt] * B,
                                 _schedule_steps(r.sampler, r.steps))
         x = _sample(model, r, cond, r.sampler, r.scheduler, r.steps, rng, state, callback, **img2img)
@@ -136,7 +132,7 @@ def _generate(model, r: ResolvedRequest, job: Job, state: JobState, callback, mo
             x = init.blend(x)
         if r.hires and not state.interrupted:  # after a skip too: A1111 upscales what the first pass has
             state.job_no += 1
-            job.networks.hires_pass()  # the hires prompt's LoRAs
+            job.networks.activate(hires=True)  # the hires prompt's LoRAs
             x = _hires_pass(model, job, r, x, seeds, subseeds, state, callback, upscalers)
         latents.append(x)
         batch_images = imgs.tensor_to_pil(decode_latents(model, x, job))
@@ -241,10 +237,6 @@ def _model_entries(model, model_hash, vae_hash) -> dict:
     return out
 
 
-# ------------------------------------------------------------------------------------------------
-# VAE
-# ------------------------------------------------------------------------------------------------
-
 # Above this many latent pixels (1024 x 1024 images) the VAE runs in tiles (sd15.vae.tiled, exact mode: the same
 # result up to float rounding, with memory bounded by the tile size).
 TILED_VAE_LATENT_PIXELS = 128 * 128
@@ -279,7 +271,7 @@ def decode_latents(model, latents: torch.Tensor, job: Optional[Job] = None) -> t
 
 
 @torch.no_grad()
-def encode_images(model, pixels: torch.Tensor, job: Optional[Job] = None) -> torch.Tensor:
+def encode_images(model, pixels: torch.Tensor, job: Job) -> torch.Tensor:
     """Images (B, 3, H, W) in [0, 1] -> latents (B, 4, H/8, W/8) * 0.18215, one image at a time. A1111 samples
     the posterior with the global CPU generator; the VAE's logvar is tiny, so we take the mean, which makes
     img2img reproducible. Large images are encoded in tiles."""
@@ -288,17 +280,13 @@ def encode_images(model, pixels: torch.Tensor, job: Optional[Job] = None) -> tor
     for img in pixels:
         x = img[None].to(model.device, vae_dtype) * 2 - 1
         big = x.shape[-2] * x.shape[-1] > TILED_VAE_LATENT_PIXELS * 64
-        if big and x.shape[-2] % 8 == 0 == x.shape[-1] % 8 and not (job is not None and job.tiling):
+        if big and x.shape[-2] % 8 == 0 == x.shape[-1] % 8 and not job.tiling:
             mean, _ = tiled_encode(model.vae, x)
         else:
             mean, _ = model.vae.encode(x)
         out.append(mean.float() * SCALE_FACTOR)
     return torch.cat(out)
 
-
-# ------------------------------------------------------------------------------------------------
-# The job: what one generate() call owns
-# ------------------------------------------------------------------------------------------------
 
 class Job:
     """The state of one generation that must not live on the model: the prompts without their network tags,
@@ -342,7 +330,7 @@ class Job:
 class NetworkJob:
     """The extra networks of one `generate()` call: the LoRA tags of the prompt (`networks`, from
     `sd15.a1111.prompt.extract_networks`) and of the hires prompt (`hr_networks`; None: the same), merged by
-    `first_pass()` / `hires_pass()` (a no-op when they already are) and restored by `finish()` (unless
+    `activate(hires)` (a no-op when they already are) and restored by `finish()` (unless
     `model.loras.keep_applied`); the textual-inversion embeddings its prompts match (`text_hooks()`); their
     infotext hashes (`infotext_params()`), and `warnings` (unknown names, unsupported modules, ...)."""
 
@@ -390,26 +378,19 @@ class NetworkJob:
             self._warn("Networks not found: " + ", ".join(missing))
         return out
 
-    def _activate(self, requests) -> None:
+    def activate(self, hires: bool = False) -> None:
+        """Merge the LoRAs of the prompt, or of the hires prompt."""
         if self.loras is None:
             return
-        for w in self.loras.activate(self.model, requests):
+        for w in self.loras.activate(self.model, self.hr if hires else self.first):
             self._warn(w)
         for lora, req in self.loras.applied:  # the ones that could be read
-            if req.name not in self._hashes:
-                h = lora.shorthash()
-                if h:
-                    self._hashes[req.name] = h
-
-    def first_pass(self) -> None:
-        self._activate(self.first)
-
-    def hires_pass(self) -> None:
-        self._activate(self.hr)
+            if req.name not in self._hashes and (h := lora.shorthash()):
+                self._hashes[req.name] = h
 
     def finish(self) -> None:
-        if self.loras is not None:
-            self.loras.finish_job()
+        if self.loras is not None and not self.loras.keep_applied:
+            self.loras.restore()
 
     def infotext_params(self) -> dict[str, Any]:
         """"Lora hashes" (names as written in the tags) and "TI hashes" (embeddings the prompts matched)."""
@@ -423,11 +404,25 @@ class NetworkJob:
 
 
 @contextmanager
+def circular_padding(*modules: nn.Module):
+    """A1111's "Tiling" (`modules/sd_hijack.py`, `apply_circular`): within the block every `nn.Conv2d` under
+    `modules` pads circularly, so the image wraps around and tiles like a texture. Convs without padding, and
+    the explicit zero pad of the VAE encoder's stride-2 downsampling, are unaffected (as in A1111)."""
+    saved = {m: m.padding_mode for mod in modules for m in mod.modules() if isinstance(m, nn.Conv2d)}
+    try:
+        for conv in saved:
+            conv.padding_mode = "circular"  # Conv2d.forward: F.pad(mode="circular"), then a padding=0 conv
+        yield
+    finally:
+        for conv, mode in saved.items():
+            conv.padding_mode = mode
+
+
+@contextmanager
 def seamless(model, enabled: bool = True):
-    """A1111's "Tiling": every Conv2d of the UNet and the VAE pads circularly inside the block
-    (`sd15.tiling.circular_padding`). A compiled or CUDA-graph forward installed by `sd15.fast` (an instance
-    attribute shadowing the class method) was traced with zero padding and would replay it, so the eager
-    class methods run inside the block; the installed ones are put back afterwards."""
+    """`circular_padding` of the UNet and the VAE. A compiled or CUDA-graph forward installed by `sd15.fast`
+    (an instance attribute shadowing the class method) was traced with zero padding and would replay it, so
+    the eager class methods run inside the block; the installed ones are put back afterwards."""
     if not enabled:
         yield
         return

@@ -135,14 +135,6 @@ def signature(*groups: str, extra: tuple = ()) -> inspect.Signature:
     return inspect.Signature([*params, *extra])
 
 
-def from_kwargs(**kw) -> GenerationRequest:
-    """A request from keyword arguments; unknown names raise TypeError listing them."""
-    unknown = sorted(set(kw) - set(FIELDS))
-    if unknown:
-        raise TypeError(f"unknown generation parameter(s): {', '.join(unknown)}")
-    return GenerationRequest(**kw)
-
-
 class RequestError(ValueError):
     """A request that cannot run: `problems` is a list of `(field, message, kind)`; kind is a pydantic-style
     error type ("value_error.number.not_ge", ...). The server answers 422, the CLI one line and exit 2."""
@@ -287,10 +279,8 @@ class ResolvedRequest:
         return self.request.is_img2img
 
     def eta_of(self, sampler: Sampler) -> float:
-        """The eta a pass with `sampler` runs with, as A1111's `Sampler.initialize` decides it per sampler:
-        the request's `eta`, else the option of the sampler's kind (`eta_ddim` for the timestep samplers,
-        `eta_ancestral` for the others). Read from the request, so a job run with the options of its moment
-        (the server rebuilds the request) takes theirs."""
+        """The eta of a pass with `sampler` (A1111's `Sampler.initialize`): the request's `eta`, else
+        `eta_ddim` for the timestep samplers and `eta_ancestral` for the others."""
         if self.request.eta is not None:
             return self.request.eta
         return self.request.eta_ddim if sampler.timesteps else self.request.eta_ancestral
@@ -306,15 +296,14 @@ def _same(name: Optional[str]) -> Optional[str]:
     return None if name in ("Use same sampler", "Use same scheduler") else name
 
 
-def resolve(req: GenerationRequest, *, rng: Optional[random.Random] = None,
-            upscalers: Optional[Iterable[str]] = None) -> ResolvedRequest:
+def resolve(req: GenerationRequest, *, upscalers: Optional[Iterable[str]] = None) -> ResolvedRequest:
     """Make every choice of a validated request once. Unknown sampler, scheduler or hires upscaler names raise
     ValueError naming the valid ones (the server answers 400, as A1111 does). `upscalers`: the pixel upscaler
     names available (`sd15.upscale.Upscalers.names()`; None: the built-ins)."""
     sampler, scheduler = resolve_sampler(req.sampler_name, req.scheduler)
     batch_size = len(req.init_images) if req.is_img2img and len(req.init_images) > 1 else req.batch_size
     n = batch_size * req.n_iter
-    seeds, subseeds = job_seeds(fixed_seed(req.seed, rng), fixed_seed(req.subseed, rng), req.subseed_strength, n)
+    seeds, subseeds = job_seeds(fixed_seed(req.seed), fixed_seed(req.subseed), req.subseed_strength, n)
     hires = None
     if req.enable_hr and not req.is_img2img:
         hr_sampler, hr_scheduler = resolve_sampler(_same(req.hr_sampler_name) or sampler.name,

@@ -59,7 +59,7 @@ def test_formats_listing_and_wrong_width(model):
                      "vectors": 3},
         "xlthing": {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 2048, "vectors": 2}}
     assert "1024" in model.embeddings.skipped["sd2thing"].reason
-    assert model.embeddings.get("catdogemb").vectors.dtype == torch.float32
+    assert model.embeddings.loaded["catdogemb"].vectors.dtype == torch.float32
 
 
 def test_embedding_of_two_words_equals_the_words(model):
@@ -71,7 +71,7 @@ def test_embedding_of_two_words_equals_the_words(model):
     ra = generate(model, Params(prompt="a photo of catdogemb", **BASE))
     rb = generate(model, Params(prompt="a photo of cat dog", **BASE))
     assert np.array_equal(pixels(ra), pixels(rb))
-    h = load_embedding_file(model.embeddings.get("catdogemb").path).shorthash()
+    h = load_embedding_file(model.embeddings.loaded["catdogemb"].path).shorthash()
     assert ra.infotexts[0].count("TI hashes") == 1 and f'TI hashes: "catdogemb: {h}"' in ra.infotexts[0]
     assert "TI hashes" not in rb.infotexts[0]
 

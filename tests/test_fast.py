@@ -263,14 +263,6 @@ def test_optimize_cpu_without_compile_is_a_noop(model):
         assert torch.equal(model.unet(x, t, ctx), ref)
 
 
-def test_attention_policy(monkeypatch):
-    assert fast.fused_attention_available("cpu", torch.float32)  # torch's CPU flash kernel
-    assert fast.attention_backend_for("cpu", torch.float32, 2048, 2048) == "sdpa"
-    monkeypatch.setattr(fast, "fused_attention_available", lambda *a, **k: False)
-    assert fast.attention_backend_for("cpu", torch.float32, 512, 512) == "sdpa"  # 2x8x4096² fp32 = 1 GiB
-    assert fast.attention_backend_for("cpu", torch.float32, 1024, 1024) == "chunked"
-
-
 def test_warmup_runs_every_requested_shape(model):
     """Each (size, batch) is generated once through the pipeline: the UNet sees its CFG batch at that size."""
     shapes = []

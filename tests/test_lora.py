@@ -136,7 +136,7 @@ def test_every_standard_sd15_module_resolves_on_the_full_model():
     missing = [n for n in names + conv if not any(c in lookup for c in L.ldm_candidates(n))]
     assert not missing
     # a few shapes: GEGLU proj is [8C, C]; attn2 k takes the 768-wide context; the last upsampler is 640 wide
-    get = lambda n: next(lookup[c] for c in L.ldm_candidates(n) if c in lookup)[2].weight.shape  # noqa: E731
+    get = lambda n: next(lookup[c] for c in L.ldm_candidates(n) if c in lookup)[1].weight.shape  # noqa: E731
     assert get("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_0_proj") == (2560, 320)
     assert get("lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn2_to_k") == (320, 768)
     assert get("lora_unet_up_blocks_2_upsamplers_0_conv") == (640, 640, 3, 3)
@@ -164,7 +164,7 @@ def test_named_multipliers_dyn_and_several_loras_add_up(model, tiny_sd, lora_ten
     before = weights(model)
     second = sn.kohya_lora(synthetic.tiny_state_dict(), seed=5)
     job = NetworkJob(model, [("lora", "style", ["te=0", "unet=0.5", "dyn=2"]), ("lora", "second", ["0.3"])])
-    job.first_pass()
+    job.activate()
     assert job.warnings == []
     merged = sn.hand_merge(tiny_sd, lora_tensors, te=0.0, unet=0.5, dyn=2)
     merged = sn.hand_merge(merged, second, te=0.3, unet=0.3)
@@ -183,7 +183,7 @@ def test_peft_naming_equals_kohya(model, tiny_sd, tmp_path):
     m = SimpleNamespace(unet=model.unet, text_encoder=model.text_encoder, loras=L.Loras(folder), embeddings=None)
     before = weights(model)
     job = NetworkJob(m, [("lora", "pytorch_lora_weights", ["0.8"])])
-    job.first_pass()
+    job.activate()
     assert job.warnings == []
     expected = merged_model_weights(model, sn.hand_merge(tiny_sd, kohya, te=0.8, unet=0.8, tucker=False))
     got = weights(model)
@@ -419,7 +419,7 @@ def test_pickle_with_code_is_refused(model, tmp_path):
     m = SimpleNamespace(unet=model.unet, text_encoder=model.text_encoder, loras=loras, embeddings=None)
     before = weights(model)
     job = NetworkJob(m, [("lora", "evil", ["1"])])
-    job.first_pass()
+    job.activate()
     job.finish()
     assert not marker.exists()
     assert len(job.warnings) == 1 and "evil could not be loaded" in job.warnings[0]

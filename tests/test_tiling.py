@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sd15.tiling import circular_padding
+from sd15.pipeline import circular_padding
 from sd15.unet.unet import UNET_TINY, UNetModel
 from sd15.vae.vae import VAE_TINY, AutoencoderKL
 

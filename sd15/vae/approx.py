@@ -6,13 +6,13 @@ each followed by leaky ReLU 0.1 (the last one too). Module names are the keys of
 """
 from __future__ import annotations
 
-from pathlib import Path
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sd15.checkpoint import assign_strict, open_checkpoint
+from sd15.checkpoint import assign_strict, load_network_file
 
 
 class VAEApprox(nn.Module):
@@ -37,12 +37,5 @@ class VAEApprox(nn.Module):
 
 def load_vae_approx(path, device="cpu", dtype=torch.float32) -> VAEApprox:
     """Read A1111's `VAE-approx/model.pt` (weights only); ValueError with one line naming the file otherwise."""
-    path = Path(path)
-    try:
-        with torch.device("meta"):  # no random init: the file's tensors are assigned
-            net = VAEApprox()
-        net = assign_strict(net, {k: entry.read() for k, entry in open_checkpoint(path).items()})
-    except Exception as e:  # noqa: BLE001
-        msg = " ".join(str(e).split())[:200] or type(e).__name__
-        raise ValueError(f"{path.name}: not an Approx NN (VAE-approx) model: {msg}") from e
-    return net.to(device=device, dtype=dtype)
+    return load_network_file(path, partial(assign_strict, VAEApprox), "not an Approx NN (VAE-approx) model",
+                             device, dtype)

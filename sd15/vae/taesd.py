@@ -13,12 +13,11 @@ too.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from sd15.checkpoint import assign_strict, open_checkpoint
+from sd15.checkpoint import assign_strict, load_network_file
 
 
 def conv(n_in: int, n_out: int, bias: bool = True) -> nn.Conv2d:
@@ -56,16 +55,10 @@ class TAESDDecoder(nn.Sequential):
 def load_taesd_decoder(path, device="cpu", dtype=torch.float32) -> TAESDDecoder:
     """Read `taesd_decoder.pth` or a `.safetensors` file (TAESD's own layout or diffusers' AutoencoderTiny).
     Raises ValueError with one line naming the file when it is not a TAESD decoder."""
-    path = Path(path)
-    try:
-        sd = {k: entry.read() for k, entry in open_checkpoint(path).items()}  # weights only, no pickled code
+    def build(sd):
         if any(k.startswith("decoder.layers.") for k in sd):  # diffusers: no clamp module, encoder dropped
             sd = {f"{int(m[1]) + 1}.{m[2]}": v for k, v in sd.items()
                   if (m := re.fullmatch(r"decoder\.layers\.(\d+)\.(.+)", k))}
-        with torch.device("meta"):  # no random init: the file's tensors are assigned
-            net = TAESDDecoder()
-        net = assign_strict(net, sd)
-    except Exception as e:  # noqa: BLE001 - one line naming the file
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"{path.name}: not a TAESD decoder: {msg}") from e
-    return net.to(device=device, dtype=dtype)
+        return assign_strict(TAESDDecoder, sd)
+
+    return load_network_file(path, build, "not a TAESD decoder", device, dtype)

@@ -1,26 +1,21 @@
 """Tiled VAE decoding and encoding: large images without the VAE's full-resolution activations in memory.
 
-The latent-resolution part (post_quant_conv, conv_in, the mid-block with its attention: 16 MiB at
-1024x1024) runs on the whole latent, exactly as `vae.decode` / `vae.encode`; only the full-resolution part
-(the up path when decoding, the down path when encoding; 256 MiB per fp16 map at 128 channels) is tiled.
-GroupNorm normalises with statistics over the whole image, and tile-local statistics change the result
-(brighter or darker tiles, seams):
+The latent-resolution part (post_quant_conv, conv_in, the mid-block with its attention) runs on the whole
+latent, as in `vae.decode` / `vae.encode`; only the full-resolution part (the up path when decoding, the down
+path when encoding; 256 MiB per fp16 map at 1024x1024) is tiled. GroupNorm normalises with statistics over the
+whole image, and tile-local statistics make brighter or darker tiles and seams:
 
-mode="exact" (default) runs the tiled part stage by stage (ResnetBlock, Upsample / Downsample, output
-  head), each over all tiles: a tile is its core (the cores partition the image) plus HALO pixels of context
-  and keeps its core's output. For the j-th GroupNorm of a stage every tile runs up to it (the first j-1
-  knowing their statistics) and accumulates its input over the core (count, mean, M2 per sample and group,
-  Chan's formula in float64). Result: `vae.decode` up to float rounding (measured rel 2e-6) for about 1.5x
-  the convolutions. Memory: one tile's activations plus one stage's input and output maps on `storage`
-  (default the device: about half the untiled peak; "cpu": device memory bounded by the tile size).
+mode="exact" (default) runs the tiled part stage by stage (ResnetBlock, Up/Downsample, output head), each over
+  all tiles (a core of a partition plus HALO pixels of context). Before each GroupNorm runs, its statistics
+  are accumulated over the tile cores (Chan's formula in float64). Result: `vae.decode` up to float rounding
+  (measured rel 2e-6) for about 1.5x the convolutions; one stage's input and output maps live on `storage`
+  (default the device; "cpu" bounds device memory by the tile size).
+mode="blend" runs each tile through the whole tiled part and feathers tiles overlapping by `overlap`;
+  `stats_passes` passes over all tiles estimate the GroupNorm statistics (0: tile-local). Memory is
+  independent of the image size but the result deviates (more passes do not converge: worse after 2).
 
-mode="blend" runs each tile through the whole tiled part and blends tiles overlapping by `overlap` with
-  linear feathering; `stats_passes` passes over all tiles estimate the GroupNorm statistics (0: tile-local).
-  Memory is independent of the image size but the result deviates (the estimate is exact only for the first
-  GroupNorm; more passes do not converge: worse after 2). Measured deviations are in tests/test_tiled_vae.py.
-
-Decode tiles are in latent pixels (`tile=64` = 512 image pixels), encode tiles in image pixels. A latent (or
-image) that fits in one tile gives exactly `vae.decode` (`vae.encode`).
+Decode tiles are in latent pixels (`tile=64` = 512 image pixels), encode tiles in image pixels. An input that
+fits in one tile gives exactly `vae.decode` (`vae.encode`).
 """
 from __future__ import annotations
 
