@@ -14,6 +14,7 @@ import os
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import NamedTuple, Optional
 
 import anyio
@@ -77,7 +78,7 @@ class Prepared(NamedTuple):
 
 
 class Engine:
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, metrics: Optional[Metrics] = None):
         self.config, self.limits = config, config.limits
         self.library = Library(config.ckpt_dir, config.vae_dir, config.lora_dir, config.embeddings_dir,
                                extra_checkpoint=config.ckpt if config.ckpt and os.path.isfile(config.ckpt) else None)
@@ -91,7 +92,7 @@ class Engine:
         self.gpu: Optional[anyio.CapacityLimiter] = None  # made in the lifespan, inside the event loop
         self.upscalers = extras.make_upscalers(config)  # ESRGAN / RealESRGAN folders (server/extras.py)
         self.queue: Optional[jobs.JobQueue] = None  # likewise
-        self.metrics = Metrics()
+        self.metrics = metrics or Metrics()
         self.models.loads = self.metrics.model_loads
 
     # --- model -------------------------------------------------------------------------------
@@ -176,8 +177,7 @@ class Engine:
                 else:
                     value = checkpoint.title
             elif key == "sd_vae" and value not in ("Automatic", "None") and lib.find_vae(value) is None:
-                problem = (f"VAE '{value}' not found; valid: Automatic, None"
-                           + "".join(f", {v['model_name']}" for v in lib.vae_api()))
+                problem = lib.vae_missing(value)
             if problem and strict:
                 raise ApiError(400, problem)
             if problem:
@@ -205,7 +205,7 @@ class Engine:
                 inputs.probe_image(req.mask, "mask", self.limits)
         return Prepared(overrides, resolved)
 
-    def run(self, req, prepared: "Prepared", job: Optional[jobs.Job] = None):
+    def run(self, req, prepared: "Prepared", job: jobs.Job):
         """(GPU worker) One txt2img/img2img job with the options as they are now -> (Result, settings).
         The choices `prepare` made stay (sampler, seeds, hires size); the request is rebuilt with the
         decoded images and the options of this moment, neither of which changes a choice."""
@@ -220,10 +220,9 @@ class Engine:
         del init_images, mask
         run = runner.Run("img2img" if req.is_img2img else "txt2img", JobState(), request.n_iter,
                          2 if request.hires else 1)
-        if job is not None:
-            job.control = run.state
-            if job.stop_reason is not None:  # cancelled between leaving the queue and starting
-                run.state.interrupt()
+        job.control = run.state
+        if job.stop_reason is not None:  # cancelled between leaving the queue and starting
+            run.state.interrupt()
         self.job, self.preview = run, None
         try:
             self.ensure_model(settings)
@@ -233,18 +232,10 @@ class Engine:
                               **self.models.infotext_hashes())
         finally:
             self.job, self.last_timestamp = None, run.timestamp
-            if job is not None:
-                job.steps_done, job.sampling_seconds = run.steps_done, time.time() - run.started
+            job.steps_done, job.sampling_seconds = run.steps_done, time.time() - run.started
         if not req.override_settings_restore_afterwards:
             self.options.update(prepared.overrides)
         return result, settings
-
-    def execute(self, job: jobs.Job) -> None:
-        """(GPU worker) Run a queued job (server/runner.py)."""
-        runner.execute(self, job)
-
-    def job_finished(self, job: jobs.Job) -> None:
-        runner.job_finished(self, job)
 
     def folders(self) -> list[str]:
         lib = self.library
@@ -326,12 +317,9 @@ async def progress(request: Request):
 
 async def interrupt(request: Request):
     """Stop the running job; it returns what it has."""
-    engine = _engine(request)
-    if engine.queue.running is not None:
-        engine.queue.running.interrupt("interrupted")
-    job = engine.job
-    if job is not None:
-        job.state.interrupt()
+    running = _engine(request).queue.running
+    if running is not None:
+        running.interrupt("interrupted")  # the job's JobState, or, not yet started, its first check
     return JSONResponse({})
 
 
@@ -520,11 +508,10 @@ def create_app(config: ServerConfig, engine: Optional[Engine] = None) -> Starlet
 
     @asynccontextmanager
     async def lifespan(app):
-        eng = engine or await run_in_threadpool(Engine, config)
-        eng.metrics = metrics
-        eng.models.loads = metrics.model_loads
+        eng = engine or await run_in_threadpool(Engine, config, metrics)
         eng.gpu = anyio.CapacityLimiter(1)
-        eng.queue = jobs.JobQueue(eng.execute, eng.gpu, max_size=config.queue_size, on_finish=eng.job_finished)
+        eng.queue = jobs.JobQueue(partial(runner.execute, eng), eng.gpu, max_size=config.queue_size,
+                                  on_finish=partial(runner.job_finished, eng))
         if eng.models.model is None:
             await eng.on_gpu(eng.start)
         async with anyio.create_task_group() as tg:

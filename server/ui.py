@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from server.a1111 import ApiError, ValidationError, png_info
 from server.inputs import read_json
+from server.models import scan
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 PREFIX = "/sd15/v1"
@@ -116,23 +117,13 @@ async def tokens(request: Request):
 
 def list_history(outdir: str) -> list[tuple[float, str, str]]:
     """(mtime, path relative to outdir with "/", absolute path) of every saved image, newest first."""
-    if not outdir or not os.path.isdir(outdir):
-        return []
-    root = os.path.realpath(outdir)
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for fn in filenames:
-            if fn.startswith(".") or os.path.splitext(fn)[1].lower() not in IMAGE_TYPES:
-                continue
-            path = os.path.join(dirpath, fn)
-            try:
-                mtime = os.stat(path).st_mtime
-            except OSError:
-                continue
-            found.append((mtime, os.path.relpath(path, root).replace(os.sep, "/"), path))
-    found.sort(key=lambda t: (t[0], t[1]), reverse=True)
-    return found
+    for path, rel in scan(outdir, tuple(IMAGE_TYPES)):
+        try:
+            found.append((os.stat(path).st_mtime, rel, path))
+        except OSError:  # deleted meanwhile
+            pass
+    return sorted(found, reverse=True)
 
 
 def history_item(mtime: float, rel: str, path: str) -> dict:
