@@ -359,20 +359,10 @@ async def loras(request: Request):
     return JSONResponse(await run_in_threadpool(engine.library.loras_api, engine.models.model))
 
 
-async def refresh_loras(request: Request):
-    """Rescan the LoRA folder (listings are read fresh each time)."""
-    return JSONResponse(None)
-
-
 async def embeddings(request: Request):
     """Textual-inversion embeddings."""
     engine = _engine(request)
     return JSONResponse(await run_in_threadpool(engine.library.embeddings_api, engine.models.model))
-
-
-async def refresh_embeddings(request: Request):
-    """Rescan the embeddings folder (listings are read fresh each time)."""
-    return JSONResponse(None)
 
 
 async def unload_checkpoint(request: Request):
@@ -414,13 +404,13 @@ async def cmd_flags(request: Request):
     return JSONResponse(_engine(request).config.flags)
 
 
-def _empty(name: str):
-    """What A1111 answers on a listing that has nothing behind it here: an empty list."""
+def _constant(method: str, name: str, answer, doc: str) -> Route:
+    """A route that always answers `answer`: A1111's listings that have nothing behind them here, and the
+    refreshes of listings that are read fresh each time."""
     async def endpoint(request: Request):
-        return JSONResponse([])
-    endpoint.__name__ = name.replace("-", "_")
-    endpoint.__doc__ = f"Nothing behind this here: A1111's empty {name} answer."
-    return endpoint
+        return JSONResponse(answer)
+    endpoint.__name__, endpoint.__doc__ = name.replace("-", "_"), doc
+    return Route(f"{API}/{name}", endpoint, methods=[method])
 
 
 async def openapi(request: Request):
@@ -450,14 +440,14 @@ routes = [
     Route(f"{API}/refresh-checkpoints", refresh_checkpoints, methods=["POST"]),
     Route(f"{API}/refresh-vae", refresh_vae, methods=["POST"]),
     Route(f"{API}/loras", loras, methods=["GET"]),
-    Route(f"{API}/refresh-loras", refresh_loras, methods=["POST"]),
+    _constant("POST", "refresh-loras", None, "Rescan the LoRA folder (listings are read fresh)."),
     Route(f"{API}/embeddings", embeddings, methods=["GET"]),
-    Route(f"{API}/refresh-embeddings", refresh_embeddings, methods=["POST"]),
+    _constant("POST", "refresh-embeddings", None, "Rescan the embeddings folder (listings are read fresh)."),
     Route(f"{API}/unload-checkpoint", unload_checkpoint, methods=["POST"]),
     Route(f"{API}/reload-checkpoint", reload_checkpoint, methods=["POST"]),
     Route(f"{API}/memory", memory, methods=["GET"]),
     *scripts.routes,  # --- scripts hook: /scripts and /script-info (before the empty listings) ---
-    *[Route(f"{API}/{name}", _empty(name), methods=["GET"])
+    *[_constant("GET", name, [], f"Nothing behind this here: A1111's empty {name} answer.")
       for name in ("prompt-styles", "face-restorers", "hypernetworks", "extensions")],
     Route("/openapi.json", openapi, methods=["GET"], include_in_schema=False),
     *ui.routes,  # the web page at / and its helpers under /sd15/v1

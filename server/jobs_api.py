@@ -92,17 +92,18 @@ def _sse(event: str, data) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-def event_stream(listeners: set, snapshot, running, closed=lambda: False) -> StreamingResponse:
-    """Server-sent events: `queue` first and on every change (`snapshot()`), `progress` of each `running()`
-    job at most every 250 ms (a preview only when a new one was made), `done` when a job finishes (both
-    published into the stream's inbox in `listeners`), a comment line every 15 s. Ends when `closed()` and
-    nothing is left to send, or when the inbox was dropped for not being read. The Ray ingress uses it too."""
+def event_stream(queue, closed=lambda: False) -> StreamingResponse:
+    """Server-sent events of a `jobs.JobQueue` (also the Ray ingress's): `queue` first and on every change,
+    `progress` of each running job at most every 250 ms (a preview only when a new one was made), `done` when
+    a job finishes (both published into the stream's inbox in `queue.listeners`), a comment line every 15 s.
+    Ends when `closed()` and nothing is left to send, or when the inbox was dropped for not being read."""
     inbox: asyncio.Queue = asyncio.Queue(maxsize=256)
+    listeners = queue.listeners
     listeners.add(inbox)
 
     async def stream():
         try:
-            yield _sse("queue", snapshot())
+            yield _sse("queue", queue.snapshot())
             last_ping = last_progress = time.monotonic()
             last_sent, sent_preview = {}, {}  # job id -> what was sent of it
             while inbox in listeners:
@@ -116,7 +117,7 @@ def event_stream(listeners: set, snapshot, running, closed=lambda: False) -> Str
                 if closed():
                     return
                 last_progress = time.monotonic()
-                for job in running():
+                for job in queue.running_jobs():
                     p = job.progress
                     if p is None or last_sent.get(job.id) == (p["step"], p["job_no"], job.preview_step):
                         continue
@@ -140,7 +141,7 @@ def event_stream(listeners: set, snapshot, running, closed=lambda: False) -> Str
 async def events(request: Request):
     """The event stream of this server's queue."""
     q = request.state.engine.queue
-    return event_stream(q.listeners, q.snapshot, q.running_jobs, lambda: q.closed and q.running is None)
+    return event_stream(q, lambda: q.closed and q.running is None)
 
 
 async def metrics(request: Request):
