@@ -39,7 +39,7 @@ from server.download import DEFAULT_MODEL
 from server.inputs import read_json
 from server.memory import memory_json
 from server.metrics import Metrics
-from server.middleware import LOOPBACK_HOSTS, BasicAuth, HostCheck, JsonErrors, ProcessTime
+from server.middleware import LOOPBACK_HOSTS, BasicAuth, HostCheck, JsonErrors
 from server.models import Checkpoint, Library, ModelManager
 from server.openapi import openapi_schema
 
@@ -521,7 +521,7 @@ def create_app(config: ServerConfig, engine: Optional[Engine] = None) -> Starlet
     middleware.append(Middleware(CORSMiddleware, **cors_options(config)))
     if config.api_auth:
         middleware.append(Middleware(BasicAuth, credentials=config.api_auth))
-    middleware += [Middleware(GZipMiddleware, minimum_size=1000), Middleware(ProcessTime)]
+    middleware.append(Middleware(GZipMiddleware, minimum_size=1000))
     handlers = {ApiError: _api_error, ValidationError: _validation_error, HTTPException: _http_error,
                 Exception: _server_error}
     return Starlette(routes=routes + jobs_api.routes, middleware=middleware, exception_handlers=handlers,
