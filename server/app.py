@@ -95,8 +95,6 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.models.loads = self.metrics.model_loads
 
-    # --- model -------------------------------------------------------------------------------
-
     def start(self) -> None:
         """Load the start checkpoint (--ckpt, else v1-5-pruned-emaonly.safetensors, else the first)."""
         lib, cfg = self.library, self.config
@@ -143,8 +141,6 @@ class Engine:
         """Run `fn(*args)` on a worker thread once the GPU is free (FIFO); the slot is held until it returns."""
         return await anyio.to_thread.run_sync(fn, *args, limiter=self.gpu)
 
-    # --- options -----------------------------------------------------------------------------
-
     def options_json(self) -> dict:
         values = dict(self.options)
         checkpoint = self.library.find_checkpoint(values["sd_model_checkpoint"])
@@ -185,8 +181,6 @@ class Engine:
             else:
                 values[key] = value
         return values
-
-    # --- generation ----------------------------------------------------------------------------
 
     def prepare(self, req) -> "Prepared":
         """Everything that can fail on the request alone, before it queues: overrides, ranges, names, prompt
@@ -446,7 +440,7 @@ routes = [
     Route(f"{API}/unload-checkpoint", unload_checkpoint, methods=["POST"]),
     Route(f"{API}/reload-checkpoint", reload_checkpoint, methods=["POST"]),
     Route(f"{API}/memory", memory, methods=["GET"]),
-    *scripts.routes,  # --- scripts hook: /scripts and /script-info (before the empty listings) ---
+    *scripts.routes,  # /scripts and /script-info (before the empty listings)
     *[_constant("GET", name, [], f"Nothing behind this here: A1111's empty {name} answer.")
       for name in ("prompt-styles", "face-restorers", "hypernetworks", "extensions")],
     Route("/openapi.json", openapi, methods=["GET"], include_in_schema=False),

@@ -39,10 +39,6 @@ def _merge(results: list) -> Result:
     return out
 
 
-# =============================================================================================
-# Prompt matrix
-# =============================================================================================
-
 PROMPT_MATRIX = "Prompt matrix"
 
 
@@ -97,10 +93,6 @@ def plan_prompt_matrix(args: list, request: dict, *, rng: random.Random) -> Plan
         return out
     return Plan(requests, combine)
 
-
-# =============================================================================================
-# Prompts from file or textbox
-# =============================================================================================
 
 PROMPTS_FROM_FILE = "Prompts from file or textbox"
 
@@ -199,10 +191,6 @@ def plan_prompts_from_file(args: list, request: dict, *, choices: Optional[dict]
             seed += int(base.get("batch_size") or 1) * int(base.get("n_iter") or 1)
     return Plan(requests, _merge)
 
-
-# =============================================================================================
-# SD upscale
-# =============================================================================================
 
 SD_UPSCALE = "SD upscale"
 
