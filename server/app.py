@@ -410,8 +410,7 @@ def _constant(method: str, name: str, answer, doc: str) -> Route:
 async def openapi(request: Request):
     """This schema."""
     engine = _engine(request)
-    return JSONResponse(openapi_schema(routes + jobs_api.routes, REQUEST_BODIES, engine.limits,
-                                       auth=bool(engine.config.api_auth)))
+    return JSONResponse(openapi_schema(routes, REQUEST_BODIES, engine.limits, auth=bool(engine.config.api_auth)))
 
 
 API = "/sdapi/v1"
@@ -445,6 +444,7 @@ routes = [
       for name in ("prompt-styles", "face-restorers", "hypernetworks", "extensions")],
     Route("/openapi.json", openapi, methods=["GET"], include_in_schema=False),
     *ui.routes,  # the web page at / and its helpers under /sd15/v1
+    *jobs_api.routes,  # the page's jobs, queue and events under /sd15/v1, and /metrics
 ]
 REQUEST_BODIES = {txt2img: a1111.Txt2ImgRequest, img2img: a1111.Img2ImgRequest, png_info: a1111.PngInfoRequest,
                   **extras.REQUEST_BODIES}
@@ -518,5 +518,4 @@ def create_app(config: ServerConfig, engine: Optional[Engine] = None) -> Starlet
     middleware.append(Middleware(GZipMiddleware, minimum_size=1000))
     handlers = {ApiError: _api_error, ValidationError: _validation_error, HTTPException: _http_error,
                 Exception: _server_error}
-    return Starlette(routes=routes + jobs_api.routes, middleware=middleware, exception_handlers=handlers,
-                     lifespan=lifespan)
+    return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)

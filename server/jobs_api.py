@@ -21,6 +21,7 @@ from starlette.routing import Route
 
 from server import a1111, runner
 from server.a1111 import ApiError, ValidationError
+from server.inputs import read_json
 
 PREFIX = "/sd15/v1"
 PROGRESS_EVERY = 0.25  # seconds between progress events
@@ -38,8 +39,6 @@ def _job(request: Request):
 
 async def submit_job(request: Request):
     """Queue a txt2img/img2img job; answers at once with its id and place in the queue."""
-    from server.app import read_json  # (app imports this module)
-
     engine = request.state.engine
     body = await read_json(request, engine.limits.max_body_bytes)
     if not isinstance(body, dict):

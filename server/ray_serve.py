@@ -344,12 +344,11 @@ class Ingress:
             job = self.queue.get(rest[len("jobs/"):])
             if job is None:
                 return JSONResponse({"detail": "Not Found"}, 404)
-            if method == "DELETE" and job.state == "running":  # interrupted on its worker
-                job.stop_reason = "interrupted"
-                slot = self.slots[job.worker]
-                await self._call(slot, "POST", "/sdapi/v1/interrupt", b"", self.internal_headers, b"")
-            elif method == "DELETE":
-                self.queue.cancel(job)
+            if method == "DELETE":  # queued: dropped; running: marked, then interrupted on its worker
+                self.queue.cancel(job, "interrupted")
+                if job.state == "running":
+                    slot = self.slots[job.worker]
+                    await self._call(slot, "POST", "/sdapi/v1/interrupt", b"", self.internal_headers, b"")
             if job.state == "running":
                 await self.refresh(job)
             return JSONResponse(job.json(self.queue.position(job), with_result=True))
