@@ -462,10 +462,6 @@ async def _http_error(request: Request, exc: HTTPException):  # routing: 404, 40
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
-async def _server_error(request: Request, exc: Exception):
-    return JSONResponse(ApiError(500, error=type(exc).__name__, errors=str(exc)).body(), status_code=500)
-
-
 def cors_options(config: ServerConfig) -> dict:
     """Starlette's CORS settings. Credentials are allowed only with named origins: with a wildcard ("*")
     Starlette would echo any origin together with `Allow-Credentials: true`, which lets every site read
@@ -516,6 +512,6 @@ def create_app(config: ServerConfig, engine: Optional[Engine] = None) -> Starlet
     if config.api_auth:
         middleware.append(Middleware(BasicAuth, credentials=config.api_auth))
     middleware.append(Middleware(GZipMiddleware, minimum_size=1000))
-    handlers = {ApiError: _api_error, ValidationError: _validation_error, HTTPException: _http_error,
-                Exception: _server_error}
+    # anything else a route raises becomes A1111's JSON 500 in JsonErrors
+    handlers = {ApiError: _api_error, ValidationError: _validation_error, HTTPException: _http_error}
     return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
