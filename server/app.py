@@ -301,12 +301,12 @@ async def set_options(request: Request):
 async def progress(request: Request):
     """Progress of the running job (global, as in A1111)."""
     engine = _engine(request)
-    job = engine.job
     skip = request.query_params.get("skip_current_image", "false").lower() in ("1", "true", "yes", "on")
-    if job is not None and not skip:
+    watching = engine.job is not None and not skip
+    if watching:
         engine.preview_wanted = True  # previews are only made while someone watches
-    preview = engine.preview if job is not None and not skip else None
-    return JSONResponse(a1111.progress_json(job, engine.last_timestamp, preview))
+    preview = engine.preview if watching else None
+    return JSONResponse(a1111.progress_json(engine.job, engine.last_timestamp, preview))
 
 
 async def interrupt(request: Request):
@@ -410,7 +410,8 @@ def _constant(method: str, name: str, answer, doc: str) -> Route:
 async def openapi(request: Request):
     """This schema."""
     engine = _engine(request)
-    return JSONResponse(openapi_schema(routes, REQUEST_BODIES, engine.limits, auth=bool(engine.config.api_auth)))
+    auth = bool(engine.config.api_auth)
+    return JSONResponse(openapi_schema(routes, REQUEST_BODIES, engine.limits, auth=auth))
 
 
 API = "/sdapi/v1"

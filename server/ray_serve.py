@@ -421,12 +421,11 @@ def stop() -> None:
         ray.shutdown()
 
 
-def main(config, args) -> int:
+def main(config, args, host: str) -> int:
     """`sd15-server --ray ...`: serve until Ctrl-C or SIGTERM."""
     import signal
     import threading
 
-    host = args.server_name or ("0.0.0.0" if args.listen else "127.0.0.1")
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     try:
