@@ -373,21 +373,6 @@ async def reload_checkpoint(request: Request):
     return JSONResponse({})
 
 
-async def samplers(request: Request):
-    """Samplers."""
-    return JSONResponse(samplers_api())
-
-
-async def schedulers(request: Request):
-    """Schedulers."""
-    return JSONResponse(schedulers_api())
-
-
-async def latent_upscale_modes(request: Request):
-    """Latent upscale modes for hires fix."""
-    return JSONResponse(a1111.latent_upscale_modes())
-
-
 async def memory(request: Request):
     """RAM and CUDA memory (bytes)."""
     return JSONResponse(memory_json())
@@ -399,8 +384,8 @@ async def cmd_flags(request: Request):
 
 
 def _constant(method: str, name: str, answer, doc: str) -> Route:
-    """A route that always answers `answer`: A1111's listings that have nothing behind them here, and the
-    refreshes of listings that are read fresh each time."""
+    """A route that always answers `answer`: the fixed tables (samplers, ...), A1111's listings that have
+    nothing behind them here, and the refreshes of listings that are read fresh each time."""
     async def endpoint(request: Request):
         return JSONResponse(answer)
     endpoint.__name__, endpoint.__doc__ = name.replace("-", "_"), doc
@@ -426,9 +411,9 @@ routes = [
     Route(f"{API}/options", get_options, methods=["GET"]),
     Route(f"{API}/options", set_options, methods=["POST"]),
     Route(f"{API}/cmd-flags", cmd_flags, methods=["GET"]),
-    Route(f"{API}/samplers", samplers, methods=["GET"]),
-    Route(f"{API}/schedulers", schedulers, methods=["GET"]),
-    Route(f"{API}/latent-upscale-modes", latent_upscale_modes, methods=["GET"]),
+    _constant("GET", "samplers", samplers_api(), "Samplers."),
+    _constant("GET", "schedulers", schedulers_api(), "Schedulers."),
+    _constant("GET", "latent-upscale-modes", a1111.latent_upscale_modes(), "Latent upscale modes for hires fix."),
     Route(f"{API}/sd-models", sd_models, methods=["GET"]),
     Route(f"{API}/sd-vae", sd_vae, methods=["GET"]),
     Route(f"{API}/refresh-checkpoints", refresh_checkpoints, methods=["POST"]),
