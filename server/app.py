@@ -158,14 +158,11 @@ class Engine:
             raise ValidationError.one(None, "value is not a valid dict", "type_error.dict")
         values, lib = {}, self.library
         for key, value in body.items():
-            if key not in options.OPTIONS and strict:
-                raise ApiError(400, f"unknown option {key!r}; GET /sdapi/v1/options lists the options this "
-                                    f"server has")
-            if key not in options.OPTIONS or key in options.READ_ONLY_OPTIONS:
+            if key in options.READ_ONLY_OPTIONS or (key not in options.OPTIONS and not strict):
                 if not strict:
                     log.warning("override_settings: ignoring %r", key)
                 continue
-            value, problem = options.validate(key, value), None
+            value, problem = options.validate(key, value), None  # an unknown key is a 400 naming it
             if key == "sd_model_checkpoint":
                 checkpoint = lib.find_checkpoint(value)
                 if checkpoint is None:
