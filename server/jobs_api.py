@@ -28,13 +28,14 @@ PROGRESS_EVERY = 0.25  # seconds between progress events
 PING_EVERY = 15.0
 
 
-def _job(request: Request):
+def _job(request: Request) -> tuple:
+    """(the queue, the job the path names); 404 when there is none."""
     queue = request.state.engine.queue
     job = queue.get(request.path_params["job_id"])
     if job is None:
         raise ApiError(404, f"no job {request.path_params['job_id']!r} (finished jobs are kept for the last "
                             f"{queue.keep})", error="NotFound")
-    return job
+    return queue, job
 
 
 async def submit_job(request: Request):
@@ -69,15 +70,13 @@ async def list_jobs(request: Request):
 
 async def get_job(request: Request):
     """One job; a finished one carries its result and saved files."""
-    job = _job(request)
-    q = request.state.engine.queue
+    q, job = _job(request)
     return JSONResponse(job.json(q.position(job), with_result=job.finished.is_set()))
 
 
 async def delete_job(request: Request):
     """Cancel a queued job or interrupt the running one."""
-    job = _job(request)
-    q = request.state.engine.queue
+    q, job = _job(request)
     q.cancel(job, "cancelled")
     return JSONResponse(job.json(q.position(job)))
 
