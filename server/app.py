@@ -37,7 +37,6 @@ from server import a1111, admin, extras, inputs, jobs, jobs_api, options, runner
 from server.a1111 import ApiError, Limits, ValidationError
 from server.download import DEFAULT_MODEL
 from server.inputs import read_json
-from server.memory import memory_json
 from server.metrics import Metrics
 from server.middleware import LOOPBACK_HOSTS, BasicAuth, HostCheck, JsonErrors
 from server.models import Checkpoint, Library, ModelManager
@@ -371,8 +370,25 @@ async def reload_checkpoint(request: Request):
 
 
 async def memory(request: Request):
-    """RAM and CUDA memory (bytes)."""
-    return JSONResponse(memory_json())
+    """RAM (this process's resident memory, as A1111 reports it) and CUDA allocator figures, in bytes."""
+    try:
+        page = os.sysconf("SC_PAGE_SIZE")
+        total = page * os.sysconf("SC_PHYS_PAGES")
+        with open("/proc/self/statm") as f:
+            used = int(f.read().split()[1]) * page
+        ram = {"free": total - used, "used": used, "total": total}
+    except (OSError, ValueError, AttributeError) as e:
+        ram = {"error": str(e)}
+    if not torch.cuda.is_available():
+        return JSONResponse({"ram": ram, "cuda": {"error": "unavailable"}})
+    free, total = torch.cuda.mem_get_info()
+    s = torch.cuda.memory_stats()
+    cuda = {"system": {"free": free, "used": total - free, "total": total}}
+    for name, key in [("active", "active_bytes"), ("allocated", "allocated_bytes"),
+                      ("reserved", "reserved_bytes"), ("inactive", "inactive_split_bytes")]:
+        cuda[name] = {"current": s.get(f"{key}.all.current", 0), "peak": s.get(f"{key}.all.peak", 0)}
+    cuda["events"] = {"retries": s.get("num_alloc_retries", 0), "oom": s.get("num_ooms", 0)}
+    return JSONResponse({"ram": ram, "cuda": cuda})
 
 
 async def cmd_flags(request: Request):
@@ -410,7 +426,7 @@ routes = [
     Route(f"{API}/cmd-flags", cmd_flags, methods=["GET"]),
     _constant("GET", "samplers", samplers_api(), "Samplers."),
     _constant("GET", "schedulers", schedulers_api(), "Schedulers."),
-    _constant("GET", "latent-upscale-modes", a1111.latent_upscale_modes(), "Latent upscale modes for hires fix."),
+    _constant("GET", "latent-upscale-modes", a1111.latent_upscale_modes(), "Latent upscale modes."),
     Route(f"{API}/sd-models", sd_models, methods=["GET"]),
     Route(f"{API}/sd-vae", sd_vae, methods=["GET"]),
     Route(f"{API}/refresh-checkpoints", refresh_checkpoints, methods=["POST"]),

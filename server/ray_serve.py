@@ -312,7 +312,8 @@ class Ingress:
         self.options_set.update(kept)
         others = [s for s in self.slots if s is not slot and s.incarnation is not None]
         body = json.dumps(kept).encode()
-        await asyncio.gather(*[self._call(s, "POST", OPTIONS, b"", self.internal_headers, body) for s in others])
+        await asyncio.gather(*[self._call(s, "POST", OPTIONS, b"", self.internal_headers, body)
+                               for s in others])
 
     async def _own(self, rest: str, method: str, body: bytes) -> Optional[Response]:
         """/sd15/v1: the queue, jobs and workers as the ingress sees them; None: not the ingress's own."""
