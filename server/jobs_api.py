@@ -96,15 +96,14 @@ def event_stream(queue, closed=lambda: False) -> StreamingResponse:
     a job finishes (both published into the stream's inbox in `queue.listeners`), a comment line every 15 s.
     Ends when `closed()` and nothing is left to send, or when the inbox was dropped for not being read."""
     inbox: asyncio.Queue = asyncio.Queue(maxsize=256)
-    listeners = queue.listeners
-    listeners.add(inbox)
+    queue.listeners.add(inbox)
 
     async def stream():
         try:
             yield _sse("queue", queue.snapshot())
             last_ping = last_progress = time.monotonic()
             last_sent, sent_preview = {}, {}  # job id -> what was sent of it
-            while inbox in listeners:
+            while inbox in queue.listeners:
                 wait = max(0.0, last_progress + PROGRESS_EVERY - time.monotonic())
                 try:
                     event, data = await asyncio.wait_for(inbox.get(), wait)
@@ -130,7 +129,7 @@ def event_stream(queue, closed=lambda: False) -> StreamingResponse:
                     last_ping = time.monotonic()
                     yield b": ping\n\n"
         finally:  # the client left or did not read
-            listeners.discard(inbox)
+            queue.listeners.discard(inbox)
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
