@@ -159,6 +159,7 @@ def main(argv=None) -> int:
         from server.app import Engine, create_app
 
         config = config_from_args(args)
+        host = args.server_name or ("0.0.0.0" if args.listen else "127.0.0.1")
         ensure_checkpoint(config, args.no_download)
         if args.ray:
             try:
@@ -167,7 +168,7 @@ def main(argv=None) -> int:
                 print(f'sd15-server: error: --ray needs Ray Serve ({e}); pip install "sd15[ray]"',
                       file=sys.stderr)
                 return 2
-            return ray_serve.main(config, args)
+            return ray_serve.main(config, args, host)
         engine = Engine(config)
         engine.start()  # a bad file is reported here, before the port opens
     except KeyboardInterrupt:
@@ -176,7 +177,6 @@ def main(argv=None) -> int:
     except (ValueError, OSError, RuntimeError, LookupError) as e:  # CheckpointError, DownloadError, bad flags
         print(f"sd15-server: error: {e}", file=sys.stderr)
         return 2
-    host = args.server_name or ("0.0.0.0" if args.listen else "127.0.0.1")
     for line in startup_warnings(host, config):
         logging.getLogger("server").warning("%s", line)
     print(f"sd15-server: {engine.models.model!r}", file=sys.stderr)

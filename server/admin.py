@@ -69,8 +69,6 @@ async def server_stop(request: Request):
     return Response("Stopping.", background=BackgroundTask(stop))
 
 
-# ---- /docs ---------------------------------------------------------------------------------------------
-
 CSS = """
 body { font: 15px/1.45 system-ui, sans-serif; margin: 0 auto; max-width: 1100px; padding: 1em 2em; color: #1d2125; }
 h1 { font-size: 1.6em; margin-bottom: .2em; } h2 { margin-top: 2em; border-bottom: 2px solid #d0d7de; }

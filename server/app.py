@@ -14,6 +14,7 @@ import os
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import NamedTuple, Optional
 
 import anyio
@@ -36,9 +37,8 @@ from server import a1111, admin, extras, inputs, jobs, jobs_api, options, runner
 from server.a1111 import ApiError, Limits, ValidationError
 from server.download import DEFAULT_MODEL
 from server.inputs import read_json
-from server.memory import memory_json
 from server.metrics import Metrics
-from server.middleware import LOOPBACK_HOSTS, BasicAuth, HostCheck, JsonErrors, ProcessTime
+from server.middleware import LOOPBACK_HOSTS, BasicAuth, HostCheck, JsonErrors
 from server.models import Checkpoint, Library, ModelManager
 from server.openapi import openapi_schema
 
@@ -77,7 +77,7 @@ class Prepared(NamedTuple):
 
 
 class Engine:
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, metrics: Optional[Metrics] = None):
         self.config, self.limits = config, config.limits
         self.library = Library(config.ckpt_dir, config.vae_dir, config.lora_dir, config.embeddings_dir,
                                extra_checkpoint=config.ckpt if config.ckpt and os.path.isfile(config.ckpt) else None)
@@ -91,10 +91,8 @@ class Engine:
         self.gpu: Optional[anyio.CapacityLimiter] = None  # made in the lifespan, inside the event loop
         self.upscalers = extras.make_upscalers(config)  # ESRGAN / RealESRGAN folders (server/extras.py)
         self.queue: Optional[jobs.JobQueue] = None  # likewise
-        self.metrics = Metrics()
+        self.metrics = metrics or Metrics()
         self.models.loads = self.metrics.model_loads
-
-    # --- model -------------------------------------------------------------------------------
 
     def start(self) -> None:
         """Load the start checkpoint (--ckpt, else v1-5-pruned-emaonly.safetensors, else the first)."""
@@ -142,8 +140,6 @@ class Engine:
         """Run `fn(*args)` on a worker thread once the GPU is free (FIFO); the slot is held until it returns."""
         return await anyio.to_thread.run_sync(fn, *args, limiter=self.gpu)
 
-    # --- options -----------------------------------------------------------------------------
-
     def options_json(self) -> dict:
         values = dict(self.options)
         checkpoint = self.library.find_checkpoint(values["sd_model_checkpoint"])
@@ -161,14 +157,11 @@ class Engine:
             raise ValidationError.one(None, "value is not a valid dict", "type_error.dict")
         values, lib = {}, self.library
         for key, value in body.items():
-            if key not in options.OPTIONS and strict:
-                raise ApiError(400, f"unknown option {key!r}; GET /sdapi/v1/options lists the options this "
-                                    f"server has")
-            if key not in options.OPTIONS or key in options.READ_ONLY_OPTIONS:
+            if key in options.READ_ONLY_OPTIONS or (key not in options.OPTIONS and not strict):
                 if not strict:
                     log.warning("override_settings: ignoring %r", key)
                 continue
-            value, problem = options.validate(key, value), None
+            value, problem = options.validate(key, value), None  # an unknown key is a 400 naming it
             if key == "sd_model_checkpoint":
                 checkpoint = lib.find_checkpoint(value)
                 if checkpoint is None:
@@ -176,8 +169,7 @@ class Engine:
                 else:
                     value = checkpoint.title
             elif key == "sd_vae" and value not in ("Automatic", "None") and lib.find_vae(value) is None:
-                problem = (f"VAE '{value}' not found; valid: Automatic, None"
-                           + "".join(f", {v['model_name']}" for v in lib.vae_api()))
+                problem = lib.vae_missing(value)
             if problem and strict:
                 raise ApiError(400, problem)
             if problem:
@@ -185,8 +177,6 @@ class Engine:
             else:
                 values[key] = value
         return values
-
-    # --- generation ----------------------------------------------------------------------------
 
     def prepare(self, req) -> "Prepared":
         """Everything that can fail on the request alone, before it queues: overrides, ranges, names, prompt
@@ -205,7 +195,7 @@ class Engine:
                 inputs.probe_image(req.mask, "mask", self.limits)
         return Prepared(overrides, resolved)
 
-    def run(self, req, prepared: "Prepared", job: Optional[jobs.Job] = None):
+    def run(self, req, prepared: "Prepared", job: jobs.Job):
         """(GPU worker) One txt2img/img2img job with the options as they are now -> (Result, settings).
         The choices `prepare` made stay (sampler, seeds, hires size); the request is rebuilt with the
         decoded images and the options of this moment, neither of which changes a choice."""
@@ -220,10 +210,9 @@ class Engine:
         del init_images, mask
         run = runner.Run("img2img" if req.is_img2img else "txt2img", JobState(), request.n_iter,
                          2 if request.hires else 1)
-        if job is not None:
-            job.control = run.state
-            if job.stop_reason is not None:  # cancelled between leaving the queue and starting
-                run.state.interrupt()
+        job.control = run.state
+        if job.stop_reason is not None:  # cancelled between leaving the queue and starting
+            run.state.interrupt()
         self.job, self.preview = run, None
         try:
             self.ensure_model(settings)
@@ -233,18 +222,10 @@ class Engine:
                               **self.models.infotext_hashes())
         finally:
             self.job, self.last_timestamp = None, run.timestamp
-            if job is not None:
-                job.steps_done, job.sampling_seconds = run.steps_done, time.time() - run.started
+            job.steps_done, job.sampling_seconds = run.steps_done, time.time() - run.started
         if not req.override_settings_restore_afterwards:
             self.options.update(prepared.overrides)
         return result, settings
-
-    def execute(self, job: jobs.Job) -> None:
-        """(GPU worker) Run a queued job (server/runner.py)."""
-        runner.execute(self, job)
-
-    def job_finished(self, job: jobs.Job) -> None:
-        runner.job_finished(self, job)
 
     def folders(self) -> list[str]:
         lib = self.library
@@ -316,22 +297,19 @@ async def set_options(request: Request):
 async def progress(request: Request):
     """Progress of the running job (global, as in A1111)."""
     engine = _engine(request)
-    job = engine.job
     skip = request.query_params.get("skip_current_image", "false").lower() in ("1", "true", "yes", "on")
-    if job is not None and not skip:
+    watching = engine.job is not None and not skip
+    if watching:
         engine.preview_wanted = True  # previews are only made while someone watches
-    preview = engine.preview if job is not None and not skip else None
-    return JSONResponse(a1111.progress_json(job, engine.last_timestamp, preview))
+    preview = engine.preview if watching else None
+    return JSONResponse(a1111.progress_json(engine.job, engine.last_timestamp, preview))
 
 
 async def interrupt(request: Request):
     """Stop the running job; it returns what it has."""
-    engine = _engine(request)
-    if engine.queue.running is not None:
-        engine.queue.running.interrupt("interrupted")
-    job = engine.job
-    if job is not None:
-        job.state.interrupt()
+    running = _engine(request).queue.running
+    if running is not None:
+        running.interrupt("interrupted")  # the job's JobState, or, not yet started, its first check
     return JSONResponse({})
 
 
@@ -371,20 +349,10 @@ async def loras(request: Request):
     return JSONResponse(await run_in_threadpool(engine.library.loras_api, engine.models.model))
 
 
-async def refresh_loras(request: Request):
-    """Rescan the LoRA folder (listings are read fresh each time)."""
-    return JSONResponse(None)
-
-
 async def embeddings(request: Request):
     """Textual-inversion embeddings."""
     engine = _engine(request)
     return JSONResponse(await run_in_threadpool(engine.library.embeddings_api, engine.models.model))
-
-
-async def refresh_embeddings(request: Request):
-    """Rescan the embeddings folder (listings are read fresh each time)."""
-    return JSONResponse(None)
 
 
 async def unload_checkpoint(request: Request):
@@ -401,24 +369,26 @@ async def reload_checkpoint(request: Request):
     return JSONResponse({})
 
 
-async def samplers(request: Request):
-    """Samplers."""
-    return JSONResponse(samplers_api())
-
-
-async def schedulers(request: Request):
-    """Schedulers."""
-    return JSONResponse(schedulers_api())
-
-
-async def latent_upscale_modes(request: Request):
-    """Latent upscale modes for hires fix."""
-    return JSONResponse(a1111.latent_upscale_modes())
-
-
 async def memory(request: Request):
-    """RAM and CUDA memory (bytes)."""
-    return JSONResponse(memory_json())
+    """RAM (this process's resident memory, as A1111 reports it) and CUDA allocator figures, in bytes."""
+    try:
+        page = os.sysconf("SC_PAGE_SIZE")
+        total = page * os.sysconf("SC_PHYS_PAGES")
+        with open("/proc/self/statm") as f:
+            used = int(f.read().split()[1]) * page
+        ram = {"free": total - used, "used": used, "total": total}
+    except (OSError, ValueError, AttributeError) as e:
+        ram = {"error": str(e)}
+    if not torch.cuda.is_available():
+        return JSONResponse({"ram": ram, "cuda": {"error": "unavailable"}})
+    free, total = torch.cuda.mem_get_info()
+    s = torch.cuda.memory_stats()
+    cuda = {"system": {"free": free, "used": total - free, "total": total}}
+    for name, key in [("active", "active_bytes"), ("allocated", "allocated_bytes"),
+                      ("reserved", "reserved_bytes"), ("inactive", "inactive_split_bytes")]:
+        cuda[name] = {"current": s.get(f"{key}.all.current", 0), "peak": s.get(f"{key}.all.peak", 0)}
+    cuda["events"] = {"retries": s.get("num_alloc_retries", 0), "oom": s.get("num_ooms", 0)}
+    return JSONResponse({"ram": ram, "cuda": cuda})
 
 
 async def cmd_flags(request: Request):
@@ -426,20 +396,20 @@ async def cmd_flags(request: Request):
     return JSONResponse(_engine(request).config.flags)
 
 
-def _empty(name: str):
-    """What A1111 answers on a listing that has nothing behind it here: an empty list."""
+def _constant(method: str, name: str, answer, doc: str) -> Route:
+    """A route that always answers `answer`: the fixed tables (samplers, ...), A1111's listings that have
+    nothing behind them here, and the refreshes of listings that are read fresh each time."""
     async def endpoint(request: Request):
-        return JSONResponse([])
-    endpoint.__name__ = name.replace("-", "_")
-    endpoint.__doc__ = f"Nothing behind this here: A1111's empty {name} answer."
-    return endpoint
+        return JSONResponse(answer)
+    endpoint.__name__, endpoint.__doc__ = name.replace("-", "_"), doc
+    return Route(f"{API}/{name}", endpoint, methods=[method])
 
 
 async def openapi(request: Request):
     """This schema."""
     engine = _engine(request)
-    return JSONResponse(openapi_schema(routes + jobs_api.routes, REQUEST_BODIES, engine.limits,
-                                       auth=bool(engine.config.api_auth)))
+    auth = bool(engine.config.api_auth)
+    return JSONResponse(openapi_schema(routes, REQUEST_BODIES, engine.limits, auth=auth))
 
 
 API = "/sdapi/v1"
@@ -454,25 +424,26 @@ routes = [
     Route(f"{API}/options", get_options, methods=["GET"]),
     Route(f"{API}/options", set_options, methods=["POST"]),
     Route(f"{API}/cmd-flags", cmd_flags, methods=["GET"]),
-    Route(f"{API}/samplers", samplers, methods=["GET"]),
-    Route(f"{API}/schedulers", schedulers, methods=["GET"]),
-    Route(f"{API}/latent-upscale-modes", latent_upscale_modes, methods=["GET"]),
+    _constant("GET", "samplers", samplers_api(), "Samplers."),
+    _constant("GET", "schedulers", schedulers_api(), "Schedulers."),
+    _constant("GET", "latent-upscale-modes", a1111.latent_upscale_modes(), "Latent upscale modes."),
     Route(f"{API}/sd-models", sd_models, methods=["GET"]),
     Route(f"{API}/sd-vae", sd_vae, methods=["GET"]),
     Route(f"{API}/refresh-checkpoints", refresh_checkpoints, methods=["POST"]),
     Route(f"{API}/refresh-vae", refresh_vae, methods=["POST"]),
     Route(f"{API}/loras", loras, methods=["GET"]),
-    Route(f"{API}/refresh-loras", refresh_loras, methods=["POST"]),
+    _constant("POST", "refresh-loras", None, "Rescan the LoRA folder (listings are read fresh)."),
     Route(f"{API}/embeddings", embeddings, methods=["GET"]),
-    Route(f"{API}/refresh-embeddings", refresh_embeddings, methods=["POST"]),
+    _constant("POST", "refresh-embeddings", None, "Rescan the embeddings folder (listings are read fresh)."),
     Route(f"{API}/unload-checkpoint", unload_checkpoint, methods=["POST"]),
     Route(f"{API}/reload-checkpoint", reload_checkpoint, methods=["POST"]),
     Route(f"{API}/memory", memory, methods=["GET"]),
-    *scripts.routes,  # --- scripts hook: /scripts and /script-info (before the empty listings) ---
-    *[Route(f"{API}/{name}", _empty(name), methods=["GET"])
+    *scripts.routes,  # /scripts and /script-info (before the empty listings)
+    *[_constant("GET", name, [], f"Nothing behind this here: A1111's empty {name} answer.")
       for name in ("prompt-styles", "face-restorers", "hypernetworks", "extensions")],
     Route("/openapi.json", openapi, methods=["GET"], include_in_schema=False),
     *ui.routes,  # the web page at / and its helpers under /sd15/v1
+    *jobs_api.routes,  # the page's jobs, queue and events under /sd15/v1, and /metrics
 ]
 REQUEST_BODIES = {txt2img: a1111.Txt2ImgRequest, img2img: a1111.Img2ImgRequest, png_info: a1111.PngInfoRequest,
                   **extras.REQUEST_BODIES}
@@ -488,10 +459,6 @@ async def _validation_error(request: Request, exc: ValidationError):
 
 async def _http_error(request: Request, exc: HTTPException):  # routing: 404, 405 in FastAPI's words
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
-
-
-async def _server_error(request: Request, exc: Exception):
-    return JSONResponse(ApiError(500, error=type(exc).__name__, errors=str(exc)).body(), status_code=500)
 
 
 def cors_options(config: ServerConfig) -> dict:
@@ -520,11 +487,10 @@ def create_app(config: ServerConfig, engine: Optional[Engine] = None) -> Starlet
 
     @asynccontextmanager
     async def lifespan(app):
-        eng = engine or await run_in_threadpool(Engine, config)
-        eng.metrics = metrics
-        eng.models.loads = metrics.model_loads
+        eng = engine or await run_in_threadpool(Engine, config, metrics)
         eng.gpu = anyio.CapacityLimiter(1)
-        eng.queue = jobs.JobQueue(eng.execute, eng.gpu, max_size=config.queue_size, on_finish=eng.job_finished)
+        eng.queue = jobs.JobQueue(partial(runner.execute, eng), eng.gpu, max_size=config.queue_size,
+                                  on_finish=partial(runner.job_finished, eng))
         if eng.models.model is None:
             await eng.on_gpu(eng.start)
         async with anyio.create_task_group() as tg:
@@ -544,8 +510,7 @@ def create_app(config: ServerConfig, engine: Optional[Engine] = None) -> Starlet
     middleware.append(Middleware(CORSMiddleware, **cors_options(config)))
     if config.api_auth:
         middleware.append(Middleware(BasicAuth, credentials=config.api_auth))
-    middleware += [Middleware(GZipMiddleware, minimum_size=1000), Middleware(ProcessTime)]
-    handlers = {ApiError: _api_error, ValidationError: _validation_error, HTTPException: _http_error,
-                Exception: _server_error}
-    return Starlette(routes=routes + jobs_api.routes, middleware=middleware, exception_handlers=handlers,
-                     lifespan=lifespan)
+    middleware.append(Middleware(GZipMiddleware, minimum_size=1000))
+    # anything else a route raises becomes A1111's JSON 500 in JsonErrors
+    handlers = {ApiError: _api_error, ValidationError: _validation_error, HTTPException: _http_error}
+    return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)

@@ -200,11 +200,8 @@ class JobQueue:
             except Exception as e:  # a bug or out of memory in the job: a JSON 500, and the server goes on
                 log.exception("job %s failed", job.id)
                 self._finish(job, "failed", JobFailed(500, "", type(e).__name__, str(e)))
-            else:
-                if job.stop_reason is not None and job.state == "running":
-                    self._finish(job, "interrupted", job.error)
-                else:
-                    self._finish(job, "done", None)
+            else:  # job.error: set by the run only when it was stopped (504 timeout, 422 step limit)
+                self._finish(job, "done" if job.stop_reason is None else "interrupted", job.error)
             finally:
                 if job.state == "running":  # cancelled while running (forced shutdown)
                     self._finish(job, "failed", JobFailed(503, "the server shut down while the job ran",

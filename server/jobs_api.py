@@ -21,25 +21,25 @@ from starlette.routing import Route
 
 from server import a1111, runner
 from server.a1111 import ApiError, ValidationError
+from server.inputs import read_json
 
 PREFIX = "/sd15/v1"
 PROGRESS_EVERY = 0.25  # seconds between progress events
 PING_EVERY = 15.0
 
 
-def _job(request: Request):
+def _job(request: Request) -> tuple:
+    """(the queue, the job the path names); 404 when there is none."""
     queue = request.state.engine.queue
     job = queue.get(request.path_params["job_id"])
     if job is None:
         raise ApiError(404, f"no job {request.path_params['job_id']!r} (finished jobs are kept for the last "
                             f"{queue.keep})", error="NotFound")
-    return job
+    return queue, job
 
 
 async def submit_job(request: Request):
     """Queue a txt2img/img2img job; answers at once with its id and place in the queue."""
-    from server.app import read_json  # (app imports this module)
-
     engine = request.state.engine
     body = await read_json(request, engine.limits.max_body_bytes)
     if not isinstance(body, dict):
@@ -70,15 +70,13 @@ async def list_jobs(request: Request):
 
 async def get_job(request: Request):
     """One job; a finished one carries its result and saved files."""
-    job = _job(request)
-    q = request.state.engine.queue
+    q, job = _job(request)
     return JSONResponse(job.json(q.position(job), with_result=job.finished.is_set()))
 
 
 async def delete_job(request: Request):
     """Cancel a queued job or interrupt the running one."""
-    job = _job(request)
-    q = request.state.engine.queue
+    q, job = _job(request)
     q.cancel(job, "cancelled")
     return JSONResponse(job.json(q.position(job)))
 
@@ -92,20 +90,20 @@ def _sse(event: str, data) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-def event_stream(listeners: set, snapshot, running, closed=lambda: False) -> StreamingResponse:
-    """Server-sent events: `queue` first and on every change (`snapshot()`), `progress` of each `running()`
-    job at most every 250 ms (a preview only when a new one was made), `done` when a job finishes (both
-    published into the stream's inbox in `listeners`), a comment line every 15 s. Ends when `closed()` and
-    nothing is left to send, or when the inbox was dropped for not being read. The Ray ingress uses it too."""
+def event_stream(queue, closed=lambda: False) -> StreamingResponse:
+    """Server-sent events of a `jobs.JobQueue` (also the Ray ingress's): `queue` first and on every change,
+    `progress` of each running job at most every 250 ms (a preview only when a new one was made), `done` when
+    a job finishes (both published into the stream's inbox in `queue.listeners`), a comment line every 15 s.
+    Ends when `closed()` and nothing is left to send, or when the inbox was dropped for not being read."""
     inbox: asyncio.Queue = asyncio.Queue(maxsize=256)
-    listeners.add(inbox)
+    queue.listeners.add(inbox)
 
     async def stream():
         try:
-            yield _sse("queue", snapshot())
+            yield _sse("queue", queue.snapshot())
             last_ping = last_progress = time.monotonic()
             last_sent, sent_preview = {}, {}  # job id -> what was sent of it
-            while inbox in listeners:
+            while inbox in queue.listeners:
                 wait = max(0.0, last_progress + PROGRESS_EVERY - time.monotonic())
                 try:
                     event, data = await asyncio.wait_for(inbox.get(), wait)
@@ -116,7 +114,7 @@ def event_stream(listeners: set, snapshot, running, closed=lambda: False) -> Str
                 if closed():
                     return
                 last_progress = time.monotonic()
-                for job in running():
+                for job in queue.running_jobs():
                     p = job.progress
                     if p is None or last_sent.get(job.id) == (p["step"], p["job_no"], job.preview_step):
                         continue
@@ -131,7 +129,7 @@ def event_stream(listeners: set, snapshot, running, closed=lambda: False) -> Str
                     last_ping = time.monotonic()
                     yield b": ping\n\n"
         finally:  # the client left or did not read
-            listeners.discard(inbox)
+            queue.listeners.discard(inbox)
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -140,7 +138,7 @@ def event_stream(listeners: set, snapshot, running, closed=lambda: False) -> Str
 async def events(request: Request):
     """The event stream of this server's queue."""
     q = request.state.engine.queue
-    return event_stream(q.listeners, q.snapshot, q.running_jobs, lambda: q.closed and q.running is None)
+    return event_stream(q, lambda: q.closed and q.running is None)
 
 
 async def metrics(request: Request):

@@ -1,5 +1,5 @@
 """ASGI middleware of the server, outermost first as `create_app` stacks them: `JsonErrors`, `HostCheck`,
-CORS (Starlette's), `BasicAuth` (`--api-auth`), GZip and `ProcessTime`."""
+CORS (Starlette's), `BasicAuth` (`--api-auth`) and GZip."""
 from __future__ import annotations
 
 import asyncio
@@ -32,7 +32,8 @@ async def send_json(send, status: int, body: bytes, headers: Optional[dict] = No
 
 class JsonErrors:
     """Whatever escapes the app before the response started (a bug, a request cancelled by a forced
-    shutdown) -> a JSON 500/503 in A1111's shape, not a plain-text 500; counts responses by status."""
+    shutdown) -> a JSON 500/503 in A1111's shape, not a plain-text 500. Also counts responses by status and
+    adds `X-Process-Time` (seconds) to every response, as A1111 does."""
 
     def __init__(self, app, metrics):
         self.app, self.metrics = app, metrics
@@ -40,13 +41,15 @@ class JsonErrors:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        started = False
+        started, start = False, time.perf_counter()
 
         async def send_counted(message):
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
                 self.metrics.responses[message["status"]] += 1
+                seconds = round(time.perf_counter() - start, 4)
+                MutableHeaders(scope=message).append("X-Process-Time", str(seconds))
             await send(message)
         try:
             await self.app(scope, receive, send_counted)
@@ -139,21 +142,3 @@ class BasicAuth:
         for u, p in self.credentials:  # every pair is compared, whatever matched
             ok |= hmac.compare_digest(user.encode(), u) & hmac.compare_digest(password.encode(), p)
         return None if ok else "Incorrect username or password"
-
-
-class ProcessTime:
-    """`X-Process-Time` (seconds) on every response, as A1111 adds it."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start = time.perf_counter()
-
-        async def send_timed(message):
-            if message["type"] == "http.response.start":
-                MutableHeaders(scope=message).append("X-Process-Time", str(round(time.perf_counter() - start, 4)))
-            await send(message)
-        await self.app(scope, receive, send_timed)

@@ -154,9 +154,12 @@ class Library:
             return next((base + ext for ext in VAE_BESIDE if os.path.isfile(base + ext)), None)
         path = self.find_vae(choice)
         if path is None:
-            raise LookupError(f"VAE '{choice}' not found; valid: Automatic, None"
-                              + "".join(f", {os.path.basename(r)}" for _, r in self.vaes))
+            raise LookupError(self.vae_missing(choice))
         return path
+
+    def vae_missing(self, choice: str) -> str:
+        names = "".join(f", {v['model_name']}" for v in self.vae_api())
+        return f"VAE '{choice}' not found; valid: Automatic, None{names}"
 
     def loras_api(self, model=None) -> list[dict]:
         loras = model.loras if model is not None else Loras(self.lora_dir)

@@ -150,8 +150,7 @@ def openapi_schema(routes, request_bodies: dict, limits, auth: bool) -> dict:
     ref = {name: {"$ref": f"#/components/schemas/{name}"} for name in schemas}
     schemas["JobRequest"] = {"type": "object", "required": ["kind"], "properties": {
         "kind": {"type": "string", "enum": ["txt2img", "img2img"]},
-        "request": {"oneOf": [ref[cls.__name__] for ep, cls in request_bodies.items()
-                              if ep.__name__ in ("txt2img", "img2img")]},
+        "request": {"oneOf": [ref["Txt2ImgRequest"], ref["Img2ImgRequest"]]},
         "save": {"type": "boolean", "default": True}}}
     bodies = {ep.__name__: ref[cls.__name__] for ep, cls in request_bodies.items()}
     bodies["submit_job"] = {"$ref": "#/components/schemas/JobRequest"}

@@ -12,7 +12,7 @@ place:
 - the options: a POST reaches every worker while jobs are held back and is replayed on a restarted worker;
   kept `override_settings` are copied to the other workers;
 - job -> worker: `progress`, `interrupt` and `skip` go to the oldest running job's worker (A1111's current
-  job), `/sd15/v1/jobs/{id}` to that job's; the event stream (server/ray_events.py) covers every worker;
+  job), `/sd15/v1/jobs/{id}` to that job's; the event stream covers every worker;
 - failures: a worker that dies mid-job fails that job with a 502 naming it; Ray restarts the actor
   (`max_restarts=-1`), which is given the options before it takes another job.
 """
@@ -35,15 +35,17 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from server import jobs, ray_events
+from server import jobs
 from server.jobs import JobFailed
+from server.jobs_api import PROGRESS_EVERY, event_stream
 from server.middleware import BasicAuth, error_body
 from server.ray_worker import STALE, Worker
 
 log = logging.getLogger("server.ray")
 
 GENERATE = {"/sdapi/v1/txt2img": "txt2img", "/sdapi/v1/img2img": "img2img"}
-BROADCAST = {"/sdapi/v1/refresh-checkpoints", "/sdapi/v1/refresh-vae", "/sdapi/v1/refresh-loras",
+OPTIONS = "/sdapi/v1/options"
+BROADCAST = {OPTIONS, "/sdapi/v1/refresh-checkpoints", "/sdapi/v1/refresh-vae", "/sdapi/v1/refresh-loras",
              "/sdapi/v1/refresh-embeddings", "/sdapi/v1/unload-checkpoint", "/sdapi/v1/reload-checkpoint"}
 TO_CURRENT_JOB = {"/sdapi/v1/progress", "/sdapi/v1/interrupt", "/sdapi/v1/skip"}
 WORKER_DIED = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
@@ -170,11 +172,13 @@ class Ingress:
             own = await self._own(path[len("/sd15/v1/"):], method, body)
             if own is not None:
                 return own
-        if method == "POST" and path == "/sdapi/v1/options":
-            return await self._set_options(headers, body)
-        if method == "POST" and path in BROADCAST:
+        if method == "POST" and path in BROADCAST:  # every worker; answered with the first failure, if any
             replies = await self._broadcast(method, path, headers, body)
-            return _response(replies[0][1] if replies else _failure(503, "Unavailable", "no worker is up"))
+            if not replies:
+                return _response(_failure(503, "Unavailable", "no worker is up"))
+            if path == OPTIONS and any(r[0] == 200 for r in replies):
+                self.options_set.update(json.loads(body))
+            return _response(next((r for r in replies if r[0] != 200), replies[0]))
         slot = self._pick(request, path)
         if path == "/sdapi/v1/interrupt" and slot.index in self.queue.active:
             self.queue.active[slot.index].stop_reason = "interrupted"
@@ -274,31 +278,22 @@ class Ingress:
                     await asyncio.sleep(0.2)
             if self.options_set:
                 body = json.dumps(self.options_set).encode()
-                reply = await slot.actor.call.remote("POST", "/sdapi/v1/options", b"", self.internal_headers, body,
+                reply = await slot.actor.call.remote("POST", OPTIONS, b"", self.internal_headers, body,
                                                      info["incarnation"])
                 if reply == STALE or reply[0] != 200:
                     raise RuntimeError(f"worker {slot.index}: replaying the options failed: {reply}")
             self._seen(slot, info)
 
     async def _broadcast(self, method: str, path: str, headers, body: bytes) -> list:
-        """The same request to every worker, jobs held back meanwhile -> [(slot, reply)]; a worker being
-        restarted is skipped (it gets the options when it is back)."""
+        """The same request to every worker, jobs held back meanwhile -> the replies; a worker being restarted
+        is skipped (it gets the options when it is back)."""
         async with self.options_lock:
             self.queue.paused = True
             try:
                 slots = [s for s in self.slots if s.incarnation is not None]
-                replies = await asyncio.gather(*[self._call(s, method, path, b"", headers, body) for s in slots])
+                return await asyncio.gather(*[self._call(s, method, path, b"", headers, body) for s in slots])
             finally:
                 self.queue.resume()
-        return list(zip(slots, replies))
-
-    async def _set_options(self, headers, body: bytes) -> Response:
-        replies = [r for _, r in await self._broadcast("POST", "/sdapi/v1/options", headers, body)]
-        if not replies:
-            return _response(_failure(503, "Unavailable", "no worker is up"))
-        if any(r[0] == 200 for r in replies):
-            self.options_set.update(json.loads(body))
-        return _response(next((r for r in replies if r[0] != 200), replies[0]))
 
     async def _keep_overrides(self, slot: Slot, job: Job) -> None:
         """`override_settings` without `override_settings_restore_afterwards` stay set (A1111): copy the values
@@ -310,14 +305,15 @@ class Ingress:
         overrides = request.get("override_settings") or {}
         if not overrides or request.get("override_settings_restore_afterwards", True):
             return
-        status, _, body = await self._call(slot, "GET", "/sdapi/v1/options", b"", self.internal_headers, b"")
+        status, _, body = await self._call(slot, "GET", OPTIONS, b"", self.internal_headers, b"")
         if status != 200:
             return
         kept = {k: v for k, v in json.loads(body).items() if k in overrides}
         self.options_set.update(kept)
         others = [s for s in self.slots if s is not slot and s.incarnation is not None]
-        await asyncio.gather(*[self._call(s, "POST", "/sdapi/v1/options", b"", self.internal_headers,
-                                          json.dumps(kept).encode()) for s in others])
+        body = json.dumps(kept).encode()
+        await asyncio.gather(*[self._call(s, "POST", OPTIONS, b"", self.internal_headers, body)
+                               for s in others])
 
     async def _own(self, rest: str, method: str, body: bytes) -> Optional[Response]:
         """/sd15/v1: the queue, jobs and workers as the ingress sees them; None: not the ingress's own."""
@@ -341,22 +337,30 @@ class Ingress:
             if isinstance(job, Response):
                 return job
             return JSONResponse({"id": job.id, "position": self.queue.position(job)}, 202)
-        if rest == "events" and method == "GET":
-            return ray_events.stream(self)
+        if rest == "events" and method == "GET":  # the single server's stream; a poller feeds it the progress
+            if self.poller is None or self.poller.done():
+                self.poller = asyncio.get_running_loop().create_task(self._poll())
+            return event_stream(self.queue)
         if rest.startswith("jobs/") and method in ("GET", "DELETE"):
             job = self.queue.get(rest[len("jobs/"):])
             if job is None:
                 return JSONResponse({"detail": "Not Found"}, 404)
-            if method == "DELETE" and job.state == "running":  # interrupted on its worker
-                job.stop_reason = "interrupted"
-                slot = self.slots[job.worker]
-                await self._call(slot, "POST", "/sdapi/v1/interrupt", b"", self.internal_headers, b"")
-            elif method == "DELETE":
-                self.queue.cancel(job)
+            if method == "DELETE":  # queued: dropped; running: marked, then interrupted on its worker
+                self.queue.cancel(job, "interrupted")
+                if job.state == "running":
+                    slot = self.slots[job.worker]
+                    await self._call(slot, "POST", "/sdapi/v1/interrupt", b"", self.internal_headers, b"")
             if job.state == "running":
                 await self.refresh(job)
             return JSONResponse(job.json(self.queue.position(job), with_result=True))
         return None
+
+    async def _poll(self) -> None:
+        """While someone listens to the events: every 250 ms, the progress and new previews of every running
+        job from its worker (Ray calls awaited concurrently, so the ingress's loop serves on meanwhile)."""
+        while self.queue.listeners:
+            await asyncio.gather(*[self.refresh(job) for job in self.queue.running_jobs()])
+            await asyncio.sleep(PROGRESS_EVERY)
 
     async def refresh(self, job: Job) -> None:
         """The running `job`'s progress and newest preview, asked of its worker (a worker that does not answer
@@ -418,12 +422,11 @@ def stop() -> None:
         ray.shutdown()
 
 
-def main(config, args) -> int:
+def main(config, args, host: str) -> int:
     """`sd15-server --ray ...`: serve until Ctrl-C or SIGTERM."""
     import signal
     import threading
 
-    host = args.server_name or ("0.0.0.0" if args.listen else "127.0.0.1")
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     try:

@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from server.a1111 import ApiError, ValidationError, png_info
 from server.inputs import read_json
+from server.models import scan
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 PREFIX = "/sd15/v1"
@@ -28,8 +29,12 @@ TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=u
          ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png", ".ico": "image/x-icon"}
 
 
-def _static_response(request: Request, path: str) -> Response:
-    """A file under STATIC with a content ETag; 304 when the browser already has it."""
+async def static(request: Request):
+    """The web page (at /) and its assets: files under server/static, none outside it, with a content ETag
+    (304 when the browser already has the file)."""
+    path = _inside(STATIC, request.path_params.get("path", "index.html"))
+    if path is None or not os.path.isfile(path):
+        return JSONResponse({"detail": "Not Found"}, status_code=404)
     with open(path, "rb") as f:
         data = f.read()
     etag = '"' + hashlib.sha1(data).hexdigest()[:20] + '"'
@@ -39,19 +44,6 @@ def _static_response(request: Request, path: str) -> Response:
     ext = os.path.splitext(path)[1].lower()
     media = TYPES.get(ext) or mimetypes.guess_type(path)[0] or "application/octet-stream"
     return Response(data, media_type=media, headers=headers)
-
-
-async def page(request: Request):
-    """The web page."""
-    return _static_response(request, os.path.join(STATIC, "index.html"))
-
-
-async def static(request: Request):
-    """The page's assets (no path outside server/static)."""
-    path = _inside(STATIC, request.path_params["path"])
-    if path is None or not os.path.isfile(path):
-        return JSONResponse({"detail": "Not Found"}, status_code=404)
-    return _static_response(request, path)
 
 
 def _inside(root: str, rel: str) -> Optional[str]:
@@ -116,23 +108,13 @@ async def tokens(request: Request):
 
 def list_history(outdir: str) -> list[tuple[float, str, str]]:
     """(mtime, path relative to outdir with "/", absolute path) of every saved image, newest first."""
-    if not outdir or not os.path.isdir(outdir):
-        return []
-    root = os.path.realpath(outdir)
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for fn in filenames:
-            if fn.startswith(".") or os.path.splitext(fn)[1].lower() not in IMAGE_TYPES:
-                continue
-            path = os.path.join(dirpath, fn)
-            try:
-                mtime = os.stat(path).st_mtime
-            except OSError:
-                continue
-            found.append((mtime, os.path.relpath(path, root).replace(os.sep, "/"), path))
-    found.sort(key=lambda t: (t[0], t[1]), reverse=True)
-    return found
+    for path, rel in scan(outdir, tuple(IMAGE_TYPES)):
+        try:
+            found.append((os.stat(path).st_mtime, rel, path))
+        except OSError:  # deleted meanwhile
+            pass
+    return sorted(found, reverse=True)
 
 
 def history_item(mtime: float, rel: str, path: str) -> dict:
@@ -184,7 +166,7 @@ async def history_file(request: Request):
 
 
 routes = [
-    Route("/", page, methods=["GET"], include_in_schema=False),
+    Route("/", static, methods=["GET"], include_in_schema=False),
     Route("/static/{path:path}", static, methods=["GET"], include_in_schema=False),
     Route(f"{PREFIX}/tokens", tokens, methods=["POST"]),
     Route(f"{PREFIX}/history", history, methods=["GET"]),

@@ -76,10 +76,6 @@ def run_plan(plan: Plan, generate: Callable) -> Result:
     return out
 
 
-# =============================================================================================
-# /sdapi/v1/scripts, /sdapi/v1/script-info
-# =============================================================================================
-
 def _arg(label, value, minimum=None, maximum=None, step=None, choices=None) -> dict:
     return {"label": label, "value": value, "minimum": minimum, "maximum": maximum, "step": step, "choices": choices}
 

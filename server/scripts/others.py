@@ -27,21 +27,12 @@ def _merge(results: list) -> Result:
     """The lists of several generations concatenated, the first one's info with A1111's `all_*` lists."""
     info = dict(results[0].info) if results else {}
     out = Result(images=[], seeds=[], subseeds=[], infotexts=[], info=info)
-    for r in results:
-        out.images += r.images
-        out.infotexts += r.infotexts
-        out.seeds += r.seeds
-        out.subseeds += r.subseeds
-        out.prompts += r.prompts
-        out.negative_prompts += r.negative_prompts
+    for name in ("images", "infotexts", "seeds", "subseeds", "prompts", "negative_prompts"):
+        setattr(out, name, [x for r in results for x in getattr(r, name)])
     out.info.update(all_prompts=out.prompts, all_negative_prompts=out.negative_prompts, all_seeds=out.seeds,
                     all_subseeds=out.subseeds, infotexts=out.infotexts, index_of_first_image=0)
     return out
 
-
-# =============================================================================================
-# Prompt matrix
-# =============================================================================================
 
 PROMPT_MATRIX = "Prompt matrix"
 
@@ -97,10 +88,6 @@ def plan_prompt_matrix(args: list, request: dict, *, rng: random.Random) -> Plan
         return out
     return Plan(requests, combine)
 
-
-# =============================================================================================
-# Prompts from file or textbox
-# =============================================================================================
 
 PROMPTS_FROM_FILE = "Prompts from file or textbox"
 
@@ -199,10 +186,6 @@ def plan_prompts_from_file(args: list, request: dict, *, choices: Optional[dict]
             seed += int(base.get("batch_size") or 1) * int(base.get("n_iter") or 1)
     return Plan(requests, _merge)
 
-
-# =============================================================================================
-# SD upscale
-# =============================================================================================
 
 SD_UPSCALE = "SD upscale"
 

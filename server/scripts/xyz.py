@@ -138,10 +138,6 @@ def supported_labels(kind: str) -> list:
     return [a.label for a in axes_for(kind) if a.apply is not None]
 
 
-# =============================================================================================
-# Values
-# =============================================================================================
-
 def _ranges(number: str, step: str) -> tuple:
     """A1111's `re_range` (`1-5 (+2)`) and `re_range_count` (`1-10 [5]`) for one number syntax."""
     return (re.compile(rf"\s*{number}\s*-\s*{number}(?:\s*\(([+-]{step})\s*\))?\s*"),
@@ -239,10 +235,6 @@ def _confirm(axis: Axis, values: list, choices: Optional[dict]) -> list:
         out.append(match)
     return out
 
-
-# =============================================================================================
-# Plan and combine
-# =============================================================================================
 
 def _axis(type_arg, options: list, which: str, kind: str) -> Axis:
     """The axis an X/Y/Z type argument names: an index into the tab's axes (A1111's dropdown) or a label."""
