@@ -263,16 +263,6 @@ def check(req: _GenerationRequest, limits: Limits, settings: Optional[dict] = No
         raise ApiError(400, str(e)) from None
 
 
-def decode_image(data: str, name: str, limits: Limits):
-    """A request image (base64 or data URL) -> PIL image as decoded; bad or oversized data -> 400."""
-    if data.strip().startswith(("http://", "https://")):
-        raise ApiError(400, f"{name}: image URLs are not fetched by this server; send the image as base64")
-    try:
-        return imgs.load_image(data, max_pixels=limits.max_image_pixels, mode=None)
-    except ValueError as e:
-        raise ApiError(400, f"{name}: {e}") from None
-
-
 def image_format(settings: dict) -> dict:
     """`sd15.a1111.images.encode_image`'s format arguments from A1111's options."""
     return {"fmt": settings["samples_format"], "quality": settings["jpeg_quality"],
@@ -325,9 +315,7 @@ _TECHNICAL_INFO = {"parameters", "exif", "icc_profile", "dpi", "jfif", "jfif_ver
 def png_info(image) -> dict:
     """POST /png-info: the infotext (PNG `parameters` chunk or EXIF UserComment), the other
     string-ish info keys, the parsed infotext, and (not in A1111) the request fields it restores."""
-    text = image.info.get("parameters")
-    if not isinstance(text, str):
-        text = _exif_user_comment(image) or ""
+    text = read_infotext(image)
     items = {}
     for key, value in image.info.items():
         if key in _TECHNICAL_INFO or not isinstance(key, str):
@@ -337,6 +325,13 @@ def png_info(image) -> dict:
     parameters = infotext.parse_infotext(text)
     return {"info": text, "items": items, "parameters": parameters,
             "request": infotext.request_from_infotext(parameters)}
+
+
+def read_infotext(image) -> str:
+    """An image's infotext as A1111's `read_info_from_image` finds it: a non-empty EXIF UserComment (what
+    jpg and webp carry), else the PNG's `parameters` text."""
+    text = _exif_user_comment(image) or image.info.get("parameters")
+    return text if isinstance(text, str) else ""
 
 
 def _exif_user_comment(image) -> Optional[str]:

@@ -24,8 +24,9 @@ from sd15.a1111.images import encode_image
 from sd15.schema import range_problem
 from sd15.upscale import (ESRGAN_TILE, ESRGAN_TILE_OVERLAP, REALESRGAN_NAMES, Upscalers, list_upscalers,
                           upscaled_size)
-from server.a1111 import ApiError, _exif_user_comment, _Request, decode_image, image_format
+from server.a1111 import ApiError, _Request, image_format, read_infotext
 from server.coerce import ValidationError, convert
+from server.inputs import decode_image
 
 #: A1111's `images.IGNORED_INFO_KEYS`: image info that `read_info_from_image` does not carry over.
 IGNORED_INFO_KEYS = {"jfif", "jfif_version", "jfif_unit", "jfif_density", "dpi", "exif", "loop", "background",
@@ -196,7 +197,7 @@ def run_extras(upscalers: Upscalers, images: list, req: ExtrasBaseRequest, setti
         # what A1111's `run_postprocessing` keeps of `read_info_from_image`: the input's info but the
         # technical keys, its infotext (EXIF UserComment, else the PNG's `parameters`), the step's infotext
         chunks = {k: v for k, v in image.info.items() if k not in IGNORED_INFO_KEYS and k != "parameters"}
-        if parameters := _exif_user_comment(image) or image.info.get("parameters"):
+        if parameters := read_infotext(image):
             chunks["parameters"] = parameters
         chunks["postprocessing"] = text
         data = encode_image(result, chunks if settings["enable_pnginfo"] else None, **image_format(settings))

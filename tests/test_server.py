@@ -772,6 +772,20 @@ def test_png_info_reads_jpeg_exif_user_comment(client):
     assert out["info"] == "a cat\nSteps: 20, Sampler: Euler, Seed: 9" and out["parameters"]["Seed"] == "9"
 
 
+def test_png_info_prefers_a_non_empty_exif_user_comment_to_the_png_text(client):
+    """A1111's `read_info_from_image`: the EXIF UserComment, when there is one, wins over `parameters`."""
+    from PIL.PngImagePlugin import PngInfo
+    meta = PngInfo()
+    meta.add_text("parameters", "from the text chunk")
+    for comment, want in [("from exif", "from exif"), ("", "from the text chunk")]:
+        exif = Image.Exif()
+        exif.get_ifd(0x8769)[0x9286] = b"UNICODE\x00" + comment.encode("utf-16-be")
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32)).save(buf, format="PNG", pnginfo=meta, exif=exif.tobytes())
+        out = client.post(f"{API}/png-info", json={"image": base64.b64encode(buf.getvalue()).decode()}).json()
+        assert out["info"] == want
+
+
 def decoded(b64: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(b64)))
 
