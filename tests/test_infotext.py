@@ -765,7 +765,9 @@ BARE_REQUEST = {
     "hr_upscaler": None, "hr_second_pass_steps": 0, "hr_resize_x": 0, "hr_resize_y": 0,
     "hr_sampler_name": None, "hr_scheduler": None, "hr_prompt": "", "hr_negative_prompt": "",
     "randn_source": "GPU", "eta_noise_seed_delta": 0, "clip_skip": 1, "eta_ddim": 0.0, "eta_ancestral": 1.0,
-    "emphasis": "Original"}
+    "emphasis": "Original", "s_min_uncond": None, "sigma_min": 0.0, "sigma_max": 0.0, "rho": 0.0,
+    "beta_dist_alpha": 0.6, "beta_dist_beta": 0.6, "always_discard_next_to_last_sigma": False,
+    "skip_early_cond": 0.0, "s_min_uncond_all": False}
 
 PASTED = [  # (infotext as A1111 wrote it, the request fields A1111's paste gives)
     ("p\nModel: x, Model hash: 0123456789, Version: v1.10.1", {}),
@@ -808,11 +810,19 @@ PASTED = [  # (infotext as A1111 wrote it, the request fields A1111's paste give
     # A1111's sd_hijack_clip writes the emphasis mode when it is not "Original"
     ("a (cat:1.2)\nSteps: 9, Sampler: Euler, Seed: 8, Emphasis: No norm, Version: v1.10.1",
      {"prompt": "a (cat:1.2)", "steps": 9, "sampler_name": "Euler", "seed": 8, "emphasis": "No norm"}),
+    # the schedule and CFG-skip options by their options' infotext keys; A1111 writes "Beta schedule beta"
+    # but pastes only its option's "Beta scheduler beta"
+    ("p\nSteps: 9, Sampler: Euler, Schedule type: Beta, Seed: 8, Discard penultimate sigma: True, "
+     "Schedule min sigma: 0.1, Schedule max sigma: 10.0, Schedule rho: 5.0, Beta scheduler alpha: 0.5, "
+     "Beta schedule beta: 0.4, Skip Early CFG: 0.2, NGMS: 1.5, NGMS all steps: True, Version: v1.10.1",
+     {"steps": 9, "sampler_name": "Euler", "scheduler": "beta", "seed": 8,
+      "always_discard_next_to_last_sigma": True, "sigma_min": 0.1, "sigma_max": 10.0, "rho": 5.0,
+      "beta_dist_alpha": 0.5, "skip_early_cond": 0.2, "s_min_uncond": 1.5, "s_min_uncond_all": True}),
 ]
 
 
 @pytest.mark.parametrize("text, changed", PASTED,
-                         ids=["bare", "hires", "inpaint", "old-names", "odd", "lenient", "emphasis"])
+                         ids=["bare", "hires", "inpaint", "old-names", "odd", "lenient", "emphasis", "schedule"])
 def test_request_from_infotext(text, changed):
     assert set(changed) <= set(BARE_REQUEST)
     request = it.request_from_infotext(parse_infotext(text))
