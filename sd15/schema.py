@@ -119,9 +119,10 @@ class GenerationRequest:
                                 infotext=('Beta scheduler alpha',))
     beta_dist_beta: float = _f(0.6, "settings", "A1111's option: the Beta schedule's β", 0.01, 1.0,
                                infotext=('Beta scheduler beta',))
-    always_discard_next_to_last_sigma: bool = _f(False, "settings", "A1111's option: every sampler makes its "
-                                                                    "schedule for steps + 1 and drops the "
-                                                                    "penultimate σ",
+    always_discard_next_to_last_sigma: bool = _f(False, "settings", "A1111's option: every sampler's "
+                                                                    "schedule is made for steps + 1, then "
+                                                                    "loses its penultimate σ (DDIM, PLMS, "
+                                                                    "UniPC: kept)",
                                                  infotext=('Discard penultimate sigma',))
     skip_early_cond: float = _f(0.0, "settings", "A1111's option: this fraction of the steps, the first, run "
                                                  "without the negative prompt (no CFG)", 0.0, 1.0,

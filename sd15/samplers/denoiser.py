@@ -86,10 +86,10 @@ class CFGDenoiser(nn.Module):
     (AND-subprompts), `step` the model calls so far (prompt editing); `uncond` a tensor or `uncond(step)`.
     Cond and uncond of different lengths run as two UNet batches, unless `pad_cond_uncond` appends copies
     of `empty_cond` (the [1, 77, 768] encoding of "") to the shorter one or `pad_cond_uncond_v0` repeats
-    the uncond's last vector or truncates it. The uncond is dropped, and the first cond's output returned
-    unguided, while the calls so far are at most `skip_early_cond` of `total_steps` (the sampler sets it), and
-    by NGMS on odd calls (every call with `s_min_uncond_all`) once σ (or t) is below `s_min_uncond`; each
-    adds its entries to `infotext` when it first skips, as A1111's `p.extra_generation_params`.
+    the uncond's last vector or truncates it. The uncond is skipped (the first cond's output returned
+    unguided) while the calls so far are at most a `skip_early_cond` fraction of `total_steps` (set by
+    `sample`), and by NGMS on odd calls (every call with `s_min_uncond_all`) once σ (or t) is below
+    `s_min_uncond`; a skip adds its entries to `infotext`, as A1111's to `p.extra_generation_params`.
     `host_sigma = True` asks sd15's samplers for a host σ (see the module docstring).
     """
 
