@@ -127,7 +127,7 @@ def _generate(model, r: ResolvedRequest, job: Job, state: JobState, callback, mo
         job.networks.activate()  # merge the prompt's LoRAs (nothing to do when they already are)
         cond = job.conditioning([job.prompt] * B, [r.negative_prompt] * B,
                                 _schedule_steps(r.sampler, r.steps))
-        x = _sample(model, r, cond, r.sampler, r.scheduler, r.steps, rng, state, callback, **img2img)
+        x = _sample(model, job, r, cond, r.sampler, r.scheduler, r.steps, rng, state, callback, **img2img)
         if init is not None:
             x = init.blend(x)
         if r.hires and not state.interrupted:  # after a skip too: A1111 upscales what the first pass has
@@ -143,8 +143,7 @@ def _generate(model, r: ResolvedRequest, job: Job, state: JobState, callback, mo
     state.job_no = state.job_count
     state.skipped = False
 
-    extra = {**job.networks.infotext_params(), **job.emphasis_params,
-             **({"NGMS": r.s_min_uncond} if r.s_min_uncond else {})}
+    extra = {**job.networks.infotext_params(), **job.infotext_params}
     info_kw = dict(model=_model_entries(model, model_hash, vae_hash), extra=extra,
                    has_mask=init is not None and init.mask is not None)
     texts = [infotext.create_infotext(r, i, **info_kw) for i in kept]
@@ -170,12 +169,15 @@ def _schedule_steps(sampler, steps: int) -> int:
     return steps * (2 if sampler.second_order else 1)
 
 
-def _sample(model, r: ResolvedRequest, cond, sampler, scheduler, steps: int, rng: ImageRNG, state: JobState,
-            callback, *, init_latent=None, mask=None, nmask=None, fix_steps=False, noise_multiplier=None):
+def _sample(model, job: Job, r: ResolvedRequest, cond, sampler, scheduler, steps: int, rng: ImageRNG,
+            state: JobState, callback, *, init_latent=None, mask=None, nmask=None, fix_steps=False,
+            noise_multiplier=None):
     """One sampler run over one batch with its `cond = (cond, uncond)` -> latents (B, 4, h, w); img2img starts
-    from `init_latent` and keeps it where `mask` is 1."""
+    from `init_latent` and keeps it where `mask` is 1. The denoiser notes its skips in the job's infotext."""
     denoiser = make_denoiser(sampler.name, model.unet, model.alphas_cumprod.to(model.device), *cond,
-                             r.cfg_scale, s_min_uncond=r.s_min_uncond or 0.0)
+                             r.cfg_scale, s_min_uncond=r.s_min_uncond or 0.0,
+                             s_min_uncond_all=r.s_min_uncond_all, skip_early_cond=r.skip_early_cond,
+                             infotext=job.infotext_params)
     denoiser.set_mask(mask, nmask, init_latent)
     state.preview_latent = denoiser.preview_latent
 
@@ -196,7 +198,9 @@ def _sample(model, r: ResolvedRequest, cond, sampler, scheduler, steps: int, rng
         return sample(sampler.name, denoiser, rng, steps, scheduler=scheduler.label, init_latent=init_latent,
                       denoising_strength=r.strength, fix_steps=fix_steps, eta=r.eta_of(sampler),
                       s_churn=r.s_churn, s_tmin=r.s_tmin, s_tmax=r.s_tmax, s_noise=r.s_noise,
-                      initial_noise_multiplier=noise_multiplier, callback=on_step)
+                      initial_noise_multiplier=noise_multiplier, callback=on_step, sigma_min=r.sigma_min,
+                      sigma_max=r.sigma_max, rho=r.rho, beta_alpha=r.beta_dist_alpha, beta_beta=r.beta_dist_beta,
+                      always_discard_penultimate=r.always_discard_next_to_last_sigma)
     except Interrupted:  # A1111 keeps the last denoised estimate
         if state.current_latent is None:  # txt2img stopped before its first step finished
             return torch.zeros(len(rng.seeds), *rng.shape, device=rng.device)
@@ -223,8 +227,8 @@ def _hires_pass(model, job: Job, r: ResolvedRequest, x, seeds, subseeds, state, 
     steps = dict(steps=_schedule_steps(r.sampler, r.steps), hires_steps=_schedule_steps(hr.sampler, hr.steps))
     cond = job.conditioning([job.hr_prompt] * B, [hr.negative_prompt] * B, **steps)
     rng = _image_rng(model, r, tuple(z.shape[1:]), seeds, subseeds)  # a new RNG at the hires shape
-    return _sample(model, r, cond, hr.sampler, hr.scheduler, hr.steps, rng, state, callback, init_latent=z,
-                   fix_steps=True)
+    return _sample(model, job, r, cond, hr.sampler, hr.scheduler, hr.steps, rng, state, callback,
+                   init_latent=z, fix_steps=True)
 
 
 def _model_entries(model, model_hash, vae_hash) -> dict:
@@ -293,7 +297,8 @@ class Job:
     the LoRAs merged for it (restored bit for bit when its `with` block ends), the textual-inversion
     embeddings its prompts matched, the conditioning cache (`encode`: the text options of
     `batch_conditioning`), and an fp32 copy of a half-precision VAE made only when a decode overflows.
-    `tiling`: a seamless-tiling job; `emphasis_params`: the infotext's "Emphasis" entry, once written."""
+    `tiling`: a seamless-tiling job; `infotext_params`: the entries noted while it runs ("Emphasis", and the
+    CFG denoiser's "Skip Early CFG" / "NGMS"), in the order A1111 adds them."""
 
     def __init__(self, model, r: ResolvedRequest):
         self.model = model
@@ -302,8 +307,9 @@ class Job:
         self.prompt, networks = extract_networks(r.prompt)
         self.hr_prompt, hr_networks = extract_networks(r.hires.prompt) if r.hires else (self.prompt, None)
         self.networks = NetworkJob(model, networks, hr_networks)
-        self.encode = dict(cache={}, clip_skip=r.clip_skip, emphasis=r.emphasis, **self.networks.text_hooks())
-        self.emphasis_params: dict[str, str] = {}
+        self.encode = dict(cache={}, clip_skip=r.clip_skip, emphasis=r.emphasis,
+                           comma_padding_backtrack=r.comma_padding_backtrack, **self.networks.text_hooks())
+        self.infotext_params: dict[str, Any] = {}
 
     def conditioning(self, prompts: list[str], negative_prompts: list[str], steps: int, **kw):
         """`batch_conditioning` with this job's text options. Notes "Emphasis" as A1111's
@@ -312,7 +318,7 @@ class Job:
         cond, uncond = batch_conditioning(self.model, prompts, negative_prompts, steps, **kw, **self.encode)
         texts = [text for s in cond.scheduled + uncond.scheduled for _, text in s.schedule]
         if self.encode["emphasis"] != "Original" and any("(" in t or "[" in t for t in texts):
-            self.emphasis_params["Emphasis"] = self.encode["emphasis"]
+            self.infotext_params["Emphasis"] = self.encode["emphasis"]
         return cond, uncond
 
     def vae_fp32(self):

@@ -56,7 +56,8 @@ class GenerationRequest:
     s_tmin: Optional[float] = _f(None, "sampling", "", 0.0, 1000.0)
     s_tmax: Optional[float] = _f(None, "sampling", "", 0.0, 1000.0)
     s_noise: Optional[float] = _f(None, "sampling", "", 0.0, 1000.0)
-    s_min_uncond: Optional[float] = _f(None, "sampling", "negative guidance minimum sigma (NGMS)", 0.0, 1000.0)
+    s_min_uncond: Optional[float] = _f(None, "sampling", "negative guidance minimum sigma (NGMS)", 0.0,
+                                       1000.0, infotext=('NGMS',))
     tiling: bool = _f(False, "sampling", "seamless tiling: the image wraps around left-right and top-bottom",
         infotext=('Tiling',))
     # size and batch
@@ -104,6 +105,31 @@ class GenerationRequest:
     emphasis: str = _f("Original", "settings", "A1111's option: (word:1.2) weights with the mean restored "
                                                "(Original), without (No norm), parsed but unweighted (Ignore), "
                                                "or not parsed (None)", infotext=('Emphasis',))
+    comma_padding_backtrack: int = _f(20, "settings", "A1111's option: a full 75-token chunk moves the words "
+                                                      "after a comma up to this many tokens back to the next "
+                                                      "(0: never)", 0, 74)
+    sigma_min: float = _f(0.0, "settings", "A1111's option: the schedule's lowest σ (0: the model's)", 0.0,
+                          infotext=('Schedule min sigma',))
+    sigma_max: float = _f(0.0, "settings", "A1111's option: the schedule's highest σ (0: the model's)", 0.0,
+                          infotext=('Schedule max sigma',))
+    rho: float = _f(0.0, "settings", "A1111's option: Karras's and Polyexponential's ρ (0: theirs, 7 and 1)",
+                    0.0, infotext=('Schedule rho',))
+    # A1111 writes "Beta schedule alpha/beta" but its paste reads the options' "Beta scheduler alpha/beta"
+    beta_dist_alpha: float = _f(0.6, "settings", "A1111's option: the Beta schedule's α", 0.01, 1.0,
+                                infotext=('Beta scheduler alpha',))
+    beta_dist_beta: float = _f(0.6, "settings", "A1111's option: the Beta schedule's β", 0.01, 1.0,
+                               infotext=('Beta scheduler beta',))
+    always_discard_next_to_last_sigma: bool = _f(False, "settings", "A1111's option: every sampler's "
+                                                                    "schedule is made for steps + 1, then "
+                                                                    "loses its penultimate σ (DDIM, PLMS, "
+                                                                    "UniPC: kept)",
+                                                 infotext=('Discard penultimate sigma',))
+    skip_early_cond: float = _f(0.0, "settings", "A1111's option: this fraction of the steps, the first, run "
+                                                 "without the negative prompt (no CFG)", 0.0, 1.0,
+                                infotext=('Skip Early CFG',))
+    s_min_uncond_all: bool = _f(False, "settings", "A1111's option: NGMS skips the negative prompt at every "
+                                                   "step below its σ, not every other",
+                                infotext=('NGMS all steps',))
 
     @property
     def is_img2img(self) -> bool:

@@ -292,6 +292,8 @@ _TABLE = {
     "s_tmin": Option(0.0, float, 0.0, 1000.0),
     "s_tmax": Option(0.0, float, 0.0, 1000.0),
     "s_noise": Option(1.0, float, 0.0, 1000.0),
+    # sigma_min ... beta_dist_beta, comma_padding_backtrack, s_min_uncond_all: sd15.schema settings fields,
+    # whose ranges are checked when a request runs with them
     "sigma_min": 0.0,
     "sigma_max": 0.0,
     "rho": 0.0,

@@ -219,6 +219,31 @@ def test_s_min_uncond_skips_the_uncond_on_odd_calls_below_the_threshold():
     assert [call[1].shape[0] for call in inner.calls] == [4, 4]
 
 
+def test_skip_early_cond_skips_the_first_fraction_then_ngms_and_notes_each_at_its_first_skip():
+    """A1111 v1.10's `CFGDenoiser.forward`: calls with step / total_steps <= skip_early_cond run the cond
+    rows only ("Skip Early CFG"); NGMS's entries appear only once it has skipped."""
+    inner, notes = make_inner(), {}
+    model = CFGDenoiser(inner, COND, UNCOND, 7.0, skip_early_cond=0.25, infotext=notes)
+    model.total_steps = 10
+    outs = [model(X, S) for _ in range(5)]
+    assert [call[1].shape[0] for call in inner.calls] == [2, 2, 2, 4, 4]  # 0, 0.1, 0.2 <= 0.25 < 0.3
+    assert torch.equal(outs[2], rows(X, S, COND)) and notes == {"Skip Early CFG": 0.25}
+    inner, notes = make_inner(), {}
+    model = CFGDenoiser(inner, COND, UNCOND, 7.0, s_min_uncond=1.5, infotext=notes)  # σ = 2: never below
+    model(X, S), model(X, S)
+    assert notes == {}
+    model = CFGDenoiser(inner, COND, UNCOND, 7.0, s_min_uncond=3.0, infotext=notes)
+    model(X, S)
+    assert notes == {}  # step 0 is even: nothing skipped yet
+    model(X, S)
+    assert notes == {"NGMS": 3.0}
+    model = CFGDenoiser(inner, COND, UNCOND, 7.0, s_min_uncond=3.0, s_min_uncond_all=True, skip_early_cond=0.1,
+                        infotext=notes)
+    model.total_steps = 4
+    model(X, S), model(X, S)  # step 0 skipped early, step 1 by NGMS
+    assert list(notes.items()) == [("NGMS", 3.0), ("Skip Early CFG", 0.1), ("NGMS all steps", True)]
+
+
 def test_eps_mode_guides_the_timestep_path():
     inner = make_inner()
     t = torch.tensor([951.0, 951.0])

@@ -492,6 +492,28 @@ def test_ngms_follows_the_first_pass_schedule_and_eta():
                                    "Noise multiplier: 0.9, NGMS: 2.0, Version: v1.10.1")
 
 
+def test_schedule_and_cfg_skip_entries_in_a1111s_order():
+    """A1111's `get_sigmas` / `get_timesteps` add "Discard penultimate sigma", the schedule type, the σ, ρ and
+    Beta options of each pass as it starts; its CFG denoiser "Skip Early CFG" and "NGMS" at their first skip.
+    A timestep first pass records no schedule: the hires pass's entries come after its eta and the skips."""
+    extra = {"Emphasis": "No norm", "Skip Early CFG": 0.3, "NGMS": 2.0, "NGMS all steps": True}
+    p = hires(sampler_name="DDIM", eta_ddim=0.2, hr_sampler_name="Euler", hr_scheduler="Beta", hr_scale=1.5,
+              always_discard_next_to_last_sigma=True, sigma_min=0.1, sigma_max=10.0, rho=3.0,
+              beta_dist_alpha=0.5, extra_generation_params=extra)
+    assert params_line(p) == (
+        "Steps: 20, Sampler: DDIM, Schedule type: Automatic, CFG scale: 7.0, Seed: 123, Size: 512x512, "
+        "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Denoising strength: 0.7, Hires sampler: Euler, "
+        "Hires schedule type: Beta, Hires upscale: 1.5, Hires upscaler: Latent, Emphasis: No norm, "
+        "Discard penultimate sigma: True, Eta DDIM: 0.2, Skip Early CFG: 0.3, NGMS: 2.0, NGMS all steps: True, "
+        "Schedule min sigma: 0.1, Schedule max sigma: 10.0, Beta schedule alpha: 0.5, Beta schedule beta: 0.6, "
+        "Version: v1.10.1")
+    p = job(sampler_name="DPM2", scheduler="Karras", always_discard_next_to_last_sigma=True, rho=7.0,
+            sigma_max=10.0)  # DPM2 discards on its own; Karras's own ρ
+    assert params_line(p).endswith("Model: v1-5-pruned-emaonly, Schedule max sigma: 10.0, Version: v1.10.1")
+    p = job(sampler_name="Euler", scheduler="Polyexponential", rho=7.0)
+    assert params_line(p).endswith("Model: v1-5-pruned-emaonly, Schedule rho: 7.0, Version: v1.10.1")
+
+
 def test_no_mask_entries_without_mask():
     line = params_line(job(is_img2img=True, denoising_strength=0.75, inpainting_mask_invert=1))
     assert "Mask" not in line and "Inpaint" not in line
@@ -765,7 +787,9 @@ BARE_REQUEST = {
     "hr_upscaler": None, "hr_second_pass_steps": 0, "hr_resize_x": 0, "hr_resize_y": 0,
     "hr_sampler_name": None, "hr_scheduler": None, "hr_prompt": "", "hr_negative_prompt": "",
     "randn_source": "GPU", "eta_noise_seed_delta": 0, "clip_skip": 1, "eta_ddim": 0.0, "eta_ancestral": 1.0,
-    "emphasis": "Original"}
+    "emphasis": "Original", "s_min_uncond": None, "sigma_min": 0.0, "sigma_max": 0.0, "rho": 0.0,
+    "beta_dist_alpha": 0.6, "beta_dist_beta": 0.6, "always_discard_next_to_last_sigma": False,
+    "skip_early_cond": 0.0, "s_min_uncond_all": False}
 
 PASTED = [  # (infotext as A1111 wrote it, the request fields A1111's paste gives)
     ("p\nModel: x, Model hash: 0123456789, Version: v1.10.1", {}),
@@ -808,11 +832,19 @@ PASTED = [  # (infotext as A1111 wrote it, the request fields A1111's paste give
     # A1111's sd_hijack_clip writes the emphasis mode when it is not "Original"
     ("a (cat:1.2)\nSteps: 9, Sampler: Euler, Seed: 8, Emphasis: No norm, Version: v1.10.1",
      {"prompt": "a (cat:1.2)", "steps": 9, "sampler_name": "Euler", "seed": 8, "emphasis": "No norm"}),
+    # the schedule and CFG-skip options by their options' infotext keys; A1111 writes "Beta schedule beta"
+    # but pastes only its option's "Beta scheduler beta"
+    ("p\nSteps: 9, Sampler: Euler, Schedule type: Beta, Seed: 8, Discard penultimate sigma: True, "
+     "Schedule min sigma: 0.1, Schedule max sigma: 10.0, Schedule rho: 5.0, Beta scheduler alpha: 0.5, "
+     "Beta schedule beta: 0.4, Skip Early CFG: 0.2, NGMS: 1.5, NGMS all steps: True, Version: v1.10.1",
+     {"steps": 9, "sampler_name": "Euler", "scheduler": "beta", "seed": 8,
+      "always_discard_next_to_last_sigma": True, "sigma_min": 0.1, "sigma_max": 10.0, "rho": 5.0,
+      "beta_dist_alpha": 0.5, "skip_early_cond": 0.2, "s_min_uncond": 1.5, "s_min_uncond_all": True}),
 ]
 
 
 @pytest.mark.parametrize("text, changed", PASTED,
-                         ids=["bare", "hires", "inpaint", "old-names", "odd", "lenient", "emphasis"])
+                         ids=["bare", "hires", "inpaint", "old-names", "odd", "lenient", "emphasis", "schedule"])
 def test_request_from_infotext(text, changed):
     assert set(changed) <= set(BARE_REQUEST)
     request = it.request_from_infotext(parse_infotext(text))

@@ -323,6 +323,117 @@ def test_each_pass_takes_the_eta_option_of_its_sampler(model, monkeypatch):
     assert r.infotexts[0].endswith(", Eta DDIM: 0.45, Eta: 0.45, Version: v1.10.1")
 
 
+def _record(monkeypatch, module, name, seen):
+    """Wrap sampler function `name` of `module` to append its third argument (σs or timesteps) to `seen`."""
+    fn = getattr(module, name)
+
+    def wrapped(model, x, schedule, **kw):
+        seen.append(schedule.cpu())
+        return fn(model, x, schedule, **kw)
+    monkeypatch.setattr(module, name, wrapped)
+
+
+@pytest.mark.parametrize("options, entries, changed", [
+    (dict(scheduler="Karras", sigma_min=0.1, sigma_max=10.0, rho=5.0),
+     ", Schedule min sigma: 0.1, Schedule max sigma: 10.0, Schedule rho: 5.0, Version", True),
+    (dict(scheduler="Karras", rho=7.0), None, False),  # Karras's own ρ: not written
+    (dict(scheduler="Exponential", rho=5.0), None, False),  # a schedule without ρ
+    (dict(scheduler="Beta", beta_dist_alpha=0.5, beta_dist_beta=0.7),
+     ", Beta schedule alpha: 0.5, Beta schedule beta: 0.7, Version", True),
+    (dict(scheduler="Beta"), ", Beta schedule alpha: 0.6, Beta schedule beta: 0.6, Version", False),
+    (dict(scheduler="Uniform", always_discard_next_to_last_sigma=True, sigma_min=0.5),  # Uniform ignores σ_min
+     ", Discard penultimate sigma: True, Schedule min sigma: 0.5, Version", True),
+    (dict(sigma_min=0.5), None, False),  # Automatic, the sampler without a schedule of its own: the model's σs
+])
+def test_schedule_options_reach_both_passes_and_the_infotext(model, monkeypatch, options, entries, changed):
+    """A1111's `KDiffusionSampler.get_sigmas`: the σ options make each pass's schedule, and the infotext names
+    those that differ from the schedule's own (after "Discard penultimate sigma" and "Schedule type")."""
+    from sd15.samplers import get_sigmas, kdiffusion
+
+    seen = []
+    _record(monkeypatch, kdiffusion, "sample_euler", seen)
+    r = generate(model, Params(prompt="a tree", seed=1, steps=4, sampler_name="Euler", enable_hr=True,
+                               hr_scale=1.5, hr_second_pass_steps=3, denoising_strength=0.5, **options, **SIZE))
+    scheduler = options.get("scheduler", "Automatic")
+    kw = dict(sigma_min=options.get("sigma_min", 0.0), sigma_max=options.get("sigma_max", 0.0),
+              rho=options.get("rho", 0.0), beta_alpha=options.get("beta_dist_alpha", 0.6),
+              beta_beta=options.get("beta_dist_beta", 0.6),
+              always_discard_penultimate=options.get("always_discard_next_to_last_sigma", False))
+    first = get_sigmas(scheduler, 4, model.alphas_cumprod, sampler="Euler", **kw)
+    hires = get_sigmas(scheduler, 6, model.alphas_cumprod, sampler="Euler", **kw)[3:]  # the last 3 of 6 steps
+    assert torch.equal(seen[0], first) and torch.equal(seen[1], hires)
+    assert changed != torch.equal(first, get_sigmas(scheduler, 4, model.alphas_cumprod, sampler="Euler"))
+    if entries is None:
+        assert r.infotexts[0].endswith(", Hires upscaler: Latent, Version: v1.10.1"), r.infotexts[0]
+    else:
+        assert entries in r.infotexts[0], r.infotexts[0]
+
+
+def test_discard_penultimate_option_on_a_timestep_sampler(model, monkeypatch):
+    """A1111's `CompVisSampler.get_timesteps`: DDIM's grid is made for steps + 1 (nothing is dropped)."""
+    from sd15.samplers import timesteps
+
+    seen = []
+    _record(monkeypatch, timesteps, "sample_ddim", seen)
+    r = generate(model, Params(prompt="a tree", seed=1, steps=4, sampler_name="DDIM",
+                               always_discard_next_to_last_sigma=True, sigma_min=0.5, **SIZE))
+    assert torch.equal(seen[0], timesteps.ddim_timesteps(5))
+    assert r.infotexts[0].endswith(", Discard penultimate sigma: True, Version: v1.10.1"), r.infotexts[0]
+
+
+def _unet_batches(model, monkeypatch):
+    sizes, forward = [], model.unet.forward
+
+    def counted(x, *args, **kw):
+        sizes.append(x.shape[0])
+        return forward(x, *args, **kw)
+    monkeypatch.setattr(model.unet, "forward", counted)
+    return sizes
+
+
+def test_skip_early_cond_and_ngms_in_both_passes(model, monkeypatch):
+    """A1111 v1.10's CFG denoiser: the first `skip_early_cond` of each pass's denoiser calls run without the
+    uncond (one UNet row per image instead of two) and "Skip Early CFG" is written; "NGMS" (and "NGMS all
+    steps") only when NGMS did skip, after the first pass's schedule."""
+    sizes = _unet_batches(model, monkeypatch)
+    kw = dict(prompt="a tree", seed=1, steps=4, sampler_name="Euler", enable_hr=True, hr_scale=1.5,
+              hr_second_pass_steps=4, denoising_strength=0.5, **SIZE)
+    r = generate(model, Params(skip_early_cond=0.5, s_min_uncond=0.001, **kw))  # NGMS below every σ
+    assert sizes == [1, 1, 1, 2] * 2  # 0/4, 1/4, 2/4 <= 0.5 < 3/4, in each pass
+    assert r.infotexts[0].endswith(", Hires upscaler: Latent, Skip Early CFG: 0.5, Version: v1.10.1")
+    sizes.clear()
+    r = generate(model, Params(s_min_uncond=100.0, s_min_uncond_all=True, **kw))
+    assert sizes == [1] * 8
+    assert r.infotexts[0].endswith(", NGMS: 100.0, NGMS all steps: True, Version: v1.10.1"), r.infotexts[0]
+    sizes.clear()
+    r = generate(model, Params(s_min_uncond=100.0, scheduler="Karras", sigma_min=0.1, **kw))
+    assert sizes == [2, 1, 2, 1] * 2
+    assert r.infotexts[0].endswith(", Hires upscaler: Latent, Schedule min sigma: 0.1, NGMS: 100.0, "
+                                   "Version: v1.10.1"), r.infotexts[0]
+
+
+@pytest.mark.parametrize("backtrack", [0, 20])
+def test_comma_padding_backtrack_option_chunks_the_prompt(model, monkeypatch, backtrack):
+    """A1111's `comma_padding_backtrack`: the text encoder sees the prompt's chunks as `chunk_tokens` makes
+    them with the option (a comma 5 tokens before the chunk's end moves the rest on with 20, not with 0)."""
+    from sd15.a1111.prompt import chunk_tokens, parse_prompt_attention
+
+    prompt = "cat " * 70 + ", " + "dog " * 10
+    seen, forward = [], model.text_encoder.forward
+
+    def recorded(tokens=None, **kw):
+        seen.append(tokens[0].tolist())  # the prompt's row (the negative prompt's comes after)
+        return forward(tokens, **kw)
+    monkeypatch.setattr(model.text_encoder, "forward", recorded)
+    generate(model, Params(prompt=prompt, seed=1, steps=1, comma_padding_backtrack=backtrack, **SIZE))
+    chunks, _ = chunk_tokens(parse_prompt_attention(prompt), model.tokenizer.encode,
+                             comma_padding_backtrack=backtrack)
+    assert seen == [c.tokens for c in chunks]
+    other, _ = chunk_tokens(parse_prompt_attention(prompt), model.tokenizer.encode,
+                            comma_padding_backtrack=20 - backtrack)
+    assert seen != [c.tokens for c in other]
+
+
 # --- hooks and control ------------------------------------------------------------------------------
 
 def test_callback_attention_capture_and_latents(model):

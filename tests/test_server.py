@@ -595,6 +595,44 @@ def test_emphasis_option_changes_the_image_and_is_written(fresh):
     assert r.status_code == 422 and "must be one of: Original, No norm, Ignore, None" in r.text, r.text
 
 
+@pytest.mark.parametrize("option, entry", [
+    ({"sigma_max": 5.0}, "Schedule max sigma: 5.0"), ({"rho": 3.0}, "Schedule rho: 3.0"),
+    ({"always_discard_next_to_last_sigma": True}, "Discard penultimate sigma: True"),
+    ({"skip_early_cond": 0.5}, "Skip Early CFG: 0.5"),
+    ({"s_min_uncond": 100.0, "s_min_uncond_all": True}, "NGMS: 100.0, NGMS all steps: True"),
+])
+def test_schedule_and_cfg_skip_options_change_the_image_and_are_written(fresh, option, entry):
+    """A1111's schedule and CFG-skip options, set with override_settings, POST /options or the `infotext`
+    field, change the numbers and are written as A1111 writes them."""
+    client = fresh
+    kw = dict(seed=3, prompt="a cat", sampler_name="Euler", scheduler="Karras")
+
+    def pixels(**more):
+        body = txt2img(client, **kw, **more)
+        return np.asarray(decode(body["images"][0])), body["info"]["infotexts"][0]
+
+    plain, text = pixels()
+    assert entry.split(":")[0] not in text
+    changed, text = pixels(override_settings=option)
+    assert not np.array_equal(changed, plain) and f", {entry}, Version" in text, text
+    assert np.array_equal(pixels(infotext=f"a cat\nSteps: 2, Seed: 3, {entry}")[0], changed)
+    assert client.post(f"{API}/options", json=option).status_code == 200
+    assert np.array_equal(pixels()[0], changed)
+
+
+def test_every_settings_field_is_read_from_its_option():
+    """`to_request` takes each schema settings field from A1111's option of that name (clip skip's is
+    CLIP_stop_at_last_layers); a bad value is the schema's 422."""
+    settings = {"sigma_min": 0.1, "sigma_max": 9.0, "rho": 2.0, "beta_dist_alpha": 0.3, "beta_dist_beta": 0.4,
+                "always_discard_next_to_last_sigma": True, "skip_early_cond": 0.2, "s_min_uncond_all": True,
+                "comma_padding_backtrack": 5, "CLIP_stop_at_last_layers": 2}
+    req = a1111.to_request(a1111.Txt2ImgRequest.from_json({}), settings)
+    assert {name: getattr(req, name) for name in a1111.SETTING_OPTIONS if a1111.SETTING_OPTIONS[name] in settings} \
+        == {**{k: v for k, v in settings.items() if k != "CLIP_stop_at_last_layers"}, "clip_skip": 2}
+    with pytest.raises(a1111.ValidationError, match="skip_early_cond"):
+        a1111.check(a1111.Txt2ImgRequest.from_json({}), Limits(), {"skip_early_cond": 1.5})
+
+
 def test_vae_listing_and_switching(fresh, folders):
     client = fresh
     assert client.get(f"{API}/sd-vae").json() == [

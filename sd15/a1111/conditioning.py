@@ -24,14 +24,16 @@ def encode_texts(model, texts: list[str], *, clip_skip: int = 1, emphasis: str =
 
 @torch.no_grad()
 def encode_groups(model, groups: list[list[str]], *, clip_skip: int = 1, emphasis: str = "Original",
-                  embed_fn=None, embeddings=None) -> list[torch.Tensor]:
+                  embed_fn=None, embeddings=None, comma_padding_backtrack: int = 20) -> list[torch.Tensor]:
     """`encode_texts` of several groups (e.g. the schedules of the prompt and of the negative prompt) with one
     text-encoder forward per chunk position: each group keeps its own chunk count (its shorter texts padded
     with empty chunks) and its own emphasis mean, exactly as when encoded alone; only the forward is shared.
-    Returns one (N_g, 77·k_g, 768) tensor per group."""
+    Returns one (N_g, 77·k_g, 768) tensor per group. `comma_padding_backtrack`: A1111's option of that name
+    (`chunk_tokens`)."""
     if embed_fn is None and embeddings is None and getattr(model, "embeddings", None) is not None:
         embeddings, embed_fn = model.embeddings.hooks(model, {})
-    chunked = [[tokenize_prompt(t, model.tokenizer.encode, emphasis=emphasis, embeddings=embeddings)[0] for t in texts]
+    chunked = [[tokenize_prompt(t, model.tokenizer.encode, emphasis=emphasis, embeddings=embeddings,
+                                comma_padding_backtrack=comma_padding_backtrack)[0] for t in texts]
                for texts in groups]
     n_chunks = [max(len(c) for c in group) for group in chunked]
     device = model.device

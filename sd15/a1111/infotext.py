@@ -18,7 +18,7 @@ A1111_VERSION = "v1.10.1"  # what infotext "Version" and info "version" say
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")  # by inpainting_fill
 # Caller entries that A1111's CFG denoiser adds at the first step that skips the uncond (its
 # `sd_samplers_cfg_denoiser.py`): after the first pass's schedule and eta
-_DENOISER_KEYS = ("NGMS",)
+_DENOISER_KEYS = ("Skip Early CFG", "NGMS", "NGMS all steps")
 
 
 def job_timestamp(now: Optional[datetime.datetime] = None) -> str:
@@ -35,10 +35,35 @@ def _eta(r, sampler) -> dict:
     return {"Eta DDIM" if sampler.timesteps else "Eta": eta}
 
 
+def _sigmas(r, sampler, scheduler, out: dict, *, hires: bool) -> None:
+    """Add a pass's schedule entries to `out` as A1111's `KDiffusionSampler.get_sigmas` does (timestep
+    samplers: only "Discard penultimate sigma", its `CompVisSampler.get_timesteps`). A σ option equal to the
+    model's own σ bound, which A1111 leaves out, is written here."""
+    q = r.request
+    if q.always_discard_next_to_last_sigma and not sampler.discard_penultimate:
+        out["Discard penultimate sigma"] = True
+    recorded = recorded_schedule(sampler, scheduler)
+    if recorded is None:
+        return
+    if not hires:
+        out["Schedule type"] = recorded.label
+    elif recorded.label != out.get("Schedule type"):
+        out["Hires schedule type"] = recorded.label
+    if q.sigma_min:
+        out["Schedule min sigma"] = q.sigma_min
+    if q.sigma_max:
+        out["Schedule max sigma"] = q.sigma_max
+    if recorded.default_rho != -1 and q.rho and q.rho != recorded.default_rho:
+        out["Schedule rho"] = q.rho
+    if recorded.name == "beta":
+        out["Beta schedule alpha"] = q.beta_dist_alpha
+        out["Beta schedule beta"] = q.beta_dist_beta
+
+
 def _extra_params(r, has_mask: bool, extra: Mapping[str, Any]) -> dict:
     """A1111's `p.extra_generation_params` at the end of a job, in insertion order: the entries added at init
     (strength, mask, hires), the caller's (extra networks, emphasis), then those added while sampling (the
-    first pass's noise multiplier, schedule and eta, the caller's NGMS, then the hires pass's)."""
+    first pass's noise multiplier, schedule and eta, the CFG denoiser's skips, then the hires pass's)."""
     q, hr = r.request, r.hires
     out: dict = {}
     if q.is_img2img:
@@ -69,15 +94,11 @@ def _extra_params(r, has_mask: bool, extra: Mapping[str, Any]) -> dict:
     out.update({k: v for k, v in extra.items() if k not in _DENOISER_KEYS})
     if q.is_img2img and q.initial_noise_multiplier not in (None, 1.0):
         out["Noise multiplier"] = q.initial_noise_multiplier
-    recorded = recorded_schedule(r.sampler, r.scheduler)
-    if recorded is not None:
-        out["Schedule type"] = recorded.label
+    _sigmas(r, r.sampler, r.scheduler, out, hires=False)
     out.update(_eta(r, r.sampler))
     out.update({k: v for k, v in extra.items() if k in _DENOISER_KEYS})
     if hr is not None:
-        hr_recorded = recorded_schedule(hr.sampler, hr.scheduler)
-        if hr_recorded is not None and hr_recorded.label != out.get("Schedule type"):
-            out["Hires schedule type"] = hr_recorded.label
+        _sigmas(r, hr.sampler, hr.scheduler, out, hires=True)
         out.update(_eta(r, hr.sampler))
     return out
 
@@ -86,7 +107,7 @@ def create_infotext(r, index: int = 0, *, model: Mapping[str, Any] = {}, extra: 
                     has_mask: Optional[bool] = None) -> str:
     """Image `index`'s infotext (index over the whole job) of a `sd15.schema.ResolvedRequest`. `model`:
     sd_model_name, sd_model_hash (10 hex digits), sd_vae_name, sd_vae_hash; `extra`: further entries ("Lora
-    hashes", "Emphasis", "NGMS"); `has_mask`: an inpainting mask was used (default: one was given). Null
+    hashes", "Emphasis", "NGMS", ...); `has_mask`: an inpainting mask was used (default: one was given). Null
     values are left out, a value equal to its key is written bare."""
     q = r.request
     has_mask = q.mask is not None if has_mask is None else has_mask

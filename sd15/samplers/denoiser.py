@@ -86,15 +86,18 @@ class CFGDenoiser(nn.Module):
     (AND-subprompts), `step` the model calls so far (prompt editing); `uncond` a tensor or `uncond(step)`.
     Cond and uncond of different lengths run as two UNet batches, unless `pad_cond_uncond` appends copies
     of `empty_cond` (the [1, 77, 768] encoding of "") to the shorter one or `pad_cond_uncond_v0` repeats
-    the uncond's last vector or truncates it. `s_min_uncond` (NGMS) drops the uncond on odd calls (every
-    call with `s_min_uncond_all`) once σ (or t) is below it, returning the first cond's output unguided.
+    the uncond's last vector or truncates it. The uncond is skipped (the first cond's output returned
+    unguided) while the calls so far are at most a `skip_early_cond` fraction of `total_steps` (set by
+    `sample`), and by NGMS on odd calls (every call with `s_min_uncond_all`) once σ (or t) is below
+    `s_min_uncond`; a skip adds its entries to `infotext`, as A1111's to `p.extra_generation_params`.
     `host_sigma = True` asks sd15's samplers for a host σ (see the module docstring).
     """
 
     host_sigma = True
 
     def __init__(self, inner: EpsDenoiser, cond, uncond, cfg_scale: float, *, s_min_uncond: float = 0.0,
-                 s_min_uncond_all: bool = False, pad_cond_uncond: bool = False, pad_cond_uncond_v0: bool = False,
+                 s_min_uncond_all: bool = False, skip_early_cond: float = 0.0, infotext: dict = None,
+                 pad_cond_uncond: bool = False, pad_cond_uncond_v0: bool = False,
                  empty_cond: torch.Tensor = None):
         super().__init__()
         if pad_cond_uncond and empty_cond is None:
@@ -102,6 +105,8 @@ class CFGDenoiser(nn.Module):
         self.inner = inner
         self.cond, self.uncond, self.cfg_scale = cond, uncond, cfg_scale
         self.s_min_uncond, self.s_min_uncond_all = s_min_uncond, s_min_uncond_all
+        self.skip_early_cond, self.total_steps = skip_early_cond, None
+        self.infotext = {} if infotext is None else infotext
         self.pad_cond_uncond, self.pad_cond_uncond_v0, self.empty_cond = pad_cond_uncond, pad_cond_uncond_v0, empty_cond
         self.step = 0  # model calls so far
         self.mask = self.nmask = self.init_latent = None
@@ -163,6 +168,18 @@ class CFGDenoiser(nn.Module):
             self._context = (cond, uncond, torch.cat([cond, uncond]))
         return self._context[2]
 
+    def _skip_uncond(self, s) -> bool:
+        """A1111 v1.10's `CFGDenoiser.forward`: skip early CFG first, then NGMS."""
+        if self.skip_early_cond != 0 and self.step / self.total_steps <= self.skip_early_cond:
+            self.infotext["Skip Early CFG"] = self.skip_early_cond
+            return True
+        if (self.step % 2 or self.s_min_uncond_all) and 0 < self.s_min_uncond and s[0] < self.s_min_uncond:
+            self.infotext["NGMS"] = self.s_min_uncond
+            if self.s_min_uncond_all:
+                self.infotext["NGMS all steps"] = True
+            return True
+        return False
+
     def _guided(self, fn, x, s):
         if callable(self.cond):
             cond, conds_list = self.cond(self.step)
@@ -172,8 +189,7 @@ class CFGDenoiser(nn.Module):
         batch, first = len(conds_list), [c[0][0] for c in conds_list]  # each image's first cond row
         # one prompt per image, row i for image i: the batch is [x, x] and the guidance one expression
         simple = all(len(c) == 1 and c[0][0] == i for i, c in enumerate(conds_list))
-        below = 0 < self.s_min_uncond and s[0] < self.s_min_uncond
-        skip_uncond = bool((self.step % 2 or self.s_min_uncond_all) and below)
+        skip_uncond = self._skip_uncond(s)
         if simple and not skip_uncond and cond.shape[1] == uncond.shape[1] and cond.shape[0] == batch:
             x_out = fn(torch.cat([x, x]), torch.cat([s, s]), self._context_for(cond, uncond))
             denoised_cond, denoised_uncond = x_out[:batch], x_out[batch:]

@@ -104,17 +104,17 @@ class LCMDenoiser(nn.Module):
         return c_out * x0 + c_skip * x
 
 
-def make_denoiser(sampler: str, unet, alphas_cumprod: torch.Tensor, cond, uncond, cfg_scale: float, *,
-                  s_min_uncond: float = 0.0) -> CFGDenoiser:
+def make_denoiser(sampler: str, unet, alphas_cumprod: torch.Tensor, cond, uncond, cfg_scale: float,
+                  **cfg_options) -> CFGDenoiser:
     """The guided denoiser `sampler` runs on: CFG over the ε model, LCM's denoiser for LCM, and
-    cfg_scale / 12.5 for DDIM CFG++ (A1111's `cond_scale_miltiplier`)."""
+    cfg_scale / 12.5 for DDIM CFG++ (A1111's `cond_scale_miltiplier`). `cfg_options` go to `CFGDenoiser`."""
     entry = SAMPLER_BY_NAME[sampler]
     inner = EpsDenoiser(unet, alphas_cumprod)
     if entry.lcm:
         inner = LCMDenoiser(inner)
     if entry.cfgpp:
         cfg_scale = cfg_scale / 12.5
-    return CFGDenoiser(inner, cond, uncond, cfg_scale, s_min_uncond=s_min_uncond)
+    return CFGDenoiser(inner, cond, uncond, cfg_scale, **cfg_options)
 
 
 @torch.no_grad()
@@ -127,8 +127,9 @@ def sample(name: str, model: CFGDenoiser, rng: ImageRNG, steps: int, *, schedule
 
     `rng`'s first draw is the initial noise, its later draws the in-sampler noise. Unset eta/s_* take the
     table's defaults, and only the samplers the table lists them for get them. `initial_noise_multiplier`
-    scales the img2img noise (A1111 option); `schedule_options` go to `get_sigmas`. The final inpainting
-    blend with the init latent is the caller's.
+    scales the img2img noise (A1111 option); `schedule_options` go to `get_sigmas` (timestep samplers take
+    only `always_discard_penultimate`: their grid is made for steps + 1). The final inpainting blend with
+    the init latent is the caller's.
     """
     defaults = SAMPLER_BY_NAME[name]
     denoiser = model.inner
@@ -140,10 +141,13 @@ def sample(name: str, model: CFGDenoiser, rng: ImageRNG, steps: int, *, schedule
     steps_total, t_enc = (steps, None) if init_latent is None else img2img_steps(steps, denoising_strength, fix_steps)
     if init_latent is not None and initial_noise_multiplier not in (None, 1.0):
         noise = noise * initial_noise_multiplier
+    # A1111's `launch_sampling`: the denoiser calls expected, for skip early CFG
+    model.total_steps = (steps if init_latent is None else t_enc + 1) * (2 if defaults.second_order else 1)
 
     if defaults.timesteps:
         alphas_cumprod = denoiser.alphas_cumprod
-        timesteps = ddim_timesteps(steps_total).to(noise.device)
+        discard = schedule_options.get("always_discard_penultimate", False)  # A1111's `get_timesteps`
+        timesteps = ddim_timesteps(steps_total + discard).to(noise.device)
         if init_latent is None:
             x = noise  # timestep samplers start from the unscaled noise
         else:
