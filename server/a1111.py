@@ -21,7 +21,7 @@ from sd15 import schema
 from sd15.a1111 import images as imgs
 from sd15.a1111 import infotext
 from server.coerce import ValidationError, convert  # pydantic v1 coercion and FastAPI's 422 shape
-from server.options import OPTIONS, defaults
+from server.options import OPTIONS, SAMPLER_OPTIONS, SETTING_OPTIONS, defaults
 
 log = logging.getLogger("server")
 
@@ -158,8 +158,6 @@ class PngInfoRequest(_Request):
 
 
 # The options behind the schema's "settings" fields (A1111 reads them from its options, not the request)
-SETTING_OPTIONS = {**{f.name: f.name for f in schema.fields_of("settings")},
-                   "clip_skip": "CLIP_stop_at_last_layers"}
 # Infotext keys that are settings: the `infotext` request field puts them into override_settings
 _INFOTEXT_SETTINGS = {key: SETTING_OPTIONS[name] for name in SETTING_OPTIONS
                       for key in schema.FIELDS[name].metadata["infotext"]}
@@ -207,12 +205,10 @@ def to_request(req: _GenerationRequest, settings: Optional[dict] = None, init_im
     settings = {**defaults(), **(settings or {})}
     kw = dict(req.shared)
     kw["sampler_name"] = req.sampler_name or req.sampler_index
-    option_of = {name: name for name in ("s_churn", "s_tmin", "s_tmax", "s_noise", "s_min_uncond")}
-    if req.is_img2img:
-        option_of["initial_noise_multiplier"] = "initial_noise_multiplier"
-    for name, option in option_of.items():  # an option at its default leaves the field empty (A1111's value)
-        if kw.get(name) is None and settings[option] != OPTIONS[option].default:
-            kw[name] = settings[option]
+    for name in SAMPLER_OPTIONS:  # an option at its default leaves the field empty (A1111's value)
+        img2img_only = name == "initial_noise_multiplier" and not req.is_img2img
+        if kw.get(name) is None and settings[name] != OPTIONS[name].default and not img2img_only:
+            kw[name] = settings[name]
     if isinstance(req, Txt2ImgRequest):
         if req.firstphase_width or req.firstphase_height:  # legacy: width/height are the hires target
             kw.update(width=req.firstphase_width or req.width, height=req.firstphase_height or req.height,

@@ -4,18 +4,20 @@
 and its built-in extensions (Lora, LDSR, ScuNET, SwinIR, canvas-zoom-and-pan, extra-options-section,
 hypertile), in registration order (not listed: the `prioritized_callbacks_*` keys A1111's settings page adds
 at runtime). A plain entry is A1111's default, its type the default's type; an `Option` entry gives the type
-where it is not the default's, and the range or choices sd15 checks for the keys it honours (the README lists
-those; every other key is stored and echoed back by GET, as A1111 does). A POSTed value is coerced with
+where it is not the default's, or choices. The options that set a request field take that field's range
+from `sd15.schema` (the README lists what sd15 honours; every other key is stored and echoed back by GET, as
+A1111 does). A POSTed value is coerced with
 pydantic v1's rules (server.coerce); an unknown key is a 400 naming it, a wrong type a 422 in FastAPI's shape.
 GET shows an integer option whose default is non-zero as a float (A1111's OptionsModel types them `float`).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from sd15.a1111.images import IMAGE_FORMATS
-from sd15.schema import EMPHASIS_MODES, range_problem
+from sd15.schema import EMPHASIS_MODES, FIELDS, fields_of, range_problem
 from server.coerce import ValidationError, convert
 
 HTML = object()  # an HTML explanation entry of A1111's settings page: no value of its own (shown as "")
@@ -139,7 +141,7 @@ _TABLE = {
     "enable_batch_seeds": True,
     "comma_padding_backtrack": 20,
     "sdxl_clip_l_skip": False,
-    "CLIP_stop_at_last_layers": Option(1, int, 1, 12),
+    "CLIP_stop_at_last_layers": 1,
     "upcast_attn": False,
     "randn_source": Option("GPU", str, choices=("GPU", "CPU", "NV")),
     "tiling": False,
@@ -158,7 +160,7 @@ _TABLE = {
     "sd_vae_encode_method": "Full",
     "sd_vae_decode_method": "Full",
     "inpainting_mask_weight": 1.0,
-    "initial_noise_multiplier": Option(1.0, float, 0.0, 10.0),
+    "initial_noise_multiplier": 1.0,
     "img2img_extra_noise": 0.0,
     "img2img_color_correction": False,  # stored only: no colour correction yet
     "img2img_fix_steps": False,
@@ -172,7 +174,7 @@ _TABLE = {
     "img2img_batch_show_results_limit": 32,
     "overlay_inpaint": True,
     "cross_attention_optimization": "Automatic",
-    "s_min_uncond": Option(0.0, float, 0.0, 1000.0),
+    "s_min_uncond": 0.0,
     "s_min_uncond_all": False,
     "token_merging_ratio": 0.0,
     "token_merging_ratio_img2img": 0.0,
@@ -285,19 +287,17 @@ _TABLE = {
     "js_live_preview_in_modal_lightbox": False,
     "prevent_screen_sleep_during_generation": True,
     "hide_samplers": [],
-    "eta_ddim": Option(0.0, float, 0.0, 1000.0),
-    "eta_ancestral": Option(1.0, float, 0.0, 1000.0),
+    "eta_ddim": 0.0,
+    "eta_ancestral": 1.0,
     "ddim_discretize": "uniform",
-    "s_churn": Option(0.0, float, 0.0, 1000.0),
-    "s_tmin": Option(0.0, float, 0.0, 1000.0),
-    "s_tmax": Option(0.0, float, 0.0, 1000.0),
-    "s_noise": Option(1.0, float, 0.0, 1000.0),
-    # sigma_min ... beta_dist_beta, comma_padding_backtrack, s_min_uncond_all: sd15.schema settings fields,
-    # whose ranges are checked when a request runs with them
+    "s_churn": 0.0,
+    "s_tmin": 0.0,
+    "s_tmax": 0.0,
+    "s_noise": 1.0,
     "sigma_min": 0.0,
     "sigma_max": 0.0,
     "rho": 0.0,
-    "eta_noise_seed_delta": Option(0, int, 0, 2**32 - 1),
+    "eta_noise_seed_delta": 0,
     "always_discard_next_to_last_sigma": False,
     "sgm_noise_multiplier": False,
     "uni_pc_variant": "bh1",
@@ -368,6 +368,13 @@ OPTIONS: dict[str, Option] = {
     key: v if isinstance(v, Option) else Option("", Any) if v is HTML else Option(v, type(v))
     for key, v in _TABLE.items()
 }
+# The options that set a request's `sd15.schema` field: its "settings" fields (each under its own name but
+# CLIP skip), and the sampler parameters a request may leave empty. Their ranges are the schema's.
+SETTING_OPTIONS = {**{f.name: f.name for f in fields_of("settings")}, "clip_skip": "CLIP_stop_at_last_layers"}
+SAMPLER_OPTIONS = ("s_churn", "s_tmin", "s_tmax", "s_noise", "s_min_uncond", "initial_noise_multiplier")
+for _name, _key in [*SETTING_OPTIONS.items(), *zip(SAMPLER_OPTIONS, SAMPLER_OPTIONS)]:
+    _meta = FIELDS[_name].metadata
+    OPTIONS[_key] = dataclasses.replace(OPTIONS[_key], lo=_meta["lo"], hi=_meta["hi"])
 # Keys a POST silently skips, as A1111 does: HTML entries, `restrict_api` keys and the loaded file's hash.
 READ_ONLY_OPTIONS = frozenset({"sd_checkpoint_hash", "api_enable_requests", "api_forbid_local_requests",
                                "api_useragent", *(key for key, v in _TABLE.items() if v is HTML)})

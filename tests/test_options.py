@@ -94,11 +94,25 @@ def test_validate_coerces_as_pydantic_v1():
     ("jpeg_quality", 0, "ensure this value is greater than or equal to 1"),
     ("emphasis", "Loud", "must be one of: Original, No norm, Ignore, None"),
     ("randn_source", "XYZ", "must be one of: GPU, CPU, NV"),
+    ("skip_early_cond", 1.5, "ensure this value is less than or equal to 1.0"),
+    ("beta_dist_alpha", 0, "ensure this value is greater than or equal to 0.01"),
+    ("comma_padding_backtrack", 75, "ensure this value is less than or equal to 74"),
+    ("rho", -1, "ensure this value is greater than or equal to 0.0"),
 ])
 def test_validate_refuses_with_pydantic_v1_words(key, value, msg):
     with pytest.raises(ValidationError) as e:
         options.validate(key, value)
     assert [(p["loc"], p["msg"]) for p in e.value.problems] == [(["body", key], msg)]
+
+
+def test_options_that_set_a_request_field_have_its_default():
+    """An option that sets a `sd15.schema` field starts where the field does (a field a request may leave
+    empty starts at None, and the option at A1111's value for it)."""
+    from sd15.schema import FIELDS
+    for name, key in options.SETTING_OPTIONS.items():
+        assert options.OPTIONS[key].default == FIELDS[name].default, key
+    for name in options.SAMPLER_OPTIONS:
+        assert FIELDS[name].default is None
 
 
 def test_unknown_key_is_a_400_naming_it():
