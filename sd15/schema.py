@@ -104,6 +104,8 @@ class GenerationRequest:
     emphasis: str = _f("Original", "settings", "A1111's option: (word:1.2) weights with the mean restored "
                                                "(Original), without (No norm), parsed but unweighted (Ignore), "
                                                "or not parsed (None)", infotext=('Emphasis',))
+    img2img_color_correction: bool = _f(False, "settings", "A1111's option: match each img2img result's "
+                                                           "colours to its init image's (LAB histograms)")
 
     @property
     def is_img2img(self) -> bool:

@@ -160,7 +160,7 @@ class PngInfoRequest(_Request):
 # The options behind the schema's "settings" fields (A1111 reads them from its options, not the request)
 SETTING_OPTIONS = {"clip_skip": "CLIP_stop_at_last_layers", "eta_noise_seed_delta": "eta_noise_seed_delta",
                    "randn_source": "randn_source", "eta_ddim": "eta_ddim", "eta_ancestral": "eta_ancestral",
-                   "emphasis": "emphasis"}
+                   "emphasis": "emphasis", "img2img_color_correction": "img2img_color_correction"}
 # Infotext keys that are settings: the `infotext` request field puts them into override_settings
 _INFOTEXT_SETTINGS = {key: SETTING_OPTIONS[name] for name in SETTING_OPTIONS
                       for key in schema.FIELDS[name].metadata["infotext"]}
