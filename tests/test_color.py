@@ -18,9 +18,10 @@ RNG = np.random.default_rng(0)
 def cube_sample(n=1 << 18):
     """Random colours, every grey (grey 111 lands on the cube-root table's one rounding tie) and the six
     pure-colour ramps, as an (N, 1, 3) uint8 image."""
-    ramp = np.arange(256, dtype=np.uint8)[:, None] * np.array([[1, 1, 1], [1, 0, 0], [0, 1, 0], [0, 0, 1],
-                                                               [1, 1, 0], [0, 1, 1], [1, 0, 1]], np.uint8)[:, None]
-    return np.concatenate([RNG.integers(0, 256, (n, 3), dtype=np.uint8), ramp.reshape(-1, 3)])[:, None]
+    directions = np.array([[1, 1, 1], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [0, 1, 1], [1, 0, 1]],
+                          np.uint8)
+    ramps = (np.arange(256, dtype=np.uint8)[:, None, None] * directions).reshape(-1, 3)
+    return np.concatenate([RNG.integers(0, 256, (n, 3), dtype=np.uint8), ramps])[:, None]
 
 
 def image_pairs():
@@ -30,7 +31,8 @@ def image_pairs():
     stripes = np.zeros((16, 16, 3), np.uint8)
     stripes[::2] = 255
     hues = np.stack([g, 255 - g, np.zeros_like(g)], -1)
-    return [(RNG.integers(0, 256, (40, 24, 3), dtype=np.uint8), RNG.integers(0, 256, (40, 24, 3), dtype=np.uint8)),
+    random = RNG.integers(0, 256, (2, 40, 24, 3), dtype=np.uint8)
+    return [(random[0], random[1]),
             (np.stack([g, 255 - g, g // 2], -1), np.stack([g // 3, g, 255 - g], -1)),
             (np.zeros((16, 16, 3), np.uint8), np.full((16, 16, 3), 200, np.uint8)),
             (np.full((16, 16, 3), 128, np.uint8), RNG.integers(0, 256, (16, 16, 3), dtype=np.uint8)),
@@ -110,13 +112,14 @@ def test_img2img_result_is_the_corrected_uncorrected_one(tiny_ckpt):
     nothing changes; a batch from one init image corrects every image, and every batch of n_iter."""
     model = sd15.load(tiny_ckpt, device="cpu", dtype=torch.float32)
     init = noise_image(48, 40, 1)  # resized (mode 0) to 64×64 before A1111 takes the target
-    kw = dict(prompt="a house", seed=4, steps=2, denoising_strength=0.6, init_images=[init], width=64, height=64,
-              batch_size=2, n_iter=2)
+    kw = dict(prompt="a house", seed=4, steps=2, denoising_strength=0.6, init_images=[init], width=64,
+              height=64, batch_size=2, n_iter=2)
     plain = generate(model, GenerationRequest(**kw)).images
     again = generate(model, GenerationRequest(img2img_color_correction=False, **kw)).images
     corrected = generate(model, GenerationRequest(img2img_color_correction=True, **kw)).images
     target = color.setup_color_correction(resize_image(0, init, 64, 64))
-    assert len(corrected) == 4 and all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(plain, again))
+    assert len(corrected) == 4
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(plain, again))
     for uncorrected, image in zip(plain, corrected):
         expected = color.apply_color_correction(target, uncorrected)
         assert np.array_equal(np.asarray(image), np.asarray(expected))

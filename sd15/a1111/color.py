@@ -34,7 +34,8 @@ def _tables() -> dict:
     # RGB -> LAB: 8-bit sRGB to linear light in 1/2040ths; f(t) (cube root, linear near 0) in 1/32768ths
     gamma = np.rint(F32(2040) * _gamma((i[:256] / F32(255)).astype(np.float64)))
     t = i[:3072] * (F32(1) / F32(2040))
-    lin = F32(t.astype(np.float64) * (F32(841) / F32(108)) + (F32(16) / F32(116)))  # OpenCV's fused mulAdd
+    # OpenCV's fused mulAdd, in float64 here: it rounds to the same float32 on every entry
+    lin = F32(t.astype(np.float64) * (F32(841) / F32(108)) + (F32(16) / F32(116)))
     cbrt = np.rint(F32(32768) * np.where(t < F32(216) / F32(24389), lin, F32(np.cbrt(t.astype(np.float64)))))
     cbrt[324] -= 1  # a tie, 17745.5: OpenCV's float32 cube root (softfloat's f32_cbrt) is one ulp low there
     # LAB -> RGB: L to y and f(y) in 1/16384ths, f(x) and f(z) back to x and z, 1/4096ths of light to 8 bits
@@ -45,7 +46,7 @@ def _tables() -> dict:
                  np.rint(fy * fy * fy / F32(2 ** 28)))
     ify = np.where(low, np.rint(F32(16384) * (F32(16) / F32(116) + F32(L * 5) / F32(3 * 17 * 29))),
                    np.rint(fy))
-    v = np.arange(-8145, 36864 - 8145, dtype=np.int64)
+    v = np.arange(-8145, 36864 - 8145, dtype=np.int64)  # f·16384 from OpenCV's lowest f(x), f(z) on
     xz = np.where(v <= 3390, np.fix(v * 108 / 841) - 290, v * v // 16384 * v // 16384)  # C's truncating /
     inv = np.rint(F32(255) * _inv_gamma((i / F32(4096)).astype(np.float64)))
     tables = dict(gamma=gamma, cbrt=cbrt, y=y, ify=ify, xz=xz, inv=inv, to_xyz=4096 * RGB2XYZ / D65[:, None],
@@ -74,8 +75,8 @@ def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
     path)."""
     L, a, b = np.moveaxis(np.asarray(lab, dtype=np.int64), -1, 0)
     ify = _T["ify"][L]
-    x = _T["xz"][ify + ((5 * a * 53687 + 128) >> 13) - 4194 + 8145]  # f(x) = f(y) + a/500
-    z = _T["xz"][ify - ((b * 41943 + 16) >> 9) + 10484 + 8145]  # f(z) = f(y) - b/200
+    x = _T["xz"][ify + ((5 * a * 53687 + 128) >> 13) - 4194 + 8145]  # f(x) = f(y) + (a - 128)/500
+    z = _T["xz"][ify - ((b * 41943 + 16) >> 9) + 10484 + 8145]  # f(z) = f(y) - (b - 128)/200
     xyz = np.stack([x, _T["y"][L], z], axis=-1)
     return _T["inv"][np.clip(_descale(xyz @ _T["to_rgb"].T, 14), 0, 4095)].astype(np.uint8)
 
