@@ -1,5 +1,8 @@
 """A1111's img2img colour correction (`sd15.a1111.color`): bit-exact with A1111's recipe run on OpenCV,
 scikit-image and blendmodes, applied by the pipeline before the paste-back, and set by the server's option."""
+import base64
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -153,9 +156,28 @@ def test_only_masked_corrects_the_crop_before_the_paste_back():
 
 # --- the server's option --------------------------------------------------------------------------------
 
-def test_server_option_sets_the_request_field():
-    from server import a1111
+def test_server_option_corrects_img2img(tmp_path):
+    """The `img2img_color_correction` option, set with POST /options or in override_settings, corrects the
+    img2img answer as the library does; A1111's default (off) leaves it alone."""
+    from starlette.testclient import TestClient
 
-    req = a1111.Img2ImgRequest.from_json({"init_images": ["x"], "prompt": "a"})
-    assert a1111.to_request(req).img2img_color_correction is False  # A1111's default
-    assert a1111.to_request(req, {"img2img_color_correction": True}).img2img_color_correction is True
+    from server.app import create_app
+    from test_server import decode, make_config, write_model_folders
+
+    init = noise_image(64, 64, 6)
+    buf = io.BytesIO()
+    init.save(buf, format="PNG")
+    body = {"init_images": [base64.b64encode(buf.getvalue()).decode()], "prompt": "a", "seed": 2, "steps": 2,
+            "width": 64, "height": 64, "denoising_strength": 0.6}
+    with TestClient(create_app(make_config(write_model_folders(tmp_path)))) as client:
+        def img2img(**more):
+            r = client.post("/sdapi/v1/img2img", json={**body, **more})
+            assert r.status_code == 200, r.text
+            return np.asarray(decode(r.json()["images"][0]).convert("RGB"))
+
+        plain, overridden = img2img(), img2img(override_settings={"img2img_color_correction": True})
+        assert client.post("/sdapi/v1/options", json={"img2img_color_correction": True}).status_code == 200
+        by_option = img2img()
+    expected = color.apply_color_correction(color.setup_color_correction(init), Image.fromarray(plain))
+    assert np.array_equal(overridden, np.asarray(expected)) and np.array_equal(by_option, overridden)
+    assert not np.array_equal(plain, overridden)
