@@ -130,6 +130,8 @@ class GenerationRequest:
     s_min_uncond_all: bool = _f(False, "settings", "A1111's option: NGMS skips the negative prompt at every "
                                                    "step below its σ, not every other",
                                 infotext=('NGMS all steps',))
+    img2img_color_correction: bool = _f(False, "settings", "A1111's option: match each img2img result's "
+                                                           "colours to its init image's (LAB histograms)")
 
     @property
     def is_img2img(self) -> bool:

@@ -157,7 +157,6 @@ class PngInfoRequest(_Request):
     REQUIRED = ("image",)
 
 
-# The options behind the schema's "settings" fields (A1111 reads them from its options, not the request)
 # Infotext keys that are settings: the `infotext` request field puts them into override_settings
 _INFOTEXT_SETTINGS = {key: SETTING_OPTIONS[name] for name in SETTING_OPTIONS
                       for key in schema.FIELDS[name].metadata["infotext"]}

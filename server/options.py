@@ -162,7 +162,7 @@ _TABLE = {
     "inpainting_mask_weight": 1.0,
     "initial_noise_multiplier": 1.0,
     "img2img_extra_noise": 0.0,
-    "img2img_color_correction": False,  # stored only: no colour correction yet
+    "img2img_color_correction": False,
     "img2img_fix_steps": False,
     "img2img_background_color": "#ffffff",
     "img2img_editor_height": 720,

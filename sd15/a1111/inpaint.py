@@ -1,7 +1,8 @@
 """Img2img and inpainting on the image side, as A1111 v1.10 does them (`StableDiffusionProcessingImg2Img`
 `.init`, `modules/masking.py`, `apply_overlay`): the mask (binarise, invert, blur), the "Only masked" crop
-region, the resized init images, masked content, the latent mask, the blend and the paste-back. `InitImages`
-owns all of it for one request; the functions below are its steps, on PIL images, numpy arrays and tensors.
+region, the resized init images, masked content, the latent mask, the blend, the colour correction and the
+paste-back. `InitImages` owns all of it for one request; the functions below are its steps, on PIL images,
+numpy arrays and tensors.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
+from sd15.a1111.color import apply_color_correction, setup_color_correction
 from sd15.a1111.images import flatten, load_image, pil_to_unit_tensor, resize_image, upscale_latent
 from sd15.schema import RequestError
 
@@ -19,7 +21,8 @@ class InitImages:
     """The image side of one img2img request `r` (a `sd15.schema.ResolvedRequest`), prepared once: the mask
     and its "Only masked" crop region, the resized init images and their overlays, and the init latent
     (`encode(pixels) -> latents`, the VAE) with the latent side of "masked content", whose "latent noise" is
-    `noise(shape)`. `blend` and `finish` apply them to each batch's results."""
+    `noise(shape)`, and the colour correction targets (`img2img_color_correction`). `blend` and `finish` apply
+    them to each batch's results."""
 
     def __init__(self, r, encode, noise):
         self.inpaint = None  # prepare_inpaint_mask's dict; None without a mask, or a blank "Only masked" one
@@ -30,7 +33,7 @@ class InitImages:
                                            r.inpaint_full_res_padding)
             if inpaint["image_mask"] is not None:
                 self.inpaint = inpaint
-        images, self.overlays = [], []
+        images, self.overlays, self.corrections = [], [], []
         for im in r.init_images:
             image, overlay, mfo = prepare_init_image(_as_image(im), r.width, r.height, r.resize_mode,
                                                      self.inpaint, r.inpainting_fill)
@@ -38,8 +41,11 @@ class InitImages:
                 self.inpaint["mask_for_overlay"] = mfo  # A1111 keeps it, resized, for the next image
             images.append(image)
             self.overlays.append(overlay)
+            if r.img2img_color_correction:  # the image as encoded: "Only masked" crop, masked content filled
+                self.corrections.append(setup_color_correction(image))
         if len(images) == 1:  # one init image for the whole batch
             images, self.overlays = images * r.batch_size, self.overlays * r.batch_size
+            self.corrections *= r.batch_size
         z = encode(pil_to_unit_tensor(images))
         if r.resize_mode == 3:  # "Just resize (latent upscale)": encoded at its own size, resized as a latent
             z = upscale_latent(z, "Latent", r.width, r.height)
@@ -61,7 +67,10 @@ class InitImages:
         return samples * self.nmask + self.latent * self.mask
 
     def finish(self, images: list) -> list:
-        """One batch's images pasted back into the originals (overlays, "Only masked" uncrop)."""
+        """One batch's images colour-corrected, if asked, then pasted back into the originals (overlays, "Only
+        masked" uncrop), in A1111's order."""
+        if self.corrections:
+            images = [apply_color_correction(c, im) for c, im in zip(self.corrections, images)]
         if self.inpaint is None:
             return images
         paste_to = self.inpaint["paste_to"]
