@@ -210,6 +210,12 @@ def test_other_axes_set_their_fields():
                        req, "txt2img", choices=choices)
     got = [(r["sampler_name"], r["scheduler"]) for r in plan.requests]
     assert got == [("Euler a", "karras"), ("DPM++ 2M", "karras"), ("Euler a", "karras")]
+    plan = plan_script("x/y/z plot", xyz_args(("Schedule rho", "3, 5"), ("Beta schedule alpha", "0.5")), req,
+                       "txt2img")
+    assert [(r["override_settings"]["rho"], r["override_settings"]["beta_dist_alpha"]) for r in plan.requests] == [
+        (3.0, 0.5), (5.0, 0.5)]
+    plan = plan_script("x/y/z plot", xyz_args(("Always discard next-to-last sigma", "True, False")), req, "txt2img")
+    assert [r["override_settings"]["always_discard_next_to_last_sigma"] for r in plan.requests] == ["True", "False"]
     plan = plan_script("x/y/z plot", xyz_args(("Denoising", "0.25,0.5"), kind="img2img"), req, "img2img")
     assert [r["denoising_strength"] for r in plan.requests] == [0.25, 0.5]
     # an axis with choices reads the dropdown list (A1111's default, csv_mode off)
