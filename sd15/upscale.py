@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sd15.a1111.images import LANCZOS, NEAREST, PIXEL_UPSCALERS
+from sd15.a1111.images import PIXEL_UPSCALERS, resize, upscale
 from sd15.esrgan import load_upscaler
 
 #: A1111's names for Real-ESRGAN's release files (modules/realesrgan_model.py): name -> (file stem, scale).
@@ -182,54 +182,6 @@ def upscale_with_model(model: torch.nn.Module, image: Image.Image, tile_size: in
                              grid.image_h * scale, grid.overlap * scale))
 
 
-def upscaled_size(width: int, height: int, scale: float) -> tuple[int, int]:
-    """The size A1111's `Upscaler.upscale` ends at: the scaled size rounded down to multiples of 8."""
-    return int(width * scale) // 8 * 8, int(height * scale) // 8 * 8
-
-
-def upscale(image: Image.Image, name: str, scale: float,
-            run: Callable[[Image.Image], Image.Image] | None = None,
-            interrupted: Callable[[], bool] | None = None) -> Image.Image:
-    """A1111 `Upscaler.upscale`: one pass of the upscaler (`run`, a model's; None: the built-in "Lanczos" or
-    "Nearest" resize by `scale`), up to three times, until the image covers `dest = upscaled_size(W, H,
-    scale)`, then LANCZOS to `dest` if the size differs."""
-    if run is None and name not in PIXEL_UPSCALERS:
-        raise ValueError(f"could not find upscaler named {name}")  # A1111's message
-    dest_w, dest_h = upscaled_size(image.width, image.height, scale)
-    for i in range(3):
-        covered = image.width >= dest_w and image.height >= dest_h and (i > 0 or scale != 1)
-        if covered or name == "None" or (interrupted is not None and interrupted()):
-            break
-        before = image.size
-        if run is None:
-            size = (int(image.width * scale), int(image.height * scale))
-            image = image.resize(size, resample=LANCZOS if name == "Lanczos" else NEAREST)
-        else:
-            image = run(image)
-        if image.size == before:  # interrupted, or a scale too small to change the size
-            break
-    if image.size != (dest_w, dest_h):
-        image = image.resize((dest_w, dest_h), resample=LANCZOS)
-    return image
-
-
-def resize(image: Image.Image, name: str | None, width: int, height: int, upscalers: Upscalers | None = None,
-           interrupted: Callable[[], bool] | None = None) -> Image.Image:
-    """A1111 `resize_image(0, image, width, height, name)`: "None" (or None, or a mode "L" image) is one
-    LANCZOS resize; otherwise the upscaler (of `upscalers`; None: a built-in) runs when `max(width/W,
-    height/H) > 1`, then LANCZOS to the exact size."""
-    if name in (None, "None") or image.mode == "L":
-        return image.resize((width, height), resample=LANCZOS)
-    scale = max(width / image.width, height / image.height)
-    if scale > 1.0 and upscalers is not None:
-        image = upscalers.upscale(image, name, scale, interrupted)
-    elif scale > 1.0:
-        image = upscale(image, name, scale)
-    if image.size != (width, height):
-        image = image.resize((width, height), resample=LANCZOS)
-    return image
-
-
 class Upscalers:
     """The upscalers of an ESRGAN / RealESRGAN folder pair, each model loaded once, on `device` in `dtype`.
 
@@ -273,7 +225,7 @@ class Upscalers:
 
     def upscale(self, image: Image.Image, name: str, scale: float,
                 interrupted: Callable[[], bool] | None = None) -> Image.Image:
-        """A1111 `Upscaler.upscale` (`upscale` above) with the upscaler called `name`."""
+        """A1111 `Upscaler.upscale` (`sd15.a1111.images.upscale`) with the upscaler called `name`."""
         if self.info(name).kind == "builtin":
             return upscale(image, name, scale, interrupted=interrupted)
 
@@ -283,7 +235,7 @@ class Upscalers:
 
     def resize(self, image: Image.Image, name: str | None, width: int, height: int,
                interrupted: Callable[[], bool] | None = None) -> Image.Image:
-        """A1111 `resize_image(0, image, width, height, name)` (`resize` above) with these upscalers."""
+        """A1111 `resize_image(0, image, width, height, name)` (`sd15.a1111.images.resize`) with these upscalers."""
         return resize(image, name, width, height, self, interrupted)
 
     def upscale_to(self, image: Image.Image, name: str, width: int, height: int, crop: bool = True,

@@ -20,10 +20,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from sd15.a1111 import infotext
-from sd15.a1111.images import encode_image
+from sd15.a1111.images import encode_image, upscaled_size
 from sd15.schema import range_problem
-from sd15.upscale import (ESRGAN_TILE, ESRGAN_TILE_OVERLAP, REALESRGAN_NAMES, Upscalers, list_upscalers,
-                          upscaled_size)
+from sd15.upscale import ESRGAN_TILE, ESRGAN_TILE_OVERLAP, REALESRGAN_NAMES, Upscalers, list_upscalers
 from server.a1111 import ApiError, _Request, image_format, read_infotext
 from server.coerce import ValidationError, convert
 from server.inputs import decode_image

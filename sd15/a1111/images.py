@@ -9,7 +9,7 @@ import binascii
 import io
 import os
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -146,6 +146,54 @@ def tensor_to_pil(x: torch.Tensor) -> list[Image.Image]:
 PIXEL_UPSCALERS = ("None", "Lanczos", "Nearest")  # the built-in ones; ESRGAN models are `sd15.upscale`'s
 
 
+def upscaled_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """The size A1111's `Upscaler.upscale` ends at: the scaled size rounded down to multiples of 8."""
+    return int(width * scale) // 8 * 8, int(height * scale) // 8 * 8
+
+
+def upscale(image: Image.Image, name: str, scale: float,
+            run: Callable[[Image.Image], Image.Image] | None = None,
+            interrupted: Callable[[], bool] | None = None) -> Image.Image:
+    """A1111 `Upscaler.upscale`: one pass of the upscaler (`run`, a model's; None: the built-in "Lanczos" or
+    "Nearest" resize by `scale`), up to three times, until the image covers `dest = upscaled_size(W, H,
+    scale)`, then LANCZOS to `dest` if the size differs."""
+    if run is None and name not in PIXEL_UPSCALERS:
+        raise ValueError(f"could not find upscaler named {name}")  # A1111's message
+    dest_w, dest_h = upscaled_size(image.width, image.height, scale)
+    for i in range(3):
+        covered = image.width >= dest_w and image.height >= dest_h and (i > 0 or scale != 1)
+        if covered or name == "None" or (interrupted is not None and interrupted()):
+            break
+        before = image.size
+        if run is None:
+            size = (int(image.width * scale), int(image.height * scale))
+            image = image.resize(size, resample=LANCZOS if name == "Lanczos" else NEAREST)
+        else:
+            image = run(image)
+        if image.size == before:  # interrupted, or a scale too small to change the size
+            break
+    if image.size != (dest_w, dest_h):
+        image = image.resize((dest_w, dest_h), resample=LANCZOS)
+    return image
+
+
+def resize(image: Image.Image, name: str | None, width: int, height: int, upscalers=None,
+           interrupted: Callable[[], bool] | None = None) -> Image.Image:
+    """A1111 `resize_image(0, image, width, height, name)`: "None" (or None, or a mode "L" image) is one
+    LANCZOS resize; otherwise the upscaler (of `upscalers`, a `sd15.upscale.Upscalers`; None: a built-in)
+    runs when `max(width/W, height/H) > 1`, then LANCZOS to the exact size."""
+    if name in (None, "None") or image.mode == "L":
+        return image.resize((width, height), resample=LANCZOS)
+    scale = max(width / image.width, height / image.height)
+    if scale > 1.0 and upscalers is not None:
+        image = upscalers.upscale(image, name, scale, interrupted)
+    elif scale > 1.0:
+        image = upscale(image, name, scale)
+    if image.size != (width, height):
+        image = image.resize((width, height), resample=LANCZOS)
+    return image
+
+
 def resize_geometry(resize_mode: int, src_w: int, src_h: int, width: int, height: int):
     """Where `resize_image` puts the source: resized to `sw × sh`, pasted at `(x, y)` of the result
     (negative: cropped), and `fill` None or `("rows" | "columns", band)`, the edge bands mode 2 stretches.
@@ -168,9 +216,7 @@ def resize_image(resize_mode: int, image: Image.Image, width: int, height: int,
     RGB canvas, so an "L" image comes back RGB. Mode 2 fills the bars by resizing a zero-height (zero-width)
     edge box with Pillow's bicubic, which weighs the two edge rows 1.125 / -0.125 rather than copying one;
     bands of size 0 are skipped (A1111 would raise). `upscaler` "Lanczos"/"Nearest" runs A1111's Upscaler
-    (`sd15.upscale.resize`) when enlarging RGB; None and "None" resize with LANCZOS."""
-    from sd15.upscale import resize  # here: it imports this module, and torch
-
+    (`resize`) when enlarging RGB; None and "None" resize with LANCZOS."""
     if resize_mode == 0:
         return resize(image, upscaler, width, height)
     sw, sh, x, y, fill = resize_geometry(resize_mode, image.width, image.height, width, height)
