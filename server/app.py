@@ -133,8 +133,6 @@ class Engine:
         except jobs.QueueFull as e:
             self.metrics.rejected["queue_full"] += 1
             raise ApiError(503, str(e), error="QueueFull", headers={"Retry-After": str(e.retry_after)}) from None
-        except jobs.JobFailed as e:
-            raise ApiError(e.status, e.detail, error=e.error) from None
 
     async def on_gpu(self, fn, *args):
         """Run `fn(*args)` on a worker thread once the GPU is free (FIFO); the slot is held until it returns."""

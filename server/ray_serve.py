@@ -36,7 +36,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from server import jobs
-from server.jobs import JobFailed
+from server.a1111 import ApiError
 from server.jobs_api import PROGRESS_EVERY, event_stream
 from server.middleware import BasicAuth, error_body
 from server.ray_worker import STALE, Worker
@@ -258,7 +258,7 @@ class Ingress:
                 detail = str(_json_body(job.reply).get("detail", ""))
             except (ValueError, AttributeError, OSError):
                 detail = ""
-            raise JobFailed(job.reply[0], detail)
+            raise ApiError(job.reply[0], detail)
         await self._keep_overrides(slot, job)
 
     async def _sync(self, slot: Slot) -> None:

@@ -73,19 +73,18 @@ def execute(self, job: jobs.Job) -> None:  # self: the Engine
             result, settings = _run_script(self, job, prepared)
         else:
             result, settings = self.run(req, prepared, job)
-    except scripts.ScriptError as e:
-        raise jobs.JobFailed(e.status, str(e)) from None
-    except (ValidationError, RequestError) as e:  # RequestError: what only the decoded images show
-        raise jobs.JobFailed(422, str(e)) from None
-    except ApiError as e:
-        raise jobs.JobFailed(e.status, e.detail, e.error, e.errors) from None
-    except (ValueError, LookupError) as e:  # the pipeline's own checks, a bad checkpoint file
-        raise jobs.JobFailed(400, inputs.public_message(str(e), self.folders())) from None
-    except jobs.JobFailed:
+    except ApiError:
         raise
+    except scripts.ScriptError as e:
+        raise ApiError(e.status, str(e)) from None
+    except (ValidationError, RequestError) as e:  # RequestError: what only the decoded images show
+        raise ApiError(422, str(e)) from None
+    except (ValueError, LookupError) as e:  # the pipeline's own checks, a bad checkpoint file
+        raise ApiError(400, inputs.public_message(str(e), self.folders())) from None
     except Exception as e:  # a bug or out of memory: a JSON 500 (no absolute paths), and the server goes on
         log.exception("job %s failed", job.id)
-        raise jobs.JobFailed(500, "", type(e).__name__, inputs.public_message(str(e), self.folders())) from None
+        message = inputs.public_message(str(e), self.folders())
+        raise ApiError(500, error=type(e).__name__, errors=message) from None
     for warning in result.warnings:
         log.warning("%s", warning)
     if job.save and self.config.save and result.images:
@@ -93,11 +92,11 @@ def execute(self, job: jobs.Job) -> None:  # self: the Engine
     # A1111 encodes the response after `process_images` has restored the options override_settings changed
     job.result = a1111.image_response(req, result, settings["enable_pnginfo"], self.options)
     if job.stop_reason == "timeout":
-        job.error = jobs.JobFailed(504, f"the job ran longer than {self.config.max_job_seconds:g} s "
-                                        f"(--max-job-seconds) and was stopped; the result holds what was made")
+        job.error = ApiError(504, f"the job ran longer than {self.config.max_job_seconds:g} s "
+                                  f"(--max-job-seconds) and was stopped; the result holds what was made")
     elif job.stop_reason == "limit":
-        job.error = jobs.JobFailed(422, "the sampler made more steps than the server allows in one pass "
-                                        "(--max-steps); the result holds what was made")
+        job.error = ApiError(422, "the sampler made more steps than the server allows in one pass "
+                                  "(--max-steps); the result holds what was made")
 
 
 def _run_script(self, job: jobs.Job, plan) -> tuple:
@@ -221,11 +220,11 @@ async def wait_for_job(request: Request, engine, job: jobs.Job) -> None:
 
 def job_response(job: jobs.Job) -> JSONResponse:
     """The A1111 answer of a finished job: its body (also when interrupted: what was made), else its error."""
+    headers = {"X-SD15-Job": job.id, "X-SD15-Job-State": job.state}
     if job.result is not None:
-        return JSONResponse(job.result, headers={"X-SD15-Job": job.id, "X-SD15-Job-State": job.state})
-    e = job.error or jobs.JobFailed(500, "the job ended without a result")
-    return JSONResponse(ApiError(e.status, e.detail, error=e.error, errors=e.errors).body(), status_code=e.status,
-                        headers={"X-SD15-Job": job.id, "X-SD15-Job-State": job.state})
+        return JSONResponse(job.result, headers=headers)
+    e = job.error or ApiError(500, "the job ended without a result")
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
 def job_finished(self, job: jobs.Job) -> None:
@@ -233,7 +232,7 @@ def job_finished(self, job: jobs.Job) -> None:
     seconds = job.finished_at - job.started if job.started is not None else None
     its = job.steps_done / job.sampling_seconds if job.sampling_seconds > 0 else 0.0
     s = job.summary
-    error = f" ({job.error.status}: {job.error.detail or job.error.errors})" if job.error is not None else ""
+    error = f" ({job.error.status}: {job.error})" if job.error is not None else ""
     log.info("job %s %s %dx%d steps=%d sampler=%s batch=%dx%d: %s%s in %.2f s, %.2f it/s", job.id, job.kind,
              s["width"], s["height"], s["steps"], s["sampler_name"], s["batch_size"], s["n_iter"], job.state, error,
              seconds or 0.0, its)
