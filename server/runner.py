@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import anyio
 from starlette.requests import Request
@@ -149,7 +149,7 @@ def _save(self, kind: str, result, settings: dict) -> list:
     return files
 
 
-def make_callback(self, run, job: Optional[jobs.Job], settings: dict):  # self: the Engine
+def make_callback(self, run, job: jobs.Job, settings: dict):  # self: the Engine
     """The sampler callback: progress, the per-job time limit, the per-pass step cap (samplers whose step
     count is not fixed, DPM adaptive, are stopped after max(--max-steps, 2 × steps) steps), and a live
     preview (server/preview.py) every `show_progress_every_n_steps` steps, or after each batch with -1, while
@@ -162,16 +162,15 @@ def make_callback(self, run, job: Optional[jobs.Job], settings: dict):  # self: 
     def callback(step, sigma, x, denoised):
         s = run.state
         run.steps_done += 1
-        if job is not None:
-            cell, cells = job.cell
-            done, elapsed = (cell + s.progress()) / cells, time.time() - (job.started or run.started)
-            job.progress = {"progress": done, "eta_relative": elapsed / done - elapsed if done > 0 else 0.0,
-                            "step": s.sampling_step, "steps": s.sampling_steps,
-                            "job_no": cell * s.job_count + s.job_no, "job_count": cells * s.job_count}
-            if deadline is not None and time.time() > deadline:
-                job.interrupt("timeout")
-            if step + 1 > max(self.limits.max_steps, 2 * s.sampling_steps):
-                job.interrupt("limit")
+        cell, cells = job.cell
+        done, elapsed = (cell + s.progress()) / cells, time.time() - job.started
+        job.progress = {"progress": done, "eta_relative": elapsed / done - elapsed if done > 0 else 0.0,
+                        "step": s.sampling_step, "steps": s.sampling_steps,
+                        "job_no": cell * s.job_count + s.job_no, "job_count": cells * s.job_count}
+        if deadline is not None and time.time() > deadline:
+            job.interrupt("timeout")
+        if step + 1 > max(self.limits.max_steps, 2 * s.sampling_steps):
+            job.interrupt("limit")
         new_batch = batch["job_no"] is not None and batch["job_no"] != s.job_no
         # the running CFG denoiser's x0 by `live_preview_content` (`CFGDenoiser.preview_latent`)
         now = (s.preview_latent, denoised)
@@ -184,9 +183,8 @@ def make_callback(self, run, job: Optional[jobs.Job], settings: dict):  # self: 
             if estimates is not None:
                 latent = estimates(settings["live_preview_content"])
             image = preview.make_preview(self.models.model, latent, settings, self.config.ckpt_dir)
-            self.preview = base64.b64encode(png_bytes(image)).decode("ascii")
-            if job is not None:
-                job.preview, job.preview_step = self.preview, at
+            self.preview = job.preview = base64.b64encode(png_bytes(image)).decode("ascii")
+            job.preview_step = at
     return callback
 
 
