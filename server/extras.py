@@ -39,19 +39,20 @@ IGNORED_INFO_KEYS = {"jfif", "jfif_version", "jfif_unit", "jfif_density", "dpi",
 
 @dataclass
 class ExtrasBaseRequest(_Request):
-    # metadata: pydantic's bounds, checked by `check` and documented by server/openapi.py
+    # metadata: pydantic's bounds (`lo`/`hi` inclusive, as sd15.schema's), checked by `check` and documented
+    # by server/openapi.py
     resize_mode: int = field(default=0, metadata={"enum": (0, 1)})  # 0: scale by, 1: scale to
     show_extras_results: bool = True  # A1111 returns the images of API calls whatever this says
-    gfpgan_visibility: float = field(default=0.0, metadata={"ge": 0, "le": 1})
-    codeformer_visibility: float = field(default=0.0, metadata={"ge": 0, "le": 1})
-    codeformer_weight: float = field(default=0.0, metadata={"ge": 0, "le": 1})
+    gfpgan_visibility: float = field(default=0.0, metadata={"lo": 0, "hi": 1})
+    codeformer_visibility: float = field(default=0.0, metadata={"lo": 0, "hi": 1})
+    codeformer_weight: float = field(default=0.0, metadata={"lo": 0, "hi": 1})
     upscaling_resize: float = field(default=2.0, metadata={"gt": 0})
-    upscaling_resize_w: int = field(default=512, metadata={"ge": 1})
-    upscaling_resize_h: int = field(default=512, metadata={"ge": 1})
+    upscaling_resize_w: int = field(default=512, metadata={"lo": 1})
+    upscaling_resize_h: int = field(default=512, metadata={"lo": 1})
     upscaling_crop: bool = True
     upscaler_1: str = "None"
     upscaler_2: str = "None"
-    extras_upscaler_2_visibility: float = field(default=0.0, metadata={"ge": 0, "le": 1})
+    extras_upscaler_2_visibility: float = field(default=0.0, metadata={"lo": 0, "hi": 1})
     upscale_first: bool = False  # ignored by A1111 v1.10 too (the step order is a setting)
 
     @classmethod
@@ -111,7 +112,7 @@ def check(req: ExtrasBaseRequest) -> None:
         value, m = getattr(req, f.name), f.metadata
         if "gt" in m and not value > m["gt"]:
             problems.append((f.name, f"ensure this value is greater than {m['gt']}", "value_error.number.not_gt"))
-        elif problem := range_problem(f.name, value, m.get("ge"), m.get("le")):
+        elif problem := range_problem(f.name, value, m.get("lo"), m.get("hi")):
             problems.append(problem)
     for name in ("gfpgan_visibility", "codeformer_visibility"):
         if not problems and getattr(req, name) > 0:
