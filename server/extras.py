@@ -26,7 +26,7 @@ from sd15.upscale import (ESRGAN_TILE, ESRGAN_TILE_OVERLAP, REALESRGAN_NAMES, Up
                           upscaled_size)
 from server.a1111 import ApiError, _Request, image_format, read_infotext
 from server.coerce import ValidationError, convert
-from server.inputs import decode_image
+from server.inputs import decode_image, read_json
 
 #: A1111's `images.IGNORED_INFO_KEYS`: image info that `read_info_from_image` does not carry over.
 IGNORED_INFO_KEYS = {"jfif", "jfif_version", "jfif_unit", "jfif_density", "dpi", "exif", "loop", "background",
@@ -126,18 +126,12 @@ def check(req: ExtrasBaseRequest) -> None:
 # The upscalers of a server
 # =============================================================================================
 
-def make_upscalers(config) -> Upscalers:
-    """The engine's `Upscalers`: folders from `--esrgan-models-path` / `--realesrgan-models-path` (in
-    `config.flags`), else `<ckpt-dir>/ESRGAN` and `<ckpt-dir>/RealESRGAN`; on the server's device, in fp16 on
-    CUDA unless `--precision` says otherwise."""
-    import torch
-
+def make_upscalers(config, device, dtype) -> Upscalers:
+    """The engine's `Upscalers`, on the model's device and dtype: folders from `--esrgan-models-path` /
+    `--realesrgan-models-path` (in `config.flags`), else `<ckpt-dir>/ESRGAN` and `<ckpt-dir>/RealESRGAN`."""
     flags = config.flags or {}
     esrgan = flags.get("esrgan_models_path") or os.path.join(config.ckpt_dir, "ESRGAN")
     realesrgan = flags.get("realesrgan_models_path") or os.path.join(config.ckpt_dir, "RealESRGAN")
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(
-        config.precision, torch.float16 if device.type == "cuda" else torch.float32)
     return Upscalers(esrgan, realesrgan, device=device, dtype=dtype)
 
 
@@ -211,8 +205,6 @@ def run_extras(upscalers: Upscalers, images: list, req: ExtrasBaseRequest, setti
 # =============================================================================================
 
 async def _extras(request: Request, cls):
-    from server.app import read_json  # the app's body reader (size limit, FastAPI's JSON errors)
-
     engine = request.state.engine
     req = cls.from_json(await read_json(request, engine.limits.max_body_bytes))
     upscalers = await run_in_threadpool(sync_options, engine.upscalers, engine.options)
@@ -280,8 +272,6 @@ async def realesrgan_models(request: Request):
 
 async def interrogate(request: Request):
     """Caption an image: needs the CLIP interrogator or DeepBooru, which this server does not have."""
-    from server.app import read_json
-
     engine = request.state.engine
     req = InterrogateRequest.from_json(await read_json(request, engine.limits.max_body_bytes))
     if not req.image:

@@ -37,12 +37,12 @@ def publish(listeners: set, event: str, data: Callable[[], dict]) -> None:
                 listeners.discard(inbox)
 
 
-class QueueFull(Exception):
-    """The queue holds `max_size` jobs already; answered 503 with Retry-After."""
+class QueueFull(ApiError):
+    """The queue holds `max_size` jobs already: 503 with Retry-After."""
 
     def __init__(self, max_size: int, retry_after: int):
-        super().__init__(f"the job queue is full ({max_size} jobs waiting); retry in about {retry_after} s")
-        self.retry_after = retry_after
+        super().__init__(503, f"the job queue is full ({max_size} jobs waiting); retry in about {retry_after} s",
+                         error="QueueFull", headers={"Retry-After": str(retry_after)})
 
 
 @dataclass(eq=False)
