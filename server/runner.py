@@ -55,8 +55,6 @@ def prepare(engine, req):
         plan = scripts.plan_script(req.script_name, req.script_args, request, kind, upscale=engine.upscalers.upscale,
                                    choices=scripts.engine_choices(engine),
                                    max_megapixels=engine.options.get("img_max_size_mp", 200))
-    except scripts.ScriptError as e:
-        raise ApiError(e.status, str(e)) from None
     except (ValueError, LookupError) as e:
         raise ApiError(400, inputs.public_message(str(e), engine.folders())) from None
     cells = [type(req).from_json(cell) for cell in plan.requests]
@@ -73,10 +71,8 @@ def execute(self, job: jobs.Job) -> None:  # self: the Engine
             result, settings = _run_script(self, job, prepared)
         else:
             result, settings = self.run(req, prepared, job)
-    except ApiError:
+    except ApiError:  # a script's ScriptError too
         raise
-    except scripts.ScriptError as e:
-        raise ApiError(e.status, str(e)) from None
     except (ValidationError, RequestError) as e:  # RequestError: what only the decoded images show
         raise ApiError(422, str(e)) from None
     except (ValueError, LookupError) as e:  # the pipeline's own checks, a bad checkpoint file
