@@ -164,9 +164,6 @@ class JobQueue:
         return {"running": active[0] if active else None, "active": active, "queued": queued,
                 "recent": recent, "max_size": self.max_size}
 
-    def has_listeners(self) -> bool:
-        return bool(self.listeners)
-
     def changed(self) -> None:
         publish(self.listeners, "queue", self.snapshot)
 

@@ -172,7 +172,7 @@ def make_callback(self, run, job: jobs.Job, settings: dict):  # self: the Engine
         now = (s.preview_latent, denoised)
         estimates, latent = batch["latent"] if new_batch else now  # -1: the finished batch's last x0
         batch["job_no"], batch["latent"] = s.job_no, now
-        wanted = self.preview_wanted or (self.queue is not None and self.queue.has_listeners())
+        wanted = self.preview_wanted or bool(self.queue.listeners)
         if wanted and preview.due(every, run.steps_done, run.preview_at, new_batch):
             at = run.steps_done - 1 if every == -1 else run.steps_done
             run.preview_at, self.preview_wanted = run.steps_done, False

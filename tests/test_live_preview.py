@@ -216,7 +216,7 @@ def live(folders):
                         seen.set()
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    while not engine.queue.has_listeners():
+    while not engine.queue.listeners:
         assert time.time() < deadline
         time.sleep(0.05)
     yield url, engine, sent, seen
