@@ -81,7 +81,7 @@ class Engine:
         self.config, self.limits = config, config.limits
         self.library = Library(config.ckpt_dir, config.vae_dir, config.lora_dir, config.embeddings_dir,
                                extra_checkpoint=config.ckpt if config.ckpt and os.path.isfile(config.ckpt) else None)
-        # CUDA when present, in fp16 there unless --precision says otherwise (A1111's default), fp32 on the CPU
+        # CUDA when present, in fp16 there unless --precision says otherwise (A1111's default); else fp32
         device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(
             config.precision, torch.float16 if device.type == "cuda" else torch.float32)

@@ -41,8 +41,8 @@ class QueueFull(ApiError):
     """The queue holds `max_size` jobs already: 503 with Retry-After."""
 
     def __init__(self, max_size: int, retry_after: int):
-        super().__init__(503, f"the job queue is full ({max_size} jobs waiting); retry in about {retry_after} s",
-                         error="QueueFull", headers={"Retry-After": str(retry_after)})
+        detail = f"the job queue is full ({max_size} jobs waiting); retry in about {retry_after} s"
+        super().__init__(503, detail, error="QueueFull", headers={"Retry-After": str(retry_after)})
 
 
 @dataclass(eq=False)
