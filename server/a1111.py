@@ -27,7 +27,8 @@ log = logging.getLogger("server")
 
 
 class ApiError(Exception):
-    """An error answered with A1111's handler body: `{"error", "detail", "body", "errors"}`."""
+    """An error answered with A1111's handler body: `{"error", "detail", "body", "errors"}`; also how a queued
+    job ended when it gave no result (server/jobs.py)."""
 
     def __init__(self, status: int, detail: str = "", *, error: str = "HTTPException", errors: str = "",
                  headers: Optional[dict] = None):

@@ -81,15 +81,18 @@ class Engine:
         self.config, self.limits = config, config.limits
         self.library = Library(config.ckpt_dir, config.vae_dir, config.lora_dir, config.embeddings_dir,
                                extra_checkpoint=config.ckpt if config.ckpt and os.path.isfile(config.ckpt) else None)
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, None: None}[config.precision]
-        self.models = ModelManager(self.library, config.device, dtype, optimize=config.optimize)
+        # CUDA when present, in fp16 there unless --precision says otherwise (A1111's default); else fp32
+        device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(
+            config.precision, torch.float16 if device.type == "cuda" else torch.float32)
+        self.models = ModelManager(self.library, device, dtype, optimize=config.optimize)
         self.options = options.defaults()  # fresh copies: a list option is never shared with the table
         self.job: Optional[runner.Run] = None
         self.last_timestamp = "0"
         self.preview: Optional[str] = None  # base64 PNG of the running job's latest preview
         self.preview_wanted = False  # set by /progress: previews are only decoded when someone looks
         self.gpu: Optional[anyio.CapacityLimiter] = None  # made in the lifespan, inside the event loop
-        self.upscalers = extras.make_upscalers(config)  # ESRGAN / RealESRGAN folders (server/extras.py)
+        self.upscalers = extras.make_upscalers(config, device, dtype)  # ESRGAN / RealESRGAN folders
         self.queue: Optional[jobs.JobQueue] = None  # likewise
         self.metrics = metrics or Metrics()
         self.models.loads = self.metrics.model_loads
@@ -130,11 +133,9 @@ class Engine:
         try:
             return self.queue.submit("img2img" if req.is_img2img else "txt2img", (req, prepared),
                                      runner.job_summary(req), source=source, save=save)
-        except jobs.QueueFull as e:
+        except jobs.QueueFull:
             self.metrics.rejected["queue_full"] += 1
-            raise ApiError(503, str(e), error="QueueFull", headers={"Retry-After": str(e.retry_after)}) from None
-        except jobs.JobFailed as e:
-            raise ApiError(e.status, e.detail, error=e.error) from None
+            raise
 
     async def on_gpu(self, fn, *args):
         """Run `fn(*args)` on a worker thread once the GPU is free (FIFO); the slot is held until it returns."""

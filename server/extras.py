@@ -25,7 +25,7 @@ from sd15.schema import range_problem
 from sd15.upscale import ESRGAN_TILE, ESRGAN_TILE_OVERLAP, REALESRGAN_NAMES, Upscalers, list_upscalers
 from server.a1111 import ApiError, _Request, image_format, read_infotext
 from server.coerce import ValidationError, convert
-from server.inputs import decode_image
+from server.inputs import decode_image, read_json
 
 #: A1111's `images.IGNORED_INFO_KEYS`: image info that `read_info_from_image` does not carry over.
 IGNORED_INFO_KEYS = {"jfif", "jfif_version", "jfif_unit", "jfif_density", "dpi", "exif", "loop", "background",
@@ -38,19 +38,20 @@ IGNORED_INFO_KEYS = {"jfif", "jfif_version", "jfif_unit", "jfif_density", "dpi",
 
 @dataclass
 class ExtrasBaseRequest(_Request):
-    # metadata: pydantic's bounds, checked by `check` and documented by server/openapi.py
+    # metadata: pydantic's bounds (`lo`/`hi` inclusive, as sd15.schema's), checked by `check` and documented
+    # by server/openapi.py
     resize_mode: int = field(default=0, metadata={"enum": (0, 1)})  # 0: scale by, 1: scale to
     show_extras_results: bool = True  # A1111 returns the images of API calls whatever this says
-    gfpgan_visibility: float = field(default=0.0, metadata={"ge": 0, "le": 1})
-    codeformer_visibility: float = field(default=0.0, metadata={"ge": 0, "le": 1})
-    codeformer_weight: float = field(default=0.0, metadata={"ge": 0, "le": 1})
+    gfpgan_visibility: float = field(default=0.0, metadata={"lo": 0, "hi": 1})
+    codeformer_visibility: float = field(default=0.0, metadata={"lo": 0, "hi": 1})
+    codeformer_weight: float = field(default=0.0, metadata={"lo": 0, "hi": 1})
     upscaling_resize: float = field(default=2.0, metadata={"gt": 0})
-    upscaling_resize_w: int = field(default=512, metadata={"ge": 1})
-    upscaling_resize_h: int = field(default=512, metadata={"ge": 1})
+    upscaling_resize_w: int = field(default=512, metadata={"lo": 1})
+    upscaling_resize_h: int = field(default=512, metadata={"lo": 1})
     upscaling_crop: bool = True
     upscaler_1: str = "None"
     upscaler_2: str = "None"
-    extras_upscaler_2_visibility: float = field(default=0.0, metadata={"ge": 0, "le": 1})
+    extras_upscaler_2_visibility: float = field(default=0.0, metadata={"lo": 0, "hi": 1})
     upscale_first: bool = False  # ignored by A1111 v1.10 too (the step order is a setting)
 
     @classmethod
@@ -110,7 +111,7 @@ def check(req: ExtrasBaseRequest) -> None:
         value, m = getattr(req, f.name), f.metadata
         if "gt" in m and not value > m["gt"]:
             problems.append((f.name, f"ensure this value is greater than {m['gt']}", "value_error.number.not_gt"))
-        elif problem := range_problem(f.name, value, m.get("ge"), m.get("le")):
+        elif problem := range_problem(f.name, value, m.get("lo"), m.get("hi")):
             problems.append(problem)
     for name in ("gfpgan_visibility", "codeformer_visibility"):
         if not problems and getattr(req, name) > 0:
@@ -124,18 +125,12 @@ def check(req: ExtrasBaseRequest) -> None:
 # The upscalers of a server
 # =============================================================================================
 
-def make_upscalers(config) -> Upscalers:
-    """The engine's `Upscalers`: folders from `--esrgan-models-path` / `--realesrgan-models-path` (in
-    `config.flags`), else `<ckpt-dir>/ESRGAN` and `<ckpt-dir>/RealESRGAN`; on the server's device, in fp16 on
-    CUDA unless `--precision` says otherwise."""
-    import torch
-
+def make_upscalers(config, device, dtype) -> Upscalers:
+    """The engine's `Upscalers`, on the model's device and dtype: folders from `--esrgan-models-path` /
+    `--realesrgan-models-path` (in `config.flags`), else `<ckpt-dir>/ESRGAN` and `<ckpt-dir>/RealESRGAN`."""
     flags = config.flags or {}
     esrgan = flags.get("esrgan_models_path") or os.path.join(config.ckpt_dir, "ESRGAN")
     realesrgan = flags.get("realesrgan_models_path") or os.path.join(config.ckpt_dir, "RealESRGAN")
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(
-        config.precision, torch.float16 if device.type == "cuda" else torch.float32)
     return Upscalers(esrgan, realesrgan, device=device, dtype=dtype)
 
 
@@ -209,8 +204,6 @@ def run_extras(upscalers: Upscalers, images: list, req: ExtrasBaseRequest, setti
 # =============================================================================================
 
 async def _extras(request: Request, cls):
-    from server.app import read_json  # the app's body reader (size limit, FastAPI's JSON errors)
-
     engine = request.state.engine
     req = cls.from_json(await read_json(request, engine.limits.max_body_bytes))
     upscalers = await run_in_threadpool(sync_options, engine.upscalers, engine.options)
@@ -278,8 +271,6 @@ async def realesrgan_models(request: Request):
 
 async def interrogate(request: Request):
     """Caption an image: needs the CLIP interrogator or DeepBooru, which this server does not have."""
-    from server.app import read_json
-
     engine = request.state.engine
     req = InterrogateRequest.from_json(await read_json(request, engine.limits.max_body_bytes))
     if not req.image:

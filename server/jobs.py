@@ -20,6 +20,8 @@ from typing import Any, Callable, Optional
 
 import anyio
 
+from server.a1111 import ApiError
+
 log = logging.getLogger("server")
 
 
@@ -35,20 +37,12 @@ def publish(listeners: set, event: str, data: Callable[[], dict]) -> None:
                 listeners.discard(inbox)
 
 
-class QueueFull(Exception):
-    """The queue holds `max_size` jobs already; answered 503 with Retry-After."""
+class QueueFull(ApiError):
+    """The queue holds `max_size` jobs already: 503 with Retry-After."""
 
     def __init__(self, max_size: int, retry_after: int):
-        super().__init__(f"the job queue is full ({max_size} jobs waiting); retry in about {retry_after} s")
-        self.retry_after = retry_after
-
-
-class JobFailed(Exception):
-    """How a job ended when it did not give a result: an HTTP status and a one-line detail."""
-
-    def __init__(self, status: int, detail: str, error: str = "HTTPException", errors: str = ""):
-        super().__init__(detail or errors)
-        self.status, self.detail, self.error, self.errors = status, detail, error, errors
+        detail = f"the job queue is full ({max_size} jobs waiting); retry in about {retry_after} s"
+        super().__init__(503, detail, error="QueueFull", headers={"Retry-After": str(retry_after)})
 
 
 @dataclass(eq=False)
@@ -63,7 +57,7 @@ class Job:
     started: Optional[float] = None
     finished_at: Optional[float] = None
     state: str = "queued"
-    error: Optional[JobFailed] = None
+    error: Optional[ApiError] = None
     result: Optional[dict] = None  # the A1111 response body
     files: list = field(default_factory=list)  # saved images, relative to the output folder
     control: Any = None  # sd15.pipeline.JobState while running
@@ -83,11 +77,10 @@ class Job:
             self.control.interrupt()
 
     def json(self, position: Optional[int] = None, with_result: bool = False) -> dict:
+        error = None if self.error is None else {"status": self.error.status, "detail": str(self.error)}
         out = {"id": self.id, "kind": self.kind, "state": self.state, "position": position,
                "created": self.created, "started": self.started, "finished": self.finished_at,
-               "source": self.source, "summary": self.summary, "progress": self.progress,
-               "error": None if self.error is None else {"status": self.error.status,
-                                                         "detail": self.error.detail or self.error.errors}}
+               "source": self.source, "summary": self.summary, "progress": self.progress, "error": error}
         if with_result:
             out["result"] = self.result
             out["files"] = list(self.files)
@@ -121,7 +114,8 @@ class JobQueue:
     def put(self, job: Job) -> Job:
         """Queue `job`; QueueFull when `max_size` jobs wait already."""
         if self.closed:
-            raise JobFailed(503, "the server is shutting down; no new jobs are accepted", "ServiceUnavailable")
+            raise ApiError(503, "the server is shutting down; no new jobs are accepted",
+                           error="ServiceUnavailable")
         if len(self.waiting) >= self.max_size:
             raise QueueFull(self.max_size, self.retry_after())
         self.waiting.append(job)
@@ -153,8 +147,8 @@ class JobQueue:
         """A queued job is dropped (state cancelled); the running one is interrupted (it returns what it has)."""
         if job.state == "queued":
             self.waiting.remove(job)
-            self._finish(job, "cancelled", JobFailed(499 if reason == "client" else 409,
-                                                     f"job {job.id} was cancelled before it started"))
+            self._finish(job, "cancelled", ApiError(499 if reason == "client" else 409,
+                                                    f"job {job.id} was cancelled before it started"))
         elif job.state == "running":
             job.interrupt(reason)
 
@@ -169,9 +163,6 @@ class JobQueue:
         recent = [job.json() for job in reversed(list(self.history.values())[-10:])]
         return {"running": active[0] if active else None, "active": active, "queued": queued,
                 "recent": recent, "max_size": self.max_size}
-
-    def has_listeners(self) -> bool:
-        return bool(self.listeners)
 
     def changed(self) -> None:
         publish(self.listeners, "queue", self.snapshot)
@@ -195,21 +186,21 @@ class JobQueue:
                 else:
                     async with self.limiter:  # model switches queue on the same limiter
                         await anyio.to_thread.run_sync(self.run, job, abandon_on_cancel=True)
-            except JobFailed as e:
+            except ApiError as e:
                 self._finish(job, "failed", e)
             except Exception as e:  # a bug or out of memory in the job: a JSON 500, and the server goes on
                 log.exception("job %s failed", job.id)
-                self._finish(job, "failed", JobFailed(500, "", type(e).__name__, str(e)))
+                self._finish(job, "failed", ApiError(500, error=type(e).__name__, errors=str(e)))
             else:  # job.error: set by the run only when it was stopped (504 timeout, 422 step limit)
                 self._finish(job, "done" if job.stop_reason is None else "interrupted", job.error)
             finally:
                 if job.state == "running":  # cancelled while running (forced shutdown)
-                    self._finish(job, "failed", JobFailed(503, "the server shut down while the job ran",
-                                                          "ServiceUnavailable"))
+                    self._finish(job, "failed", ApiError(503, "the server shut down while the job ran",
+                                                         error="ServiceUnavailable"))
                 del self.active[lane]
                 self.changed()
 
-    def _finish(self, job: Job, state: str, error: Optional[JobFailed]) -> None:
+    def _finish(self, job: Job, state: str, error: Optional[ApiError]) -> None:
         job.state, job.error, job.finished_at = state, error, time.time()
         job.control = None
         job.request = None  # the request body (maybe large images) is not kept once the job is over
@@ -230,7 +221,7 @@ class JobQueue:
         self.closed = True
         while self.waiting:
             self._finish(self.waiting.popleft(), "failed",
-                         JobFailed(503, f"{reason}; the job was not started", "ServiceUnavailable"))
+                         ApiError(503, f"{reason}; the job was not started", error="ServiceUnavailable"))
 
     async def drain(self, grace: float) -> bool:
         """Shutdown: close the queue, let the running job finish for `grace` seconds, then interrupt it and

@@ -69,10 +69,6 @@ def _api_bounds(limits) -> dict:
     }
 
 
-def _range(lo, hi) -> dict:
-    return {**({"minimum": lo} if lo is not None else {}), **({"maximum": hi} if hi is not None else {})}
-
-
 def _json_schema(tp) -> dict:
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if type(None) in typing.get_args(tp):
@@ -87,17 +83,18 @@ def _json_schema(tp) -> dict:
     return {"type": {int: "integer", float: "number", bool: "boolean", str: "string"}[tp]}
 
 
-def _metadata_bounds(metadata) -> dict:
-    """The bounds a request dataclass field carries in its metadata (server/extras.py: ge, gt, le, lt, enum) in
-    OpenAPI 3.0's words, where an exclusive bound is `minimum` plus `exclusiveMinimum: true`."""
+def _bounds(metadata) -> dict:
+    """A field's bounds in its metadata (`sd15.schema`'s and server/extras.py's: lo, hi, gt, enum) in OpenAPI
+    3.0's words, where an exclusive bound is `minimum` plus `exclusiveMinimum: true`."""
     out = {}
-    for key, value in metadata.items():
-        if key in ("ge", "gt"):
-            out.update(minimum=value, **({"exclusiveMinimum": True} if key == "gt" else {}))
-        elif key in ("le", "lt"):
-            out.update(maximum=value, **({"exclusiveMaximum": True} if key == "lt" else {}))
-        elif key == "enum":
-            out["enum"] = list(value)
+    if metadata.get("lo") is not None:
+        out["minimum"] = metadata["lo"]
+    if metadata.get("gt") is not None:
+        out.update(minimum=metadata["gt"], exclusiveMinimum=True)
+    if metadata.get("hi") is not None:
+        out["maximum"] = metadata["hi"]
+    if metadata.get("enum"):
+        out["enum"] = list(metadata["enum"])
     return out
 
 
@@ -109,7 +106,7 @@ def dataclass_schema(cls, limits) -> dict:
     if issubclass(cls, a1111._GenerationRequest):
         hints = {**a1111._SCHEMA_HINTS, **a1111._API_TYPES}
         for f in cls.shared_fields():
-            bounds = _range(f.metadata["lo"], f.metadata["hi"])
+            bounds = _bounds(f.metadata)
             for key, value in api.get(f.name, {}).items():  # a limit only ever narrows the field's range
                 bounds[key] = min(bounds[key], value) if key == "maximum" and key in bounds else value
             props[f.name] = {**_json_schema(hints[f.name]), **bounds,
@@ -119,7 +116,7 @@ def dataclass_schema(cls, limits) -> dict:
         if f.name == "shared":
             continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        bounds = _metadata_bounds(f.metadata)
+        bounds = _bounds(f.metadata)
         # a field's own bounds win over the table by name (extras' resize_mode is not img2img's)
         props[f.name] = {**_json_schema(hints[f.name]), **(bounds or api.get(f.name, {})), "default": default}
     schema = {"title": cls.__name__, "type": "object", "properties": props}
@@ -155,7 +152,7 @@ def openapi_schema(routes, request_bodies: dict, limits, auth: bool) -> dict:
     bodies = {ep.__name__: ref[cls.__name__] for ep, cls in request_bodies.items()}
     bodies["submit_job"] = {"$ref": "#/components/schemas/JobRequest"}
     bodies["set_options"] = {"type": "object", "additionalProperties": True, "properties": {
-        k: {**_json_schema(o.type), **({"enum": list(o.choices)} if o.choices else {}), **_range(o.lo, o.hi)}
+        k: {**_json_schema(o.type), **_bounds({"lo": o.lo, "hi": o.hi, "enum": o.choices})}
         for k, o in options.OPTIONS.items()}}
     paths: dict = {}
     for route in routes:

@@ -36,7 +36,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from server import jobs
-from server.jobs import JobFailed
+from server.a1111 import ApiError
 from server.jobs_api import PROGRESS_EVERY, event_stream
 from server.middleware import BasicAuth, error_body
 from server.ray_worker import STALE, Worker
@@ -166,7 +166,7 @@ class Ingress:
                     self.queue.cancel(job, "client")
                 raise
             if job.reply is None:  # cancelled before it ran, or the ingress failed it
-                job.reply = _failure(job.error.status, job.error.error, job.error.detail or job.error.errors)
+                job.reply = _failure(job.error.status, job.error.error, str(job.error))
             return _response(job.reply, job)
         if path.startswith("/sd15/v1/"):
             own = await self._own(path[len("/sd15/v1/"):], method, body)
@@ -234,7 +234,7 @@ class Ingress:
         try:
             return self.queue.put(Job(job_id, kind, (path, list(headers), body), _summary(request), source))
         except jobs.QueueFull as e:
-            return _response(_failure(503, "QueueFull", str(e), {"Retry-After": str(e.retry_after)}))
+            return _response(_failure(e.status, e.error, e.detail, e.headers))
 
     async def _run(self, job: Job, lane: int) -> None:
         """The queue's `run`: `job` on worker `lane`, whose reply goes to the client as it is; a reply that is
@@ -258,7 +258,7 @@ class Ingress:
                 detail = str(_json_body(job.reply).get("detail", ""))
             except (ValueError, AttributeError, OSError):
                 detail = ""
-            raise JobFailed(job.reply[0], detail)
+            raise ApiError(job.reply[0], detail)
         await self._keep_overrides(slot, job)
 
     async def _sync(self, slot: Slot) -> None:

@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import anyio
 from starlette.requests import Request
@@ -55,8 +55,6 @@ def prepare(engine, req):
         plan = scripts.plan_script(req.script_name, req.script_args, request, kind, upscale=engine.upscalers.upscale,
                                    choices=scripts.engine_choices(engine),
                                    max_megapixels=engine.options.get("img_max_size_mp", 200))
-    except scripts.ScriptError as e:
-        raise ApiError(e.status, str(e)) from None
     except (ValueError, LookupError) as e:
         raise ApiError(400, inputs.public_message(str(e), engine.folders())) from None
     cells = [type(req).from_json(cell) for cell in plan.requests]
@@ -73,19 +71,16 @@ def execute(self, job: jobs.Job) -> None:  # self: the Engine
             result, settings = _run_script(self, job, prepared)
         else:
             result, settings = self.run(req, prepared, job)
-    except scripts.ScriptError as e:
-        raise jobs.JobFailed(e.status, str(e)) from None
-    except (ValidationError, RequestError) as e:  # RequestError: what only the decoded images show
-        raise jobs.JobFailed(422, str(e)) from None
-    except ApiError as e:
-        raise jobs.JobFailed(e.status, e.detail, e.error, e.errors) from None
-    except (ValueError, LookupError) as e:  # the pipeline's own checks, a bad checkpoint file
-        raise jobs.JobFailed(400, inputs.public_message(str(e), self.folders())) from None
-    except jobs.JobFailed:
+    except ApiError:  # a script's ScriptError too
         raise
+    except (ValidationError, RequestError) as e:  # RequestError: what only the decoded images show
+        raise ApiError(422, str(e)) from None
+    except (ValueError, LookupError) as e:  # the pipeline's own checks, a bad checkpoint file
+        raise ApiError(400, inputs.public_message(str(e), self.folders())) from None
     except Exception as e:  # a bug or out of memory: a JSON 500 (no absolute paths), and the server goes on
         log.exception("job %s failed", job.id)
-        raise jobs.JobFailed(500, "", type(e).__name__, inputs.public_message(str(e), self.folders())) from None
+        message = inputs.public_message(str(e), self.folders())
+        raise ApiError(500, error=type(e).__name__, errors=message) from None
     for warning in result.warnings:
         log.warning("%s", warning)
     if job.save and self.config.save and result.images:
@@ -93,11 +88,11 @@ def execute(self, job: jobs.Job) -> None:  # self: the Engine
     # A1111 encodes the response after `process_images` has restored the options override_settings changed
     job.result = a1111.image_response(req, result, settings["enable_pnginfo"], self.options)
     if job.stop_reason == "timeout":
-        job.error = jobs.JobFailed(504, f"the job ran longer than {self.config.max_job_seconds:g} s "
-                                        f"(--max-job-seconds) and was stopped; the result holds what was made")
+        job.error = ApiError(504, f"the job ran longer than {self.config.max_job_seconds:g} s "
+                                  f"(--max-job-seconds) and was stopped; the result holds what was made")
     elif job.stop_reason == "limit":
-        job.error = jobs.JobFailed(422, "the sampler made more steps than the server allows in one pass "
-                                        "(--max-steps); the result holds what was made")
+        job.error = ApiError(422, "the sampler made more steps than the server allows in one pass "
+                                  "(--max-steps); the result holds what was made")
 
 
 def _run_script(self, job: jobs.Job, plan) -> tuple:
@@ -150,7 +145,7 @@ def _save(self, kind: str, result, settings: dict) -> list:
     return files
 
 
-def make_callback(self, run, job: Optional[jobs.Job], settings: dict):  # self: the Engine
+def make_callback(self, run, job: jobs.Job, settings: dict):  # self: the Engine
     """The sampler callback: progress, the per-job time limit, the per-pass step cap (samplers whose step
     count is not fixed, DPM adaptive, are stopped after max(--max-steps, 2 × steps) steps), and a live
     preview (server/preview.py) every `show_progress_every_n_steps` steps, or after each batch with -1, while
@@ -163,31 +158,29 @@ def make_callback(self, run, job: Optional[jobs.Job], settings: dict):  # self: 
     def callback(step, sigma, x, denoised):
         s = run.state
         run.steps_done += 1
-        if job is not None:
-            cell, cells = job.cell
-            done, elapsed = (cell + s.progress()) / cells, time.time() - (job.started or run.started)
-            job.progress = {"progress": done, "eta_relative": elapsed / done - elapsed if done > 0 else 0.0,
-                            "step": s.sampling_step, "steps": s.sampling_steps,
-                            "job_no": cell * s.job_count + s.job_no, "job_count": cells * s.job_count}
-            if deadline is not None and time.time() > deadline:
-                job.interrupt("timeout")
-            if step + 1 > max(self.limits.max_steps, 2 * s.sampling_steps):
-                job.interrupt("limit")
+        cell, cells = job.cell
+        done, elapsed = (cell + s.progress()) / cells, time.time() - job.started
+        job.progress = {"progress": done, "eta_relative": elapsed / done - elapsed if done > 0 else 0.0,
+                        "step": s.sampling_step, "steps": s.sampling_steps,
+                        "job_no": cell * s.job_count + s.job_no, "job_count": cells * s.job_count}
+        if deadline is not None and time.time() > deadline:
+            job.interrupt("timeout")
+        if step + 1 > max(self.limits.max_steps, 2 * s.sampling_steps):
+            job.interrupt("limit")
         new_batch = batch["job_no"] is not None and batch["job_no"] != s.job_no
         # the running CFG denoiser's x0 by `live_preview_content` (`CFGDenoiser.preview_latent`)
         now = (s.preview_latent, denoised)
         estimates, latent = batch["latent"] if new_batch else now  # -1: the finished batch's last x0
         batch["job_no"], batch["latent"] = s.job_no, now
-        wanted = self.preview_wanted or (self.queue is not None and self.queue.has_listeners())
+        wanted = self.preview_wanted or bool(self.queue.listeners)
         if wanted and preview.due(every, run.steps_done, run.preview_at, new_batch):
             at = run.steps_done - 1 if every == -1 else run.steps_done
             run.preview_at, self.preview_wanted = run.steps_done, False
             if estimates is not None:
                 latent = estimates(settings["live_preview_content"])
             image = preview.make_preview(self.models.model, latent, settings, self.config.ckpt_dir)
-            self.preview = base64.b64encode(png_bytes(image)).decode("ascii")
-            if job is not None:
-                job.preview, job.preview_step = self.preview, at
+            self.preview = job.preview = base64.b64encode(png_bytes(image)).decode("ascii")
+            job.preview_step = at
     return callback
 
 
@@ -221,11 +214,11 @@ async def wait_for_job(request: Request, engine, job: jobs.Job) -> None:
 
 def job_response(job: jobs.Job) -> JSONResponse:
     """The A1111 answer of a finished job: its body (also when interrupted: what was made), else its error."""
+    headers = {"X-SD15-Job": job.id, "X-SD15-Job-State": job.state}
     if job.result is not None:
-        return JSONResponse(job.result, headers={"X-SD15-Job": job.id, "X-SD15-Job-State": job.state})
-    e = job.error or jobs.JobFailed(500, "the job ended without a result")
-    return JSONResponse(ApiError(e.status, e.detail, error=e.error, errors=e.errors).body(), status_code=e.status,
-                        headers={"X-SD15-Job": job.id, "X-SD15-Job-State": job.state})
+        return JSONResponse(job.result, headers=headers)
+    e = job.error or ApiError(500, "the job ended without a result")
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
 def job_finished(self, job: jobs.Job) -> None:
@@ -233,7 +226,7 @@ def job_finished(self, job: jobs.Job) -> None:
     seconds = job.finished_at - job.started if job.started is not None else None
     its = job.steps_done / job.sampling_seconds if job.sampling_seconds > 0 else 0.0
     s = job.summary
-    error = f" ({job.error.status}: {job.error.detail or job.error.errors})" if job.error is not None else ""
+    error = f" ({job.error.status}: {job.error})" if job.error is not None else ""
     log.info("job %s %s %dx%d steps=%d sampler=%s batch=%dx%d: %s%s in %.2f s, %.2f it/s", job.id, job.kind,
              s["width"], s["height"], s["steps"], s["sampler_name"], s["batch_size"], s["n_iter"], job.state, error,
              seconds or 0.0, its)

@@ -19,8 +19,7 @@ from starlette.testclient import TestClient
 from sd15.a1111.images import encode_image
 from sd15.esrgan import SRVGGConfig, SRVGGNetCompact
 from sd15.upscale import Upscalers
-from server.app import create_app
-from server.extras import make_upscalers
+from server.app import Engine, create_app
 from test_server import make_config, write_model_folders
 
 API = "/sdapi/v1"
@@ -85,7 +84,7 @@ def client(config):
 def direct(config, folders):
     """The reference: the library's Upscalers on the same folders, device and dtype as the server's (fp32 on the
     CPU), A1111's default tile options."""
-    ups = make_upscalers(config)
+    ups = Engine(config).upscalers
     assert (ups.esrgan_dir, ups.realesrgan_dir) == (folders[1], folders[2])
     return Upscalers(folders[1], folders[2], device=ups.device, dtype=ups.dtype)
 
@@ -317,11 +316,11 @@ def test_tile_options_are_honoured(client, direct):
 def test_flags_and_default_folders(tmp_path):
     from server.__main__ import _parser, config_from_args
 
-    ups = make_upscalers(config_from_args(_parser().parse_args(["--ckpt-dir", str(tmp_path)])))
+    ups = Engine(config_from_args(_parser().parse_args(["--ckpt-dir", str(tmp_path)]))).upscalers
     assert ups.esrgan_dir == str(tmp_path / "ESRGAN") and ups.realesrgan_dir == str(tmp_path / "RealESRGAN")
     config = config_from_args(_parser().parse_args(["--ckpt-dir", str(tmp_path), "--esrgan-models-path", "/e",
                                                     "--realesrgan-models-path", "/r", "--api-server-stop"]))
-    ups = make_upscalers(config)
+    ups = Engine(config).upscalers
     assert (ups.esrgan_dir, ups.realesrgan_dir, config.flags["api_server_stop"]) == ("/e", "/r", True)
     assert config_from_args(_parser().parse_args([])).flags["api_server_stop"] is False
 

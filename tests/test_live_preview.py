@@ -56,15 +56,15 @@ class Capture:
             inner = real(engine, run, job, settings)
 
             def callback(step, sigma, x, denoised):
-                before = job.preview if job is not None else engine.preview
+                before = job.preview
                 inner(step, sigma, x, denoised)
                 self.latents.append(denoised.detach().clone())
                 if getattr(run.state, "preview_latent", None) is not None:
                     self.estimates.append({c: run.state.preview_latent(c).clone() for c in CONTENTS})
-                now = job.preview if job is not None else engine.preview
+                now = job.preview
                 n = len(self.latents)
                 if now is not before and now is not None:
-                    self.previews.append((n, job.preview_step if job is not None else n, now))
+                    self.previews.append((n, job.preview_step, now))
                     if self.after_preview is not None:
                         self.after_preview(n)
                 if n in self.hold:
@@ -216,7 +216,7 @@ def live(folders):
                         seen.set()
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    while not engine.queue.has_listeners():
+    while not engine.queue.listeners:
         assert time.time() < deadline
         time.sleep(0.05)
     yield url, engine, sent, seen

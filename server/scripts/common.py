@@ -10,15 +10,15 @@ from typing import Any, Callable, Optional
 from sd15.a1111.infotext import quote  # A1111's infotext value quoting
 from sd15.pipeline import Result
 from sd15.schema import fixed_seed
+from server.a1111 import ApiError
 
 
-class ScriptError(ValueError):
+class ScriptError(ApiError):
     """A bad `script_name` / `script_args` / request for a script: the server answers `status` (4xx) with
     this message, before anything is generated."""
 
     def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
+        super().__init__(status, message)
 
 
 @dataclass
