@@ -242,6 +242,54 @@ def test_dropped_png_restores_every_field(server, browser):
     assert field(browser, "seed") == "424242"
 
 
+def sent_generations(driver):
+    """The txt2img/img2img request bodies the page sent since the performance log was last read."""
+    sent = [json.loads(e["message"])["message"]["params"]["request"] for e in driver.get_log("performance")
+            if '"Network.requestWillBeSent"' in e["message"]]
+    bodies = [json.loads(r["postData"]) for r in sent
+              if r["method"] == "POST" and r["url"].endswith(("/sdapi/v1/txt2img", "/sd15/v1/jobs"))]
+    return [b.get("request", b) for b in bodies]
+
+
+def test_dropped_png_settings_are_override_chips(server, browser):
+    """A1111's "Override settings" after a paste: the infotext's settings that differ from the server's options
+    show as chips and go out as override_settings until removed (by keyboard here); Eta 1 (the option's own
+    value) and Clip skip (a form control, restored into it) get no chip."""
+    open_page(browser, server)
+    text = ("a small house\nSteps: 2, Sampler: Euler, Schedule type: Karras, CFG scale: 7, Seed: 8, Size: 64x64, "
+            "Clip skip: 2, Schedule rho: 3, ENSD: 31337, Eta: 1")
+    drop_file(browser, png_bytes(Image.new("RGB", (16, 16)), text))
+    WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#overrides .chip"))
+    chips = browser.find_elements(By.CSS_SELECTOR, "#overrides .chip")
+    assert [c.text for c in chips] == ["ENSD: 31337 ×", "Schedule rho: 3 ×"]
+    assert field(browser, "clip_skip") == "2"
+    os.makedirs(SHOTS, exist_ok=True)
+    for w, h in ((1400, 900), (390, 844)):
+        browser.set_window_size(w, h)
+        browser.execute_script("document.getElementById('overrides').scrollIntoView({block: 'center'})")
+        time.sleep(0.3)
+        assert browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth") <= 0
+        browser.save_screenshot(os.path.join(SHOTS, f"override-chips-{w}.png"))
+    browser.set_window_size(1400, 900)
+    browser.get_log("performance")
+    browser.find_element(By.ID, "generate").click()
+    wait_result(browser)
+    assert sent_generations(browser)[-1]["override_settings"] == {
+        "eta_noise_seed_delta": 31337, "rho": 3, "CLIP_stop_at_last_layers": 2, "randn_source": "GPU"}
+    assert "Schedule rho: 3" in browser.find_element(By.ID, "infotext").text  # the server used it
+    # Enter on a chip removes it and moves the focus to the next chip; the next request goes without it
+    chips[0].send_keys(Keys.ENTER)
+    assert [c.text for c in browser.find_elements(By.CSS_SELECTOR, "#overrides .chip")] == ["Schedule rho: 3 ×"]
+    assert browser.execute_script("return document.activeElement.dataset.option") == "rho"
+    browser.find_element(By.ID, "generate").click()
+    wait_result(browser)
+    assert sent_generations(browser)[-1]["override_settings"] == {
+        "rho": 3, "CLIP_stop_at_last_layers": 2, "randn_source": "GPU"}
+    browser.find_element(By.CSS_SELECTOR, "#overrides .chip").send_keys(Keys.SPACE)  # the last one: the row hides
+    assert browser.find_element(By.ID, "overrides").get_attribute("hidden") is not None
+    assert browser.switch_to.active_element.get_attribute("id") == "generate"
+
+
 def test_painted_mask_changes_only_the_painted_region(server, browser):
     open_page(browser, server)
     browser.find_element(By.CSS_SELECTOR, "[data-tab=img2img]").click()
