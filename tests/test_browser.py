@@ -504,11 +504,7 @@ def test_xyz_plot_request(server, browser):
     else:
         WebDriverWait(browser, 30).until(lambda d: not d.find_element(By.ID, "error").get_attribute("hidden"))
         assert browser.find_element(By.ID, "error").text == "Error 422: Script 'x/y/z plot' not found"
-    requests_sent = [json.loads(e["message"])["message"]["params"]["request"] for e in browser.get_log("performance")
-                     if '"Network.requestWillBeSent"' in e["message"]]
-    sent = [json.loads(r["postData"]) for r in requests_sent
-            if r["method"] == "POST" and r["url"].endswith(("/sdapi/v1/txt2img", "/sd15/v1/jobs"))]
-    body = sent[0].get("request", sent[0])
+    body = sent_generations(browser)[0]
     assert body["script_name"] == "x/y/z plot"
     # A1111's positional arguments: x/y/z (type index, values, dropdown), then the flags; csv mode on
     assert body["script_args"] == [4, "1, 2", [], 6, "5, 9", [], 0, "", [],
@@ -576,7 +572,6 @@ def test_history_lists_saved_files(server, browser):
     browser.find_element(By.ID, "viewer-reuse").click()
     WebDriverWait(browser, 20).until(lambda d: field(d, "prompt") == "a saved image")
     assert field(browser, "seed") == "31" and not browser.find_element(By.ID, "gen").get_attribute("hidden")
-
 
 
 def test_reload_during_own_job_reconnects_and_fetches_its_result(server, browser):
