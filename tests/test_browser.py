@@ -252,12 +252,12 @@ def sent_generations(driver):
 
 
 def test_dropped_png_settings_are_override_chips(server, browser):
-    """A1111's "Override settings" after a paste: the infotext's settings that differ from the server's options
-    show as chips and go out as override_settings until removed (by keyboard here); Eta 1 (the option's own
-    value) and Clip skip (a form control, restored into it) get no chip."""
+    """A1111's "Override settings" after a paste: the infotext's settings that differ from the server's
+    options show as chips and go out as override_settings until removed (by keyboard here); Eta 1 (the
+    option's own value) and Clip skip (a form control, restored into it) get no chip."""
     open_page(browser, server)
-    text = ("a small house\nSteps: 2, Sampler: Euler, Schedule type: Karras, CFG scale: 7, Seed: 8, Size: 64x64, "
-            "Clip skip: 2, Schedule rho: 3, ENSD: 31337, Eta: 1")
+    text = ("a small house\nSteps: 2, Sampler: Euler, Schedule type: Karras, CFG scale: 7, Seed: 8, "
+            "Size: 64x64, Clip skip: 2, Schedule rho: 3, ENSD: 31337, Eta: 1")
     drop_file(browser, png_bytes(Image.new("RGB", (16, 16)), text))
     WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#overrides .chip"))
     chips = browser.find_elements(By.CSS_SELECTOR, "#overrides .chip")
@@ -279,13 +279,14 @@ def test_dropped_png_settings_are_override_chips(server, browser):
     assert "Schedule rho: 3" in browser.find_element(By.ID, "infotext").text  # the server used it
     # Enter on a chip removes it and moves the focus to the next chip; the next request goes without it
     chips[0].send_keys(Keys.ENTER)
-    assert [c.text for c in browser.find_elements(By.CSS_SELECTOR, "#overrides .chip")] == ["Schedule rho: 3 ×"]
+    chips = browser.find_elements(By.CSS_SELECTOR, "#overrides .chip")
+    assert [c.text for c in chips] == ["Schedule rho: 3 ×"]
     assert browser.execute_script("return document.activeElement.dataset.option") == "rho"
     browser.find_element(By.ID, "generate").click()
     wait_result(browser)
     assert sent_generations(browser)[-1]["override_settings"] == {
         "rho": 3, "CLIP_stop_at_last_layers": 2, "randn_source": "GPU"}
-    browser.find_element(By.CSS_SELECTOR, "#overrides .chip").send_keys(Keys.SPACE)  # the last one: the row hides
+    chips[0].send_keys(Keys.SPACE)  # the last one: the row hides, Generate gets the focus
     assert browser.find_element(By.ID, "overrides").get_attribute("hidden") is not None
     assert browser.switch_to.active_element.get_attribute("id") == "generate"
 

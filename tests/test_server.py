@@ -814,7 +814,9 @@ def test_png_info_override_settings(client):
         "always_discard_next_to_last_sigma": True, "s_min_uncond_all": True,
         "CLIP_stop_at_last_layers": 1, "randn_source": "GPU", "sigma_min": 0.0, "sigma_max": 0.0}
     assert [type(out["override_settings"][k]) for k in ("rho", "eta_noise_seed_delta")] == [float, int]
-    assert out["override_labels"]["rho"] == "Schedule rho" and out["override_labels"]["eta_ddim"] == "Eta DDIM"
+    labels = out["override_labels"]
+    assert labels["rho"] == "Schedule rho" and labels["eta_ddim"] == "Eta DDIM"
+    assert labels["sigma_min"] == "Schedule min sigma"
     assert set(out["override_labels"]) == set(out["override_settings"])
 
 
