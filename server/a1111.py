@@ -309,7 +309,9 @@ _TECHNICAL_INFO = {"parameters", "exif", "icc_profile", "dpi", "jfif", "jfif_ver
 
 def png_info(image) -> dict:
     """POST /png-info: the infotext (PNG `parameters` chunk or EXIF UserComment), the other
-    string-ish info keys, the parsed infotext, and (not in A1111) the request fields it restores."""
+    string-ish info keys, the parsed infotext, and (not in A1111) the request fields it restores and the
+    settings it sets: `override_settings` {option: value} and `override_labels` {option: infotext key}, what
+    A1111's paste offers in its "Override settings" dropdown (`infotext_utils.get_override_settings`)."""
     text = read_infotext(image)
     items = {}
     for key, value in image.info.items():
@@ -318,8 +320,12 @@ def png_info(image) -> dict:
         if isinstance(value, (str, int, float, bool)):
             items[key] = value
     parameters = infotext.parse_infotext(text)
-    return {"info": text, "items": items, "parameters": parameters,
-            "request": infotext.request_from_infotext(parameters)}
+    request = infotext.request_from_infotext(parameters)
+    field_of = {option: name for name, option in SETTING_OPTIONS.items()}
+    labels = {option: key for key, option in _INFOTEXT_SETTINGS.items() if key in parameters}
+    return {"info": text, "items": items, "parameters": parameters, "request": request,
+            "override_settings": {option: request[field_of[option]] for option in labels},
+            "override_labels": labels}
 
 
 def read_infotext(image) -> str:

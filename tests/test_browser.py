@@ -242,6 +242,55 @@ def test_dropped_png_restores_every_field(server, browser):
     assert field(browser, "seed") == "424242"
 
 
+def sent_generations(driver):
+    """The txt2img/img2img request bodies the page sent since the performance log was last read."""
+    sent = [json.loads(e["message"])["message"]["params"]["request"] for e in driver.get_log("performance")
+            if '"Network.requestWillBeSent"' in e["message"]]
+    bodies = [json.loads(r["postData"]) for r in sent
+              if r["method"] == "POST" and r["url"].endswith(("/sdapi/v1/txt2img", "/sd15/v1/jobs"))]
+    return [b.get("request", b) for b in bodies]
+
+
+def test_dropped_png_settings_are_override_chips(server, browser):
+    """A1111's "Override settings" after a paste: the infotext's settings that differ from the server's
+    options show as chips and go out as override_settings until removed (by keyboard here); Eta 1 (the
+    option's own value) and Clip skip (a form control, restored into it) get no chip."""
+    open_page(browser, server)
+    text = ("a small house\nSteps: 2, Sampler: Euler, Schedule type: Karras, CFG scale: 7, Seed: 8, "
+            "Size: 64x64, Clip skip: 2, Schedule rho: 3, ENSD: 31337, Eta: 1")
+    drop_file(browser, png_bytes(Image.new("RGB", (16, 16)), text))
+    WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#overrides .chip"))
+    chips = browser.find_elements(By.CSS_SELECTOR, "#overrides .chip")
+    assert [c.text for c in chips] == ["ENSD: 31337 ×", "Schedule rho: 3 ×"]
+    assert field(browser, "clip_skip") == "2"
+    os.makedirs(SHOTS, exist_ok=True)
+    for w, h in ((1400, 900), (390, 844)):
+        browser.set_window_size(w, h)
+        browser.execute_script("document.getElementById('overrides').scrollIntoView({block: 'center'})")
+        time.sleep(0.3)
+        assert browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth") <= 0
+        browser.save_screenshot(os.path.join(SHOTS, f"override-chips-{w}.png"))
+    browser.set_window_size(1400, 900)
+    browser.get_log("performance")
+    browser.find_element(By.ID, "generate").click()
+    wait_result(browser)
+    assert sent_generations(browser)[-1]["override_settings"] == {
+        "eta_noise_seed_delta": 31337, "rho": 3, "CLIP_stop_at_last_layers": 2, "randn_source": "GPU"}
+    assert "Schedule rho: 3" in browser.find_element(By.ID, "infotext").text  # the server used it
+    # Enter on a chip removes it and moves the focus to the next chip; the next request goes without it
+    chips[0].send_keys(Keys.ENTER)
+    chips = browser.find_elements(By.CSS_SELECTOR, "#overrides .chip")
+    assert [c.text for c in chips] == ["Schedule rho: 3 ×"]
+    assert browser.execute_script("return document.activeElement.dataset.option") == "rho"
+    browser.find_element(By.ID, "generate").click()
+    wait_result(browser)
+    assert sent_generations(browser)[-1]["override_settings"] == {
+        "rho": 3, "CLIP_stop_at_last_layers": 2, "randn_source": "GPU"}
+    chips[0].send_keys(Keys.SPACE)  # the last one: the row hides, Generate gets the focus
+    assert browser.find_element(By.ID, "overrides").get_attribute("hidden") is not None
+    assert browser.switch_to.active_element.get_attribute("id") == "generate"
+
+
 def test_painted_mask_changes_only_the_painted_region(server, browser):
     open_page(browser, server)
     browser.find_element(By.CSS_SELECTOR, "[data-tab=img2img]").click()
@@ -456,11 +505,7 @@ def test_xyz_plot_request(server, browser):
     else:
         WebDriverWait(browser, 30).until(lambda d: not d.find_element(By.ID, "error").get_attribute("hidden"))
         assert browser.find_element(By.ID, "error").text == "Error 422: Script 'x/y/z plot' not found"
-    requests_sent = [json.loads(e["message"])["message"]["params"]["request"] for e in browser.get_log("performance")
-                     if '"Network.requestWillBeSent"' in e["message"]]
-    sent = [json.loads(r["postData"]) for r in requests_sent
-            if r["method"] == "POST" and r["url"].endswith(("/sdapi/v1/txt2img", "/sd15/v1/jobs"))]
-    body = sent[0].get("request", sent[0])
+    body = sent_generations(browser)[0]
     assert body["script_name"] == "x/y/z plot"
     # A1111's positional arguments: x/y/z (type index, values, dropdown), then the flags; csv mode on
     assert body["script_args"] == [4, "1, 2", [], 6, "5, 9", [], 0, "", [],
@@ -528,7 +573,6 @@ def test_history_lists_saved_files(server, browser):
     browser.find_element(By.ID, "viewer-reuse").click()
     WebDriverWait(browser, 20).until(lambda d: field(d, "prompt") == "a saved image")
     assert field(browser, "seed") == "31" and not browser.find_element(By.ID, "gen").get_attribute("hidden")
-
 
 
 def test_reload_during_own_job_reconnects_and_fetches_its_result(server, browser):

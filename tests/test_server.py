@@ -801,6 +801,25 @@ def test_png_info(client):
     assert client.post(f"{API}/png-info", json={"image": ""}).json() == {"info": "", "items": {}, "parameters": {}}
 
 
+def test_png_info_override_settings(client):
+    """The settings an infotext carries, typed as their options, as A1111's "Override settings" offers them;
+    A1111's parse adds Clip skip 1, RNG GPU and Schedule min/max sigma 0 when the text has none."""
+    from PIL.PngImagePlugin import PngInfo
+    meta = PngInfo()
+    meta.add_text("parameters", "a cat\nSteps: 2, Seed: 1, Schedule rho: 3, ENSD: 31337, Eta DDIM: 0.25, "
+                                "Emphasis: No norm, Discard penultimate sigma: True, NGMS all steps: True")
+    out = client.post(f"{API}/png-info", json={"image": png_b64(pnginfo=meta)}).json()
+    assert out["override_settings"] == {
+        "rho": 3.0, "eta_noise_seed_delta": 31337, "eta_ddim": 0.25, "emphasis": "No norm",
+        "always_discard_next_to_last_sigma": True, "s_min_uncond_all": True,
+        "CLIP_stop_at_last_layers": 1, "randn_source": "GPU", "sigma_min": 0.0, "sigma_max": 0.0}
+    assert [type(out["override_settings"][k]) for k in ("rho", "eta_noise_seed_delta")] == [float, int]
+    labels = out["override_labels"]
+    assert labels["rho"] == "Schedule rho" and labels["eta_ddim"] == "Eta DDIM"
+    assert labels["sigma_min"] == "Schedule min sigma"
+    assert set(out["override_labels"]) == set(out["override_settings"])
+
+
 def test_png_info_reads_jpeg_exif_user_comment(client):
     exif = Image.Exif()
     exif.get_ifd(0x8769)[0x9286] = b"UNICODE\x00" + "a cat\nSteps: 20, Sampler: Euler, Seed: 9".encode("utf-16-be")

@@ -2,7 +2,8 @@
 // drop / paste of images, and error display. Each feature lives in its own module.
 
 import { $, api, ApiError, dataUrl, onReconnect } from './api.js';
-import { applyRequest, buildRequest, clearMarks, loadLists, markFields, seedTools, sizeTools, tokenCounters } from './form.js';
+import { applyRequest, buildRequest, clearMarks, loadLists, markFields, seedTools, setOverrides, sizeTools,
+  tokenCounters } from './form.js';
 import { setupGallery, showResult } from './gallery.js';
 import { loadHistory, setupHistory, showPngInfo } from './history.js';
 import { interrupt, skip, startJobs, submit } from './jobs.js';
@@ -126,10 +127,12 @@ function updateButtons() {
 async function restore(src, toTab) {
   try {
     if (!src.startsWith('data:')) src = await dataUrl(await (await fetch(new URL(src, location.origin))).blob());
-    const r = await api('/sdapi/v1/png-info', { method: 'POST', body: { image: src } });
+    const [r, options] = await Promise.all([
+      api('/sdapi/v1/png-info', { method: 'POST', body: { image: src } }), api('/sdapi/v1/options')]);
     if (!r.info) { showError('This image carries no generation parameters.'); return; }
     if (toTab || tab === 'history' || tab === 'pnginfo') showTab(toTab || 'txt2img');
     const notes = applyRequest(r.request, r.parameters);
+    setOverrides(r.override_settings, r.override_labels, options);
     status(notes.length ? `Parameters restored; ${notes.join('; ')}` : 'Parameters restored', notes.length ? 'bad' : 'ok');
   } catch (e) { showError(e.message); }
 }

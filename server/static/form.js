@@ -42,7 +42,7 @@ export function buildRequest(kind, images = {}) {
     prompt: v.prompt, negative_prompt: v.negative_prompt, sampler_name: v.sampler_name, scheduler: v.scheduler,
     steps: v.steps, cfg_scale: v.cfg_scale, width: v.width, height: v.height, n_iter: v.n_iter,
     batch_size: v.batch_size, seed: v.seed, subseed: v.subseed, subseed_strength: v.subseed_strength,
-    override_settings: Object.fromEntries(OPTION_KEYS.map((k) => [k, v[k]])),
+    override_settings: { ...overrides, ...Object.fromEntries(OPTION_KEYS.map((k) => [k, v[k]])) },
     override_settings_restore_afterwards: true,
   };
   if (kind === 'txt2img') {
@@ -75,6 +75,39 @@ export function applyRequest(request, parameters) {
   const current = $('checkpoint').value;
   const model = parameters.Model;
   return model && !current.startsWith(model) ? [`made with checkpoint "${model}" (loaded: ${current})`] : [];
+}
+
+// --- override settings -----------------------------------------------------------------------------
+
+// A1111's "Override settings" after a paste (`infotext_utils.get_override_settings`): the infotext's settings
+// that differ from the server's options, sent with each generation until removed. As in A1111, a setting the
+// form has a control for (OPTION_KEYS) gets no chip: the paste sets the control.
+let overrides = {};  // option -> value
+let labels = {};  // option -> infotext key
+
+/** Show png-info's `override_settings` that differ from `options` (GET /options) as removable chips. */
+export function setOverrides(settings, infotextKeys, options) {
+  labels = infotextKeys || {};
+  overrides = Object.fromEntries(Object.entries(settings || {})
+    .filter(([key, v]) => !OPTION_KEYS.includes(key) && v !== options[key]));
+  showOverrides();
+}
+
+function showOverrides() {
+  const chips = Object.entries(overrides).map(([key, v]) => el('button', {
+    type: 'button', class: 'chip', 'data-option': key, onclick: removeOverride,
+    title: "Remove: generate with the server's setting", 'aria-label': `Remove override ${labels[key]}: ${v}`,
+  }, `${labels[key]}: ${v} `, el('span', { 'aria-hidden': 'true' }, '×')));
+  $('overrides').replaceChildren(el('span', { class: 'hint' }, 'Override settings'), ...chips);
+  $('overrides').hidden = !chips.length;
+}
+
+function removeOverride(e) {
+  const chip = e.currentTarget;
+  const next = (chip.nextElementSibling || chip.previousElementSibling)?.dataset.option;
+  delete overrides[chip.dataset.option];
+  showOverrides();
+  (document.querySelector(`#overrides [data-option="${next}"]`) || $('generate')).focus();
 }
 
 // --- lists ------------------------------------------------------------------------------------------
