@@ -6,8 +6,8 @@ hypertile), in registration order (not listed: the `prioritized_callbacks_*` key
 at runtime). A plain entry is A1111's default, its type the default's type; an `Option` entry gives the type
 where it is not the default's, or choices. The options that set a request field take that field's range
 from `sd15.schema` (the README lists what sd15 honours; every other key is stored and echoed back by GET, as
-A1111 does). A POSTed value is coerced with
-pydantic v1's rules (server.coerce); an unknown key is a 400 naming it, a wrong type a 422 in FastAPI's shape.
+A1111 does). A POSTed value is coerced with pydantic v1's rules (server.coerce); an unknown key is a 400
+naming it, a wrong type a 422 in FastAPI's shape.
 GET shows an integer option whose default is non-zero as a float (A1111's OptionsModel types them `float`).
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from sd15.a1111.images import IMAGE_FORMATS
-from sd15.schema import EMPHASIS_MODES, FIELDS, fields_of, range_problem
+from sd15.schema import EMPHASIS_MODES, FIELDS, RANDN_SOURCES, fields_of, range_problem
 from server.coerce import ValidationError, convert
 
 HTML = object()  # an HTML explanation entry of A1111's settings page: no value of its own (shown as "")
@@ -143,7 +143,7 @@ _TABLE = {
     "sdxl_clip_l_skip": False,
     "CLIP_stop_at_last_layers": 1,
     "upcast_attn": False,
-    "randn_source": Option("GPU", str, choices=("GPU", "CPU", "NV")),
+    "randn_source": Option("GPU", str, choices=RANDN_SOURCES),
     "tiling": False,
     "hires_fix_refiner_pass": "second pass",
     "sdxl_crop_top": 0,
