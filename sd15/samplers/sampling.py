@@ -147,7 +147,7 @@ def sample(name: str, model: CFGDenoiser, rng: ImageRNG, steps: int, *, schedule
     if defaults.timesteps:
         alphas_cumprod = denoiser.alphas_cumprod
         discard = schedule_options.get("always_discard_penultimate", False)  # A1111's `get_timesteps`
-        timesteps = ddim_timesteps(steps_total + discard).to(noise.device)
+        timesteps = ddim_timesteps(steps_total + 1 if discard else steps_total).to(noise.device)
         if init_latent is None:
             x = noise  # timestep samplers start from the unscaled noise
         else:
